@@ -1,0 +1,216 @@
+"""Load any radiograph (PNG 8/16-bit, RGB(A), JPEG, DICOM) as one float32 grey-scale array in [0, 1].
+
+Every image consumer (GLoRIA, ECAMP pre-training, downstream tasks) reads pixels through
+`load_grayscale`, so a DICOM, a 16-bit PNG and an RGB PNG of the same film come out with the same
+orientation and polarity (bone bright, air dark). `image_size` is the cheap check the report
+extraction runs on every listed image: it reads the header and the end-of-file marker only, or
+decodes fully when asked.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+JPEG_END = b"\xff\xd9"
+PNG_END = b"IEND"
+# pydicom drops a pixel data element that the end of the file cuts off, so "missing" often means truncated.
+NO_PIXEL_DATA = "DICOM file has no complete pixel data (missing, or the file is truncated)"
+
+
+class ImageLoadError(Exception):
+    """An image that cannot be used; `reason` says why in words a user can act on."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def load_grayscale(path: str | os.PathLike) -> np.ndarray:
+    """Decode `path` to a float32 [H, W] array in [0, 1], higher = more attenuating (bone, heart)."""
+    path = Path(path)
+    _require_file(path)
+    if _is_dicom(path):
+        return _load_dicom(path)
+    return _load_pil(path)
+
+
+def image_size(path: str | os.PathLike, decode: bool = False) -> tuple[int, int]:
+    """(height, width) of a usable image; raises ImageLoadError for a missing, truncated or non-image file.
+
+    Without `decode` only the header and the format's end marker (JPEG EOI, PNG IEND) are read, which
+    catches files cut short at a fraction of the cost of decoding; with `decode` the pixels are decoded.
+    """
+    path = Path(path)
+    _require_file(path)
+    if decode:
+        return tuple(load_grayscale(path).shape)  # type: ignore[return-value]
+    if _is_dicom(path):
+        return _dicom_header_size(path)
+    return _pil_header_size(path)
+
+
+# --------------------------------------------------------------------------- common
+
+
+def _require_file(path: Path) -> None:
+    if not path.exists():
+        raise ImageLoadError(path, "file does not exist")
+    if not path.is_file():
+        raise ImageLoadError(path, "not a regular file")
+    if path.stat().st_size == 0:
+        raise ImageLoadError(path, "file is empty (0 bytes)")
+
+
+def _is_dicom(path: Path) -> bool:
+    """DICOM by suffix or by the 'DICM' magic at byte 128 (MIMIC DICOMs have no suffix rules)."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    with path.open("rb") as f:
+        f.seek(128)
+        return f.read(4) == b"DICM"
+
+
+def _to_unit_range(pixels: np.ndarray) -> np.ndarray:
+    """Min-max scale to [0, 1]; a constant image becomes all zeros rather than NaN."""
+    pixels = pixels.astype(np.float32, copy=False)
+    low, high = float(pixels.min()), float(pixels.max())
+    if high <= low:
+        return np.zeros_like(pixels, dtype=np.float32)
+    return (pixels - low) / (high - low)
+
+
+# --------------------------------------------------------------------------- PIL formats
+
+
+def _open_pil(path: Path) -> Image.Image:
+    try:
+        return Image.open(path)
+    except UnidentifiedImageError:
+        raise ImageLoadError(path, "not an image file (no known image format header)") from None
+    except OSError as err:
+        raise ImageLoadError(path, f"cannot open image: {err}") from None
+
+
+def _load_pil(path: Path) -> np.ndarray:
+    with _open_pil(path) as im:
+        try:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ImageLoadError(path, f"cannot decode {im.format or 'image'} data: {err}") from None
+        return _pil_to_unit_gray(path, im)
+
+
+def _pil_to_unit_gray(path: Path, im: Image.Image) -> np.ndarray:
+    """8-bit modes are scaled by 255, 16-bit by 65535 (full range kept), float images min-max."""
+    if im.mode.startswith("I;16"):
+        return np.asarray(im, dtype=np.float32) / 65535.0
+    if im.mode == "I":
+        pixels = np.asarray(im, dtype=np.float32)
+        scale = 65535.0 if pixels.max() <= 65535 and pixels.min() >= 0 else None
+        return pixels / scale if scale else _to_unit_range(pixels)
+    if im.mode == "F":
+        return _to_unit_range(np.asarray(im, dtype=np.float32))
+    if im.mode != "L":
+        # RGB(A), LA, palette and 1-bit images: ITU-R 601 luma, alpha ignored.
+        im = im.convert("L")
+    pixels = np.asarray(im, dtype=np.float32) / 255.0
+    if pixels.ndim != 2:
+        raise ImageLoadError(path, f"unexpected pixel array shape {pixels.shape} for mode {im.mode}")
+    return pixels
+
+
+def _pil_header_size(path: Path) -> tuple[int, int]:
+    with _open_pil(path) as im:
+        fmt, (width, height) = im.format, im.size
+    end = {"JPEG": JPEG_END, "PNG": PNG_END}.get(fmt or "")
+    if end is not None:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - 64))
+            tail = f.read().rstrip(b"\x00\r\n ")
+        if end not in tail[-12:]:
+            raise ImageLoadError(path, f"truncated {fmt} file (no end-of-image marker)")
+    return height, width
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def _read_dicom(path: Path, stop_before_pixels: bool = False) -> pydicom.Dataset:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError as err:
+        raise ImageLoadError(path, f"not a DICOM file: {err}") from None
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as err:
+        raise ImageLoadError(path, f"cannot read DICOM file: {err}") from None
+
+
+def _load_dicom(path: Path) -> np.ndarray:
+    """Stored values -> modality LUT (rescale slope/intercept) -> VOI window if any -> [0, 1] -> invert
+    MONOCHROME1 so that, as for PNG/JPEG radiographs, higher means more attenuating."""
+    ds = _read_dicom(path)
+    if "PixelData" not in ds:
+        raise ImageLoadError(path, NO_PIXEL_DATA)
+    try:
+        pixels = ds.pixel_array
+    except Exception as err:  # noqa: BLE001 - pydicom raises many types for bad/truncated pixel data
+        raise ImageLoadError(path, f"cannot decode DICOM pixel data: {err}") from None
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise ImageLoadError(path, f"multi-frame DICOM ({frames} frames) is not a single radiograph")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if pixels.ndim == 3:
+        # Colour DICOM (pydicom already converted YBR to RGB): luma as for RGB PNGs.
+        pixels = pixels[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        return _to_unit_range(pixels)
+    pixels = apply_modality_lut(pixels, ds)
+    if "WindowCenter" in ds or "VOILUTSequence" in ds:
+        pixels = apply_voi_lut(pixels, ds)
+    pixels = _to_unit_range(np.asarray(pixels))
+    if photometric == "MONOCHROME1":
+        pixels = 1.0 - pixels
+    return pixels
+
+
+def _dicom_header_size(path: Path) -> tuple[int, int]:
+    ds = _read_dicom(path)
+    if "PixelData" not in ds:
+        raise ImageLoadError(path, NO_PIXEL_DATA)
+    if "Rows" not in ds or "Columns" not in ds:
+        raise ImageLoadError(path, "DICOM file has no Rows/Columns")
+    height, width = int(ds.Rows), int(ds.Columns)
+    if not ds.file_meta.TransferSyntaxUID.is_compressed:
+        expected = height * width * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8
+        if len(ds.PixelData) < expected:
+            raise ImageLoadError(
+                path, f"truncated DICOM pixel data ({len(ds.PixelData)} of {expected} bytes)"
+            )
+    return height, width
+
+
+# --------------------------------------------------------------------------- polarity diagnostic
+
+
+def looks_inverted(pixels: np.ndarray, margin: float = 0.1) -> bool:
+    """True when a *frontal* chest radiograph looks like a negative: the spine/mediastinum column (middle
+    tenth of the width) is darker than both lung bands by more than `margin`.
+
+    A DICOM whose PhotometricInterpretation is wrong (MONOCHROME1 on MONOCHROME2 pixels, as in the
+    real `Fake_MONOHR1.dcm` fixture) loads as a negative when the header is obeyed; this finds such files.
+    Only meaningful for PA/AP views: on a lateral view the middle of the image is not the spine.
+    """
+    height, width = pixels.shape
+    rows = slice(int(0.25 * height), int(0.75 * height))
+    column = float(np.median(pixels[rows, int(0.45 * width) : int(0.55 * width)]))
+    right_lung = float(np.median(pixels[rows, int(0.2 * width) : int(0.35 * width)]))
+    left_lung = float(np.median(pixels[rows, int(0.65 * width) : int(0.8 * width)]))
+    return column + margin < min(right_lung, left_lung)

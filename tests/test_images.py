@@ -1,0 +1,197 @@
+"""Image loader on the three real radiographs and on files derived from them (16-bit, RGBA, JPEG, DICOM)."""
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from data_contracts.images import ImageLoadError, image_size, load_grayscale, looks_inverted
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "images"
+NIH_PNG = REAL / "00000001_000.png"  # 8-bit grayscale
+TBX_PNG = REAL / "tb0005.png"  # RGB
+FAKE_MONO1 = REAL / "Fake_MONOHR1.dcm"  # tagged MONOCHROME1, JPEG baseline
+
+pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason=f"real fixtures not found at {REAL}")
+
+
+def radiograph_layout(pixels: np.ndarray) -> dict[str, float]:
+    """Robust region statistics of a frontal chest radiograph in display polarity."""
+    h, w = pixels.shape
+    rows = slice(int(0.25 * h), int(0.75 * h))
+    profile = np.median(pixels[rows], axis=0)
+    k = w // 20
+    smooth = np.convolve(profile, np.ones(k) / k, mode="same")[k:-k]
+    return {
+        "spine": float(np.median(pixels[rows, int(0.45 * w) : int(0.55 * w)])),
+        "lungs": float(
+            max(
+                np.median(pixels[rows, int(0.2 * w) : int(0.35 * w)]),
+                np.median(pixels[rows, int(0.65 * w) : int(0.8 * w)]),
+            )
+        ),
+        "brightest_column": (int(np.argmax(smooth)) + k) / w,
+        "top": float(np.median(pixels[: int(0.1 * h)])),
+        "bottom": float(np.median(pixels[int(0.9 * h) :])),
+    }
+
+
+def assert_upright_positive_radiograph(pixels: np.ndarray) -> None:
+    stats = radiograph_layout(pixels)
+    assert stats["spine"] > stats["lungs"] + 0.3, stats  # bone/mediastinum bright, lungs dark
+    assert 0.45 < stats["brightest_column"] < 0.58, stats  # the spine column sits in the middle
+    assert stats["bottom"] > stats["top"] + 0.3, stats  # abdomen at the bottom, neck/air at the top
+    assert not looks_inverted(pixels)
+
+
+def write_dicom(path: Path, stored: np.ndarray, photometric: str, slope: float = 1.0, intercept: float = 0.0):
+    """An uncompressed 16-bit single-frame DICOM with the given stored values and rescale."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.PixelData = stored.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def nih() -> np.ndarray:
+    return load_grayscale(NIH_PNG)
+
+
+def test_real_png_8bit_is_scaled_by_255(nih):
+    raw = np.asarray(Image.open(NIH_PNG))
+    assert nih.shape == (512, 512) and nih.dtype == np.float32
+    np.testing.assert_array_equal(nih, raw.astype(np.float32) / 255)
+    assert_upright_positive_radiograph(nih)
+
+
+def test_real_rgb_png_becomes_luma(tmp_path):
+    pixels = load_grayscale(TBX_PNG)
+    assert pixels.shape == (512, 512) and pixels.dtype == np.float32
+    expected = np.asarray(Image.open(TBX_PNG).convert("L"), dtype=np.float32) / 255
+    np.testing.assert_array_equal(pixels, expected)
+    assert_upright_positive_radiograph(pixels)
+
+
+def test_real_monochrome1_dicom_follows_its_header_and_is_flagged_as_negative():
+    # The stored pixels of this file already have radiograph polarity, yet its header says MONOCHROME1:
+    # obeying the header (DICOM standard) gives the negative, which `looks_inverted` catches.
+    stored = pydicom.dcmread(FAKE_MONO1).pixel_array.astype(np.float32)
+    assert_upright_positive_radiograph(stored / stored.max())
+    pixels = load_grayscale(FAKE_MONO1)
+    assert pixels.shape == (1024, 1024) and pixels.dtype == np.float32
+    np.testing.assert_allclose(pixels, 1 - (stored - stored.min()) / (stored.max() - stored.min()), atol=1e-6)
+    assert looks_inverted(pixels)
+    np.testing.assert_allclose(
+        radiograph_layout(pixels)["spine"], 1 - radiograph_layout(stored / 254)["spine"], atol=0.01
+    )
+
+
+def test_monochrome1_dicom_with_rescale_loads_like_the_png(tmp_path, nih):
+    values = np.asarray(Image.open(NIH_PNG), dtype=np.int32)
+    # MONOCHROME1: high stored value = dark. Modality LUT: out = 2 * stored - 100.
+    mono1 = write_dicom(
+        tmp_path / "mono1.dcm", 4095 - values * 16, "MONOCHROME1", slope=2.0, intercept=-100.0
+    )
+    mono2 = write_dicom(tmp_path / "mono2.dcm", 100 + values * 8, "MONOCHROME2")
+    for path in (mono1, mono2):
+        pixels = load_grayscale(path)
+        np.testing.assert_allclose(pixels, nih, atol=1e-5)
+        assert_upright_positive_radiograph(pixels)
+        assert image_size(path) == (512, 512)
+
+
+def test_16bit_rgba_and_jpeg_variants_match_the_8bit_png(tmp_path, nih):
+    values = np.asarray(Image.open(NIH_PNG), dtype=np.uint16)
+    Image.fromarray(values * 257).save(tmp_path / "16.png")  # full 16-bit range
+    rgba = np.stack([values.astype(np.uint8)] * 3 + [np.full_like(values, 200, dtype=np.uint8)], axis=-1)
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")
+    Image.open(NIH_PNG).save(tmp_path / "q95.jpg", quality=95)
+    assert Image.open(tmp_path / "16.png").mode.startswith("I")
+    np.testing.assert_allclose(load_grayscale(tmp_path / "16.png"), nih, atol=1e-6)
+    np.testing.assert_allclose(load_grayscale(tmp_path / "rgba.png"), nih, atol=1 / 255 + 1e-6)
+    jpeg = load_grayscale(tmp_path / "q95.jpg")
+    assert float(np.abs(jpeg - nih).mean()) < 0.01
+    assert_upright_positive_radiograph(jpeg)
+
+
+def test_image_size_is_height_then_width(tmp_path):
+    Image.fromarray(np.zeros((300, 200), dtype=np.uint8)).save(tmp_path / "tall.png")
+    Image.fromarray(np.zeros((300, 200), dtype=np.uint8)).save(tmp_path / "tall.jpg")
+    for name in ("tall.png", "tall.jpg"):
+        assert image_size(tmp_path / name) == (300, 200)
+        assert image_size(tmp_path / name, decode=True) == (300, 200)
+    assert load_grayscale(tmp_path / "tall.png").shape == (300, 200)
+    assert image_size(FAKE_MONO1) == (1024, 1024)
+
+
+def test_constant_image_loads_as_zeros_not_nan(tmp_path):
+    path = write_dicom(tmp_path / "flat.dcm", np.full((8, 8), 7), "MONOCHROME2")
+    pixels = load_grayscale(path)
+    assert pixels.shape == (8, 8) and not np.isnan(pixels).any() and float(pixels.max()) == 0.0
+
+
+def _truncate(src: Path, dst: Path) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[: len(data) // 2])
+    return dst
+
+
+def test_missing_empty_and_non_image_files(tmp_path):
+    with pytest.raises(ImageLoadError, match="file does not exist") as err:
+        load_grayscale(tmp_path / "nope.png")
+    assert err.value.path == str(tmp_path / "nope.png") and err.value.reason == "file does not exist"
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(ImageLoadError, match="empty"):
+        image_size(tmp_path / "empty.jpg")
+    text = tmp_path / "report.jpg"
+    text.write_text("FINDINGS: not an image\n")
+    for call in (load_grayscale, image_size):
+        with pytest.raises(ImageLoadError, match=r"report\.jpg: not an image file"):
+            call(text)
+    fake_dicom = tmp_path / "fake.dcm"
+    fake_dicom.write_text("hello")
+    with pytest.raises(ImageLoadError, match="fake.dcm: (not a DICOM file|cannot read DICOM)"):
+        load_grayscale(fake_dicom)
+
+
+def test_truncated_jpeg_and_png_are_caught_by_header_check_and_decode(tmp_path):
+    Image.open(NIH_PNG).save(tmp_path / "full.jpg", quality=90)
+    half_jpg = _truncate(tmp_path / "full.jpg", tmp_path / "half.jpg")
+    half_png = _truncate(NIH_PNG, tmp_path / "half.png")
+    with pytest.raises(ImageLoadError, match="half.jpg: truncated JPEG file"):
+        image_size(half_jpg)
+    with pytest.raises(ImageLoadError, match="half.png: truncated PNG file"):
+        image_size(half_png)
+    with pytest.raises(ImageLoadError, match="half.jpg: cannot decode JPEG data"):
+        load_grayscale(half_jpg)
+    with pytest.raises(ImageLoadError, match="half.png: cannot decode PNG data"):
+        load_grayscale(half_png)
+    assert image_size(tmp_path / "full.jpg") == (512, 512)
+
+
+def test_truncated_dicom(tmp_path):
+    full = write_dicom(tmp_path / "full.dcm", np.arange(64 * 64).reshape(64, 64) % 4096, "MONOCHROME2")
+    half = _truncate(full, tmp_path / "half.dcm")
+    with pytest.raises(ImageLoadError, match=r"half.dcm: truncated DICOM pixel data \(\d+ of 8192 bytes\)"):
+        image_size(half)
+    with pytest.raises(ImageLoadError, match="half.dcm: cannot decode DICOM pixel data"):
+        load_grayscale(half)
+    half_real = _truncate(FAKE_MONO1, tmp_path / "half_real.dcm")  # JPEG-compressed pixel data cut off
+    for call in (load_grayscale, image_size):
+        with pytest.raises(ImageLoadError, match="half_real.dcm: .*truncated"):
+            call(half_real)
