@@ -1,0 +1,186 @@
+"""The `ecamp` command line: demo, run, stage, lineage, synth. Wiring only."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.tree import Tree
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="ECAMP pre-training pipeline.")
+console = Console(stderr=True)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="pipeline YAML config")]
+RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="run directory (default: run.run_dir)")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config field: a.b=value")]
+
+
+def _quiet_prefect() -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[bold red]error:[/] {err}")
+    raise typer.Exit(code=2)
+
+
+def _print_summaries(summaries: list[dict]) -> None:
+    for s in summaries:
+        console.print(f"  [bold]{s['stage']:<18}[/] {s['status']:<7} {', '.join(s['outputs'])}")
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option("--out", help="folder to write the MIMIC-layout corpus to")],
+    n: Annotated[int | None, typer.Option("--n", help="number of studies")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="take the synth section from here")
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Generate the deterministic chest-X-ray-like demo corpus in MIMIC-CXR(-JPG) layout."""
+    from models.synth.corpus import generate_corpus
+
+    from tasks.config import ConfigError, load_config
+
+    overrides = list(set_ or []) + ([f"synth.n_studies={n}"] if n is not None else [])
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as err:
+        _fail(err)
+    summary = generate_corpus(cfg.synth, out)
+    console.print(f"wrote corpus to {out}: {summary}")
+
+
+def ensure_demo_corpus(cfg) -> None:
+    """Generate the demo corpus where the demo config expects it, unless it is already there."""
+    from models.synth.corpus import generate_corpus
+
+    root = Path(cfg.data.root)
+    if (root / "files").exists() and (root / "mimic-cxr-2.0.0-metadata.csv.gz").exists():
+        console.print(f"demo corpus present at {root}")
+        return
+    console.print(f"generating the demo corpus at {root} ...")
+    generate_corpus(cfg.synth, root)
+
+
+@app.command()
+def demo(
+    run_dir: RunDirOpt = None,
+    set_: SetOpt = None,
+    until: Annotated[str | None, typer.Option(help="stop after this stage")] = None,
+) -> None:
+    """Generate the demo corpus if absent, then run the whole pipeline on configs/demo.yaml."""
+    _quiet_prefect()
+    from tasks.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(DEMO_CONFIG, set_)
+    except ConfigError as err:
+        _fail(err)
+    ensure_demo_corpus(cfg)
+    from flows.pipeline import ecamp_pipeline
+
+    summaries = ecamp_pipeline(
+        config_path=str(DEMO_CONFIG), run_dir=str(run_dir) if run_dir else None, until=until, overrides=set_
+    )
+    _print_summaries(summaries)
+
+
+@app.command()
+def run(
+    config: ConfigOpt,
+    run_dir: RunDirOpt = None,
+    until: Annotated[str | None, typer.Option(help="stop after this stage")] = None,
+    set_: SetOpt = None,
+    force: Annotated[list[str] | None, typer.Option(help="recompute this stage even if cached")] = None,
+) -> None:
+    """Run the full pipeline (finished stages with unchanged inputs are skipped)."""
+    _quiet_prefect()
+    from flows.pipeline import ecamp_pipeline
+    from tasks.config import ConfigError
+
+    try:
+        summaries = ecamp_pipeline(
+            config_path=str(config),
+            run_dir=str(run_dir) if run_dir else None,
+            until=until,
+            overrides=set_,
+            force=force,
+        )
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        _fail(err)
+    _print_summaries(summaries)
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="stage name, e.g. match_entities")],
+    config: ConfigOpt,
+    run_dir: RunDirOpt = None,
+    set_: SetOpt = None,
+    force: Annotated[bool, typer.Option(help="recompute even if cached")] = False,
+) -> None:
+    """Run a single stage against the artifacts already in the run directory."""
+    _quiet_prefect()
+    from flows.pipeline import ecamp_stage
+    from tasks.config import ConfigError
+
+    try:
+        summary = ecamp_stage(
+            stage=name,
+            config_path=str(config),
+            run_dir=str(run_dir) if run_dir else None,
+            overrides=set_,
+            force=force,
+        )
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
+        _fail(err)
+    _print_summaries([summary])
+
+
+def _label(uri: str, info) -> str:
+    if info is None:
+        return f"[cyan]input[/] {uri}"
+    return (
+        f"[bold]{info.stage}/{info.name}[/] {info.rows} rows · {info.schema_name} v{info.schema_version}"
+        f" · sha {info.content_hash[:12]} · config {info.config_hash} · {info.code_version}"
+    )
+
+
+@app.command()
+def lineage(
+    artifact: Annotated[str, typer.Argument(help="artifact name (reports), stage/name, or a .parquet path")],
+    run_dir: RunDirOpt = None,
+    config: Annotated[Path, typer.Option("--config", "-c")] = DEMO_CONFIG,
+) -> None:
+    """Print an artifact's upstream chain, down to the input files, from the run's DuckDB catalog."""
+    from data_contracts.catalog import latest, lineage_tree
+    from tasks.config import ConfigError, load_config
+
+    try:
+        target = run_dir or Path(load_config(config).run.run_dir)
+    except ConfigError as err:
+        _fail(err)
+    info = latest(target, artifact)
+    if info is None:
+        _fail(FileNotFoundError(f"no artifact '{artifact}' in the catalog of {target}"))
+    root = lineage_tree(target, info)
+    tree = Tree(_label(root.uri, root.info))
+
+    def add(branch: Tree, node) -> None:
+        for child in node.upstream:
+            add(branch.add(_label(child.uri, child.info)), child)
+
+    add(tree, root)
+    Console().print(tree)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,121 @@
+"""Prefect flows: the full pipeline and a single stage. Wiring only; the stages live in `tasks/`.
+
+Skipping finished stages is the runner's job (fingerprints of upstream hashes + config + code), not
+Prefect's result cache: it needs no result storage shared between workers and survives a new server.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from tasks.config import config_from_dict, load_config
+from tasks.registry import stage_module, stage_names
+from tasks.runner import StageResult, run_stage
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PLOT_SUFFIXES = (".png",)
+
+
+def artifact_key(stage: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return "ecamp-" + stage.replace("_", "-")
+
+
+def output_table(result: StageResult) -> list[dict[str, Any]]:
+    return [
+        {
+            "artifact": f"{result.stage}/{name}",
+            "rows": info.rows,
+            "schema": f"{info.schema_name} v{info.schema_version}",
+            "content_hash": info.content_hash[:12],
+            "uri": info.uri,
+            "upstream": ", ".join(
+                u.uri.rsplit("/", 2)[-2] + "/" + u.uri.rsplit("/", 1)[-1] for u in info.upstream
+            ),
+            "status": result.status,
+        }
+        for name, info in result.outputs.items()
+    ]
+
+
+def publish(result: StageResult, run_dir: Path) -> None:
+    """A table artifact of the stage's outputs (the lineage view the OSS UI shows), plus its plots."""
+    create_table_artifact(
+        table=output_table(result),
+        key=artifact_key(result.stage),
+        description=f"**{result.stage}** {result.status} · fingerprint `{result.fingerprint}` · run dir `{run_dir}`",
+    )
+    plots = sorted(p for p in (run_dir / result.stage).rglob("*") if p.suffix in PLOT_SUFFIXES)
+    if plots:
+        lines = [f"# {result.stage} plots", ""] + [f"- [{p.name}]({p.resolve().as_uri()})" for p in plots]
+        create_markdown_artifact("\n".join(lines), key=artifact_key(result.stage) + "-plots")
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def stage_task(stage: str, config_data: dict[str, Any], run_dir: str, force: bool = False) -> dict[str, Any]:
+    logger = get_run_logger()
+    config = config_from_dict(config_data)
+    result = run_stage(
+        stage_module(stage),
+        config,
+        Path(run_dir),
+        force=force,
+        log=logger,
+        run_id=str(flow_run.id or "local"),
+    )
+    if result.status == "ran":
+        publish(result, Path(run_dir))
+    return {"stage": stage, "status": result.status, "outputs": {k: v.uri for k, v in result.outputs.items()}}
+
+
+def resolve_run_dir(config: Any, run_dir: str | None) -> str:
+    return str(Path(run_dir or config.run.run_dir).resolve())
+
+
+def stages_until(until: str | None) -> list[str]:
+    names = stage_names()
+    if until is None:
+        return names
+    if until not in names:
+        raise ValueError(f"--until {until}: unknown stage (stages: {', '.join(names)})")
+    return names[: names.index(until) + 1]
+
+
+@flow(name="ecamp-pipeline")
+def ecamp_pipeline(
+    config_path: str = "configs/demo.yaml",
+    run_dir: str | None = None,
+    until: str | None = None,
+    overrides: list[str] | None = None,
+    force: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Every registered stage in order; finished stages with unchanged inputs and config are skipped."""
+    config = load_config(config_path, overrides)
+    target = resolve_run_dir(config, run_dir)
+    data = config.model_dump(mode="json")
+    summaries = []
+    for stage in stages_until(until):
+        run = stage_task.with_options(name=stage, task_run_name=stage)
+        summaries.append(run(stage, data, target, force=stage in (force or [])))
+    return summaries
+
+
+@flow(name="ecamp-stage")
+def ecamp_stage(
+    stage: str,
+    config_path: str = "configs/demo.yaml",
+    run_dir: str | None = None,
+    overrides: list[str] | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Exactly one stage, reading its upstream artifacts from the run directory (e.g. to rerun a failed one)."""
+    config = load_config(config_path, overrides)
+    stage_module(stage)
+    run = stage_task.with_options(name=stage, task_run_name=stage)
+    return run(stage, config.model_dump(mode="json"), resolve_run_dir(config, run_dir), force=force)

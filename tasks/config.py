@@ -1,0 +1,132 @@
+"""Pipeline configuration: pydantic models loaded from YAML, `--set a.b=c` overrides, stable section hashes.
+
+The top-level model is assembled from the registered stages: each stage module owns its section's model, so
+a stage that has not landed has no section, and an unknown key anywhere is an error rather than ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from tasks.registry import stage_modules
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the file, the key and the problem."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class RunConfig(Section):
+    seed: int = 0
+    run_dir: str = "runs/default"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int | None = Field(
+        None, ge=1, description="torch threads on CPU; None keeps torch's default"
+    )
+
+
+class DataConfig(Section):
+    source: Literal["mimic", "manifest"] = "mimic"
+    root: str | None = Field(
+        None, description="MIMIC-CXR root holding files/ and the mimic-cxr-2.0.0-*.csv.gz"
+    )
+    manifest: str | None = Field(None, description="CSV/Parquet with study_id, image_path, report_text")
+    views: list[str] = Field(
+        default_factory=lambda: ["PA", "AP"], description="ViewPosition values kept; [] = all"
+    )
+    check_images: bool = Field(False, description="decode every image at extraction (slow at MIMIC scale)")
+    max_studies: int | None = Field(None, ge=1, description="keep only the first N studies (quick trials)")
+
+
+@cache
+def pipeline_config_model() -> type[BaseModel]:
+    """The PipelineConfig model: run, data, synth and one section per registered stage."""
+    from models.synth.corpus import SynthConfig
+
+    sections: dict[str, Any] = {
+        "run": (RunConfig, Field(default_factory=RunConfig)),
+        "data": (DataConfig, Field(default_factory=DataConfig)),
+        "synth": (SynthConfig, Field(default_factory=SynthConfig)),
+    }
+    for module in stage_modules():
+        sections[module.NAME] = (module.Config, Field(default_factory=module.Config))
+    return create_model("PipelineConfig", __config__=ConfigDict(extra="forbid"), **sections)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{item}': expected key.path=value")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in a raw config mapping; values are parsed as YAML (`3`, `true`, `[PA, AP]`)."""
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{k}' is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def _explain(err: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: {loc}: unknown key")
+        else:
+            lines.append(f"{source}: {loc}: {e['msg']} (got {e.get('input')!r})")
+    return ConfigError("\n".join(lines))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> BaseModel:
+    """Load a YAML config (or the defaults when `path` is None) and apply `--set` overrides."""
+    source = str(path) if path else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: not valid YAML ({err})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections")
+    raw = apply_overrides(raw, list(overrides or []))
+    try:
+        return pipeline_config_model().model_validate(raw)
+    except ValidationError as err:
+        raise _explain(err, source) from None
+
+
+def config_from_dict(data: dict[str, Any]) -> BaseModel:
+    try:
+        return pipeline_config_model().model_validate(data)
+    except ValidationError as err:
+        raise _explain(err, "<dict>") from None
+
+
+def stable_hash(value: Any) -> str:
+    """Hash of a JSON-able value with sorted keys: equal configs hash equal across runs and machines."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def section_hash(config: BaseModel, section: str) -> str:
+    return stable_hash(getattr(config, section).model_dump(mode="json"))

@@ -1,0 +1,63 @@
+"""Config loading: YAML sections, dotted overrides, unknown keys and wrong types are errors, stable hashes."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.config import ConfigError, load_config, section_hash
+from tasks.registry import stage_names
+
+from .conftest import REPO_ROOT
+
+
+def test_demo_and_paper_configs_load_with_a_section_per_stage():
+    for name in ("demo", "paper"):
+        cfg = load_config(REPO_ROOT / "configs" / f"{name}.yaml")
+        for stage in stage_names():
+            assert getattr(cfg, stage) is not None
+    demo = load_config(REPO_ROOT / "configs" / "demo.yaml")
+    assert demo.data.source == "mimic" and demo.run.run_dir == "runs/demo"
+
+
+def test_overrides_parse_yaml_values_and_nest():
+    cfg = load_config(None, ["data.views=[PA]", "run.seed=5", "data.max_studies=10", "data.source=manifest"])
+    assert cfg.data.views == ["PA"] and cfg.run.seed == 5 and cfg.data.max_studies == 10
+    assert cfg.data.source == "manifest"
+
+
+def test_unknown_key_is_an_error_naming_file_and_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  sourse: mimic\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: data.sourse: unknown key"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"<defaults>: nosuchsection: unknown key"):
+        load_config(None, ["nosuchsection.x=1"])
+
+
+def test_wrong_type_is_an_error_with_the_value(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  seed: many\n")
+    with pytest.raises(ConfigError, match=r"run.seed: .*integer.*'many'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"data.source: .*'mimic' or 'manifest'"):
+        load_config(None, ["data.source=dicomweb"])
+
+
+def test_bad_files_and_overrides_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(None, ["run.seed"])
+
+
+def test_section_hash_is_stable_and_only_moves_with_its_section():
+    a = load_config(None)
+    b = load_config(None, ["run.seed=1"])
+    c = load_config(None, ["data.views=[PA]"])
+    assert section_hash(a, "data") == section_hash(b, "data") == section_hash(load_config(None), "data")
+    assert section_hash(a, "data") != section_hash(c, "data")
+    assert len(section_hash(a, "data")) == 16
