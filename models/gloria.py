@@ -1,0 +1,304 @@
+"""GLoRIA (Huang et al., ICCV 2021), re-trained on distilled reports: encoders, word aggregation and losses.
+
+ECAMP (paper §3.3) re-trains GLoRIA on the entity-centred distilled reports and reads its word→region attention
+to place the super-resolution window. This module holds the model only; training lives in `gloria_train.py`,
+maps and windows in `attention.py`. No Prefect here.
+
+Geometry follows the official code (REFERENCE §1.1-1.3): local features are ResNet-50 `layer3` (19×19 at 299 px),
+the global feature is `layer4` average-pooled; words are WordPiece tokens summed into whole words (`##` pieces),
+summed over the last 4 BERT layers. The local loss uses γ1, γ2, γ3 = 4, 5, 10.
+Default attention is the official *double* softmax (first over words per region, then γ1-scaled over regions);
+`softmax="single"` is the paper's equation, a_jr = softmax_r(γ1 · v_r·l_j).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import timm
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from torch import nn
+from transformers import BertConfig, BertModel
+
+SPECIAL_WORDS = frozenset({"[CLS]", "[SEP]", "[PAD]", "[MASK]"})
+
+
+@dataclass(frozen=True)
+class GloriaConfig:
+    """Model hyper-parameters; defaults are the paper-scale (official GLoRIA) values."""
+
+    encoder: Literal["resnet50", "small"] = "resnet50"
+    image_size: int = 299  # official: 224 crop upsampled to 299 before the ResNet
+    image_checkpoint: str | None = None  # timm-loadable ResNet-50 weights file; None = random init
+    small_width: int = 32  # channels of the first stage of the small CNN (demo)
+    embed_dim: int = 768
+    vocab_size: int = 30000
+    text_hidden: int = 768
+    text_layers: int = 12
+    text_heads: int = 12
+    text_intermediate: int = 3072
+    max_tokens: int = 97  # official `word_num`
+    last_n_layers: int = 4
+    temp1: float = 4.0
+    temp2: float = 5.0
+    temp3: float = 10.0
+    softmax: Literal["double", "single"] = "double"
+    local_weight: float = 1.0
+    global_weight: float = 1.0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Text: WordPiece tokens -> whole words
+# --------------------------------------------------------------------------------------------------------------
+
+
+def group_subwords(tokens: list[str]) -> tuple[list[int], list[str]]:
+    """Word index of each token (-1 for special tokens) and the word strings, by GLoRIA's `##` rule.
+
+    A token starting with `##` continues the current word; any other token starts a new one. The walk stops at
+    `[SEP]` (everything after it, padding included, gets -1), as GLoRIA's `aggregate_tokens` does.
+    """
+    index: list[int] = []
+    words: list[str] = []
+    stopped = False
+    for token in tokens:
+        if stopped or token in SPECIAL_WORDS:
+            stopped = stopped or token == "[SEP]"
+            index.append(-1)
+        elif token.startswith("##") and words and index and index[-1] == len(words) - 1:
+            words[-1] += token[2:]
+            index.append(len(words) - 1)
+        else:
+            words.append(token.removeprefix("##"))
+            index.append(len(words) - 1)
+    return index, words
+
+
+class TextBatch(NamedTuple):
+    input_ids: torch.Tensor  # [B, T] long
+    attention_mask: torch.Tensor  # [B, T] long
+    word_index: torch.Tensor  # [B, T] long, -1 = not part of a word
+    n_words: torch.Tensor  # [B] long
+    words: list[list[str]]
+
+    def to(self, device: torch.device | str) -> TextBatch:
+        tensors = [t.to(device) for t in (self.input_ids, self.attention_mask, self.word_index, self.n_words)]
+        return TextBatch(*tensors, self.words)
+
+
+def encode_texts(tokenizer: Tokenizer, texts: list[str], max_tokens: int) -> TextBatch:
+    """Tokenize `[CLS] text [SEP]`, truncated to `max_tokens`, padded to the longest, with word grouping."""
+    cls_id, sep_id, pad_id = (tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
+    encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+    rows: list[tuple[list[int], list[str]]] = []
+    for enc in encodings:
+        ids = [cls_id, *enc.ids[: max_tokens - 2], sep_id]
+        tokens = ["[CLS]", *enc.tokens[: max_tokens - 2], "[SEP]"]
+        rows.append((ids, tokens))
+    length = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    word_index = torch.full((len(rows), length), -1, dtype=torch.long)
+    words: list[list[str]] = []
+    for i, (ids, tokens) in enumerate(rows):
+        index, row_words = group_subwords(tokens)
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        word_index[i, : len(ids)] = torch.tensor(index)
+        words.append(row_words)
+    attention_mask = (input_ids != pad_id).long()
+    n_words = torch.tensor([len(w) for w in words], dtype=torch.long)
+    return TextBatch(input_ids, attention_mask, word_index, n_words, words)
+
+
+def aggregate_words(hidden: torch.Tensor, word_index: torch.Tensor, n_max: int) -> torch.Tensor:
+    """Sum token features [B, T, H] into word features [B, n_max, H]; tokens with index -1 are dropped."""
+    b, _, h = hidden.shape
+    index = torch.where(word_index < 0, torch.full_like(word_index, n_max), word_index)
+    out = hidden.new_zeros(b, n_max + 1, h)
+    out.scatter_add_(1, index.unsqueeze(-1).expand(-1, -1, h), hidden)
+    return out[:, :n_max]
+
+
+class TextEncoder(nn.Module):
+    """BERT built from a config (no download), word features and a sentence feature, projected to embed_dim."""
+
+    def __init__(self, cfg: GloriaConfig):
+        super().__init__()
+        bert_cfg = BertConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.text_hidden,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.text_heads,
+            intermediate_size=cfg.text_intermediate,
+            max_position_embeddings=max(512, cfg.max_tokens),
+            pad_token_id=0,
+        )
+        self.bert = BertModel(bert_cfg, add_pooling_layer=False)
+        self.last_n_layers = min(cfg.last_n_layers, cfg.text_layers)
+        self.word_proj = nn.Linear(cfg.text_hidden, cfg.embed_dim)
+        self.sentence_proj = nn.Linear(cfg.text_hidden, cfg.embed_dim)
+
+    def forward(self, text: TextBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> words [B, W, D], word_mask [B, W] bool, sentence [B, D]."""
+        out = self.bert(
+            input_ids=text.input_ids, attention_mask=text.attention_mask, output_hidden_states=True
+        )
+        hidden = torch.stack(out.hidden_states[-self.last_n_layers :]).sum(0)
+        n_max = max(int(text.n_words.max()), 1)
+        words = aggregate_words(hidden, text.word_index, n_max)
+        word_mask = torch.arange(n_max, device=words.device)[None] < text.n_words[:, None]
+        weights = word_mask.to(words.dtype)
+        sentence = (words * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+        return self.word_proj(words), word_mask, self.sentence_proj(sentence)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Image: local region grid + global feature
+# --------------------------------------------------------------------------------------------------------------
+
+
+def conv_bn_relu(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class SmallCNN(nn.Module):
+    """Demo backbone with ResNet-like strides: local features at stride 8, global at stride 16."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.stem = nn.Sequential(conv_bn_relu(1, width, 2), conv_bn_relu(width, width, 1))
+        self.stage_local = nn.Sequential(
+            conv_bn_relu(width, 2 * width, 2), conv_bn_relu(2 * width, 4 * width, 2)
+        )
+        self.stage_global = conv_bn_relu(4 * width, 8 * width, 2)
+        self.channels = (4 * width, 8 * width)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        local = self.stage_local(self.stem(x))
+        return [local, self.stage_global(local)]
+
+
+def build_backbone(cfg: GloriaConfig) -> tuple[nn.Module, tuple[int, int]]:
+    """ResNet-50 (timm, layer3 + layer4, 1 input channel) or the small demo CNN, with its channel counts."""
+    if cfg.encoder == "small":
+        net = SmallCNN(cfg.small_width)
+        return net, net.channels
+    kwargs: dict = {"features_only": True, "out_indices": (3, 4), "in_chans": 1}
+    if cfg.image_checkpoint:
+        kwargs |= {"pretrained": True, "pretrained_cfg_overlay": {"file": cfg.image_checkpoint}}
+    net = timm.create_model("resnet50", **kwargs)
+    local_ch, global_ch = net.feature_info.channels()
+    return net, (local_ch, global_ch)
+
+
+class ImageEncoder(nn.Module):
+    """Grayscale image [B, 1, S, S] -> region features [B, D, h, w] and a global feature [B, D]."""
+
+    def __init__(self, cfg: GloriaConfig):
+        super().__init__()
+        self.backbone, (local_ch, global_ch) = build_backbone(cfg)
+        self.local_proj = nn.Conv2d(local_ch, cfg.embed_dim, kernel_size=1, bias=False)
+        self.global_proj = nn.Linear(global_ch, cfg.embed_dim)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        local, deep = self.backbone(images)
+        return self.local_proj(local), self.global_proj(deep.mean(dim=(2, 3)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention and losses
+# --------------------------------------------------------------------------------------------------------------
+
+
+def attention_weights(
+    scores: torch.Tensor, word_mask: torch.Tensor, gamma1: float, softmax: Literal["double", "single"]
+) -> torch.Tensor:
+    """Word→region attention [..., W, R] from word·region scores [..., W, R]; each row sums to 1 over R.
+
+    `word_mask` broadcasts to [..., W, 1]. Double softmax (official code): normalise over the caption's words
+    for each region first, so γ1 acts on probabilities in [0, 1]; single (paper): softmax_r(γ1 · score).
+    """
+    if softmax == "double":
+        scores = scores.masked_fill(~word_mask, float("-inf")).softmax(dim=-2)
+        scores = scores.masked_fill(~word_mask, 0.0)
+    elif softmax != "single":
+        raise ValueError(f"softmax must be 'double' or 'single', got {softmax!r}")
+    return (gamma1 * scores).softmax(dim=-1)
+
+
+def global_loss(image_g: torch.Tensor, text_g: torch.Tensor, temp3: float) -> torch.Tensor:
+    """Symmetric InfoNCE over cosine similarities × temp3 (GLoRIA `global_loss`: g0 + g1)."""
+    scores = temp3 * F.normalize(image_g, dim=-1) @ F.normalize(text_g, dim=-1).T
+    target = torch.arange(scores.shape[0], device=scores.device)
+    return F.cross_entropy(scores, target) + F.cross_entropy(scores.T, target)
+
+
+def local_similarities(
+    regions: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor, cfg: GloriaConfig
+) -> torch.Tensor:
+    """[B_img, B_txt] scores γ3·log Σ_j exp(γ2·cos(c_j, l_j)), c_j the attended region context of word j.
+
+    regions [B, D, R], words [B, W, D], word_mask [B, W]. Every caption attends over every image at once.
+    """
+    scores = torch.einsum("bdr,iwd->biwr", regions, words)
+    attn = attention_weights(scores, word_mask[None, :, :, None], cfg.temp1, cfg.softmax)
+    context = torch.einsum("biwr,bdr->biwd", attn, regions)
+    cos = F.cosine_similarity(context, words[None].expand_as(context), dim=-1)
+    cos = (cfg.temp2 * cos).masked_fill(~word_mask[None], float("-inf"))
+    return cfg.temp3 * cos.logsumexp(dim=-1)
+
+
+def local_loss(
+    regions: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor, cfg: GloriaConfig
+) -> torch.Tensor:
+    """GLoRIA local loss, both directions (image→text and text→image), l0 + l1."""
+    sims = local_similarities(regions, words, word_mask, cfg)
+    target = torch.arange(sims.shape[0], device=sims.device)
+    return F.cross_entropy(sims, target) + F.cross_entropy(sims.T, target)
+
+
+class GloriaOutput(NamedTuple):
+    regions: torch.Tensor  # [B, D, h, w]
+    image_global: torch.Tensor  # [B, D]
+    words: torch.Tensor  # [B, W, D]
+    word_mask: torch.Tensor  # [B, W]
+    text_global: torch.Tensor  # [B, D]
+
+
+class Gloria(nn.Module):
+    """Image and text encoders with GLoRIA's global + local contrastive objectives."""
+
+    def __init__(self, cfg: GloriaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.image_encoder = ImageEncoder(cfg)
+        self.text_encoder = TextEncoder(cfg)
+
+    def forward(self, images: torch.Tensor, text: TextBatch) -> GloriaOutput:
+        if int(text.n_words.min()) < 1:
+            raise ValueError("every caption needs at least one word (empty report text reached the model)")
+        regions, image_global = self.image_encoder(images)
+        words, word_mask, text_global = self.text_encoder(text)
+        return GloriaOutput(regions, image_global, words, word_mask, text_global)
+
+    def losses(self, out: GloriaOutput) -> dict[str, torch.Tensor]:
+        """{'loss', 'loss_local', 'loss_global'}; loss = w_l·local + w_g·global (both weights 1 officially)."""
+        regions = out.regions.flatten(2).float()
+        loss_local = local_loss(regions, out.words.float(), out.word_mask, self.cfg)
+        loss_global = global_loss(out.image_global.float(), out.text_global.float(), self.cfg.temp3)
+        loss = self.cfg.local_weight * loss_local + self.cfg.global_weight * loss_global
+        return {"loss": loss, "loss_local": loss_local, "loss_global": loss_global}
+
+    def word_attention(self, out: GloriaOutput) -> torch.Tensor:
+        """Attention of each word of caption i over the regions of its own image i: [B, W, h, w]."""
+        b, _, h, w = out.regions.shape
+        regions = out.regions.flatten(2).float()
+        scores = torch.einsum("bdr,bwd->bwr", regions, out.words.float())
+        attn = attention_weights(scores, out.word_mask[..., None], self.cfg.temp1, self.cfg.softmax)
+        return attn.view(b, -1, h, w)

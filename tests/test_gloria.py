@@ -1,0 +1,319 @@
+"""GLoRIA model, losses, training/resume, attention windows, localization and the train_gloria stage."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from models.attention import (
+    best_windows,
+    entity_positions,
+    fallback_windows,
+    localization,
+    matches_entity,
+    random_localization,
+    rasterize_boxes,
+    to_grid,
+    window_sums,
+)
+from models.gloria import (
+    Gloria,
+    GloriaConfig,
+    aggregate_words,
+    attention_weights,
+    encode_texts,
+    global_loss,
+    group_subwords,
+    local_loss,
+)
+from models.gloria_train import ImageTextData, TrainConfig, extract_attention, square_uint8, train_gloria
+from models.wordpiece import train_wordpiece
+
+torch.set_num_threads(1)
+
+TEXTS = [
+    "there is a small left pleural effusion",
+    "there may be right basal atelectasis",
+    "heart size is normal and there is no pneumothorax",
+    "there is cardiomegaly with mild edema",
+]
+TINY = GloriaConfig(
+    encoder="small", image_size=32, small_width=8, embed_dim=16, vocab_size=120, text_hidden=16,
+    text_layers=2, text_heads=2, text_intermediate=32, max_tokens=24,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    extra = ["there is a left opacity", "there is a right effusion"]
+    return train_wordpiece((TEXTS + extra) * 5, vocab_size=120, min_frequency=1)
+
+
+# ---------------------------------------------------------------------------------------------- words
+
+
+def test_group_subwords_sums_pieces_and_stops_at_sep():
+    tokens = ["[CLS]", "pleu", "##ral", "eff", "##us", "##ion", "is", "##small", "[SEP]", "late", "[PAD]"]
+    index, words = group_subwords(tokens)
+    assert words == ["pleural", "effusion", "issmall"]
+    assert index == [-1, 0, 0, 1, 1, 1, 2, 2, -1, -1, -1]
+
+
+def test_group_subwords_leading_piece_starts_a_word():
+    index, words = group_subwords(["[CLS]", "##ab", "cd", "##e", "[SEP]"])
+    assert words == ["ab", "cde"] and index == [-1, 0, 1, 1, -1]
+
+
+def test_aggregate_words_sums_token_vectors():
+    hidden = torch.arange(12, dtype=torch.float).view(1, 6, 2)  # tokens t0..t5, vectors [2t, 2t+1]
+    word_index = torch.tensor([[-1, 0, 0, 1, -1, -1]])
+    out = aggregate_words(hidden, word_index, n_max=3)
+    assert out.shape == (1, 3, 2)
+    assert out[0].tolist() == [[2 + 4, 3 + 5], [6, 7], [0, 0]]
+
+
+def test_encode_texts_words_match_whitespace_words(tokenizer):
+    batch = encode_texts(tokenizer, TEXTS, max_tokens=24)
+    assert batch.words == [t.split() for t in TEXTS]
+    assert batch.n_words.tolist() == [len(t.split()) for t in TEXTS]
+    assert (batch.input_ids[:, 0] == tokenizer.token_to_id("[CLS]")).all()
+    truncated = encode_texts(tokenizer, TEXTS[2:3], max_tokens=5)
+    assert truncated.input_ids.shape == (1, 5) and truncated.n_words.item() <= 3
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+@pytest.mark.parametrize("mode", ["double", "single"])
+def test_attention_weights_sum_to_one_over_regions(mode):
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 5, 7, generator=g) * 4
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    attn = attention_weights(scores, mask[..., None], 4.0, mode)
+    assert attn.shape == (3, 5, 7)
+    assert torch.allclose(attn.sum(-1), torch.ones(3, 5), atol=1e-6)
+    assert (attn >= 0).all()
+
+
+def test_double_softmax_is_normalised_over_words_first():
+    scores = torch.tensor([[[0.0, 5.0], [0.0, -5.0]]])  # 2 words × 2 regions
+    mask = torch.ones(1, 2, 1, dtype=torch.bool)
+    attn = attention_weights(scores, mask, 4.0, "double")
+    p_word0 = torch.softmax(torch.tensor([[0.0, 0.0], [5.0, -5.0]]), dim=1)[:, 0]  # per region, over words
+    expected = torch.softmax(4 * p_word0, dim=0)
+    assert torch.allclose(attn[0, 0], expected, atol=1e-6)
+    with pytest.raises(ValueError, match="softmax must be"):
+        attention_weights(scores, mask, 4.0, "triple")  # type: ignore[arg-type]
+
+
+def test_global_loss_is_low_for_matched_pairs():
+    x = torch.eye(4) * 3
+    assert global_loss(x, x, 10.0) < 0.01
+    assert global_loss(x, x.roll(1, 0), 10.0) > 10.0
+
+
+def test_local_loss_prefers_matching_words():
+    torch.manual_seed(0)
+    regions = torch.randn(4, 8, 6)  # 4 images, 8-d, 6 regions
+    words = regions[:, :, :3].transpose(1, 2).clone()  # each caption's words are its own image's regions
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    matched = local_loss(regions, words, mask, TINY)
+    shuffled = local_loss(regions, words.roll(1, 0), mask, TINY)
+    assert torch.isfinite(matched) and matched < shuffled
+
+
+def test_padded_words_do_not_change_the_local_loss():
+    torch.manual_seed(1)
+    regions, words = torch.randn(3, 8, 5), torch.randn(3, 4, 8)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    base = local_loss(regions, words, mask, TINY)
+    noisy = words.clone()
+    noisy[0, 2:] = 100.0
+    noisy[1, 3] = -50.0
+    assert torch.allclose(base, local_loss(regions, noisy, mask, TINY), atol=1e-5)
+
+
+def test_model_shapes_and_empty_caption_error(tokenizer):
+    torch.manual_seed(0)
+    model = Gloria(TINY)
+    text = encode_texts(tokenizer, TEXTS, TINY.max_tokens)
+    out = model(torch.randn(4, 1, 32, 32), text)
+    assert out.regions.shape == (4, 16, 4, 4) and out.image_global.shape == (4, 16)
+    assert out.words.shape == (4, int(text.n_words.max()), 16)
+    attn = model.word_attention(out)
+    assert attn.shape == (4, out.words.shape[1], 4, 4)
+    assert torch.allclose(attn.flatten(2).sum(-1), torch.ones(4, attn.shape[1]), atol=1e-5)
+    empty = encode_texts(tokenizer, ["", "heart"], TINY.max_tokens)
+    with pytest.raises(ValueError, match="at least one word"):
+        model(torch.randn(2, 1, 32, 32), empty)
+
+
+def test_resnet50_geometry_is_gloria():
+    cfg = GloriaConfig(
+        embed_dim=8, vocab_size=50, text_hidden=8, text_layers=1, text_heads=1, text_intermediate=8
+    )
+    regions, glob = Gloria(cfg).image_encoder(torch.zeros(1, 1, 299, 299))
+    assert regions.shape == (1, 8, 19, 19) and glob.shape == (1, 8)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def synthetic_pairs(n: int, size: int = 32) -> tuple[np.ndarray, list[str]]:
+    """Bright blob on the left or right half; the text says which (a learnable image-text pairing)."""
+    rng = np.random.default_rng(0)
+    images = (rng.random((n, size, size)) * 60).astype(np.uint8)
+    texts = []
+    for i in range(n):
+        left = i % 2 == 0
+        r, c = rng.integers(4, size - 12), rng.integers(2, size // 2 - 10) + (0 if left else size // 2)
+        images[i, r : r + 8, c : c + 8] = 230
+        texts.append("there is a left opacity" if left else "there is a right effusion")
+    return images, texts
+
+
+def test_losses_fall_and_are_finite(tokenizer):
+    torch.manual_seed(0)
+    images, texts = synthetic_pairs(32)
+    rows = train_gloria(
+        Gloria(TINY), ImageTextData(images, texts), tokenizer, TrainConfig(epochs=6, batch_size=8, lr=2e-3)
+    )
+    assert len(rows) == 6 * 4
+    for key in ("loss", "loss_local", "loss_global"):
+        values = np.array([r[key] for r in rows])
+        assert np.isfinite(values).all()
+        assert values[-4:].mean() < values[:4].mean() - 0.1, key
+    lrs = [r["lr"] for r in rows]
+    assert lrs[0] < lrs[3] and lrs[-1] < lrs[4]  # warm-up then cosine decay
+
+
+def test_checkpoint_resume_reproduces_an_uninterrupted_run(tokenizer, tmp_path):
+    images, texts = synthetic_pairs(16)
+    data = ImageTextData(images, texts)
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=1e-3)
+    torch.manual_seed(0)
+    full = train_gloria(Gloria(TINY), data, tokenizer, cfg)
+
+    def stop_after_first(epoch: int, rows: list[dict]) -> None:
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "gloria.pt"
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        train_gloria(Gloria(TINY), data, tokenizer, cfg, ckpt, on_epoch=stop_after_first)
+    torch.manual_seed(123)  # a fresh process: different init, must be overwritten by the checkpoint
+    resumed = train_gloria(Gloria(TINY), data, tokenizer, cfg, ckpt)
+    assert [r["step"] for r in resumed] == list(range(6))
+    assert np.allclose([r["loss"] for r in resumed], [r["loss"] for r in full], atol=1e-5)
+    with pytest.raises(ValueError, match="different training config"):
+        train_gloria(Gloria(TINY), data, tokenizer, TrainConfig(epochs=4, batch_size=8, lr=1e-3), ckpt)
+
+
+def test_too_few_pairs_is_an_error(tokenizer):
+    with pytest.raises(ValueError, match="at least 2"):
+        train_gloria(
+            Gloria(TINY), ImageTextData(np.zeros((1, 32, 32), np.uint8), ["x"]), tokenizer, TrainConfig()
+        )
+
+
+def test_square_uint8_pads_centred():
+    image = np.ones((20, 10), dtype=np.float32)
+    out = square_uint8(image, 20)
+    assert out.shape == (20, 20) and out.dtype == np.uint8
+    assert out[:, :5].max() == 0 and out[:, 15:].max() == 0 and out[:, 5:15].min() == 255
+
+
+def test_extract_attention_uses_positive_entity_words(tokenizer):
+    torch.manual_seed(0)
+    images, texts = synthetic_pairs(4)
+    data = ImageTextData(images, texts)
+    positives = [["opacity"], ["effusion"], ["nodule"], []]
+    result = extract_attention(Gloria(TINY), data, tokenizer, positives, grid=8, batch_size=3, max_tokens=24)
+    assert result.grid_maps.shape == (4, 8, 8)
+    assert np.allclose(result.grid_maps.sum(axis=(1, 2)), 1.0, atol=1e-5)
+    assert result.entity_found.tolist() == [True, True, False, False]
+    assert result.entities == [["opacity"], ["effusion"], [], []]
+
+
+# ---------------------------------------------------------------------------------------------- windows
+
+
+def test_entity_matching_handles_inflections():
+    assert matches_entity("effusions", "effusion") and matches_entity("opacities", "opacity")
+    assert matches_entity("hyperinflation", "hyperinflated") and matches_entity("Edema", "edema")
+    assert not matches_entity("mast", "mass") and not matches_entity("aortic", "abscess")
+    assert entity_positions(["small", "effusions", "and", "edema"], ["edema", "effusion"]) == [1, 3]
+
+
+def brute_force_window(grid_map: np.ndarray, k: int) -> tuple[int, int]:
+    g = grid_map.shape[0]
+    best, arg = -np.inf, (0, 0)
+    for i, j in itertools.product(range(g - k + 1), repeat=2):
+        s = grid_map[i : i + k, j : j + k].sum()
+        if s > best + 1e-9:
+            best, arg = s, (i, j)
+    return arg
+
+
+@pytest.mark.parametrize(("grid", "k"), [(14, 12), (8, 4), (7, 1), (5, 5)])
+def test_box_filter_argmax_equals_brute_force(grid, k):
+    maps = torch.rand(20, grid, grid, generator=torch.Generator().manual_seed(grid * 31 + k))
+    rows, cols = best_windows(maps, k)
+    for m, r, c in zip(maps.numpy(), rows.tolist(), cols.tolist(), strict=True):
+        assert (r, c) == brute_force_window(m, k)
+    assert window_sums(maps, k).shape == (20, grid - k + 1, grid - k + 1)
+
+
+def test_every_window_placement_is_reachable_and_inside_the_grid():
+    grid, k = 14, 12
+    reached = set()
+    for i, j in itertools.product(range(grid), repeat=2):
+        m = torch.full((1, grid, grid), 0.01)
+        m[0, i, j] = 1.0
+        r, c = (int(x[0]) for x in best_windows(m, k))
+        assert 0 <= r <= grid - k and 0 <= c <= grid - k
+        assert r <= i < r + k and c <= j < c + k  # the peak is inside its window
+        reached.add((r, c))
+    assert reached == set(itertools.product(range(3), repeat=2))  # the official 9 placements
+    with pytest.raises(ValueError, match="window size k=15"):
+        best_windows(m, 15)
+
+
+def test_fallback_windows():
+    assert fallback_windows(3, 14, 12, "centre", 0).tolist() == [[1, 1]] * 3
+    rand = fallback_windows(200, 8, 4, "random", 7)
+    assert rand.min() == 0 and rand.max() == 4
+    assert (rand == fallback_windows(200, 8, 4, "random", 7)).all()
+    with pytest.raises(ValueError, match="fallback must be"):
+        fallback_windows(1, 8, 4, "corner", 0)  # type: ignore[arg-type]
+
+
+def test_to_grid_resamples_and_keeps_peak_location():
+    m = torch.zeros(1, 19, 19)
+    m[0, 3, 15] = 1.0
+    g = to_grid(m, 14)
+    assert g.shape == (1, 14, 14) and abs(float(g.sum()) - 1) < 1e-5
+    r, c = divmod(int(g.flatten().argmax()), 14)
+    assert abs(r - 3 * 14 / 19) <= 1 and abs(c - 15 * 14 / 19) <= 1
+
+
+# ---------------------------------------------------------------------------------------------- localization
+
+
+def test_localization_scores_hits_overlap_and_iou():
+    lesion = rasterize_boxes([(0.0, 0.0, 0.25, 0.25)], 32)  # top-left 2×2 cells of an 8-grid
+    lesions = np.stack([lesion, lesion])
+    cells = np.array([[0, 1], [5, 5]])  # inside, outside
+    windows = np.array([[0, 0], [4, 4]])  # k=4 window: covers the lesion fully / not at all
+    score = localization(cells, windows, k=4, grid=8, lesions=lesions)
+    assert score.n_images == 2 and score.pointing_rate == 0.5
+    assert score.mean_window_overlap == pytest.approx(0.5)
+    assert score.mean_window_iou == pytest.approx((4 / 16) / 2)
+    base = random_localization(2000, 8, 4, np.repeat(lesion[None], 2000, 0), seed=0)
+    assert base.pointing_rate == pytest.approx(4 / 64, abs=0.02)
+    with pytest.raises(ValueError, match="multiple of the grid"):
+        localization(cells, windows, 4, 7, lesions)
