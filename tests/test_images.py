@@ -11,13 +11,12 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 from data_contracts.images import ImageLoadError, image_size, load_grayscale, looks_inverted
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "images"
+from .conftest import REAL_DATA
+
+REAL = REAL_DATA / "images"
 NIH_PNG = REAL / "00000001_000.png"  # 8-bit grayscale
 TBX_PNG = REAL / "tb0005.png"  # RGB
 FAKE_MONO1 = REAL / "Fake_MONOHR1.dcm"  # tagged MONOCHROME1, JPEG baseline
-
-pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason=f"real fixtures not found at {REAL}")
-
 
 def radiograph_layout(pixels: np.ndarray) -> dict[str, float]:
     """Robust region statistics of a frontal chest radiograph in display polarity."""

@@ -1,0 +1,450 @@
+"""Stage 1, `extract_reports`: a MIMIC-CXR(-JPG) tree or a generic manifest -> `reports`, `images`, `rejects`.
+
+Both readers list candidate studies (report source + images); `assemble` then parses every report with
+`models.sections`, checks every image with `data_contracts.images`, and keeps a study only when its
+report has FINDINGS/IMPRESSION text and at least one image is usable. Every input left out gets a
+`rejects` row naming the file, the study/row and the reason, so the invariant downstream stages rely on
+is: every report has >= 1 image, every image has a report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from data_contracts.images import ImageLoadError, image_size, load_grayscale, looks_inverted
+from data_contracts.reports import Image, Reject, Report
+from models.sections import extract_findings_impression
+from tasks.base import StageConfig, StageContext
+
+NAME = "extract_reports"
+CODE_VERSION = "1"
+UPSTREAM: list[str] = []
+
+METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv"
+SPLIT_CSV = "mimic-cxr-2.0.0-split.csv"
+METADATA_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition")
+SPLIT_COLUMNS = ("dicom_id", "study_id", "subject_id", "split")
+MANIFEST_REQUIRED = ("study_id", "image_path", "report_text")
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "validate": "validate",
+    "validation": "validate",
+    "valid": "validate",
+    "val": "validate",
+    "dev": "validate",
+    "test": "test",
+    "testing": "test",
+}
+FRONTAL_VIEWS = {"PA", "AP"}
+
+_log = logging.getLogger(__name__)
+
+
+class Config(StageConfig):
+    image_workers: int = Field(8, ge=1, description="threads that check images (header or full decode)")
+
+
+class InputLayoutError(ValueError):
+    """The input (MIMIC tree, CSV or manifest) is not in the expected layout; the message names the file."""
+
+
+# --------------------------------------------------------------------------- candidates
+
+
+@dataclass(frozen=True)
+class CandidateImage:
+    image_id: str
+    path: Path
+    view: str
+
+
+@dataclass
+class CandidateStudy:
+    """A study as listed by a reader, before its report and images are checked."""
+
+    study_id: str
+    subject_id: str
+    split: str
+    source: str  # report file path, or "<manifest>#row N"
+    report_path: Path | None = None  # MIMIC: read the file; manifest: `report_text` holds the text
+    report_text: str | None = None
+    images: list[CandidateImage] = field(default_factory=list)
+
+
+@dataclass
+class Extraction:
+    reports: list[Report] = field(default_factory=list)
+    images: list[Image] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+
+    def reject(self, source: str | Path, key: str, reason: str) -> None:
+        self.rejects.append(Reject(source=str(source), key=key, reason=reason))
+
+
+# --------------------------------------------------------------------------- reports
+
+
+class ReportError(Exception):
+    """A report that cannot be used; the message is the reject reason."""
+
+
+def read_report_file(path: Path) -> str:
+    """The text of a report file; ReportError when missing, empty or not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ReportError("report file missing") from None
+    except OSError as err:
+        raise ReportError(f"cannot read report file: {err.strerror or err}") from None
+    if not data.strip():
+        raise ReportError("empty report file" if not data else "report file contains only whitespace")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ReportError(f"not valid UTF-8: byte 0x{data[err.start]:02x} at offset {err.start}") from None
+
+
+def parse_report(study: CandidateStudy) -> Report:
+    """Report row for a study, or ReportError with the reason it has no usable text."""
+    if study.report_path is not None:
+        text = read_report_file(study.report_path)
+    else:
+        text = study.report_text or ""
+        if not text.strip():
+            raise ReportError("empty report_text")
+    sections = extract_findings_impression(text)
+    if sections.origin == "none":
+        found = ", ".join(sections.section_names) or "none"
+        raise ReportError(f"no FINDINGS or IMPRESSION section and no closing paragraph (sections: {found})")
+    return Report(
+        study_id=study.study_id,
+        subject_id=study.subject_id,
+        split=study.split,
+        findings=sections.findings,
+        impression=sections.impression,
+        text=sections.text,
+        source_path=study.source,
+    )
+
+
+# --------------------------------------------------------------------------- images
+
+
+def check_image(image: CandidateImage, decode: bool) -> tuple[int, int]:
+    """(height, width) of a usable image; ImageLoadError otherwise.
+
+    `decode=False` reads the header and end-of-file marker only (fast enough for MIMIC's 377k images);
+    `decode=True` decodes the pixels and also rejects frontal views that look like a negative.
+    """
+    if not decode:
+        return image_size(image.path)
+    pixels = load_grayscale(image.path)
+    if image.view.upper() in FRONTAL_VIEWS and looks_inverted(pixels):
+        raise ImageLoadError(
+            image.path,
+            "frontal image looks inverted (spine darker than lungs): check PhotometricInterpretation",
+        )
+    return pixels.shape[0], pixels.shape[1]
+
+
+def check_images(
+    images: list[CandidateImage], decode: bool, workers: int
+) -> list[tuple[int, int] | ImageLoadError]:
+    """Check images in parallel threads (PIL and pydicom release the GIL while reading and decoding)."""
+
+    def one(image: CandidateImage) -> tuple[int, int] | ImageLoadError:
+        try:
+            return check_image(image, decode)
+        except ImageLoadError as err:
+            return err
+
+    if workers <= 1 or len(images) < 2:
+        return [one(image) for image in images]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, images, chunksize=64))
+
+
+# --------------------------------------------------------------------------- assembly
+
+
+def assemble(studies: list[CandidateStudy], check_decode: bool, workers: int, out: Extraction) -> Extraction:
+    """Parse reports, check images, and keep the studies with a usable report and >= 1 usable image."""
+    parsed: list[tuple[CandidateStudy, Report]] = []
+    for study in studies:
+        try:
+            parsed.append((study, parse_report(study)))
+        except ReportError as err:
+            n = len(study.images)
+            out.reject(study.source, study.study_id, f"{err} ({n} image(s) of the study left out)")
+    images = [image for study, _ in parsed for image in study.images]
+    results = iter(check_images(images, check_decode, workers))
+    for study, report in parsed:
+        kept: list[Image] = []
+        for image in study.images:
+            result = next(results)
+            if isinstance(result, ImageLoadError):
+                out.reject(image.path, image.image_id, f"study {study.study_id}: {result.reason}")
+                continue
+            kept.append(
+                Image(
+                    image_id=image.image_id,
+                    study_id=study.study_id,
+                    subject_id=study.subject_id,
+                    split=study.split,
+                    path=str(image.path),
+                    view=image.view,
+                    height=result[0],
+                    width=result[1],
+                )
+            )
+        if not kept:
+            out.reject(study.source, study.study_id, "no usable image: every image of the study was rejected")
+            continue
+        out.reports.append(report)
+        out.images.extend(kept)
+    return out
+
+
+def _normalize_views(views: list[str] | None) -> set[str]:
+    return {v.strip().upper() for v in views or [] if v.strip()}
+
+
+# --------------------------------------------------------------------------- MIMIC-CXR
+
+
+def _find_csv(root: Path, name: str) -> Path:
+    for candidate in (root / f"{name}.gz", root / name):
+        if candidate.exists():
+            return candidate
+    raise InputLayoutError(f"{root / (name + '.gz')}: not found (MIMIC-CXR-JPG CSV expected in data.root)")
+
+
+def read_csv_columns(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    """A CSV as strings (ids keep leading zeros, blanks stay ''), with its required columns checked."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as err:
+        raise InputLayoutError(f"{path}: cannot read CSV ({err})") from None
+    _require_columns(path, list(frame.columns), required)
+    return frame.map(str.strip) if len(frame) else frame
+
+
+def _require_columns(path: Path | str, found: list[str], required: tuple[str, ...]) -> None:
+    missing = [c for c in required if c not in found]
+    if missing:
+        raise InputLayoutError(
+            f"{path}: missing required column(s) {', '.join(repr(c) for c in missing)} "
+            f"(found: {', '.join(found) or 'none'})"
+        )
+
+
+def _mimic_dir(root: Path, subject_id: str) -> Path:
+    return root / "files" / f"p{subject_id[:2]}" / f"p{subject_id}"
+
+
+def _report_files(root: Path) -> dict[str, Path]:
+    """study_id -> report path for every files/pXX/pSUBJ/sSTUDY.txt (scandir: fast at 227k files)."""
+    found: dict[str, Path] = {}
+    files = root / "files"
+    if not files.is_dir():
+        return found
+    for group in os.scandir(files):
+        if not group.is_dir():
+            continue
+        for subject in os.scandir(group.path):
+            if not subject.is_dir():
+                continue
+            for entry in os.scandir(subject.path):
+                if entry.name.startswith("s") and entry.name.endswith(".txt") and entry.is_file():
+                    found[entry.name[1:-4]] = Path(entry.path)
+    return found
+
+
+def list_mimic_studies(
+    root: Path, views: list[str] | None, max_studies: int | None, out: Extraction
+) -> list[CandidateStudy]:
+    """Studies of a MIMIC-CXR tree: metadata CSV x split CSV x report files, filtered by view."""
+    root = Path(root).resolve()
+    meta_path, split_path = _find_csv(root, METADATA_CSV), _find_csv(root, SPLIT_CSV)
+    meta = read_csv_columns(meta_path, METADATA_COLUMNS)
+    split = read_csv_columns(split_path, SPLIT_COLUMNS)
+    split_of = dict(zip(split["dicom_id"], split["split"], strict=True))
+    wanted = _normalize_views(views)
+    reports = _report_files(root)
+
+    studies: dict[str, CandidateStudy] = {}
+    skipped_views: dict[str, Counter[str]] = {}
+    for dicom_id, subject_id, study_id, view in meta[list(METADATA_COLUMNS)].itertuples(index=False):
+        if wanted and view.upper() not in wanted:
+            skipped_views.setdefault(study_id, Counter())[view or "''"] += 1
+            continue
+        image_split = SPLIT_ALIASES.get(split_of.get(dicom_id, "").lower())
+        image_path = _mimic_dir(root, subject_id) / f"s{study_id}" / f"{dicom_id}.jpg"
+        if image_split is None:
+            reason = (
+                "not in split CSV" if dicom_id not in split_of else f"split {split_of[dicom_id]!r} unknown"
+            )
+            out.reject(split_path, dicom_id, f"study {study_id}: {reason}")
+            continue
+        study = studies.get(study_id)
+        if study is None:
+            report_path = _mimic_dir(root, subject_id) / f"s{study_id}.txt"
+            study = CandidateStudy(
+                study_id, subject_id, image_split, str(report_path), report_path=report_path
+            )
+            studies[study_id] = study
+        elif study.split != image_split or study.subject_id != subject_id:
+            out.reject(
+                meta_path, dicom_id, f"study {study_id}: split/subject differ from the study's other images"
+            )
+            continue
+        study.images.append(CandidateImage(dicom_id, image_path, view))
+
+    for study_id, counts in sorted(skipped_views.items()):
+        if study_id not in studies:
+            listed = ", ".join(f"{v} x{n}" for v, n in sorted(counts.items()))
+            out.reject(meta_path, study_id, f"no image with a view in data.views {sorted(wanted)} ({listed})")
+    listed_studies = set(meta["study_id"])
+    for study_id, path in sorted(reports.items()):
+        if study_id not in listed_studies:
+            out.reject(path, study_id, f"report has no image in {meta_path.name}")
+
+    kept = [studies[s] for s in sorted(studies)]
+    if max_studies is not None:
+        kept = kept[:max_studies]
+    n_skipped = sum(sum(c.values()) for c in skipped_views.values())
+    _log.info(
+        "MIMIC %s: %d studies, %d images outside data.views %s", root, len(kept), n_skipped, sorted(wanted)
+    )
+    return kept
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def read_manifest_table(path: Path) -> pd.DataFrame:
+    """A CSV or Parquet manifest as strings ('' for missing values), required columns checked."""
+    suffix = "".join(path.suffixes[-2:]).lower()
+    if not path.exists():
+        raise InputLayoutError(f"{path}: manifest not found")
+    if path.suffix.lower() == ".parquet":
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise InputLayoutError(f"{path}: cannot read Parquet manifest ({err})") from None
+        _require_columns(path, table.column_names, MANIFEST_REQUIRED)
+        columns = {name: table.column(name).cast(pa.string()).fill_null("") for name in table.column_names}
+        frame = pa.table(columns).to_pandas()
+    elif suffix.endswith((".csv", ".csv.gz", ".tsv")):
+        try:
+            sep = "\t" if suffix.endswith(".tsv") else ","
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, sep=sep)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as err:
+            raise InputLayoutError(f"{path}: cannot read CSV manifest ({err})") from None
+        _require_columns(path, list(frame.columns), MANIFEST_REQUIRED)
+    else:
+        raise InputLayoutError(f"{path}: manifest must be .csv, .csv.gz, .tsv or .parquet")
+    return frame
+
+
+def list_manifest_studies(
+    path: Path, views: list[str] | None, max_studies: int | None, out: Extraction
+) -> list[CandidateStudy]:
+    """One study per manifest row; relative image paths resolve against the manifest's folder."""
+    path = Path(path).resolve()
+    frame = read_manifest_table(path)
+    wanted = _normalize_views(views)
+    has_view = "view" in frame.columns
+    if wanted and not has_view:
+        _log.warning("%s has no 'view' column: data.views %s not applied", path, sorted(wanted))
+    first_row: dict[str, int] = {}
+    studies: list[CandidateStudy] = []
+    for number, row in enumerate(frame.to_dict("records"), start=1):
+        key = f"row {number}"
+        study_id = str(row["study_id"]).strip()
+        image_path = str(row["image_path"]).strip()
+        raw_split = str(row.get("split", "train")).strip().lower() or "train"
+        view = str(row.get("view", "")).strip()
+        if not study_id:
+            out.reject(path, key, "empty study_id")
+            continue
+        if study_id in first_row:
+            out.reject(
+                path, key, f"duplicate study_id {study_id!r} (first at row {first_row[study_id]}, kept)"
+            )
+            continue
+        first_row[study_id] = number
+        if not image_path:
+            out.reject(path, key, f"study {study_id}: empty image_path")
+            continue
+        if raw_split not in SPLIT_ALIASES:
+            out.reject(
+                path, key, f"study {study_id}: split {row['split']!r} is not one of train, validate, test"
+            )
+            continue
+        if wanted and has_view and view.upper() not in wanted:
+            out.reject(path, key, f"study {study_id}: view {view!r} not in data.views {sorted(wanted)}")
+            continue
+        image = Path(image_path)
+        image = image if image.is_absolute() else path.parent / image
+        studies.append(
+            CandidateStudy(
+                study_id=study_id,
+                subject_id=str(row.get("subject_id", "")).strip(),
+                split=SPLIT_ALIASES[raw_split],
+                source=f"{path}#{key}",
+                report_text=str(row["report_text"]),
+                images=[CandidateImage(f"{study_id}_{image.stem}", image.resolve(), view)],
+            )
+        )
+    if max_studies is not None:
+        studies = studies[:max_studies]
+    _log.info("manifest %s: %d rows, %d candidate studies", path, len(frame), len(studies))
+    return studies
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def extract(data: Any, cfg: Config) -> Extraction:
+    """Run the reader named by `data.source` (a `tasks.config.DataConfig`) and assemble the three tables."""
+    out = Extraction()
+    if data.source == "mimic":
+        if not data.root:
+            raise InputLayoutError("data.root must be set when data.source is 'mimic'")
+        studies = list_mimic_studies(Path(data.root), data.views, data.max_studies, out)
+    elif data.source == "manifest":
+        if not data.manifest:
+            raise InputLayoutError("data.manifest must be set when data.source is 'manifest'")
+        studies = list_manifest_studies(Path(data.manifest), data.views, data.max_studies, out)
+    else:
+        raise InputLayoutError(f"data.source {data.source!r} must be 'mimic' or 'manifest'")
+    assemble(studies, data.check_images, cfg.image_workers, out)
+    out.reports.sort(key=lambda r: r.study_id)
+    out.images.sort(key=lambda i: (i.study_id, i.image_id))
+    return out
+
+
+def run(ctx: StageContext, cfg: Config) -> None:
+    result = extract(ctx.config.data, cfg)
+    ctx.write("rejects", result.rejects, Reject)
+    if not result.reports:
+        reasons = Counter(r.reason.split(" (")[0] for r in result.rejects).most_common(3)
+        raise InputLayoutError(f"no usable study found (see rejects.parquet); most common reasons: {reasons}")
+    ctx.write("reports", result.reports, Report)
+    ctx.write("images", result.images, Image)
+    ctx.log.info(
+        "%d reports, %d images, %d rejects", len(result.reports), len(result.images), len(result.rejects)
+    )

@@ -1,0 +1,448 @@
+"""extract_reports: MIMIC tree and manifest readers, every reject reason, and the stage writing its artifacts."""
+
+import gzip
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image as PILImage
+
+from data_contracts.io import read_artifact
+from data_contracts.reports import Image, Reject, Report
+from tasks.base import make_test_context
+from tasks.config import DataConfig
+from tasks.extract_reports import NAME, Config, InputLayoutError, extract, run
+
+from .conftest import REAL_DATA
+
+FINDINGS = "Heart size is normal.  There is a new patchy opacity in the right lower lobe."
+IMPRESSION = "Right lower lobe pneumonia.  Follow-up ___ recommended."
+
+
+def mimic_report(findings: str = FINDINGS, impression: str = IMPRESSION) -> str:
+    lines = ["EXAMINATION:  CHEST (PA AND LAT)", "", "INDICATION:  ___ with cough.", ""]
+    lines += ["FINDINGS: ", "", findings, "", "IMPRESSION: ", "", impression]
+    return "                                 FINAL REPORT\n" + "\n".join(" " + x for x in lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def radiograph_jpeg(tmp_path_factory) -> bytes:
+    """A small real frontal radiograph as JPEG bytes (so decode-mode polarity checks see real anatomy)."""
+    image = PILImage.open(REAL_DATA / "images" / "00000001_000.png").resize((96, 80))
+    path = tmp_path_factory.mktemp("jpeg") / "r.jpg"
+    image.save(path, quality=90)
+    return path.read_bytes()
+
+
+class MimicTree:
+    """A hand-made MIMIC-CXR(-JPG) root: report files, JPGs and the two CSVs, written by the tests."""
+
+    def __init__(self, root: Path, jpeg: bytes):
+        self.root, self.jpeg = root, jpeg
+        self.meta: list[dict] = []
+        self.split: list[dict] = []
+
+    def study_dir(self, subject: str) -> Path:
+        return self.root / "files" / f"p{subject[:2]}" / f"p{subject}"
+
+    def add_report(self, subject: str, study: str, content: str | bytes | None) -> Path:
+        path = self.study_dir(subject) / f"s{study}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if content is not None:
+            path.write_bytes(content.encode() if isinstance(content, str) else content)
+        return path
+
+    def add_image(self, subject, study, dicom, view="PA", split="train", content=None, in_split=True) -> Path:
+        path = self.study_dir(subject) / f"s{study}" / f"{dicom}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if content is not False:
+            path.write_bytes(self.jpeg if content is None else content)
+        self.meta.append(
+            {
+                "dicom_id": dicom,
+                "subject_id": subject,
+                "study_id": study,
+                "PerformedProcedureStepDescription": "",
+                "ViewPosition": view,
+                "Rows": 80,
+                "Columns": 96,
+                "StudyDate": 21800506,
+                "StudyTime": 0,
+                "ProcedureCodeSequence_CodeMeaning": "",
+                "ViewCodeSequence_CodeMeaning": "",
+                "PatientOrientationCodeSequence_CodeMeaning": "",
+            }
+        )
+        if in_split:
+            self.split.append({"dicom_id": dicom, "study_id": study, "subject_id": subject, "split": split})
+        return path
+
+    def write_csvs(self) -> Path:
+        for name, rows in (("metadata", self.meta), ("split", self.split)):
+            with gzip.open(self.root / f"mimic-cxr-2.0.0-{name}.csv.gz", "wt") as f:
+                pd.DataFrame(rows).to_csv(f, index=False)
+        return self.root
+
+
+def data(**kwargs) -> DataConfig:
+    return DataConfig(**kwargs)
+
+
+def by_key(rejects: list[Reject]) -> dict[str, Reject]:
+    return {r.key: r for r in rejects}
+
+
+def test_mimic_reader_happy_path_with_view_filter_and_official_split(tmp_path, radiograph_jpeg):
+    tree = MimicTree(tmp_path / "mimic", radiograph_jpeg)
+    tree.add_report("10000032", "50000001", mimic_report())
+    pa_path = tree.add_image("10000032", "50000001", "aaaa0001-0000-0000-0000-000000000001", "PA")
+    tree.add_image("10000032", "50000001", "aaaa0001-0000-0000-0000-000000000002", "LATERAL")
+    tree.add_report("11000001", "50000002", mimic_report("Lungs are clear.", "No acute process."))
+    tree.add_image("11000001", "50000002", "bbbb0002-0000-0000-0000-000000000001", "AP", split="test")
+    root = tree.write_csvs()
+
+    out = extract(data(root=str(root), views=["PA", "AP"]), Config(image_workers=2))
+    assert out.rejects == []
+    assert [r.study_id for r in out.reports] == ["50000001", "50000002"]
+    first = out.reports[0]
+    assert first.subject_id == "10000032" and first.split == "train"
+    assert first.findings == "Heart size is normal. There is a new patchy opacity in the right lower lobe."
+    assert first.impression == "Right lower lobe pneumonia. Follow-up ___ recommended."
+    assert first.text == first.findings + " " + first.impression
+    assert first.source_path == str(root.resolve() / "files/p10/p10000032/s50000001.txt")
+    assert [(i.image_id, i.view, i.split) for i in out.images] == [
+        ("aaaa0001-0000-0000-0000-000000000001", "PA", "train"),
+        ("bbbb0002-0000-0000-0000-000000000001", "AP", "test"),
+    ]
+    assert out.images[0].path == str(pa_path.resolve()) and Path(out.images[0].path).is_absolute()
+    assert (out.images[0].height, out.images[0].width) == (80, 96)
+
+    everything = extract(data(root=str(root), views=[]), Config(image_workers=1))
+    assert [i.view for i in everything.images] == ["PA", "LATERAL", "AP"]
+
+
+def test_mimic_every_bad_input_becomes_a_precise_reject_and_nothing_else_is_lost(tmp_path, radiograph_jpeg):
+    tree = MimicTree(tmp_path / "mimic", radiograph_jpeg)
+    subject = "12345678"
+    reports = {
+        "50000010": mimic_report(),  # good, keeps one of its two images
+        "50000011": None,  # report file missing
+        "50000012": "",  # empty file
+        "50000013": b" FINDINGS: Heart size \xff normal.\n",  # not UTF-8
+        "50000014": " EXAMINATION:  CHEST\n \n INDICATION:  Cough.\n",  # no findings/impression
+        "50000015": mimic_report(),  # its only image is not an image
+        "50000016": mimic_report(),  # only a lateral view
+        "50000017": mimic_report(),  # image truncated
+    }
+    paths = {study: tree.add_report(subject, study, text) for study, text in reports.items()}
+    tree.add_image(subject, "50000010", "good")
+    tree.add_image(subject, "50000010", "missing", content=False)
+    for study in ("50000011", "50000012", "50000013", "50000014"):
+        tree.add_image(subject, study, f"img{study}")
+    tree.add_image(subject, "50000015", "text", content=b"FINDINGS: this is a text file\n")
+    tree.add_image(subject, "50000016", "lat", view="LATERAL")
+    tree.add_image(subject, "50000017", "cut", content=radiograph_jpeg[: len(radiograph_jpeg) // 2])
+    tree.add_image(subject, "50000010", "nosplit", in_split=False)
+    orphan = tree.add_report("19999999", "59999999", mimic_report())  # a report without metadata
+    root = tree.write_csvs()
+
+    out = extract(data(root=str(root), views=["PA", "AP"]), Config(image_workers=2))
+    assert [r.study_id for r in out.reports] == ["50000010"]
+    assert [i.image_id for i in out.images] == ["good"]
+    rejects = by_key(out.rejects)
+    image_dir = root.resolve() / "files/p12/p12345678"
+    expected = {
+        "50000011": (paths["50000011"], "report file missing (1 image(s) of the study left out)"),
+        "50000012": (paths["50000012"], "empty report file (1 image(s) of the study left out)"),
+        "50000013": (
+            paths["50000013"],
+            "not valid UTF-8: byte 0xff at offset 22 (1 image(s) of the study left out)",
+        ),
+        "50000014": (
+            paths["50000014"],
+            "no FINDINGS or IMPRESSION section and no closing paragraph (sections: preamble, examination, "
+            "indication) (1 image(s) of the study left out)",
+        ),
+        "missing": (image_dir / "s50000010/missing.jpg", "study 50000010: file does not exist"),
+        "text": (
+            image_dir / "s50000015/text.jpg",
+            "study 50000015: not an image file (no known image format header)",
+        ),
+        "50000015": (paths["50000015"], "no usable image: every image of the study was rejected"),
+        "cut": (
+            image_dir / "s50000017/cut.jpg",
+            "study 50000017: truncated JPEG file (no end-of-image marker)",
+        ),
+        "50000017": (paths["50000017"], "no usable image: every image of the study was rejected"),
+        "50000016": (
+            root / "mimic-cxr-2.0.0-metadata.csv.gz",
+            "no image with a view in data.views ['AP', 'PA'] (LATERAL x1)",
+        ),
+        "nosplit": (root / "mimic-cxr-2.0.0-split.csv.gz", "study 50000010: not in split CSV"),
+        "59999999": (orphan, "report has no image in mimic-cxr-2.0.0-metadata.csv.gz"),
+    }
+    assert set(rejects) == set(expected)
+    for key, (source, reason) in expected.items():
+        assert (rejects[key].source, rejects[key].reason) == (str(Path(source).resolve()), reason), key
+
+
+def test_full_decode_check_rejects_negative_frontal_images(tmp_path, radiograph_jpeg):
+    tree = MimicTree(tmp_path / "mimic", radiograph_jpeg)
+    negative = PILImage.eval(
+        PILImage.open(REAL_DATA / "images" / "00000001_000.png").resize((96, 80)), lambda v: 255 - v
+    )
+    neg_path = tmp_path / "neg.jpg"
+    negative.save(neg_path, quality=90)
+    tree.add_report("10000001", "50000001", mimic_report())
+    tree.add_image("10000001", "50000001", "positive")
+    tree.add_image("10000001", "50000001", "negative", content=neg_path.read_bytes())
+    root = tree.write_csvs()
+
+    header_only = extract(data(root=str(root), check_images=False), Config(image_workers=1))
+    assert [i.image_id for i in header_only.images] == ["negative", "positive"]
+    decoded = extract(data(root=str(root), check_images=True), Config(image_workers=2))
+    assert [i.image_id for i in decoded.images] == ["positive"]
+    (reject,) = decoded.rejects
+    assert reject.key == "negative" and "looks inverted (spine darker than lungs)" in reject.reason
+
+
+def test_mimic_layout_errors_name_the_file_and_column(tmp_path, radiograph_jpeg):
+    tree = MimicTree(tmp_path / "mimic", radiograph_jpeg)
+    tree.root.mkdir(parents=True)
+    with pytest.raises(InputLayoutError, match=r"mimic-cxr-2.0.0-metadata.csv.gz: not found"):
+        extract(data(root=str(tree.root)), Config())
+    tree.add_report("10000001", "50000001", mimic_report())
+    tree.add_image("10000001", "50000001", "one")
+    tree.write_csvs()
+    frame = pd.read_csv(tree.root / "mimic-cxr-2.0.0-split.csv.gz").drop(columns=["split"])
+    (tree.root / "mimic-cxr-2.0.0-split.csv.gz").unlink()
+    frame.to_csv(tree.root / "mimic-cxr-2.0.0-split.csv", index=False)  # plain .csv is accepted too
+    with pytest.raises(
+        InputLayoutError, match=r"mimic-cxr-2.0.0-split.csv: missing required column\(s\) 'split'"
+    ):
+        extract(data(root=str(tree.root)), Config())
+    with pytest.raises(InputLayoutError, match="data.root must be set"):
+        extract(data(root=None), Config())
+
+
+def test_max_studies_keeps_the_first_studies_in_id_order(tmp_path, radiograph_jpeg):
+    tree = MimicTree(tmp_path / "mimic", radiograph_jpeg)
+    for study in ("50000003", "50000001", "50000002"):
+        tree.add_report("10000001", study, mimic_report())
+        tree.add_image("10000001", study, f"img{study}")
+    out = extract(data(root=str(tree.write_csvs()), max_studies=2), Config())
+    assert [r.study_id for r in out.reports] == ["50000001", "50000002"]
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def write_manifest(folder: Path, rows: list[dict], name="manifest.csv") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    if name.endswith(".parquet"):
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_manifest_reader_resolves_paths_parses_sections_and_rejects_bad_rows(tmp_path, radiograph_jpeg):
+    folder = tmp_path / "corpus"
+    (folder / "img").mkdir(parents=True)
+    for name in ("a", "b", "c", "d", "e"):
+        (folder / "img" / f"{name}.jpg").write_bytes(radiograph_jpeg)
+    (folder / "img" / "notimage.jpg").write_text("hello")
+    absolute = (folder / "img" / "e.jpg").resolve()
+    rows = [
+        {
+            "study_id": "s1",
+            "image_path": "img/a.jpg",
+            "report_text": "FINDINGS: Clear lungs.\nIMPRESSION: Normal.",
+            "split": "train",
+            "subject_id": "p1",
+            "view": "PA",
+        },
+        {
+            "study_id": "s2",
+            "image_path": "img/b.jpg",
+            "report_text": "No acute process.\n\nHeart normal.",
+            "split": "val",
+            "subject_id": "p2",
+            "view": "ap",
+        },
+        {
+            "study_id": "s1",
+            "image_path": "img/c.jpg",
+            "report_text": "dup",
+            "split": "train",
+            "subject_id": "p1",
+            "view": "PA",
+        },
+        {
+            "study_id": "s3",
+            "image_path": "img/d.jpg",
+            "report_text": "Lateral.",
+            "split": "test",
+            "subject_id": "",
+            "view": "LATERAL",
+        },
+        {
+            "study_id": "s4",
+            "image_path": str(absolute),
+            "report_text": "Effusion.",
+            "split": "holdout",
+            "subject_id": "",
+            "view": "PA",
+        },
+        {
+            "study_id": "s5",
+            "image_path": "img/notimage.jpg",
+            "report_text": "Text.",
+            "split": "test",
+            "subject_id": "",
+            "view": "PA",
+        },
+        {
+            "study_id": "s6",
+            "image_path": "img/e.jpg",
+            "report_text": "  ",
+            "split": "test",
+            "subject_id": "",
+            "view": "PA",
+        },
+        {
+            "study_id": "s1",
+            "image_path": "img/a.jpg",
+            "report_text": "dup again",
+            "split": "train",
+            "subject_id": "p1",
+            "view": "PA",
+        },
+        {
+            "study_id": "",
+            "image_path": "img/a.jpg",
+            "report_text": "x",
+            "split": "train",
+            "subject_id": "",
+            "view": "PA",
+        },
+    ]
+    manifest = write_manifest(folder, rows)
+    out = extract(
+        data(source="manifest", manifest=str(manifest), views=["PA", "AP"]), Config(image_workers=2)
+    )
+
+    assert [(r.study_id, r.subject_id, r.split) for r in out.reports] == [
+        ("s1", "p1", "train"),
+        ("s2", "p2", "validate"),
+    ]
+    assert (out.reports[0].findings, out.reports[0].impression) == ("Clear lungs.", "Normal.")
+    assert (out.reports[1].findings, out.reports[1].impression) == ("No acute process. Heart normal.", "")
+    assert out.reports[0].source_path == f"{manifest.resolve()}#row 1"
+    assert [(i.image_id, i.path, i.view) for i in out.images] == [
+        ("s1_a", str((folder / "img" / "a.jpg").resolve()), "PA"),
+        ("s2_b", str((folder / "img" / "b.jpg").resolve()), "ap"),
+    ]
+    src = str(manifest.resolve())
+    got = sorted((r.source, r.key, r.reason) for r in out.rejects)
+    assert got == sorted(
+        [
+            (src, "row 3", "duplicate study_id 's1' (first at row 1, kept)"),
+            (src, "row 4", "study s3: view 'LATERAL' not in data.views ['AP', 'PA']"),
+            (src, "row 5", "study s4: split 'holdout' is not one of train, validate, test"),
+            (
+                str((folder / "img" / "notimage.jpg").resolve()),
+                "s5_notimage",
+                "study s5: not an image file (no known image format header)",
+            ),
+            (f"{src}#row 6", "s5", "no usable image: every image of the study was rejected"),
+            (f"{src}#row 7", "s6", "empty report_text (1 image(s) of the study left out)"),
+            (src, "row 8", "duplicate study_id 's1' (first at row 1, kept)"),
+            (src, "row 9", "empty study_id"),
+        ]
+    )
+
+
+def test_manifest_minimal_columns_and_parquet_with_integer_ids(tmp_path, radiograph_jpeg):
+    folder = tmp_path / "pq"
+    (folder / "x").mkdir(parents=True)
+    (folder / "x" / "1.jpg").write_bytes(radiograph_jpeg)
+    manifest = write_manifest(
+        folder, [{"study_id": 7, "image_path": "x/1.jpg", "report_text": "IMPRESSION: Normal."}], "m.parquet"
+    )
+    out = extract(data(source="manifest", manifest=str(manifest), views=["PA"]), Config())
+    (report,) = out.reports
+    assert (report.study_id, report.subject_id, report.split, report.impression) == (
+        "7",
+        "",
+        "train",
+        "Normal.",
+    )
+    (image,) = out.images
+    assert (image.image_id, image.view, image.height, image.width) == ("7_1", "", 80, 96)
+
+
+def test_manifest_missing_required_column_is_an_error_naming_file_and_column(tmp_path):
+    manifest = write_manifest(tmp_path, [{"study_id": "s1", "image_path": "a.jpg", "text": "x"}])
+    with pytest.raises(InputLayoutError, match=r"manifest.csv: missing required column\(s\) 'report_text'"):
+        extract(data(source="manifest", manifest=str(manifest)), Config())
+    parquet = write_manifest(tmp_path, [{"study_id": "s1", "report_text": "x"}], "m.parquet")
+    with pytest.raises(InputLayoutError, match=r"m.parquet: missing required column\(s\) 'image_path'"):
+        extract(data(source="manifest", manifest=str(parquet)), Config())
+    with pytest.raises(InputLayoutError, match=r"nope.csv: manifest not found"):
+        extract(data(source="manifest", manifest=str(tmp_path / "nope.csv")), Config())
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def test_stage_writes_validated_artifacts(tmp_path, radiograph_jpeg):
+    tree = MimicTree(tmp_path / "mimic", radiograph_jpeg)
+    tree.add_report("10000001", "50000001", mimic_report())
+    tree.add_image("10000001", "50000001", "one")
+    tree.add_image("10000001", "50000001", "two", content=b"not a jpeg")
+    config = SimpleNamespace(data=data(root=str(tree.write_csvs())))
+    ctx = make_test_context(tmp_path / "run", config, stage=NAME)
+    run(ctx, Config(image_workers=1))
+
+    reports = read_artifact(tmp_path / "run" / NAME / "reports.parquet", Report)
+    images = read_artifact(tmp_path / "run" / NAME / "images.parquet", Image)
+    rejects = read_artifact(tmp_path / "run" / NAME / "rejects.parquet", Reject)
+    assert reports.column("study_id").to_pylist() == ["50000001"]
+    assert reports.column("text").to_pylist()[0].startswith("Heart size is normal.")
+    assert images.column("image_id").to_pylist() == ["one"]
+    assert rejects.column("key").to_pylist() == ["two"]
+    assert images.schema.field("height").type == pa.int64()
+
+
+def test_stage_with_no_usable_study_fails_after_writing_rejects(tmp_path, radiograph_jpeg):
+    tree = MimicTree(tmp_path / "mimic", radiograph_jpeg)
+    tree.add_report("10000001", "50000001", "")
+    tree.add_image("10000001", "50000001", "one")
+    config = SimpleNamespace(data=data(root=str(tree.write_csvs())))
+    ctx = make_test_context(tmp_path / "run", config, stage=NAME)
+    with pytest.raises(InputLayoutError, match="no usable study found.*empty report file"):
+        run(ctx, Config())
+    rejects = read_artifact(tmp_path / "run" / NAME / "rejects.parquet", Reject)
+    assert rejects.column("key").to_pylist() == ["50000001"]
+    assert not (tmp_path / "run" / NAME / "reports.parquet").exists()
+
+
+def test_thread_pool_gives_the_same_result_as_sequential(tmp_path, radiograph_jpeg):
+    tree = MimicTree(tmp_path / "mimic", radiograph_jpeg)
+    rng = np.random.default_rng(0)
+    for k in range(30):
+        study = f"5{k:07d}"
+        tree.add_report("10000001", study, mimic_report())
+        cut = rng.random() < 0.3
+        tree.add_image("10000001", study, f"i{k}", content=radiograph_jpeg[:500] if cut else None)
+    root = tree.write_csvs()
+    one = extract(data(root=str(root)), Config(image_workers=1))
+    four = extract(data(root=str(root)), Config(image_workers=4))
+    assert one == four
+    assert 0 < len(one.rejects) < 30 * 2 and len(one.reports) + len(one.rejects) // 2 == 30
