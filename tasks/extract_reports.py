@@ -53,7 +53,7 @@ _log = logging.getLogger(__name__)
 
 
 class Config(StageConfig):
-    image_workers: int = Field(8, ge=1, description="threads that check images (header or full decode)")
+    image_workers: int = Field(16, ge=1, description="threads that check images (header or full decode)")
 
 
 class InputLayoutError(ValueError):
