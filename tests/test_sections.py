@@ -1,5 +1,9 @@
 """Section parser on hand-written MIMIC-style reports (REFERENCE.md §4.2 layout) and their fallback variants."""
 
+import re
+import textwrap
+
+import pandas as pd
 import pytest
 
 from models.sections import (
@@ -9,6 +13,8 @@ from models.sections import (
     normalize_section_name,
     split_sections,
 )
+
+from .conftest import REAL_DATA
 
 
 def mimic(lines: list[str]) -> str:
@@ -72,7 +78,10 @@ def test_example_report_sections_in_order():
     # Offsets point at the section text in the original string.
     findings = sections[5]
     assert EXAMPLE[findings.start : findings.start + len(findings.text)] == findings.text
-    assert clean_text(sections[2].text) == "___ year old man with cough and low grade fever, evaluate for pneumonia."
+    assert (
+        clean_text(sections[2].text)
+        == "___ year old man with cough and low grade fever, evaluate for pneumonia."
+    )
 
 
 def test_example_findings_and_impression_cleaned_and_joined():
@@ -139,7 +148,10 @@ def test_typo_headers_still_give_findings_and_impression():
         ]
     )
     result = extract_findings_impression(report)
-    assert (result.findings, result.impression) == ("Lungs are clear. No effusion.", "No acute cardiopulmonary process.")
+    assert (result.findings, result.impression) == (
+        "Lungs are clear. No effusion.",
+        "No acute cardiopulmonary process.",
+    )
 
 
 def test_view_title_header_is_findings():
@@ -241,3 +253,28 @@ def test_headers_without_any_report_body_give_nothing():
 
 def test_empty_text():
     assert extract_findings_impression("  \n \n").origin == "none"
+
+
+def test_real_iu_xray_reports_in_mimic_layout_round_trip():
+    """1,924 real reports (Open-i), laid out as MIMIC files (79-column lines, ' ' blank lines, only the
+    sections present get a header): the parser returns exactly their findings and impression columns."""
+    frame = pd.read_csv(REAL_DATA / "iu_xray" / "reports_dev.csv", dtype=str, keep_default_na=False)
+    headers = [("EXAMINATION", "image"), ("INDICATION", "indication"), ("COMPARISON", "comparison")]
+    headers += [("FINDINGS", "findings"), ("IMPRESSION", "impression")]
+    # Row uid 2415 quotes a whole second report ("IMPRESSION: Exam: ... FINDINGS: ...") inside its impression.
+    quotes_headers = re.compile(r"\b[A-Z][A-Z ]{3,}:")
+    checked = 0
+    for row in frame.to_dict("records"):
+        if quotes_headers.search(row["findings"] + row["impression"]):
+            assert row["uid"] == "2415"
+            continue
+        lines = ["FINAL REPORT".rjust(45)]
+        for header, column in headers:
+            if row[column].strip():
+                lines += textwrap.wrap(f"{header}:  {row[column]}", 78, break_on_hyphens=False) + [""]
+        result = extract_findings_impression("\n ".join(lines))
+        expected = (clean_text(row["findings"]), clean_text(row["impression"]))
+        assert (result.findings, result.impression) == expected, row["uid"]
+        assert result.origin == ("sections" if any(expected) else "none"), row["uid"]
+        checked += 1
+    assert checked == 1923
