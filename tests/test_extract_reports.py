@@ -446,3 +446,33 @@ def test_thread_pool_gives_the_same_result_as_sequential(tmp_path, radiograph_jp
     four = extract(data(root=str(root)), Config(image_workers=4))
     assert one == four
     assert 0 < len(one.rejects) < 30 * 2 and len(one.reports) + len(one.rejects) // 2 == 30
+
+
+# --------------------------------------------------------------------------- generated corpus
+
+
+def test_generated_corpus_every_layout_and_the_official_split(small_corpus):
+    studies = pd.read_csv(small_corpus / "downstream" / "studies.csv", dtype=str, keep_default_na=False)
+    out = extract(
+        data(root=str(small_corpus), views=["PA", "AP"], check_images=True), Config(image_workers=2)
+    )
+    assert out.rejects == []
+    reports = {r.study_id: r for r in out.reports}
+    assert set(reports) == set(studies["study_id"])
+    for row in studies.to_dict("records"):
+        report = reports[row["study_id"]]
+        assert (report.split, report.subject_id) == (row["split"], row["subject_id"])
+        assert report.text and not any(h in report.text for h in ("EXAMINATION", "INDICATION", "COMPARISON"))
+        if row["layout"] == "impression_only":
+            assert report.findings == "" and report.impression
+        elif row["layout"] in ("findings_only", "last_paragraph", "view_header"):
+            assert report.findings and (row["layout"] == "view_header" or report.impression == "")
+    # One frontal image per study, exactly the one the generator labels for downstream tasks.
+    assert {(i.study_id, i.image_id) for i in out.images} == set(
+        zip(studies["study_id"], studies["dicom_id"], strict=True)
+    )
+    assert all(i.view in ("PA", "AP") and Path(i.path).is_file() for i in out.images)
+    with_laterals = extract(data(root=str(small_corpus), views=[]), Config(image_workers=2))
+    summary = pd.read_json(small_corpus / "summary.json", typ="series")
+    assert len(with_laterals.images) == summary["n_images"]
+    assert sum(i.view == "LATERAL" for i in with_laterals.images) == summary["n_lateral"]
