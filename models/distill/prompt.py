@@ -1,0 +1,140 @@
+"""The teacher prompt of ECAMP Table 2, rendered for one report, and its content hash.
+
+The wording below is Table 2 of the paper, word for word (including its grammar), because the
+distillations of the paper were produced with exactly this text. Only the PDF's line wrapping is
+undone. The hash covers everything that determines the teacher's answer (messages + generation
+parameters), so it is a safe cache key: same hash, same request, never paid twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Sequence
+
+SYSTEM_PROMPT = "You are a knowledgeable and veteran doctor."
+
+INSTRUCTION = (
+    "Please help me analysis the medical reports and conclude them briefly. Now, I will give you a medical "
+    "report, as well as the mentioned entities. Please write brief and clear conclusions according to the "
+    "reports as the following format:\n"
+    "'There is [a] [b].': when you are sure whether the entity exists in the report, or\n"
+    "'There may [a] [b].': when you are not sure whether the entity exists in the report.\n"
+    "[a] represents adjective words describing the severeness or existence of the entity [b]. Please generate "
+    "conclusions for the entities mentioned above one by one, according to the format and do not generate "
+    "other words. Please keep only one entity in a sentence, there is no need of using 'and' or 'or' to "
+    "connect two or more words."
+)
+
+ONE_SHOT_TEMPLATE = (
+    "—Example—\n"
+    "Report: As compared to ~, the lung volumes have slightly decreased. Signs of mild over inflation and "
+    "moderate pleural effusion persist. Elongation of the descending aorta.\n"
+    "Entities: aorta, inflation, effusion\n"
+    "Conclusion:\n"
+    "There is moderate pleural effusion.\n"
+    "There is mild over inflation.\n"
+    "There is descending aorta.\n"
+    "—Example END—\n"
+    "Given the report: {report}\n"
+    "Entities: {entity}.\n"
+    "Conclusion:"
+)
+
+# The markers that frame the report inside the last message; the fake server and parsers rely on them.
+REPORT_MARKER = "Given the report: "
+ENTITIES_MARKER = "\nEntities: "
+
+CHARS_PER_TOKEN = 4  # OpenAI's rule of thumb for English; no tokenizer download is allowed at run time
+MESSAGE_OVERHEAD_TOKENS = 4  # role + separators per chat message (OpenAI's published counting recipe)
+
+
+def build_messages(report: str, entities: Sequence[str]) -> list[dict[str, str]]:
+    """Table 2 as chat messages: system, instruction, one-shot example with the report filled in."""
+    report = " ".join(report.split())
+    if not report:
+        raise ValueError("cannot build a teacher prompt for an empty report")
+    last = ONE_SHOT_TEMPLATE.format(report=report, entity=", ".join(entities))
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": INSTRUCTION},
+        {"role": "user", "content": last},
+    ]
+
+
+def prompt_hash(messages: Sequence[dict[str, str]], temperature: float, max_tokens: int) -> str:
+    """sha256 (24 hex chars) of the canonical request: messages and the parameters that change the answer."""
+    payload = {"messages": list(messages), "temperature": float(temperature), "max_tokens": int(max_tokens)}
+    canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:24]
+
+
+def estimate_tokens(text: str) -> int:
+    """Token estimate for budgeting and rate limits (ceil(chars / 4)); an over-estimate for report English."""
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def estimate_prompt_tokens(messages: Sequence[dict[str, str]]) -> int:
+    return sum(estimate_tokens(m["content"]) + MESSAGE_OVERHEAD_TOKENS for m in messages)
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentence split on '.', '!' or '?' followed by white space (reports rarely use abbreviations)."""
+    return [s for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if s]
+
+
+def fit_report(
+    findings: str, impression: str, entities: Sequence[str], max_prompt_tokens: int
+) -> tuple[str, bool]:
+    """The report text to send, shortened to fit `max_prompt_tokens`; returns (text, truncated).
+
+    FINDINGS lose sentences from the end first, because the IMPRESSION is the radiologist's own summary
+    and carries the diagnoses; only if the impression alone is too long is it cut word by word.
+    """
+    findings_sents, impression_sents = split_sentences(findings), split_sentences(impression)
+
+    def render(f_sents: list[str], i_text: str) -> str:
+        parts = [
+            f"FINDINGS: {' '.join(f_sents)}" if f_sents else "",
+            f"IMPRESSION: {i_text}" if i_text else "",
+        ]
+        return " ".join(p for p in parts if p)
+
+    def fits(text: str) -> bool:
+        return bool(text) and estimate_prompt_tokens(build_messages(text, entities)) <= max_prompt_tokens
+
+    text = render(findings_sents, " ".join(impression_sents))
+    if not text:
+        raise ValueError("report has neither findings nor impression")
+    if fits(text):
+        return text, False
+    while findings_sents:
+        findings_sents = findings_sents[:-1]
+        text = render(findings_sents, " ".join(impression_sents))
+        if fits(text):
+            return text, True
+    words = " ".join(impression_sents).split()
+    while len(words) > 1:
+        words = words[: max(1, len(words) * 3 // 4)]
+        text = render([], " ".join(words))
+        if fits(text):
+            return text, True
+    raise ValueError(
+        f"max_prompt_tokens={max_prompt_tokens} is smaller than the fixed prompt itself "
+        f"({estimate_prompt_tokens(build_messages('x', entities))} tokens); raise it"
+    )
+
+
+def report_from_prompt(text: str) -> tuple[str, list[str]]:
+    """Inverse of the last message: (report, entities). Used by test servers and by cache inspection."""
+    start = text.rfind(REPORT_MARKER)
+    end = text.find(ENTITIES_MARKER, start)
+    if start < 0 or end < 0:
+        raise ValueError(
+            "text does not contain an ECAMP teacher prompt ('Given the report: ... Entities: ...')"
+        )
+    report = text[start + len(REPORT_MARKER) : end]
+    entity_line = text[end + len(ENTITIES_MARKER) :].split("\n", 1)[0].rstrip(".")
+    return report, [e.strip() for e in entity_line.split(",") if e.strip()]

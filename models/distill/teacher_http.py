@@ -1,0 +1,419 @@
+"""Async client for any OpenAI-compatible endpoint (OpenAI, Azure OpenAI, vLLM serving the student).
+
+Why our own loop around the SDK: every attempt must be counted (usage and cost reports), a crash must
+never make us pay twice, and one failing report must end as a recorded reject, not as a lost run. So
+the SDK's own retries are off (`max_retries=0`) and this module does
+
+  cache lookup -> dedupe identical prompts -> concurrency cap (Semaphore) -> requests/min and tokens/min
+  buckets -> call with a hard timeout -> retry with exponential backoff honouring `Retry-After`
+  on 429/5xx/timeouts/invalid bodies -> commit each answer to the cache the moment it arrives.
+
+Errors that no retry can fix (bad key, unknown model, exhausted quota, endpoint down) stop the run
+with a clear message; everything answered so far is already in the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import openai
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.distill.cache import CachedResponse, ResponseCache
+from models.distill.governance import ApiKey, check_endpoint, redact, resolve_api_key
+from models.distill.prompt import estimate_prompt_tokens, estimate_tokens, prompt_hash
+
+
+class ClientConfig(BaseModel):
+    """Endpoint, model and the limits of one OpenAI-compatible service. The key comes from `api_key_env`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: Literal["openai", "azure"] = "openai"
+    base_url: str = "https://api.openai.com/v1"
+    model: str = "gpt-3.5-turbo"  # for Azure: the deployment name
+    azure_endpoint: str | None = None  # e.g. https://my-resource.openai.azure.com
+    azure_api_version: str | None = None  # e.g. 2024-10-21
+    api_key_env: str = "OPENAI_API_KEY"
+    external_endpoint_ack: str | None = None
+    concurrency: int = Field(16, ge=1)
+    rpm: float | None = Field(3500, gt=0)  # requests per minute; None = unlimited
+    tpm: float | None = Field(
+        90_000, gt=0
+    )  # tokens per minute (prompt estimate + max_tokens); None = unlimited
+    max_retries: int = Field(6, ge=0)
+    timeout_s: float = Field(60.0, gt=0)
+    backoff_base_s: float = Field(1.0, ge=0)
+    backoff_max_s: float = Field(60.0, ge=0)
+    max_retry_after_s: float = Field(600.0, ge=0)  # a longer Retry-After is not waited for: reject
+    temperature: float = 0.0
+    max_tokens: int = Field(256, ge=1)
+    seed: int = 0  # backoff jitter
+
+    @property
+    def endpoint_url(self) -> str:
+        return (self.azure_endpoint or "") if self.provider == "azure" else self.base_url
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One request: chat `messages`, or a raw `prompt` for /v1/completions (a student without chat template)."""
+
+    key: str  # the caller's id, e.g. study_id
+    messages: tuple[dict[str, str], ...] | None = None
+    prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError(f"request {self.key!r}: give exactly one of messages or prompt")
+        if self.messages is not None:
+            object.__setattr__(self, "messages", tuple(self.messages))
+
+    def hash(self, cfg: ClientConfig) -> str:
+        messages = (
+            self.messages if self.messages is not None else ({"role": "prompt", "content": self.prompt},)
+        )
+        return prompt_hash(messages, cfg.temperature, cfg.max_tokens)
+
+    def cost_tokens(self, cfg: ClientConfig) -> int:
+        """What a tokens/min limit charges up front: prompt estimate plus the completion budget."""
+        used = (
+            estimate_prompt_tokens(self.messages)
+            if self.messages is not None
+            else estimate_tokens(self.prompt)
+        )
+        return used + cfg.max_tokens
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    key: str
+    model: str
+    prompt_hash: str
+    content: str | None  # None when rejected
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    attempts: int = 0  # HTTP requests actually sent for this result (0 when cached or deduplicated)
+    cached: bool = False
+    finish_reason: str | None = None
+    error: str | None = None  # the reason of a reject
+
+
+class TeacherFatalError(RuntimeError):
+    """A failure no retry can fix; the run stops, answers so far are in the cache."""
+
+
+class RetryableError(Exception):
+    """One attempt failed in a way worth retrying; `retry_after` is the server's requested wait."""
+
+    def __init__(self, reason: str, retry_after: float | None = None, fatal_when_exhausted: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+        self.fatal_when_exhausted = (
+            fatal_when_exhausted  # e.g. endpoint down: every other request would fail too
+        )
+
+
+class RejectError(Exception):
+    """This request cannot succeed (e.g. 400 context too long): record a reject, go on with the others."""
+
+
+# ---------------------------------------------------------------------------------------------- limiters
+
+
+class TokenBucket:
+    """`per_minute` units per minute, refilled continuously, burst of one second's worth.
+
+    Providers enforce per-minute limits on sub-minute windows, so a full minute's burst would trip
+    them; a request larger than the burst may still go when the bucket is full (it borrows).
+    """
+
+    def __init__(self, per_minute: float):
+        self.rate = per_minute / 60.0
+        self.capacity = max(1.0, self.rate)
+        self.level = self.capacity
+        self.updated = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self, amount: float) -> None:
+        async with self._lock:
+            need = min(amount, self.capacity)
+            while True:
+                now = time.monotonic()
+                self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+                self.updated = now
+                if self.level >= need:
+                    self.level -= amount
+                    return
+                await asyncio.sleep((need - self.level) / self.rate)
+
+
+# ---------------------------------------------------------------------------------------------- client
+
+
+def make_openai_client(cfg: ClientConfig) -> tuple[openai.AsyncOpenAI, ApiKey]:
+    """The SDK client after the data-use check; SDK retries off so ours are the only ones."""
+    if cfg.provider == "azure" and not (cfg.azure_endpoint and cfg.azure_api_version):
+        raise ValueError("provider 'azure' needs azure_endpoint and azure_api_version")
+    local = check_endpoint(cfg.endpoint_url, cfg.external_endpoint_ack)
+    key = resolve_api_key(cfg.api_key_env, local)
+    if cfg.provider == "azure":
+        client = openai.AsyncAzureOpenAI(
+            azure_endpoint=cfg.azure_endpoint,
+            api_version=cfg.azure_api_version,
+            api_key=key.value,
+            max_retries=0,
+            timeout=cfg.timeout_s,
+        )
+    else:
+        client = openai.AsyncOpenAI(
+            base_url=cfg.base_url, api_key=key.value, max_retries=0, timeout=cfg.timeout_s
+        )
+    return client, key
+
+
+class TeacherClient:
+    """Sends requests with limits and retries; one instance per run (it owns the SDK client)."""
+
+    def __init__(self, cfg: ClientConfig, cache: ResponseCache | None):
+        self.cfg = cfg
+        self.cache = cache
+        self.client, self._key = make_openai_client(cfg)
+        self._sem = asyncio.Semaphore(cfg.concurrency)
+        self._rpm = TokenBucket(cfg.rpm) if cfg.rpm else None
+        self._tpm = TokenBucket(cfg.tpm) if cfg.tpm else None
+        self._pause_until = 0.0  # a 429's Retry-After holds back every worker, not only the one that got it
+        self._rng = random.Random(cfg.seed)
+
+    def __repr__(self) -> str:
+        return f"TeacherClient(model={self.cfg.model!r}, endpoint={self.cfg.endpoint_url!r}, key={self._key})"
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    # -- one request ------------------------------------------------------------------------------------
+
+    async def complete(self, req: ChatRequest) -> ChatResult:
+        """Answer from the cache, or send with retries; returns a result with `error` set on a reject."""
+        h = req.hash(self.cfg)
+        if self.cache is not None and (hit := self.cache.get(self.cfg.model, h)) is not None:
+            return ChatResult(
+                req.key, self.cfg.model, h, hit.content, hit.prompt_tokens, hit.completion_tokens,
+                hit.latency_s, attempts=0, cached=True,
+            )  # fmt: skip
+        async with self._sem:
+            return await self._send_with_retries(req, h)
+
+    async def _send_with_retries(self, req: ChatRequest, h: str) -> ChatResult:
+        cfg, attempts, reason = self.cfg, 0, ""
+        for attempt in range(cfg.max_retries + 1):
+            await self._wait_for_turn(req)
+            attempts += 1
+            t0 = time.monotonic()
+            try:
+                content, usage, finish = await self._send_once(req)
+            except RetryableError as e:
+                reason = e.reason
+                wait = self._retry_wait(attempt, e.retry_after)
+                if wait is None:
+                    reason = f"{reason}; Retry-After {e.retry_after:.0f}s exceeds max_retry_after_s"
+                    break
+                if e.retry_after is not None:
+                    self._pause_until = max(self._pause_until, time.monotonic() + wait)
+                if attempt < cfg.max_retries:
+                    await asyncio.sleep(wait)
+                elif e.fatal_when_exhausted:
+                    raise TeacherFatalError(
+                        redact(
+                            f"endpoint {cfg.endpoint_url} unreachable after {attempts} attempt(s): {reason}",
+                            self._key,
+                        )
+                    ) from None
+                continue
+            except RejectError as e:
+                reason = str(e)
+                break
+            latency = time.monotonic() - t0
+            prompt_tokens, completion_tokens = usage
+            if self.cache is not None:
+                self.cache.put(
+                    CachedResponse(cfg.model, h, content, prompt_tokens, completion_tokens, latency, "http")
+                )
+            return ChatResult(
+                req.key, cfg.model, h, content, prompt_tokens, completion_tokens, latency,
+                attempts=attempts, finish_reason=finish,
+            )  # fmt: skip
+        return ChatResult(
+            req.key, cfg.model, h, None, attempts=attempts,
+            error=redact(f"gave up after {attempts} attempt(s): {reason}", self._key),
+        )  # fmt: skip
+
+    async def _wait_for_turn(self, req: ChatRequest) -> None:
+        if (pause := self._pause_until - time.monotonic()) > 0:
+            await asyncio.sleep(pause)
+        if self._rpm is not None:
+            await self._rpm.acquire(1)
+        if self._tpm is not None:
+            await self._tpm.acquire(req.cost_tokens(self.cfg))
+
+    def _retry_wait(self, attempt: int, retry_after: float | None) -> float | None:
+        """Seconds before the next attempt: the server's Retry-After when given, else 2^n backoff + jitter."""
+        if retry_after is not None:
+            return None if retry_after > self.cfg.max_retry_after_s else max(0.0, retry_after)
+        backoff = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2**attempt)
+        return backoff * (1.0 + 0.25 * self._rng.random())
+
+    async def _send_once(self, req: ChatRequest) -> tuple[str, tuple[int, int], str | None]:
+        """One HTTP request under a hard total timeout; maps SDK errors onto retry / reject / fatal."""
+        cfg = self.cfg
+        try:
+            async with asyncio.timeout(cfg.timeout_s):
+                if req.messages is not None:
+                    resp = await self.client.chat.completions.create(
+                        model=cfg.model, messages=list(req.messages),
+                        temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                    )  # fmt: skip
+                else:
+                    resp = await self.client.completions.create(
+                        model=cfg.model,
+                        prompt=req.prompt,
+                        temperature=cfg.temperature,
+                        max_tokens=cfg.max_tokens,
+                    )
+        except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
+            raise TeacherFatalError(self._describe(e, "check the API key, model name and endpoint")) from None
+        except openai.RateLimitError as e:
+            if e.code == "insufficient_quota":
+                raise TeacherFatalError(self._describe(e, "the account's quota is exhausted")) from None
+            raise RetryableError("429 rate limited", _retry_after(e.response)) from None
+        except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
+            raise RejectError(self._describe(e, "the request itself is invalid")) from None
+        except openai.APIStatusError as e:
+            if e.status_code in (408, 409) or e.status_code >= 500:
+                raise RetryableError(f"HTTP {e.status_code}", _retry_after(e.response)) from None
+            raise RejectError(self._describe(e, "unexpected status")) from None
+        except (TimeoutError, openai.APITimeoutError):
+            raise RetryableError(f"timeout after {cfg.timeout_s:g}s") from None
+        except openai.APIConnectionError as e:
+            raise RetryableError(f"connection error: {e.__cause__ or e}", fatal_when_exhausted=True) from None
+        except (openai.APIResponseValidationError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+            raise RetryableError(f"invalid JSON in response: {type(e).__name__}") from None
+        return _extract(resp, chat=req.messages is not None)
+
+    def _describe(self, e: openai.APIError, hint: str) -> str:
+        status = getattr(e, "status_code", "")
+        return redact(f"HTTP {status} from {self.cfg.endpoint_url} ({hint}): {e.message}", self._key)
+
+
+def _retry_after(response: object) -> float | None:
+    """Seconds from `retry-after-ms` or `retry-after` (numeric form); None when absent or unreadable."""
+    headers = getattr(response, "headers", None) or {}
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is not None:
+            try:
+                return float(value) * scale
+            except ValueError:
+                continue
+    return None
+
+
+def _extract(resp: object, chat: bool) -> tuple[str, tuple[int, int], str | None]:
+    """Content, (prompt, completion) tokens and finish reason; a malformed or empty body is retryable."""
+    choices = getattr(resp, "choices", None)
+    if not choices:
+        raise RetryableError(
+            "invalid response: no choices" if not isinstance(resp, str) else "invalid JSON body"
+        )
+    choice = choices[0]
+    content = choice.message.content if chat else choice.text
+    if not content or not content.strip():
+        raise RetryableError("empty content")
+    usage = getattr(resp, "usage", None)  # OpenAI-compatible servers may omit it
+    tokens = (usage.prompt_tokens or 0, usage.completion_tokens or 0) if usage else (0, 0)
+    return content, tokens, getattr(choice, "finish_reason", None)
+
+
+# ---------------------------------------------------------------------------------------------- many
+
+
+async def complete_many(
+    requests: Sequence[ChatRequest],
+    client_cfg: ClientConfig,
+    cache: ResponseCache | None,
+    progress: Callable[[ChatResult], None] | None = None,
+) -> list[ChatResult]:
+    """Results in input order. Identical prompts are sent once; cached ones are not sent at all.
+
+    `progress(result)` is called as each unique request finishes (after its cache commit).
+    """
+    client = TeacherClient(client_cfg, cache)
+    by_hash: dict[str, ChatRequest] = {}
+    for req in requests:
+        by_hash.setdefault(req.hash(client_cfg), req)
+
+    async def run_one(req: ChatRequest) -> ChatResult:
+        result = await client.complete(req)
+        if progress is not None:
+            progress(result)
+        return result
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = {h: group.create_task(run_one(r)) for h, r in by_hash.items()}
+    except* TeacherFatalError as eg:
+        raise eg.exceptions[0] from None
+    finally:
+        await client.close()
+    unique = {h: t.result() for h, t in tasks.items()}
+    out = []
+    for req in requests:
+        first = unique[req.hash(client_cfg)]
+        if first.key == req.key:
+            out.append(first)
+        else:  # a duplicate prompt: same answer, nothing sent for it
+            out.append(ChatResult(**{**first.__dict__, "key": req.key, "attempts": 0, "cached": True}))
+    return out
+
+
+def run_sync(coro_fn: Callable[[], object]) -> object:
+    """Run an async job from sync stage code, also when the caller's thread already has a running loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro_fn())
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(coro_fn())
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="teacher-client")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def summarize(results: Sequence[ChatResult]) -> dict[str, int]:
+    """Counts for the usage artifact and logs: sent attempts, retries, cache hits, rejects, tokens."""
+    return {
+        "requests": len(results),
+        "http_attempts": sum(r.attempts for r in results),
+        "retries": sum(max(0, r.attempts - 1) for r in results),
+        "cache_hits": sum(1 for r in results if r.cached),
+        "rejects": sum(1 for r in results if r.error is not None),
+        "prompt_tokens": sum(r.prompt_tokens for r in results if not r.cached),
+        "completion_tokens": sum(r.completion_tokens for r in results if not r.cached),
+    }

@@ -1,0 +1,246 @@
+"""Stage 3, `seed_distill`: the teacher distils a seed set of reports (paper: 10,000 with GPT-3.5-turbo).
+
+reports + entity mentions -> seed selection (stratified by entity) -> Table 2 prompt per report ->
+teacher (`rules`: offline, deterministic; `openai`: any OpenAI-compatible endpoint, synchronous or
+Batch API) -> parse + QC flags -> `seed_distillations`, `distill_usage`, `distill_rejects`.
+
+Every teacher answer is committed to `teacher_cache.sqlite` in this stage's folder as it arrives, so a
+crashed or repeated run sends only what is still missing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Literal
+
+import pyarrow as pa
+from pydantic import Field
+
+from data_contracts.distill import DistillReject, DistillUsage, SeedDistillation
+from models.distill import parse, rules_teacher
+from models.distill.batch_api import run_batch
+from models.distill.cache import ResponseCache
+from models.distill.prompt import build_messages, estimate_prompt_tokens, fit_report, prompt_hash
+from models.distill.seed import select_seed
+from models.distill.teacher_http import (
+    ChatRequest,
+    ChatResult,
+    ClientConfig,
+    complete_many,
+    run_sync,
+    summarize,
+)
+from tasks.base import StageConfig, StageContext
+
+NAME = "seed_distill"
+CODE_VERSION = "1"
+UPSTREAM = ["extract_reports/reports", "match_entities/entity_mentions"]
+
+CACHE_FILE = "teacher_cache.sqlite"
+BATCH_STATE_FILE = "batch_state.json"
+
+
+class Config(StageConfig):
+    n_reports: int = Field(
+        10_000, ge=1, description="seed reports for the teacher; more than the corpus = all"
+    )
+    teacher: Literal["rules", "openai"] = "openai"
+    provider: Literal["openai", "azure"] = "openai"
+    base_url: str = "https://api.openai.com/v1"
+    model: str = "gpt-3.5-turbo"
+    azure_endpoint: str | None = None
+    azure_api_version: str | None = None
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="name of the env var holding the key (never the key)"
+    )
+    external_endpoint_ack: str | None = None
+    concurrency: int = Field(16, ge=1)
+    rpm: float | None = Field(3500, gt=0)
+    tpm: float | None = Field(90_000, gt=0)
+    max_retries: int = Field(6, ge=0)
+    timeout_s: float = Field(60.0, gt=0)
+    max_tokens: int = Field(256, ge=1)
+    batch_api: bool = False
+    batch_poll_s: float = Field(60.0, gt=0)
+    max_prompt_tokens: int = Field(3800, ge=64, description="gpt-3.5-turbo: 4096 context - 256 answer")
+    price_prompt_per_1k: float = Field(0.0005, ge=0, description="USD per 1k prompt tokens (cost estimate)")
+    price_completion_per_1k: float = Field(0.0015, ge=0)
+    batch_discount: float = Field(0.5, ge=0, le=1, description="Batch API price factor")
+
+    def client_config(self) -> ClientConfig:
+        return ClientConfig(
+            provider=self.provider, base_url=self.base_url, model=self.model,
+            azure_endpoint=self.azure_endpoint, azure_api_version=self.azure_api_version,
+            api_key_env=self.api_key_env, external_endpoint_ack=self.external_endpoint_ack,
+            concurrency=self.concurrency, rpm=self.rpm, tpm=self.tpm, max_retries=self.max_retries,
+            timeout_s=self.timeout_s, max_tokens=self.max_tokens, temperature=0.0,
+        )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+
+def mentions_by_study(table: pa.Table) -> dict[str, list[rules_teacher.Mention]]:
+    out: dict[str, list[rules_teacher.Mention]] = defaultdict(list)
+    cols = table.select(["study_id", "entity", "start", "end", "polarity", "descriptors"]).to_pydict()
+    for sid, ent, start, end, pol, desc in zip(*cols.values(), strict=True):
+        out[sid].append(rules_teacher.Mention(ent.lower(), start, end, pol, tuple(desc or ())))
+    return out
+
+
+def ordered_entities(mentions: list[rules_teacher.Mention]) -> list[str]:
+    return list(dict.fromkeys(m.entity for m in sorted(mentions, key=lambda m: m.start)))
+
+
+def prompt_report(report: dict, entities: list[str], max_prompt_tokens: int) -> tuple[str, bool]:
+    """The report text to send: the full text when the prompt fits, else FINDINGS-first truncation."""
+    if estimate_prompt_tokens(build_messages(report["text"], entities)) <= max_prompt_tokens:
+        return report["text"], False
+    return fit_report(report["findings"], report["impression"], entities, max_prompt_tokens)
+
+
+# ------------------------------------------------------------------------------------------- teachers
+
+
+def rules_results(items: list[dict], model: str, max_tokens: int) -> list[ChatResult]:
+    """The offline teacher; it reads stage 2's mentions of the full report text."""
+    out = []
+    for it in items:
+        t0 = time.perf_counter()
+        content = rules_teacher.distill(it["full_text"], it["mentions"])
+        h = prompt_hash(it["messages"], 0.0, max_tokens)
+        out.append(ChatResult(it["study_id"], model, h, content, latency_s=time.perf_counter() - t0))
+    return out
+
+
+def http_results(ctx: StageContext, cfg: Config, items: list[dict]) -> list[ChatResult]:
+    client_cfg = cfg.client_config()
+    requests = [ChatRequest(it["study_id"], tuple(it["messages"])) for it in items]
+    upper = sum(r.cost_tokens(client_cfg) for r in requests)
+    ctx.log.info(
+        "teacher %s at %s: %d requests, at most ~%d tokens (<= $%.2f before cache hits)",
+        cfg.model, client_cfg.endpoint_url, len(requests), upper, upper / 1000 * cfg.price_completion_per_1k,
+    )  # fmt: skip
+    with ResponseCache(ctx.path(CACHE_FILE)) as cache:
+        if cfg.batch_api:
+            return run_sync(
+                lambda: run_batch(
+                    requests,
+                    client_cfg,
+                    cache,
+                    ctx.path(BATCH_STATE_FILE),
+                    poll_interval_s=cfg.batch_poll_s,
+                    log=ctx.log.info,
+                )  # fmt: skip
+            )
+        done = [0]
+
+        def progress(result: ChatResult) -> None:
+            done[0] += 1
+            if done[0] % 500 == 0 or done[0] == len(requests):
+                ctx.log.info("teacher: %d/%d answered", done[0], len(requests))
+
+        return run_sync(lambda: complete_many(requests, client_cfg, cache, progress))
+
+
+# ------------------------------------------------------------------------------------------- outputs
+
+
+def distillation_row(it: dict, result: ChatResult, finder: parse.EntityFinder) -> dict:
+    parsed = parse.parse_response(result.content or "", finder)
+    flags = parse.qc_flags(parsed, it["entities"], it["polarities"])
+    if result.finish_reason == "length":
+        flags.append("truncated_response")
+    return {
+        "study_id": it["study_id"], "model": result.model, "prompt_hash": result.prompt_hash,
+        "report": it["report"], "entities": it["entities"], "raw_response": result.content or "",
+        "distilled_text": parse.distilled_text(parsed), "sentences": [p.text for p in parsed],
+        "parsed_json": parse.parsed_json(parsed), "flags": flags, "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens, "latency_s": result.latency_s,
+        "cached": result.cached, "truncated": it["truncated"], "error": None,
+    }  # fmt: skip
+
+
+def usage_row(cfg: Config, results: list[ChatResult], mode: str, wall_s: float) -> dict:
+    s = summarize(results)
+    price = (
+        s["prompt_tokens"] / 1000 * cfg.price_prompt_per_1k
+        + s["completion_tokens"] / 1000 * cfg.price_completion_per_1k
+    )
+    if mode == "batch":
+        price *= cfg.batch_discount
+    elif mode == "rules":
+        price = 0.0
+    model = results[0].model if results else cfg.model
+    return {
+        "model": model,
+        "mode": mode,
+        **s,
+        "estimated_cost_usd": round(price, 6),
+        "wall_s": round(wall_s, 3),
+    }
+
+
+def run(ctx: StageContext, cfg: Config) -> None:
+    reports = {r["study_id"]: r for r in ctx.read("extract_reports/reports").to_pylist()}
+    mention_table = ctx.read("match_entities/entity_mentions")
+    mentions = mentions_by_study(mention_table)
+    unknown = sorted(set(mentions) - set(reports))
+    if unknown:
+        raise ValueError(
+            f"entity_mentions has {len(unknown)} study ids missing from reports, e.g. {unknown[:3]}"
+        )
+    seeds = select_seed(
+        {sid: {m.entity for m in ms} for sid, ms in mentions.items()}, cfg.n_reports, ctx.config.run.seed
+    )
+    ctx.log.info(
+        "seed set: %d of %d reports with entity mentions (%d reports in all)",
+        len(seeds),
+        len(mentions),
+        len(reports),
+    )
+    items = []
+    for sid in seeds:
+        entities = ordered_entities(mentions[sid])
+        report, truncated = prompt_report(reports[sid], entities, cfg.max_prompt_tokens)
+        polarities: dict[str, set[str]] = defaultdict(set)
+        for m in mentions[sid]:
+            polarities[m.entity].add(m.polarity)
+        items.append({
+            "study_id": sid, "entities": entities, "report": report, "truncated": truncated,
+            "full_text": reports[sid]["text"], "mentions": mentions[sid], "polarities": polarities,
+            "messages": build_messages(report, entities),
+        })  # fmt: skip
+    ctx.log.info(
+        "%d reports truncated to fit max_prompt_tokens=%d",
+        sum(it["truncated"] for it in items),
+        cfg.max_prompt_tokens,
+    )
+
+    t0 = time.perf_counter()
+    if cfg.teacher == "rules":
+        mode, results = "rules", rules_results(items, rules_teacher.MODEL_NAME, cfg.max_tokens)
+    else:
+        mode, results = ("batch" if cfg.batch_api else "http"), http_results(ctx, cfg, items)
+    wall = time.perf_counter() - t0
+
+    finder = parse.EntityFinder(sorted(set(mention_table.column("entity").to_pylist())))
+    rows, rejects = [], []
+    for it, result in zip(items, results, strict=True):
+        if result.error is not None:
+            rejects.append(
+                {
+                    "study_id": it["study_id"],
+                    "stage": NAME,
+                    "reason": result.error,
+                    "attempts": result.attempts,
+                }
+            )
+        else:
+            rows.append(distillation_row(it, result, finder))
+    usage = usage_row(cfg, results, mode, wall)
+    ctx.log.info("teacher usage: %s", usage)
+    ctx.write("seed_distillations", rows, SeedDistillation)
+    ctx.write("distill_usage", [usage], DistillUsage)
+    ctx.write("distill_rejects", rejects, DistillReject)
