@@ -18,6 +18,7 @@ NIH_PNG = REAL / "00000001_000.png"  # 8-bit grayscale
 TBX_PNG = REAL / "tb0005.png"  # RGB
 FAKE_MONO1 = REAL / "Fake_MONOHR1.dcm"  # tagged MONOCHROME1, JPEG baseline
 
+
 def radiograph_layout(pixels: np.ndarray) -> dict[str, float]:
     """Robust region statistics of a frontal chest radiograph in display polarity."""
     h, w = pixels.shape
