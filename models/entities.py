@@ -1,0 +1,704 @@
+"""Entity mentions in radiology reports: which of the paper's entities a report names, where, with which
+descriptor words before them, and whether the report affirms, denies or hedges each one.
+
+ECAMP (§3.1-3.2) needs, per report, the Table 1 entities it mentions (for the teacher prompt), the β words
+before each entity (the "descriptors" that are masked and re-weighted in MLM) and their polarity (Fig. 2 (b):
+negative descriptors outnumber positive ones about 20:1). This module computes all three at MIMIC scale:
+
+* one compiled regex scans a whole batch of reports at once. Its alternation is a character trie over every
+  entity surface form AND every cue phrase (negation, uncertainty, pseudo-negation, scope terminator), and a
+  possessive word skipper walks over the words in between inside the regex engine, not in Python;
+* sentence ends, ';' and clause terminators become sorted position arrays, so sentence index, clause and the
+  nearest trigger of every mention are found with `numpy.searchsorted` for all mentions together.
+
+Polarity follows NegEx/ConText with clause scope: a trigger before an entity applies up to the end of its
+clause (sentence end, ';', "but", "however", "although", "there is", ...), the NEAREST preceding trigger wins
+(so "no pneumonia, possible atelectasis" hedges atelectasis), a pseudo-trigger ("no change in", "not only")
+is a trigger with no effect, and a trigger after the entity ("has resolved", "cannot be excluded") reaches
+back a few words within its clause. Negation wins over uncertainty when both apply.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from data_contracts.entities import DescriptorStat, EntityMention, EntityStat
+
+Polarity = Literal["positive", "negative", "uncertain"]
+POLARITIES: tuple[Polarity, ...] = ("positive", "negative", "uncertain")
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: surface forms of the Table 1 entities (canonical form first). Inflections and close derivations of
+# the same word only (plural, participle, nominalisation, adjective); no synonyms of other roots, except the
+# spelled-out forms of the two abbreviations (CHF, COPD). "aortic" is left out on purpose: it mostly names
+# other anatomy ("aortic knob", "aortic arch"), not the aorta as a finding.
+# ---------------------------------------------------------------------------------------------------------
+TABLE1_SURFACE_FORMS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "abnormality": ("abnormality", "abnormalities"),
+        "abscess": ("abscess", "abscesses"),
+        "aerate": ("aerate", "aerates", "aerated", "aerating", "aeration"),
+        "aorta": ("aorta", "aortas"),
+        "atelectasis": ("atelectasis", "atelectases", "atelectatic"),
+        "bronchiectasis": ("bronchiectasis", "bronchiectases", "bronchiectatic"),
+        "calcification": ("calcification", "calcifications", "calcified", "calcific"),
+        "cardiomediastinal": ("cardiomediastinal",),
+        "cardiomegaly": ("cardiomegaly",),
+        "catheter": ("catheter", "catheters"),
+        "chf": ("chf", "congestive heart failure"),
+        "collapse": ("collapse", "collapses", "collapsed"),
+        "congestion": ("congestion", "congested"),
+        "consolidation": ("consolidation", "consolidations", "consolidative", "consolidated"),
+        "contour": ("contour", "contours"),
+        "copd": ("copd", "chronic obstructive pulmonary disease"),
+        "deformity": ("deformity", "deformities", "deformed"),
+        "dilation": ("dilation", "dilations", "dilatation", "dilatations", "dilated"),
+        "distention": ("distention", "distension", "distended"),
+        "edema": ("edema", "oedema", "edematous"),
+        "effusion": ("effusion", "effusions"),
+        "embolism": ("embolism", "embolisms", "embolus", "emboli"),
+        "emphysema": ("emphysema", "emphysematous"),
+        "engorgement": ("engorgement", "engorged"),
+        "fibrosis": ("fibrosis", "fibrotic"),
+        "fracture": ("fracture", "fractures", "fractured"),
+        "granuloma": ("granuloma", "granulomas", "granulomata", "granulomatous"),
+        "hernia": ("hernia", "hernias", "herniation", "herniated"),
+        "hilar": ("hilar", "hilum", "hila"),
+        "hyperinflated": ("hyperinflated", "hyperinflation"),
+        "hemidiaphragm": ("hemidiaphragm", "hemidiaphragms", "hemidiaphragmatic"),
+        "infiltrate": ("infiltrate", "infiltrates", "infiltration", "infiltrations", "infiltrative"),
+        "mass": ("mass", "masses"),
+        "nodule": ("nodule", "nodules", "nodular"),
+        "obscure": ("obscure", "obscures", "obscured", "obscuring", "obscuration"),
+        "opacity": ("opacity", "opacities", "opacification", "opacifications", "opacified"),
+        "perihilar": ("perihilar",),
+        "pneumonia": ("pneumonia", "pneumonias"),
+        "pneumothorax": ("pneumothorax", "pneumothoraces", "pneumothoraxes"),
+        "sarcoidosis": ("sarcoidosis", "sarcoid"),
+        "silhouette": ("silhouette", "silhouettes"),
+        "thickening": ("thickening", "thickenings", "thickened"),
+        "tuberculosis": ("tuberculosis", "tuberculous"),
+        "vasculature": ("vasculature", "vascularity"),
+    }
+)
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: cue phrases (lower case; a space matches any run of whitespace). Direction says where the entity is:
+# "pre" cues govern entities after them up to the clause end, "post" cues entities shortly before them in the
+# clause, "both" either way. Longest phrase wins at a position, so "no change" (pseudo) beats "no".
+# ---------------------------------------------------------------------------------------------------------
+NEGATION_PRE = (
+    "no", "not", "without", "free of", "negative for", "absence of", "absent", "resolution of",
+    "there is no", "there are no", "there was no", "there were no", "rather than", "removal of",
+    "no evidence of", "no signs of", "no sign of", "no findings of", "without evidence of",
+)  # fmt: skip
+NEGATION_POST = (
+    "resolved", "has resolved", "have resolved", "cleared", "has cleared", "have cleared",
+    "removed", "been removed", "ruled out", "is absent", "are absent", "not seen", "not identified",
+    "not visualized", "not appreciated", "not evident", "not present", "not demonstrated", "not detected",
+)  # fmt: skip
+NEGATION_BOTH = (
+    "no longer",
+    "no longer seen",
+    "no longer visualized",
+    "no longer present",
+    "no longer evident",
+)
+UNCERTAIN_PRE = (
+    "possible", "possibly", "probable", "probably", "likely", "unlikely", "questionable", "question of",
+    "suspicious for", "suspected", "suspicion for", "suspicion of", "suggestive of", "suggests",
+    "suggesting", "concern for", "concerning for", "worrisome for", "may", "might", "could",
+    "cannot exclude", "can not exclude", "cannot rule out", "can not rule out", "not exclude",
+    "rule out", "to exclude", "evaluate for", "assess for", "equivocal", "presumed", "differential includes",
+    "there may be", "there might be", "there could be",
+)  # fmt: skip
+UNCERTAIN_POST = (
+    "cannot be excluded", "can not be excluded", "cannot be ruled out", "can not be ruled out",
+    "not excluded", "not be excluded", "not ruled out", "not be ruled out", "is possible", "are possible",
+    "is suspected", "are suspected", "is questioned", "is not excluded", "may be present", "is likely",
+)  # fmt: skip
+UNCERTAIN_BOTH = ("versus", "vs")
+PSEUDO = (
+    "not only", "no change", "no changes", "no significant change", "no interval change",
+    "no significant interval change", "no increase", "no increased", "no decrease", "no worsening",
+    "no further change", "not changed", "not significantly changed", "without change",
+    "without significant change", "without interval change", "not necessarily", "gram negative",
+    "not resolved", "not completely resolved", "not fully resolved", "incompletely resolved",
+    "partially resolved", "nearly resolved", "almost resolved", "not cleared", "not removed",
+)  # fmt: skip
+TERMINATORS = (
+    "but", "however", "although", "though", "except", "aside from", "apart from", "other than",
+    "whereas", "which", "there is", "there are", "there was", "there were",
+)  # fmt: skip
+# "non-calcified granuloma": "non" negates the one word it is attached to, nothing further.
+PREFIX_NEGATION = ("non",)
+# Auxiliaries allowed between an entity and a post cue ("the effusion HAS NOW resolved") without ending its reach.
+_AUXILIARIES = frozenset(
+    "is are was were has have had been be being now since essentially completely entirely largely".split()
+)
+_COPULAS = frozenset("is are was were".split())
+
+CueKind = Literal["negative", "uncertain", "pseudo", "terminator", "prefix"]
+Direction = Literal["pre", "post", "both"]
+
+
+@dataclass(frozen=True)
+class Cue:
+    phrase: str
+    kind: CueKind
+    direction: Direction = "pre"
+
+
+def default_cues() -> tuple[Cue, ...]:
+    """The cue table above as Cue records (callers may extend or replace it through MatcherConfig)."""
+    groups: list[tuple[Iterable[str], CueKind, Direction]] = [
+        (NEGATION_PRE, "negative", "pre"),
+        (NEGATION_POST, "negative", "post"),
+        (NEGATION_BOTH, "negative", "both"),
+        (UNCERTAIN_PRE, "uncertain", "pre"),
+        (UNCERTAIN_POST, "uncertain", "post"),
+        (UNCERTAIN_BOTH, "uncertain", "both"),
+        (PSEUDO, "pseudo", "pre"),
+        (TERMINATORS, "terminator", "pre"),
+        (PREFIX_NEGATION, "prefix", "pre"),
+    ]
+    return tuple(Cue(p, kind, d) for phrases, kind, d in groups for p in phrases)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entity lists
+# ---------------------------------------------------------------------------------------------------------
+class EntityListError(ValueError):
+    """An entity list file is malformed; the message names the file, the line and the problem."""
+
+
+@dataclass(frozen=True)
+class EntityLexicon:
+    """Canonical entities (lower case, list order) and the surface form -> canonical entity map."""
+
+    entities: tuple[str, ...]
+    forms: Mapping[str, str]
+    source: str = "<memory>"
+
+
+def regular_plural(word: str) -> str:
+    """English regular plural, used for entities of user lists that the built-in table does not cover."""
+    if word.endswith(("s", "x", "z", "ch", "sh")):
+        return word + "es"
+    if len(word) > 1 and word.endswith("y") and word[-2] not in "aeiou":
+        return word[:-1] + "ies"
+    return word + "s"
+
+
+def _normalise_phrase(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def build_lexicon(
+    entities: Sequence[str], extra_forms: Mapping[str, Sequence[str]] | None = None, source: str = "<memory>"
+) -> EntityLexicon:
+    """Lexicon for `entities`: Table 1 inflections where known, else the word and its regular plural."""
+    extra_forms = extra_forms or {}
+    canon = [_normalise_phrase(e) for e in entities]
+    if len(set(canon)) != len(canon):
+        dup = next(e for e in canon if canon.count(e) > 1)
+        raise EntityListError(f"{source}: entity '{dup}' is listed twice")
+    forms: dict[str, str] = {}
+    for entity in canon:
+        surface = TABLE1_SURFACE_FORMS.get(entity) or (entity, regular_plural(entity))
+        for form in (*surface, *(_normalise_phrase(f) for f in extra_forms.get(entity, ()))):
+            owner = forms.setdefault(form, entity)
+            if owner != entity:
+                raise EntityListError(
+                    f"{source}: surface form '{form}' belongs to both '{owner}' and '{entity}'"
+                )
+    return EntityLexicon(tuple(canon), MappingProxyType(forms), source)
+
+
+_LIST_LINE = re.compile(r"^([a-z0-9][a-z0-9 '\-]*?)\s*(?::\s*(.*))?$")
+
+
+def load_entity_list(path: str | Path) -> EntityLexicon:
+    """Read an entity list: one entity per line, optionally `entity: form, form` to add surface forms.
+
+    Blank lines and `#` comments are ignored; matching is case-insensitive, so the file's case is not kept.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EntityListError(f"{path}: entity list not found")
+    entities: list[str] = []
+    extra: dict[str, list[str]] = {}
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip().lower()
+        if not line:
+            continue
+        match = _LIST_LINE.match(line)
+        if match is None:
+            raise EntityListError(f"{path}:{number}: cannot read entity line {raw!r}")
+        entity = _normalise_phrase(match.group(1))
+        entities.append(entity)
+        if match.group(2):
+            extra[entity] = [f for f in (s.strip() for s in match.group(2).split(",")) if f]
+    if not entities:
+        raise EntityListError(f"{path}: no entities in the list")
+    return build_lexicon(entities, extra, source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The scanner regex
+# ---------------------------------------------------------------------------------------------------------
+def trie_pattern(phrases: Iterable[str]) -> str:
+    """Regex alternation of `phrases` as a character trie: one branch per first letter, not per phrase.
+
+    Python's `re` tries alternatives one by one, so a flat alternation of ~300 phrases would cost ~300 tests
+    at every word; the trie costs one test per character of the longest common prefix. Optional tails are
+    greedy, so the longest phrase wins ("no evidence of" over "no"); a space matches any whitespace run.
+    """
+    root: dict[str, dict] = {}
+    for phrase in phrases:
+        node = root
+        for char in phrase:
+            node = node.setdefault(char, {})
+        node[""] = {}
+
+    def emit(node: dict[str, dict]) -> str:
+        branches = [
+            (r"\s+" if c == " " else re.escape(c)) + emit(child) for c, child in sorted(node.items()) if c
+        ]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        return f"(?:{body})?" if "" in node else body
+
+    return emit(root)
+
+
+@dataclass(frozen=True)
+class MatcherConfig:
+    beta: int = 2  # descriptor words before an entity (paper: β = 2)
+    post_window: int = 6  # most words between an entity and a post cue that still governs it
+    cues: tuple[Cue, ...] = field(default_factory=default_cues)
+    batch_size: int = 20_000  # reports scanned as one string (bounds memory, not speed)
+
+
+_KIND_NONE, _KIND_NEG, _KIND_UNC = 0, 1, 2
+_POLARITY_CODE = {"pseudo": _KIND_NONE, "negative": _KIND_NEG, "uncertain": _KIND_UNC}
+_SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)")
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+_SEMICOLON = re.compile(r";")
+_PUNCTUATION = "".join(chr(c) for c in range(33, 127) if not chr(c).isalnum())
+_TOKEN = re.compile(r"\S+")
+_WORD = re.compile(r"\w+(?:['\-]\w+)*")
+_BATCH_SEPARATOR = "\n\n"  # a sentence end: nothing crosses report borders
+
+
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    values = np.sort(values)
+    return values[np.concatenate(([True], values[1:] != values[:-1]))] if len(values) else values
+
+
+def _lower_keep_length(text: str) -> str:
+    """Lower-case without moving character offsets (a few Unicode letters lower-case to two characters)."""
+    low = text.lower()
+    if len(low) == len(text):
+        return low
+    return "".join(c if len(c.lower()) != 1 else c.lower() for c in text)
+
+
+@dataclass
+class _Batch:
+    """Positions found in one batch string, all as numpy arrays of character offsets into that string."""
+
+    text: str
+    report_starts: np.ndarray
+    sentence_starts: np.ndarray
+    clause_starts: np.ndarray
+    m_start: np.ndarray
+    m_end: np.ndarray
+    m_entity: np.ndarray
+    pre_end: np.ndarray
+    pre_kind: np.ndarray
+    post_start: np.ndarray
+    post_kind: np.ndarray
+    prefix_end: np.ndarray
+
+
+class EntityMatcher:
+    """Finds entity mentions with descriptors and polarity in many reports at once.
+
+    Usage: `EntityMatcher(load_entity_list(path)).match(study_ids, texts)` -> Arrow table with the columns of
+    the `entity_mentions` contract. Everything compiled once here; `match` only scans.
+    """
+
+    def __init__(self, lexicon: EntityLexicon, config: MatcherConfig | None = None):
+        self.lexicon = lexicon
+        self.config = config or MatcherConfig()
+        if self.config.beta < 0 or self.config.post_window < 0:
+            raise ValueError("beta and post_window must be >= 0")
+        # target id: 0..E-1 entities (by canonical index), E.. cues
+        self._entity_index = {e: i for i, e in enumerate(lexicon.entities)}
+        targets: dict[str, int] = {form: self._entity_index[e] for form, e in lexicon.forms.items()}
+        self._cues: list[Cue] = []
+        for cue in self.config.cues:
+            phrase = _normalise_phrase(cue.phrase)
+            if phrase in targets:
+                owner = targets[phrase]
+                what = (
+                    lexicon.entities[owner]
+                    if owner < len(lexicon.entities)
+                    else self._cues[owner - len(lexicon.entities)]
+                )
+                raise ValueError(f"cue '{phrase}' is also {what!r}: each phrase must have one meaning")
+            targets[phrase] = len(lexicon.entities) + len(self._cues)
+            self._cues.append(cue)
+        self._targets = targets
+        self._n_entities = len(lexicon.entities)
+        # Per target id lookup tables, so that a whole batch is classified with numpy indexing.
+        kinds = ["entity"] * self._n_entities + [c.kind for c in self._cues]
+        directions = ["none"] * self._n_entities + [c.direction for c in self._cues]
+        self._effect = np.array([_POLARITY_CODE.get(k, -1) for k in kinds], dtype=np.int64)
+        self._is_pre = np.array([d in ("pre", "both") for d in directions]) & (self._effect >= 0)
+        self._is_post = np.array([d in ("post", "both") for d in directions]) & (self._effect >= 0)
+        self._is_terminator = np.array([k == "terminator" for k in kinds])
+        self._is_prefix = np.array([k == "prefix" for k in kinds])
+        # Possessive skipper: whole non-target words are consumed inside the regex engine. Both groups are
+        # captured so that `re.split` returns pieces whose lengths add up to the text (offsets by cumsum).
+        self._scanner = re.compile(r"((?:\w++\W++)*?)\b(" + trie_pattern(targets) + r")\b")
+
+    # -- scanning ------------------------------------------------------------------------------------------
+    def _target_ids(self, matched: list[str]) -> np.ndarray:
+        ids = list(map(self._targets.get, matched))
+        for i in (i for i, v in enumerate(ids) if v is None):  # phrases with a newline or double space
+            ids[i] = self._targets[" ".join(matched[i].split())]
+        return np.asarray(ids, dtype=np.int64)
+
+    def _scan(self, texts: Sequence[str]) -> _Batch:
+        text = _BATCH_SEPARATOR.join(texts)
+        lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+        report_starts = np.concatenate(([0], np.cumsum(lengths + len(_BATCH_SEPARATOR))[:-1]))
+
+        pieces = self._scanner.split(_lower_keep_length(text))  # [gap, skipped, target, gap, ..., tail]
+        piece_lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+        piece_starts = np.cumsum(piece_lengths) - piece_lengths
+        matched = pieces[2::3]
+        starts = piece_starts[2::3]
+        ends = starts + np.fromiter(map(len, matched), dtype=np.int64, count=len(matched))
+        ids = self._target_ids(matched)
+
+        is_entity = ids < self._n_entities
+        is_pre, is_post = self._is_pre[ids], self._is_post[ids]
+        sentence_ends = np.concatenate(
+            (
+                np.fromiter((m.end() for m in _SENTENCE_END.finditer(text)), dtype=np.int64),
+                np.fromiter((m.end() for m in _BLANK_LINE.finditer(text)), dtype=np.int64),
+            )
+        )
+        sentence_starts = _sorted_unique(np.concatenate((report_starts, sentence_ends)))
+        semicolons = np.fromiter((m.start() for m in _SEMICOLON.finditer(text)), dtype=np.int64)
+        clause_starts = _sorted_unique(
+            np.concatenate((sentence_starts, semicolons, starts[self._is_terminator[ids]]))
+        )
+        return _Batch(
+            text=text,
+            report_starts=report_starts,
+            sentence_starts=sentence_starts,
+            clause_starts=clause_starts,
+            m_start=starts[is_entity],
+            m_end=ends[is_entity],
+            m_entity=ids[is_entity],
+            pre_end=ends[is_pre],
+            pre_kind=self._effect[ids[is_pre]],
+            post_start=starts[is_post],
+            post_kind=self._effect[ids[is_post]],
+            prefix_end=ends[self._is_prefix[ids]],
+        )
+
+    # -- polarity ------------------------------------------------------------------------------------------
+    def _pre_effect(self, b: _Batch, clause: np.ndarray) -> np.ndarray:
+        """Effect of the nearest pre cue in the mention's clause (0 none, 1 negative, 2 uncertain)."""
+        idx = np.searchsorted(b.pre_end, b.m_start, side="right") - 1
+        has = idx >= 0
+        safe = np.maximum(idx, 0)
+        cue_clause = (
+            np.searchsorted(b.clause_starts, b.pre_end[safe] - 1, side="right") if len(b.pre_end) else idx
+        )
+        same = has & (cue_clause == clause) if len(b.pre_end) else np.zeros_like(has)
+        return np.where(same, b.pre_kind[safe] if len(b.pre_kind) else 0, _KIND_NONE)
+
+    def _post_effect(self, b: _Batch, clause: np.ndarray) -> np.ndarray:
+        """Effect of the nearest post cue after the mention in its clause, within `post_window` words."""
+        effect = np.zeros(len(b.m_start), dtype=np.int64)
+        if not len(b.post_start):
+            return effect
+        idx = np.searchsorted(b.post_start, b.m_end, side="left")
+        has = idx < len(b.post_start)
+        safe = np.minimum(idx, len(b.post_start) - 1)
+        cue_clause = np.searchsorted(b.clause_starts, b.post_start[safe], side="right")
+        candidates = np.flatnonzero(has & (cue_clause == clause))
+        for i in candidates.tolist():
+            cue = int(safe[i])
+            if self._post_reaches(b.text, int(b.m_end[i]), int(b.post_start[cue])):
+                effect[i] = b.post_kind[cue]
+        return effect
+
+    def _post_reaches(self, text: str, entity_end: int, cue_start: int) -> bool:
+        """A post cue reaches back over at most `post_window` words and no copula of another clause part.
+
+        "effusion is smaller and atelectasis has resolved": the "is" shows effusion has its own predicate.
+        """
+        words = [w.lower() for w in _WORD.findall(text, entity_end, cue_start)]
+        if len(words) > self.config.post_window:
+            return False
+        while words and words[-1] in _AUXILIARIES:
+            words.pop()
+        return not any(w in _COPULAS for w in words)
+
+    def _polarity(self, b: _Batch, clause: np.ndarray) -> np.ndarray:
+        pre = self._pre_effect(b, clause)
+        post = self._post_effect(b, clause)
+        code = np.where((pre == _KIND_NEG) | (post == _KIND_NEG), _KIND_NEG, np.maximum(pre, post))
+        if len(b.prefix_end):  # "non-calcified": the attached word only
+            idx = np.searchsorted(b.prefix_end, b.m_start, side="right") - 1
+            attached = (idx >= 0) & (b.m_start - b.prefix_end[np.maximum(idx, 0)] <= 1)
+            code = np.where(attached, _KIND_NEG, code)
+        return code
+
+    # -- descriptors ---------------------------------------------------------------------------------------
+    def _descriptors(self, text: str, sentence_start: int, entity_start: int) -> tuple[int, list[str]]:
+        """The β words before the entity in its sentence (lower case) and the offset where the first begins.
+
+        A word is a whitespace token with its surrounding punctuation stripped ("effusion," -> "effusion",
+        "non-" -> "non"); tokens that are only punctuation do not count. The fast path looks at a short
+        window with `str.rsplit`; a window that may have cut a word, or punctuation-only tokens, fall back
+        to a token scan of the whole sentence part.
+        """
+        beta = self.config.beta
+        if beta == 0:
+            return entity_start, []
+        window = max(sentence_start, entity_start - 24 * beta)
+        chunk = text[window:entity_start]
+        tokens = chunk.rsplit(None, beta)
+        if len(tokens) > beta or window == sentence_start:
+            last = tokens[-beta:] if len(tokens) > beta else tokens
+            words = [t.strip(_PUNCTUATION).lower() for t in last]
+            if all(words):
+                rest = len(tokens[0]) if len(tokens) > beta else 0
+                first = window + rest + (len(chunk) - rest - len(chunk[rest:].lstrip()))
+                return first + len(last[0]) - len(
+                    last[0].lstrip(_PUNCTUATION)
+                ) if last else entity_start, words
+        found = [
+            (
+                m.start() + len(m.group()) - len(m.group().lstrip(_PUNCTUATION)),
+                m.group().strip(_PUNCTUATION).lower(),
+            )
+            for m in _TOKEN.finditer(text, sentence_start, entity_start)
+        ]
+        found = [(offset, word) for offset, word in found if word][-beta:]
+        return (found[0][0], [w for _, w in found]) if found else (entity_start, [])
+
+    # -- public --------------------------------------------------------------------------------------------
+    def match(self, study_ids: Sequence[str], texts: Sequence[str]) -> pa.Table:
+        """All mentions in `texts` (one report each), in report order then text order."""
+        if len(study_ids) != len(texts):
+            raise ValueError(f"{len(study_ids)} study ids but {len(texts)} texts")
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise TypeError(
+                f"report {bad} (study {study_ids[bad]!r}): text is {type(texts[bad]).__name__}, not str"
+            )
+        size = max(1, self.config.batch_size)
+        parts = [
+            self._match_batch(study_ids[i : i + size], texts[i : i + size])
+            for i in range(0, len(texts), size)
+        ]
+        return pa.concat_tables(parts) if parts else empty_mentions()
+
+    def _match_batch(self, study_ids: Sequence[str], texts: Sequence[str]) -> pa.Table:
+        b = self._scan(texts)
+        report = np.searchsorted(b.report_starts, b.m_start, side="right") - 1
+        sentence = np.searchsorted(b.sentence_starts, b.m_start, side="right") - 1
+        first_sentence = np.searchsorted(b.sentence_starts, b.report_starts, side="left")
+        clause = np.searchsorted(b.clause_starts, b.m_start, side="right")
+        polarity = self._polarity(b, clause)
+
+        offset = b.report_starts[report]
+        sent_start = b.sentence_starts[sentence]
+        sent_end = np.append(b.sentence_starts, len(b.text) + len(_BATCH_SEPARATOR))[sentence + 1]
+        report_end = offset + np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))[report]
+        sent_end = np.minimum(sent_end, report_end)
+
+        text = b.text
+        descriptors, descriptor_start = [], []
+        for s0, m0 in zip(sent_start.tolist(), b.m_start.tolist(), strict=True):
+            d0, words = self._descriptors(text, s0, m0)
+            descriptor_start.append(d0)
+            descriptors.append(words)
+        # Sentence strings once per sentence, then gathered per mention by Arrow.
+        unique_sentences, which = np.unique(sentence, return_inverse=True)
+        first_of = np.searchsorted(sentence, unique_sentences) if len(sentence) else sentence
+        sentence_text = pa.array(
+            [
+                text[s0:s1].strip()
+                for s0, s1 in zip(sent_start[first_of].tolist(), sent_end[first_of].tolist(), strict=True)
+            ],
+            type=pa.string(),
+        ).take(pa.array(which.reshape(-1), type=pa.int64()))
+        ids = np.asarray(study_ids, dtype=object)
+        return pa.Table.from_pydict(
+            {
+                "study_id": pa.array(ids[report], type=pa.string()),
+                "entity": pa.array(
+                    np.asarray(self.lexicon.entities, dtype=object)[b.m_entity], type=pa.string()
+                ),
+                "start": pa.array(b.m_start - offset, type=pa.int64()),
+                "end": pa.array(b.m_end - offset, type=pa.int64()),
+                "sentence_index": pa.array(sentence - first_sentence[report], type=pa.int64()),
+                "sentence": sentence_text,
+                "descriptor_start": pa.array(
+                    np.asarray(descriptor_start, dtype=np.int64) - offset, type=pa.int64()
+                ),
+                "descriptors": pa.array(descriptors, type=pa.list_(pa.string())),
+                "polarity": pa.array(np.asarray(POLARITIES, dtype=object)[polarity], type=pa.string()),
+            },
+            schema=EntityMention.arrow_schema(),
+        )
+
+
+def empty_mentions() -> pa.Table:
+    return EntityMention.arrow_schema().empty_table()
+
+
+def match_reports(
+    study_ids: Sequence[str],
+    texts: Sequence[str],
+    lexicon: EntityLexicon,
+    config: MatcherConfig | None = None,
+) -> pa.Table:
+    """One-shot helper: build a matcher and match `texts`."""
+    return EntityMatcher(lexicon, config).match(study_ids, texts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Statistics (Fig. 2) and derived entity lists (Table 8)
+# ---------------------------------------------------------------------------------------------------------
+def _polarity_counts(mentions: pa.Table, key: str) -> pa.Table:
+    """Per `key` value: n_mentions and n_positive / n_negative / n_uncertain, vectorised in Arrow."""
+    table = pa.table(
+        {
+            key: mentions.column(key),
+            **{f"n_{p}": pc.cast(pc.equal(mentions.column("polarity"), p), pa.int64()) for p in POLARITIES},
+        }
+    )
+    grouped = table.group_by(key).aggregate([(key, "count"), *[(f"n_{p}", "sum") for p in POLARITIES]])
+    return grouped.rename_columns(
+        {f"{key}_count": "n_mentions", **{f"n_{p}_sum": f"n_{p}" for p in POLARITIES}}
+    )
+
+
+def entity_stats(mentions: pa.Table, entities: Sequence[str]) -> pa.Table:
+    """Mentions per entity by polarity, every listed entity included, most frequent first (Fig. 2 (a))."""
+    counts = {r["entity"]: r for r in _polarity_counts(mentions, "entity").to_pylist()}
+    unknown = sorted(set(counts) - set(entities))
+    if unknown:
+        raise ValueError(f"mentions of entities not in the list: {unknown}")
+    per_report = mentions.select(["study_id", "entity"]).group_by(["entity", "study_id"]).aggregate([])
+    reports = dict(Counter(per_report.column("entity").to_pylist()))
+    total = max(mentions.num_rows, 1)
+    rows = []
+    for entity in entities:
+        row = counts.get(entity, {"n_mentions": 0, **{f"n_{p}": 0 for p in POLARITIES}})
+        rows.append(
+            {
+                "entity": entity,
+                "n_mentions": row["n_mentions"],
+                **{f"n_{p}": row[f"n_{p}"] for p in POLARITIES},
+                "n_reports": reports.get(entity, 0),
+                "share": row["n_mentions"] / total,
+            }
+        )
+    rows.sort(key=lambda r: (-r["n_mentions"], entities.index(r["entity"])))
+    return pa.Table.from_pylist(rows, schema=EntityStat.arrow_schema())
+
+
+def descriptor_phrases(mentions: pa.Table) -> pa.Array:
+    """The descriptor words of each mention joined by spaces ("is no", "there is", "" when none)."""
+    return pc.binary_join(mentions.column("descriptors"), " ")
+
+
+def descriptor_stats(mentions: pa.Table) -> pa.Table:
+    """Mentions per descriptor phrase by polarity, most frequent first (Fig. 2 (b)); empty phrases left out."""
+    table = pa.table({"descriptor": descriptor_phrases(mentions), "polarity": mentions.column("polarity")})
+    table = table.filter(pc.not_equal(table.column("descriptor"), ""))
+    counts = _polarity_counts(table, "descriptor")
+    order = pc.sort_indices(counts, sort_keys=[("n_mentions", "descending"), ("descriptor", "ascending")])
+    return counts.take(order).select(DescriptorStat.arrow_schema().names).cast(DescriptorStat.arrow_schema())
+
+
+def corpus_summary(mentions: pa.Table, n_reports: int, descriptors: pa.Table) -> dict[str, object]:
+    """One row of corpus numbers: polarity totals and the top-negative / top-positive descriptor ratio."""
+    totals = {p: int(pc.sum(pc.equal(mentions.column("polarity"), p)).as_py() or 0) for p in POLARITIES}
+    top = {}
+    for polarity in ("negative", "positive"):
+        column = descriptors.column(f"n_{polarity}").to_pylist()
+        best = max(range(len(column)), key=lambda i: (column[i], -i), default=None)
+        top[polarity] = (
+            (descriptors.column("descriptor")[best].as_py(), column[best])
+            if best is not None and column[best]
+            else ("", 0)
+        )
+    return {
+        "n_reports": n_reports,
+        "n_reports_with_mention": len(pc.unique(mentions.column("study_id"))),
+        "n_mentions": mentions.num_rows,
+        **{f"n_{p}": totals[p] for p in POLARITIES},
+        "negative_to_positive": totals["negative"] / totals["positive"]
+        if totals["positive"]
+        else float("nan"),
+        "top_negative_descriptor": top["negative"][0],
+        "top_positive_descriptor": top["positive"][0],
+        "top_descriptor_ratio": top["negative"][1] / top["positive"][1]
+        if top["positive"][1]
+        else float("nan"),
+    }
+
+
+def derive_entity_list(
+    stats: pa.Table, strategy: Literal["top_k", "top_percent"], k: int = 20, percent: float = 10.0
+) -> list[str]:
+    """Table 8's alternative entity lists from corpus frequencies (`entity_stats`): the k most mentioned
+    entities, or those at or above the (100 - percent)-th percentile of mention counts. Ties at the cut are
+    broken by the order of the stats table; entities never mentioned are never selected."""
+    ranked = [r for r in stats.to_pylist() if r["n_mentions"] > 0]
+    ranked.sort(key=lambda r: -r["n_mentions"])
+    if strategy == "top_k":
+        if k < 1:
+            raise ValueError(f"top_k needs k >= 1, got {k}")
+        return [r["entity"] for r in ranked[:k]]
+    if strategy == "top_percent":
+        if not 0 < percent <= 100:
+            raise ValueError(f"top_percent needs 0 < percent <= 100, got {percent}")
+        if not ranked:
+            return []
+        cut = float(np.percentile([r["n_mentions"] for r in stats.to_pylist()], 100 - percent))
+        return [r["entity"] for r in ranked if r["n_mentions"] >= cut]
+    raise ValueError(f"unknown strategy {strategy!r} (top_k | top_percent)")
+
+
+def write_entity_list(path: str | Path, entities: Sequence[str], comment: str) -> Path:
+    """Write an entity list file that `load_entity_list` reads back (so derived lists are config inputs)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {line}" for line in comment.splitlines()] + list(entities)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
