@@ -238,6 +238,7 @@ def read_csv_columns(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as err:
         raise InputLayoutError(f"{path}: cannot read CSV ({err})") from None
     _require_columns(path, list(frame.columns), required)
+    frame = frame[list(required)]
     return frame.map(str.strip) if len(frame) else frame
 
 
@@ -285,17 +286,17 @@ def list_mimic_studies(
     reports = _report_files(root)
 
     studies: dict[str, CandidateStudy] = {}
+    subject_of: dict[str, str] = {}
     skipped_views: dict[str, Counter[str]] = {}
     for dicom_id, subject_id, study_id, view in meta[list(METADATA_COLUMNS)].itertuples(index=False):
+        subject_of.setdefault(study_id, subject_id)
         if wanted and view.upper() not in wanted:
             skipped_views.setdefault(study_id, Counter())[view or "''"] += 1
             continue
         image_split = SPLIT_ALIASES.get(split_of.get(dicom_id, "").lower())
-        image_path = _mimic_dir(root, subject_id) / f"s{study_id}" / f"{dicom_id}.jpg"
         if image_split is None:
-            reason = (
-                "not in split CSV" if dicom_id not in split_of else f"split {split_of[dicom_id]!r} unknown"
-            )
+            known = dicom_id in split_of
+            reason = f"split {split_of[dicom_id]!r} unknown" if known else "not in split CSV"
             out.reject(split_path, dicom_id, f"study {study_id}: {reason}")
             continue
         study = studies.get(study_id)
@@ -306,19 +307,27 @@ def list_mimic_studies(
             )
             studies[study_id] = study
         elif study.split != image_split or study.subject_id != subject_id:
-            out.reject(
-                meta_path, dicom_id, f"study {study_id}: split/subject differ from the study's other images"
-            )
+            reason = f"study {study_id}: split/subject differ from the study's other images"
+            out.reject(meta_path, dicom_id, reason)
             continue
+        image_path = _mimic_dir(root, subject_id) / f"s{study_id}" / f"{dicom_id}.jpg"
         study.images.append(CandidateImage(dicom_id, image_path, view))
 
-    for study_id, counts in sorted(skipped_views.items()):
-        if study_id not in studies:
-            listed = ", ".join(f"{v} x{n}" for v, n in sorted(counts.items()))
-            out.reject(meta_path, study_id, f"no image with a view in data.views {sorted(wanted)} ({listed})")
-    listed_studies = set(meta["study_id"])
+    # Studies listed in the metadata that have no candidate image left, and reports with no metadata at all.
+    for study_id, subject_id in sorted(subject_of.items()):
+        if study_id in studies:
+            continue
+        report = _mimic_dir(root, subject_id) / f"s{study_id}.txt"
+        if study_id in skipped_views:
+            listed = ", ".join(f"{v} x{n}" for v, n in sorted(skipped_views[study_id].items()))
+            reason = f"no image with a view in data.views {sorted(wanted)} ({listed})"
+        else:
+            reason = (
+                f"no image left: every image of the study is missing from {split_path.name} or inconsistent"
+            )
+        out.reject(report, study_id, reason)
     for study_id, path in sorted(reports.items()):
-        if study_id not in listed_studies:
+        if study_id not in subject_of:
             out.reject(path, study_id, f"report has no image in {meta_path.name}")
 
     kept = [studies[s] for s in sorted(studies)]

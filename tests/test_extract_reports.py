@@ -137,6 +137,7 @@ def test_mimic_every_bad_input_becomes_a_precise_reject_and_nothing_else_is_lost
         "50000015": mimic_report(),  # its only image is not an image
         "50000016": mimic_report(),  # only a lateral view
         "50000017": mimic_report(),  # image truncated
+        "50000018": mimic_report(),  # its only image is missing from the split CSV
     }
     paths = {study: tree.add_report(subject, study, text) for study, text in reports.items()}
     tree.add_image(subject, "50000010", "good")
@@ -147,6 +148,7 @@ def test_mimic_every_bad_input_becomes_a_precise_reject_and_nothing_else_is_lost
     tree.add_image(subject, "50000016", "lat", view="LATERAL")
     tree.add_image(subject, "50000017", "cut", content=radiograph_jpeg[: len(radiograph_jpeg) // 2])
     tree.add_image(subject, "50000010", "nosplit", in_split=False)
+    tree.add_image(subject, "50000018", "nosplit2", in_split=False)
     orphan = tree.add_report("19999999", "59999999", mimic_report())  # a report without metadata
     root = tree.write_csvs()
 
@@ -178,11 +180,13 @@ def test_mimic_every_bad_input_becomes_a_precise_reject_and_nothing_else_is_lost
             "study 50000017: truncated JPEG file (no end-of-image marker)",
         ),
         "50000017": (paths["50000017"], "no usable image: every image of the study was rejected"),
-        "50000016": (
-            root / "mimic-cxr-2.0.0-metadata.csv.gz",
-            "no image with a view in data.views ['AP', 'PA'] (LATERAL x1)",
-        ),
+        "50000016": (paths["50000016"], "no image with a view in data.views ['AP', 'PA'] (LATERAL x1)"),
         "nosplit": (root / "mimic-cxr-2.0.0-split.csv.gz", "study 50000010: not in split CSV"),
+        "nosplit2": (root / "mimic-cxr-2.0.0-split.csv.gz", "study 50000018: not in split CSV"),
+        "50000018": (
+            paths["50000018"],
+            "no image left: every image of the study is missing from mimic-cxr-2.0.0-split.csv.gz or inconsistent",
+        ),
         "59999999": (orphan, "report has no image in mimic-cxr-2.0.0-metadata.csv.gz"),
     }
     assert set(rejects) == set(expected)
