@@ -98,7 +98,7 @@ TABLE1_SURFACE_FORMS: Mapping[str, tuple[str, ...]] = MappingProxyType(
 # clause, "both" either way. Longest phrase wins at a position, so "no change" (pseudo) beats "no".
 # ---------------------------------------------------------------------------------------------------------
 NEGATION_PRE = (
-    "no", "not", "without", "free of", "negative for", "absence of", "absent", "resolution of",
+    "no", "not", "without", "free of", "clear of", "negative for", "absence of", "absent", "resolution of",
     "there is no", "there are no", "there was no", "there were no", "rather than", "removal of",
     "no evidence of", "no signs of", "no sign of", "no findings of", "without evidence of",
 )  # fmt: skip
