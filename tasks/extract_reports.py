@@ -173,7 +173,7 @@ def check_images(
     if workers <= 1 or len(images) < 2:
         return [one(image) for image in images]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(one, images, chunksize=64))
+        return list(pool.map(one, images))
 
 
 # --------------------------------------------------------------------------- assembly
@@ -359,7 +359,9 @@ def read_manifest_table(path: Path) -> pd.DataFrame:
     elif suffix.endswith((".csv", ".csv.gz", ".tsv")):
         try:
             sep = "\t" if suffix.endswith(".tsv") else ","
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, sep=sep)
+            frame = pd.read_csv(
+                path, dtype=str, keep_default_na=False, na_filter=False, sep=sep, encoding="utf-8-sig"
+            )
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as err:
             raise InputLayoutError(f"{path}: cannot read CSV manifest ({err})") from None
         _require_columns(path, list(frame.columns), MANIFEST_REQUIRED)
@@ -385,7 +387,7 @@ def list_manifest_studies(
         study_id = str(row["study_id"]).strip()
         image_path = str(row["image_path"]).strip()
         raw_split = str(row.get("split", "train")).strip().lower() or "train"
-        view = str(row.get("view", "")).strip()
+        view = str(row.get("view", "")).strip().upper()
         if not study_id:
             out.reject(path, key, "empty study_id")
             continue

@@ -350,7 +350,7 @@ def test_manifest_reader_resolves_paths_parses_sections_and_rejects_bad_rows(tmp
     assert out.reports[0].source_path == f"{manifest.resolve()}#row 1"
     assert [(i.image_id, i.path, i.view) for i in out.images] == [
         ("s1_a", str((folder / "img" / "a.jpg").resolve()), "PA"),
-        ("s2_b", str((folder / "img" / "b.jpg").resolve()), "ap"),
+        ("s2_b", str((folder / "img" / "b.jpg").resolve()), "AP"),  # views upper-cased as in MIMIC
     ]
     src = str(manifest.resolve())
     got = sorted((r.source, r.key, r.reason) for r in out.rejects)
@@ -480,3 +480,21 @@ def test_generated_corpus_every_layout_and_the_official_split(small_corpus):
     summary = pd.read_json(small_corpus / "summary.json", typ="series")
     assert len(with_laterals.images) == summary["n_images"]
     assert sum(i.view == "LATERAL" for i in with_laterals.images) == summary["n_lateral"]
+
+
+def test_manifest_excel_csv_with_bom_and_tsv_are_read_and_bad_encoding_is_an_error(tmp_path, radiograph_jpeg):
+    (tmp_path / "a.jpg").write_bytes(radiograph_jpeg)
+    rows = pd.DataFrame([{"study_id": "s1", "image_path": "a.jpg", "report_text": "Heart, lungs: normal."}])
+    rows.to_csv(tmp_path / "excel.csv", index=False, encoding="utf-8-sig")
+    rows.to_csv(tmp_path / "tabs.tsv", index=False, sep="\t")
+    for name in ("excel.csv", "tabs.tsv"):
+        out = extract(data(source="manifest", manifest=str(tmp_path / name)), Config())
+        assert [(r.study_id, r.findings) for r in out.reports] == [("s1", "Heart, lungs: normal.")], name
+    (tmp_path / "latin1.csv").write_bytes(
+        "study_id,image_path,report_text\ns1,a.jpg,Epanchement \xe9\n".encode("latin-1")
+    )
+    with pytest.raises(InputLayoutError, match=r"latin1.csv: cannot read CSV manifest .*utf-8"):
+        extract(data(source="manifest", manifest=str(tmp_path / "latin1.csv")), Config())
+    (tmp_path / "m.xlsx").write_bytes(b"PK")
+    with pytest.raises(InputLayoutError, match=r"m.xlsx: manifest must be .csv, .csv.gz, .tsv or .parquet"):
+        extract(data(source="manifest", manifest=str(tmp_path / "m.xlsx")), Config())
