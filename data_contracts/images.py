@@ -96,6 +96,8 @@ def _open_pil(path: Path) -> Image.Image:
         return Image.open(path)
     except UnidentifiedImageError:
         raise ImageLoadError(path, "not an image file (no known image format header)") from None
+    except Image.DecompressionBombError as err:
+        raise ImageLoadError(path, f"image too large: {err}") from None
     except OSError as err:
         raise ImageLoadError(path, f"cannot open image: {err}") from None
 

@@ -195,3 +195,10 @@ def test_truncated_dicom(tmp_path):
     for call in (load_grayscale, image_size):
         with pytest.raises(ImageLoadError, match="half_real.dcm: .*truncated"):
             call(half_real)
+
+
+def test_decompression_bomb_is_a_load_error_not_a_crash(tmp_path):
+    Image.new("1", (20000, 10000)).save(tmp_path / "huge.png")  # 2e8 pixels > 2 x PIL's MAX_IMAGE_PIXELS
+    for call in (load_grayscale, image_size):
+        with pytest.raises(ImageLoadError, match="huge.png: image too large"):
+            call(tmp_path / "huge.png")
