@@ -12,10 +12,13 @@ Training is deterministic: the corpus is fed in the order given, in a single thr
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from itertools import chain
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 PAD, UNK, CLS, MASK, SEP = "[PAD]", "[UNK]", "[CLS]", "[MASK]", "[SEP]"
@@ -153,3 +156,58 @@ def check_special_ids(tokenizer: Tokenizer, source: str) -> None:
         actual = tokenizer.token_to_id(token)
         if actual != expected_id:
             raise ValueError(f"{source}: special token {token} has id {actual}, expected {expected_id}")
+
+
+# For ASCII text the official pipeline reduces to: lowercase, then runs of digits / of other word characters /
+# of other non-space characters (Whitespace = \w+|[^\w\s]+, then Digits splits digit runs off).
+_ASCII_WORDS = re.compile(r"[0-9]+|[A-Za-z_]+|[^\w\s]+", re.ASCII)
+_TEXT_BREAK = "\x00"  # joins a batch into one string; a word of its own, never in a fast-path text
+
+
+class CachedEncoder:
+    """Batch WordPiece encoding into a padded id array, several times faster than `encode_batch` on reports.
+
+    WHY: on short reports most of `encode_batch`'s time is the per-text pipeline, not WordPiece itself. ASCII
+    texts (nearly all reports) are joined, lower-cased and split into words with one C regex; each distinct
+    word is split into pieces once by the tokenizer's own model and then looked up. Texts that are not ASCII
+    or hold a '[' (which could start a special token) go through `encode_batch` unchanged. The ids are those
+    of `tokenizer.encode(text, add_special_tokens=False)` either way (tested on real reports).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, max_words: int = 500_000):
+        self.tokenizer = tokenizer
+        self.max_words = max_words
+        self.pieces: dict[str, tuple[int, ...]] = {_TEXT_BREAK: (-1,)}
+
+    def add_words(self, words: set[str]) -> None:
+        if len(self.pieces) + len(words) > self.max_words:
+            self.pieces = {_TEXT_BREAK: (-1,)}
+        for word in words:
+            self.pieces[word] = tuple(token.id for token in self.tokenizer.model.tokenize(word))
+
+    def encode_padded(self, texts: Sequence[str], width: int, prefix: Sequence[int] = ()) -> np.ndarray:
+        """[B, width] int64: `prefix` + the pieces of each text, truncated, right-padded with [PAD]."""
+        ids = np.full((len(texts), width), self.tokenizer.token_to_id(PAD), dtype=np.int64)
+        ids[:, : len(prefix)] = prefix
+        fast = np.array([t.isascii() and "[" not in t and _TEXT_BREAK not in t for t in texts], dtype=bool)
+        rows = np.flatnonzero(fast)
+        if rows.size:
+            words = _ASCII_WORDS.findall(f" {_TEXT_BREAK} ".join(texts[i] for i in rows).lower())
+            new = set(words).difference(self.pieces)
+            if new:
+                self.add_words(new)
+            flat = np.fromiter(chain.from_iterable(map(self.pieces.__getitem__, words)), dtype=np.int64)
+            is_break = flat < 0
+            text_of = np.cumsum(is_break)  # which joined text each piece belongs to
+            text_start = np.concatenate([[0], np.flatnonzero(is_break) + 1])
+            col = np.arange(flat.size) - text_start[text_of] + len(prefix)
+            keep = ~is_break & (col < width)
+            ids[rows[text_of[keep]], col[keep]] = flat[keep]
+        for i, encoding in zip(
+            np.flatnonzero(~fast),
+            self.tokenizer.encode_batch([texts[i] for i in np.flatnonzero(~fast)], add_special_tokens=False),
+            strict=True,
+        ):
+            pieces = encoding.ids[: width - len(prefix)]
+            ids[i, len(prefix) : len(prefix) + len(pieces)] = pieces
+        return ids

@@ -1,0 +1,458 @@
+"""ECAMP's entity-centred, context-enhanced MLM on the text side (paper §3.2, Eq. 2-4).
+
+A batch of (original report, distilled report) pairs becomes `input_ids`, `attention_mask`, `labels` and
+per-token loss `weights`:
+
+1. composition: `T = [T_o, T_d]`, the distilled text inserted at a random sentence boundary with probability
+   `p_insert_distilled` (official: 0.8), or one of the two alone (ablation rows of Tables 7-8);
+2. tokenization: `[CLS]` + WordPiece pieces (no `[SEP]`, like the official code), truncated and padded to
+   `max_len` (always: the loss divides by B·max_len, so the padded length must not depend on the batch);
+3. masking, whole-word (a `##` piece is masked iff its word is): the β words before each entity word in the
+   same sentence ("descriptors") are always masked, every other word with probability `mask_rate`; masked
+   pieces become `[MASK]` (no 80/10/10 split, as in the official code);
+4. re-balancing (Eq. 3-4): predicted descriptor pieces inside a negation cue weigh λ_neg, the other predicted
+   descriptor pieces λ_oth, every other predicted piece 1, unpredicted pieces 0 (label -100).
+
+Eq. 3 is solved per sample on PIECE counts: N_neg / N_oth = predicted descriptor pieces inside / outside a
+negation cue, N_a = N_neg + N_oth, λ_oth = (N_a − λ_neg·N_neg) / N_oth, so the descriptor weights of a sample
+sum to N_a exactly. A sample with N_oth = 0 has no λ_oth to solve for: its negative descriptors keep λ_neg
+(Eq. 4), i.e. all-negative reports — the 20:1 majority — are down-weighted, which is what the factor is for.
+
+Everything after tokenization is vectorised over the [B, L] id array: vocabulary tables (is `##` piece, is
+sentence end, is punctuation), phrase matching by shifted windows, descriptor windows by shifted sentence-id
+comparisons in a compacted word axis, whole-word expansion by gathering from each piece's word start.
+
+Official-code behaviour (REFERENCE.md §2.3) is available behind `official_quirks`:
+- `mlm_on_all_positions`: labels are the original ids at every position, `[CLS]` and `[PAD]` included;
+- `official_descriptor_masking`: the forced descriptor masking never runs; entity words are masked at
+  `mask_rate`, other words at 0.70 when the text has an entity (at `mask_rate` otherwise).
+The official weight formula (template tokens anywhere at 0.05, context rescaled so all 256 weights sum to 256)
+is not reproduced: we follow Eq. 3-4 of the paper.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from tokenizers import Tokenizer
+
+from models.entities import load_entity_list
+from models.wordpiece import (
+    CLS,
+    CONTINUATION_PREFIX,
+    MASK,
+    PAD,
+    SPECIAL_TOKENS,
+    CachedEncoder,
+    check_special_ids,
+)
+
+IGNORE_INDEX = -100
+OFFICIAL_NON_ENTITY_RATE = 0.70  # official `_context_mask`: non-entity words when the text has an entity
+TABLE1_PATH = Path(__file__).resolve().parents[1] / "configs" / "entities" / "table1.txt"
+NEGATION_CUES: tuple[str, ...] = (
+    "there is no evidence of",
+    "there is no",
+    "there are no",
+    "no evidence of",
+    "no",
+    "without",
+    "free of",
+    "negative for",
+    "not",
+)
+
+
+class OfficialQuirks(BaseModel):
+    """Switches reproducing the official ECAMP dataset/loss code where it differs from the paper (default: off)."""
+
+    model_config = ConfigDict(extra="forbid")
+    mlm_on_all_positions: bool = Field(False, description="labels at every position incl. [CLS]/[PAD]")
+    official_descriptor_masking: bool = Field(
+        False, description="no forced descriptor masking; entity words at mask_rate, others at 0.70"
+    )
+
+
+class TextMaskingConfig(BaseModel):
+    """Text composition, masking and re-balancing; defaults are the paper's values."""
+
+    model_config = ConfigDict(extra="forbid")
+    mask_rate: float = Field(0.75, ge=0.0, le=1.0, description="masking rate of non-descriptor words")
+    beta: int = Field(2, ge=0, description="descriptor words before each entity word")
+    lambda_neg: float = Field(0.05, ge=0.0, description="weight of negative descriptor pieces (Eq. 3)")
+    rebalance: bool = Field(True, description="re-balancing factor on (Table 7 'RF'); off: all weights 1")
+    descriptor_masking: bool = Field(True, description="always mask descriptors (Table 7 'DM')")
+    max_len: int = Field(256, ge=2, description="tokens incl. [CLS]; every batch is padded to it")
+    p_insert_distilled: float = Field(0.8, ge=0.0, le=1.0, description="hybrid: chance to insert T_d")
+    text_composition: Literal["origin", "distilled", "hybrid"] = "hybrid"
+    negation_cues: list[str] = Field(default_factory=lambda: list(NEGATION_CUES))
+    sentence_end_tokens: list[str] = Field(default_factory=lambda: ["."])
+    official_quirks: OfficialQuirks = Field(default_factory=OfficialQuirks)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entities and text composition
+
+
+def read_entity_words(path: str | Path = TABLE1_PATH) -> list[str]:
+    """Every surface form of the entities in a list file (`models.entities` lexicon: inflections included)."""
+    return sorted(load_entity_list(path).forms)
+
+
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
+
+
+def terminated(sentence: str) -> str:
+    """A sentence ending in '.', '!' or '?' (adds '.'), so no descriptor window runs into the next text."""
+    sentence = sentence.strip()
+    return sentence if not sentence or sentence[-1] in ".!?" else sentence + "."
+
+
+def insert_at_boundary(original: str, distilled: str, fraction: float) -> str:
+    """Insert `distilled` between sentences of `original`; boundary index floor(fraction·(n+1)) of n+1."""
+    sentences = [s for s in _SENTENCE_SPLIT.split(original.strip()) if s]
+    k = min(int(fraction * (len(sentences) + 1)), len(sentences))
+    parts = [terminated(s) for s in sentences[:k]] + [terminated(distilled)] + sentences[k:]
+    return " ".join(parts)
+
+
+def compose_texts(pairs: Sequence[tuple[str, str | None]], cfg: TextMaskingConfig, rng: np.random.Generator):
+    """The text each sample is trained on: original, distilled, or original with distilled inserted (hybrid).
+
+    Hybrid draws two uniforms per sample (insert?, where) so the stream does not depend on the texts.
+    A missing distillation (None) in hybrid mode leaves the original alone; in 'distilled' mode it is an error.
+    """
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, tuple | list) or len(pair) != 2 or not isinstance(pair[0], str):
+            raise ValueError(f"batch item {i}: expected (original: str, distilled: str | None), got {pair!r}")
+    if cfg.text_composition == "origin":
+        return [original for original, _ in pairs]
+    if cfg.text_composition == "distilled":
+        missing = [i for i, (_, distilled) in enumerate(pairs) if distilled is None]
+        if missing:
+            raise ValueError(f"text_composition='distilled' but batch items {missing} have no distilled text")
+        return [distilled for _, distilled in pairs]
+    insert = rng.random(len(pairs)) < cfg.p_insert_distilled
+    where = rng.random(len(pairs))
+    return [
+        insert_at_boundary(original, distilled, where[i]) if insert[i] and distilled else original
+        for i, (original, distilled) in enumerate(pairs)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Vocabulary tables and phrase matching
+
+
+def phrase_ids(tokenizer: Tokenizer, phrases: Sequence[str]) -> tuple[list[np.ndarray], list[str]]:
+    """Piece-id sequence of each phrase; phrases with an unknown piece cannot be matched and are returned apart."""
+    unk = tokenizer.token_to_id(SPECIAL_TOKENS[1])
+    sequences, unmatchable = [], []
+    for phrase, encoding in zip(
+        phrases, tokenizer.encode_batch(list(phrases), add_special_tokens=False), strict=True
+    ):
+        if not encoding.ids or unk in encoding.ids:
+            unmatchable.append(phrase)
+        else:
+            sequences.append(np.asarray(encoding.ids, dtype=np.int64))
+    return sequences, unmatchable
+
+
+class PhraseMatcher:
+    """Whole-word occurrences of piece-id sequences in a [B, L] id array, by comparing shifted windows.
+
+    Ids are first re-coded to a compact alphabet of the pieces the patterns use (0 = any other piece), then
+    each window of k codes is packed into one int64 key and looked up by binary search in the sorted pattern
+    keys: one pass per distinct pattern length, not per pattern or per token. Patterns too long to pack (tiny
+    vocabularies split words into many pieces) are compared window against pattern.
+    """
+
+    def __init__(self, patterns: Sequence[np.ndarray], vocab_size: int):
+        used = np.unique(np.concatenate(patterns)) if patterns else np.zeros(0, dtype=np.int64)
+        self.code = np.zeros(vocab_size, dtype=np.int64)
+        self.code[used] = np.arange(1, used.size + 1)
+        self.base = used.size + 1
+        self.is_first = np.zeros(vocab_size, dtype=bool)
+        self.is_first[[int(p[0]) for p in patterns]] = True
+        self.keys: dict[int, np.ndarray] = {}  # packed keys, sorted, per pattern length
+        self.long: dict[int, np.ndarray] = {}  # [n, k] codes of patterns too long to pack into an int64
+        by_length: dict[int, list[np.ndarray]] = {}
+        for p in patterns:
+            by_length.setdefault(len(p), []).append(self.code[p])
+        for k, group in sorted(by_length.items()):
+            if float(self.base) ** k < 2.0**63:
+                self.keys[k] = np.unique(np.stack(group) @ self.radix(k))
+            else:
+                self.long[k] = np.unique(np.stack(group), axis=0)
+        self.longest = max(by_length, default=0)
+
+    def radix(self, k: int) -> np.ndarray:
+        return self.base ** np.arange(k, dtype=np.int64)
+
+    def find(self, ids: np.ndarray, word_start: np.ndarray, is_continuation: np.ndarray):
+        """(starts, covered): matches that start on a word start and end at a word end; every matched piece.
+
+        Only word starts whose piece begins some pattern are candidates (entity and cue words are rare): the
+        windows are gathered there, their keys for every length built by one cumulative sum.
+        """
+        batch, length = ids.shape
+        starts = np.zeros((batch, length), dtype=bool)
+        covered = np.zeros((batch, length), dtype=bool)
+        rows, cols = np.nonzero(word_start & self.is_first[ids])
+        if rows.size == 0 or self.longest == 0:
+            return starts, covered
+        longest = self.longest
+        offsets = cols[:, None] + np.arange(longest + 1)
+        window = pad_right(ids, longest, 0)[rows[:, None], offsets]  # [PAD] after the text ends every word
+        codes = self.code[window[:, :longest]]
+        packable = max(self.keys, default=0)
+        prefix_keys = np.cumsum(codes[:, :packable] * self.radix(packable), axis=1)
+        ends_word = ~is_continuation[window[:, 1:]]
+        match_len = np.zeros(rows.size, dtype=np.int64)
+        for k, keys in self.keys.items():
+            found = prefix_keys[:, k - 1]
+            at = np.minimum(np.searchsorted(keys, found), keys.size - 1)
+            match_len = np.where((keys[at] == found) & ends_word[:, k - 1], k, match_len)
+        for k, long_codes in self.long.items():
+            found = (codes[:, None, :k] == long_codes[None]).all(axis=2).any(axis=1)
+            match_len = np.where(found & ends_word[:, k - 1], k, match_len)
+        hit = match_len > 0
+        starts[rows[hit], cols[hit]] = True
+        for j in range(longest):  # patterns never contain code 0, so a match never runs into the padding
+            inside = match_len > j
+            covered[rows[inside], cols[inside] + j] = True
+        return starts, covered
+
+
+@dataclass(frozen=True)
+class VocabTables:
+    """Per-vocabulary-id lookups, built once per tokenizer, so masking works on id arrays only."""
+
+    is_continuation: np.ndarray  # '##' piece
+    is_special: np.ndarray  # [PAD] [UNK] [CLS] [MASK] [SEP]
+    is_sentence_end: np.ndarray
+    is_punctuation: np.ndarray  # word-initial piece without a letter or digit: not a descriptor word
+    entities: PhraseMatcher
+    negations: PhraseMatcher
+    unmatchable: tuple[str, ...]  # entity words / cues the vocabulary cannot spell (contain [UNK])
+
+    @classmethod
+    def build(cls, tokenizer: Tokenizer, cfg: TextMaskingConfig, entity_words: Sequence[str]) -> VocabTables:
+        check_special_ids(tokenizer, source="text masking tokenizer")
+        size = tokenizer.get_vocab_size()
+        pieces = np.array([tokenizer.id_to_token(i) or "" for i in range(size)], dtype=object)
+        is_continuation = np.array([p.startswith(CONTINUATION_PREFIX) for p in pieces], dtype=bool)
+        is_special = np.isin(pieces, SPECIAL_TOKENS)
+        is_punctuation = np.array([not any(c.isalnum() for c in p) for p in pieces], dtype=bool)
+        is_sentence_end = np.isin(pieces, cfg.sentence_end_tokens)
+        entity_ids, bad_entities = phrase_ids(tokenizer, [w.lower() for w in entity_words])
+        cue_ids, bad_cues = phrase_ids(tokenizer, [c.lower() for c in cfg.negation_cues])
+        return cls(
+            is_continuation=is_continuation,
+            is_special=is_special,
+            is_sentence_end=is_sentence_end,
+            is_punctuation=is_punctuation & ~is_continuation & ~is_special,
+            entities=PhraseMatcher(entity_ids, size),
+            negations=PhraseMatcher(cue_ids, size),
+            unmatchable=tuple(bad_entities + bad_cues),
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenization, masking, weights
+
+
+def pad_right(a: np.ndarray, extra: int, value) -> np.ndarray:
+    """[B, W] -> [B, W + extra] filled with `value` (np.pad costs more than the masking itself here)."""
+    out = np.full((a.shape[0], a.shape[1] + extra), value, dtype=a.dtype)
+    out[:, : a.shape[1]] = a
+    return out
+
+
+def spread_from_word_start(flag: np.ndarray, word_start_of: np.ndarray, in_word: np.ndarray) -> np.ndarray:
+    """Whole-word expansion: each piece takes the flag of its word's first piece."""
+    return np.take_along_axis(flag, word_start_of, axis=1) & in_word
+
+
+def descriptor_starts(
+    word_start: np.ndarray, content: np.ndarray, entity_start: np.ndarray, sentence: np.ndarray, beta: int
+) -> np.ndarray:
+    """Word starts of the β content words before each entity word, inside the entity's sentence.
+
+    Content words (not punctuation) are compacted to a [B, C] axis, where "the k-th word before" is a shift by
+    k; a shifted sentence-id comparison keeps windows from crossing a sentence end.
+    """
+    batch, _ = word_start.shape
+    rows, cols = np.nonzero(content)
+    if rows.size == 0 or beta == 0:
+        return np.zeros_like(word_start)
+    rank = (np.cumsum(content, axis=1) - 1)[rows, cols]
+    width = int(rank.max()) + 1
+    sentence_c = np.full((batch, width + beta), -1, dtype=np.int64)
+    entity_c = np.zeros((batch, width + beta), dtype=bool)
+    sentence_c[rows, rank] = sentence[rows, cols]
+    entity_c[rows, rank] = entity_start[rows, cols]
+    described = np.zeros((batch, width), dtype=bool)
+    for k in range(1, beta + 1):
+        described |= entity_c[:, k : k + width] & (sentence_c[:, k : k + width] == sentence_c[:, :width])
+    out = np.zeros_like(word_start)
+    out[rows, cols] = described[rows, rank]
+    return out
+
+
+def rebalanced_weights(
+    predicted: np.ndarray, descriptor: np.ndarray, negative: np.ndarray, lambda_neg: float
+) -> np.ndarray:
+    """Eq. 3-4 per sample on predicted pieces; see the module docstring for the counts and the N_oth = 0 case."""
+    neg = predicted & descriptor & negative
+    oth = predicted & descriptor & ~negative
+    n_neg, n_oth = neg.sum(axis=1), oth.sum(axis=1)
+    lambda_oth = np.where(n_oth > 0, (n_neg + n_oth - lambda_neg * n_neg) / np.maximum(n_oth, 1), 1.0)
+    weights = predicted.astype(np.float64)
+    weights[neg] = lambda_neg
+    return np.where(oth, lambda_oth[:, None], weights)
+
+
+@dataclass(frozen=True)
+class MaskedBatch:
+    """Everything collate computed, as numpy arrays [B, L]; `as_tensors` gives what the model consumes."""
+
+    texts: list[str]
+    token_ids: np.ndarray  # original ids
+    input_ids: np.ndarray  # masked pieces replaced by [MASK]
+    attention_mask: np.ndarray
+    labels: np.ndarray  # original id where predicted, else -100
+    weights: np.ndarray  # float64; 0 where not predicted
+    masked: np.ndarray
+    descriptor: np.ndarray
+    negative: np.ndarray  # inside a negation-cue match
+    entity: np.ndarray  # inside an entity-word match
+
+    def as_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": torch.from_numpy(self.input_ids),
+            "attention_mask": torch.from_numpy(self.attention_mask),
+            "labels": torch.from_numpy(self.labels),
+            "weights": torch.from_numpy(self.weights.astype(np.float32)),
+        }
+
+
+class TextCollator:
+    """Builds MLM batches; holds the per-vocabulary tables so a DataLoader pays for them once."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, cfg: TextMaskingConfig, entity_words: Sequence[str] | None = None
+    ):
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.tables = VocabTables.build(
+            tokenizer, cfg, read_entity_words() if entity_words is None else entity_words
+        )
+        self.mask_id = tokenizer.token_to_id(MASK)
+        self.encoder = CachedEncoder(tokenizer)
+
+    def __call__(
+        self, pairs: Sequence[tuple[str, str | None]], rng: np.random.Generator
+    ) -> dict[str, torch.Tensor]:
+        return self.mask(pairs, rng).as_tensors()
+
+    def mask(self, pairs: Sequence[tuple[str, str | None]], rng: np.random.Generator) -> MaskedBatch:
+        cfg, t = self.cfg, self.tables
+        texts = compose_texts(pairs, cfg, rng)
+        pad_id = self.tokenizer.token_to_id(PAD)
+        # One extra column shows whether the last kept piece ends its word. Work on the columns that hold text
+        # (reports are much shorter than max_len) and pad the results to max_len at the end.
+        full = self.encoder.encode_padded(texts, cfg.max_len + 1, prefix=[self.tokenizer.token_to_id(CLS)])
+        width = int(min(cfg.max_len, (full != pad_id).sum(axis=1).max()))
+        full = full[:, : width + 1]
+        ids = full[:, :width]
+        draws = rng.random((len(texts), cfg.max_len))[:, :width]
+
+        continuation = t.is_continuation[ids]
+        real = ~t.is_special[ids]
+        word_start = real & ~continuation
+        positions = np.broadcast_to(np.arange(width), ids.shape)
+        word_start_of = np.maximum.accumulate(np.where(word_start, positions, 0), axis=1)
+        in_word = real & (np.cumsum(word_start, axis=1) > 0)
+
+        start_full = pad_right(word_start, 1, False)
+        entity_start, entity = (a[:, :width] for a in t.entities.find(full, start_full, t.is_continuation))
+        negative = t.negations.find(full, start_full, t.is_continuation)[1][:, :width]
+        sentence = np.cumsum(t.is_sentence_end[ids], axis=1)
+        content = word_start & ~t.is_punctuation[ids]
+        described = descriptor_starts(word_start, content, entity_start, sentence, cfg.beta)
+        descriptor = spread_from_word_start(described, word_start_of, in_word)
+
+        official = cfg.official_quirks
+        if official.official_descriptor_masking:
+            other_rate = np.where(entity_start.any(axis=1), OFFICIAL_NON_ENTITY_RATE, cfg.mask_rate)[:, None]
+            chosen = word_start & (draws < np.where(entity_start, cfg.mask_rate, other_rate))
+        else:
+            chosen = word_start & ((draws < cfg.mask_rate) | (described & cfg.descriptor_masking))
+        masked = spread_from_word_start(chosen, word_start_of, in_word)
+
+        everywhere = official.mlm_on_all_positions
+        predicted = np.ones_like(masked) if everywhere else masked
+        weights = (
+            rebalanced_weights(predicted, descriptor, negative, cfg.lambda_neg)
+            if cfg.rebalance
+            else predicted.astype(np.float64)
+        )
+
+        def to_max_len(a: np.ndarray, value) -> np.ndarray:
+            return pad_right(a, cfg.max_len - width, value)
+
+        return MaskedBatch(
+            texts=texts,
+            token_ids=to_max_len(ids, pad_id),
+            input_ids=to_max_len(np.where(masked, self.mask_id, ids), pad_id),
+            attention_mask=to_max_len(real | (ids == self.tokenizer.token_to_id(CLS)), False).astype(
+                np.int64
+            ),
+            labels=to_max_len(np.where(predicted, ids, IGNORE_INDEX), pad_id if everywhere else IGNORE_INDEX),
+            weights=to_max_len(weights, 1.0 if everywhere else 0.0),
+            masked=to_max_len(masked, False),
+            descriptor=to_max_len(descriptor, False),
+            negative=to_max_len(negative, False),
+            entity=to_max_len(entity, False),
+        )
+
+
+def collate(
+    batch_texts: Sequence[tuple[str, str | None]],
+    tokenizer: Tokenizer,
+    cfg: TextMaskingConfig,
+    rng: np.random.Generator,
+    entity_words: Sequence[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """One MLM batch: input_ids/attention_mask/labels [B, L] long, weights [B, L] float32 (L = cfg.max_len).
+
+    Convenience form; a training loop should build one `TextCollator` and call it per batch (same output).
+    """
+    return TextCollator(tokenizer, cfg, entity_words)(batch_texts, rng)
+
+
+def weighted_mlm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Official normalisation: sum over positions with a label of w · CE, divided by B·L (not by the label count).
+
+    logits [B, L, V], labels [B, L] (-100 = no loss), weights [B, L]. Dividing by the fixed B·L keeps the
+    weights' meaning (Eq. 3 moves loss mass between descriptors without changing the total scale).
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2] or weights.shape != labels.shape:
+        raise ValueError(
+            f"weighted_mlm_loss: expected logits [B, L, V] and labels/weights [B, L]; got logits "
+            f"{tuple(logits.shape)}, labels {tuple(labels.shape)}, weights {tuple(weights.shape)}"
+        )
+    batch, length, vocab = logits.shape
+    per_token = F.cross_entropy(
+        logits.reshape(-1, vocab).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(batch, length)
+    return (per_token * weights.to(per_token.dtype)).sum() / (batch * length)
