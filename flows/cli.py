@@ -46,7 +46,6 @@ def synth(
 ) -> None:
     """Generate the deterministic chest-X-ray-like demo corpus in MIMIC-CXR(-JPG) layout."""
     from models.synth.corpus import generate_corpus
-
     from tasks.config import ConfigError, load_config
 
     overrides = list(set_ or []) + ([f"synth.n_studies={n}"] if n is not None else [])
@@ -179,7 +178,7 @@ def lineage(
             add(branch.add(_label(child.uri, child.info)), child)
 
     add(tree, root)
-    Console().print(tree)
+    Console(soft_wrap=True).print(tree)
 
 
 if __name__ == "__main__":
