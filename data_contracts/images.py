@@ -2,7 +2,9 @@
 
 Every image consumer (GLoRIA, ECAMP pre-training, downstream tasks) reads pixels through
 `load_grayscale`, so a DICOM, a 16-bit PNG and an RGB PNG of the same film come out with the same
-orientation and polarity (bone bright, air dark). `image_size` is the cheap check the report
+orientation and polarity (bone bright, air dark) -- provided the DICOM header tells the truth; a file
+whose PhotometricInterpretation is wrong loads as a negative, which `looks_inverted` detects on frontal
+views (the real `Fake_MONOHR1.dcm` fixture is such a file). `image_size` is the cheap check the report
 extraction runs on every listed image: it reads the header and the end-of-file marker only, or
 decodes fully when asked.
 """
