@@ -14,13 +14,13 @@ import time
 from collections import defaultdict
 from typing import Literal
 
-import pyarrow as pa
 from pydantic import Field
 
 from data_contracts.distill import DistillReject, DistillUsage, SeedDistillation
 from models.distill import parse, rules_teacher
 from models.distill.batch_api import run_batch
 from models.distill.cache import ResponseCache
+from models.distill.governance import check_endpoint, resolve_api_key
 from models.distill.prompt import build_messages, estimate_prompt_tokens, fit_report, prompt_hash
 from models.distill.seed import select_seed
 from models.distill.teacher_http import (
@@ -79,14 +79,6 @@ class Config(StageConfig):
 
 
 # ------------------------------------------------------------------------------------------- inputs
-
-
-def mentions_by_study(table: pa.Table) -> dict[str, list[rules_teacher.Mention]]:
-    out: dict[str, list[rules_teacher.Mention]] = defaultdict(list)
-    cols = table.select(["study_id", "entity", "start", "end", "polarity", "descriptors"]).to_pydict()
-    for sid, ent, start, end, pol, desc in zip(*cols.values(), strict=True):
-        out[sid].append(rules_teacher.Mention(ent.lower(), start, end, pol, tuple(desc or ())))
-    return out
 
 
 def ordered_entities(mentions: list[rules_teacher.Mention]) -> list[str]:
@@ -182,10 +174,20 @@ def usage_row(cfg: Config, results: list[ChatResult], mode: str, wall_s: float) 
     }
 
 
+def check_teacher_access(cfg: Config) -> None:
+    """Data-use policy and API key, checked before any work (the key is only looked up, never kept)."""
+    client_cfg = cfg.client_config()
+    resolve_api_key(
+        client_cfg.api_key_env, check_endpoint(client_cfg.endpoint_url, cfg.external_endpoint_ack)
+    )
+
+
 def run(ctx: StageContext, cfg: Config) -> None:
+    if cfg.teacher == "openai":
+        check_teacher_access(cfg)
     reports = {r["study_id"]: r for r in ctx.read("extract_reports/reports").to_pylist()}
     mention_table = ctx.read("match_entities/entity_mentions")
-    mentions = mentions_by_study(mention_table)
+    mentions = rules_teacher.mentions_by_study(mention_table)
     unknown = sorted(set(mentions) - set(reports))
     if unknown:
         raise ValueError(

@@ -18,6 +18,7 @@ every answer is checkable.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -25,20 +26,22 @@ from collections import Counter, deque
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from models.distill.parse import EntityFinder
 from models.distill.prompt import report_from_prompt
-from models.distill.rules_teacher import Mention, distill, polarity_from_context
+from models.distill.rules_teacher import distill, mentions_by_study
+from models.entities import EntityMatcher, build_lexicon
 
 Responder = Callable[[str, list[str]], str]
 
 
+@functools.lru_cache(maxsize=256)
+def _matcher(entities: tuple[str, ...]) -> EntityMatcher:
+    return EntityMatcher(build_lexicon(entities))
+
+
 def rules_responder(report: str, entities: list[str]) -> str:
-    """The rules teacher on the prompt's report: entities located by the finder, polarity from cues."""
-    mentions = []
-    for entity, pattern in EntityFinder(entities).patterns.items():
-        for m in pattern.finditer(report):
-            mentions.append(Mention(entity, m.start(), m.end(), polarity_from_context(report, m.start())))
-    return distill(report, mentions)
+    """The rules teacher on the prompt's report, with stage 2's mentions of the prompt's entities."""
+    table = _matcher(tuple(sorted({e.lower() for e in entities}))).match(["prompt"], [report])
+    return distill(report, mentions_by_study(table).get("prompt", []))
 
 
 def prompt_text(body: dict) -> str:

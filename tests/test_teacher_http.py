@@ -373,3 +373,58 @@ def test_batch_crash_while_polling_resumes_the_same_batch(tmp_path):
         assert server.counts["POST /v1/batches"] == 1  # polled the existing batch, did not pay for a new one
         assert [r.content for r in results] == [expected(r) for r in REPORTS[:3]]
         assert read_state(tmp_path / "s.json")["batches"][0]["merged"] is True
+
+
+# ------------------------------------------------------------------------------------------ stage
+
+
+def test_stage_with_an_http_teacher_rejects_then_resumes_from_the_cache(tmp_path):
+    import pyarrow.parquet as pq
+
+    from tasks import seed_distill
+    from tasks.base import make_test_context
+    from tests.test_rules_teacher import PIPELINE, write_upstream
+
+    write_upstream(tmp_path)
+    out = tmp_path / "seed_distill"
+    with FakeOpenAIServer() as server:
+        cfg = seed_distill.Config(teacher="openai", base_url=server.base_url, model="teacher", n_reports=10,
+                                  concurrency=1, max_retries=1)  # fmt: skip
+        server.faults.extend(["500", "500"])  # the first seed report fails twice: a reject
+        ctx = make_test_context(tmp_path, PIPELINE, stage=seed_distill.NAME)
+        seed_distill.run(ctx, cfg)
+        rejects = pq.read_table(out / "distill_rejects.parquet").to_pylist()
+        assert rejects == [{"study_id": "s1", "stage": "seed_distill", "attempts": 2,
+                            "reason": "gave up after 2 attempt(s): HTTP 500"}]  # fmt: skip
+        rows = pq.read_table(out / "seed_distillations.parquet").to_pylist()
+        assert [r["study_id"] for r in rows] == ["s2", "s4"]
+        assert rows[0]["raw_response"] == "There may be right lower lobe pneumonia.\nThere is no effusion."
+        assert rows[0]["flags"] == [] and rows[0]["prompt_tokens"] == 100 and not rows[0]["cached"]
+        usage = pq.read_table(out / "distill_usage.parquet").to_pylist()[0]
+        assert (usage["mode"], usage["requests"], usage["http_attempts"], usage["retries"], usage["rejects"]) == (
+            "http", 3, 4, 1, 1,
+        )  # fmt: skip
+        assert usage["estimated_cost_usd"] == pytest.approx(
+            200 / 1000 * cfg.price_prompt_per_1k
+            + usage["completion_tokens"] / 1000 * cfg.price_completion_per_1k
+        )
+        seed_distill.run(ctx, cfg)  # rerun: only the reject is sent
+        assert server.completions_sent == 4 + 1
+        rows = pq.read_table(out / "seed_distillations.parquet").to_pylist()
+        assert [(r["study_id"], r["cached"]) for r in rows] == [("s1", False), ("s2", True), ("s4", True)]
+        assert pq.read_table(out / "distill_rejects.parquet").num_rows == 0
+        assert b"sk-" not in (out / seed_distill.CACHE_FILE).read_bytes()
+
+
+def test_stage_refuses_an_external_teacher_before_any_work(tmp_path):
+    from tasks import seed_distill
+    from tasks.base import make_test_context
+    from tests.test_rules_teacher import PIPELINE
+
+    ctx = make_test_context(tmp_path, PIPELINE, stage=seed_distill.NAME)
+    with pytest.raises(EndpointPolicyError, match="PhysioNet"):
+        seed_distill.run(ctx, seed_distill.Config(teacher="openai"))  # no upstream needed to fail first
+    with pytest.raises(MissingAPIKeyError):
+        seed_distill.run(
+            ctx, seed_distill.Config(teacher="openai", external_endpoint_ack="zero-retention verified")
+        )

@@ -14,38 +14,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-Certainty = Literal["present", "absent", "uncertain"]
+from models.entities import build_lexicon
 
-# Table 1 entity -> extra written forms beyond the regular plural (stage 2 matches the same family).
-ENTITY_FORMS: dict[str, tuple[str, ...]] = {
-    "abnormality": ("abnormalities",),
-    "abscess": ("abscesses",),
-    "aerate": ("aerated", "aeration"),
-    "atelectasis": ("atelectases", "atelectatic"),
-    "bronchiectasis": ("bronchiectatic",),
-    "calcification": ("calcified",),
-    "collapse": ("collapsed",),
-    "congestion": ("congested",),
-    "consolidation": ("consolidative", "consolidated"),
-    "deformity": ("deformities",),
-    "dilation": ("dilatation", "dilated", "dilatations"),
-    "distention": ("distension", "distended"),
-    "edema": ("oedema",),
-    "embolism": ("emboli", "embolus"),
-    "emphysema": ("emphysematous",),
-    "engorgement": ("engorged",),
-    "fibrosis": ("fibrotic",),
-    "fracture": ("fractured",),
-    "granuloma": ("granulomata", "granulomatous"),
-    "hernia": ("herniation",),
-    "hyperinflated": ("hyperinflation", "hyperinflate"),
-    "infiltrate": ("infiltration", "infiltrative"),
-    "nodule": ("nodular",),
-    "obscure": ("obscured", "obscuring", "obscures"),
-    "opacity": ("opacities", "opacification", "opacified"),
-    "pneumothorax": ("pneumothoraces",),
-    "thickening": ("thickened",),
-}
+Certainty = Literal["present", "absent", "uncertain"]
 
 NEGATION = re.compile(r"\b(no|not|without|free of|resolved|absent|negative for|clear of)\b", re.I)
 HEDGE = re.compile(
@@ -67,25 +38,21 @@ LOCATION_WORDS = frozenset(
 )
 
 
-def plural_forms(word: str) -> tuple[str, ...]:
-    if word.endswith("y"):
-        return (word, word[:-1] + "ies")
-    if word.endswith(("s", "x")):
-        return (word, word + "es")
-    return (word, word + "s")
-
-
-def entity_regex(entity: str) -> re.Pattern[str]:
-    """Case-insensitive whole-word pattern for an entity and its written forms."""
-    forms = set(plural_forms(entity.lower())) | set(ENTITY_FORMS.get(entity.lower(), ()))
-    return re.compile(r"\b(" + "|".join(sorted(map(re.escape, forms), key=len, reverse=True)) + r")\b", re.I)
-
-
 class EntityFinder:
-    """Finds which of a fixed entity list a text mentions (compiled once per entity list)."""
+    """Which entities of a list a text names, with stage 2's surface forms (models/entities.py), so the
+    teacher's sentences are matched exactly as the reports were."""
 
     def __init__(self, entities: Iterable[str]):
-        self.patterns = {e.lower(): entity_regex(e) for e in entities}
+        lexicon = build_lexicon(sorted({e.lower() for e in entities}))
+        by_entity: dict[str, list[str]] = {}
+        for form, entity in lexicon.forms.items():
+            by_entity.setdefault(entity, []).append(form)
+        self.patterns = {
+            e: re.compile(
+                r"\b(" + "|".join(map(re.escape, sorted(forms, key=len, reverse=True))) + r")\b", re.I
+            )
+            for e, forms in by_entity.items()
+        }
 
     def find(self, text: str) -> list[str]:
         """Entities in order of first appearance."""

@@ -9,11 +9,12 @@ are the modifiers written right before the entity in its clause (severity, side,
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from models.distill.parse import HEDGE, NEGATION
+import pyarrow as pa
 
 Polarity = Literal["positive", "negative", "uncertain"]
 
@@ -25,8 +26,12 @@ STOP_WORDS = frozenset(
     is are was were be been being has have had seen noted identified present demonstrated shows show
     showing suggest suggests suggesting there this that which these those any some other evidence sign signs
     again also still now otherwise no not without may might could possible possibly probable probably likely
-    suspected suspicious questionable concern versus vs xxxx""".split()
+    suspected suspicious questionable concern versus vs xxxx representing represent represents reflecting
+    reflect reflects appearing appear appears remain remains remaining consistent compatible involving
+    including demonstrating like such due""".split()
 )
+# Head forms used as adjectives ("calcified vasculature", "granulomatous disease") take the next word along.
+_ADJECTIVE_ENDINGS = ("ed", "ic", "ous", "ar", "al", "ive")
 _TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9'-]*|[^\sA-Za-z0-9]")
 _CLAUSE_BREAK = re.compile(r"[.;:,!?()]")
 
@@ -43,7 +48,8 @@ class Mention:
 
 
 def entity_phrase(text: str, mention: Mention) -> str:
-    """The entity as written plus up to MAX_MODIFIERS modifier words right before it in the same clause."""
+    """The entity as written plus up to MAX_MODIFIERS modifier words right before it in the same clause
+    (and the noun after it when the entity is written as an adjective)."""
     if not (0 <= mention.start < mention.end <= len(text)):
         raise ValueError(f"mention {mention} lies outside the report text of length {len(text)}")
     head = text[mention.start : mention.end]
@@ -53,7 +59,12 @@ def entity_phrase(text: str, mention: Mention) -> str:
         if len(modifiers) == MAX_MODIFIERS or not token[0].isalnum() or token.lower() in STOP_WORDS:
             break
         modifiers.insert(0, token)
-    return " ".join([*modifiers, head]).lower()
+    words = [*modifiers, head]
+    if head.lower().endswith(_ADJECTIVE_ENDINGS):
+        after = _TOKEN.match(text[mention.end :].lstrip())
+        if after and after.group()[0].isalpha() and after.group().lower() not in STOP_WORDS:
+            words.append(after.group())
+    return " ".join(words).lower()
 
 
 def sentence_for(phrase: str, polarity: Polarity) -> str:
@@ -78,15 +89,14 @@ def merge_mentions(mentions: Iterable[Mention]) -> list[Mention]:
 
 def distill(text: str, mentions: Sequence[Mention]) -> str:
     """The distilled report, one sentence per entity, newline-separated (the teacher's output format)."""
-    return "\n".join(sentence_for(entity_phrase(text, m), m.polarity) for m in merge_mentions(mentions))
+    sentences = (sentence_for(entity_phrase(text, m), m.polarity) for m in merge_mentions(mentions))
+    return "\n".join(dict.fromkeys(sentences))  # "calcified vasculature" serves two entities: say it once
 
 
-def polarity_from_context(text: str, start: int) -> Polarity:
-    """Cue-based polarity of the clause holding `start` (NegEx-like: cues before the entity in its
-    sentence). Only for texts without stage-2 mentions, such as prompts seen by the test server."""
-    sentence = re.split(r"(?<=[.!?])\s", text[:start])[-1]
-    if NEGATION.search(sentence):
-        return "negative"
-    if HEDGE.search(sentence):
-        return "uncertain"
-    return "positive"
+def mentions_by_study(table: pa.Table) -> dict[str, list[Mention]]:
+    """Group an `entity_mentions` table (stage 2) into Mention lists per study, in text order."""
+    out: dict[str, list[Mention]] = defaultdict(list)
+    cols = table.select(["study_id", "entity", "start", "end", "polarity", "descriptors"]).to_pydict()
+    for sid, ent, start, end, pol, desc in zip(*cols.values(), strict=True):
+        out[sid].append(Mention(ent.lower(), start, end, pol, tuple(desc or ())))
+    return dict(out)

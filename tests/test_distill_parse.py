@@ -1,0 +1,220 @@
+"""Table 2 prompt rendering and hashing, report truncation, response parsing and QC flags, seed selection."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from models.distill.parse import (
+    EntityFinder,
+    distilled_text,
+    entity_certainties,
+    parse_response,
+    parse_sentence,
+    parsed_json,
+    qc_flags,
+    split_response,
+)
+from models.distill.prompt import (
+    INSTRUCTION,
+    SYSTEM_PROMPT,
+    build_messages,
+    estimate_prompt_tokens,
+    fit_report,
+    prompt_hash,
+    report_from_prompt,
+)
+from models.distill.seed import entity_quota, select_seed
+
+TABLE1 = [
+    line.strip()
+    for line in open("configs/entities/table1.txt").read().splitlines()
+    if line.strip() and not line.startswith("#")
+]
+FINDER = EntityFinder(TABLE1)
+
+
+# ------------------------------------------------------------------------------------------- prompt
+
+
+def test_messages_are_table2_verbatim_with_report_and_entities_filled_in():
+    msgs = build_messages("Mild   left pleural effusion.\nNo pneumothorax.", ["effusion", "pneumothorax"])
+    assert [m["role"] for m in msgs] == ["system", "user", "user"]
+    assert msgs[0]["content"] == "You are a knowledgeable and veteran doctor." == SYSTEM_PROMPT
+    assert msgs[1]["content"].startswith(
+        "Please help me analysis the medical reports and conclude them briefly."
+    )
+    assert (
+        "'There may [a] [b].': when you are not sure whether the entity exists in the report." in INSTRUCTION
+    )
+    assert msgs[1]["content"].endswith(
+        "there is no need of using 'and' or 'or' to connect two or more words."
+    )
+    last = msgs[2]["content"]
+    assert last.startswith("—Example—\nReport: As compared to ~, the lung volumes have slightly decreased.")
+    assert (
+        "There is moderate pleural effusion.\nThere is mild over inflation.\nThere is descending aorta.\n"
+        in last
+    )
+    assert last.endswith(
+        "—Example END—\nGiven the report: Mild left pleural effusion. No pneumothorax.\n"
+        "Entities: effusion, pneumothorax.\nConclusion:"
+    )
+    assert report_from_prompt(last) == (
+        "Mild left pleural effusion. No pneumothorax.",
+        ["effusion", "pneumothorax"],
+    )
+
+
+def test_prompt_hash_is_stable_and_changes_with_anything_that_changes_the_answer():
+    msgs = build_messages("No effusion.", ["effusion"])
+    h = prompt_hash(msgs, 0.0, 256)
+    assert h == prompt_hash(build_messages("No  effusion.", ["effusion"]), 0.0, 256)  # whitespace-normalised
+    assert len(h) == 24 and int(h, 16) >= 0
+    others = {
+        prompt_hash(build_messages("No effusion!", ["effusion"]), 0.0, 256),
+        prompt_hash(build_messages("No effusion.", ["effusion", "edema"]), 0.0, 256),
+        prompt_hash(msgs, 0.7, 256),
+        prompt_hash(msgs, 0.0, 128),
+    }
+    assert h not in others and len(others) == 4
+
+
+def test_empty_report_is_an_error():
+    with pytest.raises(ValueError, match="empty report"):
+        build_messages("   ", ["effusion"])
+
+
+def test_long_report_loses_findings_sentences_first_then_impression_words():
+    findings = " ".join(f"Finding sentence number {i} describes the lungs in detail." for i in range(200))
+    impression = "Small left pleural effusion. No pneumothorax."
+    base = estimate_prompt_tokens(build_messages("x", ["effusion"]))
+    text, truncated = fit_report(findings, impression, ["effusion"], base + 200)
+    assert truncated and text.endswith("IMPRESSION: Small left pleural effusion. No pneumothorax.")
+    assert text.startswith("FINDINGS: Finding sentence number 0 ")
+    assert estimate_prompt_tokens(build_messages(text, ["effusion"])) <= base + 200
+    assert "number 199" not in text  # the tail of FINDINGS went first
+    short, truncated = fit_report("Clear lungs.", impression, ["effusion"], 4000)
+    assert not truncated and short == "FINDINGS: Clear lungs. IMPRESSION: " + impression
+    cut, truncated = fit_report("", " ".join(["effusion"] * 500), ["effusion"], base + 20)
+    assert truncated and cut.startswith("IMPRESSION: effusion") and len(cut) < 200
+    with pytest.raises(ValueError, match="smaller than the fixed prompt"):
+        fit_report(findings, impression, ["effusion"], base - 50)
+
+
+# ------------------------------------------------------------------------------------------- parsing
+
+
+def test_certainty_severity_and_location_of_sentences():
+    cases = {
+        "There is mild left pleural effusion.": ("present", ("effusion",), ("mild",), 2, ("left",)),
+        "There is no pneumothorax.": ("absent", ("pneumothorax",), (), None, ()),
+        "There may be pneumonia.": ("uncertain", ("pneumonia",), (), None, ()),
+        "There may be no effusion.": ("absent", ("effusion",), (), None, ()),  # negation wins over hedging
+        "There is moderate to severe cardiomegaly.": (
+            "present",
+            ("cardiomegaly",),
+            ("moderate", "severe"),
+            4,
+            (),
+        ),
+        "There are bibasilar opacities.": ("present", ("opacity",), (), None, ("bibasilar",)),
+        "There is severe hyperinflation.": ("present", ("hyperinflated",), ("severe",), 4, ()),
+    }
+    for text, (certainty, entities, severity, sev_bin, location) in cases.items():
+        p = parse_sentence(text, FINDER)
+        assert p.well_formed, text
+        assert (p.certainty, p.entities, p.severity, p.severity_bin, p.location) == (
+            certainty, entities, severity, sev_bin, location,
+        ), text  # fmt: skip
+    assert not parse_sentence("Pleural effusion is present", FINDER).well_formed
+
+
+def test_split_response_handles_lists_and_run_on_lines():
+    text = "1. There is mild edema.\n- There is no effusion. There may be pneumonia.\n\n* There is no mass."
+    assert split_response(text) == [
+        "There is mild edema.", "There is no effusion.", "There may be pneumonia.", "There is no mass.",
+    ]  # fmt: skip
+
+
+def test_qc_flags_name_each_problem():
+    response = (
+        "There is mild left pleural effusion.\nThere may be pneumonia.\nThe heart is normal\n"
+        "There is no pneumothorax or effusion.\nThere is a small nodule."
+    )
+    parsed = parse_response(response, FINDER)
+    flags = qc_flags(
+        parsed,
+        requested=["effusion", "pneumonia", "atelectasis", "pneumothorax"],
+        stage2_polarities={"effusion": {"positive"}, "pneumonia": {"negative"}, "pneumothorax": {"negative"}},
+    )
+    assert flags == [
+        "unparseable_line:2",
+        "multi_entity_sentence:3",
+        "hallucinated_entity:nodule",
+        "missing_entity:atelectasis",
+        "polarity_disagrees:pneumonia",
+    ]
+    assert entity_certainties(parsed) == {
+        "effusion": "present", "pneumonia": "uncertain", "pneumothorax": "absent", "nodule": "present",
+    }  # fmt: skip
+    assert distilled_text(parsed).startswith(
+        "There is mild left pleural effusion. There may be pneumonia. There is no"
+    )
+    assert "The heart is normal" not in distilled_text(parsed)
+    assert json.loads(parsed_json(parsed))[0]["severity_bin"] == 2
+    assert qc_flags([], ["effusion"], {}) == ["empty_response"]
+    assert (
+        qc_flags(parse_response("There is no effusion.", FINDER), ["effusion"], {"effusion": {"negative"}})
+        == []
+    )
+
+
+def test_entity_forms_are_matched_on_word_boundaries():
+    assert FINDER.find("Opacities and effusions; perihilar haze; hilar fullness") == [
+        "opacity", "effusion", "perihilar", "hilar",
+    ]  # fmt: skip
+    assert FINDER.find("the aortic knob") == []  # 'aortic' is not a form of 'aorta'
+    assert FINDER.find("Hyperinflated lungs, COPD, CHF") == ["hyperinflated", "copd", "chf"]
+
+
+# ------------------------------------------------------------------------------------------- seed
+
+
+def synthetic_corpus(n: int = 2000) -> dict[str, set[str]]:
+    """Common entities in most reports, 'sarcoidosis' in 5 reports, 'abscess' in 2, some reports without any."""
+    corpus = {}
+    for i in range(n):
+        ents = set()
+        if i % 2 == 0:
+            ents.add("effusion")
+        if i % 3 == 0:
+            ents.add("atelectasis")
+        if i in (7, 300, 901, 1500, 1999):
+            ents.add("sarcoidosis")
+        if i in (11, 1203):
+            ents.add("abscess")
+        corpus[f"s{i:05d}"] = ents
+    return corpus
+
+
+def test_seed_selection_is_seeded_stratified_and_sized():
+    corpus = synthetic_corpus()
+    seed = select_seed(corpus, 100, seed=0)
+    assert len(seed) == 100 == len(set(seed)) and seed == sorted(seed)
+    assert seed == select_seed(corpus, 100, seed=0)
+    assert seed != select_seed(corpus, 100, seed=1)
+    counts = Counter(e for sid in seed for e in corpus[sid])
+    quota = entity_quota(100, 4)
+    assert counts["abscess"] == 2 and counts["sarcoidosis"] == min(5, quota)  # rare entities are all there
+    # a uniform sample of 100 from 2000 expects 0.25 sarcoidosis and 0.1 abscess reports
+    assert counts["effusion"] >= quota and counts["atelectasis"] >= quota
+
+
+def test_seed_larger_than_corpus_is_everything_and_bad_n_is_an_error():
+    corpus = synthetic_corpus(50)
+    assert select_seed(corpus, 10_000, seed=0) == sorted(corpus)
+    with pytest.raises(ValueError, match="n_reports must be positive"):
+        select_seed(corpus, 0, seed=0)
