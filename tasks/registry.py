@@ -9,6 +9,7 @@ from types import ModuleType
 STAGE_MODULES: list[str] = [
     "tasks.extract_reports",
     "tasks.match_entities",
+    "tasks.seed_distill",
 ]
 
 
