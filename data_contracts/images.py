@@ -2,9 +2,10 @@
 
 Every image consumer (GLoRIA, ECAMP pre-training, downstream tasks) reads pixels through
 `load_grayscale`, so a DICOM, a 16-bit PNG and an RGB PNG of the same film come out with the same
-orientation and polarity (bone bright, air dark) -- provided the DICOM header tells the truth; a file
-whose PhotometricInterpretation is wrong loads as a negative, which `looks_inverted` detects on frontal
-views (the real `Fake_MONOHR1.dcm` fixture is such a file). `image_size` is the cheap check the report
+orientation and polarity (bone bright, air dark). A DICOM's polarity comes from its
+PhotometricInterpretation tag, which is sometimes wrong (the real `Fake_MONOHR1.dcm` fixture stores
+positive pixels under MONOCHROME1): after obeying the header the loader checks the result with
+`looks_inverted` and flips a chest film that came out as a negative, with a warning. `image_size` is the cheap check the report
 extraction runs on every listed image: it reads the header and the end-of-file marker only, or
 decodes fully when asked.
 """
@@ -12,6 +13,7 @@ decodes fully when asked.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +38,23 @@ class ImageLoadError(Exception):
         super().__init__(f"{self.path}: {reason}")
 
 
-def load_grayscale(path: str | os.PathLike) -> np.ndarray:
-    """Decode `path` to a float32 [H, W] array in [0, 1], higher = more attenuating (bone, heart)."""
+def load_grayscale(path: str | os.PathLike, fix_polarity: bool = True) -> np.ndarray:
+    """Decode `path` to a float32 [H, W] array in [0, 1], higher = more attenuating (bone, heart).
+
+    `fix_polarity`: a DICOM that obeys its header but looks like a negative chest film is flipped back
+    (with a warning naming the file); PNG/JPEG carry no polarity tag and are taken as they are.
+    """
     path = Path(path)
     _require_file(path)
     if _is_dicom(path):
-        return _load_dicom(path)
+        pixels = _load_dicom(path)
+        if fix_polarity and looks_inverted(pixels):
+            warnings.warn(
+                f"{path}: looks like a negative after applying its PhotometricInterpretation; flipped",
+                stacklevel=2,
+            )
+            pixels = 1.0 - pixels
+        return pixels
     return _load_pil(path)
 
 
@@ -54,7 +67,7 @@ def image_size(path: str | os.PathLike, decode: bool = False) -> tuple[int, int]
     path = Path(path)
     _require_file(path)
     if decode:
-        return tuple(load_grayscale(path).shape)  # type: ignore[return-value]
+        return tuple(load_grayscale(path, fix_polarity=False).shape)  # type: ignore[return-value]
     if _is_dicom(path):
         return _dicom_header_size(path)
     return _pil_header_size(path)

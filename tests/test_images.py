@@ -92,13 +92,30 @@ def test_real_monochrome1_dicom_follows_its_header_and_is_flagged_as_negative():
     # obeying the header (DICOM standard) gives the negative, which `looks_inverted` catches.
     stored = pydicom.dcmread(FAKE_MONO1).pixel_array.astype(np.float32)
     assert_upright_positive_radiograph(stored / stored.max())
-    pixels = load_grayscale(FAKE_MONO1)
+    pixels = load_grayscale(FAKE_MONO1, fix_polarity=False)
     assert pixels.shape == (1024, 1024) and pixels.dtype == np.float32
     np.testing.assert_allclose(pixels, 1 - (stored - stored.min()) / (stored.max() - stored.min()), atol=1e-6)
     assert looks_inverted(pixels)
     np.testing.assert_allclose(
         radiograph_layout(pixels)["spine"], 1 - radiograph_layout(stored / 254)["spine"], atol=0.01
     )
+
+
+def test_three_real_radiographs_load_to_the_same_orientation_and_polarity(nih):
+    """The acceptance check: 8-bit PNG, RGB PNG and the MONOCHROME1 DICOM all come out as positive,
+    upright frontal films (the DICOM's wrong tag is detected and corrected, with a warning)."""
+    with pytest.warns(UserWarning, match="Fake_MONOHR1.dcm: looks like a negative"):
+        dicom = load_grayscale(FAKE_MONO1)
+    stored = pydicom.dcmread(FAKE_MONO1).pixel_array.astype(np.float32)
+    np.testing.assert_allclose(dicom, (stored - stored.min()) / (stored.max() - stored.min()), atol=1e-6)
+    layouts = []
+    for pixels in (nih, load_grayscale(TBX_PNG), dicom):
+        assert_upright_positive_radiograph(pixels)
+        assert not looks_inverted(pixels)
+        layouts.append(radiograph_layout(pixels))
+    for layout in layouts:  # same ordering of regions in every film: spine column over the lungs, centred
+        assert layout["spine"] > layout["lungs"] + 0.1
+        assert 0.4 < layout["brightest_column"] < 0.6
 
 
 def test_monochrome1_dicom_with_rescale_loads_like_the_png(tmp_path, nih):
