@@ -428,3 +428,21 @@ def test_stage_refuses_an_external_teacher_before_any_work(tmp_path):
         seed_distill.run(
             ctx, seed_distill.Config(teacher="openai", external_endpoint_ack="zero-retention verified")
         )
+
+
+def test_group_commit_makes_every_answer_durable_before_aput_returns(tmp_path):
+    from models.distill.cache import CachedResponse
+
+    async def go() -> tuple[int, int]:
+        with ResponseCache(tmp_path / "c.sqlite") as cache:
+            writes = []
+            write = cache._write
+            cache._write = lambda rs: (writes.append(len(rs)), write(rs))[1]
+            await asyncio.gather(
+                *(cache.aput(CachedResponse("m", f"h{i}", "x", 1, 1, 0.0, "http")) for i in range(50))
+            )
+            with ResponseCache(tmp_path / "c.sqlite") as other:  # a second connection sees all 50 committed
+                return len(other), len(writes)
+
+    stored, commits = asyncio.run(go())
+    assert stored == 50 and commits < 50  # answers arriving together share one fsync

@@ -3,13 +3,18 @@
 SQLite with `synchronous=FULL` fsyncs every commit, so a crash loses at most the requests that were
 in flight; a rerun (or a Batch API merge) looks responses up here first and never pays for one twice.
 WAL mode lets several processes (sharded bulk runs) share one file. No API key is ever stored.
+
+An fsync takes milliseconds, so async callers use `aput`: answers that arrive together are committed
+together in a worker thread (group commit), off the event loop; `aput` returns only once its answer
+is on disk, so nothing is reported done before it is durable.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 _SCHEMA = """
@@ -38,16 +43,35 @@ class CachedResponse:
     source: str  # "http" or "batch": how it was paid for
 
 
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    return db
+
+
+def _insert(db: sqlite3.Connection, responses: list[CachedResponse]) -> None:
+    """One transaction (one fsync) for all `responses`; an existing key keeps its first answer."""
+    now = time.time()
+    with db:  # committed on exit
+        db.execute("BEGIN")
+        db.executemany(
+            "INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(*astuple(r), now) for r in responses],
+        )
+
+
 class ResponseCache:
     """Dictionary-like store of teacher responses backed by one SQLite file."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = _connect(self.path)
         self._db.execute(_SCHEMA)
+        self._writer: sqlite3.Connection | None = None  # used by one flush at a time, in a worker thread
+        self._pending: list[tuple[CachedResponse, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     def get(self, model: str, prompt_hash: str) -> CachedResponse | None:
         row = self._db.execute(
@@ -62,23 +86,32 @@ class ResponseCache:
         self.put_many([response])
 
     def put_many(self, responses: list[CachedResponse]) -> None:
-        now = time.time()
-        rows = [
-            (
-                r.model,
-                r.prompt_hash,
-                r.content,
-                r.prompt_tokens,
-                r.completion_tokens,
-                r.latency_s,
-                r.source,
-                now,
-            )
-            for r in responses
-        ]
-        with self._db:  # one transaction, committed (and fsynced) on exit
-            self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        _insert(self._db, responses)
+
+    async def aput(self, response: CachedResponse) -> None:
+        """Commit `response` together with whatever else is waiting; returns once it is durable."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((response, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        await future
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await asyncio.to_thread(self._write, [r for r, _ in batch])
+            except Exception as err:  # every waiter sees the failure; nothing is reported as stored
+                for _, future in batch:
+                    future.set_exception(err)
+                continue
+            for _, future in batch:
+                future.set_result(None)
+
+    def _write(self, responses: list[CachedResponse]) -> None:
+        if self._writer is None:
+            self._writer = _connect(self.path)
+        _insert(self._writer, responses)
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
@@ -87,6 +120,8 @@ class ResponseCache:
         return self.get(*key) is not None
 
     def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
         self._db.close()
 
     def __enter__(self) -> ResponseCache:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import openai
+from openai.types import Completion
+from openai.types.chat import ChatCompletion
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.distill.cache import CachedResponse, ResponseCache
@@ -243,8 +245,8 @@ class TeacherClient:
                 break
             latency = time.monotonic() - t0
             prompt_tokens, completion_tokens = usage
-            if self.cache is not None:
-                self.cache.put(
+            if self.cache is not None:  # committed (group commit, fsync) before anyone sees the answer
+                await self.cache.aput(
                     CachedResponse(cfg.model, h, content, prompt_tokens, completion_tokens, latency, "http")
                 )
             return ChatResult(
@@ -276,18 +278,7 @@ class TeacherClient:
         cfg = self.cfg
         try:
             async with asyncio.timeout(cfg.timeout_s):
-                if req.messages is not None:
-                    resp = await self.client.chat.completions.create(
-                        model=cfg.model, messages=list(req.messages),
-                        temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                    )  # fmt: skip
-                else:
-                    resp = await self.client.completions.create(
-                        model=cfg.model,
-                        prompt=req.prompt,
-                        temperature=cfg.temperature,
-                        max_tokens=cfg.max_tokens,
-                    )
+                resp = await self._post(req)
         except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
             raise TeacherFatalError(self._describe(e, "check the API key, model name and endpoint")) from None
         except openai.RateLimitError as e:
@@ -307,6 +298,18 @@ class TeacherClient:
         except (openai.APIResponseValidationError, ValueError) as e:  # json.JSONDecodeError is a ValueError
             raise RetryableError(f"invalid JSON in response: {type(e).__name__}") from None
         return _extract(resp, chat=req.messages is not None)
+
+    async def _post(self, req: ChatRequest) -> object:
+        """The request through the SDK's generic `post` (same auth, URL rules incl. Azure deployments, error
+        types and response models): skipping the per-call TypedDict transform of `chat.completions.create`
+        saves several ms of CPU per request, which caps throughput at high concurrency."""
+        body: dict[str, object] = {"model": self.cfg.model, "temperature": self.cfg.temperature,
+                                   "max_tokens": self.cfg.max_tokens}  # fmt: skip
+        if req.messages is not None:
+            body["messages"] = list(req.messages)
+            return await self.client.post("/chat/completions", cast_to=ChatCompletion, body=body)
+        body["prompt"] = req.prompt
+        return await self.client.post("/completions", cast_to=Completion, body=body)
 
     def _describe(self, e: openai.APIError, hint: str) -> str:
         status = getattr(e, "status_code", "")
