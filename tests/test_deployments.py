@@ -39,7 +39,8 @@ def deployed(prefect_server, tmp_path_factory):
         "ECAMP_HOME": str(REPO_ROOT),
         "PREFECT_LOGGING_LEVEL": "INFO",
     }
-    prefect_cli(["work-pool", "create", "ecamp-cpu", "--type", "process"], env)
+    for pool in ("ecamp-cpu", "ecamp-gpu"):
+        prefect_cli(["work-pool", "create", pool, "--type", "process"], env)
     prefect_cli(["--no-prompt", "deploy", "--all"], env)
     return env
 
