@@ -103,7 +103,7 @@ async def run_batch(
             chunk = todo[start : start + MAX_REQUESTS_PER_FILE]
             data = "".join(json.dumps(ln) + "\n" for ln in chunk).encode()
             f = await client.files.create(file=("ecamp-teacher.jsonl", data), purpose="batch")
-            b = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+            b = await client.batches.create(input_file_id=f.id, endpoint=chunk[0]["url"],
                                             completion_window="24h", metadata={"job": "ecamp-seed-distill"})  # fmt: skip
             state["batches"].append(
                 {"id": b.id, "custom_ids": [ln["custom_id"] for ln in chunk], "merged": False}
