@@ -1,0 +1,226 @@
+"""Student generation behind one interface: `StudentBackend.generate(prompts) -> list[str]`.
+
+Two backends produce the same greedy answers for the same Vicuna prompts (built by `student.vicuna_prompt`):
+- `TransformersBackend`: in-process HF generation, batched with left padding and the KV cache (CPU demo, tests,
+  small GPU runs).
+- `OpenAIBackend`: any OpenAI-compatible completions server, in practice `vllm serve <base> --enable-lora
+  --lora-modules student=<adapter>` started by `start_vllm_server` (paper scale: 217k reports). vLLM pins its own
+  torch/transformers, so it runs as a subprocess from its own environment and is never imported here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
+
+from models.distill.cache import ResponseCache
+from models.distill.student import encode_prompt
+from models.distill.teacher_http import ChatRequest, ClientConfig, complete_many, run_sync
+
+
+class StudentBackend(Protocol):
+    def generate(self, prompts: Sequence[str]) -> list[str]:
+        """Greedy answers, one per prompt, in prompt order, without the end-of-turn token."""
+        ...
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    batch_size: int = 16
+    max_new_tokens: int = 256
+    max_prompt: int = 2048  # prompts are cut from the left to this many tokens, as in training
+
+
+# --------------------------------------------------------------------------------------------------------------
+# In-process transformers backend
+# --------------------------------------------------------------------------------------------------------------
+class TransformersBackend:
+    """Batched greedy decoding with the KV cache; prompts are sorted by length so batches carry little padding."""
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, settings: GenerationSettings
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.device = next(model.parameters()).device
+        self.generation_config = GenerationConfig(
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=settings.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            use_cache=True,
+        )
+
+    def left_padded(self, prompt_ids: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left padding keeps every prompt's last token at the same position, where decoding continues."""
+        width = max(len(ids) for ids in prompt_ids)
+        ids = torch.full((len(prompt_ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+        for i, row in enumerate(prompt_ids):
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.inference_mode()
+    def generate_batch(self, prompt_ids: Sequence[list[int]]) -> list[str]:
+        ids, mask = self.left_padded(prompt_ids)
+        out = self.model.generate(
+            input_ids=ids, attention_mask=mask, generation_config=self.generation_config
+        )
+        return [
+            self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, ids.shape[1] :]
+        ]
+
+    def generate(self, prompts: Sequence[str]) -> list[str]:
+        encoded = [encode_prompt(self.tokenizer, p, self.settings.max_prompt) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
+        answers: list[str] = [""] * len(prompts)
+        step = self.settings.batch_size
+        for start in range(0, len(order), step):
+            idx = order[start : start + step]
+            for i, text in zip(idx, self.generate_batch([encoded[i] for i in idx]), strict=True):
+                answers[i] = text
+        return answers
+
+
+# --------------------------------------------------------------------------------------------------------------
+# OpenAI-compatible server backend (vLLM with the LoRA adapter)
+# --------------------------------------------------------------------------------------------------------------
+class OpenAIBackend:
+    """Raw-prompt completions (`/v1/completions`, temperature 0) through the teacher's async client.
+
+    The completions endpoint is used rather than chat because the prompt is already rendered in the Vicuna
+    template (Vicuna v1.5 ships no chat template) and must be byte-identical to the one the adapter was trained on.
+    The client brings the concurrency cap, retries with backoff and, with a cache, resume after a crash.
+    A prompt the server rejects yields "" (the caller's QC flags it as an empty response and may re-route it).
+    """
+
+    def __init__(self, client_cfg: ClientConfig, cache: ResponseCache | None = None):
+        self.client_cfg = client_cfg
+        self.cache = cache
+        self.rejects: list[str] = []  # the errors of rejected prompts, for the caller's log
+
+    def generate(self, prompts: Sequence[str]) -> list[str]:
+        requests = [ChatRequest(key=str(i), prompt=p) for i, p in enumerate(prompts)]
+        results = run_sync(lambda: complete_many(requests, self.client_cfg, self.cache))
+        self.rejects += [r.error for r in results if r.error is not None]
+        return [(r.content or "").strip() for r in results]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# vLLM server with the LoRA adapter (GPU box only; never started by the tests)
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VllmSettings:
+    executable: str = "vllm"  # the `vllm` CLI of the separate GPU environment (`pip install .[serve]`)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_lora_rank: int = 16  # must be >= the adapter's r and one of vLLM's allowed ranks
+    max_model_len: int = 2048
+    gpu_memory_utilization: float = 0.90
+    dtype: str = "bfloat16"
+    startup_timeout_s: float = 900.0
+
+
+@dataclass
+class VllmServer:
+    process: subprocess.Popen
+    base_url: str
+    log_path: Path
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Terminate the server (SIGTERM, then SIGKILL after `timeout_s`)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> VllmServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def vllm_command(base_model: Path | str, adapter_dir: Path, settings: VllmSettings) -> list[str]:
+    """`vllm serve` with the adapter registered as model "student"; greedy defaults, not the model's sampling ones."""
+    return [
+        settings.executable,
+        "serve",
+        str(base_model),
+        "--host",
+        settings.host,
+        "--port",
+        str(settings.port),
+        "--dtype",
+        settings.dtype,
+        "--max-model-len",
+        str(settings.max_model_len),
+        "--gpu-memory-utilization",
+        str(settings.gpu_memory_utilization),
+        "--generation-config",
+        "vllm",
+        "--enable-lora",
+        "--max-lora-rank",
+        str(settings.max_lora_rank),
+        "--lora-modules",
+        f"student={adapter_dir}",
+    ]
+
+
+def served_models(base_url: str, timeout_s: float = 5.0) -> list[str]:
+    """Model ids listed by GET {base_url}/models (the base model and every LoRA module)."""
+    with urllib.request.urlopen(f"{base_url}/models", timeout=timeout_s) as resp:
+        return [m["id"] for m in json.load(resp)["data"]]
+
+
+def start_vllm_server(
+    base_model: Path | str, adapter_dir: Path, settings: VllmSettings, log_path: Path
+) -> VllmServer:
+    """Start `vllm serve` as a subprocess and wait until /v1/models lists "student".
+
+    The server's output goes to `log_path`; if the process exits or the deadline passes, the server is stopped
+    and the error carries the last lines of that log.
+    """
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            vllm_command(base_model, adapter_dir, settings), stdout=log, stderr=subprocess.STDOUT
+        )
+    server = VllmServer(process, f"http://{settings.host}:{settings.port}/v1", log_path)
+    deadline = time.monotonic() + settings.startup_timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"vllm serve exited with code {process.returncode}:\n{log_tail(log_path)}")
+        try:
+            if "student" in served_models(server.base_url):
+                return server
+        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(2.0)
+    server.stop()
+    raise TimeoutError(
+        f"vllm serve did not list model 'student' within {settings.startup_timeout_s:.0f} s:\n{log_tail(log_path)}"
+    )
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    text = Path(path).read_text(errors="replace") if Path(path).exists() else ""
+    return "\n".join(text.splitlines()[-lines:])

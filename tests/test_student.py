@@ -1,0 +1,270 @@
+"""The LoRA student: Vicuna template, answer-only labels, LoRA-only training, adapter round trip, generation."""
+
+from __future__ import annotations
+
+import json
+import stat
+import sys
+
+import pytest
+import torch
+
+from models.distill import parse
+from models.distill.generate import (
+    GenerationSettings,
+    OpenAIBackend,
+    TransformersBackend,
+    VllmSettings,
+    start_vllm_server,
+    vllm_command,
+)
+from models.distill.prompt import build_messages
+from models.distill.student import (
+    IGNORE_INDEX,
+    AdapterLoadError,
+    LoraSettings,
+    TinyDims,
+    TrainSettings,
+    attach_lora,
+    build_tiny_base,
+    encode_example,
+    encode_prompt,
+    load_base,
+    load_student,
+    save_adapter,
+    train_student,
+    vicuna_prompt,
+)
+from models.distill.teacher_http import ClientConfig
+from tasks.finetune_student import agreement, all_absent_answer, split_held_out
+from tests.fake_openai_server import FakeOpenAIServer
+
+torch.set_num_threads(1)
+
+REPORTS = [
+    ("Small left pleural effusion. No pneumothorax.", ["effusion", "pneumothorax"],
+     "There is small left pleural effusion.\nThere is no pneumothorax."),
+    ("No focal consolidation. Mild cardiomegaly.", ["consolidation", "cardiomegaly"],
+     "There is no focal consolidation.\nThere is mild cardiomegaly."),
+    ("Possible right lower lobe pneumonia. No effusion.", ["pneumonia", "effusion"],
+     "There may be right lower lobe pneumonia.\nThere is no effusion."),
+    ("Moderate pulmonary edema. No pneumothorax.", ["edema", "pneumothorax"],
+     "There is moderate pulmonary edema.\nThere is no pneumothorax."),
+]  # fmt: skip
+DIMS = TinyDims(
+    vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+)
+LORA = LoraSettings(r=8, alpha=16, dropout=0.0)
+MAX_PROMPT = 96
+
+
+def prompts() -> list[str]:
+    return [vicuna_prompt(build_messages(report, entities)) for report, entities, _ in REPORTS]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    texts = prompts() + [a for *_, a in REPORTS]
+    return build_tiny_base(texts, DIMS, tmp_path_factory.mktemp("base"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(base_dir, tmp_path_factory):
+    """A student trained for a few steps on the four examples, and its saved adapter."""
+    model, tok = load_base(base_dir)
+    examples = [
+        encode_example(tok, str(i), p, a, 256, MAX_PROMPT)
+        for i, (p, (*_, a)) in enumerate(zip(prompts(), REPORTS))
+    ]
+    student = attach_lora(model, LORA, seed=0)
+    result = train_student(
+        student, examples, TrainSettings(lr=2e-2, epochs=16, batch_size=2, grad_accum=1), tok.pad_token_id
+    )
+    adapter = save_adapter(student, tok, tmp_path_factory.mktemp("adapter"))
+    return student, tok, result, adapter
+
+
+def test_vicuna_prompt_follows_the_v1_1_template():
+    p = vicuna_prompt(build_messages("No effusion.", ["effusion"]))
+    assert p.startswith("You are a knowledgeable and veteran doctor. USER: Please help me analysis")
+    assert p.endswith("Given the report: No effusion.\nEntities: effusion.\nConclusion: ASSISTANT:")
+    assert "<s>" not in p
+    with pytest.raises(ValueError, match="unsupported message roles \\['assistant'\\]"):
+        vicuna_prompt([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}])
+
+
+def test_labels_cover_only_the_answer_tokens(base_dir):
+    _, tok = load_base(base_dir)
+    prompt, answer = prompts()[0], REPORTS[0][2]
+    ex = encode_example(tok, "s1", prompt, answer, max_len=4096, max_prompt=4096)
+    prompt_ids = tok(prompt)["input_ids"]
+    assert prompt_ids[0] == tok.bos_token_id
+    n = len(prompt_ids)
+    assert ex.input_ids[:n] == prompt_ids
+    assert ex.labels[:n] == [IGNORE_INDEX] * n
+    assert ex.labels[n:] == ex.input_ids[n:]
+    assert ex.labels[-1] == tok.eos_token_id
+    assert tok.decode(ex.labels[n:]) == " " + answer + "</s>"
+    # The boundary "ASSISTANT:" | " There" tokenises the same alone and concatenated.
+    assert tok(prompt + " " + answer)["input_ids"] == ex.input_ids[:-1]
+
+
+def test_long_prompts_are_cut_from_the_left_keeping_bos_and_the_report(base_dir):
+    _, tok = load_base(base_dir)
+    prompt = prompts()[0]
+    ids = encode_prompt(tok, prompt, 40)
+    full = tok(prompt)["input_ids"]
+    assert len(full) > 40 and len(ids) == 40
+    assert ids[0] == tok.bos_token_id and ids[1:] == full[-39:]
+    assert tok.decode(ids[1:]).endswith("Entities: effusion, pneumothorax.\nConclusion: ASSISTANT:")
+    with pytest.raises(ValueError, match="example s9: answer of \\d+ tokens does not fit max_len=8"):
+        encode_example(tok, "s9", prompt, REPORTS[0][2], max_len=8, max_prompt=8)
+
+
+def test_lora_trains_only_adapter_parameters(base_dir):
+    model, tok = load_base(base_dir)
+    student = attach_lora(model, LORA, seed=0)
+    trainable = [n for n, p in student.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any("q_proj.lora_A" in n for n in trainable) and any("down_proj.lora_B" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    ex = [encode_example(tok, "a", prompts()[0], REPORTS[0][2], 256, MAX_PROMPT)]
+    train_student(student, ex, TrainSettings(lr=1e-2, epochs=2, batch_size=1, grad_accum=1), tok.pad_token_id)
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= set(trainable)
+    assert any("lora_B" in n for n in changed)  # B starts at zero: it moved, so the adapter is live
+
+
+def test_loss_falls_on_a_tiny_run(trained):
+    _, _, result, _ = trained
+    losses = [p.loss for p in result.curve]
+    assert len(losses) == result.steps == 32
+    assert losses[-1] < 0.5 * losses[0]
+    assert result.trainable_params < result.total_params
+
+
+def test_adapter_round_trip_gives_identical_generations(trained, base_dir):
+    student, tok, _, adapter = trained
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter.iterdir()}
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["bias"] == "none" and not cfg.get("modules_to_save")  # vLLM-servable
+    settings = GenerationSettings(batch_size=4, max_new_tokens=24, max_prompt=MAX_PROMPT)
+    expected = TransformersBackend(student, tok, settings).generate(prompts())
+    loaded, tok2 = load_student(base_dir, adapter)
+    assert TransformersBackend(loaded, tok2, settings).generate(prompts()) == expected
+    assert any("There is" in e for e in expected), expected  # it picked up the answer format's words
+
+
+def test_batched_generation_equals_one_at_a_time(trained):
+    student, tok, _, _ = trained
+    ps = prompts() + [vicuna_prompt(build_messages("No effusion.", ["effusion"]))]
+    batched = TransformersBackend(student, tok, GenerationSettings(4, 20, MAX_PROMPT)).generate(ps)
+    single = TransformersBackend(student, tok, GenerationSettings(1, 20, MAX_PROMPT)).generate(ps)
+    assert batched == single and len(batched) == 5
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("remove_dir", "directory does not exist"),
+        ("remove_weights", "missing file\\(s\\) adapter_model.safetensors"),
+        ("truncate_weights", "adapter_model.safetensors is corrupt"),
+        ("bad_json", "adapter_config.json is not valid JSON"),
+    ],
+)
+def test_corrupt_adapter_dir_gives_a_clear_error(trained, base_dir, tmp_path, damage, message):
+    _, tok, _, adapter = trained
+    bad = tmp_path / "adapter"
+    bad.mkdir()
+    for f in adapter.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    weights = bad / "adapter_model.safetensors"
+    if damage == "remove_dir":
+        bad = tmp_path / "nope"
+    elif damage == "remove_weights":
+        weights.unlink()
+    elif damage == "truncate_weights":
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        (bad / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterLoadError, match=f"cannot load LoRA adapter from {bad}: {message}"):
+        load_student(base_dir, bad)
+
+
+def test_agreement_counts_polarity_exact_and_unparseable():
+    finder = parse.EntityFinder(["effusion", "pneumonia", "pneumothorax", "edema"])
+    requested = [["effusion", "pneumonia"], ["pneumothorax"]]
+    teacher = ["There is mild effusion.\nThere may be pneumonia.", "There is no pneumothorax."]
+    student = ["There is mild effusion.\nThere is pneumonia.", "There is no pneumothorax.\nEdema is gone"]
+    m = agreement(requested, teacher, student, finder)
+    assert m["n_entities"] == 3 and m["n_reports"] == 2
+    assert m["polarity_acc"] == pytest.approx(2 / 3)
+    assert m["exact_sentence_rate"] == pytest.approx(2 / 3)
+    assert m["unparseable_rate"] == pytest.approx(1 / 4)
+    assert m["report_exact"] == pytest.approx(1 / 2)
+    base = agreement(requested, teacher, [all_absent_answer(e) for e in requested], finder)
+    assert base["polarity_acc"] == pytest.approx(1 / 3) and base["unparseable_rate"] == 0
+
+
+def test_held_out_split_is_seeded_and_disjoint():
+    ids = [f"s{i}" for i in range(40)]
+    train, held = split_held_out(ids, 0.25, seed=3)
+    assert len(held) == 10 and not train & held and train | held == set(ids)
+    assert split_held_out(ids, 0.25, seed=3) == (train, held)
+    assert split_held_out(ids, 0.25, seed=4)[1] != held
+    with pytest.raises(ValueError, match="need at least 2 seed distillations"):
+        split_held_out(["only"], 0.5, 0)
+
+
+def test_openai_backend_uses_raw_completions_in_prompt_order():
+    with FakeOpenAIServer() as server:
+        cfg = ClientConfig(base_url=server.base_url, model="student", api_key_env="ECAMP_TEST_NO_KEY",
+                           rpm=None, tpm=None, max_retries=1)  # fmt: skip
+        out = OpenAIBackend(cfg).generate(prompts()[:3])
+        assert server.counts["POST /v1/completions"] == 3 and server.counts["POST /v1/chat/completions"] == 0
+    assert out[0] == "There is small left pleural effusion.\nThere is no pneumothorax."
+    assert out[2].startswith("There may be")
+
+
+def fake_vllm(tmp_path, body: str):
+    exe = tmp_path / "vllm"
+    exe.write_text(f"#!{sys.executable}\n{body}\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    return str(exe)
+
+
+def test_vllm_server_is_started_with_the_adapter_and_health_checked(tmp_path):
+    serve = """
+import json, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+args = sys.argv[1:]
+assert args[0] == "serve" and "--enable-lora" in args
+port = int(args[args.index("--port") + 1])
+lora = args[args.index("--lora-modules") + 1]
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def do_GET(self):
+        body = json.dumps({"data": [{"id": "base"}, {"id": lora.split("=")[0]}]}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+HTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = VllmSettings(executable=fake_vllm(tmp_path, serve), port=port, startup_timeout_s=30)
+    cmd = vllm_command("/models/vicuna", tmp_path / "adapter", settings)
+    assert cmd[cmd.index("--lora-modules") + 1] == f"student={tmp_path / 'adapter'}"
+    with start_vllm_server("/models/vicuna", tmp_path / "adapter", settings, tmp_path / "log.txt") as server:
+        assert server.base_url == f"http://127.0.0.1:{port}/v1"
+        assert server.process.poll() is None
+    assert server.process.poll() is not None  # stopped on exit
+
+
+def test_vllm_server_that_dies_reports_its_log(tmp_path):
+    settings = VllmSettings(executable=fake_vllm(tmp_path, "print('CUDA out of memory'); raise SystemExit(3)"),
+                            port=1, startup_timeout_s=30)  # fmt: skip
+    with pytest.raises(RuntimeError, match="(?s)vllm serve exited with code 3.*CUDA out of memory"):
+        start_vllm_server("/m", tmp_path / "a", settings, tmp_path / "log.txt")
