@@ -74,7 +74,7 @@ def trained(base_dir, tmp_path_factory):
     model, tok = load_base(base_dir)
     examples = [
         encode_example(tok, str(i), p, a, 256, MAX_PROMPT)
-        for i, (p, (*_, a)) in enumerate(zip(prompts(), REPORTS))
+        for i, (p, (*_, a)) in enumerate(zip(prompts(), REPORTS, strict=True))
     ]
     student = attach_lora(model, LORA, seed=0)
     result = train_student(
