@@ -293,11 +293,25 @@ class MatcherConfig:
 
 _KIND_NONE, _KIND_NEG, _KIND_UNC = 0, 1, 2
 _POLARITY_CODE = {"pseudo": _KIND_NONE, "negative": _KIND_NEG, "uncertain": _KIND_UNC}
-_SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)")
-_BLANK_LINE = re.compile(r"\n[ \t]*\n")
-_SEMICOLON = re.compile(r";")
 _PUNCTUATION = "".join(chr(c) for c in range(33, 127) if not chr(c).isalnum())
-_TOKEN = re.compile(r"\S+")
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+_OTHER, _SPACE, _ALNUM, _SENTENCE_STOP = 0, 1, 2, 3
+
+
+def _character_classes() -> np.ndarray:
+    """Class of every code point up to U+3000 (the last whitespace); the extra last entry stands for all
+    higher code points (counted as letters). Whitespace is what `str.split()` splits on."""
+    classes = np.full(0x3002, _ALNUM, dtype=np.uint8)
+    for code in range(0x3001):
+        char = chr(code)
+        if char.isspace():
+            classes[code] = _SPACE
+        elif not char.isalnum():
+            classes[code] = _SENTENCE_STOP if char in ".!?" else _OTHER
+    return classes
+
+
+_CHAR_CLASS = _character_classes()
 _WORD = re.compile(r"\w+(?:['\-]\w+)*")
 _BATCH_SEPARATOR = "\n\n"  # a sentence end: nothing crosses report borders
 
@@ -316,10 +330,73 @@ def _lower_keep_length(text: str) -> str:
 
 
 @dataclass
+class _Characters:
+    """Character classes of a batch string, computed once with numpy (one array entry per character).
+
+    Words are whitespace tokens holding at least one letter or digit; sentences end after `.`, `!` or `?` followed by whitespace, and at blank lines.
+    """
+
+    ascii_bytes: bytes | None  # the text as bytes when it is ASCII (then byte offsets = character offsets)
+    word_starts: np.ndarray
+    word_ends: np.ndarray
+    sentence_ends: np.ndarray
+    semicolons: np.ndarray
+
+    @classmethod
+    def of(cls, text: str, has_newline: bool = True) -> _Characters:
+        """`has_newline=False` skips the blank-line search (batch separators are report starts anyway)."""
+        ascii_bytes = text.encode("ascii") if text.isascii() else None
+        if ascii_bytes is not None:
+            codes = np.frombuffer(ascii_bytes, dtype=np.uint8)
+        else:
+            codes = np.minimum(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32), len(_CHAR_CLASS) - 1)
+        kind = _CHAR_CLASS[codes]
+        space = kind == _SPACE
+        before_space = np.concatenate(([True], space[:-1]))
+        after_space = np.concatenate((space[1:], [True]))
+        token_starts = np.flatnonzero(~space & before_space)
+        token_ends = np.flatnonzero(~space & after_space) + 1
+        alnum = kind == _ALNUM
+        # a token is a word if it holds a letter or digit: nearly always its first or last character
+        is_word = alnum[token_starts] | alnum[token_ends - 1]
+        for i in np.flatnonzero(~is_word).tolist():  # "(1)", "-", "...": look inside
+            is_word[i] = any(ch.isalnum() for ch in text[token_starts[i] : token_ends[i]])
+        sentence_ends = np.flatnonzero((kind == _SENTENCE_STOP) & after_space) + 1
+        blank_lines = _BLANK_LINE.finditer(text) if has_newline else ()
+        blank_line_ends = np.fromiter((m.end() for m in blank_lines), dtype=np.int64)
+        return cls(
+            ascii_bytes=ascii_bytes,
+            word_starts=token_starts[is_word],
+            word_ends=token_ends[is_word],
+            sentence_ends=np.concatenate((sentence_ends, blank_line_ends)),
+            semicolons=np.flatnonzero(codes == ord(";")),
+        )
+
+    def strings(self, text: str, starts: np.ndarray, ends: np.ndarray) -> pa.Array:
+        """`text[s:e]` for sorted, non-overlapping spans, as Arrow strings; no Python loop for ASCII text.
+
+        The spans and the gaps between them become one Arrow array over the text's bytes (offsets
+        0, s0, e0, s1, e1, ..., len); taking every other element keeps the spans.
+        """
+        if self.ascii_bytes is None:
+            return pa.array(
+                [text[s:e] for s, e in zip(starts.tolist(), ends.tolist(), strict=True)], pa.string()
+            )
+        offsets = np.empty(2 * len(starts) + 2, dtype=np.int64)
+        offsets[0], offsets[-1] = 0, len(self.ascii_bytes)
+        offsets[1:-1:2], offsets[2:-1:2] = starts, ends
+        pieces = pa.LargeStringArray.from_buffers(
+            len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(self.ascii_bytes)
+        )
+        return pieces.take(pa.array(np.arange(1, len(offsets) - 1, 2))).cast(pa.string())
+
+
+@dataclass
 class _Batch:
     """Positions found in one batch string, all as numpy arrays of character offsets into that string."""
 
     text: str
+    chars: _Characters
     report_starts: np.ndarray
     sentence_starts: np.ndarray
     clause_starts: np.ndarray
@@ -378,8 +455,11 @@ class EntityMatcher:
     # -- scanning ------------------------------------------------------------------------------------------
     def _target_ids(self, matched: list[str]) -> np.ndarray:
         ids = list(map(self._targets.get, matched))
-        for i in (i for i, v in enumerate(ids) if v is None):  # phrases with a newline or double space
-            ids[i] = self._targets[" ".join(matched[i].split())]
+        if None in ids:  # phrases written with a newline or a double space
+            ids = [
+                self._targets[" ".join(m.split())] if i is None else i
+                for m, i in zip(matched, ids, strict=True)
+            ]
         return np.asarray(ids, dtype=np.int64)
 
     def _scan(self, texts: Sequence[str]) -> _Batch:
@@ -397,19 +477,14 @@ class EntityMatcher:
 
         is_entity = ids < self._n_entities
         is_pre, is_post = self._is_pre[ids], self._is_post[ids]
-        sentence_ends = np.concatenate(
-            (
-                np.fromiter((m.end() for m in _SENTENCE_END.finditer(text)), dtype=np.int64),
-                np.fromiter((m.end() for m in _BLANK_LINE.finditer(text)), dtype=np.int64),
-            )
-        )
-        sentence_starts = _sorted_unique(np.concatenate((report_starts, sentence_ends)))
-        semicolons = np.fromiter((m.start() for m in _SEMICOLON.finditer(text)), dtype=np.int64)
+        chars = _Characters.of(text, any("\n" in t for t in texts))
+        sentence_starts = _sorted_unique(np.concatenate((report_starts, chars.sentence_ends)))
         clause_starts = _sorted_unique(
-            np.concatenate((sentence_starts, semicolons, starts[self._is_terminator[ids]]))
+            np.concatenate((sentence_starts, chars.semicolons, starts[self._is_terminator[ids]]))
         )
         return _Batch(
             text=text,
+            chars=chars,
             report_starts=report_starts,
             sentence_starts=sentence_starts,
             clause_starts=clause_starts,
@@ -474,38 +549,64 @@ class EntityMatcher:
         return code
 
     # -- descriptors ---------------------------------------------------------------------------------------
-    def _descriptors(self, text: str, sentence_start: int, entity_start: int) -> tuple[int, list[str]]:
-        """The β words before the entity in its sentence (lower case) and the offset where the first begins.
+    def _descriptors(self, b: _Batch, sentence_start: np.ndarray) -> tuple[np.ndarray, pa.ListArray]:
+        """The β words before each entity in its sentence (lower case, surrounding punctuation stripped) and
+        the offset where the first of them starts (the entity start when there is none), for all mentions.
 
-        A word is a whitespace token with its surrounding punctuation stripped ("effusion," -> "effusion",
-        "non-" -> "non"); tokens that are only punctuation do not count. The fast path looks at a short
-        window with `str.rsplit`; a window that may have cut a word, or punctuation-only tokens, fall back
-        to a token scan of the whole sentence part.
+        Word indices come from `searchsorted`; the strings are gathered from an Arrow array of the batch's
+        words, so nothing loops over mentions in Python (except for non-ASCII batches and glued prefixes).
+        A word glued to the entity ("non-" in "non-calcified") counts as the closest descriptor.
         """
-        beta = self.config.beta
-        if beta == 0:
-            return entity_start, []
-        window = max(sentence_start, entity_start - 24 * beta)
-        chunk = text[window:entity_start]
-        tokens = chunk.rsplit(None, beta)
-        if len(tokens) > beta or window == sentence_start:
-            last = tokens[-beta:] if len(tokens) > beta else tokens
-            words = [t.strip(_PUNCTUATION).lower() for t in last]
-            if all(words):
-                rest = len(tokens[0]) if len(tokens) > beta else 0
-                first = window + rest + (len(chunk) - rest - len(chunk[rest:].lstrip()))
-                return first + len(last[0]) - len(
-                    last[0].lstrip(_PUNCTUATION)
-                ) if last else entity_start, words
-        found = [
-            (
-                m.start() + len(m.group()) - len(m.group().lstrip(_PUNCTUATION)),
-                m.group().strip(_PUNCTUATION).lower(),
+        c, beta, m_start = b.chars, self.config.beta, b.m_start
+        n = len(m_start)
+        if beta == 0 or n == 0:
+            return m_start.copy(), pa.ListArray.from_arrays(
+                np.zeros(n + 1, dtype=np.int32), pa.array([], pa.string())
             )
-            for m in _TOKEN.finditer(text, sentence_start, entity_start)
-        ]
-        found = [(offset, word) for offset, word in found if word][-beta:]
-        return (found[0][0], [w for _, w in found]) if found else (entity_start, [])
+        # the word holding or preceding each entity; a mention is always inside some word, so words exist
+        token = np.searchsorted(c.word_starts, m_start, side="right") - 1
+        safe = np.maximum(token, 0)
+        holds = (token >= 0) & (c.word_ends[safe] > m_start)
+        glued = holds & (c.word_starts[safe] < m_start)
+        for i in np.flatnonzero(glued).tolist():  # rare: "non-calcified", "(effusion": is the prefix a word?
+            glued[i] = any(ch.isalnum() for ch in b.text[c.word_starts[safe[i]] : m_start[i]])
+        last_full = np.where(holds, token - 1, token)
+        # columns: beta slots, the closest last; a glued prefix takes the last slot
+        cols = np.arange(beta)[None, :] - (beta - 1)
+        idx = last_full[:, None] + cols + glued[:, None]
+        safe_idx = np.clip(idx, 0, len(c.word_starts) - 1)
+        span_start, span_end = c.word_starts[safe_idx], c.word_ends[safe_idx]
+        valid = (idx >= 0) & (span_start >= sentence_start[:, None]) & (span_end <= m_start[:, None])
+        span_start[:, -1] = np.where(glued, c.word_starts[safe], span_start[:, -1])
+        span_end[:, -1] = np.where(glued, m_start, span_end[:, -1])
+        valid[:, -1] |= glued
+
+        flat_start, flat_end = span_start[valid], span_end[valid]
+        if c.ascii_bytes is not None:  # every word of the batch once as Arrow strings, then gathered
+            slot = np.where(valid, safe_idx, -1)
+            glued_rows = np.flatnonzero(glued)
+            slot[glued_rows, -1] = len(c.word_starts) + np.arange(len(glued_rows))
+            prefixes = [
+                b.text[s:e] for s, e in zip(span_start[glued_rows, -1], span_end[glued_rows, -1], strict=True)
+            ]
+            vocabulary = pa.concat_arrays(
+                [c.strings(b.text, c.word_starts, c.word_ends), pa.array(prefixes, pa.string())]
+            )
+            tokens = vocabulary.take(pa.array(slot[valid]))
+        else:
+            tokens = pa.array(
+                [b.text[s:e] for s, e in zip(flat_start.tolist(), flat_end.tolist(), strict=True)]
+            )
+        words = pc.utf8_lower(pc.utf8_trim(tokens, _PUNCTUATION))
+        lead = pc.subtract(
+            pc.utf8_length(tokens), pc.utf8_length(pc.utf8_ltrim(tokens, _PUNCTUATION))
+        ).to_numpy()
+        counts = valid.sum(axis=1)
+        offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int32)
+        first = m_start.copy()
+        has = counts > 0
+        first[has] = (flat_start + lead)[offsets[:-1][has]]
+        return first, pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), words)
 
     # -- public --------------------------------------------------------------------------------------------
     def match(self, study_ids: Sequence[str], texts: Sequence[str]) -> pa.Table:
@@ -539,20 +640,12 @@ class EntityMatcher:
         sent_end = np.minimum(sent_end, report_end)
 
         text = b.text
-        descriptors, descriptor_start = [], []
-        for s0, m0 in zip(sent_start.tolist(), b.m_start.tolist(), strict=True):
-            d0, words = self._descriptors(text, s0, m0)
-            descriptor_start.append(d0)
-            descriptors.append(words)
+        descriptor_start, descriptors = self._descriptors(b, sent_start)
         # Sentence strings once per sentence, then gathered per mention by Arrow.
         unique_sentences, which = np.unique(sentence, return_inverse=True)
         first_of = np.searchsorted(sentence, unique_sentences) if len(sentence) else sentence
-        sentence_text = pa.array(
-            [
-                text[s0:s1].strip()
-                for s0, s1 in zip(sent_start[first_of].tolist(), sent_end[first_of].tolist(), strict=True)
-            ],
-            type=pa.string(),
+        sentence_text = pc.utf8_trim_whitespace(
+            b.chars.strings(text, sent_start[first_of], sent_end[first_of])
         ).take(pa.array(which.reshape(-1), type=pa.int64()))
         ids = np.asarray(study_ids, dtype=object)
         return pa.Table.from_pydict(
@@ -565,10 +658,8 @@ class EntityMatcher:
                 "end": pa.array(b.m_end - offset, type=pa.int64()),
                 "sentence_index": pa.array(sentence - first_sentence[report], type=pa.int64()),
                 "sentence": sentence_text,
-                "descriptor_start": pa.array(
-                    np.asarray(descriptor_start, dtype=np.int64) - offset, type=pa.int64()
-                ),
-                "descriptors": pa.array(descriptors, type=pa.list_(pa.string())),
+                "descriptor_start": pa.array(descriptor_start - offset, type=pa.int64()),
+                "descriptors": descriptors,
                 "polarity": pa.array(np.asarray(POLARITIES, dtype=object)[polarity], type=pa.string()),
             },
             schema=EntityMention.arrow_schema(),

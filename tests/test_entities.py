@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -417,7 +418,7 @@ def test_stage_writes_mentions_stats_and_fig2_pngs(tmp_path):
         Report,
         Lineage("extract_reports", "test", "", ""),
     )
-    ctx = make_test_context(tmp_path, stage=NAME)
+    ctx = make_test_context(tmp_path, config=SimpleNamespace(), stage=NAME)  # the stage reads no other section
     run(ctx, Config())
     mentions = read_artifact(tmp_path / NAME / "entity_mentions.parquet", EntityMention)
     assert mentions.num_rows == 8
