@@ -118,10 +118,12 @@ def terminated(sentence: str) -> str:
 
 def insert_at_boundary(original: str, distilled: str, fraction: float) -> str:
     """Insert `distilled` between sentences of `original`; boundary index floor(fraction·(n+1)) of n+1."""
-    sentences = [s for s in _SENTENCE_SPLIT.split(original.strip()) if s]
+    original = original.strip()
+    sentences = _SENTENCE_SPLIT.split(original) if original else []
     k = min(int(fraction * (len(sentences) + 1)), len(sentences))
-    parts = [terminated(s) for s in sentences[:k]] + [terminated(distilled)] + sentences[k:]
-    return " ".join(parts)
+    if k and k == len(sentences):  # only the last sentence can lack its '.'
+        sentences[-1] = terminated(sentences[-1])
+    return " ".join([*sentences[:k], terminated(distilled), *sentences[k:]])
 
 
 def compose_texts(pairs: Sequence[tuple[str, str | None]], cfg: TextMaskingConfig, rng: np.random.Generator):
@@ -211,7 +213,8 @@ class PhraseMatcher:
             return starts, covered
         longest = self.longest
         offsets = cols[:, None] + np.arange(longest + 1)
-        window = pad_right(ids, longest, 0)[rows[:, None], offsets]  # [PAD] after the text ends every word
+        window = ids[rows[:, None], np.minimum(offsets, length - 1)]
+        window[offsets >= length] = 0  # [PAD] after the text: it ends every word
         codes = self.code[window[:, :longest]]
         packable = max(self.keys, default=0)
         prefix_keys = np.cumsum(codes[:, :packable] * self.radix(packable), axis=1)
@@ -237,7 +240,7 @@ class VocabTables:
     """Per-vocabulary-id lookups, built once per tokenizer, so masking works on id arrays only."""
 
     is_continuation: np.ndarray  # '##' piece
-    is_special: np.ndarray  # [PAD] [UNK] [CLS] [MASK] [SEP]
+    is_frame: np.ndarray  # [PAD] and [CLS]: not text ([UNK] and the others are ordinary pieces of a text)
     is_sentence_end: np.ndarray
     is_punctuation: np.ndarray  # word-initial piece without a letter or digit: not a descriptor word
     entities: PhraseMatcher
@@ -250,16 +253,16 @@ class VocabTables:
         size = tokenizer.get_vocab_size()
         pieces = np.array([tokenizer.id_to_token(i) or "" for i in range(size)], dtype=object)
         is_continuation = np.array([p.startswith(CONTINUATION_PREFIX) for p in pieces], dtype=bool)
-        is_special = np.isin(pieces, SPECIAL_TOKENS)
+        is_frame = np.isin(pieces, [PAD, CLS])
         is_punctuation = np.array([not any(c.isalnum() for c in p) for p in pieces], dtype=bool)
         is_sentence_end = np.isin(pieces, cfg.sentence_end_tokens)
         entity_ids, bad_entities = phrase_ids(tokenizer, [w.lower() for w in entity_words])
         cue_ids, bad_cues = phrase_ids(tokenizer, [c.lower() for c in cfg.negation_cues])
         return cls(
             is_continuation=is_continuation,
-            is_special=is_special,
+            is_frame=is_frame,
             is_sentence_end=is_sentence_end,
-            is_punctuation=is_punctuation & ~is_continuation & ~is_special,
+            is_punctuation=is_punctuation & ~is_continuation & ~is_frame,
             entities=PhraseMatcher(entity_ids, size),
             negations=PhraseMatcher(cue_ids, size),
             unmatchable=tuple(bad_entities + bad_cues),
@@ -283,28 +286,29 @@ def spread_from_word_start(flag: np.ndarray, word_start_of: np.ndarray, in_word:
 
 
 def descriptor_starts(
-    word_start: np.ndarray, content: np.ndarray, entity_start: np.ndarray, sentence: np.ndarray, beta: int
+    content: np.ndarray, entity_start: np.ndarray, sentence: np.ndarray, beta: int
 ) -> np.ndarray:
     """Word starts of the β content words before each entity word, inside the entity's sentence.
 
-    Content words (not punctuation) are compacted to a [B, C] axis, where "the k-th word before" is a shift by
-    k; a shifted sentence-id comparison keeps windows from crossing a sentence end.
+    `previous[b, t]` is the start of the last content word before t (one running maximum over the batch);
+    from every entity start we follow it β times, stopping at a sentence change. Entity words are sparse, so
+    only the hops are per entity, each a vectorised gather.
     """
-    batch, _ = word_start.shape
-    rows, cols = np.nonzero(content)
-    if rows.size == 0 or beta == 0:
-        return np.zeros_like(word_start)
-    rank = (np.cumsum(content, axis=1) - 1)[rows, cols]
-    width = int(rank.max()) + 1
-    sentence_c = np.full((batch, width + beta), -1, dtype=np.int64)
-    entity_c = np.zeros((batch, width + beta), dtype=bool)
-    sentence_c[rows, rank] = sentence[rows, cols]
-    entity_c[rows, rank] = entity_start[rows, cols]
-    described = np.zeros((batch, width), dtype=bool)
-    for k in range(1, beta + 1):
-        described |= entity_c[:, k : k + width] & (sentence_c[:, k : k + width] == sentence_c[:, :width])
-    out = np.zeros_like(word_start)
-    out[rows, cols] = described[rows, rank]
+    batch, length = content.shape
+    positions = np.broadcast_to(np.arange(length), content.shape)
+    last_content = np.maximum.accumulate(np.where(content, positions, -1), axis=1)
+    previous = np.full((batch, length), -1, dtype=np.int64)
+    previous[:, 1:] = last_content[:, :-1]
+    out = np.zeros_like(content)
+    rows, cols = np.nonzero(entity_start)
+    home = sentence[rows, cols]
+    for _ in range(beta):
+        cols = previous[rows, cols]
+        keep = cols >= 0
+        rows, cols, home = rows[keep], cols[keep], home[keep]
+        keep = sentence[rows, cols] == home
+        rows, cols, home = rows[keep], cols[keep], home[keep]
+        out[rows, cols] = True
     return out
 
 
@@ -323,9 +327,11 @@ def rebalanced_weights(
 
 @dataclass(frozen=True)
 class MaskedBatch:
-    """Everything collate computed, as numpy arrays [B, L]; `as_tensors` gives what the model consumes."""
+    """Everything collate computed, as numpy arrays [B, W] over the W <= max_len columns that hold text;
+    `as_tensors` pads to max_len and gives what the model consumes."""
 
     texts: list[str]
+    max_len: int
     token_ids: np.ndarray  # original ids
     input_ids: np.ndarray  # masked pieces replaced by [MASK]
     attention_mask: np.ndarray
@@ -335,13 +341,20 @@ class MaskedBatch:
     descriptor: np.ndarray
     negative: np.ndarray  # inside a negation-cue match
     entity: np.ndarray  # inside an entity-word match
+    pad_label: int  # label / weight of the padding columns: -100 / 0, or [PAD] / 1 when every position counts
+    pad_weight: float
 
     def as_tensors(self) -> dict[str, torch.Tensor]:
+        def padded(a: np.ndarray, value, dtype: torch.dtype) -> torch.Tensor:
+            out = torch.full((a.shape[0], self.max_len), value, dtype=dtype)
+            out[:, : a.shape[1]] = torch.from_numpy(a)
+            return out
+
         return {
-            "input_ids": torch.from_numpy(self.input_ids),
-            "attention_mask": torch.from_numpy(self.attention_mask),
-            "labels": torch.from_numpy(self.labels),
-            "weights": torch.from_numpy(self.weights.astype(np.float32)),
+            "input_ids": padded(self.input_ids, 0, torch.long),
+            "attention_mask": padded(self.attention_mask, 0, torch.long),
+            "labels": padded(self.labels, self.pad_label, torch.long),
+            "weights": padded(self.weights.astype(np.float32), self.pad_weight, torch.float32),
         }
 
 
@@ -377,7 +390,7 @@ class TextCollator:
         draws = rng.random((len(texts), cfg.max_len))[:, :width]
 
         continuation = t.is_continuation[ids]
-        real = ~t.is_special[ids]
+        real = ~t.is_frame[ids]
         word_start = real & ~continuation
         positions = np.broadcast_to(np.arange(width), ids.shape)
         word_start_of = np.maximum.accumulate(np.where(word_start, positions, 0), axis=1)
@@ -388,7 +401,7 @@ class TextCollator:
         negative = t.negations.find(full, start_full, t.is_continuation)[1][:, :width]
         sentence = np.cumsum(t.is_sentence_end[ids], axis=1)
         content = word_start & ~t.is_punctuation[ids]
-        described = descriptor_starts(word_start, content, entity_start, sentence, cfg.beta)
+        described = descriptor_starts(content, entity_start, sentence, cfg.beta)
         descriptor = spread_from_word_start(described, word_start_of, in_word)
 
         official = cfg.official_quirks
@@ -407,22 +420,20 @@ class TextCollator:
             else predicted.astype(np.float64)
         )
 
-        def to_max_len(a: np.ndarray, value) -> np.ndarray:
-            return pad_right(a, cfg.max_len - width, value)
-
         return MaskedBatch(
             texts=texts,
-            token_ids=to_max_len(ids, pad_id),
-            input_ids=to_max_len(np.where(masked, self.mask_id, ids), pad_id),
-            attention_mask=to_max_len(real | (ids == self.tokenizer.token_to_id(CLS)), False).astype(
-                np.int64
-            ),
-            labels=to_max_len(np.where(predicted, ids, IGNORE_INDEX), pad_id if everywhere else IGNORE_INDEX),
-            weights=to_max_len(weights, 1.0 if everywhere else 0.0),
-            masked=to_max_len(masked, False),
-            descriptor=to_max_len(descriptor, False),
-            negative=to_max_len(negative, False),
-            entity=to_max_len(entity, False),
+            max_len=cfg.max_len,
+            token_ids=ids,
+            input_ids=np.where(masked, self.mask_id, ids),
+            attention_mask=(ids != pad_id).astype(np.int64),
+            labels=np.where(predicted, ids, IGNORE_INDEX),
+            weights=weights,
+            masked=masked,
+            descriptor=descriptor,
+            negative=negative,
+            entity=entity,
+            pad_label=pad_id if everywhere else IGNORE_INDEX,
+            pad_weight=1.0 if everywhere else 0.0,
         )
 
 

@@ -132,7 +132,7 @@ def test_eq3_holds_exactly_per_sample_on_real_reports(tokenizer):
     assert (out.weights[pred & ~out.descriptor] == 1.0).all()  # randomly masked pieces weigh 1
     assert (out.weights[~pred] == 0.0).all()
     # The float32 tensors the model sees keep Eq. 3 to float precision.
-    w32 = out.as_tensors()["weights"].numpy()
+    w32 = out.as_tensors()["weights"].numpy()[:, : desc.shape[1]]
     assert np.allclose((w32 * desc).sum(1)[rows], n_a[rows], rtol=1e-5)
     # Non-descriptor words are masked at mask_rate (Bernoulli per word).
     starts = pred & ~out.descriptor
@@ -183,6 +183,16 @@ def test_output_contract(tokenizer):
     assert (out["input_ids"][5, lengths[5] :] == 0).all()  # [PAD] after the text
 
 
+def test_unknown_pieces_are_ordinary_words(tokenizer):
+    """[UNK] (a character the vocabulary lacks) is text: attended, maskable, and counts as a word."""
+    batch = make(tokenizer, mask_rate=1.0).mask([("No § effusion.", None)], np.random.default_rng(0))
+    unk = tokenizer.token_to_id("[UNK]")
+    assert unk in batch.token_ids[0].tolist()
+    at = batch.token_ids[0].tolist().index(unk)
+    assert batch.attention_mask[0, at] == 1 and batch.masked[0, at] and batch.labels[0, at] == unk
+    assert batch.descriptor[0, at]  # "§" and "no" are the two words before "effusion"
+
+
 def test_composition_modes():
     pairs = [("Heart normal. No effusion.", "There is no effusion."), ("Lungs clear.", None)]
     rng = np.random.default_rng(0)
@@ -229,7 +239,7 @@ def test_truncation_to_max_len(tokenizer):
     long_text = " ".join(["There is no pleural effusion."] * 40)
     collator = TextCollator(tokenizer, TextMaskingConfig(text_composition="origin", max_len=20), ENTITY_WORDS)
     batch = collator.mask([(long_text, None), ("Mild edema.", None)], np.random.default_rng(0))
-    assert batch.input_ids.shape == (2, 20)
+    assert batch.input_ids.shape == (2, 20) and batch.as_tensors()["input_ids"].shape == (2, 20)
     full = [tokenizer.token_to_id("[CLS]")] + tokenizer.encode(long_text).ids
     assert batch.token_ids[0].tolist() == full[:20]
     assert batch.attention_mask[0].sum() == 20
@@ -253,7 +263,10 @@ def test_official_quirk_all_positions(tokenizer):
         [(t, None) for t in HANDWRITTEN], np.random.default_rng(0)
     )
     assert (batch.labels == batch.token_ids).all()  # [CLS] and [PAD] included, as in the official loss
-    assert (batch.labels[:, -1] == 0).all()
+    out = batch.as_tensors()
+    assert torch.equal(out["labels"][:, : batch.token_ids.shape[1]], torch.from_numpy(batch.token_ids))
+    assert (out["labels"][:, batch.token_ids.shape[1] :] == 0).all() and batch.token_ids.shape[1] < 64
+    assert (out["weights"][:, batch.token_ids.shape[1] :] == 1.0).all()
     assert (batch.weights[~batch.descriptor] == 1.0).all()
     d = batch.descriptor
     assert np.allclose((batch.weights * d).sum(1), d.sum(1))  # Eq. 3 now over all descriptor pieces
