@@ -10,6 +10,7 @@ Ties go to the first placement in row-major order.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -46,9 +47,18 @@ def matches_entity(word: str, entity: str) -> bool:
     return common >= need
 
 
-def entity_positions(words: list[str], entities: list[str]) -> list[int]:
-    """Indices of the words that match any of `entities` (sorted, unique)."""
-    return [i for i, w in enumerate(words) if any(matches_entity(w, e) for e in entities)]
+def entity_positions(
+    words: list[str], entities: list[str], forms: Mapping[str, str] | None = None
+) -> list[int]:
+    """Indices of the words that name any of `entities`: a known surface form (`forms`: word -> entity, e.g.
+    the lexicon of `models.entities`, so "embolus" -> embolism) or an inflection by `matches_entity`."""
+    forms = forms or {}
+    wanted = set(entities)
+    return [
+        i
+        for i, w in enumerate(words)
+        if forms.get(w.lower()) in wanted or any(matches_entity(w, e) for e in entities)
+    ]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -174,8 +184,10 @@ def save_overlay(
     window: tuple[int, int, int],
     title: str,
     sentences: list[str],
+    lesions: list[tuple[float, ...]] = (),
 ) -> Path:
-    """Radiograph [S, S] with the attention map on top, the SR window as a box and the report sentences below."""
+    """Radiograph [S, S] with the attention map on top, the SR window (white dashes), known lesion boxes
+    ((y0, x0, y1, x1) fractions; red, as in the paper's Fig. 6) and the report sentences below."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,6 +203,12 @@ def save_overlay(
     ax.add_patch(
         Rectangle((col * cell, row * cell), k * cell, k * cell, fill=False, ec="white", lw=1.5, ls="--")
     )
+    for y0, x0, y1, x1 in lesions:
+        ax.add_patch(
+            Rectangle(
+                (x0 * size, y0 * size), (x1 - x0) * size, (y1 - y0) * size, fill=False, ec="red", lw=1.2
+            )
+        )
     ax.set_title(title, fontsize=8)
     ax.axis("off")
     text = "\n".join(re.sub(r"\s+", " ", s).strip()[:70] for s in sentences[:4])

@@ -13,6 +13,7 @@ Default attention is the official *double* softmax (first over words per region,
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -51,8 +52,18 @@ class GloriaConfig:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Text: WordPiece tokens -> whole words
+# Text: report -> words; WordPiece tokens -> whole words
 # --------------------------------------------------------------------------------------------------------------
+
+
+def clean_report(text: str) -> str:
+    """GLoRIA's report preprocessing: split sentences on '.' and numbered bullets, keep lower-case ASCII \\w+ words.
+
+    GLoRIA also drops one-word sentences; we keep them ("Cardiomegaly." names an entity), a deliberate deviation.
+    """
+    sentences = re.split(r"[0-9]+\.|\.", text.replace("\n", " "))
+    kept = [" ".join(re.findall(r"\w+", s.lower().encode("ascii", "ignore").decode())) for s in sentences]
+    return " ".join(s for s in kept if s)
 
 
 def group_subwords(tokens: list[str]) -> tuple[list[int], list[str]]:

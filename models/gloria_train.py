@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -232,8 +232,13 @@ def extract_attention(
     batch_size: int,
     max_tokens: int,
     device: str = "cpu",
+    forms: Mapping[str, str] | None = None,
 ) -> ImageAttention:
-    """Word→region attention of each pair, averaged over the words of its positive entities, on the ViT grid."""
+    """Word→region attention of each pair, averaged over the words of its positive entities, on the ViT grid.
+
+    `positives[i]` are the entities affirmed for pair i; `forms` maps surface words to entities (see
+    `entity_positions`). A pair none of whose entity words is in its text gets the mean over all its words.
+    """
     if len(positives) != len(data):
         raise ValueError(f"{len(positives)} entity lists for {len(data)} images")
     model.to(device).eval()
@@ -251,9 +256,9 @@ def extract_attention(
         selected = []
         for b, i in enumerate(index.tolist()):
             words = text.words[b]
-            pos = entity_positions(words, positives[i])
+            pos = entity_positions(words, positives[i], forms)
             found[i] = bool(pos)
-            matched[i] = sorted({e for e in positives[i] if entity_positions(words, [e])})
+            matched[i] = sorted({e for e in positives[i] if entity_positions(words, [e], forms)})
             selected.append(attn[b, pos or list(range(len(words)))].mean(0))
         maps[index.numpy()] = to_grid(torch.stack(selected), grid).numpy()
     return ImageAttention(maps, found, matched)

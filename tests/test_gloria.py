@@ -32,6 +32,8 @@ from models.gloria import (
 from models.gloria_train import ImageTextData, TrainConfig, extract_attention, square_uint8, train_gloria
 from models.wordpiece import train_wordpiece
 
+from .conftest import REPO_ROOT
+
 torch.set_num_threads(1)
 
 TEXTS = [
@@ -317,3 +319,122 @@ def test_localization_scores_hits_overlap_and_iou():
     assert base.pointing_rate == pytest.approx(4 / 64, abs=0.02)
     with pytest.raises(ValueError, match="multiple of the grid"):
         localization(cells, windows, 4, 7, lesions)
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+
+STAGE_CFG = {
+    "text_source": "original", "encoder": "small", "image_size": 32, "small_width": 8, "embed_dim": 16,
+    "vocab_size": 300, "text_hidden": 16, "text_layers": 1, "text_heads": 2, "text_intermediate": 32,
+    "max_tokens": 32, "lr": 2e-3, "epochs": 2, "batch_size": 8, "num_workers": 0, "decode_workers": 2,
+    "grid": 8, "window_k": 4, "attention_batch": 16, "n_pictures": 2,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def upstream_run(small_corpus, tmp_path_factory):
+    """extract_reports + match_entities on the small corpus, plus two unusable images added to `images`."""
+    from data_contracts.reports import Image
+    from tasks.base import make_test_context
+    from tasks.config import load_config
+    from tasks.registry import stage_module
+    from tasks.runner import run_stage
+
+    run_dir = tmp_path_factory.mktemp("gloria_run")
+    config = load_config(str(REPO_ROOT / "configs" / "demo.yaml"), [f"data.root={small_corpus}"])
+    for stage in ("extract_reports", "match_entities"):
+        run_stage(stage_module(stage), config, run_dir)
+    images = make_test_context(run_dir, config, "extract_reports").read("extract_reports/images").to_pylist()
+    corrupt = run_dir / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    extra = [images[0] | {"image_id": "missing-img", "path": str(run_dir / "nope.jpg")},
+             images[0] | {"image_id": "corrupt-img", "path": str(corrupt)}]  # fmt: skip
+    make_test_context(run_dir, config, "extract_reports").write("images", images + extra, Image)
+    return run_dir, config, len(images), sum(r["split"] == "train" for r in images)
+
+
+def run_gloria_stage(run_dir, config, **overrides):
+    from tasks import train_gloria
+    from tasks.base import make_test_context
+
+    ctx = make_test_context(run_dir, config, train_gloria.NAME)
+    train_gloria.run(ctx, train_gloria.Config(**(STAGE_CFG | overrides)))
+    return ctx
+
+
+def test_stage_writes_maps_windows_losses_localization_and_rejects(upstream_run):
+    import pyarrow.parquet as pq
+
+    from data_contracts.gloria import AttentionMap
+
+    run_dir, config, n_images, n_train = upstream_run
+    ctx = run_gloria_stage(run_dir, config)
+    out = run_dir / "train_gloria"
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    assert {r["key"]: r["reason"] for r in rejects} == {
+        "missing-img": "image: file does not exist",
+        "corrupt-img": rejects[-1]["reason"],
+    }
+    assert rejects[-1]["reason"].startswith("image: ") and "corrupt" in rejects[-1]["source"]
+    maps = pq.read_table(out / "attention_maps.parquet")
+    assert (
+        maps.schema.equals(AttentionMap.arrow_schema())
+        and maps.schema.field("attention").type.value_type == "halffloat"
+    )
+    maps = maps.to_pylist()
+    assert len(maps) == n_images
+    for m in maps:
+        assert (
+            0 <= m["window_row"] <= 4
+            and 0 <= m["window_col"] <= 4
+            and m["window_size"] == 4
+            and m["grid"] == 8
+        )
+        assert len(m["attention"]) == 64 and abs(sum(m["attention"]) - 1) < 0.02
+        assert (m["fallback"] == "none") == bool(m["entities"])
+        if m["fallback"] == "centre":
+            assert (m["window_row"], m["window_col"]) == (2, 2)
+        assert not set(m["entities"]) & {"contour", "silhouette", "cardiomediastinal"}
+    losses = pq.read_table(out / "losses.parquet").to_pylist()
+    assert [r["step"] for r in losses] == list(range(2 * (n_train // 8)))
+    assert all(np.isfinite(r["loss"]) for r in losses)
+    loc = {r["method"]: r for r in pq.read_table(out / "localization.parquet").to_pylist()}
+    assert set(loc) == {"gloria", "random"} and loc["gloria"]["n_images"] == loc["random"]["n_images"] > 0
+    assert 0 <= loc["gloria"]["pointing_rate"] <= 1 and 0 <= loc["random"]["mean_window_overlap"] <= 1
+    assert len(list((out / "pictures").glob("*.png"))) == 2
+    assert {"rejects", "losses", "attention_maps", "localization"} <= set(ctx.outputs)
+    for name in ("gloria.safetensors", "gloria_config.json", "tokenizer.json"):
+        assert (out / name).exists(), name
+    assert len(list(out.glob("train_state_*.pt"))) == 1
+
+
+def test_stage_reuses_a_checkpoint_and_random_fallback(upstream_run, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    run_dir, config, _, _ = upstream_run
+    saved = tmp_path / "saved"
+    shutil.copytree(run_dir / "train_gloria", saved)
+    first = pq.read_table(saved / "attention_maps.parquet").to_pylist()
+    run_gloria_stage(run_dir, config, checkpoint=str(saved), epochs=0, fallback="random")
+    again = pq.read_table(run_dir / "train_gloria" / "attention_maps.parquet").to_pylist()
+    for a, b in zip(first, again, strict=True):
+        assert a["attention"] == b["attention"]  # same weights -> same maps
+        if a["fallback"] == "none":
+            assert (a["window_row"], a["window_col"]) == (b["window_row"], b["window_col"])
+    assert {m["fallback"] for m in again} <= {"none", "random"}
+
+
+def test_stage_text_source_rules(upstream_run, caplog):
+    from tasks.base import MissingUpstreamError
+
+    run_dir, config, _, _ = upstream_run
+    with pytest.raises(MissingUpstreamError, match="bulk_distill/distilled_reports"):
+        run_gloria_stage(run_dir, config, text_source="distilled")
+    with pytest.raises(ValueError, match="window_k=9 is larger than train_gloria.grid=8"):
+        run_gloria_stage(run_dir, config, window_k=9)
+    with caplog.at_level("WARNING"):
+        run_gloria_stage(run_dir, config, text_source="auto", epochs=1, n_pictures=0)
+    assert any("ORIGINAL reports" in r.getMessage() for r in caplog.records)

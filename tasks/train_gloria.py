@@ -1,0 +1,399 @@
+"""Stage 6, `train_gloria`: re-train GLoRIA on (distilled) reports, then entity attention maps and SR windows.
+
+images + report text (distilled, or original as a documented fallback) -> decode every image once into a
+square uint8 array (unreadable ones become `rejects`) -> WordPiece tokenizer -> GLoRIA training (resumable)
+-> per image: attention of its positive entity words (from `match_entities/entity_mentions`) on the ViT grid
+-> SR window (k×k box-filter argmax; no positive entity: `fallback`) -> `attention_maps`, `losses`, Fig. 6-style
+overlays, and, where lesion boxes are known (demo corpus), `localization` against a random-window baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+
+from data_contracts.gloria import AttentionMap, GloriaLoss, Localization
+from data_contracts.images import ImageLoadError, load_grayscale
+from data_contracts.reports import Reject
+from models.attention import (
+    argmax_cells,
+    best_windows,
+    fallback_windows,
+    localization,
+    random_localization,
+    rasterize_boxes,
+    save_overlay,
+)
+from models.entities import load_entity_list
+from models.gloria import Gloria, GloriaConfig, clean_report
+from models.gloria_train import ImageTextData, TrainConfig, extract_attention, square_uint8, train_gloria
+from models.wordpiece import load_wordpiece, save_wordpiece, train_wordpiece
+from tasks.base import StageConfig, StageContext
+from tasks.config import stable_hash
+
+NAME = "train_gloria"
+CODE_VERSION = "1"
+UPSTREAM = [
+    "extract_reports/images",
+    "extract_reports/reports",
+    "match_entities/entity_mentions",
+    "bulk_distill/distilled_reports",
+]
+DISTILLED, ORIGINAL, MENTIONS = "bulk_distill/distilled_reports", "extract_reports/reports", UPSTREAM[2]
+# Table 1 entities that name anatomy, not pathology: reports affirm them as NORMAL ("normal cardiomediastinal
+# contours"), so their attention would pull the SR window to the mediastinum on healthy and sick images alike.
+ANATOMY_ENTITIES = (
+    "aorta",
+    "cardiomediastinal",
+    "contour",
+    "hemidiaphragm",
+    "hilar",
+    "silhouette",
+    "vasculature",
+)
+ENTITY_LIST = Path(__file__).resolve().parents[1] / "configs" / "entities" / "table1.txt"
+WEIGHTS, MODEL_CONFIG, TOKENIZER = "gloria.safetensors", "gloria_config.json", "tokenizer.json"
+
+
+class Config(StageConfig):
+    """Defaults are the paper scale (official GLoRIA on ResNet-50, ECAMP's 12-of-14 window)."""
+
+    text_source: Literal["distilled", "original", "auto"] = Field(
+        "distilled", description="auto = distilled if bulk_distill ran, else original with a WARNING"
+    )
+    train_splits: list[str] = Field(default_factory=lambda: ["train"], description="splits GLoRIA trains on")
+    encoder: Literal["resnet50", "small"] = "resnet50"
+    image_size: int = Field(299, ge=32)
+    image_checkpoint: str | None = Field(
+        None, description="timm-loadable ResNet-50 weights; None = random init"
+    )
+    small_width: int = Field(32, ge=4)
+    embed_dim: int = Field(768, ge=8)
+    vocab_size: int = Field(30000, ge=16)
+    text_hidden: int = Field(768, ge=8)
+    text_layers: int = Field(12, ge=1)
+    text_heads: int = Field(12, ge=1)
+    text_intermediate: int = Field(3072, ge=8)
+    max_tokens: int = Field(97, ge=4)
+    last_n_layers: int = Field(4, ge=1, description="BERT layers summed into word features (official 4)")
+    temp1: float = 4.0
+    temp2: float = 5.0
+    temp3: float = 10.0
+    softmax: Literal["double", "single"] = Field(
+        "double", description="double = official code; single = paper"
+    )
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(1e-6, ge=0)
+    epochs: int = Field(50, ge=0)
+    batch_size: int = Field(48, ge=2)
+    warmup_epochs: float = Field(1.0, ge=0)
+    grad_clip: float = Field(0.25, gt=0)
+    num_workers: int = Field(4, ge=0)
+    decode_workers: int = Field(8, ge=1, description="threads decoding images into the square array")
+    grid: int = Field(14, ge=1, description="ViT patch grid of pretrain_ecamp (224/16)")
+    window_k: int = Field(12, ge=1, description="SR window side in grid cells (official 12 -> 9 placements)")
+    fallback: Literal["centre", "random"] = "centre"
+    ignore_entities: list[str] = Field(
+        default_factory=lambda: list(ANATOMY_ENTITIES),
+        description="entities never used for the SR window: anatomy words whose 'positive' mentions are normal",
+    )
+    attention_batch: int = Field(64, ge=1)
+    n_pictures: int = Field(6, ge=0)
+    checkpoint: str | None = Field(None, description="a train_gloria stage dir to reuse instead of training")
+    lesion_boxes: str | None = Field(
+        None, description="boxes.csv; None = <data.root>/downstream/boxes.csv if any"
+    )
+
+
+def model_config(cfg: Config, vocab_size: int) -> GloriaConfig:
+    names = set(GloriaConfig.__dataclass_fields__) - {"vocab_size", "local_weight", "global_weight"}
+    return GloriaConfig(vocab_size=vocab_size, **{k: getattr(cfg, k) for k in names})
+
+
+def resolve_device(setting: str) -> str:
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device is 'cuda' but torch sees no CUDA device")
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def report_texts(ctx: StageContext, cfg: Config) -> tuple[dict[str, str], str]:
+    """study_id -> report text from the configured source, and the name of the source used."""
+    source = cfg.text_source
+    if source == "auto":
+        source = "distilled" if ctx.has(DISTILLED) else "original"
+        if source == "original":
+            ctx.log.warning(
+                "text_source=auto: %s not found, training GLoRIA on the ORIGINAL reports", DISTILLED
+            )
+    if source == "distilled":
+        table = ctx.read(DISTILLED).select(["study_id", "distilled_text"]).to_pydict()
+        return dict(zip(table["study_id"], table["distilled_text"], strict=True)), source
+    table = ctx.read(ORIGINAL).select(["study_id", "text"]).to_pydict()
+    return dict(zip(table["study_id"], table["text"], strict=True)), source
+
+
+def positive_entities(ctx: StageContext, ignore: list[str]) -> dict[str, list[str]]:
+    """study_id -> entities with at least one affirmed (polarity positive) mention, minus `ignore`."""
+    if not ctx.has(MENTIONS):
+        raise FileNotFoundError(
+            f"{NAME} needs '{MENTIONS}' (entity polarity picks the attention words): run stage 'match_entities' first"
+        )
+    table = ctx.read(MENTIONS).select(["study_id", "entity", "polarity"]).to_pydict()
+    found: dict[str, set[str]] = defaultdict(set)
+    for study, entity, polarity in zip(table["study_id"], table["entity"], table["polarity"], strict=True):
+        if polarity == "positive" and entity not in ignore:
+            found[study].add(entity)
+    return {k: sorted(v) for k, v in found.items()}
+
+
+def decode_square(path: str, size: int) -> np.ndarray | str:
+    """The square uint8 image, or the reason it cannot be used."""
+    try:
+        return square_uint8(load_grayscale(path), size)
+    except ImageLoadError as err:
+        return err.reason
+    except (OSError, ValueError) as err:
+        return f"cannot decode image ({type(err).__name__}: {err})"
+
+
+def decode_images(
+    ctx: StageContext, rows: list[dict[str, Any]], size: int, workers: int
+) -> tuple[np.ndarray, list[dict[str, Any]], list[dict[str, str]]]:
+    """Decode every image once into a uint8 memmap [N, size, size] under the stage dir; failures -> rejects."""
+    array = np.lib.format.open_memmap(
+        ctx.path(f"images_{size}.npy"), mode="w+", dtype=np.uint8, shape=(len(rows), size, size)
+    )
+    kept, rejects = [], []
+    with ThreadPoolExecutor(workers) as pool:
+        results = pool.map(lambda r: decode_square(r["path"], size), rows)
+        for row, result in ctx.progress(
+            zip(rows, results, strict=True), total=len(rows), desc="decode images"
+        ):
+            if isinstance(result, str):
+                rejects.append({"source": row["path"], "key": row["image_id"], "reason": f"image: {result}"})
+                continue
+            array[len(kept)] = result
+            kept.append(row)
+    array.flush()
+    return array[: len(kept)], kept, rejects
+
+
+def read_lesion_boxes(ctx: StageContext, cfg: Config) -> dict[str, list[tuple[int, int, int, int]]]:
+    """image_id -> pixel boxes (x1, y1, x2, y2; x2/y2 exclusive) when a lesion box file is configured or found."""
+    path = Path(cfg.lesion_boxes) if cfg.lesion_boxes else None
+    root = getattr(ctx.config.data, "root", None)
+    if path is None and root and (Path(root) / "downstream" / "boxes.csv").exists():
+        path = Path(root) / "downstream" / "boxes.csv"
+    if path is None:
+        return {}
+    if not path.exists():
+        raise FileNotFoundError(f"train_gloria.lesion_boxes: {path} does not exist")
+    frame = pd.read_csv(path, dtype={"dicom_id": str})
+    missing = {"dicom_id", "x1", "y1", "x2", "y2"} - set(frame.columns)
+    if missing:
+        raise ValueError(f"{path}: missing columns {sorted(missing)}")
+    boxes: dict[str, list[tuple[int, int, int, int]]] = defaultdict(list)
+    for r in frame.itertuples(index=False):
+        boxes[r.dicom_id].append((int(r.x1), int(r.y1), int(r.x2), int(r.y2)))
+    return dict(boxes)
+
+
+def unit_boxes(boxes: list[tuple[int, int, int, int]], height: int, width: int) -> list[tuple[float, ...]]:
+    """Pixel boxes -> (y0, x0, y1, x1) fractions of the square the image was centred and zero-padded into."""
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    return [
+        ((y1 + top) / side, (x1 + left) / side, (y2 + top) / side, (x2 + left) / side)
+        for x1, y1, x2, y2 in boxes
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model: train or reuse
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_trained(folder: Path) -> tuple[Gloria, Any]:
+    """A GLoRIA model and tokenizer saved by an earlier run of this stage (`checkpoint` config)."""
+    for name in (WEIGHTS, MODEL_CONFIG, TOKENIZER):
+        if not (folder / name).exists():
+            raise FileNotFoundError(f"train_gloria.checkpoint: {folder / name} not found")
+    model = Gloria(GloriaConfig(**json.loads((folder / MODEL_CONFIG).read_text())))
+    model.load_state_dict(load_file(folder / WEIGHTS))
+    return model, load_wordpiece(folder / TOKENIZER)
+
+
+def resume_state(ctx: StageContext, cfg: Config, texts: list[str]) -> Path:
+    """The resume file for exactly this config, seed and training data; stale ones from other settings go."""
+    key = stable_hash([cfg.model_dump(mode="json"), ctx.config.run.seed, texts])
+    path = ctx.path(f"train_state_{key}.pt")
+    for old in ctx.stage_dir.glob("train_state_*.pt"):
+        if old != path:
+            old.unlink()
+    return path
+
+
+def train_or_load(
+    ctx: StageContext, cfg: Config, data: ImageTextData, texts: list[str], device: str
+) -> tuple[Gloria, Any, list[dict]]:
+    if cfg.checkpoint:
+        model, tokenizer = load_trained(Path(cfg.checkpoint))
+        ctx.log.info("reusing GLoRIA from %s (no training)", cfg.checkpoint)
+        return model, tokenizer, []
+    tokenizer = train_wordpiece(texts, vocab_size=cfg.vocab_size)
+    save_wordpiece(tokenizer, ctx.path(TOKENIZER))
+    mcfg = model_config(cfg, tokenizer.get_vocab_size())
+    torch.manual_seed(ctx.config.run.seed)
+    model = Gloria(mcfg)
+    tcfg = TrainConfig(
+        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        warmup_epochs=cfg.warmup_epochs, grad_clip=cfg.grad_clip, seed=ctx.config.run.seed, device=device,
+        num_workers=cfg.num_workers, max_tokens=cfg.max_tokens,
+    )  # fmt: skip
+
+    def report(epoch: int, rows: list[dict]) -> None:
+        last = [r for r in rows if r["epoch"] == epoch]
+        ctx.log.info("epoch %d: loss %.3f", epoch, float(np.mean([r["loss"] for r in last])))
+
+    rows = train_gloria(
+        model, data, tokenizer, tcfg, checkpoint=resume_state(ctx, cfg, texts), on_epoch=report
+    )
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ctx.path(WEIGHTS))
+    ctx.path(MODEL_CONFIG).write_text(json.dumps(asdict(mcfg), indent=1))
+    return model, tokenizer, rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run(ctx: StageContext, cfg: Config) -> None:
+    if cfg.window_k > cfg.grid:
+        raise ValueError(f"train_gloria.window_k={cfg.window_k} is larger than train_gloria.grid={cfg.grid}")
+    seed, device = ctx.config.run.seed, resolve_device(ctx.config.run.device)
+    texts, source = report_texts(ctx, cfg)
+    positives = positive_entities(ctx, cfg.ignore_entities)
+    rejects: list[dict[str, str]] = []
+    candidates = []
+    for row in ctx.read("extract_reports/images").to_pylist():
+        text = clean_report(texts.get(row["study_id"], ""))
+        if not text:
+            why = "no report text" if row["study_id"] not in texts else "report text has no words"
+            rejects.append(
+                {
+                    "source": row["path"],
+                    "key": row["image_id"],
+                    "reason": f"study {row['study_id']}: {why} ({source})",
+                }
+            )
+        else:
+            candidates.append(row | {"text": text})
+    pixels, rows, bad = decode_images(ctx, candidates, cfg.image_size, cfg.decode_workers)
+    rejects += bad
+    if rejects:
+        ctx.log.warning("%d images rejected (see rejects), e.g. %s", len(rejects), rejects[0]["reason"])
+    ctx.write("rejects", rejects, Reject)
+
+    train_idx = [i for i, r in enumerate(rows) if r["split"] in cfg.train_splits]
+    train_data = ImageTextData(pixels[train_idx], [rows[i]["text"] for i in train_idx])
+    model, tokenizer, losses = train_or_load(ctx, cfg, train_data, train_data.texts, device)
+    if losses:
+        ctx.write("losses", losses, GloriaLoss)
+
+    all_data = ImageTextData(pixels, [r["text"] for r in rows])
+    forms = {f: e for f, e in load_entity_list(ENTITY_LIST).forms.items() if " " not in f}
+    wanted = [positives.get(r["study_id"], []) for r in rows]
+    attn = extract_attention(
+        model, all_data, tokenizer, wanted, cfg.grid, cfg.attention_batch, cfg.max_tokens, device, forms
+    )
+    windows = fallback_windows(len(rows), cfg.grid, cfg.window_k, cfg.fallback, seed)
+    best_r, best_c = best_windows(torch.from_numpy(attn.grid_maps), cfg.window_k)
+    found = attn.entity_found
+    windows[found] = np.stack([best_r.numpy(), best_c.numpy()], axis=1)[found]
+    ctx.write(
+        "attention_maps",
+        [
+            {
+                "image_id": r["image_id"],
+                "study_id": r["study_id"],
+                "entities": attn.entities[i],
+                "attention": attn.grid_maps[i].ravel().tolist(),
+                "grid": cfg.grid,
+                "window_row": int(windows[i, 0]),
+                "window_col": int(windows[i, 1]),
+                "window_size": cfg.window_k,
+                "fallback": "none" if found[i] else cfg.fallback,
+            }  # fmt: skip
+            for i, r in enumerate(rows)
+        ],
+        AttentionMap,
+    )
+    ctx.log.info("attention maps: %d images, %d with a positive entity, fallback %s for the rest",
+                 len(rows), int(found.sum()), cfg.fallback)  # fmt: skip
+    boxes = read_lesion_boxes(ctx, cfg)
+    scored = [i for i, r in enumerate(rows) if r["image_id"] in boxes]
+    if scored:
+        write_localization(ctx, cfg, rows, scored, boxes, attn.grid_maps, windows, seed)
+    draw_pictures(ctx, cfg, rows, pixels, attn, windows, found, texts, boxes)
+
+
+def write_localization(ctx, cfg, rows, scored, boxes, grid_maps, windows, seed) -> None:  # noqa: ANN001
+    """Pointing rate and window overlap on images with known lesions, GLoRIA vs a seeded random baseline."""
+    size = cfg.grid * 16
+    lesions = np.stack(
+        [
+            rasterize_boxes(unit_boxes(boxes[rows[i]["image_id"]], rows[i]["height"], rows[i]["width"]), size)
+            for i in scored
+        ]
+    )
+    gloria = localization(argmax_cells(grid_maps[scored]), windows[scored], cfg.window_k, cfg.grid, lesions)
+    rand = random_localization(len(scored), cfg.grid, cfg.window_k, lesions, seed)
+    out = [
+        {"method": name, "grid": cfg.grid, "window_size": cfg.window_k} | score._asdict()
+        for name, score in (("gloria", gloria), ("random", rand))
+    ]
+    ctx.write("localization", out, Localization)
+    ctx.log.info(
+        "localization on %d images: pointing %.3f (random %.3f), window overlap %.3f (random %.3f)",
+        gloria.n_images, gloria.pointing_rate, rand.pointing_rate, gloria.mean_window_overlap, rand.mean_window_overlap,
+    )  # fmt: skip
+
+
+def draw_pictures(ctx, cfg, rows, pixels, attn, windows, found, texts, boxes) -> None:  # noqa: ANN001
+    """Fig. 6-style overlays for the first `n_pictures` images (by image_id) that have a positive entity."""
+    order = sorted(
+        (i for i in range(len(rows)) if found[i]),
+        key=lambda i: (rows[i]["image_id"] not in boxes, rows[i]["image_id"]),
+    )
+    folder = ctx.path("pictures")
+    folder.mkdir(exist_ok=True)
+    for i in order[: cfg.n_pictures]:
+        row = rows[i]
+        entities = attn.entities[i]
+        sentences = re.split(r"(?<=[.!?])\s+", texts.get(row["study_id"], ""))
+        shown = [s for s in sentences if any(e[:4] in s.lower() for e in entities)] or sentences
+        lesion = unit_boxes(boxes.get(row["image_id"], []), row["height"], row["width"])
+        save_overlay(
+            folder / f"{row['image_id']}.png", pixels[i] / 255.0, attn.grid_maps[i],
+            (int(windows[i, 0]), int(windows[i, 1]), cfg.window_k), f"{row['image_id'][:18]}: {', '.join(entities)}",
+            shown, lesion,
+        )  # fmt: skip
