@@ -217,19 +217,15 @@ class CachedEncoder:
             if new:
                 self.add_chunks(new)
             chunk = np.fromiter(map(self.index.__getitem__, chunks), dtype=np.int64, count=len(chunks))
-            n_pieces = self.offsets[chunk + 1] - self.offsets[chunk]
-            text_of_chunk = np.cumsum(chunk == 0)
-            # CSR gather: piece j of the batch is store[offsets[its chunk] + its rank inside the chunk].
-            first = np.cumsum(n_pieces) - n_pieces
+            start, n_pieces = self.offsets[chunk], self.offsets[chunk + 1] - self.offsets[chunk]
+            # CSR gather: piece j of the batch is store[start of its chunk + its rank inside the chunk].
             piece_chunk = np.repeat(np.arange(chunk.size), n_pieces)
-            flat = self.store[
-                self.offsets[chunk][piece_chunk] + np.arange(piece_chunk.size) - first[piece_chunk]
-            ]
-            text_of = text_of_chunk[piece_chunk]
-            text_start = np.searchsorted(text_of, np.arange(rows.size))
-            col = np.arange(flat.size) - text_start[text_of] + len(prefix)
+            rank = np.arange(piece_chunk.size) - (np.cumsum(n_pieces) - n_pieces)[piece_chunk]
+            flat = self.store[start[piece_chunk] + rank]
+            text_of = np.cumsum(chunk == 0)[piece_chunk]  # which joined text each piece belongs to
+            col = np.arange(flat.size) - np.searchsorted(text_of, text_of) + len(prefix)
             keep = col < width
-            ids[rows[text_of[keep]], col[keep]] = flat[keep]
+            ids.ravel()[rows[text_of[keep]] * width + col[keep]] = flat[keep]
         slow = np.flatnonzero(~fast)
         if slow.size:
             encodings = self.tokenizer.encode_batch([texts[i] for i in slow], add_special_tokens=False)
