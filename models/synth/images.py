@@ -394,7 +394,7 @@ def render_lateral(anatomy: Anatomy, size: int, seed: int) -> np.ndarray:
     heart = ((u - 0.36) / 0.14) ** 2 + ((v - 0.62) / 0.15) ** 2 < 1
     spine = np.abs(u - 0.80) < 0.05
     img = 0.05 + 0.45 * body - 0.25 * _soft(lungs & ~heart, 1.5 * px) + 0.05 * _soft(heart, 1.5 * px)
-    img += 0.15 * _soft(spine, 1.5 * px) * (0.7 + 0.3 * (np.cos(2 * np.pi * v / 0.055) > -0.6))
+    img += 0.15 * _soft(spine, 1.5 * px) * body * (0.7 + 0.3 * (np.cos(2 * np.pi * v / 0.055) > -0.6))
     img += 0.08 * _soft(np.abs(u - 0.17) < 0.012, 1 * px) * body  # sternum
     img = ndimage.gaussian_filter(img, 0.6 * px) + 0.015 * rng.standard_normal(img.shape)
     return np.round(np.clip(img, 0, 1) ** anatomy.gamma * 255).astype(np.uint8)
