@@ -123,6 +123,13 @@ POLARITY_TO_CERTAINTY: dict[str, Certainty] = {
 }
 
 
+_CONJUNCTION = re.compile(r"\b(and|or)\b|,", re.I)
+
+
+def joins_entities(p: ParsedSentence) -> bool:
+    return len(p.entities) > 1 and bool(_CONJUNCTION.search(p.text))
+
+
 def qc_flags(
     parsed: Sequence[ParsedSentence],
     requested: Sequence[str],
@@ -133,7 +140,8 @@ def qc_flags(
 
     - empty_response: nothing to parse
     - unparseable_line:<i>: sentence i is not in the "There is/may ..." format
-    - multi_entity_sentence:<i>: sentence i names more than one entity (the prompt asks for one)
+    - multi_entity_sentence:<i>: sentence i joins entities with and/or/commas, which the prompt forbids
+      (one phrase naming two, as in "normal cardiomediastinal contours", is fine)
     - hallucinated_entity:<e>: an entity the report never mentions
     - missing_entity:<e>: a requested entity with no well-formed sentence
     - polarity_disagrees:<e>: the sentence's certainty is not among stage 2's polarities for <e>
@@ -142,7 +150,7 @@ def qc_flags(
         return ["empty_response"]
     flags = [f"unparseable_line:{i}" for i, p in enumerate(parsed) if not p.well_formed]
     flags += [
-        f"multi_entity_sentence:{i}" for i, p in enumerate(parsed) if p.well_formed and len(p.entities) > 1
+        f"multi_entity_sentence:{i}" for i, p in enumerate(parsed) if p.well_formed and joins_entities(p)
     ]
     in_report = {e.lower() for e in requested} | {e.lower() for e in report_entities}
     said = entity_certainties(parsed)
