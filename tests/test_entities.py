@@ -195,6 +195,41 @@ def test_batches_give_the_same_result_as_one_scan():
     assert one.equals(many) and one.num_rows == 14
 
 
+SCANNER_CASES = [
+    "No  evidence\nof pneumothorax. No, evidence of effusion. there\tis no_effusion there is no effusion",
+    "Congestive heart\nfailure; congestive heart, failure. no evidence of no evidence of there is no",
+    "Pneumonia cannot be excluded; can not be excluded. There is no evidence of mass 2 masses x_mass.",
+    "Not only effusion but also edema, no change in the no longer seen. Non-calcified 3.5cm nodule!",
+]
+
+
+def test_word_scanner_and_regex_scanner_find_the_same_targets(matcher):
+    """ASCII batches take the per-word numpy scanner, others the trie regex: both must agree exactly."""
+    import csv
+
+    from models.entities import _Characters
+
+    with (REPO_ROOT.parent / "shared" / "data" / "real" / "iu_xray" / "reports_dev.csv").open() as handle:
+        texts = [f"{r['findings']} {r['impression']}" for r in csv.DictReader(handle)] + SCANNER_CASES
+    text = "\n\n".join(texts)
+    low = text.lower()
+    by_words = matcher._tokens.find(low, _Characters.of(text).space)
+    by_regex = matcher._find_with_regex(low)
+    assert by_words is not None and len(by_words[0]) > 10_000
+    for words, regex in zip(by_words, by_regex, strict=True):
+        assert words.tolist() == regex.tolist()
+    assert matcher._tokens.find("pétite effusion", _Characters.of("pétite effusion").space) is None
+
+
+def test_non_ascii_batches_give_the_same_mentions_as_ascii(matcher):
+    ascii_rows = matcher.match(["a"], [SCANNER_CASES[0]]).to_pylist()
+    mixed_rows = matcher.match(["a", "b"], [SCANNER_CASES[0], "Pétite effusion."]).to_pylist()
+    assert mixed_rows[: len(ascii_rows)] == ascii_rows
+    assert [(m["entity"], m["descriptors"]) for m in mixed_rows[len(ascii_rows) :]] == [
+        ("effusion", ["pétite"])
+    ]
+
+
 def test_bad_inputs_are_clear_errors(matcher):
     with pytest.raises(ValueError, match="2 study ids but 1 texts"):
         matcher.match(["a", "b"], ["no effusion"])
@@ -418,7 +453,9 @@ def test_stage_writes_mentions_stats_and_fig2_pngs(tmp_path):
         Report,
         Lineage("extract_reports", "test", "", ""),
     )
-    ctx = make_test_context(tmp_path, config=SimpleNamespace(), stage=NAME)  # the stage reads no other section
+    ctx = make_test_context(
+        tmp_path, config=SimpleNamespace(), stage=NAME
+    )  # the stage reads no other section
     run(ctx, Config())
     mentions = read_artifact(tmp_path / NAME / "entity_mentions.parquet", EntityMention)
     assert mentions.num_rows == 8
