@@ -9,7 +9,10 @@ per-token loss `weights`:
    `max_len` (always: the loss divides by B·max_len, so the padded length must not depend on the batch);
 3. masking, whole-word (a `##` piece is masked iff its word is): the β words before each entity word in the
    same sentence ("descriptors") are always masked, every other word with probability `mask_rate`; masked
-   pieces become `[MASK]` (no 80/10/10 split, as in the official code);
+   pieces become `[MASK]` (no 80/10/10 split, as in the official code). Words are the pre-tokenizer's
+   words; punctuation-only words (',') neither count as nor are descriptors (like "effusion," is one word
+   for the paper's whitespace words). Entity surface forms (`models.entities` lexicon, multi-piece and
+   multi-word ones too) match whole words only; a word cut by truncation is judged on one piece beyond it;
 4. re-balancing (Eq. 3-4): predicted descriptor pieces inside a negation cue weigh λ_neg, the other predicted
    descriptor pieces λ_oth, every other predicted piece 1, unpredicted pieces 0 (label -100).
 
@@ -19,13 +22,15 @@ sum to N_a exactly. A sample with N_oth = 0 has no λ_oth to solve for: its nega
 (Eq. 4), i.e. all-negative reports — the 20:1 majority — are down-weighted, which is what the factor is for.
 
 Everything after tokenization is vectorised over the [B, L] id array: vocabulary tables (is `##` piece, is
-sentence end, is punctuation), phrase matching by shifted windows, descriptor windows by shifted sentence-id
-comparisons in a compacted word axis, whole-word expansion by gathering from each piece's word start.
+sentence end, is punctuation), phrase matching on packed id windows at candidate word starts, descriptor
+windows by β hops to the previous content word with a sentence-id check, whole-word expansion by gathering
+from each piece's word start, λ_oth from per-row sums. Tokenization itself goes through `CachedEncoder`.
 
 Official-code behaviour (REFERENCE.md §2.3) is available behind `official_quirks`:
 - `mlm_on_all_positions`: labels are the original ids at every position, `[CLS]` and `[PAD]` included;
-- `official_descriptor_masking`: the forced descriptor masking never runs; entity words are masked at
-  `mask_rate`, other words at 0.70 when the text has an entity (at `mask_rate` otherwise).
+- `official_descriptor_masking`: the forced descriptor masking never runs; entity words (the first word of
+  a multi-word form) are masked at `mask_rate`, other words at 0.70 when the text has an entity (at
+  `mask_rate` otherwise); `descriptor_masking` is then ignored.
 The official weight formula (template tokens anywhere at 0.05, context rescaled so all 256 weights sum to 256)
 is not reproduced: we follow Eq. 3-4 of the paper.
 """

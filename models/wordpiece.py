@@ -11,7 +11,6 @@ Training is deterministic: the corpus is fed in the order given, in a single thr
 
 from __future__ import annotations
 
-import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -56,7 +55,6 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, min_frequency: int = 
         raise ValueError(f"vocab_size={vocab_size} must exceed the {len(SPECIAL_TOKENS)} special tokens")
     if min_frequency < 1:
         raise ValueError(f"min_frequency={min_frequency} must be >= 1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # fork-safe inside DataLoader workers
     tokenizer = empty_wordpiece()
     word_counts = count_words(tokenizer, texts)
     if not word_counts:
