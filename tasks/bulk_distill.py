@@ -1,0 +1,368 @@
+"""Stage 5, `bulk_distill`: a distilled report T_d (Eq. 1) for every report of the corpus.
+
+The teacher's seed answer is used where it exists; every other report with entity mentions gets the LoRA
+student's answer to the same Table 2 prompt. Student answers that fail QC (malformed lines, missing or
+invented entities, a certainty stage 2 contradicts) are re-sent to the teacher while `retry_budget` lasts;
+the rest are kept with their flags. Reports without any entity have nothing to distil (source "none").
+
+Work is cut into shards of `shard_size` reports, each written atomically under `shards/` the moment it is
+done, so a crashed run redoes only the unfinished shards; at the end all shards are merged and checked
+(every report exactly once) into `distilled_reports`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from tqdm import tqdm
+
+from data_contracts.io import Lineage, read_artifact, write_artifact
+from data_contracts.student import DistilledReport
+from models.distill import parse, rules_teacher
+from models.distill.cache import ResponseCache
+from models.distill.generate import (
+    GenerationSettings,
+    OpenAIBackend,
+    StudentBackend,
+    TransformersBackend,
+    VllmSettings,
+    start_vllm_server,
+)
+from models.distill.prompt import build_messages
+from models.distill.student import load_student
+from models.distill.teacher_http import ChatRequest, ClientConfig, complete_many, run_sync
+from tasks.base import StageConfig, StageContext
+from tasks.finetune_student import resolve_device, student_prompt
+from tasks.seed_distill import ordered_entities, prompt_report
+
+NAME = "bulk_distill"
+CODE_VERSION = "1"
+UPSTREAM = [
+    "extract_reports/reports",
+    "match_entities/entity_mentions",
+    "seed_distill/seed_distillations",
+    "finetune_student/student_model",
+    "finetune_student/student_eval",
+]
+
+SHARD_DIR = "shards"
+PLAN_FILE = "plan.json"
+RETRY_CACHE_FILE = "teacher_retry_cache.sqlite"
+STUDENT_CACHE_FILE = "student_cache.sqlite"
+QC_KINDS = (
+    "empty_response",
+    "unparseable_line",
+    "multi_entity_sentence",
+    "hallucinated_entity",
+    "missing_entity",
+    "polarity_disagrees",
+)
+
+TeacherFn = Callable[[Sequence[dict]], list[str | None]]
+
+
+class Config(StageConfig):
+    shard_size: int = Field(2000, ge=1, description="reports per shard (the unit of resume)")
+    backend: Literal["transformers", "openai"] = "openai"
+    gen_batch: int = Field(16, ge=1, description="transformers backend: prompts per generate() call")
+    retry_budget: int = Field(1000, ge=0, description="student answers failing QC that may go to the teacher")
+    retry_on: list[str] = Field(
+        default_factory=lambda: list(QC_KINDS), description="QC flag kinds that trigger it"
+    )
+    # openai backend: an OpenAI-compatible server serving the adapter as model `served_model`.
+    base_url: str = "http://127.0.0.1:8000/v1"
+    served_model: str = "student"
+    api_key_env: str = "VLLM_API_KEY"
+    concurrency: int = Field(256, ge=1)
+    timeout_s: float = Field(300.0, gt=0)
+    start_server: bool = Field(True, description="start `vllm serve` with the adapter here (GPU box)")
+    vllm_executable: str = "vllm"
+    vllm_port: int = 8000
+    vllm_max_lora_rank: int = 16
+    vllm_max_model_len: int = 4096
+    vllm_gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
+
+
+# ------------------------------------------------------------------------------------------- items
+
+
+def build_items(ctx: StageContext) -> tuple[list[dict], dict[str, dict], list[str], parse.EntityFinder]:
+    """(reports needing the student, teacher rows by study, reports without entities, entity finder)."""
+    reports = (
+        ctx.read("extract_reports/reports").select(["study_id", "text", "findings", "impression"]).to_pylist()
+    )
+    mention_table = ctx.read("match_entities/entity_mentions")
+    mentions = rules_teacher.mentions_by_study(mention_table)
+    seeds = {r["study_id"]: r for r in ctx.read("seed_distill/seed_distillations").to_pylist()}
+    known = {r["study_id"] for r in reports}
+    for name, ids in (("entity_mentions", set(mentions)), ("seed_distillations", set(seeds))):
+        if unknown := sorted(ids - known):
+            raise ValueError(f"{name} has {len(unknown)} study ids missing from reports, e.g. {unknown[:3]}")
+    max_prompt_tokens = ctx.config.seed_distill.max_prompt_tokens
+    todo, empty = [], []
+    for r in sorted(reports, key=lambda r: r["study_id"]):
+        sid = r["study_id"]
+        if sid in seeds:
+            continue
+        if sid not in mentions:
+            empty.append(sid)
+            continue
+        entities = ordered_entities(mentions[sid])
+        report, _ = prompt_report(r, entities, max_prompt_tokens)
+        polarities: dict[str, set[str]] = defaultdict(set)
+        for m in mentions[sid]:
+            polarities[m.entity].add(m.polarity)
+        todo.append({
+            "study_id": sid, "entities": entities, "report": report, "full_text": r["text"],
+            "mentions": mentions[sid], "polarities": dict(polarities),
+        })  # fmt: skip
+    finder = parse.EntityFinder(sorted(set(mention_table.column("entity").to_pylist())))
+    return todo, seeds, empty, finder
+
+
+# ------------------------------------------------------------------------------------------- shards
+
+
+def shard_plan(study_ids: Sequence[str], shard_size: int) -> list[list[str]]:
+    return [list(study_ids[i : i + shard_size]) for i in range(0, len(study_ids), shard_size)]
+
+
+def plan_key(shards: Sequence[Sequence[str]], identity: dict) -> str:
+    """Changes whenever a shard's content could: its study ids, the adapter, the backend and QC settings."""
+    blob = json.dumps({"shards": shards, **identity}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def prepare_shard_dir(shard_dir: Path, key: str, n_shards: int) -> None:
+    """Keep finished shards only if they were made under the same plan; otherwise start over."""
+    plan = shard_dir / PLAN_FILE
+    if plan.exists() and json.loads(plan.read_text()).get("key") == key:
+        return
+    if shard_dir.exists():
+        shutil.rmtree(shard_dir)
+    shard_dir.mkdir(parents=True)
+    plan.write_text(json.dumps({"key": key, "shards": n_shards}))
+
+
+def shard_path(shard_dir: Path, index: int) -> Path:
+    return shard_dir / f"shard_{index:05d}.parquet"
+
+
+def retry_worthy(flags: Sequence[str], kinds: Sequence[str]) -> bool:
+    return any(f.split(":", 1)[0] in kinds for f in flags)
+
+
+def distilled_row(
+    item: dict, text: str, source: str, model: str, shard: int, finder: parse.EntityFinder
+) -> dict:
+    parsed = parse.parse_response(text, finder)
+    return {
+        "study_id": item["study_id"], "distilled_text": parse.distilled_text(parsed), "source": source,
+        "model": model, "entities": item["entities"], "raw_response": text,
+        "flags": parse.qc_flags(parsed, item["entities"], item["polarities"]), "shard": shard,
+    }  # fmt: skip
+
+
+def distill_shard(
+    items: Sequence[dict],
+    shard: int,
+    backend: StudentBackend,
+    teacher: TeacherFn,
+    budget_left: int,
+    cfg: Config,
+    student_model: str,
+    teacher_model: str,
+    finder: parse.EntityFinder,
+) -> list[dict]:
+    """Student answers for one shard; the first `budget_left` QC failures are re-sent to the teacher."""
+    answers = backend.generate([student_prompt(it["report"], it["entities"]) for it in items])
+    if len(answers) != len(items):
+        raise RuntimeError(f"student backend returned {len(answers)} answers for {len(items)} prompts")
+    rows = [
+        distilled_row(it, a, "student", student_model, shard, finder)
+        for it, a in zip(items, answers, strict=True)
+    ]
+    failing = [i for i, r in enumerate(rows) if retry_worthy(r["flags"], cfg.retry_on)][:budget_left]
+    if failing:
+        for i, text in zip(failing, teacher([items[i] for i in failing]), strict=True):
+            if text is None:
+                rows[i]["flags"] = [*rows[i]["flags"], "teacher_retry_failed"]
+            else:
+                rows[i] = distilled_row(items[i], text, "teacher_retry", teacher_model, shard, finder)
+    return rows
+
+
+def run_shards(
+    todo: Sequence[dict],
+    shard_dir: Path,
+    cfg: Config,
+    backend_factory: Callable[[], StudentBackend],
+    teacher: TeacherFn,
+    student_model: str,
+    teacher_model: str,
+    finder: parse.EntityFinder,
+    lineage: Lineage,
+    log,
+) -> list[dict]:
+    """Process the unfinished shards (each written atomically), then return the rows of all shards."""
+    shards = shard_plan([it["study_id"] for it in todo], cfg.shard_size)
+    identity = {"student": student_model, "teacher": teacher_model, "retry_budget": cfg.retry_budget,
+                "retry_on": sorted(cfg.retry_on), "backend": cfg.backend}  # fmt: skip
+    prepare_shard_dir(shard_dir, plan_key(shards, identity), len(shards))
+    by_id = {it["study_id"]: it for it in todo}
+    done = {i for i in range(len(shards)) if shard_path(shard_dir, i).exists()}
+    finished_rows = {
+        i: read_artifact(shard_path(shard_dir, i), DistilledReport).to_pylist() for i in sorted(done)
+    }
+    used = sum(r["source"] == "teacher_retry" for rows in finished_rows.values() for r in rows)
+    if done:
+        log.info(
+            "resuming: %d of %d shards already done, %d teacher retries used", len(done), len(shards), used
+        )
+    pending = [i for i in range(len(shards)) if i not in done]
+    backend = backend_factory() if pending else None
+    bar = tqdm(
+        total=len(todo), initial=sum(len(shards[i]) for i in done), unit="report", desc=NAME,
+        mininterval=1.0, dynamic_ncols=True,
+    )  # fmt: skip
+    with bar:
+        for i in pending:
+            rows = distill_shard(
+                [by_id[s] for s in shards[i]], i, backend, teacher, max(0, cfg.retry_budget - used),
+                cfg, student_model, teacher_model, finder,
+            )  # fmt: skip
+            write_artifact(shard_path(shard_dir, i), rows, DistilledReport, lineage)
+            used += sum(r["source"] == "teacher_retry" for r in rows)
+            finished_rows[i] = rows
+            bar.update(len(rows))
+    return [r for i in sorted(finished_rows) for r in finished_rows[i]]
+
+
+# ------------------------------------------------------------------------------------------- merge
+
+
+def merge_rows(
+    shard_rows: Sequence[dict], seeds: dict[str, dict], empty: Sequence[str], expected: set[str]
+) -> list[dict]:
+    """Teacher rows + student shard rows + entity-less reports; each report exactly once or an error."""
+    rows = [
+        {"study_id": sid, "distilled_text": s["distilled_text"], "source": "teacher", "model": s["model"],
+         "entities": s["entities"], "raw_response": s["raw_response"], "flags": s["flags"], "shard": -1}
+        for sid, s in seeds.items()
+    ]  # fmt: skip
+    rows += [
+        {"study_id": sid, "distilled_text": "", "source": "none", "model": "", "entities": [],
+         "raw_response": "", "flags": [], "shard": -1}
+        for sid in empty
+    ]  # fmt: skip
+    rows += shard_rows
+    counts: dict[str, int] = defaultdict(int)
+    for r in rows:
+        counts[r["study_id"]] += 1
+    if dup := sorted(s for s, n in counts.items() if n > 1):
+        raise RuntimeError(f"bulk_distill merge: {len(dup)} reports distilled more than once, e.g. {dup[:3]}")
+    if missing := sorted(expected - set(counts)):
+        raise RuntimeError(
+            f"bulk_distill merge: {len(missing)} reports have no distillation, e.g. {missing[:3]}"
+        )
+    return sorted(rows, key=lambda r: r["study_id"])
+
+
+# ------------------------------------------------------------------------------------------- backends
+
+
+def teacher_fn(ctx: StageContext, stack: ExitStack) -> tuple[TeacherFn, str]:
+    """The seed_distill stage's teacher (same config section), used for QC retries."""
+    seed_cfg = ctx.config.seed_distill
+    if seed_cfg.teacher == "rules":
+        return (lambda items: [rules_teacher.distill(it["full_text"], it["mentions"]) for it in items]), (
+            rules_teacher.MODEL_NAME
+        )
+    client_cfg: ClientConfig = seed_cfg.client_config()
+    cache = stack.enter_context(ResponseCache(ctx.path(RETRY_CACHE_FILE)))
+
+    def ask(items: Sequence[dict]) -> list[str | None]:
+        requests = [
+            ChatRequest(it["study_id"], tuple(build_messages(it["report"], it["entities"]))) for it in items
+        ]
+        return [r.content for r in run_sync(lambda: complete_many(requests, client_cfg, cache))]
+
+    return ask, client_cfg.model
+
+
+def student_backend(ctx: StageContext, cfg: Config, model_row: dict, stack: ExitStack) -> StudentBackend:
+    adapter_dir = ctx.run_dir / model_row["adapter_dir"]
+    base = Path(model_row["base_model"])
+    base = base if base.is_absolute() else ctx.run_dir / base
+    if cfg.backend == "transformers":
+        model, tokenizer = load_student(base, adapter_dir, resolve_device(ctx.config.run.device))
+        settings = GenerationSettings(cfg.gen_batch, model_row["max_new_tokens"], model_row["max_prompt"])
+        return TransformersBackend(model, tokenizer, settings)
+    base_url = cfg.base_url
+    if cfg.start_server:
+        vllm = VllmSettings(
+            executable=cfg.vllm_executable, port=cfg.vllm_port, max_lora_rank=cfg.vllm_max_lora_rank,
+            max_model_len=cfg.vllm_max_model_len, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        )  # fmt: skip
+        server = stack.enter_context(start_vllm_server(base, adapter_dir, vllm, ctx.path("vllm_server.log")))
+        base_url = server.base_url
+    client_cfg = ClientConfig(
+        base_url=base_url, model=cfg.served_model, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,
+        rpm=None, tpm=None, timeout_s=cfg.timeout_s, max_tokens=model_row["max_new_tokens"], temperature=0.0,
+    )  # fmt: skip
+    cache = stack.enter_context(ResponseCache(ctx.path(STUDENT_CACHE_FILE)))
+    return OpenAIBackend(client_cfg, cache)
+
+
+# ------------------------------------------------------------------------------------------- stage
+
+
+def run(
+    ctx: StageContext,
+    cfg: Config,
+    backend: StudentBackend | None = None,
+    teacher: TeacherFn | None = None,
+) -> None:
+    """`backend` / `teacher` replace the configured ones (tests inject counting or failing doubles)."""
+    todo, seeds, empty, finder = build_items(ctx)
+    model_row = ctx.read("finetune_student/student_model").to_pylist()[0]
+    evals = {r["system"]: r for r in ctx.read("finetune_student/student_eval").to_pylist()}
+    if "student" in evals:
+        ctx.log.info("student held-out polarity agreement %.3f (all-absent baseline %.3f)",
+                     evals["student"]["polarity_acc"], evals.get("all_absent", {}).get("polarity_acc", float("nan")))  # fmt: skip
+    ctx.log.info("%d reports: %d teacher, %d student, %d without entities", len(todo) + len(seeds) + len(empty),
+                 len(seeds), len(todo), len(empty))  # fmt: skip
+    student_model = f"student:{model_row['adapter_sha256'][:12]}"
+    lineage = Lineage(stage=ctx.stage, run_id=ctx.run_id, config_hash=ctx.config_hash,
+                      code_version=ctx.code_version, upstream=[*ctx.inputs, *ctx.upstream.values()])  # fmt: skip
+    with ExitStack() as stack:
+        teacher_model = "injected"
+        if teacher is None:
+            teacher, teacher_model = teacher_fn(ctx, stack)
+        factory = (
+            (lambda: backend)
+            if backend is not None
+            else (lambda: student_backend(ctx, cfg, model_row, stack))
+        )
+        shard_rows = run_shards(
+            todo, ctx.stage_dir / SHARD_DIR, cfg, factory, teacher, student_model, teacher_model, finder,
+            lineage, ctx.log,
+        )  # fmt: skip
+    expected = {it["study_id"] for it in todo} | set(seeds) | set(empty)
+    rows = merge_rows(shard_rows, seeds, empty, expected)
+    by_source: dict[str, int] = defaultdict(int)
+    for r in rows:
+        by_source[r["source"]] += 1
+    flagged = sum(bool(r["flags"]) for r in rows if r["source"] == "student")
+    ctx.log.info(
+        "distilled reports by source %s; %d kept student answers carry QC flags", dict(by_source), flagged
+    )
+    ctx.write("distilled_reports", rows, DistilledReport)

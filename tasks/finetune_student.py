@@ -1,0 +1,311 @@
+"""Stage 4, `finetune_student`: LoRA-tune the student on the teacher's seed distillations (paper §3.1, footnote 2).
+
+seed_distillations -> Table 2 prompt in the Vicuna v1.1 template + the teacher's well-formed sentences ->
+held-out split -> LoRA (peft) on the base (Vicuna-7B v1.5 from a local path, or the tiny Llama built here) ->
+adapter dir (safetensors) + `student_model`, `student_loss` and `student_eval`: entity-level agreement with the
+teacher on held-out seed reports, next to the trivial baseline that calls every entity absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from pydantic import Field
+
+from data_contracts.student import StudentEval, StudentLoss, StudentModel
+from models.distill import parse
+from models.distill.generate import GenerationSettings, TransformersBackend
+from models.distill.prompt import build_messages
+from models.distill.student import (
+    LoraSettings,
+    TinyDims,
+    TrainSettings,
+    attach_lora,
+    build_tiny_base,
+    encode_example,
+    load_base,
+    save_adapter,
+    train_student,
+    vicuna_prompt,
+)
+from tasks.base import StageConfig, StageContext
+
+NAME = "finetune_student"
+CODE_VERSION = "1"
+UPSTREAM = ["seed_distill/seed_distillations"]
+
+ADAPTER_DIR = "adapter"
+TINY_BASE_DIR = "base_model"
+
+
+class Config(StageConfig):
+    base_model: str = Field(
+        "models/vicuna-7b-v1.5", description='local HF directory of the base LM, or "tiny" to build one here'
+    )
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    lr: float = Field(2e-4, gt=0)
+    epochs: float = Field(3.0, gt=0)
+    batch: int = Field(4, ge=1)
+    grad_accum: int = Field(8, ge=1)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    max_len: int = Field(2048, ge=16, description="tokens of prompt + answer; longer examples are skipped")
+    max_prompt: int = Field(2048, ge=8, description="prompts are cut from the left to this many tokens")
+    max_new_tokens: int = Field(256, ge=1)
+    gen_batch: int = Field(16, ge=1)
+    held_out: float = Field(
+        0.05, gt=0, lt=1, description="share of seed reports kept out of training for eval"
+    )
+    # Size of the tiny Llama (only used when base_model == "tiny").
+    tiny_vocab_size: int = Field(2000, ge=300)
+    tiny_hidden: int = Field(64, ge=8)
+    tiny_intermediate: int = Field(128, ge=8)
+    tiny_layers: int = Field(2, ge=1)
+    tiny_heads: int = Field(4, ge=1)
+    tiny_embedding_std: float = Field(0.5, gt=0)
+
+    def lora(self) -> LoraSettings:
+        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.target_modules))
+
+    def train(self, seed: int) -> TrainSettings:
+        return TrainSettings(
+            lr=self.lr,
+            epochs=self.epochs,
+            batch_size=self.batch,
+            grad_accum=self.grad_accum,
+            max_len=self.max_len,
+            warmup_ratio=self.warmup_ratio,
+            seed=seed,
+        )
+
+    def tiny(self) -> TinyDims:
+        return TinyDims(
+            vocab_size=self.tiny_vocab_size,
+            hidden_size=self.tiny_hidden,
+            intermediate_size=self.tiny_intermediate,
+            num_hidden_layers=self.tiny_layers,
+            num_attention_heads=self.tiny_heads,
+            max_position_embeddings=max(self.max_len, self.max_prompt + self.max_new_tokens),
+            embedding_std=self.tiny_embedding_std,
+        )
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def clean_answer(raw_response: str, finder: parse.EntityFinder) -> str:
+    """The teacher's well-formed sentences, one per line (its output format), without malformed lines."""
+    return "\n".join(p.text for p in parse.parse_response(raw_response, finder) if p.well_formed)
+
+
+def student_prompt(report: str, entities: Sequence[str]) -> str:
+    """The teacher's Table 2 prompt for this report, in the Vicuna v1.1 template (shared by train and bulk)."""
+    return vicuna_prompt(build_messages(report, entities))
+
+
+def split_held_out(study_ids: Sequence[str], fraction: float, seed: int) -> tuple[set[str], set[str]]:
+    """(train, held-out) by a seeded shuffle; at least one of each when there are two or more reports."""
+    ids = sorted(set(study_ids))
+    if len(ids) < 2:
+        raise ValueError(
+            f"need at least 2 seed distillations to train and evaluate a student, got {len(ids)}"
+        )
+    random.Random(seed).shuffle(ids)
+    n_held = min(len(ids) - 1, max(1, round(fraction * len(ids))))
+    return set(ids[n_held:]), set(ids[:n_held])
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+# ------------------------------------------------------------------------------------------- agreement
+
+
+def agreement(
+    requested: Sequence[Sequence[str]],
+    teacher: Sequence[str],
+    system: Sequence[str],
+    finder: parse.EntityFinder,
+) -> dict[str, float | int]:
+    """Entity-level agreement of `system` answers with `teacher` answers (LLM.md §4, polarity part).
+
+    Pairs are (report, requested entity) for which the teacher wrote a well-formed sentence. A system answer
+    without a well-formed sentence for the entity counts as wrong.
+    """
+    pairs = right = exact = covered = sentences = bad = reports_right = 0
+    for entities, t_text, s_text in zip(requested, teacher, system, strict=True):
+        t_parsed, s_parsed = parse.parse_response(t_text, finder), parse.parse_response(s_text, finder)
+        t_cert, s_cert = parse.entity_certainties(t_parsed), parse.entity_certainties(s_parsed)
+        t_sent, s_sent = first_sentences(t_parsed), first_sentences(s_parsed)
+        sentences += len(s_parsed)
+        bad += sum(not p.well_formed for p in s_parsed)
+        all_right = True
+        for e in entities:
+            if e not in t_cert:
+                continue
+            pairs += 1
+            covered += e in s_cert
+            ok = s_cert.get(e) == t_cert[e]
+            right += ok
+            all_right &= ok
+            exact += s_sent.get(e) is not None and norm(s_sent[e]) == norm(t_sent[e])
+        reports_right += all_right
+    return {
+        "n_reports": len(teacher),
+        "n_entities": pairs,
+        "polarity_acc": right / max(pairs, 1),
+        "exact_sentence_rate": exact / max(pairs, 1),
+        "unparseable_rate": bad / max(sentences, 1),
+        "coverage": covered / max(pairs, 1),
+        "report_exact": reports_right / max(len(teacher), 1),
+    }
+
+
+def first_sentences(parsed: Sequence[parse.ParsedSentence]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for p in parsed:
+        if p.well_formed:
+            for e in p.entities:
+                out.setdefault(e, p.text)
+    return out
+
+
+def norm(sentence: str) -> str:
+    return " ".join(sentence.lower().split())
+
+
+def all_absent_answer(entities: Sequence[str]) -> str:
+    """The trivial baseline: every requested entity declared absent."""
+    return "\n".join(f"There is no {e}." for e in entities)
+
+
+# ------------------------------------------------------------------------------------------- stage
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_relative(path: Path, run_dir: Path) -> str:
+    """A path inside the run directory is stored relative to it, so a moved run directory still works."""
+    path, run_dir = Path(path).resolve(), Path(run_dir).resolve()
+    return str(path.relative_to(run_dir)) if path.is_relative_to(run_dir) else str(path)
+
+
+def run(ctx: StageContext, cfg: Config) -> None:
+    seed, device = ctx.config.run.seed, resolve_device(ctx.config.run.device)
+    table = ctx.read("seed_distill/seed_distillations")
+    rows = table.select(["study_id", "report", "entities", "raw_response"]).to_pylist()
+    finder = parse.EntityFinder(sorted({e for r in rows for e in r["entities"]}))
+    for r in rows:
+        r["answer"] = clean_answer(r["raw_response"], finder)
+        r["prompt"] = student_prompt(r["report"], r["entities"])
+    unusable = [r["study_id"] for r in rows if not r["answer"]]
+    if unusable:
+        ctx.log.warning(
+            "%d seed rows have no well-formed teacher sentence; not used, e.g. %s",
+            len(unusable),
+            unusable[:3],
+        )
+    rows = [r for r in rows if r["answer"]]
+    train_ids, held_ids = split_held_out([r["study_id"] for r in rows], cfg.held_out, seed)
+    train_rows = [r for r in rows if r["study_id"] in train_ids]
+    held_rows = sorted((r for r in rows if r["study_id"] in held_ids), key=lambda r: r["study_id"])
+
+    if cfg.base_model == "tiny":
+        texts = [train_rows[0]["prompt"]] + [r["report"] for r in rows] + [r["answer"] for r in train_rows]
+        base_path = build_tiny_base(texts, cfg.tiny(), ctx.path(TINY_BASE_DIR), seed)
+    else:
+        base_path = Path(cfg.base_model)
+    model, tokenizer = load_base(base_path, device)
+
+    examples, skipped = [], []
+    for r in train_rows:
+        try:
+            examples.append(
+                encode_example(
+                    tokenizer, r["study_id"], r["prompt"], r["answer"], cfg.max_len, cfg.max_prompt
+                )
+            )
+        except ValueError as err:
+            skipped.append(str(err))
+    if skipped:
+        ctx.log.warning(
+            "%d training examples skipped (too long for max_len=%d), e.g. %s",
+            len(skipped),
+            cfg.max_len,
+            skipped[0],
+        )
+    student = attach_lora(model, cfg.lora(), seed)
+    result = train_student(
+        student,
+        examples,
+        cfg.train(seed),
+        tokenizer.pad_token_id,
+        device,
+        progress=lambda p: ctx.log.info(
+            "step %d epoch %.2f loss %.4f lr %.2e", p.step, p.epoch, p.loss, p.lr
+        ),
+    )
+    ctx.log.info(
+        "trained %d/%d params on %d examples in %.1f s: loss %.3f -> %.3f",
+        result.trainable_params, result.total_params, len(examples), result.seconds,
+        result.curve[0].loss, result.curve[-1].loss,
+    )  # fmt: skip
+    adapter_dir = save_adapter(student, tokenizer, ctx.path(ADAPTER_DIR))
+
+    backend = TransformersBackend(
+        student, tokenizer, GenerationSettings(cfg.gen_batch, cfg.max_new_tokens, cfg.max_prompt)
+    )
+    t0 = time.perf_counter()
+    outputs = backend.generate([r["prompt"] for r in held_rows])
+    rate = len(held_rows) / max(time.perf_counter() - t0, 1e-9)
+    requested = [r["entities"] for r in held_rows]
+    teacher = [r["answer"] for r in held_rows]
+    evals = [
+        {"system": "student", **agreement(requested, teacher, outputs, finder), "reports_per_s": rate},
+        {
+            "system": "all_absent",
+            **agreement(requested, teacher, [all_absent_answer(e) for e in requested], finder),
+            "reports_per_s": 0.0,
+        },
+    ]
+    for e in evals:
+        ctx.log.info("held-out agreement %s", e)
+
+    ctx.write("student_loss", [p.__dict__ for p in result.curve], StudentLoss)
+    ctx.write("student_eval", evals, StudentEval)
+    ctx.write(
+        "student_model",
+        [
+            {
+                "adapter_dir": run_relative(adapter_dir, ctx.run_dir),
+                "base_model": run_relative(base_path, ctx.run_dir),
+                "adapter_sha256": sha256_file(adapter_dir / "adapter_model.safetensors"),
+                "lora_r": cfg.lora_r,
+                "lora_alpha": cfg.lora_alpha,
+                "max_prompt": cfg.max_prompt,
+                "max_new_tokens": cfg.max_new_tokens,
+                "n_train": len(examples),
+                "n_heldout": len(held_rows),
+                "n_skipped": len(skipped),
+            }
+        ],
+        StudentModel,
+    )

@@ -1,0 +1,267 @@
+"""bulk_distill: teacher rows kept, student elsewhere, QC retries within budget, shard resume after a crash;
+and the finetune_student stage end to end on a tiny base feeding bulk_distill's transformers backend."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import tasks.bulk_distill as bulk
+import tasks.finetune_student as ft
+from data_contracts.distill import SeedDistillation
+from data_contracts.entities import EntityMention
+from data_contracts.reports import Report
+from data_contracts.student import StudentEval, StudentModel
+from models.distill import parse, rules_teacher
+from models.distill.prompt import report_from_prompt
+from models.distill.rules_teacher import mentions_by_study
+from models.entities import build_lexicon, match_reports
+from tasks.base import make_test_context
+from tasks.seed_distill import Config as SeedConfig
+
+torch.set_num_threads(1)
+
+ENTITIES = ["effusion", "pneumothorax", "consolidation", "edema", "cardiomegaly", "pneumonia"]
+TEXTS = {
+    "s00": "Small left pleural effusion. No pneumothorax.",
+    "s01": "No focal consolidation. Mild cardiomegaly.",
+    "s02": "Possible right lower lobe pneumonia. No effusion.",
+    "s03": "Moderate pulmonary edema. No pneumothorax.",
+    "s04": "Lungs are clear. Heart size is normal.",  # no entity: nothing to distil
+    "s05": "Large right pneumothorax. No effusion.",
+    "s06": "No edema. No consolidation.",
+    "s07": "Mild pulmonary edema. Small effusion.",
+    "s08": "No pneumonia. Stable cardiomegaly.",
+    "s09": "Trace effusion. No pneumothorax. No edema.",
+}
+SEEDS = ("s00", "s01", "s02")  # the teacher already distilled these
+
+
+def write_upstream(run_dir, teacher_text=None):
+    """reports, entity_mentions and seed_distillations as stages 1-3 would write them."""
+    reports = [
+        {"study_id": s, "subject_id": "p1", "split": "train", "findings": t, "impression": "", "text": t,
+         "source_path": f"{s}.txt"}
+        for s, t in TEXTS.items()
+    ]  # fmt: skip
+    make_test_context(run_dir, SimpleNamespace(), "extract_reports").write("reports", reports, Report)
+    mentions = match_reports(list(TEXTS), list(TEXTS.values()), build_lexicon(ENTITIES))
+    make_test_context(run_dir, SimpleNamespace(), "match_entities").write(
+        "entity_mentions", mentions, EntityMention
+    )
+    by_study = mentions_by_study(mentions)
+    finder = parse.EntityFinder(ENTITIES)
+    rows = []
+    for sid in SEEDS:
+        raw = (
+            teacher_text(sid)
+            if teacher_text
+            else "TEACHER\n" + rules_teacher.distill(TEXTS[sid], by_study[sid])
+        )
+        parsed = parse.parse_response(raw, finder)
+        entities = list(dict.fromkeys(m.entity for m in sorted(by_study[sid], key=lambda m: m.start)))
+        rows.append({
+            "study_id": sid, "model": "teacher-x", "prompt_hash": "h" + sid, "report": TEXTS[sid],
+            "entities": entities, "raw_response": raw, "distilled_text": parse.distilled_text(parsed),
+            "sentences": [p.text for p in parsed], "parsed_json": parse.parsed_json(parsed), "flags": [],
+            "prompt_tokens": 0, "completion_tokens": 0, "latency_s": 0.0, "cached": False, "truncated": False,
+            "error": None,
+        })  # fmt: skip
+    make_test_context(run_dir, SimpleNamespace(), "seed_distill").write(
+        "seed_distillations", rows, SeedDistillation
+    )
+    return by_study
+
+
+def write_student(run_dir, sha="a" * 64):
+    ctx = make_test_context(run_dir, SimpleNamespace(), "finetune_student")
+    ctx.write("student_model", [{
+        "adapter_dir": "finetune_student/adapter", "base_model": "finetune_student/base_model", "adapter_sha256": sha,
+        "lora_r": 8, "lora_alpha": 16, "max_prompt": 64, "max_new_tokens": 32, "n_train": 1, "n_heldout": 1,
+        "n_skipped": 0,
+    }], StudentModel)  # fmt: skip
+    metrics = {"n_reports": 1, "n_entities": 1, "polarity_acc": 0.5, "exact_sentence_rate": 0.0,
+               "unparseable_rate": 0.0, "coverage": 1.0, "report_exact": 0.0, "reports_per_s": 1.0}  # fmt: skip
+    ctx.write(
+        "student_eval", [{"system": "student", **metrics}, {"system": "all_absent", **metrics}], StudentEval
+    )
+
+
+def config(seed_teacher="rules"):
+    return SimpleNamespace(
+        run=SimpleNamespace(seed=0, device="cpu"), seed_distill=SeedConfig(teacher=seed_teacher)
+    )
+
+
+class ScriptedStudent:
+    """Answers like the rules teacher (tagged STUDENT), garbage for `bad` studies; can crash on call N."""
+
+    def __init__(self, bad=(), crash_on_call=None):
+        self.bad, self.crash_on_call = set(bad), crash_on_call
+        self.calls: list[list[str]] = []
+
+    def generate(self, prompts):
+        sids = []
+        for p in prompts:
+            report, _ = report_from_prompt(p)
+            sids.append(next(s for s, t in TEXTS.items() if t == report))
+        self.calls.append(sids)
+        if self.crash_on_call == len(self.calls):
+            raise RuntimeError("simulated crash (GPU lost)")
+        matcher = build_lexicon(ENTITIES)
+        out = []
+        for sid in sids:
+            if sid in self.bad:
+                out.append("I am sorry, I cannot summarise this report")
+            else:
+                ms = mentions_by_study(match_reports([sid], [TEXTS[sid]], matcher))[sid]
+                out.append(rules_teacher.distill(TEXTS[sid], ms))
+        return out
+
+
+def bulk_ctx(run_dir, cfg=None):
+    return make_test_context(run_dir, cfg or config(), "bulk_distill")
+
+
+def read_distilled(run_dir):
+    return {
+        r["study_id"]: r
+        for r in pq.read_table(run_dir / "bulk_distill" / "distilled_reports.parquet").to_pylist()
+    }
+
+
+def test_crash_mid_run_resumes_with_only_the_unfinished_shards(tmp_path):
+    write_upstream(tmp_path)
+    write_student(tmp_path)
+    cfg = bulk.Config(shard_size=2, retry_budget=0)
+    crashing = ScriptedStudent(crash_on_call=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        bulk.run(bulk_ctx(tmp_path), cfg, backend=crashing)
+    shard_dir = tmp_path / "bulk_distill" / "shards"
+    assert sorted(p.name for p in shard_dir.glob("shard_*.parquet")) == ["shard_00000.parquet"]
+    assert not (tmp_path / "bulk_distill" / "distilled_reports.parquet").exists()
+
+    resumed = ScriptedStudent()
+    bulk.run(bulk_ctx(tmp_path), cfg, backend=resumed)
+    # 6 student reports in shards of 2: shard 0 was done, so only shards 1 and 2 are generated again.
+    assert resumed.calls == [["s06", "s07"], ["s08", "s09"]]
+    assert crashing.calls[0] == ["s03", "s05"]
+    rows = read_distilled(tmp_path)
+    assert sorted(rows) == sorted(TEXTS)  # every report exactly once (the merge checks duplicates too)
+    assert {s: r["source"] for s, r in rows.items()} == {
+        "s00": "teacher", "s01": "teacher", "s02": "teacher", "s04": "none",
+        "s03": "student", "s05": "student", "s06": "student", "s07": "student", "s08": "student", "s09": "student",
+    }  # fmt: skip
+    assert rows["s05"]["distilled_text"] == "There is large right pneumothorax. There is no effusion."
+    assert rows["s05"]["shard"] == 0 and rows["s09"]["shard"] == 2
+    assert rows["s04"]["distilled_text"] == "" and rows["s04"]["entities"] == []
+
+    again = ScriptedStudent()  # a third run with everything done generates nothing
+    bulk.run(bulk_ctx(tmp_path), cfg, backend=again)
+    assert again.calls == []
+
+
+def test_teacher_rows_are_used_where_present(tmp_path):
+    write_upstream(tmp_path)
+    write_student(tmp_path)
+    student = ScriptedStudent()
+    bulk.run(bulk_ctx(tmp_path), bulk.Config(shard_size=4, retry_budget=0), backend=student)
+    asked = {s for call in student.calls for s in call}
+    assert asked == {
+        "s03",
+        "s05",
+        "s06",
+        "s07",
+        "s08",
+        "s09",
+    }  # never the seeds, never the entity-less report
+    rows = read_distilled(tmp_path)
+    assert rows["s00"]["raw_response"].startswith("TEACHER\n")
+    assert rows["s00"]["model"] == "teacher-x"
+    assert rows["s00"]["distilled_text"] == "There is small left pleural effusion. There is no pneumothorax."
+    assert rows["s03"]["model"] == "student:" + "a" * 12
+
+
+def test_qc_failing_student_answers_go_to_the_teacher_within_budget(tmp_path):
+    write_upstream(tmp_path)
+    write_student(tmp_path)
+    student = ScriptedStudent(bad={"s05", "s07", "s09"})
+    bulk.run(bulk_ctx(tmp_path), bulk.Config(shard_size=2, retry_budget=2), backend=student)
+    rows = read_distilled(tmp_path)
+    # The budget covers the first two failures (shard order); the third is kept with its flags.
+    assert rows["s05"]["source"] == "teacher_retry" and rows["s07"]["source"] == "teacher_retry"
+    assert rows["s05"]["model"] == rules_teacher.MODEL_NAME
+    assert rows["s05"]["distilled_text"] == "There is large right pneumothorax. There is no effusion."
+    assert rows["s05"]["flags"] == []
+    assert rows["s09"]["source"] == "student"
+    assert rows["s09"]["distilled_text"] == ""
+    assert "unparseable_line:0" in rows["s09"]["flags"]
+    assert {"missing_entity:effusion", "missing_entity:pneumothorax", "missing_entity:edema"} <= set(
+        rows["s09"]["flags"]
+    )
+
+
+def test_retry_budget_is_shared_across_a_resumed_run(tmp_path):
+    write_upstream(tmp_path)
+    write_student(tmp_path)
+    cfg = bulk.Config(shard_size=2, retry_budget=1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        bulk.run(bulk_ctx(tmp_path), cfg, backend=ScriptedStudent(bad={"s05", "s09"}, crash_on_call=2))
+    bulk.run(bulk_ctx(tmp_path), cfg, backend=ScriptedStudent(bad={"s05", "s09"}))
+    rows = read_distilled(tmp_path)
+    assert rows["s05"]["source"] == "teacher_retry"  # used the one retry before the crash
+    assert rows["s09"]["source"] == "student" and rows["s09"]["flags"]  # none left after the resume
+
+
+def test_a_new_adapter_discards_old_shards(tmp_path):
+    write_upstream(tmp_path)
+    write_student(tmp_path, sha="a" * 64)
+    bulk.run(bulk_ctx(tmp_path), bulk.Config(shard_size=2, retry_budget=0), backend=ScriptedStudent())
+    write_student(tmp_path, sha="b" * 64)
+    fresh = ScriptedStudent()
+    bulk.run(bulk_ctx(tmp_path), bulk.Config(shard_size=2, retry_budget=0), backend=fresh)
+    assert len(fresh.calls) == 3  # all shards regenerated with the new student
+    assert read_distilled(tmp_path)["s03"]["model"] == "student:" + "b" * 12
+
+
+def test_finetune_student_stage_then_bulk_with_the_transformers_backend(tmp_path):
+    """The real stage path: tiny base built and LoRA-tuned, adapter saved, eval + loss written, then loaded
+    by bulk_distill's transformers backend."""
+
+    def teacher_text(sid):
+        ms = mentions_by_study(match_reports([sid], [TEXTS[sid]], build_lexicon(ENTITIES)))[sid]
+        return rules_teacher.distill(TEXTS[sid], ms)
+
+    write_upstream(tmp_path, teacher_text)
+    ctx = make_test_context(tmp_path, config(), "finetune_student")
+    ft_cfg = ft.Config(
+        base_model="tiny", lora_r=8, lora_alpha=16, lora_dropout=0.0, lr=1e-2, epochs=4, batch=1, grad_accum=1,
+        max_len=160, max_prompt=96, max_new_tokens=12, gen_batch=2, held_out=0.34, tiny_vocab_size=400,
+        tiny_hidden=32, tiny_intermediate=64, tiny_layers=1, tiny_heads=2,
+    )  # fmt: skip
+    ft.run(ctx, ft_cfg)
+    stage = tmp_path / "finetune_student"
+    assert (stage / "adapter" / "adapter_model.safetensors").is_file()
+    assert (stage / "base_model" / "config.json").is_file()
+    evals = {r["system"]: r for r in pq.read_table(stage / "student_eval.parquet").to_pylist()}
+    assert set(evals) == {"student", "all_absent"}
+    assert (
+        evals["student"]["n_reports"] == 1
+        and evals["all_absent"]["n_entities"] == evals["student"]["n_entities"]
+    )
+    assert evals["student"]["reports_per_s"] > 0
+    loss = pq.read_table(stage / "student_loss.parquet").to_pylist()
+    assert [r["step"] for r in loss] == list(range(1, 9))  # 2 training reports x 4 epochs, batch 1
+    model = pq.read_table(stage / "student_model.parquet").to_pylist()[0]
+    assert model["adapter_dir"] == "finetune_student/adapter" and model["n_train"] == 2
+
+    bulk.run(
+        bulk_ctx(tmp_path), bulk.Config(backend="transformers", shard_size=3, retry_budget=0, gen_batch=2)
+    )
+    rows = read_distilled(tmp_path)
+    assert sorted(rows) == sorted(TEXTS)
+    assert sum(r["source"] == "student" for r in rows.values()) == 6
+    assert all(r["model"].startswith("student:") for r in rows.values() if r["source"] == "student")
