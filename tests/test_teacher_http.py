@@ -55,7 +55,7 @@ def expected(report: str) -> str:
 
 def cfg_for(server: FakeOpenAIServer, **kw) -> ClientConfig:
     base = {"base_url": server.base_url, "model": "teacher", "concurrency": 1, "backoff_base_s": 0.01,
-            "timeout_s": 2.0, "max_retries": 3}  # fmt: skip
+            "timeout_s": 15.0, "max_retries": 3}  # fmt: skip
     return ClientConfig(**{**base, **kw})
 
 

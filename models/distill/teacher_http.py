@@ -45,10 +45,10 @@ class ClientConfig(BaseModel):
     api_key_env: str = "OPENAI_API_KEY"
     external_endpoint_ack: str | None = None
     concurrency: int = Field(16, ge=1)
-    rpm: float | None = Field(3500, gt=0)  # requests per minute; None = unlimited
-    tpm: float | None = Field(
-        90_000, gt=0
-    )  # tokens per minute (prompt estimate + max_tokens); None = unlimited
+    # Provider limits (requests / tokens per minute; tokens = prompt estimate + max_tokens). None = unlimited,
+    # right for a local vLLM; a hosted API needs its account tier's values (seed_distill sets OpenAI's).
+    rpm: float | None = Field(None, gt=0)
+    tpm: float | None = Field(None, gt=0)
     max_retries: int = Field(6, ge=0)
     timeout_s: float = Field(60.0, gt=0)
     backoff_base_s: float = Field(1.0, ge=0)
