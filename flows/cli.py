@@ -23,6 +23,22 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a conf
 
 def _quiet_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Without PREFECT_API_URL the flows start a temporary local server; give it time on a busy machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def _check_config(config: Path, overrides: list[str] | None, stage: str | None = None):
+    """Validate the config (and stage name) before any flow, server or stage starts."""
+    from tasks.config import ConfigError, load_config
+    from tasks.registry import stage_module
+
+    try:
+        cfg = load_config(config, overrides)
+        if stage is not None:
+            stage_module(stage)
+    except (ConfigError, KeyError) as err:
+        _fail(err)
+    return cfg
 
 
 def _fail(err: Exception) -> None:
@@ -43,6 +59,7 @@ def synth(
         Path | None, typer.Option("--config", "-c", help="take the synth section from here")
     ] = None,
     set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing corpus at --out")] = False,
 ) -> None:
     """Generate the deterministic chest-X-ray-like demo corpus in MIMIC-CXR(-JPG) layout."""
     from models.synth.corpus import generate_corpus
@@ -53,8 +70,11 @@ def synth(
         cfg = load_config(config, overrides)
     except ConfigError as err:
         _fail(err)
-    summary = generate_corpus(cfg.synth, out)
-    console.print(f"wrote corpus to {out}: {summary}")
+    try:
+        summary = generate_corpus(cfg.synth, out, overwrite=overwrite)
+    except FileExistsError as err:
+        _fail(err)
+    console.print(f"wrote corpus to {out}\n{summary.describe()}")
 
 
 def ensure_demo_corpus(cfg) -> None:
@@ -77,12 +97,7 @@ def demo(
 ) -> None:
     """Generate the demo corpus if absent, then run the whole pipeline on configs/demo.yaml."""
     _quiet_prefect()
-    from tasks.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(DEMO_CONFIG, set_)
-    except ConfigError as err:
-        _fail(err)
+    cfg = _check_config(DEMO_CONFIG, set_)
     ensure_demo_corpus(cfg)
     from flows.pipeline import ecamp_pipeline
 
@@ -102,6 +117,7 @@ def run(
 ) -> None:
     """Run the full pipeline (finished stages with unchanged inputs are skipped)."""
     _quiet_prefect()
+    _check_config(config, set_)
     from flows.pipeline import ecamp_pipeline
     from tasks.config import ConfigError
 
@@ -128,6 +144,7 @@ def stage(
 ) -> None:
     """Run a single stage against the artifacts already in the run directory."""
     _quiet_prefect()
+    _check_config(config, set_, stage=name)
     from flows.pipeline import ecamp_stage
     from tasks.config import ConfigError
 
