@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -446,3 +447,19 @@ def test_group_commit_makes_every_answer_durable_before_aput_returns(tmp_path):
 
     stored, commits = asyncio.run(go())
     assert stored == 50 and commits < 50  # answers arriving together share one fsync
+
+
+def test_retry_after_header_forms():
+    from email.utils import format_datetime
+
+    from models.distill.teacher_http import _retry_after
+
+    class R:
+        def __init__(self, **headers):
+            self.headers = headers
+
+    assert _retry_after(R(**{"retry-after-ms": "250", "retry-after": "9"})) == 0.25
+    assert _retry_after(R(**{"retry-after": "1.5"})) == 1.5
+    soon = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    assert 25 <= _retry_after(R(**{"retry-after": soon})) <= 31
+    assert _retry_after(R(**{"retry-after": "soon"})) is None and _retry_after(R()) is None

@@ -20,6 +20,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Literal
 
 import openai
@@ -317,16 +319,24 @@ class TeacherClient:
 
 
 def _retry_after(response: object) -> float | None:
-    """Seconds from `retry-after-ms` or `retry-after` (numeric form); None when absent or unreadable."""
+    """Seconds from `retry-after-ms`, or `retry-after` in seconds or as an HTTP date; None when absent/unreadable."""
     headers = getattr(response, "headers", None) or {}
-    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is not None:
-            try:
-                return float(value) * scale
-            except ValueError:
-                continue
-    return None
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return float(ms) / 1000.0
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
+    except (TypeError, ValueError):
+        return None
 
 
 def _extract(resp: object, chat: bool) -> tuple[str, tuple[int, int], str | None]:
