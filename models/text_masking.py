@@ -4,7 +4,9 @@ A batch of (original report, distilled report) pairs becomes `input_ids`, `atten
 per-token loss `weights`:
 
 1. composition: `T = [T_o, T_d]`, the distilled text inserted at a random sentence boundary with probability
-   `p_insert_distilled` (official: 0.8), or one of the two alone (ablation rows of Tables 7-8);
+   `p_insert_distilled` (official: 0.8), or one of the two alone (ablation rows of Tables 7-8). It is done
+   on pieces: boundaries are after '.' pieces (like the official `report.split('.')`, decimals included),
+   a '.' is added where a text lacks its final one;
 2. tokenization: `[CLS]` + WordPiece pieces (no `[SEP]`, like the official code), truncated and padded to
    `max_len` (always: the loss divides by B·max_len, so the padded length must not depend on the batch);
 3. masking, whole-word (a `##` piece is masked iff its word is): the β words before each entity word in the
@@ -12,7 +14,7 @@ per-token loss `weights`:
    pieces become `[MASK]` (no 80/10/10 split, as in the official code). Words are the pre-tokenizer's
    words; punctuation-only words (',') neither count as nor are descriptors (like "effusion," is one word
    for the paper's whitespace words). Entity surface forms (`models.entities` lexicon, multi-piece and
-   multi-word ones too) match whole words only; a word cut by truncation is judged on one piece beyond it;
+   multi-word ones too) match whole words only. Rules see the whole text; truncation comes last;
 4. re-balancing (Eq. 3-4): predicted descriptor pieces inside a negation cue weigh λ_neg, the other predicted
    descriptor pieces λ_oth, every other predicted piece 1, unpredicted pieces 0 (label -100).
 
@@ -21,10 +23,12 @@ negation cue, N_a = N_neg + N_oth, λ_oth = (N_a − λ_neg·N_neg) / N_oth, so 
 sum to N_a exactly. A sample with N_oth = 0 has no λ_oth to solve for: its negative descriptors keep λ_neg
 (Eq. 4), i.e. all-negative reports — the 20:1 majority — are down-weighted, which is what the factor is for.
 
-Everything after tokenization is vectorised over the [B, L] id array: vocabulary tables (is `##` piece, is
-sentence end, is punctuation), phrase matching on packed id windows at candidate word starts, descriptor
-windows by β hops to the previous content word with a sentence-id check, whole-word expansion by gathering
-from each piece's word start, λ_oth from per-row sums. Tokenization itself goes through `CachedEncoder`.
+Each text (original or distilled) is tokenized (`CachedEncoder`) and analysed once, vectorised over a batch
+of texts: vocabulary tables (is `##` piece, is sentence end, is punctuation), phrase matching on packed id
+windows at candidate word starts, descriptor windows by β hops to the previous content word with a
+sentence-id check. The result (pieces + per-piece facts) is cached per text, since the facts do not depend
+on where a text is spliced. Per batch only splicing (CSR scatter) and masking run: Bernoulli draws at word
+starts, whole-word expansion by gathering from each piece's word start, λ_oth from per-row sums.
 
 Official-code behaviour (REFERENCE.md §2.3) is available behind `official_quirks`:
 - `mlm_on_all_positions`: labels are the original ids at every position, `[CLS]` and `[PAD]` included;
@@ -37,7 +41,6 @@ is not reproduced: we follow Eq. 3-4 of the paper.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +61,7 @@ from models.wordpiece import (
     SPECIAL_TOKENS,
     CachedEncoder,
     check_special_ids,
+    padded_rows,
 )
 
 IGNORE_INDEX = -100
@@ -112,47 +116,21 @@ def read_entity_words(path: str | Path = TABLE1_PATH) -> list[str]:
     return sorted(load_entity_list(path).forms)
 
 
-_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
+def terminated(text: str, ends: Sequence[str] = (".",)) -> str:
+    """`text` ending in a sentence end (adds the first of `ends`), so no descriptor window runs past it."""
+    text = text.strip()
+    return text if not text or text.endswith(tuple(ends)) else text + ends[0]
 
 
-def terminated(sentence: str) -> str:
-    """A sentence ending in '.', '!' or '?' (adds '.'), so no descriptor window runs into the next text."""
-    sentence = sentence.strip()
-    return sentence if not sentence or sentence[-1] in ".!?" else sentence + "."
-
-
-def insert_at_boundary(original: str, distilled: str, fraction: float) -> str:
-    """Insert `distilled` between sentences of `original`; boundary index floor(fraction·(n+1)) of n+1."""
-    original = original.strip()
-    sentences = _SENTENCE_SPLIT.split(original) if original else []
-    k = min(int(fraction * (len(sentences) + 1)), len(sentences))
-    if k and k == len(sentences):  # only the last sentence can lack its '.'
-        sentences[-1] = terminated(sentences[-1])
-    return " ".join([*sentences[:k], terminated(distilled), *sentences[k:]])
-
-
-def compose_texts(pairs: Sequence[tuple[str, str | None]], cfg: TextMaskingConfig, rng: np.random.Generator):
-    """The text each sample is trained on: original, distilled, or original with distilled inserted (hybrid).
-
-    Hybrid draws two uniforms per sample (insert?, where) so the stream does not depend on the texts.
-    A missing distillation (None) in hybrid mode leaves the original alone; in 'distilled' mode it is an error.
-    """
+def validate_pairs(pairs: Sequence[tuple[str, str | None]], cfg: TextMaskingConfig) -> None:
+    """Each item is (original, distilled or None); 'distilled' composition needs every distilled text."""
     for i, pair in enumerate(pairs):
         if not isinstance(pair, tuple | list) or len(pair) != 2 or not isinstance(pair[0], str):
             raise ValueError(f"batch item {i}: expected (original: str, distilled: str | None), got {pair!r}")
-    if cfg.text_composition == "origin":
-        return [original for original, _ in pairs]
     if cfg.text_composition == "distilled":
         missing = [i for i, (_, distilled) in enumerate(pairs) if distilled is None]
         if missing:
             raise ValueError(f"text_composition='distilled' but batch items {missing} have no distilled text")
-        return [distilled for _, distilled in pairs]
-    insert = rng.random(len(pairs)) < cfg.p_insert_distilled
-    where = rng.random(len(pairs))
-    return [
-        insert_at_boundary(original, distilled, where[i]) if insert[i] and distilled else original
-        for i, (original, distilled) in enumerate(pairs)
-    ]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -335,7 +313,6 @@ class MaskedBatch:
     """Everything collate computed, as numpy arrays [B, W] over the W <= max_len columns that hold text;
     `as_tensors` pads to max_len and gives what the model consumes."""
 
-    texts: list[str]
     max_len: int
     token_ids: np.ndarray  # original ids
     input_ids: np.ndarray  # masked pieces replaced by [MASK]
@@ -363,11 +340,38 @@ class MaskedBatch:
         }
 
 
+# Per-piece facts of a text that do not depend on where it ends up in a sample (bits of one uint8).
+WORD_START, DESCRIBED, NEGATIVE, ENTITY_START, ENTITY = 1, 2, 4, 8, 16
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One analysed text (an original or a distilled report): its pieces and their facts.
+
+    Facts are local to the text: entity and cue matches never contain a sentence end and descriptor windows
+    never cross one, and every text is a run of whole sentences, so they stay true wherever it is spliced.
+    """
+
+    ids: np.ndarray  # pieces, no [CLS]
+    flags: np.ndarray  # uint8 bits per piece
+    boundaries: tuple[int, ...]  # offsets where a text may be inserted: 0, after each sentence end, len
+    ends_sentence: bool
+    has_entity: bool
+
+
 class TextCollator:
-    """Builds MLM batches; holds the per-vocabulary tables so a DataLoader pays for them once."""
+    """Builds MLM batches; holds the per-vocabulary tables so a DataLoader pays for them once.
+
+    Every text is tokenized and analysed once and kept (`max_segments` texts; a DataLoader worker sees the same
+    reports every epoch), so a batch only splices cached pieces and draws the random masking.
+    """
 
     def __init__(
-        self, tokenizer: Tokenizer, cfg: TextMaskingConfig, entity_words: Sequence[str] | None = None
+        self,
+        tokenizer: Tokenizer,
+        cfg: TextMaskingConfig,
+        entity_words: Sequence[str] | None = None,
+        max_segments: int = 500_000,
     ):
         self.tokenizer = tokenizer
         self.cfg = cfg
@@ -375,43 +379,134 @@ class TextCollator:
             tokenizer, cfg, read_entity_words() if entity_words is None else entity_words
         )
         self.mask_id = tokenizer.token_to_id(MASK)
+        self.pad_id = tokenizer.token_to_id(PAD)
+        self.cls_id = tokenizer.token_to_id(CLS)
+        self.end_id = tokenizer.token_to_id(cfg.sentence_end_tokens[0])
+        if self.end_id is None:
+            raise ValueError(
+                f"sentence end '{cfg.sentence_end_tokens[0]}' is not in the tokenizer's vocabulary"
+            )
         self.encoder = CachedEncoder(tokenizer)
+        self.max_segments = max_segments
+        self.segments: dict[str, Segment] = {}
 
     def __call__(
         self, pairs: Sequence[tuple[str, str | None]], rng: np.random.Generator
     ) -> dict[str, torch.Tensor]:
         return self.mask(pairs, rng).as_tensors()
 
+    # ---- texts -> segments -------------------------------------------------------------------------------
+    def analyse(self, texts: list[str]) -> list[Segment]:
+        """Tokenize and analyse texts in one vectorised pass over a [n, longest + 1] array ([CLS] first)."""
+        t, cfg = self.tables, self.cfg
+        flat, lengths = self.encoder.encode_flat(texts)
+        width = int(lengths.max(initial=0)) + 2  # [CLS] + pieces + one [PAD] that ends the last word
+        ids = padded_rows(flat, lengths, width, [self.cls_id], self.pad_id)
+        word_start = ~t.is_frame[ids] & ~t.is_continuation[ids]
+        entity_start, entity = t.entities.find(ids, word_start, t.is_continuation)
+        negative = t.negations.find(ids, word_start, t.is_continuation)[1]
+        sentence_end = t.is_sentence_end[ids]
+        content = word_start & ~t.is_punctuation[ids]
+        described = descriptor_starts(content, entity_start, np.cumsum(sentence_end, axis=1), cfg.beta)
+        flags = (
+            word_start * WORD_START
+            + described * DESCRIBED
+            + negative * NEGATIVE
+            + entity_start * ENTITY_START
+            + entity * ENTITY
+        ).astype(np.uint8)
+        rows, cols = np.nonzero(sentence_end[:, 1:])
+        ends = np.split(cols + 1, np.cumsum(np.bincount(rows, minlength=len(texts)))[:-1])
+        ends_sentence = (lengths == 0) | sentence_end[np.arange(len(texts)), lengths]
+        has_entity = entity_start.any(axis=1)
+        return [
+            Segment(
+                ids=ids[i, 1 : n + 1],
+                flags=flags[i, 1 : n + 1],
+                boundaries=tuple(sorted({0, *ends[i].tolist(), n})),
+                ends_sentence=bool(ends_sentence[i]),
+                has_entity=bool(has_entity[i]),
+            )
+            for i, n in enumerate(lengths.tolist())
+        ]
+
+    def segments_of(self, texts: Sequence[str]) -> list[Segment]:
+        missing = list(dict.fromkeys(t for t in texts if t not in self.segments))
+        if missing:
+            if len(self.segments) + len(missing) > self.max_segments:
+                self.segments = {}
+            self.segments.update(zip(missing, self.analyse(missing), strict=True))
+        return [self.segments[t] for t in texts]
+
+    def compose(
+        self, pairs: Sequence[tuple[str, str | None]], rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Pieces and flags of each sample's text, concatenated, with per-sample lengths and has-entity.
+
+        Hybrid: with probability p the distilled text goes in at boundary floor(u·(n+1)) of the original's
+        n+1 sentence boundaries ('.' pieces, as the official `report.split('.')`), a '.' added first if the
+        original's last sentence lacks one. Two uniforms per sample, drawn whatever the texts.
+        """
+        cfg = self.cfg
+        validate_pairs(pairs, cfg)
+        originals = [o for o, _ in pairs]
+        if not pairs:
+            raise ValueError("collate: empty batch")
+        distilled = [terminated(d, cfg.sentence_end_tokens) if d else "" for _, d in pairs]
+        if cfg.text_composition == "origin":
+            parts = [[seg] for seg in self.segments_of(originals)]
+        elif cfg.text_composition == "distilled":
+            parts = [[seg] for seg in self.segments_of(distilled)]
+        else:
+            insert = (rng.random(len(pairs)) < cfg.p_insert_distilled) & np.array(
+                [bool(d) for d in distilled]
+            )
+            where = rng.random(len(pairs))
+            segs = self.segments_of(originals + [d for d, i in zip(distilled, insert, strict=True) if i])
+            extra = iter(segs[len(pairs) :])
+            parts = [
+                [seg] if not insert[i] else spliced(seg, next(extra), where[i])
+                for i, seg in enumerate(segs[: len(pairs)])
+            ]
+        end = Segment(
+            np.array([self.end_id]), np.array([WORD_START], dtype=np.uint8), np.zeros(0), True, False
+        )
+        ids, flags, lengths, has_entity = [], [], [], []
+        for sample in parts:
+            sample = [end if p is None else p for p in sample]
+            ids += [p.ids for p in sample]
+            flags += [p.flags for p in sample]
+            lengths.append(sum(p.ids.size for p in sample))
+            has_entity.append(any(p.has_entity for p in sample))
+        return (
+            np.concatenate(ids).astype(np.int64),
+            np.concatenate(flags),
+            np.array(lengths, dtype=np.int64),
+            np.array(has_entity, dtype=bool),
+        )
+
+    # ---- masking -----------------------------------------------------------------------------------------
     def mask(self, pairs: Sequence[tuple[str, str | None]], rng: np.random.Generator) -> MaskedBatch:
         cfg, t = self.cfg, self.tables
-        texts = compose_texts(pairs, cfg, rng)
-        pad_id = self.tokenizer.token_to_id(PAD)
-        # One extra column shows whether the last kept piece ends its word. Work on the columns that hold text
-        # (reports are much shorter than max_len) and pad the results to max_len at the end.
-        full = self.encoder.encode_padded(texts, cfg.max_len + 1, prefix=[self.tokenizer.token_to_id(CLS)])
-        width = int(min(cfg.max_len, (full != pad_id).sum(axis=1).max()))
-        full = full[:, : width + 1]
-        ids = full[:, :width]
-        draws = rng.random((len(texts), cfg.max_len))[:, :width]
+        flat_ids, flat_flags, lengths, has_entity = self.compose(pairs, rng)
+        # Work on the columns that hold text (reports are much shorter than max_len); pad at the end.
+        width = int(min(cfg.max_len, lengths.max(initial=0) + 1))
+        ids = padded_rows(flat_ids, lengths, width, [self.cls_id], self.pad_id)
+        flags = padded_rows(flat_flags, lengths, width, [0], 0)
+        draws = rng.random((len(pairs), cfg.max_len))[:, :width]
 
-        continuation = t.is_continuation[ids]
+        word_start = (flags & WORD_START) > 0
         real = ~t.is_frame[ids]
-        word_start = real & ~continuation
         positions = np.broadcast_to(np.arange(width), ids.shape)
         word_start_of = np.maximum.accumulate(np.where(word_start, positions, 0), axis=1)
         in_word = real & (np.cumsum(word_start, axis=1) > 0)
-
-        start_full = pad_right(word_start, 1, False)
-        entity_start, entity = (a[:, :width] for a in t.entities.find(full, start_full, t.is_continuation))
-        negative = t.negations.find(full, start_full, t.is_continuation)[1][:, :width]
-        sentence = np.cumsum(t.is_sentence_end[ids], axis=1)
-        content = word_start & ~t.is_punctuation[ids]
-        described = descriptor_starts(content, entity_start, sentence, cfg.beta)
+        described = (flags & DESCRIBED) > 0
         descriptor = spread_from_word_start(described, word_start_of, in_word)
+        entity_start = (flags & ENTITY_START) > 0
 
         official = cfg.official_quirks
         if official.official_descriptor_masking:
-            other_rate = np.where(entity_start.any(axis=1), OFFICIAL_NON_ENTITY_RATE, cfg.mask_rate)[:, None]
+            other_rate = np.where(has_entity, OFFICIAL_NON_ENTITY_RATE, cfg.mask_rate)[:, None]
             chosen = word_start & (draws < np.where(entity_start, cfg.mask_rate, other_rate))
         else:
             chosen = word_start & ((draws < cfg.mask_rate) | (described & cfg.descriptor_masking))
@@ -419,27 +514,36 @@ class TextCollator:
 
         everywhere = official.mlm_on_all_positions
         predicted = np.ones_like(masked) if everywhere else masked
+        negative = (flags & NEGATIVE) > 0
         weights = (
             rebalanced_weights(predicted, descriptor, negative, cfg.lambda_neg)
             if cfg.rebalance
             else predicted.astype(np.float64)
         )
-
         return MaskedBatch(
-            texts=texts,
             max_len=cfg.max_len,
             token_ids=ids,
             input_ids=np.where(masked, self.mask_id, ids),
-            attention_mask=(ids != pad_id).astype(np.int64),
+            attention_mask=(ids != self.pad_id).astype(np.int64),
             labels=np.where(predicted, ids, IGNORE_INDEX),
             weights=weights,
             masked=masked,
             descriptor=descriptor,
             negative=negative,
-            entity=entity,
-            pad_label=pad_id if everywhere else IGNORE_INDEX,
+            entity=(flags & ENTITY) > 0,
+            pad_label=self.pad_id if everywhere else IGNORE_INDEX,
             pad_weight=1.0 if everywhere else 0.0,
         )
+
+
+def spliced(original: Segment, distilled: Segment, where: float) -> list[Segment | None]:
+    """The parts of original-with-distilled-inserted; None stands for an added '.' piece."""
+    k = min(int(where * len(original.boundaries)), len(original.boundaries) - 1)
+    cut = original.boundaries[k]
+    head = Segment(original.ids[:cut], original.flags[:cut], (), True, original.has_entity)
+    tail = Segment(original.ids[cut:], original.flags[cut:], (), True, False)
+    dot = [None] if cut == original.ids.size and cut > 0 and not original.ends_sentence else []
+    return [head, *dot, distilled, tail]
 
 
 def collate(

@@ -203,12 +203,13 @@ class CachedEncoder:
             return np.ones(len(texts), dtype=bool)
         return np.array([t.isascii() and not _SLOW_CHARS.search(t) for t in texts], dtype=bool)
 
-    def encode_padded(self, texts: Sequence[str], width: int, prefix: Sequence[int] = ()) -> np.ndarray:
-        """[B, width] int64: `prefix` + the pieces of each text, truncated, right-padded with [PAD]."""
-        ids = np.full((len(texts), width), self.tokenizer.token_to_id(PAD), dtype=np.int64)
-        ids[:, : len(prefix)] = prefix
+    def encode_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The pieces of all texts, concatenated (int64), and each text's number of pieces."""
         fast = self.fast_path(texts)
         rows = np.flatnonzero(fast)
+        per_text: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(texts)
+        lengths = np.zeros(len(texts), dtype=np.int64)
+        flat = np.zeros(0, dtype=np.int64)
         if rows.size:
             chunks = f" {_TEXT_BREAK} ".join([texts[i] for i in rows]).lower().split()
             new = set(chunks).difference(self.index)
@@ -220,14 +221,31 @@ class CachedEncoder:
             piece_chunk = np.repeat(np.arange(chunk.size), n_pieces)
             rank = np.arange(piece_chunk.size) - (np.cumsum(n_pieces) - n_pieces)[piece_chunk]
             flat = self.store[start[piece_chunk] + rank]
-            text_of = np.cumsum(chunk == 0)[piece_chunk]  # which joined text each piece belongs to
-            col = np.arange(flat.size) - np.searchsorted(text_of, text_of) + len(prefix)
-            keep = col < width
-            ids.ravel()[rows[text_of[keep]] * width + col[keep]] = flat[keep]
+            lengths[rows] = np.bincount(np.cumsum(chunk == 0), weights=n_pieces, minlength=rows.size)
         slow = np.flatnonzero(~fast)
-        if slow.size:
-            encodings = self.tokenizer.encode_batch([texts[i] for i in slow], add_special_tokens=False)
-            for i, encoding in zip(slow, encodings, strict=True):
-                pieces = encoding.ids[: width - len(prefix)]
-                ids[i, len(prefix) : len(prefix) + len(pieces)] = pieces
-        return ids
+        if slow.size == 0:
+            return flat, lengths
+        if rows.size:
+            for i, text in zip(rows, np.split(flat, np.cumsum(lengths[rows])[:-1]), strict=True):
+                per_text[i] = text
+        encodings = self.tokenizer.encode_batch([texts[i] for i in slow], add_special_tokens=False)
+        for i, encoding in zip(slow, encodings, strict=True):
+            per_text[i] = np.asarray(encoding.ids, dtype=np.int64)
+            lengths[i] = len(encoding.ids)
+        return np.concatenate(per_text), lengths
+
+    def encode_padded(self, texts: Sequence[str], width: int, prefix: Sequence[int] = ()) -> np.ndarray:
+        """[B, width] int64: `prefix` + the pieces of each text, truncated, right-padded with [PAD]."""
+        flat, lengths = self.encode_flat(texts)
+        return padded_rows(flat, lengths, width, prefix, self.tokenizer.token_to_id(PAD))
+
+
+def padded_rows(flat: np.ndarray, lengths: np.ndarray, width: int, prefix: Sequence[int], pad_id: int):
+    """Scatter concatenated rows (`flat`, split by `lengths`) into [n, width] after `prefix`, truncating."""
+    out = np.full((lengths.size, width), pad_id, dtype=flat.dtype)
+    out[:, : len(prefix)] = prefix
+    row = np.repeat(np.arange(lengths.size), lengths)
+    col = np.arange(flat.size) - (np.cumsum(lengths) - lengths)[row] + len(prefix)
+    keep = col < width
+    out.ravel()[row[keep] * width + col[keep]] = flat[keep]
+    return out

@@ -16,8 +16,6 @@ from models.text_masking import (
     TextCollator,
     TextMaskingConfig,
     collate,
-    compose_texts,
-    insert_at_boundary,
     read_entity_words,
     weighted_mlm_loss,
 )
@@ -193,37 +191,53 @@ def test_unknown_pieces_are_ordinary_words(tokenizer):
     assert batch.descriptor[0, at]  # "§" and "no" are the two words before "effusion"
 
 
-def test_composition_modes():
+def composed(tokenizer, pairs, rng, **overrides) -> list[str]:
+    """Each sample's composed text, decoded from its pieces ([CLS] dropped; whitespace-insensitive)."""
+    cfg = TextMaskingConfig(max_len=128, mask_rate=0.0, **overrides)
+    batch = TextCollator(tokenizer, cfg, ENTITY_WORDS).mask(pairs, rng)
+    return [
+        tokenizer.decode(row[1:n].tolist())
+        for row, n in zip(batch.token_ids, batch.attention_mask.sum(1), strict=True)
+    ]
+
+
+def spelled(tokenizer, text: str) -> str:
+    return tokenizer.decode(tokenizer.encode(text).ids)
+
+
+def test_composition_modes(tokenizer):
     pairs = [("Heart normal. No effusion.", "There is no effusion."), ("Lungs clear.", None)]
     rng = np.random.default_rng(0)
-    assert compose_texts(pairs, TextMaskingConfig(text_composition="origin"), rng) == [
-        "Heart normal. No effusion.",
-        "Lungs clear.",
-    ]
+    origin = composed(tokenizer, pairs, rng, text_composition="origin")
+    assert origin == [spelled(tokenizer, "Heart normal. No effusion."), spelled(tokenizer, "Lungs clear.")]
     with pytest.raises(ValueError, match=r"text_composition='distilled' but batch items \[1\]"):
-        compose_texts(pairs, TextMaskingConfig(text_composition="distilled"), rng)
-    assert compose_texts(pairs[:1], TextMaskingConfig(text_composition="distilled"), rng) == [
-        "There is no effusion."
-    ]
-    always = compose_texts(pairs, TextMaskingConfig(p_insert_distilled=1.0), rng)
-    assert always[1] == "Lungs clear."  # nothing to insert
-    assert always[0] in {
+        composed(tokenizer, pairs, rng, text_composition="distilled")
+    distilled = composed(tokenizer, pairs[:1], rng, text_composition="distilled")
+    assert distilled == [spelled(tokenizer, "There is no effusion.")]
+    always = composed(tokenizer, pairs, rng, p_insert_distilled=1.0)
+    assert always[1] == spelled(tokenizer, "Lungs clear.")  # nothing to insert
+    options = [
         "There is no effusion. Heart normal. No effusion.",
         "Heart normal. There is no effusion. No effusion.",
         "Heart normal. No effusion. There is no effusion.",
-    }
-    never = compose_texts(pairs, TextMaskingConfig(p_insert_distilled=0.0), rng)
-    assert never == ["Heart normal. No effusion.", "Lungs clear."]
-    # p = 0.8 and every boundary used, uniformly.
-    many = compose_texts([pairs[0]] * 3000, TextMaskingConfig(), np.random.default_rng(1))
-    inserted = [t for t in many if "There is" in t]
-    assert 0.77 < len(inserted) / 3000 < 0.83
-    firsts = sum(t.startswith("There is") for t in inserted) / len(inserted)
-    assert 0.29 < firsts < 0.38
-    # An unterminated sentence gets its '.', so a descriptor window cannot run into the inserted text.
-    assert insert_at_boundary("No effusion", "There may be edema", 0.99) == "No effusion. There may be edema."
+    ]
+    assert always[0] in [spelled(tokenizer, o) for o in options]
+    never = composed(tokenizer, pairs, rng, p_insert_distilled=0.0)
+    assert never == origin
+    # p = 0.8, and the 3 boundaries used uniformly.
+    many = composed(tokenizer, [pairs[0]] * 3000, np.random.default_rng(1))
+    counts = [many.count(spelled(tokenizer, o)) / 3000 for o in options]
+    assert 0.77 < sum(counts) < 0.83
+    assert all(0.23 < c < 0.31 for c in counts)
+    # An unterminated original gets its '.', so a descriptor window cannot run into the inserted text.
+    end = composed(
+        tokenizer, [("No effusion", "There may be edema")], np.random.default_rng(0), p_insert_distilled=1.0
+    )
+    assert end[0] in [
+        spelled(tokenizer, t) for t in ("There may be edema. No effusion", "No effusion. There may be edema.")
+    ]
     with pytest.raises(ValueError, match=r"batch item 1: expected \(original: str, distilled: str \| None\)"):
-        compose_texts([("a", None), "just a string"], TextMaskingConfig(), rng)
+        composed(tokenizer, [("a", None), "just a string"], rng)
 
 
 def hand_tokenizer():
