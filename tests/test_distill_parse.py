@@ -165,7 +165,8 @@ def test_qc_flags_name_each_problem():
     )
     assert "The heart is normal" not in distilled_text(parsed)
     assert json.loads(parsed_json(parsed))[0]["severity_bin"] == 2
-    one_phrase = parse_response("There is normal cardiomediastinal contours.", FINDER)  # two entities, no 'and'
+    # two entities in one phrase, not joined by and/or: clean
+    one_phrase = parse_response("There is normal cardiomediastinal contours.", FINDER)
     assert one_phrase[0].entities == ("cardiomediastinal", "contour")
     assert qc_flags(one_phrase, ["cardiomediastinal", "contour"], {}) == []
     assert qc_flags([], ["effusion"], {}) == ["empty_response"]
