@@ -23,6 +23,7 @@ back a few words within its clause. Negation wins over uncertainty when both app
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -876,23 +877,21 @@ def corpus_summary(mentions: pa.Table, n_reports: int, descriptors: pa.Table) ->
 def derive_entity_list(
     stats: pa.Table, strategy: Literal["top_k", "top_percent"], k: int = 20, percent: float = 10.0
 ) -> list[str]:
-    """Table 8's alternative entity lists from corpus frequencies (`entity_stats`): the k most mentioned
-    entities, or those at or above the (100 - percent)-th percentile of mention counts. Ties at the cut are
-    broken by the order of the stats table; entities never mentioned are never selected."""
-    ranked = [r for r in stats.to_pylist() if r["n_mentions"] > 0]
-    ranked.sort(key=lambda r: -r["n_mentions"])
+    """Table 8's alternative entity lists from corpus frequencies (an `entity_stats` table): the k most
+    mentioned entities, or the most mentioned ceil(percent% of the listed entities). Ties keep the stats
+    table's order; entities never mentioned are never selected."""
     if strategy == "top_k":
         if k < 1:
             raise ValueError(f"top_k needs k >= 1, got {k}")
-        return [r["entity"] for r in ranked[:k]]
-    if strategy == "top_percent":
+        count = k
+    elif strategy == "top_percent":
         if not 0 < percent <= 100:
             raise ValueError(f"top_percent needs 0 < percent <= 100, got {percent}")
-        if not ranked:
-            return []
-        cut = float(np.percentile([r["n_mentions"] for r in stats.to_pylist()], 100 - percent))
-        return [r["entity"] for r in ranked if r["n_mentions"] >= cut]
-    raise ValueError(f"unknown strategy {strategy!r} (top_k | top_percent)")
+        count = math.ceil(stats.num_rows * percent / 100)
+    else:
+        raise ValueError(f"unknown strategy {strategy!r} (top_k | top_percent)")
+    ranked = sorted((r for r in stats.to_pylist() if r["n_mentions"] > 0), key=lambda r: -r["n_mentions"])
+    return [r["entity"] for r in ranked[:count]]
 
 
 def write_entity_list(path: str | Path, entities: Sequence[str], comment: str) -> Path:

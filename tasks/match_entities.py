@@ -15,9 +15,11 @@ from models.entities import (
     EntityMatcher,
     MatcherConfig,
     corpus_summary,
+    derive_entity_list,
     descriptor_stats,
     entity_stats,
     load_entity_list,
+    write_entity_list,
 )
 from tasks.base import StageConfig, StageContext
 
@@ -38,6 +40,8 @@ class Config(StageConfig):
     )
     batch_size: int = Field(20_000, ge=1, description="reports scanned as one string (memory bound)")
     plot_top_n: int = Field(20, ge=1, description="bars in the Fig. 2 plots; the rest is merged as 'others'")
+    derived_top_k: int = Field(20, ge=1, description="Table 8 'Top-20' list written from this corpus")
+    derived_top_percent: float = Field(10.0, gt=0, le=100, description="Table 8 'Top-10%' list")
 
 
 def resolve_entity_list(path: str) -> Path:
@@ -96,6 +100,23 @@ def _stacked_bars(
     return path
 
 
+def write_derived_lists(ctx: StageContext, cfg: Config, entities: pa.Table, source: str) -> None:
+    """Table 8's alternative entity lists from this corpus's frequencies, as files a later run can point
+    `match_entities.entity_list` at (entity selection ablation)."""
+    for name, strategy, arg in (
+        (f"entities_top{cfg.derived_top_k}.txt", "top_k", {"k": cfg.derived_top_k}),
+        (
+            f"entities_top{cfg.derived_top_percent:g}pct.txt",
+            "top_percent",
+            {"percent": cfg.derived_top_percent},
+        ),
+    ):
+        chosen = derive_entity_list(entities, strategy, **arg)
+        write_entity_list(
+            ctx.path(name), chosen, f"Table 8 variant ({strategy} {arg}) of {source}, by mentions"
+        )
+
+
 def run(ctx: StageContext, cfg: Config) -> None:
     lexicon = load_entity_list(resolve_entity_list(cfg.entity_list))
     matcher = EntityMatcher(
@@ -114,6 +135,7 @@ def run(ctx: StageContext, cfg: Config) -> None:
     ctx.write("entity_summary", [summary], EntitySummary)
     plot_entity_frequencies(entities, ctx.path("fig2a_entities.png"), cfg.plot_top_n)
     plot_descriptor_frequencies(descriptors, ctx.path("fig2b_descriptors.png"), cfg.plot_top_n)
+    write_derived_lists(ctx, cfg, entities, lexicon.source)
     ctx.log.info(
         "%d mentions in %d of %d reports (%d entities of %s); negative:positive %.1f, '%s' vs '%s' %.1f",
         summary["n_mentions"],

@@ -423,7 +423,8 @@ def test_derived_entity_lists_top_k_and_top_percent(tmp_path):
     )
     assert derive_entity_list(stats, "top_k", k=2) == ["effusion", "edema"]
     assert derive_entity_list(stats, "top_k", k=10) == ["effusion", "edema", "pneumonia", "mass"]
-    assert derive_entity_list(stats, "top_percent", percent=40) == ["effusion", "edema"]
+    assert derive_entity_list(stats, "top_percent", percent=40) == ["effusion", "edema"]  # ceil(0.4 * 5)
+    assert derive_entity_list(stats, "top_percent", percent=10) == ["effusion"]
     with pytest.raises(ValueError, match="unknown strategy 'top_3'"):
         derive_entity_list(stats, "top_3")
     path = write_entity_list(tmp_path / "top2.txt", derive_entity_list(stats, "top_k", k=2), "Table 8: Top-2")
@@ -469,5 +470,8 @@ def test_stage_writes_mentions_stats_and_fig2_pngs(tmp_path):
     for name in ("fig2a_entities.png", "fig2b_descriptors.png"):
         with PILImage.open(tmp_path / NAME / name) as image:
             assert image.format == "PNG" and image.width >= 600
+    ranked = ("effusion", "pneumothorax", "edema", "pneumonia")  # 4, 2, 1, 1 mentions; ties in list order
+    assert load_entity_list(tmp_path / NAME / "entities_top20.txt").entities == ranked
+    assert load_entity_list(tmp_path / NAME / "entities_top10pct.txt").entities == ranked  # 5 of 44, 4 seen
     assert UPSTREAM == ["extract_reports/reports"]
     assert resolve_entity_list("configs/entities/table1.txt") == TABLE1
