@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
-from matplotlib.figure import Figure  # no pyplot: no global figure state, no display backend
 from pydantic import Field
 
 from data_contracts.entities import DescriptorStat, EntityMention, EntityStat, EntitySummary
@@ -84,6 +83,9 @@ def plot_descriptor_frequencies(stats: pa.Table, path: Path, top_n: int) -> Path
 def _stacked_bars(
     labels: list[str], counts: list[list[int]], series: tuple[str, ...], title: str, path: Path
 ) -> Path:
+    from matplotlib.figure import Figure  # here, not at import: the registry imports every stage module
+
+    # Figure without pyplot: no global figure state, no display backend; savefig picks Agg for .png
     fig = Figure(figsize=(max(6.0, 0.35 * len(labels) + 2), 4.5))
     ax = fig.add_subplot()
     bottom = [0] * len(labels)
