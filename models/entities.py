@@ -526,8 +526,8 @@ class EntityMatcher:
         if self.config.beta < 0 or self.config.post_window < 0:
             raise ValueError("beta and post_window must be >= 0")
         # target id: 0..E-1 entities (by canonical index), E.. cues
-        self._entity_index = {e: i for i, e in enumerate(lexicon.entities)}
-        targets: dict[str, int] = {form: self._entity_index[e] for form, e in lexicon.forms.items()}
+        entity_index = {e: i for i, e in enumerate(lexicon.entities)}
+        targets: dict[str, int] = {form: entity_index[e] for form, e in lexicon.forms.items()}
         self._cues: list[Cue] = []
         for cue in self.config.cues:
             phrase = _normalise_phrase(cue.phrase)
@@ -611,14 +611,12 @@ class EntityMatcher:
     # -- polarity ------------------------------------------------------------------------------------------
     def _pre_effect(self, b: _Batch, clause: np.ndarray) -> np.ndarray:
         """Effect of the nearest pre cue in the mention's clause (0 none, 1 negative, 2 uncertain)."""
+        if not len(b.pre_end):
+            return np.zeros(len(b.m_start), dtype=np.int64)
         idx = np.searchsorted(b.pre_end, b.m_start, side="right") - 1
-        has = idx >= 0
         safe = np.maximum(idx, 0)
-        cue_clause = (
-            np.searchsorted(b.clause_starts, b.pre_end[safe] - 1, side="right") if len(b.pre_end) else idx
-        )
-        same = has & (cue_clause == clause) if len(b.pre_end) else np.zeros_like(has)
-        return np.where(same, b.pre_kind[safe] if len(b.pre_kind) else 0, _KIND_NONE)
+        cue_clause = np.searchsorted(b.clause_starts, b.pre_end[safe] - 1, side="right")
+        return np.where((idx >= 0) & (cue_clause == clause), b.pre_kind[safe], _KIND_NONE)
 
     def _post_effect(self, b: _Batch, clause: np.ndarray) -> np.ndarray:
         """Effect of the nearest post cue after the mention in its clause, within `post_window` words."""
