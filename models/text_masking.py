@@ -344,19 +344,75 @@ class MaskedBatch:
 WORD_START, DESCRIBED, NEGATIVE, ENTITY_START, ENTITY = 1, 2, 4, 8, 16
 
 
-@dataclass(frozen=True)
-class Segment:
-    """One analysed text (an original or a distilled report): its pieces and their facts.
+class GrowArray:
+    """Append-only 1-D array with amortised O(1) appends (capacity doubles): the store grows every batch of
+    the first epoch, and re-concatenating it each time would copy the whole cache per batch."""
 
-    Facts are local to the text: entity and cue matches never contain a sentence end and descriptor windows
-    never cross one, and every text is a run of whole sentences, so they stay true wherever it is spliced.
+    def __init__(self, values, dtype):
+        self.data = np.array(values, dtype=dtype)
+        self.size = self.data.size
+
+    def append(self, values: np.ndarray) -> None:
+        need = self.size + values.size
+        if need > self.data.size:
+            grown = np.empty(max(need, 2 * self.data.size), dtype=self.data.dtype)
+            grown[: self.size] = self.data[: self.size]
+            self.data = grown
+        self.data[self.size : need] = values
+        self.size = need
+
+    @property
+    def last(self):
+        return self.data[self.size - 1]
+
+
+class SegmentStore:
+    """Analysed texts (originals and distilled reports) in CSR arrays: pieces, per-piece facts, boundaries.
+
+    Facts are local to a text: entity and cue matches never contain a sentence end, descriptor windows never
+    cross one, and every text is a run of whole sentences, so they stay true wherever the text is spliced.
+    Segment 0 is a lone '.' piece, spliced in where an original lacks its final sentence end.
     """
 
-    ids: np.ndarray  # pieces, no [CLS]
-    flags: np.ndarray  # uint8 bits per piece
-    boundaries: tuple[int, ...]  # offsets where a text may be inserted: 0, after each sentence end, len
-    ends_sentence: bool
-    has_entity: bool
+    def __init__(self, end_id: int):
+        self.index: dict[str, int] = {}
+        self.ids = GrowArray([end_id], np.int32)
+        self.flags = GrowArray([WORD_START], np.uint8)
+        self.offsets = GrowArray([0, 1], np.int64)  # pieces of segment s: [offsets[s], offsets[s + 1])
+        self.bounds = GrowArray([0], np.int64)  # insertion offsets: 0, after each sentence end, length
+        self.bound_offsets = GrowArray([0, 1], np.int64)
+        self.ends_sentence = GrowArray([True], bool)
+        self.has_entity = GrowArray([False], bool)
+
+    def __len__(self) -> int:
+        return self.offsets.size - 1
+
+    def lengths(self, seg: np.ndarray) -> np.ndarray:
+        return self.offsets.data[seg + 1] - self.offsets.data[seg]
+
+    def add(self, texts: list[str], ids, flags, lengths, bounds, bound_counts, ends_sentence, has_entity):
+        self.index.update(zip(texts, range(len(self), len(self) + len(texts)), strict=True))
+        self.ids.append(ids)
+        self.flags.append(flags)
+        self.offsets.append(self.offsets.last + np.cumsum(lengths))
+        self.bounds.append(bounds)
+        self.bound_offsets.append(self.bound_offsets.last + np.cumsum(bound_counts))
+        self.ends_sentence.append(ends_sentence)
+        self.has_entity.append(has_entity)
+
+    def cut(self, seg: np.ndarray, where: np.ndarray) -> np.ndarray:
+        """Boundary floor(where·(n+1)) of each segment's n+1 boundaries."""
+        first, count = (
+            self.bound_offsets.data[seg],
+            self.bound_offsets.data[seg + 1] - self.bound_offsets.data[seg],
+        )
+        return self.bounds.data[first + np.minimum((where * count).astype(np.int64), count - 1)]
+
+    def gather(self, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pieces and facts of consecutive runs [start, start + length) of the store, concatenated."""
+        run = np.repeat(np.arange(starts.size), lengths)
+        at = starts[run] + np.arange(run.size) - (np.cumsum(lengths) - lengths)[run]
+        return self.ids.data[at].astype(np.int64), self.flags.data[at]
 
 
 class TextCollator:
@@ -388,7 +444,7 @@ class TextCollator:
             )
         self.encoder = CachedEncoder(tokenizer)
         self.max_segments = max_segments
-        self.segments: dict[str, Segment] = {}
+        self.store = SegmentStore(self.end_id)
 
     def __call__(
         self, pairs: Sequence[tuple[str, str | None]], rng: np.random.Generator
@@ -396,9 +452,9 @@ class TextCollator:
         return self.mask(pairs, rng).as_tensors()
 
     # ---- texts -> segments -------------------------------------------------------------------------------
-    def analyse(self, texts: list[str]) -> list[Segment]:
-        """Tokenize and analyse texts in one vectorised pass over a [n, longest + 1] array ([CLS] first)."""
-        t, cfg = self.tables, self.cfg
+    def analyse(self, texts: list[str]) -> None:
+        """Tokenize and analyse texts in one vectorised pass over a [n, longest + 2] array ([CLS] first)."""
+        t, cfg, n = self.tables, self.cfg, len(texts)
         flat, lengths = self.encoder.encode_flat(texts)
         width = int(lengths.max(initial=0)) + 2  # [CLS] + pieces + one [PAD] that ends the last word
         ids = padded_rows(flat, lengths, width, [self.cls_id], self.pad_id)
@@ -415,75 +471,74 @@ class TextCollator:
             + entity_start * ENTITY_START
             + entity * ENTITY
         ).astype(np.uint8)
-        rows, cols = np.nonzero(sentence_end[:, 1:])
-        ends = np.split(cols + 1, np.cumsum(np.bincount(rows, minlength=len(texts)))[:-1])
-        ends_sentence = (lengths == 0) | sentence_end[np.arange(len(texts)), lengths]
-        has_entity = entity_start.any(axis=1)
-        return [
-            Segment(
-                ids=ids[i, 1 : n + 1],
-                flags=flags[i, 1 : n + 1],
-                boundaries=tuple(sorted({0, *ends[i].tolist(), n})),
-                ends_sentence=bool(ends_sentence[i]),
-                has_entity=bool(has_entity[i]),
-            )
-            for i, n in enumerate(lengths.tolist())
-        ]
+        in_text = np.arange(width - 1) < lengths[:, None]
+        # Boundaries of text i: 0, each offset after a sentence-end piece below its length, and its length.
+        rows, cols = np.nonzero(sentence_end[:, 1:] & (np.arange(1, width) < lengths[:, None]))
+        nonempty = np.flatnonzero(lengths > 0)
+        bound_rows = np.concatenate([np.arange(n), rows, nonempty])
+        bound_vals = np.concatenate([np.zeros(n, dtype=np.int64), cols + 1, lengths[nonempty]])
+        order = np.lexsort((bound_vals, bound_rows))
+        self.store.add(
+            texts,
+            ids=flat,
+            flags=flags[:, 1:][in_text],
+            lengths=lengths,
+            bounds=bound_vals[order],
+            bound_counts=np.bincount(bound_rows, minlength=n),
+            ends_sentence=(lengths == 0) | sentence_end[np.arange(n), lengths],
+            has_entity=entity_start.any(axis=1),
+        )
 
-    def segments_of(self, texts: Sequence[str]) -> list[Segment]:
-        missing = list(dict.fromkeys(t for t in texts if t not in self.segments))
+    def segment_ids(self, texts: Sequence[str]) -> np.ndarray:
+        missing = list(dict.fromkeys(t for t in texts if t not in self.store.index))
         if missing:
-            if len(self.segments) + len(missing) > self.max_segments:
-                self.segments = {}
-            self.segments.update(zip(missing, self.analyse(missing), strict=True))
-        return [self.segments[t] for t in texts]
+            if len(self.store) + len(missing) > self.max_segments:
+                self.store = SegmentStore(self.end_id)
+                missing = list(dict.fromkeys(texts))
+            self.analyse(missing)
+        return np.fromiter(map(self.store.index.__getitem__, texts), dtype=np.int64, count=len(texts))
 
     def compose(
         self, pairs: Sequence[tuple[str, str | None]], rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Pieces and flags of each sample's text, concatenated, with per-sample lengths and has-entity.
+        """Pieces and facts of each sample's text, concatenated, with per-sample lengths and has-entity.
 
         Hybrid: with probability p the distilled text goes in at boundary floor(u·(n+1)) of the original's
         n+1 sentence boundaries ('.' pieces, as the official `report.split('.')`), a '.' added first if the
-        original's last sentence lacks one. Two uniforms per sample, drawn whatever the texts.
+        original's last sentence lacks one. Two uniforms per sample, drawn whatever the texts. Every sample is
+        four runs of the store (head, '.', distilled, tail), gathered at once.
         """
-        cfg = self.cfg
+        cfg, store = self.cfg, self.store
         validate_pairs(pairs, cfg)
-        originals = [o for o, _ in pairs]
         if not pairs:
             raise ValueError("collate: empty batch")
         distilled = [terminated(d, cfg.sentence_end_tokens) if d else "" for _, d in pairs]
-        if cfg.text_composition == "origin":
-            parts = [[seg] for seg in self.segments_of(originals)]
-        elif cfg.text_composition == "distilled":
-            parts = [[seg] for seg in self.segments_of(distilled)]
+        if cfg.text_composition == "distilled":
+            seg = self.segment_ids(distilled)
+            store = self.store
+            starts, lengths = store.offsets.data[seg][:, None], store.lengths(seg)[:, None]
+            has_entity = store.has_entity.data[seg]
         else:
-            insert = (rng.random(len(pairs)) < cfg.p_insert_distilled) & np.array(
-                [bool(d) for d in distilled]
-            )
-            where = rng.random(len(pairs))
-            segs = self.segments_of(originals + [d for d, i in zip(distilled, insert, strict=True) if i])
-            extra = iter(segs[len(pairs) :])
-            parts = [
-                [seg] if not insert[i] else spliced(seg, next(extra), where[i])
-                for i, seg in enumerate(segs[: len(pairs)])
-            ]
-        end = Segment(
-            np.array([self.end_id]), np.array([WORD_START], dtype=np.uint8), np.zeros(0), True, False
-        )
-        ids, flags, lengths, has_entity = [], [], [], []
-        for sample in parts:
-            sample = [end if p is None else p for p in sample]
-            ids += [p.ids for p in sample]
-            flags += [p.flags for p in sample]
-            lengths.append(sum(p.ids.size for p in sample))
-            has_entity.append(any(p.has_entity for p in sample))
-        return (
-            np.concatenate(ids).astype(np.int64),
-            np.concatenate(flags),
-            np.array(lengths, dtype=np.int64),
-            np.array(has_entity, dtype=bool),
-        )
+            if cfg.text_composition == "hybrid":
+                insert = rng.random(len(pairs)) < cfg.p_insert_distilled
+                where = rng.random(len(pairs))
+            else:
+                insert, where = np.zeros(len(pairs), dtype=bool), np.zeros(len(pairs))
+            insert &= np.array([bool(d) for d in distilled])
+            originals = [o for o, _ in pairs]
+            both = self.segment_ids(originals + distilled if insert.any() else originals)
+            store = self.store  # segment_ids may have started a new store
+            o = both[: len(pairs)]
+            d = both[len(pairs) :] if insert.any() else np.zeros_like(o)  # 0: never gathered (length 0)
+            n_o, n_d = store.lengths(o), store.lengths(d)
+            cut = np.where(insert, store.cut(o, where), n_o)
+            dot = insert & (cut == n_o) & (n_o > 0) & ~store.ends_sentence.data[o]
+            start_o = store.offsets.data[o]
+            starts = np.stack([start_o, np.zeros_like(o), store.offsets.data[d], start_o + cut], axis=1)
+            lengths = np.stack([cut, dot, np.where(insert, n_d, 0), n_o - cut], axis=1)
+            has_entity = store.has_entity.data[o] | (insert & store.has_entity.data[d])
+        flat_ids, flat_flags = store.gather(starts.ravel(), lengths.ravel().astype(np.int64))
+        return flat_ids, flat_flags, lengths.sum(axis=1).astype(np.int64), has_entity
 
     # ---- masking -----------------------------------------------------------------------------------------
     def mask(self, pairs: Sequence[tuple[str, str | None]], rng: np.random.Generator) -> MaskedBatch:
@@ -534,16 +589,6 @@ class TextCollator:
             pad_label=self.pad_id if everywhere else IGNORE_INDEX,
             pad_weight=1.0 if everywhere else 0.0,
         )
-
-
-def spliced(original: Segment, distilled: Segment, where: float) -> list[Segment | None]:
-    """The parts of original-with-distilled-inserted; None stands for an added '.' piece."""
-    k = min(int(where * len(original.boundaries)), len(original.boundaries) - 1)
-    cut = original.boundaries[k]
-    head = Segment(original.ids[:cut], original.flags[:cut], (), True, original.has_entity)
-    tail = Segment(original.ids[cut:], original.flags[cut:], (), True, False)
-    dot = [None] if cut == original.ids.size and cut > 0 and not original.ends_sentence else []
-    return [head, *dot, distilled, tail]
 
 
 def collate(

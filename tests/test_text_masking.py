@@ -356,3 +356,19 @@ def test_vectorised_equals_per_token_reference_loop(tokenizer):
         fast = TextCollator(tokenizer, cfg, ENTITY_WORDS)
         loop = bench.LoopCollator(tokenizer, cfg, ENTITY_WORDS)
         assert bench.same_output(fast(pairs, np.random.default_rng(4)), loop(pairs, np.random.default_rng(4)))
+
+
+def test_segment_cache_is_transparent(tokenizer):
+    """Cached analyses (and a cache that overflows and restarts) give the same batches as fresh ones."""
+    pairs = [(t, "There may be mild edema.") for t in HANDWRITTEN] + [(HANDWRITTEN[0], None)]
+    cfg = TextMaskingConfig(max_len=48)
+    tiny = TextCollator(tokenizer, cfg, ENTITY_WORDS, max_segments=4)
+    warm = TextCollator(tokenizer, cfg, ENTITY_WORDS)
+    for seed in range(3):
+        fresh = TextCollator(tokenizer, cfg, ENTITY_WORDS)(pairs, np.random.default_rng(seed))
+        for collator in (tiny, warm):
+            out = collator(pairs, np.random.default_rng(seed))
+            assert all(torch.equal(out[k], fresh[k]) for k in out)
+    assert len(warm.store) == 1 + len(HANDWRITTEN) + 2  # the "." segment, 6 originals, distilled and ""
+    with pytest.raises(ValueError, match="empty batch"):
+        warm([], np.random.default_rng(0))
