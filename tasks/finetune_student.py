@@ -72,6 +72,7 @@ class Config(StageConfig):
     tiny_layers: int = Field(2, ge=1)
     tiny_heads: int = Field(4, ge=1)
     tiny_embedding_std: float = Field(0.5, gt=0)
+    tiny_init_std: float = Field(0.02, gt=0, description="std of the random linear layers (HF default 0.02)")
 
     def lora(self) -> LoraSettings:
         return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.target_modules))
@@ -96,6 +97,7 @@ class Config(StageConfig):
             num_attention_heads=self.tiny_heads,
             max_position_embeddings=max(self.max_len, self.max_prompt + self.max_new_tokens),
             embedding_std=self.tiny_embedding_std,
+            initializer_range=self.tiny_init_std,
         )
 
 

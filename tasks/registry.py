@@ -10,6 +10,10 @@ STAGE_MODULES: list[str] = [
     "tasks.extract_reports",
     "tasks.match_entities",
     "tasks.seed_distill",
+    "tasks.finetune_student",
+    "tasks.bulk_distill",
+    "tasks.train_gloria",
+    "tasks.pretrain_ecamp",
 ]
 
 

@@ -79,12 +79,11 @@ class TinyDims:
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     max_position_embeddings: int = 1024
-    tie_word_embeddings: bool = (
-        True  # output = input embeddings: a random frozen base can then copy report words
-    )
-    embedding_std: float = (
-        0.5  # HF's 0.02 makes tied logits ~0.1 wide, a softmax LoRA alone can never sharpen
-    )
+    # Output = input embeddings, so copying a report word is the easy direction for a random frozen base.
+    tie_word_embeddings: bool = True
+    # HF's 0.02 gives tied logits ~0.1 wide: a softmax that LoRA on the linear layers could never sharpen.
+    embedding_std: float = 0.5
+    initializer_range: float = 0.02  # std of the frozen random linear layers (HF's Llama default)
 
 
 @dataclass(frozen=True)
@@ -191,6 +190,7 @@ def build_tiny_base(texts: Sequence[str], dims: TinyDims, out_dir: Path, seed: i
         num_key_value_heads=dims.num_attention_heads,
         max_position_embeddings=dims.max_position_embeddings,
         tie_word_embeddings=dims.tie_word_embeddings,
+        initializer_range=dims.initializer_range,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
