@@ -1,0 +1,118 @@
+"""Export the pre-trained ECAMP encoder as safetensors that timm's `VisionTransformer` loads with strict=True.
+
+The encoder's parameter names already equal timm's, so the file is the encoder state dict plus a header saying which
+timm model to build (`timm_kwargs`). Downstream code (and users) call `load_timm_encoder(path)`; the fixed sin-cos
+position embeddings travel as timm's learnable `pos_embed`, and there is no classifier head (num_classes=0), so
+fine-tuning adds its own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import VisionTransformer
+
+from models.ecamp import ECAMP, ECAMPConfig
+
+FORMAT = "ecamp-vit-encoder/1"
+
+
+def timm_kwargs(cfg: ECAMPConfig) -> dict[str, Any]:
+    """Arguments of the timm `VisionTransformer` with exactly the encoder's parameters (no head)."""
+    return {
+        "img_size": cfg.img_size,
+        "patch_size": cfg.patch_size,
+        "in_chans": cfg.in_chans,
+        "embed_dim": cfg.embed_dim,
+        "depth": cfg.depth,
+        "num_heads": cfg.num_heads,
+        "mlp_ratio": cfg.mlp_ratio,
+        "qkv_bias": True,
+        "num_classes": 0,
+        "global_pool": "token",
+        "class_token": True,
+    }
+
+
+def export_encoder(model: ECAMP, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write the encoder weights to `path` (.safetensors) with the timm arguments and `extra` in the header."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
+    metadata = {
+        "format": FORMAT,
+        "timm_kwargs": json.dumps(timm_kwargs(model.cfg)),
+        "ecamp_config": model.cfg.model_dump_json(),
+        **{k: json.dumps(v) for k, v in (extra or {}).items()},
+    }
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != FORMAT:
+        raise ValueError(
+            f"{path}: not an ECAMP encoder export (format {metadata.get('format')!r}, want {FORMAT!r})"
+        )
+    return metadata
+
+
+def load_timm_encoder(path: str | Path, **overrides: Any) -> VisionTransformer:
+    """Build the matching timm VisionTransformer and load the exported weights strictly.
+
+    `overrides` change timm arguments that add no parameters (e.g. drop_path_rate, global_pool="avg").
+    """
+    kwargs = {**json.loads(read_metadata(path)["timm_kwargs"]), **overrides}
+    model = VisionTransformer(**kwargs)
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model
+
+
+def write_model_card(
+    path: str | Path, cfg: ECAMPConfig, facts: dict[str, Any], losses: list[dict[str, float]]
+) -> Path:
+    """A short markdown card: what the weights are, how to load them, how they were trained, the loss curve ends."""
+    path = Path(path)
+    lines = [
+        "# ECAMP pre-trained ViT encoder",
+        "",
+        "ViT encoder pre-trained with ECAMP (masked image modelling, context-guided super-resolution and "
+        "entity-centred masked language modelling with multi-scale context fusion).",
+        "",
+        "## Load",
+        "```python",
+        "from models.export import load_timm_encoder",
+        "vit = load_timm_encoder('encoder.safetensors')  # timm VisionTransformer, strict load, no head",
+        "```",
+        "",
+        "## Architecture",
+        f"- ViT: img {cfg.img_size}, patch {cfg.patch_size}, width {cfg.embed_dim}, depth {cfg.depth}, "
+        f"heads {cfg.num_heads}; fixed 2-D sin-cos position embeddings",
+        f"- pre-training heads (not exported): decoder {cfg.decoder_embed_dim}/{cfg.decoder_depth}/"
+        f"{cfg.decoder_num_heads}, SR {'on' if cfg.sr else 'off'} at {cfg.hr_size}, text BERT "
+        f"{cfg.text_layers}×{cfg.text_hidden} ({cfg.text_heads} heads, FFN {cfg.text_ffn}), vocab {cfg.vocab_size}",
+        f"- MSCF local {cfg.mscf_local}, global {cfg.mscf_global}; mask ratio {cfg.mask_ratio}",
+        "",
+        "## Training",
+        *[f"- {k}: {v}" for k, v in facts.items()],
+    ]
+    if losses:
+        first, last = losses[0], losses[-1]
+        lines += [
+            "",
+            "## Losses (first → last optimiser step)",
+            "",
+            "| loss | first | last |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {k} | {first[k]:.4f} | {last[k]:.4f} |" for k in ("mim", "sr", "mlm", "total")]
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,750 @@
+"""ECAMP pre-training engine: data, optimiser, schedule, accumulation, AMP, DDP, exact checkpoint/resume, metrics.
+
+No Prefect here: the stage wrapper (`tasks/pretrain_ecamp.py`) prepares a job folder and calls `train` in-process,
+or launches this module under `torchrun` for several GPUs:
+
+    torchrun --nproc_per_node 4 -m models.pretrain --job runs/x/pretrain_ecamp/job
+
+Exact resume means a run stopped after a checkpoint and restarted continues with bit-identical batches and losses.
+That needs every random draw to be a function of where the run is, not of how it got there:
+- augmentation draws are seeded per sample from (seed, epoch, index), so they do not depend on worker processes;
+- text masking draws are seeded per batch from (seed, epoch, sample indices);
+- the sampler permutation is seeded from (seed, epoch) and can start part-way into an epoch;
+- the model's own draws (patch masking, dropout) use the global torch RNG, saved and restored with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from torchvision.transforms.v2 import functional as TF
+from tqdm.auto import tqdm
+
+from data_contracts.images import load_grayscale
+from models.ecamp import ECAMP, ECAMPConfig
+
+LOG = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+LOSSES = ("mim", "sr", "mlm", "total")
+
+
+class PretrainConfig(BaseModel):
+    """Optimisation, data augmentation and checkpointing. Defaults follow the paper / official code."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(120, ge=1)
+    max_steps: int | None = Field(
+        None, ge=1, description="cap on optimiser steps (schedule length = the cap)"
+    )
+    warmup_epochs: float = Field(40, ge=0)
+    cosine_epochs: float | None = Field(
+        None, gt=0, description="cosine length; None = epochs (official: 200)"
+    )
+    batch_size: int = Field(256, ge=1, description="per process and micro-step")
+    accum_iter: int = Field(8, ge=1, description="micro-batches per optimiser step")
+    blr: float = Field(1.5e-4, gt=0, description="base lr: lr = blr × effective batch / 256 (MAE rule)")
+    lr: float | None = Field(None, gt=0, description="absolute lr; overrides blr (paper/official: 1.5e-4)")
+    min_lr: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float | None = Field(None, gt=0)
+    amp: Literal["bf16", "off"] = Field("bf16", description="bf16 autocast, on CUDA only")
+    ckpt_every: int = Field(1000, ge=1, description="optimiser steps between checkpoints (and at the end)")
+    seed: int | None = Field(None, description="None: the caller's seed (the stage uses run.seed), else 0")
+    num_workers: int = Field(8, ge=0)
+    init_checkpoint: str | None = Field(
+        None, description="partial init, e.g. MAE ImageNet ViT-B (.pth/.safetensors)"
+    )
+    # data augmentation
+    mean: float = Field(0.4721, description="grey-level normalisation (official MIMIC statistics)")
+    std: float = Field(0.3037, gt=0)
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    sr_window_follows_augmentation: bool = Field(
+        True, description="move the SR window with the crop/flip (paper intent); official: static window"
+    )
+
+    @property
+    def seed_value(self) -> int:
+        return self.seed if self.seed is not None else 0
+
+    def lr_for(self, effective_batch: int) -> float:
+        return self.lr if self.lr is not None else self.blr * effective_batch / 256
+
+
+# --------------------------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PretrainRecord:
+    """One training image with its texts and its SR window as fractions of the image padded to a square."""
+
+    image_id: str
+    study_id: str
+    path: str
+    text: str
+    distilled: str | None
+    window: tuple[float, float, float, float]  # top, left, bottom, right in [0, 1]
+
+
+@dataclass
+class JoinedInputs:
+    records: list[PretrainRecord]
+    rejects: list[dict[str, str]]
+    n_distilled: int
+    n_attention: int
+
+
+def centre_window(grid: int, size: int) -> tuple[float, float, float, float]:
+    start = (grid - size) // 2
+    return start / grid, start / grid, (start + size) / grid, (start + size) / grid
+
+
+def join_inputs(
+    images: pa.Table,
+    reports: pa.Table,
+    distilled: pa.Table | None,
+    attention: pa.Table | None,
+    splits: Sequence[str],
+    model_cfg: ECAMPConfig,
+) -> JoinedInputs:
+    """Join images ↔ reports on study_id, distilled text on study_id and SR windows on image_id.
+
+    Images of other splits are skipped (pre-training uses the training split); an image whose study has no report
+    or an empty text is a reject with its reason. Missing distilled text / attention rows fall back per image (no
+    distilled text; centre window) and are counted, so the caller can log how often that happened.
+    """
+    text_of = dict(
+        zip(reports.column("study_id").to_pylist(), reports.column("text").to_pylist(), strict=True)
+    )
+    distilled_of: dict[str, str] = {}
+    if distilled is not None:
+        for sid, txt in zip(
+            distilled.column("study_id").to_pylist(),
+            distilled.column("distilled_text").to_pylist(),
+            strict=True,
+        ):
+            if txt and txt.strip():
+                distilled_of[sid] = txt
+    window_of: dict[str, tuple[float, float, float, float]] = {}
+    if attention is not None:
+        cols = [
+            attention.column(c).to_pylist() for c in ("image_id", "window_row", "window_col", "window_size")
+        ]
+        grids = (
+            attention.column("grid").to_pylist()
+            if "grid" in attention.column_names
+            else [model_cfg.grid_size] * attention.num_rows
+        )
+        for iid, row, col, size, grid in zip(*cols, grids, strict=True):
+            window_of[iid] = (row / grid, col / grid, (row + size) / grid, (col + size) / grid)
+    fallback = centre_window(model_cfg.grid_size, model_cfg.sr_window)
+
+    records, rejects = [], []
+    n_distilled = n_attention = 0
+    wanted = set(splits)
+    for row in images.select(["image_id", "study_id", "path", "split"]).to_pylist():
+        if row["split"] not in wanted:
+            continue
+        text = text_of.get(row["study_id"])
+        if text is None:
+            rejects.append({**_key(row), "reason": "no report for this study in extract_reports/reports"})
+            continue
+        if not text.strip():
+            rejects.append({**_key(row), "reason": "the study's report text is empty"})
+            continue
+        dtext = distilled_of.get(row["study_id"])
+        window = window_of.get(row["image_id"])
+        n_distilled += dtext is not None
+        n_attention += window is not None
+        records.append(
+            PretrainRecord(row["image_id"], row["study_id"], row["path"], text, dtext, window or fallback)
+        )
+    return JoinedInputs(records, rejects, n_distilled, n_attention)
+
+
+def _key(row: dict[str, Any]) -> dict[str, str]:
+    return {"image_id": row["image_id"], "study_id": row["study_id"]}
+
+
+def decode_gray(path: str) -> torch.Tensor:
+    """[1, H, W] float in [0, 1]; JPEG/PNG decoded by torchvision (fast), anything else by the project loader."""
+    if Path(path).suffix.lower() in {".jpg", ".jpeg", ".png"}:
+        try:
+            pixels = decode_image(read_file(path), mode=ImageReadMode.GRAY)
+        except (RuntimeError, ValueError):
+            pixels = None  # unusual PNG/JPEG flavour: the project loader decodes it or names the problem
+        if pixels is not None:
+            scale = 65535.0 if pixels.dtype == torch.uint16 else 255.0
+            return pixels.float() / scale
+    return torch.from_numpy(load_grayscale(path)).unsqueeze(0)
+
+
+def sample_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (numpy's SeedSequence mixes them well)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def box_after_crop(
+    window: tuple[float, float, float, float],
+    image_hw: tuple[int, int],
+    crop: tuple[int, int, int, int],
+    flipped: bool,
+    out_size: int,
+) -> tuple[int, int, int, int]:
+    """Map a window given on the image padded (centred) to a square into pixels of the cropped, resized output."""
+    h, w = image_hw
+    side = max(h, w)
+    pad_top, pad_left = (side - h) // 2, (side - w) // 2
+    top, left, bottom, right = (window[0] * side - pad_top, window[1] * side - pad_left,
+                                window[2] * side - pad_top, window[3] * side - pad_left)  # fmt: skip
+    ci, cj, ch, cw = crop
+    ys = [min(max((v - ci) * out_size / ch, 0.0), out_size) for v in (top, bottom)]
+    xs = [min(max((v - cj) * out_size / cw, 0.0), out_size) for v in (left, right)]
+    if flipped:
+        xs = [out_size - xs[1], out_size - xs[0]]
+    return round(ys[0]), round(xs[0]), round(ys[1]), round(xs[1])
+
+
+class PretrainDataset(Dataset):
+    """Decoded, augmented image pairs (high-res crop + its low-res version), texts and the SR window box."""
+
+    def __init__(self, records: Sequence[PretrainRecord], model_cfg: ECAMPConfig, cfg: PretrainConfig):
+        if not records:
+            raise ValueError("PretrainDataset: no training records (check the split and the upstream tables)")
+        self.records = list(records)
+        self.model_cfg, self.cfg = model_cfg, cfg
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rec = self.records[index]
+        gray = decode_gray(rec.path)
+        hr, window = self.augment(gray, rec.window, sample_seed(self.cfg.seed_value, self.epoch, index))
+        lr = F.interpolate(
+            hr[None], size=self.model_cfg.img_size, mode="bicubic", align_corners=False, antialias=True
+        )[0]
+        return {
+            "index": index,
+            "epoch": self.epoch,
+            "imgs_hr": self.normalize(hr),
+            "imgs_lr": self.normalize(lr),
+            "window": torch.tensor(window, dtype=torch.long),
+            "text": (rec.text, rec.distilled),
+        }
+
+    def augment(
+        self, gray: torch.Tensor, window: tuple[float, float, float, float], seed: int
+    ) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        """RandomResizedCrop(hr, scale) + horizontal flip, drawn from `seed` only; the window follows (or not)."""
+        size, cfg = self.model_cfg.hr_size, self.cfg
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            crop = RandomResizedCrop.get_params(gray, list(cfg.crop_scale), list(cfg.crop_ratio))
+            flipped = cfg.hflip and bool(torch.rand(()) < 0.5)
+        hr = TF.resized_crop(
+            gray, *crop, size=[size, size], interpolation=InterpolationMode.BICUBIC, antialias=True
+        )
+        if flipped:
+            hr = TF.horizontal_flip(hr)
+        if cfg.sr_window_follows_augmentation:
+            box = box_after_crop(window, tuple(gray.shape[-2:]), crop, flipped, size)
+        else:  # official: the window stays where the attention map put it on the un-augmented image
+            box = tuple(round(v * size) for v in window)
+        return hr, box  # type: ignore[return-value]
+
+    def normalize(self, gray: torch.Tensor) -> torch.Tensor:
+        return ((gray - self.cfg.mean) / self.cfg.std).expand(self.model_cfg.in_chans, -1, -1).contiguous()
+
+
+TextCollate = Callable[[Sequence[tuple[str, str | None]], np.random.Generator], dict[str, torch.Tensor]]
+
+
+class PretrainCollator:
+    """Stacks images and builds the MLM batch with a generator seeded by (seed, epoch, sample indices)."""
+
+    def __init__(self, text_collate: TextCollate, seed: int):
+        self.text_collate, self.seed = text_collate, seed
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        indices = [s["index"] for s in samples]
+        rng = np.random.default_rng([self.seed, samples[0]["epoch"], *indices])
+        batch = {k: torch.stack([s[k] for s in samples]) for k in ("imgs_lr", "imgs_hr", "window")}
+        batch.update(self.text_collate([s["text"] for s in samples], rng))
+        return batch
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (seeded per epoch) that can start `start` samples into this rank's share of an epoch."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.start :])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+# --------------------------------------------------------------------------------------------------------------
+# optimisation
+# --------------------------------------------------------------------------------------------------------------
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms and tokens (MAE/timm rule: parameters with ndim ≤ 1 or named tokens)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith("token") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, warmup: int, cosine: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then half-cosine to min_ratio at step `cosine` (flat after)."""
+    if step < warmup:
+        return step / warmup
+    if cosine <= warmup:
+        return 1.0
+    progress = min((step - warmup) / (cosine - warmup), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Schedule:
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    cosine_steps: int
+    base_lr: float
+    effective_batch: int
+
+
+def make_schedule(cfg: PretrainConfig, n_samples: int, world: int) -> Schedule:
+    per_rank_batches = (n_samples // world) // cfg.batch_size
+    steps_per_epoch = per_rank_batches // cfg.accum_iter
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{n_samples} training samples are fewer than one optimiser step needs "
+            f"(batch_size {cfg.batch_size} × accum_iter {cfg.accum_iter} × world size {world})"
+        )
+    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    effective = cfg.batch_size * cfg.accum_iter * world
+    cosine = round(cfg.cosine_epochs * steps_per_epoch) if cfg.cosine_epochs else total
+    return Schedule(
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+        cosine_steps=cosine,
+        base_lr=cfg.lr_for(effective),
+        effective_batch=effective,
+    )
+
+
+def load_partial(
+    model: nn.Module, path: str | Path, log: logging.Logger = LOG
+) -> tuple[list[str], list[str]]:
+    """Load whatever matches from a checkpoint (MAE `{'model': ...}`, our own, a DDP one, or safetensors).
+
+    A key matches as is, or with our `encoder.` / `decoder.` prefix (MAE names its encoder and decoder parameters
+    flat). Returns (loaded keys, skipped 'key: reason'); the rest of the model keeps its fresh initialisation.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"init_checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:  # MAE checkpoints hold an argparse Namespace, so weights_only=False: load only files you trust
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = state.get("model", state) if isinstance(state, dict) else state
+    own = model.state_dict()
+    loaded, skipped, update = [], [], {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        target = next((k for k in (key, f"encoder.{key}", f"decoder.{key}") if k in own), None)
+        if target is None:
+            skipped.append(f"{key}: no such parameter")
+        elif own[target].shape != value.shape:
+            skipped.append(f"{key}: shape {tuple(value.shape)} != {tuple(own[target].shape)}")
+        else:
+            update[target] = value
+            loaded.append(target)
+    model.load_state_dict(update, strict=False)
+    log.info("init_checkpoint %s: loaded %d tensors, skipped %d", path, len(loaded), len(skipped))
+    return loaded, skipped
+
+
+# --------------------------------------------------------------------------------------------------------------
+# distributed helpers
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class DistInfo:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> DistInfo:
+    """One process, or one of WORLD_SIZE processes started by torchrun (NCCL on CUDA, Gloo on CPU)."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    return DistInfo(
+        rank, world, local_rank, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    )
+
+
+def mean_over_ranks(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.world > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= info.world
+    return values
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    if info.world == 1:
+        return [obj]
+    out: list[Any] = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fingerprint(model_cfg: ECAMPConfig, cfg: PretrainConfig, data_hash: str) -> dict[str, Any]:
+    """What must not change for a checkpoint to be resumable (not the checkpoint cadence or worker count)."""
+    keep = cfg.model_dump(exclude={"ckpt_every", "num_workers"})
+    return {"model": model_cfg.model_dump(), "train": keep, "data": data_hash}
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Atomic: a crash while writing leaves the previous checkpoint intact."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this rank consumed in the current epoch
+    metrics: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    model: ECAMP
+    metrics: list[dict[str, float]]
+    schedule: Schedule
+    resumed_from: int | None
+    finished: bool
+    checkpoint: Path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------------------------
+def train(
+    model_cfg: ECAMPConfig,
+    cfg: PretrainConfig,
+    dataset: PretrainDataset,
+    text_collate: TextCollate,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    data_hash: str = "",
+    stop_after: int | None = None,
+    progress: bool = True,
+    log: logging.Logger = LOG,
+) -> TrainResult:
+    """Train until the schedule ends (or `stop_after` optimiser steps in total), resuming from out_dir/checkpoint.pt.
+
+    `stop_after` simulates a pre-empted job: it saves a checkpoint and returns with finished=False.
+    `data_hash` identifies the training data: a checkpoint made on other data (or config) is not resumed.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = init_distributed(device)
+    seed = cfg.seed_value
+    random.seed(seed + info.rank)
+    np.random.seed((seed + info.rank) % 2**32)
+    torch.manual_seed(seed + info.rank)
+
+    model = ECAMP(model_cfg)
+    if cfg.init_checkpoint:
+        load_partial(model, cfg.init_checkpoint, log)
+    model.to(info.device)
+    schedule = make_schedule(cfg, len(dataset), info.world)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=schedule.base_lr, betas=cfg.betas)
+    min_ratio = cfg.min_lr / schedule.base_lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, schedule.warmup_steps, schedule.cosine_steps, min_ratio)
+    )
+
+    state, resumed_from = TrainState(), None
+    ckpt_path = out_dir / CHECKPOINT
+    if ckpt_path.exists():
+        payload = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if payload["fingerprint"] != fingerprint(model_cfg, cfg, data_hash) or payload["world"] != info.world:
+            log.warning("%s was made with another config or world size: starting from scratch", ckpt_path)
+        else:
+            model.load_state_dict(payload["model"])
+            optimizer.load_state_dict(payload["optimizer"])
+            scheduler.load_state_dict(payload["scheduler"])
+            state = TrainState(**payload["state"])
+            set_rng_state(payload["rng"][info.rank])
+            resumed_from = state.step
+            log.info("resumed from %s at step %d (epoch %d)", ckpt_path, state.step, state.epoch)
+
+    ddp = (
+        DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+        if info.world > 1
+        else model
+    )
+    sampler = ResumableSampler(dataset, info.world, info.rank, seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        collate_fn=PretrainCollator(text_collate, seed),
+        drop_last=True,
+        pin_memory=info.device.type == "cuda",
+        generator=torch.Generator().manual_seed(seed),  # keeps iterator creation off the global RNG
+    )
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if cfg.amp == "bf16" and info.device.type == "cuda"
+        else nullcontext()
+    )
+
+    def checkpoint() -> None:
+        rngs = gather_objects(rng_state(), info)
+        if info.main:
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "state": vars(state),
+                    "rng": rngs,
+                    "world": info.world,
+                    "fingerprint": fingerprint(model_cfg, cfg, data_hash),
+                },
+            )
+
+    bar = tqdm(
+        total=schedule.total_steps,
+        initial=state.step,
+        disable=not (progress and info.main),
+        desc="pretrain_ecamp",
+    )
+    model.train()
+    micro_per_epoch = schedule.steps_per_epoch * cfg.accum_iter
+    while state.step < schedule.total_steps:
+        dataset.set_epoch(state.epoch)
+        sampler.set_epoch(state.epoch)
+        sampler.start = state.batch_in_epoch * cfg.batch_size
+        sums, t0 = torch.zeros(len(LOSSES), device=info.device), time.perf_counter()
+        for batch in loader:
+            batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
+            last_micro = (state.batch_in_epoch + 1) % cfg.accum_iter == 0
+            sync = ddp.no_sync() if (info.world > 1 and not last_micro) else nullcontext()
+            with sync:
+                with autocast:
+                    losses = ddp(**batch)
+                (losses["total"] / cfg.accum_iter).backward()
+            sums += torch.stack([losses[k].detach().float() for k in LOSSES])
+            state.batch_in_epoch += 1
+            if not last_micro:
+                continue
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float("inf"))
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state.step += 1
+            means = mean_over_ranks(sums / cfg.accum_iter, info).tolist()
+            elapsed = time.perf_counter() - t0
+            state.metrics.append(
+                {
+                    "step": state.step,
+                    "epoch": state.epoch,
+                    **dict(zip(LOSSES, means, strict=True)),
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "samples_per_s": schedule.effective_batch / elapsed,
+                    "step_time_s": elapsed,
+                }
+            )
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in zip(LOSSES, means, strict=True)})
+            sums, t0 = torch.zeros_like(sums), time.perf_counter()
+            done = state.step >= schedule.total_steps
+            stop = stop_after is not None and state.step >= stop_after
+            if state.batch_in_epoch >= micro_per_epoch:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            if done or stop or state.step % cfg.ckpt_every == 0:
+                checkpoint()
+            if done or stop or state.batch_in_epoch == 0:
+                break
+        if stop_after is not None and state.step >= stop_after and state.step < schedule.total_steps:
+            bar.close()
+            return TrainResult(model, state.metrics, schedule, resumed_from, False, ckpt_path)
+    bar.close()
+    return TrainResult(model, state.metrics, schedule, resumed_from, True, ckpt_path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# job folder + torchrun entry
+# --------------------------------------------------------------------------------------------------------------
+JOB_FILE = "job.json"
+
+
+def write_job(
+    job_dir: Path,
+    model_cfg: ECAMPConfig,
+    cfg: PretrainConfig,
+    text_cfg: BaseModel,
+    records: Sequence[PretrainRecord],
+    tokenizer_path: Path,
+    device: str,
+    entity_list: str,
+    data_hash: str,
+) -> Path:
+    """Everything a (torchrun) training process needs, as plain files, so the stage can launch it as a command."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    with (job_dir / "records.jsonl").open("w") as f:
+        for rec in records:
+            f.write(json.dumps(vars(rec)) + "\n")
+    job = {
+        "model": model_cfg.model_dump(),
+        "train": cfg.model_dump(),
+        "text": text_cfg.model_dump(),
+        "tokenizer": str(tokenizer_path),
+        "device": device,
+        "entity_list": entity_list,
+        "data_hash": data_hash,
+    }
+    path = job_dir / JOB_FILE
+    path.write_text(json.dumps(job, indent=2))
+    return path
+
+
+def read_records(path: Path) -> list[PretrainRecord]:
+    out = []
+    with path.open() as f:
+        for line in f:
+            d = json.loads(line)
+            out.append(PretrainRecord(**{**d, "window": tuple(d["window"])}))
+    return out
+
+
+def run_job(job_dir: Path, out_dir: Path, progress: bool = True) -> TrainResult:
+    from models.text_masking import TextCollator, TextMaskingConfig, read_entity_words
+    from models.wordpiece import load_wordpiece
+
+    job = json.loads((job_dir / JOB_FILE).read_text())
+    model_cfg, cfg = ECAMPConfig(**job["model"]), PretrainConfig(**job["train"])
+    text_cfg, entities = TextMaskingConfig(**job["text"]), read_entity_words(job["entity_list"])
+    collate = TextCollator(load_wordpiece(job["tokenizer"]), text_cfg, entities)
+    dataset = PretrainDataset(read_records(job_dir / "records.jsonl"), model_cfg, cfg)
+    return train(
+        model_cfg,
+        cfg,
+        dataset,
+        collate,
+        out_dir,
+        device=job["device"],
+        data_hash=job["data_hash"],
+        progress=progress,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m models.pretrain",
+        description="Run one ECAMP pre-training job (prepared by the pretrain_ecamp stage). Under torchrun every "
+        "process runs this; rank 0 writes checkpoint.pt and metrics.jsonl into --out.",
+    )
+    parser.add_argument(
+        "--job", required=True, type=Path, help="job folder holding job.json and records.jsonl"
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, help="output folder (checkpoint.pt, metrics.jsonl)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    result = run_job(args.job, args.out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        with (args.out / "metrics.jsonl").open("w") as f:
+            for row in result.metrics:
+                f.write(json.dumps(row) + "\n")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Stage 7, `pretrain_ecamp`: images + reports (+ distilled reports, + SR windows) → ECAMP encoder + loss curves.
+
+Reads `extract_reports/images` and `extract_reports/reports`, and when present `bulk_distill/distilled_reports`
+(context distillation) and `train_gloria/attention_maps` (context-guided SR windows). Without them it runs the
+matching ablation (original text only; SR on the centre window) and says so with a WARNING, never silently.
+
+Outputs under `<run_dir>/pretrain_ecamp/`: `pretrain_metrics` (one row per optimiser step), `pretrain_rejects`,
+`encoder.safetensors` (timm `VisionTransformer`, strict load; see `models.export`), `MODEL_CARD.md`,
+`tokenizer.json`, and `train/checkpoint.pt` (full training state: a failed run resumes from it exactly).
+With `nproc > 1` training runs under `torchrun` (DDP), one process per GPU.
+
+Ablations (Tables 7–9): `python -m tasks.pretrain_ecamp -c CONFIG --run-dir DIR --table 7` pre-trains one
+encoder per row into `<run_dir>/pretrain_ecamp__<row>/`, reusing the upstream artifacts of DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field, model_validator
+
+from data_contracts.pretrain import PretrainMetric, PretrainReject
+from models.ecamp import ECAMP, ECAMPConfig
+from models.export import export_encoder, write_model_card
+from models.pretrain import (
+    CHECKPOINT,
+    PretrainConfig,
+    PretrainDataset,
+    join_inputs,
+    train,
+    write_job,
+)
+from models.text_masking import TextCollator, TextMaskingConfig, read_entity_words
+from models.wordpiece import save_wordpiece, train_wordpiece
+from tasks.base import StageConfig, StageContext
+
+NAME = "pretrain_ecamp"
+CODE_VERSION = "1"
+IMAGES, REPORTS = "extract_reports/images", "extract_reports/reports"
+DISTILLED, ATTENTION = "bulk_distill/distilled_reports", "train_gloria/attention_maps"
+UPSTREAM = [IMAGES, REPORTS, DISTILLED, ATTENTION]
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Config(StageConfig):
+    """Defaults are the paper's: ViT-B/16 at 224 with SR at 448, 6-layer BERT, AdamW 1.5e-4, 120 epochs."""
+
+    model: ECAMPConfig = Field(default_factory=ECAMPConfig)
+    train: PretrainConfig = Field(default_factory=PretrainConfig)
+    text: TextMaskingConfig = Field(default_factory=TextMaskingConfig)
+    entity_list: str = Field("configs/entities/table1.txt", description="entity words for descriptor masking")
+    tokenizer_min_frequency: int = Field(2, ge=1)
+    splits: list[str] = Field(
+        default_factory=lambda: ["train"], description="image splits used for pre-training"
+    )
+    nproc: int = Field(1, ge=1, description="processes; > 1 launches torchrun (DDP, one per GPU)")
+
+    @model_validator(mode="after")
+    def _text_fits(self) -> Config:
+        if self.text.max_len > self.model.max_len:
+            raise ValueError(
+                f"text.max_len {self.text.max_len} exceeds model.max_len {self.model.max_len} (position embeddings)"
+            )
+        return self
+
+
+def run(ctx: StageContext, cfg: Config) -> None:
+    images, reports = ctx.read(IMAGES), ctx.read(REPORTS)
+    text_cfg, distilled = text_inputs(ctx, cfg)
+    attention = sr_inputs(ctx, cfg)
+    joined = join_inputs(images, reports, distilled, attention, cfg.splits, cfg.model)
+    ctx.write("pretrain_rejects", joined.rejects, PretrainReject)
+    if joined.rejects:
+        ctx.log.warning("%d images left out of pre-training (see pretrain_rejects)", len(joined.rejects))
+    n = len(joined.records)
+    if distilled is not None and joined.n_distilled < n:
+        ctx.log.warning(
+            "%d of %d training studies have no distilled report: original text only",
+            n - joined.n_distilled,
+            n,
+        )
+    if attention is not None and joined.n_attention < n:
+        ctx.log.warning(
+            "%d of %d training images have no attention window: centre window", n - joined.n_attention, n
+        )
+    ctx.log.info("pre-training on %d images (splits %s)", n, cfg.splits)
+
+    corpus = [r.text for r in joined.records] + [r.distilled for r in joined.records if r.distilled]
+    tokenizer = train_wordpiece(corpus, cfg.model.vocab_size, cfg.tokenizer_min_frequency)
+    tokenizer_path = save_wordpiece(tokenizer, ctx.path("tokenizer.json"))
+    model_cfg = cfg.model.model_copy(update={"vocab_size": tokenizer.get_vocab_size()})
+    seed = cfg.train.seed if cfg.train.seed is not None else ctx.config.run.seed
+    train_cfg = cfg.train.model_copy(update={"seed": seed})
+    ctx.log.info(
+        "tokenizer: %d entries (asked %d) -> %s", model_cfg.vocab_size, cfg.model.vocab_size, tokenizer_path
+    )
+
+    out_dir = ctx.stage_dir / "train"
+    data_hash = data_fingerprint(ctx, tokenizer_path)
+    if cfg.nproc == 1:
+        dataset = PretrainDataset(joined.records, model_cfg, train_cfg)
+        collate = TextCollator(tokenizer, text_cfg, read_entity_words(cfg.entity_list))
+        result = train(
+            model_cfg,
+            train_cfg,
+            dataset,
+            collate,
+            out_dir,
+            device=ctx.config.run.device,
+            data_hash=data_hash,
+            log=ctx.log,
+        )
+        model, metrics = result.model, result.metrics
+    else:
+        job = write_job(ctx.path("job"), model_cfg, train_cfg, text_cfg, joined.records, tokenizer_path,
+                        ctx.config.run.device, cfg.entity_list, data_hash)  # fmt: skip
+        model, metrics = run_torchrun(job.parent, out_dir, cfg.nproc, model_cfg, ctx.log)
+
+    ctx.write("pretrain_metrics", metrics, PretrainMetric)
+    facts = {
+        "images": n,
+        "distilled reports": joined.n_distilled,
+        "attention windows": joined.n_attention,
+        "text composition": text_cfg.text_composition,
+        "optimiser steps": len(metrics),
+        "effective batch": train_cfg.batch_size * train_cfg.accum_iter * cfg.nproc,
+        "seed": seed,
+    }
+    path = export_encoder(model, ctx.path("encoder.safetensors"), extra={"facts": facts})
+    write_model_card(ctx.path("MODEL_CARD.md"), model_cfg, facts, metrics)
+    ctx.log.info("encoder -> %s", path)
+
+
+def text_inputs(ctx: StageContext, cfg: Config) -> tuple[TextMaskingConfig, Any]:
+    """The distilled reports if the text composition needs them; without them: original text only, with a warning."""
+    if cfg.text.text_composition == "origin":
+        ctx.log.info("text composition 'origin': distilled reports not used")
+        return cfg.text, None
+    if not ctx.has(DISTILLED):
+        ctx.log.warning(
+            "%s not found: context distillation OFF, pre-training on the original reports only "
+            "(text_composition '%s' -> 'origin')",
+            DISTILLED,
+            cfg.text.text_composition,
+        )
+        return cfg.text.model_copy(update={"text_composition": "origin"}), None
+    return cfg.text, ctx.read(DISTILLED)
+
+
+def sr_inputs(ctx: StageContext, cfg: Config) -> Any:
+    """The attention windows if SR is on; without them: the centre window of k cells, with a warning."""
+    if not cfg.model.sr:
+        ctx.log.info("SR branch off: attention maps not used")
+        return None
+    if not ctx.has(ATTENTION):
+        k, grid = cfg.model.sr_window, cfg.model.grid_size
+        ctx.log.warning(
+            "%s not found: context-guided SR OFF, SR loss on the centre %dx%d window of the %dx%d grid",
+            ATTENTION, k, k, grid, grid,
+        )  # fmt: skip
+        return None
+    return ctx.read(ATTENTION)
+
+
+def data_fingerprint(ctx: StageContext, tokenizer_path: Path) -> str:
+    """Hash of the upstream artifacts and the tokenizer: a checkpoint made on other data is never resumed."""
+    h = hashlib.sha256()
+    for ref in sorted(ctx.upstream):
+        h.update(f"{ref}={ctx.upstream[ref].content_hash};".encode())
+    h.update(tokenizer_path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run_torchrun(
+    job_dir: Path, out_dir: Path, nproc: int, model_cfg: ECAMPConfig, log: logging.Logger
+) -> tuple[ECAMP, list[dict[str, float]]]:
+    """Train under torchrun (one process per GPU) and read back the model and the metrics rank 0 wrote."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "models.pretrain", "--job", str(job_dir), "--out", str(out_dir)]  # fmt: skip
+    log.info("launching: %s", " ".join(cmd))
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": path})
+    payload = torch.load(out_dir / CHECKPOINT, map_location="cpu", weights_only=False)
+    model = ECAMP(model_cfg)
+    model.load_state_dict(payload["model"])
+    metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return model, metrics
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ablations (Tables 7–9): each row is a list of `--set` overrides of this stage's section
+# --------------------------------------------------------------------------------------------------------------
+_T = "pretrain_ecamp."
+_CD_OFF = [f"{_T}text.text_composition=origin"]
+_DM_OFF = [f"{_T}text.descriptor_masking=false"]
+_RF_OFF = [f"{_T}text.rebalance=false"]
+_SR_OFF = [f"{_T}model.sr=false"]
+
+ABLATIONS: dict[str, dict[str, list[str]]] = {
+    "7": {  # CD DM RF SR Global Local, in the order of Table 7
+        "base": _CD_OFF + _DM_OFF + _RF_OFF + _SR_OFF,
+        "cd": _DM_OFF + _RF_OFF + _SR_OFF,
+        "cd_dm": _RF_OFF + _SR_OFF,
+        "cd_dm_rf": _SR_OFF,
+        "no_cd": _CD_OFF,
+        "no_dm": _DM_OFF,
+        "no_rf": _RF_OFF,
+        "no_local": [f"{_T}model.mscf_local=false"],
+        "no_global": [f"{_T}model.mscf_global=false"],
+        "full": [],
+    },
+    "8": {  # text composition (entity selection rows need other entity lists upstream: match_entities)
+        "origin_alone": _CD_OFF,
+        "dis_alone": [f"{_T}text.text_composition=distilled"],
+        "hybrid": [],
+    },
+    "9": {f"lambda_{v}": [f"{_T}text.lambda_neg={v}"] for v in (0.025, 0.05, 0.1, 0.25, 0.5)},
+}
+
+
+def run_ablations(config_path: str | None, run_dir: Path, table: str, rows: list[str] | None = None,
+                  overrides: list[str] | None = None) -> dict[str, Path]:  # fmt: skip
+    """Pre-train one encoder per ablation row into `<run_dir>/pretrain_ecamp__<row>/`; returns the encoder paths."""
+    from tasks.base import StageContext
+    from tasks.config import load_config
+
+    if table not in ABLATIONS:
+        raise KeyError(f"unknown ablation table '{table}' (tables: {', '.join(ABLATIONS)})")
+    chosen = rows or list(ABLATIONS[table])
+    unknown = [r for r in chosen if r not in ABLATIONS[table]]
+    if unknown:
+        raise KeyError(f"table {table} has no rows {unknown} (rows: {', '.join(ABLATIONS[table])})")
+    out: dict[str, Path] = {}
+    for row in chosen:
+        config = load_config(config_path, [*(overrides or []), *ABLATIONS[table][row]])
+        stage = f"{NAME}__{row}"
+        ctx = StageContext(
+            run_dir=Path(run_dir), stage=stage, config=config, log=logging.getLogger(f"ecamp.{stage}")
+        )
+        ctx.log.info("ablation table %s row %s: %s", table, row, ABLATIONS[table][row] or "(full model)")
+        run(ctx, config.pretrain_ecamp)
+        out[row] = ctx.stage_dir / "encoder.safetensors"
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tasks.pretrain_ecamp", description=run_ablations.__doc__)
+    parser.add_argument("-c", "--config", help="pipeline YAML (configs/demo.yaml, configs/paper.yaml)")
+    parser.add_argument(
+        "--run-dir", required=True, type=Path, help="run directory holding the upstream artifacts"
+    )
+    parser.add_argument("--table", required=True, choices=sorted(ABLATIONS), help="paper table of the rows")
+    parser.add_argument("--rows", nargs="*", help="row names (default: every row of the table)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="extra key=value override"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    for row, path in run_ablations(args.config, args.run_dir, args.table, args.rows, args.overrides).items():
+        print(f"{row}\t{path}")
+
+
+if __name__ == "__main__":
+    main()

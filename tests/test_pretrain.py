@@ -1,0 +1,347 @@
+"""ECAMP pre-training engine and stage: schedule, windows under augmentation, data join, training, exact resume."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image as PILImage
+
+from data_contracts.gloria import AttentionMap
+from data_contracts.images import load_grayscale
+from data_contracts.reports import Image, Report
+from models.ecamp import ECAMP, ECAMPConfig
+from models.export import load_timm_encoder
+from models.pretrain import (
+    PretrainConfig,
+    PretrainDataset,
+    PretrainRecord,
+    box_after_crop,
+    centre_window,
+    decode_gray,
+    join_inputs,
+    load_partial,
+    lr_factor,
+    main,
+    make_schedule,
+    param_groups,
+    train,
+)
+from models.text_masking import TextCollator, TextMaskingConfig
+from models.wordpiece import train_wordpiece
+from tasks import pretrain_ecamp
+from tasks.base import StageContext, make_test_context
+from tasks.config import load_config
+from tests.conftest import REAL_DATA
+
+MODEL = dict(
+    img_size=32, hr_size=64, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
+    decoder_depth=1, decoder_num_heads=2, sr_window=2, text_hidden=32, text_layers=1, text_heads=2,
+    text_ffn=64, max_len=48,
+)  # fmt: skip
+DISTILLED = "There is no pleural effusion. There is mild cardiomegaly."
+
+
+@pytest.fixture(scope="module")
+def reports() -> list[str]:
+    with (REAL_DATA / "iu_xray" / "reports_dev.csv").open() as f:
+        rows = [f"{r['findings'] or ''} {r['impression'] or ''}".strip() for r in csv.DictReader(f)]
+    return [r for r in rows if len(r) > 40][:40]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(reports):
+    return train_wordpiece(reports + [DISTILLED], vocab_size=400, min_frequency=1)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[str]:
+    """Non-square radiograph-like PNGs: a left-to-right ramp plus one bright blob at a random place."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(16):
+        img = np.tile(np.linspace(30, 150, 40), (48, 1)) + rng.normal(0, 5, (48, 40))
+        y, x = rng.integers(8, 36), rng.integers(8, 28)
+        img[y - 6 : y + 6, x - 6 : x + 6] += 90
+        path = root / f"im{i}.png"
+        PILImage.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def model_cfg(tokenizer, **changes) -> ECAMPConfig:
+    return ECAMPConfig(**{**MODEL, "vocab_size": tokenizer.get_vocab_size(), **changes})
+
+
+def records(images, reports) -> list[PretrainRecord]:
+    return [
+        PretrainRecord(
+            f"i{i}", f"s{i}", p, reports[i], DISTILLED if i % 2 else None, (0.25, 0.25, 0.75, 0.75)
+        )
+        for i, p in enumerate(images)
+    ]
+
+
+def collator(tokenizer):
+    return TextCollator(tokenizer, TextMaskingConfig(max_len=48))
+
+
+# ---- schedule and optimiser ------------------------------------------------------------------------------------
+def test_lr_warmup_then_cosine():
+    assert lr_factor(0, 4, 12, 0.0) == 0.0
+    assert lr_factor(2, 4, 12, 0.0) == 0.5
+    assert lr_factor(4, 4, 12, 0.0) == 1.0
+    assert lr_factor(8, 4, 12, 0.0) == pytest.approx(0.5)
+    assert lr_factor(12, 4, 12, 0.1) == pytest.approx(0.1)
+    assert lr_factor(20, 4, 12, 0.1) == pytest.approx(0.1)  # flat after the cosine
+
+
+def test_schedule_counts_and_too_small_dataset():
+    cfg = PretrainConfig(epochs=3, batch_size=4, accum_iter=2, warmup_epochs=1, blr=1e-3)
+    s = make_schedule(cfg, 37, world=1)
+    assert (s.steps_per_epoch, s.total_steps, s.warmup_steps, s.effective_batch) == (4, 12, 4, 8)
+    assert s.base_lr == pytest.approx(1e-3 * 8 / 256)
+    assert make_schedule(cfg.model_copy(update={"lr": 2e-4}), 37, 1).base_lr == 2e-4
+    assert make_schedule(cfg.model_copy(update={"max_steps": 5, "cosine_epochs": 5}), 37, 1).total_steps == 5
+    with pytest.raises(ValueError, match=r"7 training samples are fewer .*\(batch_size 4 × accum_iter 2"):
+        make_schedule(cfg, 7, world=1)
+
+
+def test_no_weight_decay_on_biases_norms_and_tokens():
+    model = ECAMP(ECAMPConfig(**{**MODEL, "vocab_size": 50}))
+    decay, no_decay = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    ids = {id(p) for p in no_decay["params"]}
+    assert id(model.encoder.cls_token) in ids and id(model.decoder.mask_token) in ids
+    assert (
+        id(model.encoder.blocks[0].norm1.weight) in ids and id(model.encoder.blocks[0].attn.qkv.bias) in ids
+    )
+    assert id(model.encoder.blocks[0].attn.qkv.weight) not in ids
+    assert id(model.encoder.pos_embed) not in ids | {id(p) for p in decay["params"]}  # fixed, not trained
+
+
+# ---- SR window under augmentation ------------------------------------------------------------------------------
+def test_box_after_crop_geometry():
+    window = (0.25, 0.5, 0.75, 1.0)
+    assert box_after_crop(window, (100, 100), (0, 0, 100, 100), False, 64) == (16, 32, 48, 64)
+    assert box_after_crop(window, (100, 100), (0, 0, 100, 100), True, 64) == (16, 0, 48, 32)
+    assert box_after_crop(window, (100, 100), (0, 50, 50, 50), False, 64) == (32, 0, 64, 64)
+    assert box_after_crop(window, (100, 100), (0, 0, 40, 40), False, 64) == (
+        40,
+        64,
+        64,
+        64,
+    )  # empty: cropped away
+    # a 100x50 image sits in the middle of its 100x100 padded square: columns 25..75
+    assert box_after_crop((0.0, 0.25, 1.0, 0.75), (100, 50), (0, 0, 100, 50), False, 64) == (0, 0, 64, 64)
+
+
+@pytest.mark.parametrize("follow", [True, False])
+def test_window_tracks_the_attended_region_through_crop_and_flip(tmp_path, follow):
+    """A bright square exactly under the window: after augmentation the box must still cover bright pixels."""
+    img = np.zeros((64, 64), dtype=np.uint8)
+    img[16:48, 8:40] = 255  # window rows 0.25..0.75, cols 0.125..0.625
+    path = tmp_path / "square.png"
+    PILImage.fromarray(img).save(path)
+    rec = PretrainRecord("a", "s", str(path), "x", None, (0.25, 0.125, 0.75, 0.625))
+    cfg = PretrainConfig(sr_window_follows_augmentation=follow, crop_scale=(0.3, 0.6), mean=0.0, std=1.0)
+    ds = PretrainDataset([rec], ECAMPConfig(**{**MODEL, "vocab_size": 50}), cfg)
+    inside_means = []
+    for epoch in range(12):
+        ds.set_epoch(epoch)
+        s = ds[0]
+        top, left, bottom, right = s["window"].tolist()
+        if bottom - top >= 4 and right - left >= 4:
+            inside_means.append(float(s["imgs_hr"][0, top + 1 : bottom - 1, left + 1 : right - 1].mean()))
+    if follow:
+        assert len(inside_means) >= 6 and min(inside_means) > 0.95
+    else:  # the official static window drifts off the square under crop + flip
+        assert min(inside_means) < 0.5
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+def test_decode_gray_matches_the_project_loader():
+    for name in ("00000001_000.png", "tb0005.png", "Fake_MONOHR1.dcm"):
+        path = REAL_DATA / "images" / name
+        ours = decode_gray(str(path))
+        ref = torch.from_numpy(load_grayscale(path))
+        assert ours.shape == (1, *ref.shape) and ours.dtype == torch.float32
+        assert (ours[0] - ref).abs().max() <= 1.5 / 255, name  # same polarity/scale (RGB luma may round)
+
+
+def test_join_inputs_rejects_and_fallbacks():
+    cfg = ECAMPConfig(**{**MODEL, "vocab_size": 50, "sr_window": 2})
+    images = pa.table({
+        "image_id": ["a", "b", "c", "d", "e"], "study_id": ["1", "2", "3", "4", "1"],
+        "path": ["pa", "pb", "pc", "pd", "pe"], "split": ["train", "train", "train", "test", "train"],
+    })  # fmt: skip
+    reports = pa.table({"study_id": ["1", "2"], "text": ["no effusion.", "  "]})
+    distilled = pa.table({"study_id": ["1"], "distilled_text": ["There is no effusion."]})
+    attention = pa.table({
+        "image_id": ["a"], "window_row": [1], "window_col": [2], "window_size": [4], "grid": [8],
+    })  # fmt: skip
+    joined = join_inputs(images, reports, distilled, attention, ["train"], cfg)
+    assert [r.image_id for r in joined.records] == ["a", "e"]
+    assert joined.records[0].window == (0.125, 0.25, 0.625, 0.75)
+    assert joined.records[1].window == centre_window(4, 2) == (0.25, 0.25, 0.75, 0.75)
+    assert joined.records[1].distilled == "There is no effusion."
+    assert (joined.n_distilled, joined.n_attention) == (2, 1)
+    assert joined.rejects == [
+        {"image_id": "b", "study_id": "2", "reason": "the study's report text is empty"},
+        {"image_id": "c", "study_id": "3", "reason": "no report for this study in extract_reports/reports"},
+    ]
+
+
+def test_dataset_samples_are_a_function_of_epoch_and_index(images, reports, tokenizer):
+    cfg = PretrainConfig(mean=0.5, std=0.25)
+    ds = PretrainDataset(records(images, reports), model_cfg(tokenizer), cfg)
+    a, b = ds[3], ds[3]
+    assert a["imgs_hr"].shape == (3, 64, 64) and a["imgs_lr"].shape == (3, 32, 32)
+    assert torch.equal(a["imgs_hr"], b["imgs_hr"]) and torch.equal(a["window"], b["window"])
+    assert torch.equal(a["imgs_hr"][0], a["imgs_hr"][2])  # grey replicated to 3 channels
+    ds.set_epoch(1)
+    assert not torch.equal(ds[3]["imgs_hr"], a["imgs_hr"])
+    assert a["text"] == (reports[3], DISTILLED)
+    with pytest.raises(ValueError, match="no training records"):
+        PretrainDataset([], model_cfg(tokenizer), cfg)
+
+
+# ---- training --------------------------------------------------------------------------------------------------
+def test_all_three_losses_fall(images, reports, tokenizer, tmp_path):
+    cfg = PretrainConfig(
+        epochs=15, batch_size=8, accum_iter=1, warmup_epochs=1, lr=5e-3, num_workers=0, seed=0
+    )
+    ds = PretrainDataset(records(images, reports), model_cfg(tokenizer), cfg)
+    result = train(model_cfg(tokenizer), cfg, ds, collator(tokenizer), tmp_path, progress=False)
+    m = result.metrics
+    assert result.finished and len(m) == 30 and [r["step"] for r in m] == list(range(1, 31))
+    # mean of the last 5 steps vs the first 5 (measured: mim 0.56, sr 0.60, mlm 0.80 of the start)
+    for key, most in (("mim", 0.7), ("sr", 0.7), ("mlm", 0.88), ("total", 0.85)):
+        first, last = np.mean([r[key] for r in m[:5]]), np.mean([r[key] for r in m[-5:]])
+        assert last < most * first, (key, first, last)
+    assert all(math.isfinite(r["grad_norm"]) and r["samples_per_s"] > 0 for r in m)
+    assert m[0]["lr"] == 0.0 and max(r["lr"] for r in m) == pytest.approx(5e-3, rel=0.05)
+
+
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(images, reports, tokenizer, tmp_path, caplog):
+    cfg = PretrainConfig(
+        epochs=3, batch_size=4, accum_iter=2, warmup_epochs=1, lr=1e-3, num_workers=0, seed=3
+    )
+    mcfg = model_cfg(tokenizer)
+    ds = PretrainDataset(records(images, reports), mcfg, cfg)
+    full = train(mcfg, cfg, ds, collator(tokenizer), tmp_path / "full", progress=False).metrics
+    part = train(mcfg, cfg, ds, collator(tokenizer), tmp_path / "cut", progress=False, stop_after=3)
+    assert not part.finished and len(part.metrics) == 3  # stopped mid-epoch (2 steps per epoch)
+    resumed = train(mcfg, cfg, ds, collator(tokenizer), tmp_path / "cut", progress=False)
+    assert resumed.resumed_from == 3 and resumed.finished
+    assert len(resumed.metrics) == len(full) == 6
+    for a, b in zip(full, resumed.metrics, strict=True):
+        for key in ("mim", "sr", "mlm", "total", "lr", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6, rel=0), (a["step"], key)
+    # another seed makes the checkpoint stale: warned about and not resumed
+    with caplog.at_level(logging.WARNING):
+        other = train(mcfg, cfg.model_copy(update={"seed": 4}), ds, collator(tokenizer), tmp_path / "cut",
+                      progress=False, stop_after=1)  # fmt: skip
+    assert other.resumed_from is None and "starting from scratch" in caplog.text
+
+
+def test_partial_init_from_an_mae_checkpoint(tmp_path):
+    cfg = ECAMPConfig(**{**MODEL, "vocab_size": 50})
+    donor = ECAMP(cfg)
+    mae = {k.removeprefix("encoder."): v for k, v in donor.encoder.state_dict().items()}
+    mae |= {k.removeprefix("decoder."): v for k, v in donor.decoder.state_dict().items()}
+    mae["decoder_pred.weight"] = torch.zeros(5, 5)  # wrong shape
+    mae["head.weight"] = torch.zeros(3)  # not in ECAMP
+    torch.save({"model": mae, "args": {"note": "MAE layout"}}, tmp_path / "mae.pth")
+    model = ECAMP(cfg)
+    loaded, skipped = load_partial(model, tmp_path / "mae.pth")
+    assert "encoder.blocks.0.attn.qkv.weight" in loaded and "decoder.mask_token" in loaded
+    assert torch.equal(model.encoder.blocks[0].attn.qkv.weight, donor.encoder.blocks[0].attn.qkv.weight)
+    assert sorted(skipped) == [
+        "decoder_pred.weight: shape (5, 5) != (192, 32)",
+        "head.weight: no such parameter",
+    ]
+    with pytest.raises(FileNotFoundError, match="init_checkpoint .* does not exist"):
+        load_partial(model, tmp_path / "missing.pth")
+
+
+def test_torchrun_entry_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and "--job" in capsys.readouterr().out
+
+
+# ---- the stage -------------------------------------------------------------------------------------------------
+def write_upstream(run_dir, images, reports, with_attention: bool) -> None:
+    ctx = StageContext(run_dir=run_dir, stage="extract_reports", config=None, log=logging.getLogger("t"))
+    n = len(images)
+    ctx.write("images", [
+        Image(image_id=f"i{i}", study_id=f"s{i}", subject_id="p", split="train" if i < n - 1 else "test", path=p,
+              view="PA", height=48, width=40)
+        for i, p in enumerate(images)
+    ] + [Image(image_id="orphan", study_id="none", subject_id="p", split="train", path=images[0], view="PA",
+               height=48, width=40)], Image)  # fmt: skip
+    ctx.write("reports", [
+        Report(study_id=f"s{i}", subject_id="p", split="train", findings=reports[i], impression="",
+               text=reports[i], source_path="x")
+        for i in range(n)
+    ], Report)  # fmt: skip
+    if with_attention:
+        gctx = StageContext(run_dir=run_dir, stage="train_gloria", config=None, log=logging.getLogger("t"))
+        gctx.write("attention_maps", [
+            AttentionMap(image_id=f"i{i}", study_id=f"s{i}", entities=["effusion"], attention=[1 / 16] * 16,
+                         grid=4, window_row=i % 3, window_col=0, window_size=2, fallback="none")
+            for i in range(n)
+        ], AttentionMap)  # fmt: skip
+
+
+@pytest.mark.parametrize("with_attention", [False, True])
+def test_stage_writes_metrics_encoder_and_says_what_it_fell_back_to(
+    tmp_path, images, reports, caplog, with_attention
+):
+    write_upstream(tmp_path, images, reports, with_attention)
+    config = load_config(None, [
+        *(f"pretrain_ecamp.model.{k}={v}" for k, v in MODEL.items()), "pretrain_ecamp.model.vocab_size=400",
+        "pretrain_ecamp.text.max_len=48", "pretrain_ecamp.tokenizer_min_frequency=1",
+        "pretrain_ecamp.train.epochs=2", "pretrain_ecamp.train.batch_size=4", "pretrain_ecamp.train.accum_iter=1",
+        "pretrain_ecamp.train.warmup_epochs=1", "pretrain_ecamp.train.num_workers=0", "run.device=cpu",
+    ])  # fmt: skip
+    ctx = make_test_context(tmp_path, config, stage="pretrain_ecamp")
+    with caplog.at_level(logging.INFO):
+        pretrain_ecamp.run(ctx, config.pretrain_ecamp)
+    assert "context distillation OFF" in caplog.text
+    assert ("context-guided SR OFF" in caplog.text) is not with_attention
+    metrics = ctx.read("pretrain_ecamp/pretrain_metrics").to_pylist()
+    assert [r["step"] for r in metrics] == list(range(1, 7))  # 15 train images // 4 = 3 steps × 2 epochs
+    rejects = ctx.read("pretrain_ecamp/pretrain_rejects").to_pylist()
+    assert rejects == [{"image_id": "orphan", "study_id": "none",
+                        "reason": "no report for this study in extract_reports/reports"}]  # fmt: skip
+    vit = load_timm_encoder(ctx.stage_dir / "encoder.safetensors")
+    assert vit.forward_features(torch.zeros(1, 3, 32, 32)).shape == (1, 17, 32)
+    card = (ctx.stage_dir / "MODEL_CARD.md").read_text()
+    assert f"attention windows: {15 if with_attention else 0}" in card
+    assert (ctx.stage_dir / "tokenizer.json").exists() and (
+        ctx.stage_dir / "train" / "checkpoint.pt"
+    ).exists()
+
+
+def test_ablation_rows_are_valid_overrides():
+    for table, rows in pretrain_ecamp.ABLATIONS.items():
+        for row, overrides in rows.items():
+            section = load_config(None, overrides).pretrain_ecamp
+            assert section is not None, (table, row)
+    t7 = pretrain_ecamp.ABLATIONS["7"]
+    base = load_config(None, t7["base"]).pretrain_ecamp
+    assert base.text.text_composition == "origin" and not base.text.descriptor_masking
+    assert not base.text.rebalance and not base.model.sr
+    assert (
+        load_config(None, pretrain_ecamp.ABLATIONS["9"]["lambda_0.25"]).pretrain_ecamp.text.lambda_neg == 0.25
+    )
+    with pytest.raises(KeyError, match="table 7 has no rows"):
+        pretrain_ecamp.run_ablations(None, "unused", "7", ["nope"])
