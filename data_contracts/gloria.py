@@ -49,8 +49,9 @@ class Localization(Row):
     """How well attention finds the true lesions (demo corpus, where boxes are known), per method.
 
     pointing_rate: share of images whose attention argmax cell centre lies inside a true lesion box.
-    mean_window_overlap: mean over images of the fraction of the lesion boxes' area inside the SR window.
-    mean_window_iou: mean IoU between the SR window and the union box of the lesions.
+    mean_window_overlap: mean over images of the fraction of the lesion area (union of boxes) inside the window.
+    mean_window_iou: mean IoU between the SR window and the lesion area.
+    method "random": the exact expectation for a uniformly random peak cell and window placement.
     """
 
     contract: ClassVar[str] = "gloria_localization"

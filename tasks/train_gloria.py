@@ -33,6 +33,7 @@ from models.attention import (
     localization,
     random_localization,
     rasterize_boxes,
+    remove_prior,
     save_overlay,
 )
 from models.entities import load_entity_list
@@ -104,6 +105,7 @@ class Config(StageConfig):
     grid: int = Field(14, ge=1, description="ViT patch grid of pretrain_ecamp (224/16)")
     window_k: int = Field(12, ge=1, description="SR window side in grid cells (official 12 -> 9 placements)")
     fallback: Literal["centre", "random"] = "centre"
+    prior_correction: bool = Field(False, description="divide maps by the corpus-mean map (see remove_prior)")
     ignore_entities: list[str] = Field(
         default_factory=lambda: list(ANATOMY_ENTITIES),
         description="entities never used for the SR window: anatomy words whose 'positive' mentions are normal",
@@ -325,6 +327,8 @@ def run(ctx: StageContext, cfg: Config) -> None:
     attn = extract_attention(
         model, all_data, tokenizer, wanted, cfg.grid, cfg.attention_batch, cfg.max_tokens, device, forms
     )
+    if cfg.prior_correction:
+        attn.grid_maps = remove_prior(attn.grid_maps)
     windows = fallback_windows(len(rows), cfg.grid, cfg.window_k, cfg.fallback, seed)
     best_r, best_c = best_windows(torch.from_numpy(attn.grid_maps), cfg.window_k)
     found = attn.entity_found
@@ -352,12 +356,12 @@ def run(ctx: StageContext, cfg: Config) -> None:
     boxes = read_lesion_boxes(ctx, cfg)
     scored = [i for i, r in enumerate(rows) if r["image_id"] in boxes]
     if scored:
-        write_localization(ctx, cfg, rows, scored, boxes, attn.grid_maps, windows, seed)
+        write_localization(ctx, cfg, rows, scored, boxes, attn.grid_maps, windows)
     draw_pictures(ctx, cfg, rows, pixels, attn, windows, found, texts, boxes)
 
 
-def write_localization(ctx, cfg, rows, scored, boxes, grid_maps, windows, seed) -> None:  # noqa: ANN001
-    """Pointing rate and window overlap on images with known lesions, GLoRIA vs a seeded random baseline."""
+def write_localization(ctx, cfg, rows, scored, boxes, grid_maps, windows) -> None:  # noqa: ANN001
+    """Pointing rate and window overlap on images with known lesions, GLoRIA vs the exact random expectation."""
     size = cfg.grid * 16
     lesions = np.stack(
         [
@@ -366,7 +370,7 @@ def write_localization(ctx, cfg, rows, scored, boxes, grid_maps, windows, seed) 
         ]
     )
     gloria = localization(argmax_cells(grid_maps[scored]), windows[scored], cfg.window_k, cfg.grid, lesions)
-    rand = random_localization(len(scored), cfg.grid, cfg.window_k, lesions, seed)
+    rand = random_localization(cfg.grid, cfg.window_k, lesions)
     out = [
         {"method": name, "grid": cfg.grid, "window_size": cfg.window_k} | score._asdict()
         for name, score in (("gloria", gloria), ("random", rand))
