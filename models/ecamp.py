@@ -373,11 +373,14 @@ class ECAMP(nn.Module):
             return sq.sum() / (inside.sum() * sr.shape[1]).clamp(min=1)
         return sq.mean()
 
-    def mlm_loss(self, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def mlm_loss(
+        self, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, positions: int | None = None
+    ) -> torch.Tensor:
         """Weighted MLM loss (normalised by B·L), with the vocabulary projection run only where a label exists.
 
         Same value as projecting every position (unlabelled ones contribute nothing), but with ~25% of 256
         positions labelled it skips most of the largest matmul of the model (hidden × 30,000 vocabulary).
+        `positions` is B·L of the untrimmed batch (see `trim_padding`); default: labels.numel().
         """
         predicted = labels != IGNORE_INDEX
         n = int(predicted.sum())
@@ -385,7 +388,7 @@ class ECAMP(nn.Module):
             return (self.text.head(hidden[:, :1]) * 0).sum()
         logits = self.text.head(hidden[predicted])
         loss = weighted_mlm_loss(logits[None], labels[predicted][None], weights[predicted][None])
-        return loss * n / labels.numel()
+        return loss * n / (positions or labels.numel())
 
     # ---- forward ---------------------------------------------------------------------------------------------
     def forward(
@@ -407,8 +410,27 @@ class ECAMP(nn.Module):
             sr = self.sr_loss(self.reconstruction(pred, mean, std), imgs_hr, window)
         else:
             sr = torch.zeros((), device=imgs_lr.device)
-        mlm = self.mlm_loss(self.text(input_ids, attention_mask, latent[:, 1:, :]), labels, weights)
+        positions = labels.numel()
+        input_ids, attention_mask, labels, weights = trim_padding(input_ids, attention_mask, labels, weights)
+        hidden = self.text(input_ids, attention_mask, latent[:, 1:, :])
+        mlm = self.mlm_loss(hidden, labels, weights, positions)
         return {"mim": mim, "sr": sr, "mlm": mlm, "total": mim + sr + mlm}
+
+
+def trim_padding(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """Drop the trailing columns that are padding in every row and carry no label.
+
+    The collator pads every batch to max_len (256) because the loss divides by B·max_len; reports are ~100 pieces,
+    so most of the text encoder's work would be on padding that attention masks out anyway. The loss keeps the
+    original B·L (see `mlm_loss`); with the official all-positions labels nothing is trimmed.
+    """
+    used = (attention_mask.bool() | (labels != IGNORE_INDEX)).any(dim=0)
+    length = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
+    if length == input_ids.shape[1]:
+        return input_ids, attention_mask, labels, weights
+    return input_ids[:, :length], attention_mask[:, :length], labels[:, :length], weights[:, :length]
 
 
 def window_mask(window: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from models.ecamp import (
     cell_window,
     random_masking,
     sincos_2d,
+    trim_padding,
     window_mask,
 )
 from models.export import export_encoder, load_timm_encoder, read_metadata, timm_kwargs, write_model_card
@@ -171,6 +172,25 @@ def test_mlm_loss_on_labelled_positions_equals_full_logits():
     assert torch.allclose(model.mlm_loss(hidden, b["labels"], b["weights"]), full, atol=1e-6)
     none = torch.full_like(b["labels"], IGNORE_INDEX)
     assert float(model.mlm_loss(hidden, none, b["weights"])) == 0.0
+
+
+def test_trimming_padding_keeps_the_mlm_loss():
+    cfg = tiny(max_len=16)
+    model = ECAMP(cfg).eval()
+    b = batch(cfg)  # the last 4 columns are padding without labels
+    trimmed = trim_padding(b["input_ids"], b["attention_mask"], b["labels"], b["weights"])
+    assert trimmed[0].shape == (3, 12)
+    latent = torch.randn(3, 5, 32)
+    full = weighted_mlm_loss(
+        model.text.head(model.text(b["input_ids"], b["attention_mask"], latent[:, 1:])),
+        b["labels"],
+        b["weights"],
+    )
+    short = model.mlm_loss(model.text(*trimmed[:2], latent[:, 1:]), trimmed[2], trimmed[3], positions=3 * 16)
+    assert torch.allclose(full, short, atol=1e-6)
+    labelled_pad = b["labels"].clone()
+    labelled_pad[:, -1] = 7  # official quirk: labels on padding too -> nothing may be trimmed
+    assert trim_padding(b["input_ids"], b["attention_mask"], labelled_pad, b["weights"])[0].shape == (3, 16)
 
 
 @pytest.mark.parametrize(("local", "global_"), [(True, False), (False, True)])
