@@ -84,7 +84,7 @@ def run(ctx: StageContext, cfg: Config) -> None:
     n = len(joined.records)
     if distilled is not None and joined.n_distilled < n:
         ctx.log.warning(
-            "%d of %d training studies have no distilled report: original text only",
+            "%d of %d training images have no (or an empty) distilled report: original text only",
             n - joined.n_distilled,
             n,
         )
