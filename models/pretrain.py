@@ -547,7 +547,9 @@ def train(
     if ckpt_path.exists():
         payload = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if payload["fingerprint"] != fingerprint(model_cfg, cfg, data_hash) or payload["world"] != info.world:
-            log.warning("%s was made with another config or world size: starting from scratch", ckpt_path)
+            log.warning(
+                "%s was made with another config, data or world size: starting from scratch", ckpt_path
+            )
         else:
             model.load_state_dict(payload["model"])
             optimizer.load_state_dict(payload["optimizer"])
