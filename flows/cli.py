@@ -161,6 +161,39 @@ def stage(
     _print_summaries([summary])
 
 
+@app.command()
+def ablate(
+    table: Annotated[
+        str, typer.Option(help="paper table: 7 (components), 8 (text composition), 9 (lambda_neg)")
+    ],
+    config: ConfigOpt,
+    run_dir: RunDirOpt = None,
+    rows: Annotated[list[str] | None, typer.Option("--row", help="only this row (repeatable)")] = None,
+    set_: SetOpt = None,
+    force: Annotated[bool, typer.Option(help="recompute rows even if cached")] = False,
+) -> None:
+    """Pre-train one encoder per ablation row into <run_dir>/pretrain_ecamp__<row>/ (upstream stages must exist)."""
+    _quiet_prefect()
+    _check_config(config, set_)
+    from tasks.pretrain_ecamp import ablation_rows
+
+    try:
+        ablation_rows(table, rows)
+    except KeyError as err:
+        _fail(err)
+    from flows.pipeline import ecamp_ablations
+
+    summaries = ecamp_ablations(
+        table=table,
+        config_path=str(config),
+        run_dir=str(run_dir) if run_dir else None,
+        rows=rows,
+        overrides=set_,
+        force=force,
+    )
+    _print_summaries(summaries)
+
+
 def _label(uri: str, info) -> str:
     if info is None:
         return f"[cyan]input[/] {uri}"

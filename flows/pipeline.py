@@ -119,3 +119,28 @@ def ecamp_stage(
     stage_module(stage)
     run = stage_task.with_options(name=stage, task_run_name=stage)
     return run(stage, config.model_dump(mode="json"), resolve_run_dir(config, run_dir), force=force)
+
+
+@flow(name="ecamp-ablations")
+def ecamp_ablations(
+    table: str,
+    config_path: str = "configs/demo.yaml",
+    run_dir: str | None = None,
+    rows: list[str] | None = None,
+    overrides: list[str] | None = None,
+    force: bool = False,
+) -> list[dict[str, Any]]:
+    """Pre-train one encoder per row of a paper ablation table (7, 8 or 9) on the run's upstream artifacts."""
+    from tasks.pretrain_ecamp import NAME, ablation_rows
+
+    summaries = []
+    for row, row_overrides in ablation_rows(table, rows).items():
+        config = load_config(config_path, [*(overrides or []), *row_overrides])
+        name = f"{NAME}__{row}"
+        run = stage_task.with_options(name=name, task_run_name=name)
+        summaries.append(
+            run(
+                NAME, config.model_dump(mode="json"), resolve_run_dir(config, run_dir), force=force, name=name
+            )
+        )
+    return summaries

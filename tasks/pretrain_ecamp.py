@@ -9,13 +9,12 @@ Outputs under `<run_dir>/pretrain_ecamp/`: `pretrain_metrics` (one row per optim
 `tokenizer.json`, and `train/checkpoint.pt` (full training state: a failed run resumes from it exactly).
 With `nproc > 1` training runs under `torchrun` (DDP), one process per GPU.
 
-Ablations (Tables 7–9): `python -m tasks.pretrain_ecamp -c CONFIG --run-dir DIR --table 7` pre-trains one
-encoder per row into `<run_dir>/pretrain_ecamp__<row>/`, reusing the upstream artifacts of DIR.
+Ablations (Tables 7–9): `ecamp ablate --table 7 -c CONFIG --run-dir DIR` pre-trains one encoder per row
+into `<run_dir>/pretrain_ecamp__<row>/`, reusing the upstream artifacts of DIR.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -227,47 +226,16 @@ ABLATIONS: dict[str, dict[str, list[str]]] = {
 }
 
 
-def run_ablations(config_path: str | None, run_dir: Path, table: str, rows: list[str] | None = None,
-                  overrides: list[str] | None = None) -> dict[str, Path]:  # fmt: skip
-    """Pre-train one encoder per ablation row into `<run_dir>/pretrain_ecamp__<row>/`; returns the encoder paths."""
-    from tasks.base import StageContext
-    from tasks.config import load_config
+def ablation_rows(table: str, rows: list[str] | None = None) -> dict[str, list[str]]:
+    """The `--set` overrides of the chosen rows of a paper table (all rows by default), validated by name.
 
+    Each row runs as this stage under the name `pretrain_ecamp__<row>` (see `flows.pipeline.ecamp_ablations`),
+    so it is cached, traced and reuses the upstream artifacts of the run directory.
+    """
     if table not in ABLATIONS:
         raise KeyError(f"unknown ablation table '{table}' (tables: {', '.join(ABLATIONS)})")
     chosen = rows or list(ABLATIONS[table])
     unknown = [r for r in chosen if r not in ABLATIONS[table]]
     if unknown:
         raise KeyError(f"table {table} has no rows {unknown} (rows: {', '.join(ABLATIONS[table])})")
-    out: dict[str, Path] = {}
-    for row in chosen:
-        config = load_config(config_path, [*(overrides or []), *ABLATIONS[table][row]])
-        stage = f"{NAME}__{row}"
-        ctx = StageContext(
-            run_dir=Path(run_dir), stage=stage, config=config, log=logging.getLogger(f"ecamp.{stage}")
-        )
-        ctx.log.info("ablation table %s row %s: %s", table, row, ABLATIONS[table][row] or "(full model)")
-        run(ctx, config.pretrain_ecamp)
-        out[row] = ctx.stage_dir / "encoder.safetensors"
-    return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tasks.pretrain_ecamp", description=run_ablations.__doc__)
-    parser.add_argument("-c", "--config", help="pipeline YAML (configs/demo.yaml, configs/paper.yaml)")
-    parser.add_argument(
-        "--run-dir", required=True, type=Path, help="run directory holding the upstream artifacts"
-    )
-    parser.add_argument("--table", required=True, choices=sorted(ABLATIONS), help="paper table of the rows")
-    parser.add_argument("--rows", nargs="*", help="row names (default: every row of the table)")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], help="extra key=value override"
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    for row, path in run_ablations(args.config, args.run_dir, args.table, args.rows, args.overrides).items():
-        print(f"{row}\t{path}")
-
-
-if __name__ == "__main__":
-    main()
+    return {row: ABLATIONS[table][row] for row in chosen}

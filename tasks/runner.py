@@ -121,15 +121,15 @@ def _write_manifest(run_dir: Path, result: StageResult, parts: dict[str, Any]) -
     os.replace(tmp, path)
 
 
-def cached_result(module: ModuleType, run_dir: Path, fingerprint: str) -> StageResult | None:
-    """The last successful result if it matches `fingerprint` and all its outputs are intact."""
-    manifest = read_manifest(run_dir, module.NAME)
+def cached_result(stage: str, run_dir: Path, fingerprint: str) -> StageResult | None:
+    """The last successful result of `stage` if it matches `fingerprint` and all its outputs are intact."""
+    manifest = read_manifest(run_dir, stage)
     if not manifest or manifest.get("fingerprint") != fingerprint:
         return None
     outputs = {}
     for name, data in manifest["outputs"].items():
         recorded = ArtifactInfo.from_json(data)
-        path = Path(run_dir) / module.NAME / f"{name}.parquet"
+        path = Path(run_dir) / stage / f"{name}.parquet"
         try:
             on_disk = read_info(path)
         except (FileNotFoundError, ValueError):
@@ -137,7 +137,7 @@ def cached_result(module: ModuleType, run_dir: Path, fingerprint: str) -> StageR
         if on_disk.content_hash != recorded.content_hash:
             return None
         outputs[name] = on_disk
-    return StageResult(module.NAME, "cached", fingerprint, outputs)
+    return StageResult(stage, "cached", fingerprint, outputs)
 
 
 def _set_threads(config: Any) -> None:
@@ -155,29 +155,35 @@ def run_stage(
     force: bool = False,
     log: logging.Logger | logging.LoggerAdapter | None = None,
     run_id: str = "local",
+    name: str | None = None,
 ) -> StageResult:
-    """Run `module`'s stage unless an identical successful run exists (or `force`)."""
+    """Run `module`'s stage unless an identical successful run exists (or `force`).
+
+    `name` runs the stage under another folder name (ablation rows: `pretrain_ecamp__no_sr`); the config
+    section is still the module's own.
+    """
     run_dir = Path(run_dir)
-    log = log or logging.getLogger(f"ecamp.{module.NAME}")
+    name = name or module.NAME
+    log = log or logging.getLogger(f"ecamp.{name}")
     fingerprint, parts = stage_fingerprint(module, config, run_dir)
     missing = [ref for ref, up in upstream_hashes(module, run_dir).items() if up is None]
     if not force:
-        cached = cached_result(module, run_dir, fingerprint)
+        cached = cached_result(name, run_dir, fingerprint)
         if cached:
-            log.info("%s: cached (fingerprint %s), skipped", module.NAME, fingerprint)
+            log.info("%s: cached (fingerprint %s), skipped", name, fingerprint)
             return cached
-    stage_dir = run_dir / module.NAME
+    stage_dir = run_dir / name
     stage_dir.mkdir(parents=True, exist_ok=True)
     (stage_dir / MANIFEST).unlink(missing_ok=True)
     if missing:
         log.info(
             "%s: upstream not present (the stage decides whether it can run without): %s",
-            module.NAME,
+            name,
             missing,
         )
     ctx = StageContext(
         run_dir=run_dir,
-        stage=module.NAME,
+        stage=name,
         config=config,
         log=log,
         run_id=run_id,
@@ -187,12 +193,10 @@ def run_stage(
         upstream={ref: up for ref, up in upstream_hashes(module, run_dir).items() if up is not None},
     )
     _set_threads(config)
-    log.info("%s: running (fingerprint %s)", module.NAME, fingerprint)
+    log.info("%s: running (fingerprint %s)", name, fingerprint)
     start = time.perf_counter()
     module.run(ctx, getattr(config, module.NAME))
-    result = StageResult(module.NAME, "ran", fingerprint, dict(ctx.outputs), time.perf_counter() - start)
+    result = StageResult(name, "ran", fingerprint, dict(ctx.outputs), time.perf_counter() - start)
     _write_manifest(run_dir, result, parts)
-    log.info(
-        "%s: done in %.1f s, outputs: %s", module.NAME, result.seconds, ", ".join(result.outputs) or "none"
-    )
+    log.info("%s: done in %.1f s, outputs: %s", name, result.seconds, ", ".join(result.outputs) or "none")
     return result

@@ -31,3 +31,15 @@ def test_unknown_config_key_fails_before_any_work(tmp_path):
 def test_unknown_stage_is_named(tmp_path):
     result = CliRunner().invoke(app, ["stage", "nope", "-c", "configs/demo.yaml", "--run-dir", str(tmp_path)])
     assert result.exit_code == 2 and "unknown stage 'nope'" in result.output
+
+
+def test_ablate_rejects_unknown_table_and_row(tmp_path):
+    result = CliRunner().invoke(
+        app, ["ablate", "--table", "10", "-c", "configs/demo.yaml", "--run-dir", str(tmp_path)]
+    )
+    assert result.exit_code == 2 and "unknown ablation table '10'" in result.output
+    result = CliRunner().invoke(
+        app,
+        ["ablate", "--table", "7", "--row", "nope", "-c", "configs/demo.yaml", "--run-dir", str(tmp_path)],
+    )
+    assert result.exit_code == 2 and "table 7 has no rows ['nope']" in result.output

@@ -343,5 +343,10 @@ def test_ablation_rows_are_valid_overrides():
     assert (
         load_config(None, pretrain_ecamp.ABLATIONS["9"]["lambda_0.25"]).pretrain_ecamp.text.lambda_neg == 0.25
     )
+    assert pretrain_ecamp.ablation_rows("9", ["lambda_0.1"]) == {
+        "lambda_0.1": ["pretrain_ecamp.text.lambda_neg=0.1"]
+    }
     with pytest.raises(KeyError, match="table 7 has no rows"):
-        pretrain_ecamp.run_ablations(None, "unused", "7", ["nope"])
+        pretrain_ecamp.ablation_rows("7", ["nope"])
+    with pytest.raises(KeyError, match="unknown ablation table '10'"):
+        pretrain_ecamp.ablation_rows("10")

@@ -145,3 +145,18 @@ def test_missing_upstream_is_a_clear_error(tmp_path):
     _, double = make_modules([])
     with pytest.raises(MissingUpstreamError, match="needs 'source/numbers'.*run stage 'source' first"):
         run_stage(double, make_config(tmp_path), tmp_path / "run")
+
+
+def test_a_named_run_is_a_separate_cached_stage_folder(setup, tmp_path):
+    """Ablation rows run a stage under another folder name; they never overwrite or reuse the main one."""
+    calls, go, run_dir = setup
+    source, double = make_modules(calls)
+    go(make_config(tmp_path))
+    log = logging.getLogger("test")
+    row = run_stage(double, make_config(tmp_path, factor=5), run_dir, log=log, name="double__x5")
+    assert row.stage == "double__x5" and row.status == "ran"
+    assert (run_dir / "double__x5" / "doubled.parquet").exists()
+    assert read_manifest(run_dir, "double")["fingerprint"] != row.fingerprint
+    again = run_stage(double, make_config(tmp_path, factor=5), run_dir, log=log, name="double__x5")
+    assert again.status == "cached"
+    assert go(make_config(tmp_path))[1].status == "cached"
