@@ -8,7 +8,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.tree import Tree
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ECAMP pre-training pipeline.")
 console = Console(stderr=True)
@@ -196,9 +195,9 @@ def ablate(
 
 def _label(uri: str, info) -> str:
     if info is None:
-        return f"[cyan]input[/] {uri}"
+        return f"input {uri}"
     return (
-        f"[bold]{info.stage}/{info.name}[/] {info.rows} rows · {info.schema_name} v{info.schema_version}"
+        f"{info.stage}/{info.name} {info.rows} rows · {info.schema_name} v{info.schema_version}"
         f" · sha {info.content_hash[:12]} · config {info.config_hash} · {info.code_version}"
     )
 
@@ -221,14 +220,27 @@ def lineage(
     if info is None:
         _fail(FileNotFoundError(f"no artifact '{artifact}' in the catalog of {target}"))
     root = lineage_tree(target, info)
-    tree = Tree(_label(root.uri, root.info))
+    for line in _tree_lines(root):
+        typer.echo(line)
 
-    def add(branch: Tree, node) -> None:
-        for child in node.upstream:
-            add(branch.add(_label(child.uri, child.info)), child)
 
-    add(tree, root)
-    Console(soft_wrap=True).print(tree)
+def _tree_lines(
+    node, prefix: str = "", last: bool = True, top: bool = True, seen: set | None = None
+) -> list[str]:
+    """Plain-text tree (no wrapping or cropping, so paths stay whole and greppable). An artifact already
+    expanded higher up is printed once more with `(upstream shown above)` instead of its whole chain."""
+    seen = set() if seen is None else seen
+    branch = "" if top else ("└── " if last else "├── ")
+    key = (node.uri, node.content_hash)
+    repeated = node.info is not None and node.upstream and key in seen
+    lines = [prefix + branch + _label(node.uri, node.info) + (" (upstream shown above)" if repeated else "")]
+    if repeated:
+        return lines
+    seen.add(key)
+    child_prefix = prefix if top else prefix + ("    " if last else "│   ")
+    for i, child in enumerate(node.upstream):
+        lines += _tree_lines(child, child_prefix, i == len(node.upstream) - 1, top=False, seen=seen)
+    return lines
 
 
 if __name__ == "__main__":
