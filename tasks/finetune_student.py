@@ -25,6 +25,7 @@ from models.distill.student import (
     LoraSettings,
     TinyDims,
     TrainSettings,
+    WarmupSettings,
     attach_lora,
     build_tiny_base,
     encode_example,
@@ -32,11 +33,12 @@ from models.distill.student import (
     save_adapter,
     train_student,
     vicuna_prompt,
+    warm_up_base,
 )
 from tasks.base import StageConfig, StageContext
 
 NAME = "finetune_student"
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 UPSTREAM = ["seed_distill/seed_distillations"]
 
 ADAPTER_DIR = "adapter"
@@ -73,6 +75,10 @@ class Config(StageConfig):
     tiny_heads: int = Field(4, ge=1)
     tiny_embedding_std: float = Field(0.5, gt=0)
     tiny_init_std: float = Field(0.02, gt=0, description="std of the random linear layers (HF default 0.02)")
+    tiny_warmup_epochs: float = Field(
+        0.0, ge=0, description="causal-LM epochs of the tiny base on training report texts (0: none)"
+    )
+    tiny_warmup_lr: float = Field(3e-3, gt=0)
 
     def lora(self) -> LoraSettings:
         return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.target_modules))
@@ -86,6 +92,11 @@ class Config(StageConfig):
             max_len=self.max_len,
             warmup_ratio=self.warmup_ratio,
             seed=seed,
+        )
+
+    def warmup(self, seed: int) -> WarmupSettings:
+        return WarmupSettings(
+            epochs=self.tiny_warmup_epochs, lr=self.tiny_warmup_lr, max_len=self.max_prompt, seed=seed
         )
 
     def tiny(self) -> TinyDims:
@@ -233,6 +244,12 @@ def run(ctx: StageContext, cfg: Config) -> None:
     if cfg.base_model == "tiny":
         texts = [train_rows[0]["prompt"]] + [r["report"] for r in rows] + [r["answer"] for r in train_rows]
         base_path = build_tiny_base(texts, cfg.tiny(), ctx.path(TINY_BASE_DIR), seed)
+        if cfg.tiny_warmup_epochs > 0:  # stands in for Vicuna's language pre-training; report texts only
+            warm = warm_up_base(base_path, [r["report"] for r in train_rows], cfg.warmup(seed))
+            ctx.log.info(
+                "warmed up the tiny base on %d training reports in %.1f s: LM loss %.3f",
+                len(train_rows), warm.seconds, warm.curve[-1].loss,
+            )  # fmt: skip
     else:
         base_path = Path(cfg.base_model)
     model, tokenizer = load_base(base_path, device)

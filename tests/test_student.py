@@ -25,6 +25,7 @@ from models.distill.student import (
     LoraSettings,
     TinyDims,
     TrainSettings,
+    WarmupSettings,
     attach_lora,
     build_tiny_base,
     encode_example,
@@ -34,6 +35,7 @@ from models.distill.student import (
     save_adapter,
     train_student,
     vicuna_prompt,
+    warm_up_base,
 )
 from models.distill.teacher_http import ClientConfig
 from tasks.finetune_student import agreement, all_absent_answer, split_held_out
@@ -141,6 +143,25 @@ def test_loss_falls_on_a_tiny_run(trained):
     assert len(losses) == result.steps == 32
     assert losses[-1] < 0.5 * losses[0]
     assert result.trainable_params < result.total_params
+
+
+def report_lm_loss(base_dir) -> float:
+    model, tok = load_base(base_dir)
+    batch = tok([r for r, *_ in REPORTS], return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+    with torch.no_grad():
+        return float(model(**batch, labels=labels).loss)
+
+
+def test_warm_up_trains_the_whole_base_on_reports_and_saves_it(tmp_path):
+    base = build_tiny_base([r for r, *_ in REPORTS] + prompts(), DIMS, tmp_path / "base", seed=0)
+    before = report_lm_loss(base)
+    result = warm_up_base(base, [r for r, *_ in REPORTS], WarmupSettings(epochs=30, lr=1e-2, batch_size=4))
+    assert result.trainable_params == result.total_params  # every weight trains, not an adapter
+    after = report_lm_loss(base)  # reloaded from disk: the warmed weights were saved into the base dir
+    assert after < 0.5 * before, (before, after)
+    with pytest.raises(ValueError, match="no report texts"):
+        warm_up_base(base, [], WarmupSettings(epochs=1))
 
 
 def test_adapter_round_trip_gives_identical_generations(trained, base_dir):

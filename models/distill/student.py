@@ -204,6 +204,50 @@ def build_tiny_base(texts: Sequence[str], dims: TinyDims, out_dir: Path, seed: i
     return out_dir
 
 
+@dataclass(frozen=True)
+class WarmupSettings:
+    """Plain causal-LM training of the whole tiny base on report texts before LoRA (0 epochs: none)."""
+
+    epochs: float = 0.0
+    lr: float = 3e-3
+    batch_size: int = 16
+    max_len: int = 128
+    seed: int = 0
+
+
+def warm_up_base(base_dir: Path, texts: Sequence[str], settings: WarmupSettings) -> TrainResult:
+    """Train every weight of the tiny base as a causal LM on `texts` and save it back into `base_dir`.
+
+    Why: Vicuna comes to LoRA with language pre-training; a randomly initialised tiny Llama does not, and LoRA on a
+    random frozen base has to learn report language and the task at once. This warm-up stands in for that
+    pre-training. It must only ever see REPORT TEXTS (never the teacher's answers), so the student still learns the
+    task from the seed distillations alone. Each text is one sequence (BOS + text + EOS, cut to max_len).
+    """
+    if not texts:
+        raise ValueError("warm_up_base: no report texts to warm the base up on")
+    model, tokenizer = load_base(base_dir)
+    examples = []
+    for i, text in enumerate(texts):
+        ids = tokenizer(" ".join(text.split()), add_special_tokens=True)["input_ids"][: settings.max_len - 1]
+        ids = ids + [tokenizer.eos_token_id]
+        examples.append(Example(f"warmup-{i}", ids, [IGNORE_INDEX] + ids[1:]))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    train = TrainSettings(
+        lr=settings.lr,
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        grad_accum=1,
+        max_len=settings.max_len,
+        warmup_ratio=0.05,
+        seed=settings.seed,
+        log_every=10**9,
+    )
+    result = train_student(model, examples, train, tokenizer.pad_token_id)
+    model.save_pretrained(base_dir)
+    return result
+
+
 def load_base(path: Path | str, device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Load a causal LM and its tokenizer from a local directory (tiny Llama or Vicuna-7B alike).
 
