@@ -77,15 +77,23 @@ def synth(
 
 
 def ensure_demo_corpus(cfg) -> None:
-    """Generate the demo corpus where the demo config expects it, unless it is already there."""
+    """Generate the demo corpus where the demo config expects it, unless the same config already made it.
+
+    The synth section used is stored beside the corpus, so editing it regenerates the corpus instead of
+    silently running on the old one.
+    """
     from models.synth.corpus import generate_corpus
 
     root = Path(cfg.data.root)
-    if (root / "files").exists() and (root / "mimic-cxr-2.0.0-metadata.csv.gz").exists():
+    stamp = root / "synth_config.json"
+    wanted = cfg.synth.model_dump_json(indent=1)
+    if stamp.exists() and stamp.read_text() == wanted:
         console.print(f"demo corpus present at {root}")
         return
     console.print(f"generating the demo corpus at {root} ...")
-    generate_corpus(cfg.synth, root)
+    summary = generate_corpus(cfg.synth, root, overwrite=True)
+    stamp.write_text(wanted)
+    console.print(summary.describe())
 
 
 @app.command()

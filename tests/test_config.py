@@ -61,3 +61,10 @@ def test_section_hash_is_stable_and_only_moves_with_its_section():
     assert section_hash(a, "data") == section_hash(b, "data") == section_hash(load_config(None), "data")
     assert section_hash(a, "data") != section_hash(c, "data")
     assert len(section_hash(a, "data")) == 16
+
+
+def test_a_section_given_twice_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  seed: 1\ndata:\n  root: x\nrun:\n  seed: 2\n")
+    with pytest.raises(ConfigError, match=r"key 'run' given twice \(lines 1 and 5\)"):
+        load_config(path)
