@@ -1,4 +1,4 @@
-"""The stages in pipeline order. A stage is listed here once its issue has landed: no placeholders."""
+"""The stages in pipeline order. A stage is listed here only once it works end to end."""
 
 from __future__ import annotations
 

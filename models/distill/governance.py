@@ -83,7 +83,7 @@ class ApiKey:
 
 
 def resolve_api_key(env_var: str, local: bool) -> ApiKey:
-    """The key from `env_var`; local servers that need none get a placeholder, external ones fail early."""
+    """The key from `env_var`; local servers that need none get a dummy key (vLLM ignores it), external ones fail early."""
     value = os.environ.get(env_var, "")
     if value:
         return ApiKey(env_var, value)
