@@ -63,14 +63,3 @@ class Localization(Row):
     pointing_rate: float
     mean_window_overlap: float
     mean_window_iou: float
-
-
-class GloriaReject(Row):
-    """An image or report the stage could not use, with the reason (never dropped silently)."""
-
-    contract: ClassVar[str] = "train_gloria_rejects"
-    version: ClassVar[int] = 1
-    image_id: str
-    study_id: str
-    path: str
-    reason: str

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from tasks.base import StageConfig
 from tasks.registry import stage_modules
 
 
@@ -22,11 +23,7 @@ class ConfigError(ValueError):
     """A config file or override is wrong; the message names the file, the key and the problem."""
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class RunConfig(Section):
+class RunConfig(StageConfig):
     seed: int = 0
     run_dir: str = "runs/default"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -35,7 +32,7 @@ class RunConfig(Section):
     )
 
 
-class DataConfig(Section):
+class DataConfig(StageConfig):
     source: Literal["mimic", "manifest"] = "mimic"
     root: str | None = Field(
         None, description="MIMIC-CXR root holding files/ and the mimic-cxr-2.0.0-*.csv.gz"

@@ -82,13 +82,15 @@ def code_version(module: ModuleType) -> str:
     return f"{module.NAME}@{module.CODE_VERSION}"
 
 
-def stage_fingerprint(module: ModuleType, config: Any, run_dir: Path) -> tuple[str, dict[str, Any]]:
+def stage_fingerprint(
+    module: ModuleType, config: Any, upstream: dict[str, Upstream | None]
+) -> tuple[str, dict[str, Any]]:
     parts: dict[str, Any] = {
         "stage": module.NAME,
         "code": code_version(module),
         "config": section_hash(config, module.NAME),
         "seed": config.run.seed,
-        "upstream": {k: (v.content_hash if v else None) for k, v in upstream_hashes(module, run_dir).items()},
+        "upstream": {k: (v.content_hash if v else None) for k, v in upstream.items()},
     }
     if not module.UPSTREAM:
         parts["data"] = section_hash(config, "data")
@@ -165,8 +167,9 @@ def run_stage(
     run_dir = Path(run_dir)
     name = name or module.NAME
     log = log or logging.getLogger(f"ecamp.{name}")
-    fingerprint, parts = stage_fingerprint(module, config, run_dir)
-    missing = [ref for ref, up in upstream_hashes(module, run_dir).items() if up is None]
+    upstream = upstream_hashes(module, run_dir)
+    fingerprint, parts = stage_fingerprint(module, config, upstream)
+    missing = [ref for ref, up in upstream.items() if up is None]
     if not force:
         cached = cached_result(name, run_dir, fingerprint)
         if cached:
@@ -190,7 +193,7 @@ def run_stage(
         config_hash=section_hash(config, module.NAME),
         code_version=code_version(module),
         inputs=data_inputs(config) if not module.UPSTREAM else [],
-        upstream={ref: up for ref, up in upstream_hashes(module, run_dir).items() if up is not None},
+        upstream={ref: up for ref, up in upstream.items() if up is not None},
     )
     _set_threads(config)
     log.info("%s: running (fingerprint %s)", name, fingerprint)
