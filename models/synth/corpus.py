@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from models.entities import load_entity_list
 from models.synth.findings import FINDING_CLASSES, Finding, sample_findings
 from models.synth.images import Anatomy, render_frontal, render_lateral, sample_anatomy
 from models.synth.reports import (
@@ -42,7 +43,6 @@ from models.synth.reports import (
     entity_matcher,
     mentions,
     polarity_counts,
-    read_entity_list,
     write_report,
 )
 
@@ -251,7 +251,7 @@ def generate_corpus(cfg: SynthConfig, out_dir: Path, overwrite: bool = False) ->
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True to replace it")
-    matcher = entity_matcher(read_entity_list(cfg.entities_path))
+    matcher = entity_matcher(list(load_entity_list(cfg.entities_path).entities))
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -14,7 +14,6 @@ import re
 import textwrap
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -645,15 +644,6 @@ def write_report(
 
 
 # ------------------------------------------------------------------------------------------ labels and counts
-def read_entity_list(path: Path) -> list[str]:
-    """Entity names from a one-per-line list (Table 1); '#' starts a comment."""
-    names = [line.split("#", 1)[0].strip().lower() for line in path.read_text().splitlines()]
-    names = [n for n in names if n]
-    if not names:
-        raise ValueError(f"{path}: no entities listed")
-    return names
-
-
 def _stem(entity: str) -> str:
     """Crude inflection stem so 'opacities', 'effusions', 'consolidative', 'nodular' count as mentions."""
     for suffix, keep in (("ion", ""), ("ity", "it"), ("ed", ""), ("y", ""), ("e", "")):
