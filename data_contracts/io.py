@@ -128,6 +128,13 @@ def read_info(path: Path) -> ArtifactInfo:
 
 def read_artifact(path: Path, contract: type[Row] | None = None, verify_hash: bool = False) -> pa.Table:
     """Read and validate an artifact; the contract defaults to the one named in its metadata."""
+    return read_artifact_and_info(path, contract, verify_hash)[0]
+
+
+def read_artifact_and_info(
+    path: Path, contract: type[Row] | None = None, verify_hash: bool = False
+) -> tuple[pa.Table, ArtifactInfo]:
+    """`read_artifact` plus the lineage metadata it checked, for callers that record what they read."""
     path = Path(path)
     info = read_info(path)
     contract = contract or contract_by_name(info.schema_name)
@@ -146,4 +153,4 @@ def read_artifact(path: Path, contract: type[Row] | None = None, verify_hash: bo
         raise ContractError(str(path), None, f"has {table.num_rows} rows, metadata says {info.rows}")
     if verify_hash and content_hash(table) != info.content_hash:
         raise ContractError(str(path), None, "content hash does not match its metadata (file was modified)")
-    return table
+    return table, info

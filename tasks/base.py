@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from data_contracts import catalog
 from data_contracts.base import Row
-from data_contracts.io import ArtifactInfo, Lineage, Upstream, read_artifact, read_info, write_artifact
+from data_contracts.io import ArtifactInfo, Lineage, Upstream, read_artifact_and_info, write_artifact
 
 T = TypeVar("T")
 
@@ -73,8 +73,7 @@ class StageContext:
             raise MissingUpstreamError(
                 f"{self.stage} needs '{ref}' but {path} does not exist: run stage '{producer}' first"
             )
-        table = read_artifact(path, contract)
-        info = read_info(path)
+        table, info = read_artifact_and_info(path, contract)
         self.upstream[ref] = Upstream(info.uri, info.content_hash)
         return table
 
