@@ -11,7 +11,7 @@ class StudentModel(Row):
     """Where the trained adapter lives and what it was trained from; its hash makes bulk_distill's cache honest."""
 
     contract: ClassVar[str] = "student_model"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
     adapter_dir: str  # relative to the run directory
     base_model: str  # a local HF model directory (the tiny base is saved under the stage folder)
     adapter_sha256: str  # of adapter_model.safetensors
@@ -19,6 +19,8 @@ class StudentModel(Row):
     lora_alpha: int
     max_prompt: int  # prompts are cut from the left to this many tokens, at training and generation alike
     max_new_tokens: int
+    decoding: Literal["greedy", "entity_complete"]  # how bulk_distill decodes (models/distill/complete.py)
+    reprompt_rounds: int  # entity_complete: re-prompts for still-missing entities
     n_train: int
     n_heldout: int
     n_skipped: int  # seed rows not trained on because their answer did not fit max_len
@@ -34,8 +36,10 @@ class StudentEval(Row):
     """
 
     contract: ClassVar[str] = "student_eval"
-    version: ClassVar[int] = 1
-    system: Literal["student", "all_absent"]
+    version: ClassVar[int] = 2
+    system: Literal[
+        "student", "student_greedy", "all_absent"
+    ]  # student: as configured (bulk_distill decodes so)
     n_reports: int
     n_entities: int
     polarity_acc: float

@@ -28,6 +28,7 @@ from data_contracts.io import Lineage, read_artifact, write_artifact
 from data_contracts.student import DistilledReport
 from models.distill import parse, rules_teacher
 from models.distill.cache import ResponseCache
+from models.distill.complete import EntityCompletion
 from models.distill.generate import (
     GenerationSettings,
     OpenAIBackend,
@@ -44,7 +45,7 @@ from tasks.finetune_student import resolve_device, student_prompt
 from tasks.seed_distill import ordered_entities, prompt_report
 
 NAME = "bulk_distill"
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 UPSTREAM = [
     "extract_reports/reports",
     "match_entities/entity_mentions",
@@ -181,11 +182,24 @@ def distill_shard(
     student_model: str,
     teacher_model: str,
     finder: parse.EntityFinder,
+    reprompt_rounds: int | None = None,
 ) -> list[dict]:
-    """Student answers for one shard; the first `budget_left` QC failures are re-sent to the teacher."""
-    answers = backend.generate([student_prompt(it["report"], it["entities"]) for it in items])
+    """Student answers for one shard; the first `budget_left` QC failures are re-sent to the teacher.
+
+    `reprompt_rounds` (None: plain greedy answers): entity-complete decoding (models/distill/complete.py),
+    re-prompting for missing entities, then scoring where the backend gives log-probabilities (in-process).
+    """
+    prompts = [student_prompt(it["report"], it["entities"]) for it in items]
+    answers = backend.generate(prompts)
     if len(answers) != len(items):
         raise RuntimeError(f"student backend returned {len(answers)} answers for {len(items)} prompts")
+    if reprompt_rounds is not None:
+        completion = EntityCompletion(
+            student_prompt, backend.generate, getattr(backend, "answer_logprobs", None), reprompt_rounds
+        )
+        answers, _ = completion(
+            [it["report"] for it in items], [it["entities"] for it in items], answers, finder
+        )
     rows = [
         distilled_row(it, a, "student", student_model, shard, finder)
         for it, a in zip(items, answers, strict=True)
@@ -211,6 +225,7 @@ def run_shards(
     finder: parse.EntityFinder,
     lineage: Lineage,
     log,
+    reprompt_rounds: int | None = None,
 ) -> list[dict]:
     """Process the unfinished shards (each written atomically), then return the rows of all shards."""
     shards = shard_plan([it["study_id"] for it in todo], cfg.shard_size)
@@ -237,7 +252,7 @@ def run_shards(
         for i in pending:
             rows = distill_shard(
                 [by_id[s] for s in shards[i]], i, backend, teacher, max(0, cfg.retry_budget - used),
-                cfg, student_model, teacher_model, finder,
+                cfg, student_model, teacher_model, finder, reprompt_rounds,
             )  # fmt: skip
             write_artifact(shard_path(shard_dir, i), rows, DistilledReport, lineage)
             used += sum(r["source"] == "teacher_retry" for r in rows)
@@ -341,6 +356,13 @@ def run(
     ctx.log.info("%d reports: %d teacher, %d student, %d without entities", len(todo) + len(seeds) + len(empty),
                  len(seeds), len(todo), len(empty))  # fmt: skip
     student_model = f"student:{model_row['adapter_sha256'][:12]}"
+    reprompt_rounds = model_row["reprompt_rounds"] if model_row["decoding"] == "entity_complete" else None
+    if reprompt_rounds is not None:
+        student_model += f"+entity_complete{reprompt_rounds}"  # in the shard plan key: a change redoes shards
+        if backend is None and cfg.backend != "transformers":
+            ctx.log.warning("entity_complete: a server gives no prompt log-probabilities, so entities still "
+                            "missing after re-prompting stay missing; QC re-sends such answers to the teacher "
+                            "(retry_budget)")  # fmt: skip
     lineage = Lineage(stage=ctx.stage, run_id=ctx.run_id, config_hash=ctx.config_hash,
                       code_version=ctx.code_version, upstream=[*ctx.inputs, *ctx.upstream.values()])  # fmt: skip
     with ExitStack() as stack:
@@ -354,7 +376,7 @@ def run(
         )
         shard_rows = run_shards(
             todo, ctx.stage_dir / SHARD_DIR, cfg, factory, teacher, student_model, teacher_model, finder,
-            lineage, ctx.log,
+            lineage, ctx.log, reprompt_rounds,
         )  # fmt: skip
     expected = {it["study_id"] for it in todo} | set(seeds) | set(empty)
     rows = merge_rows(shard_rows, seeds, empty, expected)

@@ -3,7 +3,9 @@
 seed_distillations -> Table 2 prompt in the Vicuna v1.1 template + the teacher's well-formed sentences ->
 held-out split -> LoRA (peft) on the base (Vicuna-7B v1.5 from a local path, or the tiny Llama built here) ->
 adapter dir (safetensors) + `student_model`, `student_loss` and `student_eval`: entity-level agreement with the
-teacher on held-out seed reports, next to the trivial baseline that calls every entity absent.
+teacher on held-out seed reports, next to the trivial baseline that calls every entity absent. With
+`decoding: entity_complete` (models/distill/complete.py) the student row is the completed answers and the plain
+greedy answers are reported as `student_greedy` beside it.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import Field
 
 from data_contracts.student import StudentEval, StudentLoss, StudentModel
 from models.distill import parse
+from models.distill.complete import EntityCompletion
 from models.distill.generate import GenerationSettings, TransformersBackend
 from models.distill.prompt import build_messages
 from models.distill.student import (
@@ -38,7 +42,7 @@ from models.distill.student import (
 from tasks.base import StageConfig, StageContext
 
 NAME = "finetune_student"
-CODE_VERSION = "2"
+CODE_VERSION = "3"
 UPSTREAM = ["seed_distill/seed_distillations"]
 
 ADAPTER_DIR = "adapter"
@@ -64,6 +68,20 @@ class Config(StageConfig):
     max_prompt: int = Field(2048, ge=8, description="prompts are cut from the left to this many tokens")
     max_new_tokens: int = Field(256, ge=1)
     gen_batch: int = Field(16, ge=1)
+    decoding: Literal["greedy", "entity_complete"] = Field(
+        "greedy",
+        description="entity_complete: after greedy decoding, drop repeats and add each missing requested "
+        "entity by re-prompting, then in the form the student scores most likely (models/distill/complete.py)",
+    )
+    reprompt_rounds: int = Field(
+        1, ge=0, description="entity_complete: re-prompts for still-missing entities"
+    )
+    entity_subset_copies: int = Field(
+        0,
+        ge=0,
+        description="extra training copies of each report asking for a random subset of its entities, the "
+        "answer cut to those sentences: teaches a small student to read the entity list (0: paper)",
+    )
     held_out: float = Field(
         0.05, gt=0, lt=1, description="share of seed reports kept out of training for eval"
     )
@@ -123,6 +141,34 @@ def clean_answer(raw_response: str, finder: parse.EntityFinder) -> str:
 def student_prompt(report: str, entities: Sequence[str]) -> str:
     """The teacher's Table 2 prompt for this report, in the Vicuna v1.1 template (shared by train and bulk)."""
     return vicuna_prompt(build_messages(report, entities))
+
+
+def entity_subset_rows(
+    rows: Sequence[dict], copies: int, finder: parse.EntityFinder, seed: int
+) -> list[dict]:
+    """`copies` variants of each training row that request a random non-empty subset of its answer sentences.
+
+    A student that only sees full entity lists can write a plausible list without reading it: the tiny demo
+    student repeats common entities and skips rare ones. When the requested list varies and the answer follows
+    it (the teacher answers "one by one", in list order), the list has to be read. The subset keeps the answer's
+    sentence order; its entity list is the entities those sentences name, in the original list order.
+    """
+    rng = random.Random(seed)
+    out = []
+    for r in rows:
+        sentences = [(line, finder.find(line)) for line in r["answer"].splitlines()]
+        sentences = [(line, found) for line, found in sentences if found]
+        if len(sentences) < 2:
+            continue
+        for c in range(copies):
+            k = rng.randint(1, len(sentences) - 1)
+            chosen = sorted(rng.sample(range(len(sentences)), k))
+            named = {e for i in chosen for e in sentences[i][1]}
+            entities = [e for e in r["entities"] if e in named] or sorted(named)
+            answer = "\n".join(sentences[i][0] for i in chosen)
+            out.append(r | {"study_id": f"{r['study_id']}#subset{c}", "entities": entities, "answer": answer,
+                            "prompt": student_prompt(r["report"], entities)})  # fmt: skip
+    return out
 
 
 def split_held_out(study_ids: Sequence[str], fraction: float, seed: int) -> tuple[set[str], set[str]]:
@@ -254,8 +300,11 @@ def run(ctx: StageContext, cfg: Config) -> None:
         base_path = Path(cfg.base_model)
     model, tokenizer = load_base(base_path, device)
 
+    extra = entity_subset_rows(train_rows, cfg.entity_subset_copies, finder, seed)
+    if extra:
+        ctx.log.info("%d entity-subset training examples added to %d reports", len(extra), len(train_rows))
     examples, skipped = [], []
-    for r in train_rows:
+    for r in [*train_rows, *extra]:
         try:
             examples.append(
                 encode_example(
@@ -292,19 +341,32 @@ def run(ctx: StageContext, cfg: Config) -> None:
     backend = TransformersBackend(
         student, tokenizer, GenerationSettings(cfg.gen_batch, cfg.max_new_tokens, cfg.max_prompt)
     )
-    t0 = time.perf_counter()
-    outputs = backend.generate([r["prompt"] for r in held_rows])
-    rate = len(held_rows) / max(time.perf_counter() - t0, 1e-9)
-    requested = [r["entities"] for r in held_rows]
+    prompts, requested = [r["prompt"] for r in held_rows], [r["entities"] for r in held_rows]
     teacher = [r["answer"] for r in held_rows]
-    evals = [
-        {"system": "student", **agreement(requested, teacher, outputs, finder), "reports_per_s": rate},
+    t0 = time.perf_counter()
+    outputs = backend.generate(prompts)
+    greedy_rate = len(held_rows) / max(time.perf_counter() - t0, 1e-9)
+    evals = [{"system": "student_greedy", **agreement(requested, teacher, outputs, finder),
+              "reports_per_s": greedy_rate}]  # fmt: skip
+    if cfg.decoding == "entity_complete":
+        complete = EntityCompletion(
+            student_prompt, backend.generate, backend.answer_logprobs, cfg.reprompt_rounds
+        )
+        texts, counts = complete([r["report"] for r in held_rows], requested, outputs, finder)
+        rate = len(held_rows) / max(time.perf_counter() - t0, 1e-9)
+        ctx.log.info("entity-complete decoding on held-out reports: %s", counts)
+        evals.append(
+            {"system": "student", **agreement(requested, teacher, texts, finder), "reports_per_s": rate}
+        )
+    else:
+        evals.append(evals[0] | {"system": "student"})
+    evals.append(
         {
             "system": "all_absent",
             **agreement(requested, teacher, [all_absent_answer(e) for e in requested], finder),
             "reports_per_s": 0.0,
-        },
-    ]
+        }
+    )
     for e in evals:
         ctx.log.info("held-out agreement %s", e)
 
@@ -321,6 +383,8 @@ def run(ctx: StageContext, cfg: Config) -> None:
                 "lora_alpha": cfg.lora_alpha,
                 "max_prompt": cfg.max_prompt,
                 "max_new_tokens": cfg.max_new_tokens,
+                "decoding": cfg.decoding,
+                "reprompt_rounds": cfg.reprompt_rounds,
                 "n_train": len(examples),
                 "n_heldout": len(held_rows),
                 "n_skipped": len(skipped),

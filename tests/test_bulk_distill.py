@@ -80,7 +80,9 @@ def write_student(run_dir, sha="a" * 64):
     ctx = make_test_context(run_dir, SimpleNamespace(), "finetune_student")
     ctx.write("student_model", [{
         "adapter_dir": "finetune_student/adapter", "base_model": "finetune_student/base_model", "adapter_sha256": sha,
-        "lora_r": 8, "lora_alpha": 16, "max_prompt": 64, "max_new_tokens": 32, "n_train": 1, "n_heldout": 1,
+        "lora_r": 8, "lora_alpha": 16, "max_prompt": 64, "max_new_tokens": 32, "decoding": "greedy", "reprompt_rounds": 0,
+        "n_train": 1,
+        "n_heldout": 1,
         "n_skipped": 0,
     }], StudentModel)  # fmt: skip
     metrics = {"n_reports": 1, "n_entities": 1, "polarity_acc": 0.5, "exact_sentence_rate": 0.0,
@@ -240,14 +242,15 @@ def test_finetune_student_stage_then_bulk_with_the_transformers_backend(tmp_path
     ft_cfg = ft.Config(
         base_model="tiny", lora_r=8, lora_alpha=16, lora_dropout=0.0, lr=1e-2, epochs=4, batch=1, grad_accum=1,
         max_len=160, max_prompt=96, max_new_tokens=12, gen_batch=2, held_out=0.34, tiny_vocab_size=400,
-        tiny_hidden=32, tiny_intermediate=64, tiny_layers=1, tiny_heads=2,
+        tiny_hidden=32, tiny_intermediate=64, tiny_layers=1, tiny_heads=2, decoding="entity_complete",
     )  # fmt: skip
     ft.run(ctx, ft_cfg)
     stage = tmp_path / "finetune_student"
     assert (stage / "adapter" / "adapter_model.safetensors").is_file()
     assert (stage / "base_model" / "config.json").is_file()
     evals = {r["system"]: r for r in pq.read_table(stage / "student_eval.parquet").to_pylist()}
-    assert set(evals) == {"student", "all_absent"}
+    assert set(evals) == {"student", "student_greedy", "all_absent"}
+    assert evals["student"]["coverage"] == 1.0  # entity-complete: a sentence for every requested entity
     assert (
         evals["student"]["n_reports"] == 1
         and evals["all_absent"]["n_entities"] == evals["student"]["n_entities"]
@@ -264,4 +267,8 @@ def test_finetune_student_stage_then_bulk_with_the_transformers_backend(tmp_path
     rows = read_distilled(tmp_path)
     assert sorted(rows) == sorted(TEXTS)
     assert sum(r["source"] == "student" for r in rows.values()) == 6
-    assert all(r["model"].startswith("student:") for r in rows.values() if r["source"] == "student")
+    student_rows = [r for r in rows.values() if r["source"] == "student"]
+    assert all(
+        r["model"].startswith("student:") and r["model"].endswith("+entity_complete1") for r in student_rows
+    )
+    assert not any(f.startswith("missing_entity") for r in student_rows for f in r["flags"])

@@ -38,7 +38,13 @@ from models.distill.student import (
     warm_up_base,
 )
 from models.distill.teacher_http import ClientConfig
-from tasks.finetune_student import agreement, all_absent_answer, split_held_out
+from tasks.finetune_student import (
+    agreement,
+    all_absent_answer,
+    entity_subset_rows,
+    split_held_out,
+    student_prompt,
+)
 from tests.fake_openai_server import FakeOpenAIServer
 
 torch.set_num_threads(1)
@@ -184,6 +190,26 @@ def test_batched_generation_equals_one_at_a_time(trained):
     assert batched == single and len(batched) == 5
 
 
+def test_answer_logprobs_is_the_sum_of_the_answer_token_logprobs(trained):
+    student, tok, _, _ = trained
+    backend = TransformersBackend(student, tok, GenerationSettings(1, 20, MAX_PROMPT))
+    prompt = prompts()[0]
+    answers = [
+        "There is no pneumothorax.",
+        "There is small left pleural effusion.\nThere is pneumothorax.",
+        "x",
+    ]
+    scores = backend.answer_logprobs(prompt, answers)  # chunks of 2: padding must not change any score
+    for answer, score in zip(answers, scores, strict=True):
+        p_ids = encode_prompt(tok, prompt, MAX_PROMPT)
+        a_ids = tok(" " + answer, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = student(input_ids=torch.tensor([p_ids + a_ids])).logits[0].log_softmax(-1)
+        expected = sum(float(logp[len(p_ids) + j - 1, t]) for j, t in enumerate(a_ids))
+        assert score == pytest.approx(expected, abs=1e-4)
+    assert all(s < 0 for s in scores)
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -235,6 +261,40 @@ def test_held_out_split_is_seeded_and_disjoint():
     assert split_held_out(ids, 0.25, seed=4)[1] != held
     with pytest.raises(ValueError, match="need at least 2 seed distillations"):
         split_held_out(["only"], 0.5, 0)
+
+
+def test_entity_subset_rows_ask_for_a_subset_and_cut_the_answer_to_it():
+    finder = parse.EntityFinder(["effusion", "pneumothorax", "edema", "cardiomediastinal", "contour"])
+    answer = (
+        "There is small left pleural effusion.\nThere is no pneumothorax.\nThere is normal cardiomediastinal "
+        "contours.\nThere is no pulmonary edema."
+    )
+    row = {"study_id": "s1", "report": "REPORT", "answer": answer, "prompt": "P",
+           "entities": ["effusion", "pneumothorax", "cardiomediastinal", "contour", "edema"]}  # fmt: skip
+    single = {
+        "study_id": "s2",
+        "report": "R2",
+        "answer": "There is no edema.",
+        "prompt": "P",
+        "entities": ["edema"],
+    }
+    out = entity_subset_rows([row, single], 3, finder, seed=0)
+    assert [r["study_id"] for r in out] == [
+        "s1#subset0",
+        "s1#subset1",
+        "s1#subset2",
+    ]  # one sentence: no subset
+    lines = answer.splitlines()
+    for r in out:
+        kept = r["answer"].splitlines()
+        assert 1 <= len(kept) < len(lines) and kept == [
+            x for x in lines if x in kept
+        ]  # a proper subset, in order
+        named = {e for x in kept for e in finder.find(x)}
+        assert r["entities"] == [e for e in row["entities"] if e in named]
+        assert r["prompt"] == student_prompt("REPORT", r["entities"])
+    assert out == entity_subset_rows([row, single], 3, finder, seed=0)  # seeded
+    assert entity_subset_rows([row], 0, finder, seed=0) == []
 
 
 def test_openai_backend_uses_raw_completions_in_prompt_order():

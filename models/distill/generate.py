@@ -84,6 +84,35 @@ class TransformersBackend:
             self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, ids.shape[1] :]
         ]
 
+    @torch.inference_mode()
+    def answer_logprobs(self, prompt: str, answers: Sequence[str]) -> list[float]:
+        """log p(answer | prompt) for each answer, tokenised as in training (" " + answer after the cut prompt).
+
+        The scorer of entity-complete decoding (`models.distill.complete`); batched with right padding.
+        """
+        prompt_ids = encode_prompt(self.tokenizer, prompt, self.settings.max_prompt)
+        scores: list[float] = []
+        for start in range(0, len(answers), 2 * self.settings.batch_size):
+            chunk = [
+                self.tokenizer(" " + a.strip(), add_special_tokens=False)["input_ids"]
+                for a in answers[start : start + 2 * self.settings.batch_size]
+            ]
+            width = len(prompt_ids) + max(len(a) for a in chunk)
+            ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, a in enumerate(chunk):
+                ids[i, : len(prompt_ids) + len(a)] = torch.tensor(prompt_ids + a)
+                mask[i, : len(prompt_ids) + len(a)] = 1
+            logp = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            logp = logp.float().log_softmax(-1)
+            for i, a in enumerate(chunk):
+                positions = torch.arange(
+                    len(prompt_ids) - 1, len(prompt_ids) + len(a) - 1, device=self.device
+                )
+                target = torch.tensor(a, device=self.device)
+                scores.append(float(logp[i, positions, target].sum()))
+        return scores
+
     def generate(self, prompts: Sequence[str]) -> list[str]:
         encoded = [encode_prompt(self.tokenizer, p, self.settings.max_prompt) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
