@@ -9,6 +9,8 @@ the global feature is `layer4` average-pooled; words are WordPiece tokens summed
 summed over the last 4 BERT layers. The local loss uses γ1, γ2, γ3 = 4, 5, 10.
 Default attention is the official *double* softmax (first over words per region, then γ1-scaled over regions);
 `softmax="single"` is the paper's equation, a_jr = softmax_r(γ1 · v_r·l_j).
+Two documented deviations, off by default (the demo turns them on): `scores="cosine"` (L2-normalised features
+in the word·region scores) and a local loss restricted to the words of affirmed findings (`local_loss` focus).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class GloriaConfig:
     temp2: float = 5.0
     temp3: float = 10.0
     softmax: Literal["double", "single"] = "double"
+    scores: Literal["dot", "cosine"] = "dot"  # word·region attention scores (see `region_scores`)
     local_weight: float = 1.0
     global_weight: float = 1.0
 
@@ -243,6 +246,20 @@ def attention_weights(
     return (gamma1 * scores).softmax(dim=-1)
 
 
+def region_scores(regions: torch.Tensor, words: torch.Tensor, kind: Literal["dot", "cosine"]) -> torch.Tensor:
+    """Word·region scores [B_img, B_txt, W, R] from regions [B_img, D, R] and words [B_txt, W, D].
+
+    `dot` (official code) uses raw features, so one region whose feature norm grows (a border "sink" cell of a
+    small CNN) takes all of every word's attention; `cosine` L2-normalises both sides first, so γ1 alone sets
+    the sharpness and a region wins only by its direction.
+    """
+    if kind == "cosine":
+        regions, words = F.normalize(regions, dim=1), F.normalize(words, dim=-1)
+    elif kind != "dot":
+        raise ValueError(f"scores must be 'dot' or 'cosine', got {kind!r}")
+    return torch.einsum("bdr,iwd->biwr", regions, words)
+
+
 def global_loss(image_g: torch.Tensor, text_g: torch.Tensor, temp3: float) -> torch.Tensor:
     """Symmetric InfoNCE over cosine similarities × temp3 (GLoRIA `global_loss`: g0 + g1)."""
     scores = temp3 * F.normalize(image_g, dim=-1) @ F.normalize(text_g, dim=-1).T
@@ -257,7 +274,7 @@ def local_similarities(
 
     regions [B, D, R], words [B, W, D], word_mask [B, W]. Every caption attends over every image at once.
     """
-    scores = torch.einsum("bdr,iwd->biwr", regions, words)
+    scores = region_scores(regions, words, cfg.scores)
     attn = attention_weights(scores, word_mask[None, :, :, None], cfg.temp1, cfg.softmax)
     context = torch.einsum("biwr,bdr->biwd", attn, regions)
     cos = F.cosine_similarity(context, words[None].expand_as(context), dim=-1)
@@ -266,12 +283,36 @@ def local_similarities(
 
 
 def local_loss(
-    regions: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor, cfg: GloriaConfig
+    regions: torch.Tensor,
+    words: torch.Tensor,
+    word_mask: torch.Tensor,
+    cfg: GloriaConfig,
+    focus: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """GLoRIA local loss, both directions (image→text and text→image), l0 + l1."""
-    sims = local_similarities(regions, words, word_mask, cfg)
-    target = torch.arange(sims.shape[0], device=sims.device)
-    return F.cross_entropy(sims, target) + F.cross_entropy(sims.T, target)
+    """GLoRIA local loss, both directions (image→text and text→image), l0 + l1.
+
+    `focus` [B, W] (bool) restricts the captions to the words that name an affirmed finding: only captions
+    with at least one such word take part, each against all B images (text→image), and each of their images
+    against those captions (image→text). Words of negated or templated sentences ("there is no effusion")
+    have no region to point at; with all words, the loss is solved by matching the bulk of the caption to the
+    image as a whole, and the few finding words never have to find their lesion.
+    """
+    if focus is None:
+        sims = local_similarities(regions, words, word_mask, cfg)
+        target = torch.arange(sims.shape[0], device=sims.device)
+        return F.cross_entropy(sims, target) + F.cross_entropy(sims.T, target)
+    focus = focus & word_mask
+    keep = focus.any(dim=1)
+    n = int(keep.sum())
+    if n == 0:
+        return regions.sum() * 0.0  # nothing affirmed in this batch: no local term, graph kept for DDP
+    sims = local_similarities(regions, words[keep], focus[keep], cfg)  # [B_img, n_txt]
+    cols = torch.nonzero(keep).squeeze(1)
+    text_to_image = F.cross_entropy(sims.T, cols)
+    if n < 2:
+        return text_to_image
+    image_to_text = F.cross_entropy(sims[cols], torch.arange(n, device=sims.device))
+    return text_to_image + image_to_text
 
 
 class GloriaOutput(NamedTuple):
@@ -298,10 +339,12 @@ class Gloria(nn.Module):
         words, word_mask, text_global = self.text_encoder(text)
         return GloriaOutput(regions, image_global, words, word_mask, text_global)
 
-    def losses(self, out: GloriaOutput) -> dict[str, torch.Tensor]:
-        """{'loss', 'loss_local', 'loss_global'}; loss = w_l·local + w_g·global (both weights 1 officially)."""
+    def losses(self, out: GloriaOutput, focus: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """{'loss', 'loss_local', 'loss_global'}; loss = w_l·local + w_g·global (both weights 1 officially).
+
+        `focus`: see `local_loss` (None = the official all-word local loss)."""
         regions = out.regions.flatten(2).float()
-        loss_local = local_loss(regions, out.words.float(), out.word_mask, self.cfg)
+        loss_local = local_loss(regions, out.words.float(), out.word_mask, self.cfg, focus)
         loss_global = global_loss(out.image_global.float(), out.text_global.float(), self.cfg.temp3)
         loss = self.cfg.local_weight * loss_local + self.cfg.global_weight * loss_global
         return {"loss": loss, "loss_local": loss_local, "loss_global": loss_global}
@@ -310,6 +353,24 @@ class Gloria(nn.Module):
         """Attention of each word of caption i over the regions of its own image i: [B, W, h, w]."""
         b, _, h, w = out.regions.shape
         regions = out.regions.flatten(2).float()
-        scores = torch.einsum("bdr,bwd->bwr", regions, out.words.float())
+        words = out.words.float()
+        if self.cfg.scores == "cosine":
+            regions, words = F.normalize(regions, dim=1), F.normalize(words, dim=-1)
+        scores = torch.einsum("bdr,bwd->bwr", regions, words)
         attn = attention_weights(scores, out.word_mask[..., None], self.cfg.temp1, self.cfg.softmax)
         return attn.view(b, -1, h, w)
+
+    def mean_attention(
+        self, regions: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor, chunk: int = 256
+    ) -> torch.Tensor:
+        """Mean attention of one caption's words [W, D] (mask [W]) over many images' regions [M, D, R]: [W, R].
+
+        The caption's own attention prior: where its words look whatever the image (see `extract_attention`).
+        """
+        total = regions.new_zeros(words.shape[0], regions.shape[-1])
+        for start in range(0, regions.shape[0], chunk):
+            part = regions[start : start + chunk].float()
+            scores = region_scores(part, words[None].float(), self.cfg.scores)[:, 0]  # [m, W, R]
+            attn = attention_weights(scores, word_mask[None, :, None], self.cfg.temp1, self.cfg.softmax)
+            total += attn.sum(0)
+        return total / regions.shape[0]

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ class TrainConfig:
     device: str = "cpu"
     num_workers: int = 0
     max_tokens: int = 97
+    local_words: Literal["all", "affirmed"] = "all"  # affirmed (needs `entities`): see `local_loss` focus
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -84,6 +86,17 @@ def make_collate(tokenizer: Tokenizer, max_tokens: int) -> Callable:
     return collate
 
 
+def affirmed_words(
+    words: list[list[str]], entities: list[list[str]], forms: Mapping[str, str] | None, n_max: int
+) -> torch.Tensor:
+    """[B, n_max] bool: the words of each caption that name one of its affirmed `entities` (`entity_positions`)."""
+    focus = torch.zeros(len(words), n_max, dtype=torch.bool)
+    for b, (row, wanted) in enumerate(zip(words, entities, strict=True)):
+        pos = [i for i in entity_positions(row, wanted, forms) if i < n_max]
+        focus[b, pos] = True
+    return focus
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------------------
@@ -123,12 +136,17 @@ def train_gloria(
     cfg: TrainConfig,
     checkpoint: Path | None = None,
     on_epoch: Callable[[int, list[dict]], None] | None = None,
+    entities: list[list[str]] | None = None,
+    forms: Mapping[str, str] | None = None,
 ) -> list[dict]:
     """Train `model` in place and return one loss row per optimiser step (epoch, step, lr, loss, ...).
 
     With `checkpoint`, the full state (model, optimiser, schedule, RNG, loss history) is saved after each
     epoch and a run that finds it resumes after the last finished epoch. Under `torchrun` (an initialised
     process group) the model is wrapped in DDP and the data sharded; only rank 0 writes the checkpoint.
+    `entities[i]` are the findings affirmed by report i (`forms`: see `entity_positions`); with
+    `cfg.local_words="affirmed"` the local loss uses only their words (`affirmed_words`). Without them, or with
+    "all", it is the official all-word loss.
     """
     if len(data) < 2:
         raise ValueError(f"GLoRIA's contrastive losses need at least 2 image-report pairs, got {len(data)}")
@@ -138,6 +156,8 @@ def train_gloria(
     net: torch.nn.Module = model
     if is_distributed():
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if entities is not None and len(entities) != len(data):
+        raise ValueError(f"{len(entities)} entity lists for {len(data)} pairs")
     sampler = DistributedSampler(data, seed=cfg.seed, drop_last=True) if is_distributed() else None
     batch = min(cfg.batch_size, len(data))
     steps_per_epoch = (len(sampler) if sampler else len(data)) // batch
@@ -172,11 +192,15 @@ def train_gloria(
             data, batch_size=batch, sampler=loader_sampler, drop_last=True, collate_fn=collate,
             num_workers=cfg.num_workers,
         )  # fmt: skip
-        for images, text, _ in loader:
+        for images, text, index in loader:
             images, text = images.to(device, non_blocking=True), text.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = net(images, text)
-            losses = model.losses(out)
+            focus = None
+            if cfg.local_words == "affirmed" and entities is not None:
+                batch_entities = [entities[i] for i in index.tolist()]
+                focus = affirmed_words(text.words, batch_entities, forms, out.word_mask.shape[1]).to(device)
+            losses = model.losses(out, focus)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -223,6 +247,21 @@ class ImageAttention:
 
 
 @torch.no_grad()
+def reference_regions(
+    model: Gloria, data: ImageTextData, n: int, batch_size: int, seed: int, device: str = "cpu"
+) -> torch.Tensor:
+    """Region features [M, D, R] of a seeded random subset of M = min(n, len(data)) images (for word priors)."""
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].sort().values.tolist()
+    model.to(device).eval()
+    out = []
+    for start in range(0, len(pick), batch_size):
+        images = torch.stack([data[i][0] for i in pick[start : start + batch_size]]).to(device)
+        regions, _ = model.image_encoder(images)
+        out.append(regions.flatten(2).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def extract_attention(
     model: Gloria,
     data: ImageTextData,
@@ -233,15 +272,24 @@ def extract_attention(
     max_tokens: int,
     device: str = "cpu",
     forms: Mapping[str, str] | None = None,
+    word_prior_images: int = 0,
+    seed: int = 0,
 ) -> ImageAttention:
     """Word→region attention of each pair, averaged over the words of its positive entities, on the ViT grid.
 
     `positives[i]` are the entities affirmed for pair i; `forms` maps surface words to entities (see
     `entity_positions`). A pair none of whose entity words is in its text gets the mean over all its words.
+    With `word_prior_images` > 0, each entity word's map is first divided by that same word's mean map over
+    that many (seeded) reference images and renormalised: p(region | word, image) / p(region | word), a PMI
+    that removes where the word looks on every image (a learned position habit), keeping what this image adds.
+    Pairs without an entity word keep the plain all-word mean.
     """
     if len(positives) != len(data):
         raise ValueError(f"{len(positives)} entity lists for {len(data)} images")
     model.to(device).eval()
+    reference = None
+    if word_prior_images > 0:
+        reference = reference_regions(model, data, word_prior_images, batch_size, seed, device)
     loader = DataLoader(
         data,
         batch_size=batch_size,
@@ -252,13 +300,19 @@ def extract_attention(
     found = np.zeros(len(data), dtype=bool)
     matched: list[list[str]] = [[] for _ in range(len(data))]
     for images, text, index in loader:
-        attn = model.word_attention(model(images.to(device), text.to(device))).float().cpu()
+        out = model(images.to(device), text.to(device))
+        attn = model.word_attention(out).float()
         selected = []
         for b, i in enumerate(index.tolist()):
             words = text.words[b]
             pos = entity_positions(words, positives[i], forms)
             found[i] = bool(pos)
             matched[i] = sorted({e for e in positives[i] if entity_positions(words, [e], forms)})
-            selected.append(attn[b, pos or list(range(len(words)))].mean(0))
+            own = attn[b, pos or list(range(len(words)))]  # [k, h, w]
+            if pos and reference is not None:
+                prior = model.mean_attention(reference, out.words[b], out.word_mask[b])[pos]
+                ratio = own.flatten(1) / prior.clamp(min=1e-12)
+                own = (ratio / ratio.sum(1, keepdim=True)).view_as(own)
+            selected.append(own.mean(0).cpu())
         maps[index.numpy()] = to_grid(torch.stack(selected), grid).numpy()
     return ImageAttention(maps, found, matched)

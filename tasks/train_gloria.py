@@ -5,6 +5,9 @@ square uint8 array (unreadable ones become `rejects`) -> WordPiece tokenizer -> 
 -> per image: attention of its positive entity words (from `match_entities/entity_mentions`) on the ViT grid
 -> SR window (k×k box-filter argmax; no positive entity: `fallback`) -> `attention_maps`, `losses`, Fig. 6-style
 overlays, and, where lesion boxes are known (demo corpus), `localization` against a random-window baseline.
+Demo-scale options (paper defaults off): cosine attention scores, a local loss on affirmed-finding words only
+(`local_words`, from the same match_entities polarity that picks the attention words), and a per-word prior
+(`word_prior_images`). Lesion boxes are only ever used for the localization score.
 """
 
 from __future__ import annotations
@@ -94,18 +97,33 @@ class Config(StageConfig):
     softmax: Literal["double", "single"] = Field(
         "double", description="double = official code; single = paper"
     )
+    scores: Literal["dot", "cosine"] = Field(
+        "dot",
+        description="word·region attention scores: dot = official code; cosine = L2-normalised features",
+    )
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(1e-6, ge=0)
     epochs: int = Field(50, ge=0)
     batch_size: int = Field(48, ge=2)
     warmup_epochs: float = Field(1.0, ge=0)
     grad_clip: float = Field(0.25, gt=0)
+    local_words: Literal["all", "affirmed"] = Field(
+        "all",
+        description="words in the local loss: all (paper) or only those naming an affirmed finding "
+        "(match_entities polarity), among the pairs that have one",
+    )
     num_workers: int = Field(4, ge=0)
     decode_workers: int = Field(8, ge=1, description="threads decoding images into the square array")
     grid: int = Field(14, ge=1, description="ViT patch grid of pretrain_ecamp (224/16)")
     window_k: int = Field(12, ge=1, description="SR window side in grid cells (official 12 -> 9 placements)")
     fallback: Literal["centre", "random"] = "centre"
     prior_correction: bool = Field(False, description="divide maps by the corpus-mean map (see remove_prior)")
+    word_prior_images: int = Field(
+        0,
+        ge=0,
+        description="divide each entity word's map by its mean map over this many reference images "
+        "(extract_attention); 0 = off (paper)",
+    )
     ignore_entities: list[str] = Field(
         default_factory=lambda: list(ANATOMY_ENTITIES),
         description="entities never used for the SR window: anatomy words whose 'positive' mentions are normal",
@@ -254,7 +272,13 @@ def resume_state(ctx: StageContext, cfg: Config, texts: list[str]) -> Path:
 
 
 def train_or_load(
-    ctx: StageContext, cfg: Config, data: ImageTextData, texts: list[str], device: str
+    ctx: StageContext,
+    cfg: Config,
+    data: ImageTextData,
+    texts: list[str],
+    device: str,
+    entities: list[list[str]] | None = None,
+    forms: dict[str, str] | None = None,
 ) -> tuple[Gloria, Any, list[dict]]:
     if cfg.checkpoint:
         model, tokenizer = load_trained(Path(cfg.checkpoint))
@@ -268,7 +292,7 @@ def train_or_load(
     tcfg = TrainConfig(
         epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
         warmup_epochs=cfg.warmup_epochs, grad_clip=cfg.grad_clip, seed=ctx.config.run.seed, device=device,
-        num_workers=cfg.num_workers, max_tokens=cfg.max_tokens,
+        num_workers=cfg.num_workers, max_tokens=cfg.max_tokens, local_words=cfg.local_words,
     )  # fmt: skip
 
     def report(epoch: int, rows: list[dict]) -> None:
@@ -276,8 +300,9 @@ def train_or_load(
         ctx.log.info("epoch %d: loss %.3f", epoch, float(np.mean([r["loss"] for r in last])))
 
     rows = train_gloria(
-        model, data, tokenizer, tcfg, checkpoint=resume_state(ctx, cfg, texts), on_epoch=report
-    )
+        model, data, tokenizer, tcfg, checkpoint=resume_state(ctx, cfg, texts), on_epoch=report,
+        entities=entities, forms=forms,
+    )  # fmt: skip
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ctx.path(WEIGHTS))
     ctx.path(MODEL_CONFIG).write_text(json.dumps(asdict(mcfg), indent=1))
     return model, tokenizer, rows
@@ -317,16 +342,20 @@ def run(ctx: StageContext, cfg: Config) -> None:
 
     train_idx = [i for i, r in enumerate(rows) if r["split"] in cfg.train_splits]
     train_data = ImageTextData(pixels[train_idx], [rows[i]["text"] for i in train_idx])
-    model, tokenizer, losses = train_or_load(ctx, cfg, train_data, train_data.texts, device)
+    forms = {f: e for f, e in load_entity_list(ENTITY_LIST).forms.items() if " " not in f}
+    train_entities = [positives.get(rows[i]["study_id"], []) for i in train_idx]
+    model, tokenizer, losses = train_or_load(
+        ctx, cfg, train_data, train_data.texts, device, train_entities, forms
+    )
     if losses:
         ctx.write("losses", losses, GloriaLoss)
 
     all_data = ImageTextData(pixels, [r["text"] for r in rows])
-    forms = {f: e for f, e in load_entity_list(ENTITY_LIST).forms.items() if " " not in f}
     wanted = [positives.get(r["study_id"], []) for r in rows]
     attn = extract_attention(
-        model, all_data, tokenizer, wanted, cfg.grid, cfg.attention_batch, cfg.max_tokens, device, forms
-    )
+        model, all_data, tokenizer, wanted, cfg.grid, cfg.attention_batch, cfg.max_tokens, device, forms,
+        cfg.word_prior_images, seed,
+    )  # fmt: skip
     if cfg.prior_correction:
         attn.grid_maps = remove_prior(attn.grid_maps)
     windows = fallback_windows(len(rows), cfg.grid, cfg.window_k, cfg.fallback, seed)

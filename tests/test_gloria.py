@@ -30,8 +30,16 @@ from models.gloria import (
     global_loss,
     group_subwords,
     local_loss,
+    region_scores,
 )
-from models.gloria_train import ImageTextData, TrainConfig, extract_attention, square_uint8, train_gloria
+from models.gloria_train import (
+    ImageTextData,
+    TrainConfig,
+    affirmed_words,
+    extract_attention,
+    square_uint8,
+    train_gloria,
+)
 from models.wordpiece import train_wordpiece
 
 from .conftest import REPO_ROOT
@@ -140,6 +148,52 @@ def test_padded_words_do_not_change_the_local_loss():
     assert torch.allclose(base, local_loss(regions, noisy, mask, TINY), atol=1e-5)
 
 
+def test_cosine_scores_ignore_feature_norms():
+    g = torch.Generator().manual_seed(0)
+    regions, words = torch.randn(2, 8, 5, generator=g), torch.randn(3, 4, 8, generator=g)
+    dot = region_scores(regions, words, "dot")
+    assert dot.shape == (2, 3, 4, 5)
+    assert torch.allclose(dot[1, 2], words[2] @ regions[1], atol=1e-5)
+    sink = regions.clone()
+    sink[:, :, 0] *= 50.0  # one huge-norm region ("sink"): its dot scores grow 50x, its cosines do not
+    assert torch.allclose(region_scores(sink, words, "dot")[..., 0], 50 * dot[..., 0], atol=1e-4)
+    cos = region_scores(sink, words, "cosine")
+    assert torch.allclose(cos, region_scores(regions, words, "cosine"), atol=1e-5)
+    assert cos.abs().max() <= 1.0 + 1e-6
+    with pytest.raises(ValueError, match="scores must be"):
+        region_scores(regions, words, "l1")  # type: ignore[arg-type]
+
+
+def test_affirmed_local_loss_uses_only_focus_words_and_pairs():
+    torch.manual_seed(0)
+    regions = torch.randn(4, 8, 6)
+    words = torch.randn(4, 3, 8)
+    words[:, 0] = regions[:, :, 0]  # word 0 of caption i is a region of image i: a perfect match
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    focus = torch.zeros(4, 3, dtype=torch.bool)
+    focus[:3, 0] = True  # captions 0-2 affirm a finding (word 0); caption 3 affirms none
+    loss = local_loss(regions, words, mask, TINY, focus)
+    noisy = words.clone()
+    noisy[:, 1:] = torch.randn(4, 2, 8) * 10  # other words and caption 3 do not count
+    noisy[3] = torch.randn(3, 8)
+    assert torch.allclose(loss, local_loss(regions, noisy, mask, TINY, focus), atol=1e-5)
+    shuffled = words.clone()
+    shuffled[:3, 0] = words[[1, 2, 0], 0]
+    assert loss < local_loss(regions, shuffled, mask, TINY, focus)
+    none = local_loss(regions, words, mask, TINY, torch.zeros(4, 3, dtype=torch.bool))
+    assert none.item() == 0.0
+
+
+def test_affirmed_words_marks_entity_words_only():
+    words = [["there", "is", "left", "effusions"], ["there", "is", "no", "mass"], ["cardiomegaly"]]
+    focus = affirmed_words(words, [["effusion"], [], ["cardiomegaly", "edema"]], None, n_max=4)
+    assert focus.tolist() == [
+        [False, False, False, True],
+        [False, False, False, False],
+        [True, False, False, False],
+    ]
+
+
 def test_model_shapes_and_empty_caption_error(tokenizer):
     torch.manual_seed(0)
     model = Gloria(TINY)
@@ -217,6 +271,25 @@ def test_checkpoint_resume_reproduces_an_uninterrupted_run(tokenizer, tmp_path):
         train_gloria(Gloria(TINY), data, tokenizer, TrainConfig(epochs=4, batch_size=8, lr=1e-3), ckpt)
 
 
+def test_affirmed_local_words_train_on_entity_words(tokenizer):
+    images, texts = synthetic_pairs(16)
+    data = ImageTextData(images, texts)
+    entities = [["opacity"] if i % 4 == 0 else [] for i in range(16)]  # 4 of 16 pairs affirm a finding
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-3, local_words="affirmed")
+    torch.manual_seed(0)
+    affirmed = train_gloria(Gloria(TINY), data, tokenizer, cfg, entities=entities)
+    torch.manual_seed(0)
+    plain = train_gloria(Gloria(TINY), data, tokenizer, TrainConfig(epochs=2, batch_size=8, lr=1e-3))
+    assert len(affirmed) == len(plain) == 4
+    assert all(np.isfinite(r["loss"]) for r in affirmed)
+    assert np.isclose(affirmed[0]["loss_global"], plain[0]["loss_global"], atol=1e-5)  # same init and batch
+    assert not np.isclose(affirmed[0]["loss_local"], plain[0]["loss_local"], atol=1e-3)
+    none = train_gloria(Gloria(TINY), data, tokenizer, cfg, entities=[[]] * 16)
+    assert all(r["loss_local"] == 0.0 for r in none)  # nothing affirmed: only the global loss trains
+    with pytest.raises(ValueError, match="entity lists"):
+        train_gloria(Gloria(TINY), data, tokenizer, cfg, entities=entities[:3])
+
+
 def test_too_few_pairs_is_an_error(tokenizer):
     with pytest.raises(ValueError, match="at least 2"):
         train_gloria(
@@ -241,6 +314,36 @@ def test_extract_attention_uses_positive_entity_words(tokenizer):
     assert np.allclose(result.grid_maps.sum(axis=(1, 2)), 1.0, atol=1e-5)
     assert result.entity_found.tolist() == [True, True, False, False]
     assert result.entities == [["opacity"], ["effusion"], [], []]
+
+
+def test_mean_attention_is_the_mean_of_own_attention_over_images(tokenizer):
+    torch.manual_seed(0)
+    model = Gloria(TINY).eval()
+    images, _ = synthetic_pairs(3)
+    batch = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)[:, None]
+    text = encode_texts(tokenizer, [TEXTS[0]] * 3, max_tokens=24)  # the same caption on 3 images
+    with torch.no_grad():
+        out = model(batch, text)
+        own = model.word_attention(out).flatten(2)  # [3, W, R]
+        regions = model.image_encoder(batch)[0].flatten(2)
+        mean = model.mean_attention(regions, out.words[0], out.word_mask[0], chunk=2)
+    assert mean.shape == own.shape[1:]
+    assert torch.allclose(mean, own.mean(0), atol=1e-5)
+
+
+def test_word_prior_makes_an_image_like_every_reference_image_uniform(tokenizer):
+    torch.manual_seed(0)
+    images, texts = synthetic_pairs(4)
+    same = np.repeat(images[:1], 4, axis=0)  # every reference image is this image: nothing is image-specific
+    data = ImageTextData(same, texts)
+    positives = [["opacity"], ["effusion"], [], []]
+    plain = extract_attention(Gloria(TINY), data, tokenizer, positives, 8, 3, 24)
+    torch.manual_seed(0)
+    corrected = extract_attention(Gloria(TINY), data, tokenizer, positives, 8, 3, 24, word_prior_images=3)
+    assert np.abs(corrected.grid_maps[:2] - 1 / 64).max() < 1e-6  # entity pairs: ratio 1 everywhere
+    assert np.allclose(corrected.grid_maps[2:], plain.grid_maps[2:], atol=1e-6)  # no entity word: unchanged
+    assert np.abs(plain.grid_maps[:2] - 1 / 64).max() > 1e-4  # the uncorrected maps are not uniform
+    assert corrected.entity_found.tolist() == [True, True, False, False]
 
 
 # ---------------------------------------------------------------------------------------------- windows
