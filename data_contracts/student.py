@@ -37,9 +37,8 @@ class StudentEval(Row):
 
     contract: ClassVar[str] = "student_eval"
     version: ClassVar[int] = 2
-    system: Literal[
-        "student", "student_greedy", "all_absent"
-    ]  # student: as configured (bulk_distill decodes so)
+    # student: decoded as configured (as bulk_distill decodes); student_greedy: plain greedy decoding
+    system: Literal["student", "student_greedy", "all_absent"]
     n_reports: int
     n_entities: int
     polarity_acc: float

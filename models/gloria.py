@@ -246,17 +246,25 @@ def attention_weights(
     return (gamma1 * scores).softmax(dim=-1)
 
 
-def region_scores(regions: torch.Tensor, words: torch.Tensor, kind: Literal["dot", "cosine"]) -> torch.Tensor:
-    """Word·region scores [B_img, B_txt, W, R] from regions [B_img, D, R] and words [B_txt, W, D].
+def score_features(
+    regions: torch.Tensor, words: torch.Tensor, kind: Literal["dot", "cosine"]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Regions [B, D, R] and words [B', W, D] as the word·region scores use them.
 
     `dot` (official code) uses raw features, so one region whose feature norm grows (a border "sink" cell of a
     small CNN) takes all of every word's attention; `cosine` L2-normalises both sides first, so γ1 alone sets
     the sharpness and a region wins only by its direction.
     """
     if kind == "cosine":
-        regions, words = F.normalize(regions, dim=1), F.normalize(words, dim=-1)
-    elif kind != "dot":
+        return F.normalize(regions, dim=1), F.normalize(words, dim=-1)
+    if kind != "dot":
         raise ValueError(f"scores must be 'dot' or 'cosine', got {kind!r}")
+    return regions, words
+
+
+def region_scores(regions: torch.Tensor, words: torch.Tensor, kind: Literal["dot", "cosine"]) -> torch.Tensor:
+    """Word·region scores of every caption against every image: [B_img, B_txt, W, R] (see `score_features`)."""
+    regions, words = score_features(regions, words, kind)
     return torch.einsum("bdr,iwd->biwr", regions, words)
 
 
@@ -352,10 +360,7 @@ class Gloria(nn.Module):
     def word_attention(self, out: GloriaOutput) -> torch.Tensor:
         """Attention of each word of caption i over the regions of its own image i: [B, W, h, w]."""
         b, _, h, w = out.regions.shape
-        regions = out.regions.flatten(2).float()
-        words = out.words.float()
-        if self.cfg.scores == "cosine":
-            regions, words = F.normalize(regions, dim=1), F.normalize(words, dim=-1)
+        regions, words = score_features(out.regions.flatten(2).float(), out.words.float(), self.cfg.scores)
         scores = torch.einsum("bdr,bwd->bwr", regions, words)
         attn = attention_weights(scores, out.word_mask[..., None], self.cfg.temp1, self.cfg.softmax)
         return attn.view(b, -1, h, w)

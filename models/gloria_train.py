@@ -145,8 +145,8 @@ def train_gloria(
     epoch and a run that finds it resumes after the last finished epoch. Under `torchrun` (an initialised
     process group) the model is wrapped in DDP and the data sharded; only rank 0 writes the checkpoint.
     `entities[i]` are the findings affirmed by report i (`forms`: see `entity_positions`); with
-    `cfg.local_words="affirmed"` the local loss uses only their words (`affirmed_words`). Without them, or with
-    "all", it is the official all-word loss.
+    `cfg.local_words="affirmed"` (which requires them) the local loss uses only their words (`affirmed_words`);
+    "all" is the official all-word loss.
     """
     if len(data) < 2:
         raise ValueError(f"GLoRIA's contrastive losses need at least 2 image-report pairs, got {len(data)}")
@@ -156,6 +156,8 @@ def train_gloria(
     net: torch.nn.Module = model
     if is_distributed():
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.local_words == "affirmed" and entities is None:
+        raise ValueError("local_words='affirmed' needs the affirmed entities of every pair (entities=...)")
     if entities is not None and len(entities) != len(data):
         raise ValueError(f"{len(entities)} entity lists for {len(data)} pairs")
     sampler = DistributedSampler(data, seed=cfg.seed, drop_last=True) if is_distributed() else None
@@ -197,7 +199,7 @@ def train_gloria(
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = net(images, text)
             focus = None
-            if cfg.local_words == "affirmed" and entities is not None:
+            if cfg.local_words == "affirmed":
                 batch_entities = [entities[i] for i in index.tolist()]
                 focus = affirmed_words(text.words, batch_entities, forms, out.word_mask.shape[1]).to(device)
             losses = model.losses(out, focus)

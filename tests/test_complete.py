@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from models.distill import parse
-from models.distill.complete import FORMS, EntityCompletion, complete_answer, kept_sentences
+from models.distill.complete import (
+    FORMS,
+    EntityCompletion,
+    kept_sentences,
+    missing_entities,
+    scored_sentences,
+)
 
 FINDER = parse.EntityFinder(["effusion", "pneumothorax", "edema", "consolidation", "nodule"])
 
@@ -25,6 +31,15 @@ def test_kept_sentences_drops_repeats_loops_and_unrequested_entities():
     ]
 
 
+def no_generation(prompts):
+    raise AssertionError("reprompt_rounds=0: nothing is re-prompted")
+
+
+def scoring_only(scorer):
+    """Steps 1 and 3 alone, every report's prompt being "PROMPT"."""
+    return EntityCompletion(lambda report, entities: "PROMPT", no_generation, scorer, reprompt_rounds=0)
+
+
 def test_missing_entities_get_the_form_the_scorer_prefers():
     calls = []
 
@@ -34,24 +49,23 @@ def test_missing_entities_get_the_form_the_scorer_prefers():
         liked = {"There is no pneumothorax.", "There may be consolidation."}
         return [0.0 if a.splitlines()[-1] in liked else -5.0 for a in answers]
 
-    done = complete_answer(
-        "PROMPT",
-        ["effusion", "pneumothorax", "consolidation"],
-        "There is small left pleural effusion.\nThere is small left pleural effusion.",
+    texts, counts = scoring_only(scorer)(
+        ["R"],
+        [["effusion", "pneumothorax", "consolidation"]],
+        ["There is small left pleural effusion.\nThere is small left pleural effusion."],
         FINDER,
-        scorer,
     )
-    assert done.text == (
+    assert texts == [
         "There is small left pleural effusion.\nThere is no pneumothorax.\nThere may be consolidation."
-    )
-    assert (done.n_kept, done.n_dropped, done.n_completed) == (1, 1, 2)
+    ]
+    assert counts == {"kept": 1, "dropped": 1, "reprompted": 0, "scored": 2}
     # one scorer call per report; every candidate is the kept answer plus one form of one missing entity
     assert len(calls) == 1 and calls[0][0] == "PROMPT"
     kept = "There is small left pleural effusion.\n"
     assert calls[0][1] == [
         kept + f.format(entity=e) for e in ("pneumothorax", "consolidation") for f in FORMS.values()
     ]
-    parsed = parse.entity_certainties(parse.parse_response(done.text, FINDER))
+    parsed = parse.entity_certainties(parse.parse_response(texts[0], FINDER))
     assert parsed == {"effusion": "present", "pneumothorax": "absent", "consolidation": "uncertain"}
 
 
@@ -59,15 +73,29 @@ def test_a_complete_answer_is_not_scored():
     def scorer(prompt, answers):
         raise AssertionError("nothing is missing, nothing to score")
 
-    done = complete_answer("P", ["edema"], "There is no edema.\nThere is no edema.", FINDER, scorer)
-    assert done.text == "There is no edema." and (done.n_kept, done.n_dropped, done.n_completed) == (1, 1, 0)
+    texts, counts = scoring_only(scorer)(
+        ["R"], [["edema"]], ["There is no edema.\nThere is no edema."], FINDER
+    )
+    assert texts == ["There is no edema."]
+    assert counts == {"kept": 1, "dropped": 1, "reprompted": 0, "scored": 0}
+    assert scored_sentences("P", ["There is no edema."], [], scorer) == []
 
 
 @pytest.mark.parametrize("answer", ["", "I cannot summarise this report."])
 def test_an_empty_or_useless_answer_is_completed_for_every_entity(answer):
-    done = complete_answer("P", ["edema", "nodule"], answer, FINDER, lambda p, a: [-len(x) for x in a])
-    assert done.text == "There is edema.\nThere is nodule."  # the shortest form wins with this scorer
-    assert done.n_completed == 2
+    texts, counts = scoring_only(lambda p, a: [-len(x) for x in a])(
+        ["R"], [["edema", "nodule"]], [answer], FINDER
+    )
+    assert texts == ["There is edema.\nThere is nodule."]  # the shortest form wins with this scorer
+    assert counts["scored"] == 2 and counts["kept"] == 0
+
+
+def test_missing_entities_keeps_request_order_and_ignores_case_and_repeats():
+    kept = ["There is no Pleural Effusion.", "There is mild edema."]
+    assert missing_entities(kept, ["nodule", "effusion", "pneumothorax", "nodule", "edema"], FINDER) == [
+        "nodule",
+        "pneumothorax",
+    ]
 
 
 class Student:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -288,6 +289,8 @@ def test_affirmed_local_words_train_on_entity_words(tokenizer):
     assert all(r["loss_local"] == 0.0 for r in none)  # nothing affirmed: only the global loss trains
     with pytest.raises(ValueError, match="entity lists"):
         train_gloria(Gloria(TINY), data, tokenizer, cfg, entities=entities[:3])
+    with pytest.raises(ValueError, match="local_words='affirmed' needs the affirmed entities"):
+        train_gloria(Gloria(TINY), data, tokenizer, cfg)
 
 
 def test_too_few_pairs_is_an_error(tokenizer):
@@ -316,9 +319,10 @@ def test_extract_attention_uses_positive_entity_words(tokenizer):
     assert result.entities == [["opacity"], ["effusion"], [], []]
 
 
-def test_mean_attention_is_the_mean_of_own_attention_over_images(tokenizer):
+@pytest.mark.parametrize("scores", ["dot", "cosine"])
+def test_mean_attention_is_the_mean_of_own_attention_over_images(tokenizer, scores):
     torch.manual_seed(0)
-    model = Gloria(TINY).eval()
+    model = Gloria(dataclasses.replace(TINY, scores=scores)).eval()  # word_attention and region_scores agree
     images, _ = synthetic_pairs(3)
     batch = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)[:, None]
     text = encode_texts(tokenizer, [TEXTS[0]] * 3, max_tokens=24)  # the same caption on 3 images

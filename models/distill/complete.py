@@ -36,14 +36,6 @@ FORMS: dict[parse.Certainty, str] = {
 AnswerScorer = Callable[[str, Sequence[str]], list[float]]
 
 
-@dataclass(frozen=True)
-class Completed:
-    text: str  # one sentence per line, generated ones first, then the completed ones in request order
-    n_kept: int  # generated sentences kept
-    n_dropped: int  # generated sentences dropped (repeats, malformed, unrequested entities)
-    n_completed: int  # entities whose sentence was chosen by scoring
-
-
 def kept_sentences(answer: str, requested: Sequence[str], finder: parse.EntityFinder) -> list[str]:
     """The first well-formed sentence about each requested entity, in answer order.
 
@@ -59,20 +51,22 @@ def kept_sentences(answer: str, requested: Sequence[str], finder: parse.EntityFi
     return kept
 
 
-def complete_answer(
-    prompt: str,
-    requested: Sequence[str],
-    answer: str,
-    finder: parse.EntityFinder,
-    scorer: AnswerScorer,
-) -> Completed:
-    """`answer` with repeats dropped and every missing requested entity completed by likelihood (step 3)."""
-    kept = kept_sentences(answer, requested, finder)
+def missing_entities(kept: Sequence[str], requested: Sequence[str], finder: parse.EntityFinder) -> list[str]:
+    """Requested entities (first occurrence order) that no kept sentence names."""
     covered = {e.lower() for s in kept for e in finder.find(s)}
-    missing = [e for e in dict.fromkeys(requested) if e.lower() not in covered]
-    n_generated = len(parse.parse_response(answer, finder))
+    return [e for e in dict.fromkeys(requested) if e.lower() not in covered]
+
+
+def scored_sentences(
+    prompt: str, kept: Sequence[str], missing: Sequence[str], scorer: AnswerScorer
+) -> list[str]:
+    """Step 3: for each missing entity, the form with the highest log p(kept + form | prompt).
+
+    Each entity is scored after the kept sentences alone (not after the other completions), so one scorer call
+    covers all of them.
+    """
     if not missing:
-        return Completed("\n".join(kept), len(kept), n_generated - len(kept), 0)
+        return []
     forms = list(FORMS.values())
     candidates = ["\n".join([*kept, f.format(entity=e)]) for e in missing for f in forms]
     scores = scorer(prompt, candidates)
@@ -80,55 +74,40 @@ def complete_answer(
     for i, e in enumerate(missing):
         block = scores[i * len(forms) : (i + 1) * len(forms)]
         chosen.append(forms[max(range(len(forms)), key=block.__getitem__)].format(entity=e))
-    return Completed("\n".join(kept + chosen), len(kept), n_generated - len(kept), len(chosen))
+    return chosen
 
 
 @dataclass(frozen=True)
 class EntityCompletion:
-    """Steps 2-3 of the module docstring around one student backend."""
+    """Steps 1-3 of the module docstring around one student backend."""
 
     prompt_for: Callable[[str, Sequence[str]], str]  # (report, entities) -> the student's prompt
     generate: Callable[[Sequence[str]], list[str]]  # prompts -> greedy answers
     scorer: AnswerScorer | None  # None: entities still missing after re-prompting stay missing
     reprompt_rounds: int = 1
 
-    def missing(self, kept: Sequence[str], requested: Sequence[str], finder: parse.EntityFinder) -> list[str]:
-        covered = {e.lower() for s in kept for e in finder.find(s)}
-        return [e for e in dict.fromkeys(requested) if e.lower() not in covered]
-
-    def reprompt(
+    def __call__(
         self, reports: Sequence[str], requested: Sequence[Sequence[str]], answers: Sequence[str],
         finder: parse.EntityFinder,
-    ) -> tuple[list[str], int]:  # fmt: skip
-        """Answers with the sentences that re-prompting for the missing entities added; and how many it added."""
+    ) -> tuple[list[str], dict[str, int]]:  # fmt: skip
+        """Completed answers (input order) and counts: generated sentences kept / dropped, re-prompted, scored."""
         kept = [kept_sentences(a, r, finder) for a, r in zip(answers, requested, strict=True)]
-        added = 0
-        for _ in range(self.reprompt_rounds):
-            todo = [(i, m) for i, r in enumerate(requested) if (m := self.missing(kept[i], r, finder))]
+        n_kept = sum(map(len, kept))
+        n_generated = sum(len(parse.parse_response(a, finder)) for a in answers)
+        stats = {"kept": n_kept, "dropped": n_generated - n_kept, "reprompted": 0, "scored": 0}
+        for _ in range(self.reprompt_rounds):  # step 2, batched over the reports still missing something
+            todo = [(i, m) for i, r in enumerate(requested) if (m := missing_entities(kept[i], r, finder))]
             if not todo:
                 break
             replies = self.generate([self.prompt_for(reports[i], m) for i, m in todo])
             for (i, m), reply in zip(todo, replies, strict=True):
                 new = kept_sentences(reply, m, finder)
                 kept[i] += new
-                added += len(new)
-        return ["\n".join(k) for k in kept], added
-
-    def __call__(
-        self, reports: Sequence[str], requested: Sequence[Sequence[str]], answers: Sequence[str],
-        finder: parse.EntityFinder,
-    ) -> tuple[list[str], dict[str, int]]:  # fmt: skip
-        """Completed answers (input order) and counts: generated sentences kept / dropped, re-prompted, scored."""
-        first = [kept_sentences(a, r, finder) for a, r in zip(answers, requested, strict=True)]
-        n_generated = sum(len(parse.parse_response(a, finder)) for a in answers)
-        texts, added = self.reprompt(reports, requested, answers, finder)
-        stats = {"kept": sum(map(len, first)), "dropped": n_generated - sum(map(len, first)), "reprompted": added,
-                 "scored": 0}  # fmt: skip
-        if self.scorer is not None:
-            done = [
-                complete_answer(self.prompt_for(rep, req), req, text, finder, self.scorer)
-                for rep, req, text in zip(reports, requested, texts, strict=True)
-            ]
-            texts = [d.text for d in done]
-            stats["scored"] = sum(d.n_completed for d in done)
-        return texts, stats
+                stats["reprompted"] += len(new)
+        if self.scorer is not None:  # step 3
+            for i, (report, req) in enumerate(zip(reports, requested, strict=True)):
+                missing = missing_entities(kept[i], req, finder)
+                chosen = scored_sentences(self.prompt_for(report, req), kept[i], missing, self.scorer)
+                kept[i] += chosen
+                stats["scored"] += len(chosen)
+        return ["\n".join(k) for k in kept], stats
