@@ -22,7 +22,7 @@ from pydantic import Field
 
 from data_contracts.student import StudentEval, StudentLoss, StudentModel
 from models.distill import parse
-from models.distill.complete import EntityCompletion
+from models.distill.complete import EntityCompletion, kept_sentences
 from models.distill.generate import GenerationSettings, TransformersBackend
 from models.distill.prompt import build_messages
 from models.distill.student import (
@@ -146,25 +146,26 @@ def student_prompt(report: str, entities: Sequence[str]) -> str:
 def entity_subset_rows(
     rows: Sequence[dict], copies: int, finder: parse.EntityFinder, seed: int
 ) -> list[dict]:
-    """`copies` variants of each training row that request a random non-empty subset of its answer sentences.
+    """`copies` variants of each training row that request a random proper subset of its answer sentences.
 
     A student that only sees full entity lists can write a plausible list without reading it: the tiny demo
     student repeats common entities and skips rare ones. When the requested list varies and the answer follows
     it (the teacher answers "one by one", in list order), the list has to be read. The subset keeps the answer's
-    sentence order; its entity list is the entities those sentences name, in the original list order.
+    sentence order; its entity list is the entities those sentences name, in the original list order. Only the
+    sentences `kept_sentences` accepts take part (one per requested entity), so every subset answer is exactly
+    what its list asks for.
     """
     rng = random.Random(seed)
     out = []
     for r in rows:
-        sentences = [(line, finder.find(line)) for line in r["answer"].splitlines()]
-        sentences = [(line, found) for line, found in sentences if found]
+        sentences = [(line, finder.find(line)) for line in kept_sentences(r["answer"], r["entities"], finder)]
         if len(sentences) < 2:
             continue
         for c in range(copies):
             k = rng.randint(1, len(sentences) - 1)
             chosen = sorted(rng.sample(range(len(sentences)), k))
             named = {e for i in chosen for e in sentences[i][1]}
-            entities = [e for e in r["entities"] if e in named] or sorted(named)
+            entities = [e for e in r["entities"] if e in named]
             answer = "\n".join(sentences[i][0] for i in chosen)
             out.append(r | {"study_id": f"{r['study_id']}#subset{c}", "entities": entities, "answer": answer,
                             "prompt": student_prompt(r["report"], entities)})  # fmt: skip

@@ -264,12 +264,15 @@ def test_held_out_split_is_seeded_and_disjoint():
 
 
 def test_entity_subset_rows_ask_for_a_subset_and_cut_the_answer_to_it():
-    finder = parse.EntityFinder(["effusion", "pneumothorax", "edema", "cardiomediastinal", "contour"])
+    finder = parse.EntityFinder(
+        ["effusion", "pneumothorax", "edema", "cardiomediastinal", "contour", "nodule"]
+    )
     answer = (
         "There is small left pleural effusion.\nThere is no pneumothorax.\nThere is normal cardiomediastinal "
         "contours.\nThere is no pulmonary edema."
     )
-    row = {"study_id": "s1", "report": "REPORT", "answer": answer, "prompt": "P",
+    invented = "There is no pulmonary nodule."  # an entity the list never asked for: no subset may carry it
+    row = {"study_id": "s1", "report": "REPORT", "answer": answer + "\n" + invented, "prompt": "P",
            "entities": ["effusion", "pneumothorax", "cardiomediastinal", "contour", "edema"]}  # fmt: skip
     single = {
         "study_id": "s2",
