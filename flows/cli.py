@@ -61,7 +61,7 @@ def synth(
     overwrite: Annotated[bool, typer.Option(help="replace an existing corpus at --out")] = False,
 ) -> None:
     """Generate the deterministic chest-X-ray-like demo corpus in MIMIC-CXR(-JPG) layout."""
-    from models.synth.corpus import generate_corpus
+    from models.synth.corpus import CorpusFolderError, generate_corpus
     from tasks.config import ConfigError, load_config
 
     overrides = list(set_ or []) + ([f"synth.n_studies={n}"] if n is not None else [])
@@ -71,7 +71,7 @@ def synth(
         _fail(err)
     try:
         summary = generate_corpus(cfg.synth, out, overwrite=overwrite)
-    except FileExistsError as err:
+    except CorpusFolderError as err:
         _fail(err)
     console.print(f"wrote corpus to {out}\n{summary.describe()}")
 
@@ -79,20 +79,21 @@ def synth(
 def ensure_demo_corpus(cfg) -> None:
     """Generate the demo corpus where the demo config expects it, unless the same config already made it.
 
-    The synth section used is stored beside the corpus, so editing it regenerates the corpus instead of
-    silently running on the old one.
+    The generator's marker records the synth section used, so editing it regenerates the corpus instead of
+    silently running on the old one. A folder the generator did not write is never touched: the demo stops.
     """
-    from models.synth.corpus import generate_corpus
+    from models.synth.corpus import CorpusFolderError, corpus_marker, generate_corpus
 
     root = Path(cfg.data.root)
-    stamp = root / "synth_config.json"
-    wanted = cfg.synth.model_dump_json(indent=1)
-    if stamp.exists() and stamp.read_text() == wanted:
+    marker = corpus_marker(root)
+    if marker is not None and marker.get("config") == cfg.synth.model_dump(mode="json"):
         console.print(f"demo corpus present at {root}")
         return
     console.print(f"generating the demo corpus at {root} ...")
-    summary = generate_corpus(cfg.synth, root, overwrite=True)
-    stamp.write_text(wanted)
+    try:
+        summary = generate_corpus(cfg.synth, root, overwrite=True)
+    except CorpusFolderError as err:
+        _fail(err)
     console.print(summary.describe())
 
 

@@ -43,3 +43,26 @@ def test_ablate_rejects_unknown_table_and_row(tmp_path):
         ["ablate", "--table", "7", "--row", "nope", "-c", "configs/demo.yaml", "--run-dir", str(tmp_path)],
     )
     assert result.exit_code == 2 and "table 7 has no rows ['nope']" in result.output
+
+
+def test_demo_refuses_a_data_root_it_did_not_generate(tmp_path):
+    """Reliability #1: `ecamp demo --set data.root=<user folder>` stops before touching the folder."""
+    user = tmp_path / "mimic-cxr"
+    (user / "files").mkdir(parents=True)
+    (user / "files" / "notes.txt").write_text("my annotations")
+    result = CliRunner().invoke(
+        app,
+        [
+            "demo",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--set",
+            f"data.root={user}",
+            "--until",
+            "extract_reports",
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    assert "was not written by the corpus generator" in result.output
+    assert (user / "files" / "notes.txt").read_text() == "my annotations"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mimic-cxr"]  # no run dir, no partial corpus

@@ -297,10 +297,28 @@ def test_bad_configs_and_findings_fail_with_clear_messages(tmp_path):
         Finding("pneumothorax", "bilateral", "apex", "small")
     with pytest.raises(ValueError, match="unknown finding kind 'fracture'"):
         Finding("fracture", "left", "upper", "mild")
-    (tmp_path / "busy").mkdir()
-    (tmp_path / "busy" / "keep.txt").write_text("x")
-    with pytest.raises(FileExistsError, match="busy is not empty"):
-        generate_corpus(SynthConfig(n_studies=2, image_size=64), tmp_path / "busy")
-    assert (tmp_path / "busy" / "keep.txt").read_text() == "x"
-    summary = generate_corpus(SynthConfig(n_studies=2, image_size=64), tmp_path / "busy", overwrite=True)
-    assert summary.n_studies == 2 and not (tmp_path / "busy" / "keep.txt").exists()
+
+
+def test_generator_never_removes_a_folder_it_did_not_write(tmp_path):
+    """Reliability #1: `overwrite` replaces only a corpus whose marker lists every file in the folder."""
+    small = SynthConfig(n_studies=2, image_size=64)
+    user = tmp_path / "mimic"
+    (user / "notes").mkdir(parents=True)
+    (user / "notes" / "annotations.csv").write_text("x")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="was not written by the corpus generator"):
+            generate_corpus(small, user, overwrite=overwrite)
+    assert (user / "notes" / "annotations.csv").read_text() == "x"
+    assert [p.name for p in tmp_path.iterdir()] == ["mimic"]  # no partial folder left behind
+
+    ours = tmp_path / "corpus"
+    generate_corpus(small, ours)
+    with pytest.raises(FileExistsError, match="already holds a generated corpus; use --overwrite"):
+        generate_corpus(small, ours)
+    assert generate_corpus(small.model_copy(update={"n_studies": 3}), ours, overwrite=True).n_studies == 3
+    assert len(list((ours / "files").rglob("s*.txt"))) == 3
+    (ours / "files" / "my_notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="files the generator did not write \\(files/my_notes.txt\\)"):
+        generate_corpus(small, ours, overwrite=True)
+    assert (ours / "files" / "my_notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "mimic"]

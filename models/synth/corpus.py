@@ -11,7 +11,8 @@ Layout written under `out_dir` (REFERENCE.md §4):
     downstream/studies.csv                              per study: split, report layout, findings, doubts
     summary.json                                        CorpusSummary
 Same config -> byte-identical files (gzip mtime 0, seeded streams per subject and per study).
-The corpus is built in a sibling temporary folder and renamed into place, so a crash never leaves half of it.
+The corpus is built in a sibling temporary folder and renamed into place, so a crash never leaves half of it;
+`.ecamp-synth.json` (written last) lists every file, and only such a folder is ever replaced.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import datetime as dt
 import gzip
 import io
 import json
+import os
+import re
 import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,20 +247,99 @@ def _finding_code(f: Finding) -> str:
     return ":".join([f.kind, f.side or "", f.zone or "", f.severity])
 
 
+MARKER = ".ecamp-synth.json"  # written last into every corpus; the only licence to replace a folder
+
+
+class CorpusFolderError(FileExistsError):
+    """`out_dir` holds files the generator did not write, or a corpus that may not be replaced."""
+
+
+def corpus_marker(out_dir: Path) -> dict | None:
+    """The marker of a corpus this generator wrote (its config and file list), or None."""
+    path = Path(out_dir) / MARKER
+    if not path.is_file():
+        return None
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and isinstance(marker.get("files"), list) else None
+
+
+def check_replaceable(out_dir: Path, overwrite: bool) -> None:
+    """Refuse unless `out_dir` is missing or empty, or (with `overwrite`) holds only files of our own corpus.
+
+    A user may point the generator at a folder holding real data (their MIMIC copy, notes, annotations):
+    anything not listed in the marker's file list is theirs, so its presence is a refusal, never a deletion.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CorpusFolderError(f"{out_dir} is a file, not a folder")
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    marker = corpus_marker(out_dir)
+    if marker is None:
+        raise CorpusFolderError(
+            f"{out_dir} is not empty and was not written by the corpus generator (no {MARKER}): "
+            "refusing to touch it. Choose a new or empty folder."
+        )
+    ours = set(marker["files"]) | {MARKER}
+    theirs = sorted(
+        p.relative_to(out_dir).as_posix()
+        for p in out_dir.rglob("*")
+        if (p.is_file() or p.is_symlink()) and p.relative_to(out_dir).as_posix() not in ours
+    )
+    if theirs:
+        shown = ", ".join(theirs[:3]) + (f" and {len(theirs) - 3} more" if len(theirs) > 3 else "")
+        raise CorpusFolderError(
+            f"{out_dir} holds a generated corpus plus files the generator did not write ({shown}): "
+            "refusing to replace it. Move those files away or choose another folder."
+        )
+    if not overwrite:
+        raise CorpusFolderError(f"{out_dir} already holds a generated corpus; use --overwrite to replace it")
+
+
 def generate_corpus(cfg: SynthConfig, out_dir: Path, overwrite: bool = False) -> CorpusSummary:
     """Write the whole corpus under `out_dir` (see module docstring) and return its summary.
 
-    Refuses a non-empty `out_dir` unless `overwrite`, which replaces it entirely.
+    Writes only into a missing or empty folder; `overwrite` replaces a corpus this generator wrote (its
+    marker lists every file) and nothing else. The corpus is built in a fresh sibling folder and swapped in.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True to replace it")
+    check_replaceable(out_dir, overwrite)
     matcher = entity_matcher(list(load_entity_list(cfg.entities_path).entities))
-    tmp = out_dir.with_name(f".{out_dir.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "downstream" / "masks").mkdir(parents=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        summary = _write_corpus(cfg, tmp, matcher)
+        _write_marker(tmp, cfg)
+        _swap_into_place(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return summary
 
+
+def _write_marker(root: Path, cfg: SynthConfig) -> None:
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    marker = {"generator": "ecamp synth", "config": cfg.model_dump(mode="json"), "files": files}
+    (root / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename `tmp` to `out_dir`; an old corpus is moved aside first and removed only after the swap."""
+    if out_dir.exists():
+        check_replaceable(out_dir, overwrite=True)  # re-checked: files may have appeared meanwhile
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / "corpus")
+        tmp.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out_dir)
+
+
+def _write_corpus(cfg: SynthConfig, tmp: Path, matcher: tuple[re.Pattern[str], list[str]]) -> CorpusSummary:
+    (tmp / "downstream" / "masks").mkdir(parents=True)
     plan_rng = np.random.default_rng([cfg.seed, 0])
     subjects, studies = _plan_studies(cfg, plan_rng)
     _assign_splits(cfg, subjects, studies, plan_rng)
@@ -348,9 +431,6 @@ def generate_corpus(cfg: SynthConfig, out_dir: Path, overwrite: bool = False) ->
         splits=dict(sorted(Counter(s.split for s in studies).items())),
     )
     (tmp / "summary.json").write_text(summary.model_dump_json(indent=2) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
     return summary
 
 
