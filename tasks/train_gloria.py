@@ -40,6 +40,7 @@ from models.attention import (
     save_overlay,
 )
 from models.entities import load_entity_list
+from models.filenames import printable, safe_stem
 from models.gloria import Gloria, GloriaConfig, clean_report
 from models.gloria_train import ImageTextData, TrainConfig, extract_attention, square_uint8, train_gloria
 from models.wordpiece import load_wordpiece, save_wordpiece, train_wordpiece
@@ -426,7 +427,7 @@ def draw_pictures(ctx, cfg, rows, pixels, attn, windows, found, texts, boxes) ->
         shown = [s for s in sentences if any(e[:4] in s.lower() for e in entities)] or sentences
         lesion = unit_boxes(boxes.get(row["image_id"], []), row["height"], row["width"])
         save_overlay(
-            folder / f"{row['image_id']}.png", pixels[i] / 255.0, attn.grid_maps[i],
-            (int(windows[i, 0]), int(windows[i, 1]), cfg.window_k), f"{row['image_id'][:18]}: {', '.join(entities)}",
+            folder / f"{safe_stem(row['image_id'])}.png", pixels[i] / 255.0, attn.grid_maps[i],
+            (int(windows[i, 0]), int(windows[i, 1]), cfg.window_k), f"{printable(row['image_id'])[:18]}: {', '.join(entities)}",
             shown, lesion,
         )  # fmt: skip
