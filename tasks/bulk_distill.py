@@ -82,6 +82,9 @@ class Config(StageConfig):
     base_url: str = "http://127.0.0.1:8000/v1"
     served_model: str = "student"
     api_key_env: str = "VLLM_API_KEY"
+    send_key_to_local: bool = Field(
+        False, description="send the key to a server you started (a vLLM started here always gets it)"
+    )
     concurrency: int = Field(256, ge=1)
     timeout_s: float = Field(300.0, gt=0)
     start_server: bool = Field(True, description="start `vllm serve` with the adapter here (GPU box)")
@@ -321,16 +324,17 @@ def student_backend(ctx: StageContext, cfg: Config, model_row: dict, stack: Exit
         model, tokenizer = load_student(base, adapter_dir, resolve_device(ctx.config.run.device))
         settings = GenerationSettings(cfg.gen_batch, model_row["max_new_tokens"], model_row["max_prompt"])
         return TransformersBackend(model, tokenizer, settings)
-    base_url = cfg.base_url
+    base_url, send_key = cfg.base_url, cfg.send_key_to_local
     if cfg.start_server:
         vllm = VllmSettings(
             executable=cfg.vllm_executable, port=cfg.vllm_port, max_lora_rank=cfg.vllm_max_lora_rank,
             max_model_len=cfg.vllm_max_model_len, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
         )  # fmt: skip
         server = stack.enter_context(start_vllm_server(base, adapter_dir, vllm, ctx.path("vllm_server.log")))
-        base_url = server.base_url
+        base_url, send_key = server.base_url, True  # our own child process, which reads VLLM_API_KEY too
     client_cfg = ClientConfig(
-        base_url=base_url, model=cfg.served_model, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,
+        base_url=base_url, model=cfg.served_model, api_key_env=cfg.api_key_env, send_key_to_local=send_key,
+        concurrency=cfg.concurrency,
         rpm=None, tpm=None, timeout_s=cfg.timeout_s, max_tokens=model_row["max_new_tokens"], temperature=0.0,
     )  # fmt: skip
     cache = stack.enter_context(ResponseCache(ctx.path(STUDENT_CACHE_FILE)))

@@ -54,6 +54,9 @@ class Config(StageConfig):
     api_key_env: str = Field(
         "OPENAI_API_KEY", description="name of the env var holding the key (never the key)"
     )
+    send_key_to_local: bool = Field(
+        False, description="send the key to a local/private endpoint too (else a placeholder is sent)"
+    )
     external_endpoint_ack: str | None = None
     concurrency: int = Field(16, ge=1)
     rpm: float | None = Field(3500, gt=0)
@@ -72,7 +75,8 @@ class Config(StageConfig):
         return ClientConfig(
             provider=self.provider, base_url=self.base_url, model=self.model,
             azure_endpoint=self.azure_endpoint, azure_api_version=self.azure_api_version,
-            api_key_env=self.api_key_env, external_endpoint_ack=self.external_endpoint_ack,
+            api_key_env=self.api_key_env, send_key_to_local=self.send_key_to_local,
+            external_endpoint_ack=self.external_endpoint_ack,
             concurrency=self.concurrency, rpm=self.rpm, tpm=self.tpm, max_retries=self.max_retries,
             timeout_s=self.timeout_s, max_tokens=self.max_tokens, temperature=0.0,
         )  # fmt: skip

@@ -66,6 +66,7 @@ class FakeOpenAIServer:
         self.counts: Counter[str] = Counter()  # "POST /v1/chat/completions" -> n
         self.prompts_answered: Counter[str] = Counter()  # prompt text -> successful answers (paid requests)
         self.auth_headers: list[str] = []
+        self.redirect_to: str | None = None  # answer every request with 307 to this base URL
         self.in_flight = 0
         self.max_in_flight = 0  # the most completion requests served at the same time
         self.files: dict[str, bytes] = {}
@@ -127,6 +128,8 @@ class FakeOpenAIServer:
         with self._lock:
             self.counts[f"{method} {path}"] += 1
             self.auth_headers.append(h.headers.get("Authorization") or h.headers.get("api-key") or "")
+        if self.redirect_to is not None:
+            return _send(h, 307, b"", "text/plain", {"Location": self.redirect_to + path.removeprefix("/v1")})
         if self.require_key and h.headers.get("Authorization") != f"Bearer {self.require_key}":
             return _send_json(
                 h, 401, {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}}

@@ -185,7 +185,7 @@ def test_auth_and_quota_errors_stop_the_run_and_never_show_the_key(monkeypatch, 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong-SECRET-123")
     with FakeOpenAIServer(require_key="sk-right") as server:
         with pytest.raises(TeacherFatalError, match=r"HTTP 401 .*check the API key") as err:
-            run(requests_for(REPORTS[:3]), cfg_for(server))
+            run(requests_for(REPORTS[:3]), cfg_for(server, send_key_to_local=True))
         assert "SECRET" not in str(err.value)
         assert server.auth_headers[0] == "Bearer sk-wrong-SECRET-123"  # it was sent, just never echoed
     with FakeOpenAIServer() as server:
@@ -227,15 +227,22 @@ def test_external_endpoint_is_refused_without_the_ack_and_explains_the_dua(monke
 def test_local_and_private_hosts_are_allowed():
     assert all(map(is_local_host, ["localhost", "127.0.0.1", "::1", "10.1.2.3", "192.168.0.9", "172.16.5.5"]))
     assert not any(map(is_local_host, ["api.openai.com", "8.8.8.8", "gpu-node.example.org", "172.32.0.1"]))
+    # Reliability #3: a name under .localhost can resolve anywhere; only the literal name counts as local.
+    assert not any(
+        map(is_local_host, ["evil.localhost", "api.openai.com.localhost", "localhost.example.org"])
+    )
 
 
-def test_local_endpoint_needs_no_key_and_the_key_never_reaches_cache_or_repr(server, tmp_path, monkeypatch):
+def test_local_endpoint_gets_a_placeholder_key_unless_the_config_says_so(server, tmp_path, monkeypatch):
+    """Reliability #3: an exported OPENAI_API_KEY goes to a local server only with send_key_to_local."""
     (result,) = run(requests_for(REPORTS[:1]), cfg_for(server))
     assert server.auth_headers[-1] == "Bearer EMPTY" and result.content
     monkeypatch.setenv("OPENAI_API_KEY", "sk-live-TOPSECRET")
+    run(requests_for(REPORTS[1:2]), cfg_for(server))
+    assert server.auth_headers[-1] == "Bearer EMPTY"
     with ResponseCache(tmp_path / "c.sqlite") as cache:
-        run(requests_for(REPORTS[1:3]), cfg_for(server), cache)
-        client = TeacherClient(cfg_for(server), cache)
+        run(requests_for(REPORTS[2:4]), cfg_for(server, send_key_to_local=True), cache)
+        client = TeacherClient(cfg_for(server, send_key_to_local=True), cache)
         assert "TOPSECRET" not in repr(client) and "***" in repr(client)
         asyncio.run(client.close())
     assert server.auth_headers[-1] == "Bearer sk-live-TOPSECRET"
@@ -243,11 +250,29 @@ def test_local_endpoint_needs_no_key_and_the_key_never_reaches_cache_or_repr(ser
         assert b"TOPSECRET" not in f.read_bytes()
 
 
+def test_a_redirect_is_never_followed(monkeypatch):
+    """Reliability #3: a local endpoint answering 307 elsewhere gets no prompt through to the other host."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-live-TOPSECRET")
+    with FakeOpenAIServer() as local, FakeOpenAIServer() as elsewhere:
+        local.redirect_to = elsewhere.base_url
+        with pytest.raises(
+            TeacherFatalError,
+            match=r"HTTP 307 .*redirect to http://127\.0\.0\.1:\d+/v1/chat/completions not followed",
+        ):
+            run(requests_for(REPORTS), cfg_for(local, concurrency=4))
+        assert sum(elsewhere.counts.values()) == 0 and elsewhere.auth_headers == []
+        assert set(local.auth_headers) == {"Bearer EMPTY"}
+
+
 def test_azure_client_reaches_the_deployment_route(server, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "azure-key")
     host = server.base_url.removesuffix("/v1")
     cfg = ClientConfig(
-        provider="azure", azure_endpoint=host, azure_api_version="2024-10-21", model="gpt35-deploy"
+        provider="azure",
+        azure_endpoint=host,
+        azure_api_version="2024-10-21",
+        model="gpt35-deploy",
+        send_key_to_local=True,
     )
     (result,) = run(requests_for(REPORTS[:1]), cfg)
     assert result.content == expected(REPORTS[0])

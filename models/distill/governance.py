@@ -45,9 +45,9 @@ def endpoint_host(url: str) -> str:
 
 
 def is_local_host(host: str) -> bool:
-    """True for localhost, loopback and private/link-local IP literals; host names other than localhost are
-    treated as external because a name cannot be checked without trusting DNS."""
-    if host == "localhost" or host.endswith(".localhost"):
+    """True for `localhost` and loopback/private/link-local IP literals. Every other name, `*.localhost`
+    included, is external: a name cannot be checked without trusting DNS (or /etc/hosts)."""
+    if host == "localhost":
         return True
     try:
         ip = ipaddress.ip_address(host.strip("[]"))
@@ -82,13 +82,15 @@ class ApiKey:
     __repr__ = __str__
 
 
-def resolve_api_key(env_var: str, local: bool) -> ApiKey:
-    """The key from `env_var`; local servers that need none get a dummy key (vLLM ignores it), external ones fail early."""
+def resolve_api_key(env_var: str, local: bool, send_to_local: bool = False) -> ApiKey:
+    """The key to send: from `env_var` for an external endpoint (which fails early without one); a local
+    endpoint gets a placeholder (vLLM without `--api-key` ignores it) unless the config says `send_to_local`,
+    so an exported OPENAI_API_KEY never reaches a server on the network just because it is local."""
     value = os.environ.get(env_var, "")
+    if local:
+        return ApiKey(env_var, value if value and send_to_local else PLACEHOLDER_KEY)
     if value:
         return ApiKey(env_var, value)
-    if local:
-        return ApiKey(env_var, PLACEHOLDER_KEY)
     raise MissingAPIKeyError(
         f"environment variable {env_var} is not set; the teacher endpoint is external and needs an API key. "
         f"Export it (never put keys in config files): export {env_var}=..."

@@ -45,6 +45,7 @@ class ClientConfig(BaseModel):
     azure_endpoint: str | None = None  # e.g. https://my-resource.openai.azure.com
     azure_api_version: str | None = None  # e.g. 2024-10-21
     api_key_env: str = "OPENAI_API_KEY"
+    send_key_to_local: bool = False  # a local server gets a placeholder key unless this says otherwise
     external_endpoint_ack: str | None = None
     concurrency: int = Field(16, ge=1)
     # Provider limits (requests / tokens per minute; tokens = prompt estimate + max_tokens). None = unlimited,
@@ -164,11 +165,16 @@ class TokenBucket:
 
 
 def make_openai_client(cfg: ClientConfig) -> tuple[openai.AsyncOpenAI, ApiKey]:
-    """The SDK client after the data-use check; SDK retries off so ours are the only ones."""
+    """The SDK client after the data-use check; SDK retries off so ours are the only ones.
+
+    Redirects are never followed (the SDK's default client follows them): the policy check covers the
+    configured host only, and a 307 would carry the report text and the key to a host nobody checked.
+    """
     if cfg.provider == "azure" and not (cfg.azure_endpoint and cfg.azure_api_version):
         raise ValueError("provider 'azure' needs azure_endpoint and azure_api_version")
     local = check_endpoint(cfg.endpoint_url, cfg.external_endpoint_ack)
-    key = resolve_api_key(cfg.api_key_env, local)
+    key = resolve_api_key(cfg.api_key_env, local, cfg.send_key_to_local)
+    http = openai.DefaultAsyncHttpxClient(follow_redirects=False)
     if cfg.provider == "azure":
         client = openai.AsyncAzureOpenAI(
             azure_endpoint=cfg.azure_endpoint,
@@ -176,10 +182,11 @@ def make_openai_client(cfg: ClientConfig) -> tuple[openai.AsyncOpenAI, ApiKey]:
             api_key=key.value,
             max_retries=0,
             timeout=cfg.timeout_s,
+            http_client=http,
         )
     else:
         client = openai.AsyncOpenAI(
-            base_url=cfg.base_url, api_key=key.value, max_retries=0, timeout=cfg.timeout_s
+            base_url=cfg.base_url, api_key=key.value, max_retries=0, timeout=cfg.timeout_s, http_client=http
         )
     return client, key
 
@@ -290,6 +297,16 @@ class TeacherClient:
         except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
             raise RejectError(self._describe(e, "the request itself is invalid")) from None
         except openai.APIStatusError as e:
+            if 300 <= e.status_code < 400:
+                where = e.response.headers.get("location", "an unnamed location")
+                raise TeacherFatalError(
+                    redact(
+                        f"HTTP {e.status_code} from {cfg.endpoint_url}: redirect to {where} not followed "
+                        "(report text goes only to the configured endpoint, which the data-use policy "
+                        "checked); configure the final URL instead",
+                        self._key,
+                    )
+                ) from None
             if e.status_code in (408, 409) or e.status_code >= 500:
                 raise RetryableError(f"HTTP {e.status_code}", _retry_after(e.response)) from None
             raise RejectError(self._describe(e, "unexpected status")) from None
