@@ -28,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models.text_masking import (  # noqa: E402
+from models.text.masking import (  # noqa: E402
     IGNORE_INDEX,
     OFFICIAL_NON_ENTITY_RATE,
     TextCollator,
@@ -37,7 +37,7 @@ from models.text_masking import (  # noqa: E402
     terminated,
     validate_pairs,
 )
-from models.wordpiece import CLS, MASK, PAD, SPECIAL_TOKENS, train_wordpiece  # noqa: E402
+from models.text.wordpiece import CLS, MASK, PAD, SPECIAL_TOKENS, train_wordpiece  # noqa: E402
 
 IU_XRAY = REPO.parent / "shared" / "data" / "real" / "iu_xray" / "reports_dev.csv"
 

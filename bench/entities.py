@@ -24,7 +24,7 @@ import numpy as np
 
 from data_contracts.base import validate_table
 from data_contracts.entities import EntityMention
-from models.entities import EntityLexicon, EntityMatcher, load_entity_list
+from models.text.entities import EntityLexicon, EntityMatcher, load_entity_list
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IU_REPORTS = REPO_ROOT.parent / "shared" / "data" / "real" / "iu_xray" / "reports_dev.csv"

@@ -3,7 +3,7 @@
     .venv/bin/python bench/gloria.py                  # demo + paper (each in its own process)
     .venv/bin/python bench/gloria.py --only paper --batch 8 --steps 2
 
-Demo: the `configs/demo.yaml` model (small CNN at 64 px, 1-layer BERT) trained by `models.gloria_train` on 160
+Demo: the `configs/demo.yaml` model (small CNN at 64 px, 1-layer BERT) trained by `models.gloria.train` on 160
 image-report pairs (random 64 px images, the IU X-ray dev reports as text, which are longer than the demo's),
 then attention maps for 200 images (demo switches: single softmax, cosine scores, affirmed-word local
 loss, per-word prior over the 200 images). Paper: ResNet-50 + BERT-base (12 × 768, 97 tokens), one optimiser step
@@ -34,7 +34,7 @@ DEMO_POSITIVES = ["effusion", "opacity", "cardiomegaly"]  # affirmed-word local 
 
 
 def iu_reports() -> list[str]:
-    from models.gloria import clean_report
+    from models.gloria.model import clean_report
 
     with (REAL / "iu_xray" / "reports_dev.csv").open() as f:
         texts = [clean_report(f"{r['findings'] or ''} {r['impression'] or ''}") for r in csv.DictReader(f)]
@@ -51,9 +51,9 @@ def bench_demo(epochs: int) -> dict:
     import numpy as np
     import torch
 
-    from models.gloria import Gloria, GloriaConfig
-    from models.gloria_train import ImageTextData, TrainConfig, extract_attention, train_gloria
-    from models.wordpiece import train_wordpiece
+    from models.gloria.model import Gloria, GloriaConfig
+    from models.gloria.train import ImageTextData, TrainConfig, extract_attention, train_gloria
+    from models.text.wordpiece import train_wordpiece
 
     torch.set_num_threads(1)
     texts = iu_reports()
@@ -81,8 +81,8 @@ def bench_demo(epochs: int) -> dict:
 def bench_paper(batch: int, size: int, steps: int) -> dict:
     import torch
 
-    from models.gloria import Gloria, GloriaConfig, encode_texts
-    from models.wordpiece import train_wordpiece
+    from models.gloria.model import Gloria, GloriaConfig, encode_texts
+    from models.text.wordpiece import train_wordpiece
 
     torch.set_num_threads(1)
     texts = iu_reports()

@@ -47,10 +47,10 @@ def bench_size(name: str, steps: int, threads: int) -> dict:
     import numpy as np
     import torch
 
-    from models.ecamp import ECAMP, ECAMPConfig
-    from models.pretrain import param_groups
-    from models.text_masking import TextCollator, TextMaskingConfig
-    from models.wordpiece import train_wordpiece
+    from models.ecamp.model import ECAMP, ECAMPConfig
+    from models.ecamp.pretrain import param_groups
+    from models.text.masking import TextCollator, TextMaskingConfig
+    from models.text.wordpiece import train_wordpiece
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -103,8 +103,8 @@ def bench_data(n: int) -> dict:
     """Samples/s of decode + augment at the paper size on the three real radiographs (one process)."""
     import torch
 
-    from models.ecamp import ECAMPConfig
-    from models.pretrain import PretrainConfig, PretrainDataset, PretrainRecord
+    from models.ecamp.model import ECAMPConfig
+    from models.ecamp.pretrain import PretrainConfig, PretrainDataset, PretrainRecord
 
     torch.set_num_threads(1)
     paths = sorted(str(p) for p in (REAL / "images").iterdir())

@@ -9,11 +9,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from models.resources import CONFIG_DIR
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ECAMP pre-training pipeline.")
 console = Console(stderr=True)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="pipeline YAML config")]
 RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="run directory (default: run.run_dir)")]

@@ -18,7 +18,6 @@ from tasks.config import config_from_dict, load_config
 from tasks.registry import stage_module, stage_names
 from tasks.runner import StageResult, run_stage
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PLOT_SUFFIXES = (".png",)
 
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from data_contracts.io import Lineage, read_artifact, write_artifact
 from data_contracts.student import DistilledReport
+from models.devices import resolve_device
 from models.distill import parse, rules_teacher
 from models.distill.cache import ResponseCache
 from models.distill.complete import EntityCompletion
@@ -37,12 +38,10 @@ from models.distill.generate import (
     VllmSettings,
     start_vllm_server,
 )
-from models.distill.prompt import build_messages
-from models.distill.student import load_student
+from models.distill.prompt import build_messages, ordered_entities, prompt_report
+from models.distill.student import load_student, student_prompt
 from models.distill.teacher_http import ChatRequest, ClientConfig, complete_many, run_sync
 from tasks.base import StageConfig, StageContext
-from tasks.finetune_student import resolve_device, student_prompt
-from tasks.seed_distill import ordered_entities, prompt_report
 
 NAME = "bulk_distill"
 CODE_VERSION = "2"

@@ -1,7 +1,7 @@
 """Stage 1, `extract_reports`: a MIMIC-CXR(-JPG) tree or a generic manifest -> `reports`, `images`, `rejects`.
 
 Both readers list candidate studies (report source + images); `assemble` then parses every report with
-`models.sections`, checks every image with `data_contracts.images`, and keeps a study only when its
+`models.text.sections`, checks every image with `models.images`, and keeps a study only when its
 report has FINDINGS/IMPRESSION text and at least one image is usable. Every input left out gets a
 `rejects` row naming the file, the study/row and the reason, so the invariant downstream stages rely on
 is: every report has >= 1 image, every image has a report.
@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from data_contracts.images import ImageLoadError, image_size, load_grayscale, looks_inverted
 from data_contracts.reports import Image, Reject, Report
-from models.sections import extract_findings_impression
+from models.images import ImageLoadError, image_size, load_grayscale, looks_inverted
+from models.text.sections import extract_findings_impression
 from tasks.base import StageConfig, StageContext
 
 NAME = "extract_reports"

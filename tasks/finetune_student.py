@@ -17,14 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from data_contracts.student import StudentEval, StudentLoss, StudentModel
+from models.devices import resolve_device
 from models.distill import parse
 from models.distill.complete import EntityCompletion, kept_sentences
 from models.distill.generate import GenerationSettings, TransformersBackend
-from models.distill.prompt import build_messages
 from models.distill.student import (
     LoraSettings,
     TinyDims,
@@ -35,8 +34,8 @@ from models.distill.student import (
     encode_example,
     load_base,
     save_adapter,
+    student_prompt,
     train_student,
-    vicuna_prompt,
     warm_up_base,
 )
 from tasks.base import StageConfig, StageContext
@@ -138,11 +137,6 @@ def clean_answer(raw_response: str, finder: parse.EntityFinder) -> str:
     return "\n".join(p.text for p in parse.parse_response(raw_response, finder) if p.well_formed)
 
 
-def student_prompt(report: str, entities: Sequence[str]) -> str:
-    """The teacher's Table 2 prompt for this report, in the Vicuna v1.1 template (shared by train and bulk)."""
-    return vicuna_prompt(build_messages(report, entities))
-
-
 def entity_subset_rows(
     rows: Sequence[dict], copies: int, finder: parse.EntityFinder, seed: int
 ) -> list[dict]:
@@ -182,12 +176,6 @@ def split_held_out(study_ids: Sequence[str], fraction: float, seed: int) -> tupl
     random.Random(seed).shuffle(ids)
     n_held = min(len(ids) - 1, max(1, round(fraction * len(ids))))
     return set(ids[n_held:]), set(ids[:n_held])
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 # ------------------------------------------------------------------------------------------- agreement

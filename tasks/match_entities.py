@@ -10,7 +10,8 @@ from pydantic import Field
 
 from data_contracts.entities import DescriptorStat, EntityMention, EntityStat, EntitySummary
 from data_contracts.reports import Report
-from models.entities import (
+from models.resources import REPO_ROOT
+from models.text.entities import (
     EntityMatcher,
     MatcherConfig,
     corpus_summary,
@@ -25,7 +26,6 @@ from tasks.base import StageConfig, StageContext
 NAME = "match_entities"
 CODE_VERSION = "1"
 UPSTREAM = ["extract_reports/reports"]
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class Config(StageConfig):

@@ -5,7 +5,7 @@ Reads `extract_reports/images` and `extract_reports/reports`, and when present `
 matching ablation (original text only; SR on the centre window) and says so with a WARNING, never silently.
 
 Outputs under `<run_dir>/pretrain_ecamp/`: `pretrain_metrics` (one row per optimiser step), `pretrain_rejects`,
-`encoder.safetensors` (timm `VisionTransformer`, strict load; see `models.export`), `MODEL_CARD.md`,
+`encoder.safetensors` (timm `VisionTransformer`, strict load; see `models.ecamp.export`), `MODEL_CARD.md`,
 `tokenizer.json`, and `train/checkpoint.pt` (full training state: a failed run resumes from it exactly).
 With `nproc > 1` training runs under `torchrun` (DDP), one process per GPU.
 
@@ -28,9 +28,9 @@ import torch
 from pydantic import Field, model_validator
 
 from data_contracts.pretrain import PretrainMetric, PretrainReject
-from models.ecamp import ECAMP, ECAMPConfig
-from models.export import export_encoder, write_model_card
-from models.pretrain import (
+from models.ecamp.export import export_encoder, write_model_card
+from models.ecamp.model import ECAMP, ECAMPConfig
+from models.ecamp.pretrain import (
     CHECKPOINT,
     PretrainConfig,
     PretrainDataset,
@@ -38,8 +38,9 @@ from models.pretrain import (
     train,
     write_job,
 )
-from models.text_masking import TextCollator, TextMaskingConfig, read_entity_words
-from models.wordpiece import save_wordpiece, train_wordpiece
+from models.resources import REPO_ROOT
+from models.text.masking import TextCollator, TextMaskingConfig, read_entity_words
+from models.text.wordpiece import save_wordpiece, train_wordpiece
 from tasks.base import StageConfig, StageContext
 
 NAME = "pretrain_ecamp"
@@ -47,7 +48,6 @@ CODE_VERSION = "1"
 IMAGES, REPORTS = "extract_reports/images", "extract_reports/reports"
 DISTILLED, ATTENTION = "bulk_distill/distilled_reports", "train_gloria/attention_maps"
 UPSTREAM = [IMAGES, REPORTS, DISTILLED, ATTENTION]
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Config(StageConfig):
@@ -184,7 +184,7 @@ def run_torchrun(
 ) -> tuple[ECAMP, list[dict[str, float]]]:
     """Train under torchrun (one process per GPU) and read back the model and the metrics rank 0 wrote."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "models.pretrain", "--job", str(job_dir), "--out", str(out_dir)]  # fmt: skip
+           "-m", "models.ecamp.pretrain", "--job", str(job_dir), "--out", str(out_dir)]  # fmt: skip
     log.info("launching: %s", " ".join(cmd))
     path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": path})

@@ -21,7 +21,12 @@ from models.distill import parse, rules_teacher
 from models.distill.batch_api import run_batch
 from models.distill.cache import ResponseCache
 from models.distill.governance import check_endpoint, resolve_api_key
-from models.distill.prompt import build_messages, estimate_prompt_tokens, fit_report, prompt_hash
+from models.distill.prompt import (
+    build_messages,
+    ordered_entities,
+    prompt_hash,
+    prompt_report,
+)
 from models.distill.seed import select_seed
 from models.distill.teacher_http import (
     ChatRequest,
@@ -83,17 +88,6 @@ class Config(StageConfig):
 
 
 # ------------------------------------------------------------------------------------------- inputs
-
-
-def ordered_entities(mentions: list[rules_teacher.Mention]) -> list[str]:
-    return list(dict.fromkeys(m.entity for m in sorted(mentions, key=lambda m: m.start)))
-
-
-def prompt_report(report: dict, entities: list[str], max_prompt_tokens: int) -> tuple[str, bool]:
-    """The report text to send: the full text when the prompt fits, else FINDINGS-first truncation."""
-    if estimate_prompt_tokens(build_messages(report["text"], entities)) <= max_prompt_tokens:
-        return report["text"], False
-    return fit_report(report["findings"], report["impression"], entities, max_prompt_tokens)
 
 
 # ------------------------------------------------------------------------------------------- teachers

@@ -27,9 +27,10 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 
 from data_contracts.gloria import AttentionMap, GloriaLoss, Localization
-from data_contracts.images import ImageLoadError, load_grayscale
 from data_contracts.reports import Reject
-from models.attention import (
+from models.devices import resolve_device
+from models.filenames import printable, safe_stem
+from models.gloria.attention import (
     argmax_cells,
     best_windows,
     fallback_windows,
@@ -39,11 +40,12 @@ from models.attention import (
     remove_prior,
     save_overlay,
 )
-from models.entities import load_entity_list
-from models.filenames import printable, safe_stem
-from models.gloria import Gloria, GloriaConfig, clean_report
-from models.gloria_train import ImageTextData, TrainConfig, extract_attention, square_uint8, train_gloria
-from models.wordpiece import load_wordpiece, save_wordpiece, train_wordpiece
+from models.gloria.model import Gloria, GloriaConfig, clean_report
+from models.gloria.train import ImageTextData, TrainConfig, extract_attention, square_uint8, train_gloria
+from models.images import ImageLoadError, load_grayscale
+from models.resources import DEFAULT_ENTITY_LIST
+from models.text.entities import load_entity_list
+from models.text.wordpiece import load_wordpiece, save_wordpiece, train_wordpiece
 from tasks.base import StageConfig, StageContext
 from tasks.config import stable_hash
 
@@ -67,7 +69,6 @@ ANATOMY_ENTITIES = (
     "silhouette",
     "vasculature",
 )
-ENTITY_LIST = Path(__file__).resolve().parents[1] / "configs" / "entities" / "table1.txt"
 WEIGHTS, MODEL_CONFIG, TOKENIZER = "gloria.safetensors", "gloria_config.json", "tokenizer.json"
 
 
@@ -140,14 +141,6 @@ class Config(StageConfig):
 def model_config(cfg: Config, vocab_size: int) -> GloriaConfig:
     names = set(GloriaConfig.__dataclass_fields__) - {"vocab_size", "local_weight", "global_weight"}
     return GloriaConfig(vocab_size=vocab_size, **{k: getattr(cfg, k) for k in names})
-
-
-def resolve_device(setting: str) -> str:
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device is 'cuda' but torch sees no CUDA device")
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return setting
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -343,7 +336,7 @@ def run(ctx: StageContext, cfg: Config) -> None:
 
     train_idx = [i for i, r in enumerate(rows) if r["split"] in cfg.train_splits]
     train_data = ImageTextData(pixels[train_idx], [rows[i]["text"] for i in train_idx])
-    forms = {f: e for f, e in load_entity_list(ENTITY_LIST).forms.items() if " " not in f}
+    forms = {f: e for f, e in load_entity_list(DEFAULT_ENTITY_LIST).forms.items() if " " not in f}
     train_entities = [positives.get(rows[i]["study_id"], []) for i in train_idx]
     model, tokenizer, losses = train_or_load(
         ctx, cfg, train_data, train_data.texts, device, train_entities, forms

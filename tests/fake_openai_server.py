@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from models.distill.prompt import report_from_prompt
 from models.distill.rules_teacher import distill, mentions_by_study
-from models.entities import EntityMatcher, build_lexicon
+from models.text.entities import EntityMatcher, build_lexicon
 
 Responder = Callable[[str, list[str]], str]
 

@@ -18,7 +18,7 @@ from data_contracts.student import StudentEval, StudentModel
 from models.distill import parse, rules_teacher
 from models.distill.prompt import report_from_prompt
 from models.distill.rules_teacher import mentions_by_study
-from models.entities import build_lexicon, match_reports
+from models.text.entities import build_lexicon, match_reports
 from tasks.base import make_test_context
 from tasks.seed_distill import Config as SeedConfig
 

@@ -8,7 +8,14 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from models.ecamp import (
+from models.ecamp.export import (
+    export_encoder,
+    load_timm_encoder,
+    read_metadata,
+    timm_kwargs,
+    write_model_card,
+)
+from models.ecamp.model import (
     ECAMP,
     ECAMPConfig,
     SRUpsampler,
@@ -18,8 +25,7 @@ from models.ecamp import (
     trim_padding,
     window_mask,
 )
-from models.export import export_encoder, load_timm_encoder, read_metadata, timm_kwargs, write_model_card
-from models.text_masking import IGNORE_INDEX, weighted_mlm_loss
+from models.text.masking import IGNORE_INDEX, weighted_mlm_loss
 
 TINY = dict(
     img_size=32, hr_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,

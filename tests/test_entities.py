@@ -13,7 +13,7 @@ from PIL import Image as PILImage
 from data_contracts.entities import EntityMention
 from data_contracts.io import read_artifact
 from data_contracts.reports import Report
-from models.entities import (
+from models.text.entities import (
     TABLE1_SURFACE_FORMS,
     Cue,
     EntityListError,
@@ -207,7 +207,7 @@ def test_word_scanner_and_regex_scanner_find_the_same_targets(matcher):
     """ASCII batches take the per-word numpy scanner, others the trie regex: both must agree exactly."""
     import csv
 
-    from models.entities import _Characters
+    from models.text.entities import _Characters
 
     with (REPO_ROOT.parent / "shared" / "data" / "real" / "iu_xray" / "reports_dev.csv").open() as handle:
         texts = [f"{r['findings']} {r['impression']}" for r in csv.DictReader(handle)] + SCANNER_CASES

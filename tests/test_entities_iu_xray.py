@@ -15,7 +15,7 @@ from collections import defaultdict
 
 import pytest
 
-from models.entities import EntityMatcher, load_entity_list
+from models.text.entities import EntityMatcher, load_entity_list
 
 from .conftest import REAL_DATA, REPO_ROOT
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.attention import (
+from models.gloria.attention import (
     argmax_cells,
     best_windows,
     entity_positions,
@@ -22,7 +22,7 @@ from models.attention import (
     to_grid,
     window_sums,
 )
-from models.gloria import (
+from models.gloria.model import (
     Gloria,
     GloriaConfig,
     aggregate_words,
@@ -33,7 +33,7 @@ from models.gloria import (
     local_loss,
     region_scores,
 )
-from models.gloria_train import (
+from models.gloria.train import (
     ImageTextData,
     TrainConfig,
     affirmed_words,
@@ -41,7 +41,7 @@ from models.gloria_train import (
     square_uint8,
     train_gloria,
 )
-from models.wordpiece import train_wordpiece
+from models.text.wordpiece import train_wordpiece
 
 from .conftest import REPO_ROOT
 

@@ -9,7 +9,7 @@ from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from data_contracts.images import ImageLoadError, image_size, load_grayscale, looks_inverted
+from models.images import ImageLoadError, image_size, load_grayscale, looks_inverted
 
 from .conftest import REAL_DATA
 

@@ -13,11 +13,10 @@ import torch
 from PIL import Image as PILImage
 
 from data_contracts.gloria import AttentionMap
-from data_contracts.images import load_grayscale
 from data_contracts.reports import Image, Report
-from models.ecamp import ECAMP, ECAMPConfig
-from models.export import load_timm_encoder
-from models.pretrain import (
+from models.ecamp.export import load_timm_encoder
+from models.ecamp.model import ECAMP, ECAMPConfig
+from models.ecamp.pretrain import (
     PretrainConfig,
     PretrainDataset,
     PretrainRecord,
@@ -32,8 +31,9 @@ from models.pretrain import (
     param_groups,
     train,
 )
-from models.text_masking import TextCollator, TextMaskingConfig
-from models.wordpiece import train_wordpiece
+from models.images import load_grayscale
+from models.text.masking import TextCollator, TextMaskingConfig
+from models.text.wordpiece import train_wordpiece
 from tasks import pretrain_ecamp
 from tasks.base import StageContext, make_test_context
 from tasks.config import load_config

@@ -14,7 +14,7 @@ from data_contracts.io import read_artifact
 from data_contracts.reports import Report
 from models.distill import parse, rules_teacher
 from models.distill.rules_teacher import Mention, distill, entity_phrase, merge_mentions
-from models.entities import EntityMatcher, load_entity_list
+from models.text.entities import EntityMatcher, load_entity_list
 from tasks import seed_distill
 from tasks.base import make_test_context
 from tasks.config import RunConfig

@@ -6,7 +6,7 @@ import textwrap
 import pandas as pd
 import pytest
 
-from models.sections import (
+from models.text.sections import (
     SECTION_NAMES,
     clean_text,
     extract_findings_impression,

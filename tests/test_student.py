@@ -33,6 +33,7 @@ from models.distill.student import (
     load_base,
     load_student,
     save_adapter,
+    student_prompt,
     train_student,
     vicuna_prompt,
     warm_up_base,
@@ -43,7 +44,6 @@ from tasks.finetune_student import (
     all_absent_answer,
     entity_subset_rows,
     split_held_out,
-    student_prompt,
 )
 from tests.fake_openai_server import FakeOpenAIServer
 

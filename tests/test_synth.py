@@ -172,7 +172,7 @@ def test_fallback_layouts_exist_in_exact_shares_and_parse_as_intended(corpus):
 
 
 def test_section_parser_finds_findings_or_impression_in_every_layout(corpus):
-    sections = pytest.importorskip("models.sections")
+    sections = pytest.importorskip("models.text.sections")
     root, _ = corpus
     for path in (root / "files").rglob("s*.txt"):
         parsed = sections.split_sections(path.read_text())

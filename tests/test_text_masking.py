@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import models
 
-from models.text_masking import (
+from models.text.masking import (
     IGNORE_INDEX,
     OfficialQuirks,
     TextCollator,
@@ -19,7 +19,7 @@ from models.text_masking import (
     read_entity_words,
     weighted_mlm_loss,
 )
-from models.wordpiece import SPECIAL_TOKENS, CachedEncoder, empty_wordpiece, train_wordpiece
+from models.text.wordpiece import SPECIAL_TOKENS, CachedEncoder, empty_wordpiece, train_wordpiece
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models, trainers
 
-from models.wordpiece import (
+from models.text.wordpiece import (
     SPECIAL_TOKENS,
     empty_wordpiece,
     load_wordpiece,
@@ -63,7 +63,7 @@ def test_vocabulary_is_the_wordpiece_trainer_one_up_to_ties():
 def test_training_is_reproducible_across_processes(tmp_path):
     """The hash-order bug of the Rust trainer shows up between processes, so train in two fresh ones."""
     script = (
-        "import sys; from models.wordpiece import train_wordpiece, save_wordpiece; "
+        "import sys; from models.text.wordpiece import train_wordpiece, save_wordpiece; "
         "from tests.test_wordpiece import CORPUS; "
         "save_wordpiece(train_wordpiece(CORPUS, vocab_size=120), sys.argv[1])"
     )

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from models.entities import build_lexicon
+from models.text.entities import build_lexicon
 
 Certainty = Literal["present", "absent", "uncertain"]
 
@@ -39,7 +39,7 @@ LOCATION_WORDS = frozenset(
 
 
 class EntityFinder:
-    """Which entities of a list a text names, with stage 2's surface forms (models/entities.py), so the
+    """Which entities of a list a text names, with stage 2's surface forms (models/text/entities.py), so the
     teacher's sentences are matched exactly as the reports were."""
 
     def __init__(self, entities: Iterable[str]):

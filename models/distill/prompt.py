@@ -13,6 +13,10 @@ import json
 import math
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from models.distill.rules_teacher import Mention
 
 SYSTEM_PROMPT = "You are a knowledgeable and veteran doctor."
 
@@ -125,6 +129,18 @@ def fit_report(
         f"max_prompt_tokens={max_prompt_tokens} is smaller than the fixed prompt itself "
         f"({estimate_prompt_tokens(build_messages('x', entities))} tokens); raise it"
     )
+
+
+def ordered_entities(mentions: Sequence[Mention]) -> list[str]:
+    """Entities in the order the report first mentions them (the order the teacher answers in)."""
+    return list(dict.fromkeys(m.entity for m in sorted(mentions, key=lambda m: m.start)))
+
+
+def prompt_report(report: dict, entities: list[str], max_prompt_tokens: int) -> tuple[str, bool]:
+    """The report text to send: the full text when the prompt fits, else FINDINGS-first truncation."""
+    if estimate_prompt_tokens(build_messages(report["text"], entities)) <= max_prompt_tokens:
+        return report["text"], False
+    return fit_report(report["findings"], report["impression"], entities, max_prompt_tokens)
 
 
 def report_from_prompt(text: str) -> tuple[str, list[str]]:

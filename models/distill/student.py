@@ -31,6 +31,8 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
+from models.distill.prompt import build_messages
+
 IGNORE_INDEX = -100  # label value the causal-LM loss skips (prompt and padding positions)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 LLAMA_LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -59,6 +61,11 @@ def vicuna_prompt(messages: Sequence[dict[str, str]]) -> str:
         raise ValueError("vicuna_prompt: the prompt has no user message")
     system_text = "\n".join(system) if system else VICUNA_SYSTEM
     return f"{system_text} USER: {chr(10).join(user)} ASSISTANT:"
+
+
+def student_prompt(report: str, entities: Sequence[str]) -> str:
+    """The teacher's Table 2 prompt for this report, in the Vicuna v1.1 template (shared by train and bulk)."""
+    return vicuna_prompt(build_messages(report, entities))
 
 
 def vicuna_answer(answer: str, eos_token: str = "</s>") -> str:

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from models.entities import load_entity_list
+from models.resources import DEFAULT_ENTITY_LIST
 from models.synth.findings import FINDING_CLASSES, Finding, sample_findings
 from models.synth.images import Anatomy, render_frontal, render_lateral, sample_anatomy
 from models.synth.reports import (
@@ -49,8 +49,8 @@ from models.synth.reports import (
     polarity_counts,
     write_report,
 )
+from models.text.entities import load_entity_list
 
-DEFAULT_ENTITIES = Path(__file__).resolve().parents[2] / "configs" / "entities" / "table1.txt"
 METADATA_COLUMNS = (
     "dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
     "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning", "ViewCodeSequence_CodeMeaning",
@@ -84,7 +84,7 @@ class SynthConfig(BaseModel):
     frac_last_paragraph: float = Field(0.05, ge=0, le=1, description="no FINDINGS/IMPRESSION headers at all")
     frac_validate: float = Field(0.1, ge=0, le=1, description="share of subjects in the validate split")
     frac_test: float = Field(0.1, ge=0, le=1, description="share of subjects in the test split")
-    entities_path: Path = DEFAULT_ENTITIES
+    entities_path: Path = DEFAULT_ENTITY_LIST
 
     @model_validator(mode="after")
     def _fractions_fit(self) -> SynthConfig:

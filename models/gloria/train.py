@@ -23,8 +23,8 @@ from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
-from models.attention import entity_positions, to_grid
-from models.gloria import Gloria, TextBatch, encode_texts
+from models.gloria.attention import entity_positions, to_grid
+from models.gloria.model import Gloria, TextBatch, encode_texts
 
 log = logging.getLogger(__name__)
 

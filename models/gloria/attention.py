@@ -51,7 +51,7 @@ def entity_positions(
     words: list[str], entities: list[str], forms: Mapping[str, str] | None = None
 ) -> list[int]:
     """Indices of the words that name any of `entities`: a known surface form (`forms`: word -> entity, e.g.
-    the lexicon of `models.entities`, so "embolus" -> embolism) or an inflection by `matches_entity`."""
+    the lexicon of `models.text.entities`, so "embolus" -> embolism) or an inflection by `matches_entity`."""
     forms = forms or {}
     wanted = set(entities)
     return [

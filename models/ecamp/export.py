@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from models.ecamp import ECAMP, ECAMPConfig
+from models.ecamp.model import ECAMP, ECAMPConfig
 
 FORMAT = "ecamp-vit-encoder/1"
 
@@ -89,7 +89,7 @@ def write_model_card(
         "",
         "## Load",
         "```python",
-        "from models.export import load_timm_encoder",
+        "from models.ecamp.export import load_timm_encoder",
         "vit = load_timm_encoder('encoder.safetensors')  # timm VisionTransformer, strict load, no head",
         "```",
         "",

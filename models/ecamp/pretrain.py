@@ -3,7 +3,7 @@
 No Prefect here: the stage wrapper (`tasks/pretrain_ecamp.py`) prepares a job folder and calls `train` in-process,
 or launches this module under `torchrun` for several GPUs:
 
-    torchrun --nproc_per_node 4 -m models.pretrain --job runs/x/pretrain_ecamp/job
+    torchrun --nproc_per_node 4 -m models.ecamp.pretrain --job runs/x/pretrain_ecamp/job
 
 Exact resume means a run stopped after a checkpoint and restarted continues with bit-identical batches and losses.
 That needs every random draw to be a function of where the run is, not of how it got there:
@@ -42,8 +42,8 @@ from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from data_contracts.images import load_grayscale
-from models.ecamp import ECAMP, ECAMPConfig
+from models.ecamp.model import ECAMP, ECAMPConfig
+from models.images import load_grayscale
 
 LOG = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -705,8 +705,8 @@ def read_records(path: Path) -> list[PretrainRecord]:
 
 
 def run_job(job_dir: Path, out_dir: Path, progress: bool = True) -> TrainResult:
-    from models.text_masking import TextCollator, TextMaskingConfig, read_entity_words
-    from models.wordpiece import load_wordpiece
+    from models.text.masking import TextCollator, TextMaskingConfig, read_entity_words
+    from models.text.wordpiece import load_wordpiece
 
     job = json.loads((job_dir / JOB_FILE).read_text())
     model_cfg, cfg = ECAMPConfig(**job["model"]), PretrainConfig(**job["train"])
@@ -727,7 +727,7 @@ def run_job(job_dir: Path, out_dir: Path, progress: bool = True) -> TrainResult:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m models.pretrain",
+        prog="python -m models.ecamp.pretrain",
         description="Run one ECAMP pre-training job (prepared by the pretrain_ecamp stage). Under torchrun every "
         "process runs this; rank 0 writes checkpoint.pt and metrics.jsonl into --out.",
     )

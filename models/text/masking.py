@@ -13,7 +13,7 @@ per-token loss `weights`:
    same sentence ("descriptors") are always masked, every other word with probability `mask_rate`; masked
    pieces become `[MASK]` (no 80/10/10 split, as in the official code). Words are the pre-tokenizer's
    words; punctuation-only words (',') neither count as nor are descriptors (like "effusion," is one word
-   for the paper's whitespace words). Entity surface forms (`models.entities` lexicon, multi-piece and
+   for the paper's whitespace words). Entity surface forms (`models.text.entities` lexicon, multi-piece and
    multi-word ones too) match whole words only. Rules see the whole text; truncation comes last;
 4. re-balancing (Eq. 3-4): predicted descriptor pieces inside a negation cue weigh λ_neg, the other predicted
    descriptor pieces λ_oth, every other predicted piece 1, unpredicted pieces 0 (label -100).
@@ -52,8 +52,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 
-from models.entities import load_entity_list
-from models.wordpiece import (
+from models.resources import DEFAULT_ENTITY_LIST
+from models.text.entities import load_entity_list
+from models.text.wordpiece import (
     CLS,
     CONTINUATION_PREFIX,
     MASK,
@@ -66,7 +67,6 @@ from models.wordpiece import (
 
 IGNORE_INDEX = -100
 OFFICIAL_NON_ENTITY_RATE = 0.70  # official `_context_mask`: non-entity words when the text has an entity
-TABLE1_PATH = Path(__file__).resolve().parents[1] / "configs" / "entities" / "table1.txt"
 NEGATION_CUES: tuple[str, ...] = (
     "there is no evidence of",
     "there is no",
@@ -111,8 +111,8 @@ class TextMaskingConfig(BaseModel):
 # Entities and text composition
 
 
-def read_entity_words(path: str | Path = TABLE1_PATH) -> list[str]:
-    """Every surface form of the entities in a list file (`models.entities` lexicon: inflections included)."""
+def read_entity_words(path: str | Path = DEFAULT_ENTITY_LIST) -> list[str]:
+    """Every surface form of the entities in a list file (`models.text.entities` lexicon: inflections included)."""
     return sorted(load_entity_list(path).forms)
 
 

@@ -7,7 +7,7 @@ Three heads share one ViT encoder (paper §3.2–3.4, REFERENCE §1.4 and §2.2)
 - MLM: the (masked) report is fused with the visible patch features by the multi-scale context fusion layer (local
   cross-attention + global average pooling, Fig. 4) and decoded by a BERT encoder with an MLM head.
 
-The encoder's parameter names match timm's `VisionTransformer`, so `models.export` can hand the trained encoder to
+The encoder's parameter names match timm's `VisionTransformer`, so `models.ecamp.export` can hand the trained encoder to
 any timm user with `strict=True`. Parameters of switched-off branches are not created at all, so DDP never sees
 unused parameters.
 """
@@ -34,7 +34,7 @@ from transformers.models.bert.modeling_bert import (
     BertSelfOutput,
 )
 
-from models.text_masking import IGNORE_INDEX, weighted_mlm_loss
+from models.text.masking import IGNORE_INDEX, weighted_mlm_loss
 
 
 class ECAMPConfig(BaseModel):

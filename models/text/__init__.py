@@ -1,0 +1,1 @@
+"""Report text: section parsing, entity and negation matching, the WordPiece tokenizer and MLM masking."""
