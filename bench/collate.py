@@ -8,7 +8,7 @@ vectorised `TextCollator`, so both must return identical tensors; the benchmark 
 
 Rates are samples per CPU-second of the process (time.process_time), best of interleaved repeats.
 
-Data: IU X-ray reports (findings + impression) from the shared sample. IU X-ray has no distilled reports, so a
+Data: IU X-ray reports (findings + impression) from the sample in tests/data/real. IU X-ray has no distilled reports, so a
 stand-in distillation "There is <entity>." per entity word found in the report is generated here (hybrid mode).
 """
 
@@ -39,7 +39,7 @@ from models.text.masking import (  # noqa: E402
 )
 from models.text.wordpiece import CLS, MASK, PAD, SPECIAL_TOKENS, train_wordpiece  # noqa: E402
 
-IU_XRAY = REPO.parent / "shared" / "data" / "real" / "iu_xray" / "reports_dev.csv"
+IU_XRAY = REPO / "tests" / "data" / "real" / "iu_xray" / "reports_dev.csv"
 
 
 class LoopCollator:

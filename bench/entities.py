@@ -27,7 +27,7 @@ from data_contracts.entities import EntityMention
 from models.text.entities import EntityLexicon, EntityMatcher, load_entity_list
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-IU_REPORTS = REPO_ROOT.parent / "shared" / "data" / "real" / "iu_xray" / "reports_dev.csv"
+IU_REPORTS = REPO_ROOT / "tests" / "data" / "real" / "iu_xray" / "reports_dev.csv"
 MIMIC_REPORTS = 227_835
 NEGEX_CUES = re.compile(r"\b(?:no|not|without|negative|free|absence|absent|denies|denied)\b")
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-REAL = ROOT.parent / "shared" / "data" / "real"
+REAL = ROOT / "tests" / "data" / "real"
 MIMIC_IMAGES = 377_110
 DEMO_MODEL = dict(
     encoder="small", image_size=64, small_width=8, embed_dim=32, text_hidden=32, text_layers=1, text_heads=2,

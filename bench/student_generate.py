@@ -1,6 +1,6 @@
 """Student generation throughput on CPU: batched greedy decoding (left padding + KV cache) vs one prompt at a time.
 
-Prompts are the real Table 2 prompts (Vicuna template) of IU X-ray reports from ../shared/data/real. The
+Prompts are the real Table 2 prompts (Vicuna template) of IU X-ray reports from tests/data/real. The
 student is the demo-sized tiny Llama with an attached (untrained) LoRA adapter, so both modes decode the
 same number of tokens; what is measured is the serving path, not answer quality.
 
@@ -30,7 +30,7 @@ from models.distill.student import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-IU_XRAY = REPO.parent / "shared" / "data" / "real" / "iu_xray" / "reports_dev.csv"
+IU_XRAY = REPO / "tests" / "data" / "real" / "iu_xray" / "reports_dev.csv"
 ENTITIES = REPO / "configs" / "entities" / "table1.txt"
 
 

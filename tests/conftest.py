@@ -16,8 +16,7 @@ os.environ.pop("PREFECT_API_URL", None)
 import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED = REPO_ROOT.parent / "shared"
-REAL_DATA = SHARED / "data" / "real"
+REAL_DATA = REPO_ROOT / "tests" / "data" / "real"  # copied in with its provenance: tests never read outside
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -32,7 +32,7 @@ from models.text.entities import (
 from tasks.base import make_test_context
 from tasks.match_entities import NAME, UPSTREAM, Config, resolve_entity_list, run
 
-from .conftest import REPO_ROOT
+from .conftest import REAL_DATA, REPO_ROOT
 
 TABLE1 = REPO_ROOT / "configs" / "entities" / "table1.txt"
 
@@ -209,7 +209,7 @@ def test_word_scanner_and_regex_scanner_find_the_same_targets(matcher):
 
     from models.text.entities import _Characters
 
-    with (REPO_ROOT.parent / "shared" / "data" / "real" / "iu_xray" / "reports_dev.csv").open() as handle:
+    with (REAL_DATA / "iu_xray" / "reports_dev.csv").open() as handle:
         texts = [f"{r['findings']} {r['impression']}" for r in csv.DictReader(handle)] + SCANNER_CASES
     text = "\n\n".join(texts)
     low = text.lower()

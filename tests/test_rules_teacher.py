@@ -13,6 +13,7 @@ from data_contracts.entities import EntityMention
 from data_contracts.io import read_artifact
 from data_contracts.reports import Report
 from models.distill import parse, rules_teacher
+from models.distill.prompt import build_messages, estimate_prompt_tokens
 from models.distill.rules_teacher import Mention, distill, entity_phrase, merge_mentions
 from models.text.entities import EntityMatcher, load_entity_list
 from tasks import seed_distill
@@ -23,7 +24,7 @@ from tasks.config import RunConfig
 PIPELINE = SimpleNamespace(run=RunConfig(seed=0))
 
 REPO = Path(__file__).resolve().parent.parent
-IU_CSV = REPO.parent / "shared" / "data" / "real" / "iu_xray" / "reports_dev.csv"
+IU_CSV = REPO / "tests" / "data" / "real" / "iu_xray" / "reports_dev.csv"
 LEXICON = load_entity_list(REPO / "configs" / "entities" / "table1.txt")
 MATCHER = EntityMatcher(LEXICON)
 
@@ -84,7 +85,6 @@ def iu_reports() -> tuple[list[str], list[str], list[str]]:
     return [str(u) for u in df.uid], texts, list(df.Problems)
 
 
-@pytest.mark.skipif(not IU_CSV.exists(), reason="shared IU X-ray sample not present")
 def test_rules_distillations_agree_with_iu_problem_labels_at_least_as_well_as_stage2():
     """Per (report, entity mentioned in it): present or not, against the indexers' `Problems` list.
 
@@ -167,7 +167,7 @@ def test_stage_with_the_rules_teacher_writes_validated_artifacts(tmp_path):
 def test_stage_truncates_long_reports_and_records_it(tmp_path):
     write_upstream(tmp_path)
     ctx = make_test_context(tmp_path, PIPELINE, stage=seed_distill.NAME)
-    base = seed_distill.estimate_prompt_tokens(seed_distill.build_messages("x", ["effusion", "pneumothorax"]))
+    base = estimate_prompt_tokens(build_messages("x", ["effusion", "pneumothorax"]))
     seed_distill.run(ctx, seed_distill.Config(teacher="rules", n_reports=10, max_prompt_tokens=base + 8))
     rows = {
         r["study_id"]: r

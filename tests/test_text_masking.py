@@ -23,7 +23,7 @@ from models.text.wordpiece import SPECIAL_TOKENS, CachedEncoder, empty_wordpiece
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
-IU_XRAY = REPO.parent / "shared" / "data" / "real" / "iu_xray" / "reports_dev.csv"
+IU_XRAY = REPO / "tests" / "data" / "real" / "iu_xray" / "reports_dev.csv"
 HANDWRITTEN = [
     "There is no pleural effusion. Mild bibasilar atelectasis, no pneumothorax.",
     "There may be mild pulmonary edema. The heart is normal.",
@@ -113,7 +113,6 @@ def test_all_negative_descriptors_keep_lambda_neg(tokenizer):
     assert batch.weights[0][batch.descriptor[0]].tolist() == pytest.approx([0.05, 0.05])
 
 
-@pytest.mark.skipif(not IU_XRAY.is_file(), reason="shared IU X-ray sample not present")
 def test_eq3_holds_exactly_per_sample_on_real_reports(tokenizer):
     reports = iu_reports()[:256]
     distilled = [f"There is {w}." if i % 3 else None for i, w in enumerate(ENTITY_WORDS * 3)][:256]
@@ -330,7 +329,6 @@ def test_weighted_mlm_loss_normalisation():
         weighted_mlm_loss(logits, labels[:, :2], weights)
 
 
-@pytest.mark.skipif(not IU_XRAY.is_file(), reason="shared IU X-ray sample not present")
 def test_cached_encoder_matches_tokenizer(tokenizer):
     texts = iu_reports()[:400] + ["Café [MASK] x-ray 2.5cm ABC_12 ... ", "", "   ", "a\tb\nc  ;;"]
     encoder = CachedEncoder(tokenizer)
@@ -341,7 +339,6 @@ def test_cached_encoder_matches_tokenizer(tokenizer):
         assert (ids[row, len(expected) :] == 0).all()
 
 
-@pytest.mark.skipif(not IU_XRAY.is_file(), reason="shared IU X-ray sample not present")
 def test_vectorised_equals_per_token_reference_loop(tokenizer):
     spec = importlib.util.spec_from_file_location("bench_collate", REPO / "bench" / "collate.py")
     bench = importlib.util.module_from_spec(spec)

@@ -17,7 +17,7 @@ from models.text.wordpiece import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-IU_XRAY = REPO.parent / "shared" / "data" / "real" / "iu_xray" / "reports_dev.csv"
+IU_XRAY = REPO / "tests" / "data" / "real" / "iu_xray" / "reports_dev.csv"
 CORPUS = [
     "There is no pleural effusion. Mild bibasilar atelectasis.",
     "No focal consolidation, pneumothorax or pleural effusion.",
@@ -46,7 +46,6 @@ def iu_xray_reports() -> list[str]:
         return [f"{row['findings']} {row['impression']}" for row in csv.DictReader(f)]
 
 
-@pytest.mark.skipif(not IU_XRAY.is_file(), reason="shared IU X-ray sample not present")
 def test_vocabulary_is_the_wordpiece_trainer_one_up_to_ties():
     """Same merge algorithm as tokenizers' WordPieceTrainer: on real reports the vocabularies agree except ties."""
     reports = iu_xray_reports()
