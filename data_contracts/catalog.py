@@ -7,12 +7,16 @@ queryable across a run (`ecamp lineage`, SQL) without opening every file.
 from __future__ import annotations
 
 import json
+import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
 
-from data_contracts.io import ArtifactInfo, Upstream
+from data_contracts.io import ArtifactInfo, Upstream, read_info
+
+_log = logging.getLogger("ecamp.catalog")
 
 CATALOG_NAME = "catalog.duckdb"
 
@@ -32,10 +36,63 @@ def catalog_path(run_dir: Path) -> Path:
     return Path(run_dir) / CATALOG_NAME
 
 
-def record(run_dir: Path, info: ArtifactInfo) -> None:
-    """Append one artifact version and its upstream edges."""
+def record(
+    run_dir: Path, info: ArtifactInfo, log: logging.Logger | logging.LoggerAdapter | None = None
+) -> None:
+    """Append one artifact version and its upstream edges; an unreadable catalog is rebuilt first."""
     path = catalog_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _insert(path, info)
+    except duckdb.Error as err:
+        (log or _log).warning("%s is unreadable (%s): rebuilding it from the artifacts' metadata", path, err)
+        rebuild(run_dir)
+        _insert(path, info)
+
+
+def artifact_files(run_dir: Path) -> list[Path]:
+    """The Parquet artifacts of a run: `<run_dir>/<stage>/<name>.parquet` (attempt folders and shards aside)."""
+    return sorted(p for p in Path(run_dir).glob("*/*.parquet") if not p.name.startswith(".tmp-"))
+
+
+def rebuild(run_dir: Path) -> int:
+    """A new catalog from the lineage every artifact carries in its own metadata; a broken one is kept aside
+    as `catalog.duckdb.broken-<time>`. Returns the number of artifacts recorded. History goes: only the
+    versions on disk are known (edges to older versions show as inputs)."""
+    path = catalog_path(run_dir)
+    if path.exists():
+        path.rename(path.with_name(f"{path.name}.broken-{int(time.time())}"))
+    Path(f"{path}.wal").unlink(missing_ok=True)
+    infos = []
+    for artifact in artifact_files(run_dir):
+        try:
+            infos.append(read_info(artifact))
+        except ValueError as err:  # not ours, or unreadable: not an artifact of this run
+            _log.warning("catalog rebuild: skipping %s (%s)", artifact, err)
+    for info in sorted(infos, key=lambda i: i.created_at):
+        _insert(path, info)
+    return len(infos)
+
+
+def _readable(run_dir: Path) -> bool:
+    """Whether the catalog can be queried; a missing or broken one is rebuilt (with a warning) when the run
+    has artifacts. False when there is nothing to catalog."""
+    path = catalog_path(run_dir)
+    if path.exists():
+        try:
+            with duckdb.connect(str(path), read_only=True) as con:
+                con.execute("SELECT count(*) FROM artifacts").fetchone()
+            return True
+        except duckdb.Error as err:
+            _log.warning("%s is unreadable (%s): rebuilding it from the artifacts' metadata", path, err)
+    elif not artifact_files(run_dir):
+        return False
+    else:
+        _log.warning("%s is missing: rebuilding it from the artifacts' metadata", path)
+    return rebuild(run_dir) > 0
+
+
+def _insert(path: Path, info: ArtifactInfo) -> None:
     with duckdb.connect(str(path)) as con:
         con.execute(_SCHEMA)
         con.execute(
@@ -65,7 +122,7 @@ def record(run_dir: Path, info: ArtifactInfo) -> None:
 def latest(run_dir: Path, name_or_uri: str) -> ArtifactInfo | None:
     """Latest recorded version of an artifact given by name (`reports`), `stage/name`, path or URI."""
     path = catalog_path(run_dir)
-    if not path.exists():
+    if not _readable(run_dir):
         return None
     key = name_or_uri
     candidate = Path(name_or_uri)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from data_contracts.base import Row
 
@@ -57,3 +57,14 @@ class DistillReject(Row):
     stage: str
     reason: str
     attempts: int
+
+
+class TeacherSettings(Row):
+    """The teacher `seed_distill` used, for `bulk_distill`'s QC retries: a declared input instead of a
+    read of another stage's config section, so a teacher change reaches (and reruns) the bulk stage."""
+
+    contract: ClassVar[str] = "teacher_settings"
+    version: ClassVar[int] = 1
+    teacher: Literal["rules", "openai"]
+    client_json: str  # models.distill.teacher_http.ClientConfig as JSON (endpoint, model, limits; no key)
+    max_prompt_tokens: int

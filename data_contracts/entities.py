@@ -66,3 +66,15 @@ class EntitySummary(Row):
     top_descriptor_ratio: (
         float  # count of the first over count of the second (the paper's "is no" vs "there is")
     )
+
+
+class LexiconForm(Row):
+    """One surface form of an entity in the list `match_entities` used: the side input later stages read
+    (GLoRIA's entity words, MLM descriptor masking), so a different list reaches them and reruns them."""
+
+    contract: ClassVar[str] = "lexicon"
+    version: ClassVar[int] = 1
+    entity: str
+    form: str
+    rank: int  # the entity's position in the list (list order is kept)
+    source: str  # the list file it came from

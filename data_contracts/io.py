@@ -80,13 +80,16 @@ def content_hash(table: pa.Table) -> str:
 
 
 def write_artifact(
-    path: Path, data: pa.Table | list[Any], contract: type[Row], lineage: Lineage
+    path: Path, data: pa.Table | list[Any], contract: type[Row], lineage: Lineage, uri: str | None = None
 ) -> ArtifactInfo:
-    """Validate `data` against `contract` and write it to `path` atomically with lineage metadata."""
+    """Validate `data` against `contract` and write it to `path` atomically with lineage metadata.
+
+    `uri` names where the artifact will live when it is written elsewhere first (a stage's attempt folder).
+    """
     path = Path(path)
     table = to_table(data, contract, source=str(path))
     info = ArtifactInfo(
-        uri=file_uri(path),
+        uri=uri or file_uri(path),
         name=path.stem,
         schema_name=contract.contract,
         schema_version=contract.version,

@@ -30,12 +30,12 @@ def _quiet_prefect() -> None:
 def _check_config(config: Path, overrides: list[str] | None, stage: str | None = None):
     """Validate the config (and stage name) before any flow, server or stage starts."""
     from tasks.config import ConfigError, load_config
-    from tasks.registry import stage_module
+    from tasks.registry import get_stage
 
     try:
         cfg = load_config(config, overrides)
         if stage is not None:
-            stage_module(stage)
+            get_stage(stage)
     except (ConfigError, KeyError) as err:
         _fail(err)
     return cfg

@@ -6,6 +6,7 @@ Prefect's result cache: it needs no result storage shared between workers and su
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +16,16 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from tasks.config import config_from_dict, load_config
-from tasks.registry import stage_module, stage_names
+from tasks.lock import run_lock
+from tasks.registry import get_stage, stage_names
 from tasks.runner import StageResult, run_stage
 
 PLOT_SUFFIXES = (".png",)
 
 
 def artifact_key(stage: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return "ecamp-" + stage.replace("_", "-")
+    """Prefect artifact keys allow lowercase letters, digits and dashes only (`pretrain_ecamp__lambda_0.1`)."""
+    return "ecamp-" + re.sub(r"[^a-z0-9]+", "-", stage.lower()).strip("-")
 
 
 def output_table(result: StageResult) -> list[dict[str, Any]]:
@@ -57,20 +59,28 @@ def publish(result: StageResult, run_dir: Path) -> None:
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def stage_task(stage: str, config_data: dict[str, Any], run_dir: str, force: bool = False) -> dict[str, Any]:
+def stage_task(
+    stage: str, config_data: dict[str, Any], run_dir: str, force: bool = False, name: str | None = None
+) -> dict[str, Any]:
+    """One stage (under folder `name`, for ablation rows) through the runner, which decides if it is cached."""
     logger = get_run_logger()
     config = config_from_dict(config_data)
     result = run_stage(
-        stage_module(stage),
+        get_stage(stage),
         config,
         Path(run_dir),
         force=force,
         log=logger,
         run_id=str(flow_run.id or "local"),
+        name=name,
     )
     if result.status == "ran":
         publish(result, Path(run_dir))
-    return {"stage": stage, "status": result.status, "outputs": {k: v.uri for k, v in result.outputs.items()}}
+    return {
+        "stage": result.stage,
+        "status": result.status,
+        "outputs": {k: v.uri for k, v in result.outputs.items()},
+    }
 
 
 def resolve_run_dir(config: Any, run_dir: str | None) -> str:
@@ -99,9 +109,10 @@ def ecamp_pipeline(
     target = resolve_run_dir(config, run_dir)
     data = config.model_dump(mode="json")
     summaries = []
-    for stage in stages_until(until):
-        run = stage_task.with_options(name=stage, task_run_name=stage)
-        summaries.append(run(stage, data, target, force=stage in (force or [])))
+    with run_lock(Path(target)):  # held across stages: no other run slips in between two of them
+        for stage in stages_until(until):
+            run = stage_task.with_options(name=stage, task_run_name=stage)
+            summaries.append(run(stage, data, target, force=stage in (force or [])))
     return summaries
 
 
@@ -115,7 +126,7 @@ def ecamp_stage(
 ) -> dict[str, Any]:
     """Exactly one stage, reading its upstream artifacts from the run directory (e.g. to rerun a failed one)."""
     config = load_config(config_path, overrides)
-    stage_module(stage)
+    get_stage(stage)
     run = stage_task.with_options(name=stage, task_run_name=stage)
     return run(stage, config.model_dump(mode="json"), resolve_run_dir(config, run_dir), force=force)
 
@@ -130,16 +141,13 @@ def ecamp_ablations(
     force: bool = False,
 ) -> list[dict[str, Any]]:
     """Pre-train one encoder per row of a paper ablation table (7, 8 or 9) on the run's upstream artifacts."""
-    from tasks.pretrain_ecamp import NAME, ablation_rows
+    from tasks.pretrain_ecamp import STAGE, ablation_rows
 
     summaries = []
     for row, row_overrides in ablation_rows(table, rows).items():
         config = load_config(config_path, [*(overrides or []), *row_overrides])
-        name = f"{NAME}__{row}"
+        name = f"{STAGE.name}__{row}"
         run = stage_task.with_options(name=name, task_run_name=name)
-        summaries.append(
-            run(
-                NAME, config.model_dump(mode="json"), resolve_run_dir(config, run_dir), force=force, name=name
-            )
-        )
+        data = config.model_dump(mode="json")
+        summaries.append(run(STAGE.name, data, resolve_run_dir(config, run_dir), force=force, name=name))
     return summaries

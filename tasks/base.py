@@ -2,11 +2,17 @@
 
 Stages never build paths to other stages' files or write Parquet themselves: going through the context is
 what makes every output validated, atomic and traceable to the exact upstream versions it was made from.
+
+An attempt writes into `<stage>/.attempt/`; only `commit` moves its outputs under their final names and
+then writes the success record. A failed attempt therefore leaves the previous good outputs and record in
+place, and its partial outputs apart where a user can inspect them. Working files that must survive a
+failed attempt (caches, checkpoints, shards) go to `scratch`.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +22,22 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 
-from data_contracts import catalog
+from data_contracts import catalog, files
 from data_contracts.base import Row
-from data_contracts.io import ArtifactInfo, Lineage, Upstream, read_artifact_and_info, write_artifact
+from data_contracts.io import (
+    ArtifactInfo,
+    Lineage,
+    Upstream,
+    content_hash,
+    read_artifact_and_info,
+    write_artifact,
+)
+from tasks.record import OutputRecord, SuccessRecord, current_hash, output_path, read_record, write_record
+from tasks.stage import Stage, split_ref
 
 T = TypeVar("T")
+ATTEMPT_DIR = ".attempt"
+PREVIOUS_DIR = ".previous"
 
 
 class StageConfig(BaseModel):
@@ -30,87 +47,199 @@ class StageConfig(BaseModel):
 
 
 class MissingUpstreamError(FileNotFoundError):
-    """An upstream artifact a stage needs has not been produced in this run directory."""
+    """An upstream artifact a stage needs has not been produced (successfully) in this run directory."""
 
 
-def split_ref(ref: str) -> tuple[str, str]:
-    stage, sep, name = ref.partition("/")
-    if not sep or not stage or not name:
-        raise ValueError(f"artifact reference '{ref}' must look like 'stage/artifact'")
-    return stage, name
+class UndeclaredError(KeyError):
+    """A stage read, wrote or configured itself from something its `Stage` record does not declare."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
-def artifact_path(run_dir: Path, ref: str) -> Path:
-    stage, name = split_ref(ref)
-    return Path(run_dir) / stage / f"{name}.parquet"
+class ConfigView:
+    """The pipeline config as a stage may see it: `run`, its own section and the sections it declares."""
+
+    def __init__(self, config: Any, allowed: Iterable[str], stage: str):
+        self._config, self._allowed, self._stage = config, frozenset(allowed), stage
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name in self._allowed:
+            return getattr(self._config, name)
+        raise UndeclaredError(
+            f"stage '{self._stage}' reads config section '{name}' without declaring it in its Stage.sections"
+        )
 
 
 @dataclass
 class StageContext:
     run_dir: Path
-    stage: str
+    stage: Stage
     config: Any
     log: logging.Logger | logging.LoggerAdapter
+    name: str = ""  # folder name: the stage's own, or an ablation row's `pretrain_ecamp__<row>`
     run_id: str = "local"
     config_hash: str = ""
-    code_version: str = ""
     inputs: list[Upstream] = field(default_factory=list)
     outputs: dict[str, ArtifactInfo] = field(default_factory=dict)
     upstream: dict[str, Upstream] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        self.name = self.name or self.stage.name
+        if not isinstance(self.config, ConfigView):
+            allowed = {"run", self.stage.name, *self.stage.sections}
+            self.config = ConfigView(self.config, allowed, self.name)
+
     @property
     def stage_dir(self) -> Path:
-        return Path(self.run_dir) / self.stage
+        return self.run_dir / self.name
+
+    @property
+    def attempt_dir(self) -> Path:
+        return self.stage_dir / ATTEMPT_DIR
+
+    @property
+    def code_version(self) -> str:
+        return self.stage.code_version
+
+    # -- reading ----------------------------------------------------------------------------------------
+
+    def _declared_read(self, ref: str) -> tuple[str, str]:
+        if ref not in self.stage.reads:
+            raise UndeclaredError(
+                f"stage '{self.name}' reads '{ref}' without declaring it in its Stage.reads"
+            )
+        return split_ref(ref)
+
+    def _upstream(self, ref: str) -> tuple[Path, OutputRecord] | None:
+        producer, name = self._declared_read(ref)
+        record = read_record(self.run_dir, producer)
+        if record is None or name not in record.outputs:
+            return None
+        rec = record.outputs[name]
+        return output_path(self.run_dir, producer, name, rec.kind), rec
 
     def has(self, ref: str) -> bool:
-        return artifact_path(self.run_dir, ref).exists()
+        """True when the producing stage's last success lists `ref` (outputs of failed attempts never count)."""
+        found = self._upstream(ref)
+        return found is not None and found[0].exists()
+
+    def _missing(self, ref: str) -> MissingUpstreamError:
+        producer, _ = split_ref(ref)
+        return MissingUpstreamError(
+            f"{self.name} needs '{ref}' but stage '{producer}' has no successful run in {self.run_dir} "
+            f"that wrote it: run stage '{producer}' first"
+        )
 
     def read(self, ref: str, contract: type[Row] | None = None) -> pa.Table:
-        """Read and validate an upstream artifact, recording it as an input of what this stage writes."""
-        path = artifact_path(self.run_dir, ref)
-        if not path.exists():
-            producer, _ = split_ref(ref)
-            raise MissingUpstreamError(
-                f"{self.stage} needs '{ref}' but {path} does not exist: run stage '{producer}' first"
-            )
+        """Read and validate an upstream Parquet artifact, recording the hash of what was read."""
+        found = self._upstream(ref)
+        if found is None:
+            raise self._missing(ref)
+        path, rec = found
         table, info = read_artifact_and_info(path, contract)
-        self.upstream[ref] = Upstream(info.uri, info.content_hash)
+        actual = rec.content_hash if files.stamp(path) == rec.stamp else content_hash(table)
+        if actual != rec.content_hash:
+            self.log.warning("%s changed after its stage wrote it: recording the hash of what was read", path)
+        self.upstream[ref] = Upstream(info.uri, actual)
         return table
 
-    def write(self, name: str, data: pa.Table | list[Any], contract: type[Row]) -> Path:
-        """Validate and write `<run_dir>/<stage>/<name>.parquet` with lineage, and record it in the catalog."""
-        path = self.stage_dir / f"{name}.parquet"
+    def read_path(self, ref: str) -> Path:
+        """The path of an upstream file output (weights, adapter folder), checked against its success record."""
+        found = self._upstream(ref)
+        if found is None:
+            raise self._missing(ref)
+        path, rec = found
+        producer, name = split_ref(ref)
+        actual = current_hash(self.run_dir, producer, name, rec)
+        if actual is None:
+            raise self._missing(ref)
+        self.upstream[ref] = Upstream(path.resolve().as_uri(), actual)
+        return path
+
+    # -- writing ----------------------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Start an attempt: a clean `.attempt/` folder (a previous failed attempt's partial outputs go)."""
+        shutil.rmtree(self.attempt_dir, ignore_errors=True)
+        self.attempt_dir.mkdir(parents=True)
+
+    def write(self, name: str, data: pa.Table | list[Any], contract: type[Row] | None = None) -> Path:
+        """Validate and write the declared Parquet output `name` into the attempt, with lineage."""
+        declared = self.stage.writes.get(name)
+        if declared is None:
+            raise UndeclaredError(f"stage '{self.name}' writes '{name}' without declaring it in Stage.writes")
+        if contract is not None and contract is not declared:
+            raise UndeclaredError(f"stage '{self.name}': '{name}' is declared as {declared.contract}")
+        final = output_path(self.run_dir, self.name, name, "parquet")
         lineage = Lineage(
-            stage=self.stage,
+            stage=self.name,
             run_id=self.run_id,
             config_hash=self.config_hash,
             code_version=self.code_version,
             upstream=[*self.inputs, *self.upstream.values()],
         )
-        info = write_artifact(path, data, contract, lineage)
-        catalog.record(self.run_dir, info)
+        path = self.attempt_dir / final.name
+        info = write_artifact(path, data, declared, lineage, uri=final.resolve().as_uri())
         self.outputs[name] = info
-        self.log.info("wrote %s (%d rows, %s)", path, info.rows, contract.contract)
+        self.log.info("wrote %s (%d rows, %s)", final.name, info.rows, declared.contract)
         return path
 
     def path(self, name: str) -> Path:
-        """A path under this stage's folder for outputs that are not Parquet (plots, checkpoints, adapters)."""
+        """Where to write a declared file output (weights, adapter folder, plots) during this attempt."""
+        head = Path(name).parts[0]
+        if head not in self.stage.files:
+            raise UndeclaredError(f"stage '{self.name}' writes file '{name}' not declared in Stage.files")
+        path = self.attempt_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def scratch(self, name: str) -> Path:
+        """A working file kept across attempts (response caches, checkpoints, shards, logs); not an output,
+        so never moved or verified. It lives beside the outputs, where earlier versions kept it."""
+        if Path(name).parts[0] in (*self.stage.outputs, ATTEMPT_DIR, PREVIOUS_DIR):
+            raise UndeclaredError(f"stage '{self.name}': scratch name '{name}' is an output's name")
         path = self.stage_dir / name
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
+    def commit(self, fingerprint: str, parts: dict[str, Any], seconds: float) -> SuccessRecord:
+        """Move every declared output of the attempt under its final name, then write the success record."""
+        missing = [n for n in self.stage.writes if n not in self.outputs]
+        missing += [
+            n
+            for n in self.stage.files
+            if not (self.attempt_dir / n).exists() and n not in self.stage.optional
+        ]
+        if missing:
+            raise RuntimeError(f"stage '{self.name}' finished without writing its declared outputs {missing}")
+        previous = self.stage_dir / PREVIOUS_DIR
+        shutil.rmtree(previous, ignore_errors=True)
+        previous.mkdir()
+        record = SuccessRecord(self.name, fingerprint, parts, seconds)
+        for name in self.stage.outputs:
+            kind = "parquet" if name in self.stage.writes else "file"
+            final = output_path(self.run_dir, self.name, name, kind)
+            staged = self.attempt_dir / final.name
+            if final.exists():
+                final.rename(previous / final.name)
+            if not staged.exists():  # an optional file output this configuration does not write
+                continue
+            staged.rename(final)
+            if kind == "parquet":
+                info = self.outputs[name]
+                record.outputs[name] = OutputRecord(kind, info.content_hash, files.stamp(final), info)
+            else:
+                record.outputs[name] = OutputRecord(kind, files.content_hash(final), files.stamp(final))
+        write_record(self.run_dir, record)
+        for info in self.outputs.values():
+            catalog.record(self.run_dir, info, self.log)
+        shutil.rmtree(previous, ignore_errors=True)
+        shutil.rmtree(self.attempt_dir, ignore_errors=True)
+        return record
+
     def progress(
         self, iterable: Iterable[T], total: int | None = None, desc: str | None = None
     ) -> Iterator[T]:
-        return iter(tqdm(iterable, total=total, desc=desc or self.stage, mininterval=1.0, dynamic_ncols=True))
-
-
-def make_test_context(run_dir: Path, config: Any = None, stage: str = "test") -> StageContext:
-    """A context for calling a stage's `run` directly in tests, without the pipeline runner or Prefect."""
-    if config is None:
-        from tasks.config import load_config
-
-        config = load_config(None)
-    return StageContext(
-        run_dir=Path(run_dir), stage=stage, config=config, log=logging.getLogger(f"ecamp.{stage}")
-    )
+        return iter(tqdm(iterable, total=total, desc=desc or self.name, mininterval=1.0, dynamic_ncols=True))

@@ -42,18 +42,10 @@ from models.distill.prompt import build_messages, ordered_entities, prompt_repor
 from models.distill.student import load_student, student_prompt
 from models.distill.teacher_http import ChatRequest, ClientConfig, complete_many, run_sync
 from tasks.base import StageConfig, StageContext
-
-NAME = "bulk_distill"
-CODE_VERSION = "2"
-UPSTREAM = [
-    "extract_reports/reports",
-    "match_entities/entity_mentions",
-    "seed_distill/seed_distillations",
-    "finetune_student/student_model",
-    "finetune_student/student_eval",
-]
+from tasks.stage import Stage
 
 SHARD_DIR = "shards"
+ADAPTER, TINY_BASE = "adapter", "base_model"  # finetune_student's declared file outputs
 PLAN_FILE = "plan.json"
 RETRY_CACHE_FILE = "teacher_retry_cache.sqlite"
 STUDENT_CACHE_FILE = "student_cache.sqlite"
@@ -97,7 +89,9 @@ class Config(StageConfig):
 # ------------------------------------------------------------------------------------------- items
 
 
-def build_items(ctx: StageContext) -> tuple[list[dict], dict[str, dict], list[str], parse.EntityFinder]:
+def build_items(
+    ctx: StageContext, max_prompt_tokens: int
+) -> tuple[list[dict], dict[str, dict], list[str], parse.EntityFinder]:
     """(reports needing the student, teacher rows by study, reports without entities, entity finder)."""
     reports = (
         ctx.read("extract_reports/reports").select(["study_id", "text", "findings", "impression"]).to_pylist()
@@ -109,7 +103,6 @@ def build_items(ctx: StageContext) -> tuple[list[dict], dict[str, dict], list[st
     for name, ids in (("entity_mentions", set(mentions)), ("seed_distillations", set(seeds))):
         if unknown := sorted(ids - known):
             raise ValueError(f"{name} has {len(unknown)} study ids missing from reports, e.g. {unknown[:3]}")
-    max_prompt_tokens = ctx.config.seed_distill.max_prompt_tokens
     todo, empty = [], []
     for r in sorted(reports, key=lambda r: r["study_id"]):
         sid = r["study_id"]
@@ -247,7 +240,7 @@ def run_shards(
     pending = [i for i in range(len(shards)) if i not in done]
     backend = backend_factory() if pending else None
     bar = tqdm(
-        total=len(todo), initial=sum(len(shards[i]) for i in done), unit="report", desc=NAME,
+        total=len(todo), initial=sum(len(shards[i]) for i in done), unit="report", desc="bulk_distill",
         mininterval=1.0, dynamic_ncols=True,
     )  # fmt: skip
     with bar:
@@ -296,15 +289,14 @@ def merge_rows(
 # ------------------------------------------------------------------------------------------- backends
 
 
-def teacher_fn(ctx: StageContext, stack: ExitStack) -> tuple[TeacherFn, str]:
-    """The seed_distill stage's teacher (same config section), used for QC retries."""
-    seed_cfg = ctx.config.seed_distill
-    if seed_cfg.teacher == "rules":
+def teacher_fn(ctx: StageContext, settings: dict, stack: ExitStack) -> tuple[TeacherFn, str]:
+    """The teacher seed_distill used (its `teacher_settings` artifact), for QC retries."""
+    if settings["teacher"] == "rules":
         return (lambda items: [rules_teacher.distill(it["full_text"], it["mentions"]) for it in items]), (
             rules_teacher.MODEL_NAME
         )
-    client_cfg: ClientConfig = seed_cfg.client_config()
-    cache = stack.enter_context(ResponseCache(ctx.path(RETRY_CACHE_FILE)))
+    client_cfg = ClientConfig.model_validate_json(settings["client_json"])
+    cache = stack.enter_context(ResponseCache(ctx.scratch(RETRY_CACHE_FILE)))
 
     def ask(items: Sequence[dict]) -> list[str | None]:
         requests = [
@@ -316,9 +308,9 @@ def teacher_fn(ctx: StageContext, stack: ExitStack) -> tuple[TeacherFn, str]:
 
 
 def student_backend(ctx: StageContext, cfg: Config, model_row: dict, stack: ExitStack) -> StudentBackend:
-    adapter_dir = ctx.run_dir / model_row["adapter_dir"]
-    base = Path(model_row["base_model"])
-    base = base if base.is_absolute() else ctx.run_dir / base
+    adapter_dir = ctx.read_path(f"finetune_student/{ADAPTER}")
+    tiny = f"finetune_student/{TINY_BASE}"
+    base = ctx.read_path(tiny) if ctx.has(tiny) else Path(model_row["base_model"])
     if cfg.backend == "transformers":
         model, tokenizer = load_student(base, adapter_dir, resolve_device(ctx.config.run.device))
         settings = GenerationSettings(cfg.gen_batch, model_row["max_new_tokens"], model_row["max_prompt"])
@@ -329,14 +321,16 @@ def student_backend(ctx: StageContext, cfg: Config, model_row: dict, stack: Exit
             executable=cfg.vllm_executable, port=cfg.vllm_port, max_lora_rank=cfg.vllm_max_lora_rank,
             max_model_len=cfg.vllm_max_model_len, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
         )  # fmt: skip
-        server = stack.enter_context(start_vllm_server(base, adapter_dir, vllm, ctx.path("vllm_server.log")))
+        server = stack.enter_context(
+            start_vllm_server(base, adapter_dir, vllm, ctx.scratch("vllm_server.log"))
+        )
         base_url, send_key = server.base_url, True  # our own child process, which reads VLLM_API_KEY too
     client_cfg = ClientConfig(
         base_url=base_url, model=cfg.served_model, api_key_env=cfg.api_key_env, send_key_to_local=send_key,
         concurrency=cfg.concurrency,
         rpm=None, tpm=None, timeout_s=cfg.timeout_s, max_tokens=model_row["max_new_tokens"], temperature=0.0,
     )  # fmt: skip
-    cache = stack.enter_context(ResponseCache(ctx.path(STUDENT_CACHE_FILE)))
+    cache = stack.enter_context(ResponseCache(ctx.scratch(STUDENT_CACHE_FILE)))
     return OpenAIBackend(client_cfg, cache)
 
 
@@ -350,7 +344,8 @@ def run(
     teacher: TeacherFn | None = None,
 ) -> None:
     """`backend` / `teacher` replace the configured ones (tests inject counting or failing doubles)."""
-    todo, seeds, empty, finder = build_items(ctx)
+    settings = ctx.read("seed_distill/teacher_settings").to_pylist()[0]
+    todo, seeds, empty, finder = build_items(ctx, settings["max_prompt_tokens"])
     model_row = ctx.read("finetune_student/student_model").to_pylist()[0]
     evals = {r["system"]: r for r in ctx.read("finetune_student/student_eval").to_pylist()}
     if "student" in evals:
@@ -366,19 +361,19 @@ def run(
             ctx.log.warning("entity_complete: a server gives no prompt log-probabilities, so entities still "
                             "missing after re-prompting stay missing; QC re-sends such answers to the teacher "
                             "(retry_budget)")  # fmt: skip
-    lineage = Lineage(stage=ctx.stage, run_id=ctx.run_id, config_hash=ctx.config_hash,
+    lineage = Lineage(stage=ctx.name, run_id=ctx.run_id, config_hash=ctx.config_hash,
                       code_version=ctx.code_version, upstream=[*ctx.inputs, *ctx.upstream.values()])  # fmt: skip
     with ExitStack() as stack:
         teacher_model = "injected"
         if teacher is None:
-            teacher, teacher_model = teacher_fn(ctx, stack)
+            teacher, teacher_model = teacher_fn(ctx, settings, stack)
         factory = (
             (lambda: backend)
             if backend is not None
             else (lambda: student_backend(ctx, cfg, model_row, stack))
         )
         shard_rows = run_shards(
-            todo, ctx.stage_dir / SHARD_DIR, cfg, factory, teacher, student_model, teacher_model, finder,
+            todo, ctx.scratch(SHARD_DIR), cfg, factory, teacher, student_model, teacher_model, finder,
             lineage, ctx.log, reprompt_rounds,
         )  # fmt: skip
     expected = {it["study_id"] for it in todo} | set(seeds) | set(empty)
@@ -390,4 +385,25 @@ def run(
     ctx.log.info(
         "distilled reports by source %s; %d kept student answers carry QC flags", dict(by_source), flagged
     )
-    ctx.write("distilled_reports", rows, DistilledReport)
+    ctx.write("distilled_reports", rows)
+
+
+STAGE = Stage(
+    name="bulk_distill",
+    version="3",
+    config=Config,
+    run=run,
+    summary="the fine-tuned student distils every other report (sharded, resumable); QC retries go to the teacher",
+    reads=(
+        "extract_reports/reports",
+        "match_entities/entity_mentions",
+        "seed_distill/seed_distillations",
+        "seed_distill/teacher_settings",
+        "finetune_student/student_model",
+        "finetune_student/student_eval",
+        f"finetune_student/{ADAPTER}",
+        f"finetune_student/{TINY_BASE}",
+    ),
+    optional=(f"finetune_student/{TINY_BASE}",),
+    writes={"distilled_reports": DistilledReport},
+)

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from tasks.base import StageConfig
-from tasks.registry import stage_modules
+from tasks.registry import stages
 
 
 class ConfigError(ValueError):
@@ -55,8 +55,8 @@ def pipeline_config_model() -> type[BaseModel]:
         "data": (DataConfig, Field(default_factory=DataConfig)),
         "synth": (SynthConfig, Field(default_factory=SynthConfig)),
     }
-    for module in stage_modules():
-        sections[module.NAME] = (module.Config, Field(default_factory=module.Config))
+    for stage in stages():
+        sections[stage.name] = (stage.config, Field(default_factory=stage.config))
     return create_model("PipelineConfig", __config__=ConfigDict(extra="forbid"), **sections)
 
 

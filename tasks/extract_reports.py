@@ -26,10 +26,7 @@ from data_contracts.reports import Image, Reject, Report
 from models.images import ImageLoadError, image_size, load_grayscale, looks_inverted
 from models.text.sections import extract_findings_impression
 from tasks.base import StageConfig, StageContext
-
-NAME = "extract_reports"
-CODE_VERSION = "1"
-UPSTREAM: list[str] = []
+from tasks.stage import Stage
 
 METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv"
 SPLIT_CSV = "mimic-cxr-2.0.0-split.csv"
@@ -459,3 +456,28 @@ def run(ctx: StageContext, cfg: Config) -> None:
     ctx.log.info(
         "%d reports, %d images, %d rejects", len(result.reports), len(result.images), len(result.rejects)
     )
+
+
+def data_files(config: Any) -> list[Path]:
+    """The input files the `data` section names (for the cache key and lineage); a missing setting is an error."""
+    data = config.data
+    if data.source == "manifest":
+        if not data.manifest:
+            raise InputLayoutError("data.source is 'manifest' but data.manifest is not set")
+        return [Path(data.manifest)]
+    if not data.root:
+        raise InputLayoutError("data.source is 'mimic' but data.root is not set")
+    root = Path(data.root)
+    return [root / "files", *sorted(root.glob("mimic-cxr-2.0.0-*.csv*"))]
+
+
+STAGE = Stage(
+    name="extract_reports",
+    version="1",
+    config=Config,
+    run=run,
+    summary="MIMIC-CXR reports + MIMIC-CXR-JPG tree and CSVs, or a manifest → one row per study and image",
+    writes={"rejects": Reject, "reports": Report, "images": Image},
+    sections=("data",),
+    input_files=data_files,
+)

@@ -39,10 +39,7 @@ from models.distill.student import (
     warm_up_base,
 )
 from tasks.base import StageConfig, StageContext
-
-NAME = "finetune_student"
-CODE_VERSION = "3"
-UPSTREAM = ["seed_distill/seed_distillations"]
+from tasks.stage import Stage
 
 ADAPTER_DIR = "adapter"
 TINY_BASE_DIR = "base_model"
@@ -359,14 +356,16 @@ def run(ctx: StageContext, cfg: Config) -> None:
     for e in evals:
         ctx.log.info("held-out agreement %s", e)
 
-    ctx.write("student_loss", [p.__dict__ for p in result.curve], StudentLoss)
-    ctx.write("student_eval", evals, StudentEval)
+    ctx.write("student_loss", [p.__dict__ for p in result.curve])
+    ctx.write("student_eval", evals)
     ctx.write(
         "student_model",
         [
             {
-                "adapter_dir": run_relative(adapter_dir, ctx.run_dir),
-                "base_model": run_relative(base_path, ctx.run_dir),
+                "adapter_dir": run_relative(ctx.stage_dir / ADAPTER_DIR, ctx.run_dir),
+                "base_model": run_relative(ctx.stage_dir / TINY_BASE_DIR, ctx.run_dir)
+                if cfg.base_model == "tiny"
+                else str(base_path),
                 "adapter_sha256": sha256_file(adapter_dir / "adapter_model.safetensors"),
                 "lora_r": cfg.lora_r,
                 "lora_alpha": cfg.lora_alpha,
@@ -379,5 +378,17 @@ def run(ctx: StageContext, cfg: Config) -> None:
                 "n_skipped": len(skipped),
             }
         ],
-        StudentModel,
     )
+
+
+STAGE = Stage(
+    name="finetune_student",
+    version="4",
+    config=Config,
+    run=run,
+    summary="LoRA fine-tuning of the student LLM on the seed distillations, held-out agreement",
+    reads=("seed_distill/seed_distillations",),
+    writes={"student_loss": StudentLoss, "student_eval": StudentEval, "student_model": StudentModel},
+    files=(ADAPTER_DIR, TINY_BASE_DIR),
+    optional=(TINY_BASE_DIR,),  # written only for the built-in tiny base; a real base stays where it is
+)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 from pydantic import Field
 
-from data_contracts.entities import DescriptorStat, EntityMention, EntityStat, EntitySummary
+from data_contracts.entities import DescriptorStat, EntityMention, EntityStat, EntitySummary, LexiconForm
 from data_contracts.reports import Report
 from models.resources import REPO_ROOT
 from models.text.entities import (
@@ -18,14 +18,14 @@ from models.text.entities import (
     derive_entity_list,
     descriptor_stats,
     entity_stats,
+    lexicon_rows,
     load_entity_list,
     write_entity_list,
 )
 from tasks.base import StageConfig, StageContext
+from tasks.stage import Stage
 
-NAME = "match_entities"
-CODE_VERSION = "1"
-UPSTREAM = ["extract_reports/reports"]
+ENTITY_LISTS = "entity_lists"  # Table 8's derived lists, as files a later run can point entity_list at
 
 
 class Config(StageConfig):
@@ -115,26 +115,29 @@ def write_derived_lists(ctx: StageContext, cfg: Config, entities: pa.Table, sour
     ):
         chosen = derive_entity_list(entities, strategy, **arg)
         write_entity_list(
-            ctx.path(name), chosen, f"Table 8 variant ({strategy} {arg}) of {source}, by mentions"
+            ctx.path(f"{ENTITY_LISTS}/{name}"),
+            chosen,
+            f"Table 8 variant ({strategy} {arg}) of {source}, by mentions",
         )
 
 
 def run(ctx: StageContext, cfg: Config) -> None:
     lexicon = load_entity_list(resolve_entity_list(cfg.entity_list))
+    ctx.write("lexicon", lexicon_rows(lexicon))
     matcher = EntityMatcher(
         lexicon, MatcherConfig(beta=cfg.beta, post_window=cfg.post_window, batch_size=cfg.batch_size)
     )
     reports = ctx.read("extract_reports/reports", Report)
     study_ids = reports.column("study_id").to_pylist()
     mentions = matcher.match(study_ids, reports.column("text").to_pylist())
-    ctx.write("entity_mentions", mentions, EntityMention)
+    ctx.write("entity_mentions", mentions)
 
     entities = entity_stats(mentions, lexicon.entities)
     descriptors = descriptor_stats(mentions)
     summary = corpus_summary(mentions, reports.num_rows, descriptors)
-    ctx.write("entity_stats", entities, EntityStat)
-    ctx.write("descriptor_stats", descriptors, DescriptorStat)
-    ctx.write("entity_summary", [summary], EntitySummary)
+    ctx.write("entity_stats", entities)
+    ctx.write("descriptor_stats", descriptors)
+    ctx.write("entity_summary", [summary])
     plot_entity_frequencies(entities, ctx.path("fig2a_entities.png"), cfg.plot_top_n)
     plot_descriptor_frequencies(descriptors, ctx.path("fig2b_descriptors.png"), cfg.plot_top_n)
     write_derived_lists(ctx, cfg, entities, lexicon.source)
@@ -150,3 +153,22 @@ def run(ctx: StageContext, cfg: Config) -> None:
         summary["top_positive_descriptor"],
         summary["top_descriptor_ratio"],
     )
+
+
+STAGE = Stage(
+    name="match_entities",
+    version="2",
+    config=Config,
+    run=run,
+    summary="entity mentions with descriptors and polarity (§3.1), Fig. 2 statistics, Table 8 entity lists",
+    reads=("extract_reports/reports",),
+    writes={
+        "lexicon": LexiconForm,
+        "entity_mentions": EntityMention,
+        "entity_stats": EntityStat,
+        "descriptor_stats": DescriptorStat,
+        "entity_summary": EntitySummary,
+    },
+    files=("fig2a_entities.png", "fig2b_descriptors.png", ENTITY_LISTS),
+    input_files=lambda config: [resolve_entity_list(config.match_entities.entity_list)],
+)

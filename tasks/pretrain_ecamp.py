@@ -28,26 +28,21 @@ import torch
 from pydantic import Field, model_validator
 
 from data_contracts.pretrain import PretrainMetric, PretrainReject
+from models.devices import resolve_device
 from models.ecamp.export import export_encoder, write_model_card
 from models.ecamp.model import ECAMP, ECAMPConfig
-from models.ecamp.pretrain import (
-    CHECKPOINT,
-    PretrainConfig,
-    PretrainDataset,
-    join_inputs,
-    train,
-    write_job,
-)
+from models.ecamp.pretrain import CHECKPOINT, PretrainConfig, join_inputs, run_job, write_job
 from models.resources import REPO_ROOT
-from models.text.masking import TextCollator, TextMaskingConfig, read_entity_words
+from models.text.entities import lexicon_from_rows
+from models.text.masking import TextMaskingConfig
 from models.text.wordpiece import save_wordpiece, train_wordpiece
 from tasks.base import StageConfig, StageContext
+from tasks.stage import Stage
 
-NAME = "pretrain_ecamp"
-CODE_VERSION = "1"
 IMAGES, REPORTS = "extract_reports/images", "extract_reports/reports"
 DISTILLED, ATTENTION = "bulk_distill/distilled_reports", "train_gloria/attention_maps"
-UPSTREAM = [IMAGES, REPORTS, DISTILLED, ATTENTION]
+LEXICON = "match_entities/lexicon"
+ENCODER, MODEL_CARD, TOKENIZER = "encoder.safetensors", "MODEL_CARD.md", "tokenizer.json"
 
 
 class Config(StageConfig):
@@ -56,7 +51,6 @@ class Config(StageConfig):
     model: ECAMPConfig = Field(default_factory=ECAMPConfig)
     train: PretrainConfig = Field(default_factory=PretrainConfig)
     text: TextMaskingConfig = Field(default_factory=TextMaskingConfig)
-    entity_list: str = Field("configs/entities/table1.txt", description="entity words for descriptor masking")
     tokenizer_min_frequency: int = Field(2, ge=1)
     splits: list[str] = Field(
         default_factory=lambda: ["train"], description="image splits used for pre-training"
@@ -77,7 +71,7 @@ def run(ctx: StageContext, cfg: Config) -> None:
     text_cfg, distilled = text_inputs(ctx, cfg)
     attention = sr_inputs(ctx, cfg)
     joined = join_inputs(images, reports, distilled, attention, cfg.splits, cfg.model)
-    ctx.write("pretrain_rejects", joined.rejects, PretrainReject)
+    ctx.write("pretrain_rejects", joined.rejects)
     if joined.rejects:
         ctx.log.warning("%d images left out of pre-training (see pretrain_rejects)", len(joined.rejects))
     n = len(joined.records)
@@ -95,7 +89,7 @@ def run(ctx: StageContext, cfg: Config) -> None:
 
     corpus = [r.text for r in joined.records] + [r.distilled for r in joined.records if r.distilled]
     tokenizer = train_wordpiece(corpus, cfg.model.vocab_size, cfg.tokenizer_min_frequency)
-    tokenizer_path = save_wordpiece(tokenizer, ctx.path("tokenizer.json"))
+    tokenizer_path = save_wordpiece(tokenizer, ctx.path(TOKENIZER))
     model_cfg = cfg.model.model_copy(update={"vocab_size": tokenizer.get_vocab_size()})
     seed = cfg.train.seed if cfg.train.seed is not None else ctx.config.run.seed
     train_cfg = cfg.train.model_copy(update={"seed": seed})
@@ -103,28 +97,18 @@ def run(ctx: StageContext, cfg: Config) -> None:
         "tokenizer: %d entries (asked %d) -> %s", model_cfg.vocab_size, cfg.model.vocab_size, tokenizer_path
     )
 
-    out_dir = ctx.stage_dir / "train"
-    data_hash = data_fingerprint(ctx, tokenizer_path)
+    out_dir = ctx.scratch("train")  # checkpoint.pt: a failed attempt resumes from it exactly
+    entity_words = sorted(lexicon_from_rows(ctx.read(LEXICON).to_pylist()).forms)
+    job = write_job(ctx.scratch("job"), model_cfg, train_cfg, text_cfg, joined.records, tokenizer_path,
+                    resolve_device(ctx.config.run.device), entity_words,
+                    data_fingerprint(ctx, tokenizer_path))  # fmt: skip
     if cfg.nproc == 1:
-        dataset = PretrainDataset(joined.records, model_cfg, train_cfg)
-        collate = TextCollator(tokenizer, text_cfg, read_entity_words(cfg.entity_list))
-        result = train(
-            model_cfg,
-            train_cfg,
-            dataset,
-            collate,
-            out_dir,
-            device=ctx.config.run.device,
-            data_hash=data_hash,
-            log=ctx.log,
-        )
+        result = run_job(job.parent, out_dir, log=ctx.log)
         model, metrics = result.model, result.metrics
     else:
-        job = write_job(ctx.path("job"), model_cfg, train_cfg, text_cfg, joined.records, tokenizer_path,
-                        ctx.config.run.device, cfg.entity_list, data_hash)  # fmt: skip
         model, metrics = run_torchrun(job.parent, out_dir, cfg.nproc, model_cfg, ctx.log)
 
-    ctx.write("pretrain_metrics", metrics, PretrainMetric)
+    ctx.write("pretrain_metrics", metrics)
     facts = {
         "images": n,
         "distilled reports": joined.n_distilled,
@@ -134,8 +118,8 @@ def run(ctx: StageContext, cfg: Config) -> None:
         "effective batch": train_cfg.batch_size * train_cfg.accum_iter * cfg.nproc,
         "seed": seed,
     }
-    path = export_encoder(model, ctx.path("encoder.safetensors"), extra={"facts": facts})
-    write_model_card(ctx.path("MODEL_CARD.md"), model_cfg, facts, metrics)
+    path = export_encoder(model, ctx.path(ENCODER), extra={"facts": facts})
+    write_model_card(ctx.path(MODEL_CARD), model_cfg, facts, metrics)
     ctx.log.info("encoder -> %s", path)
 
 
@@ -239,3 +223,16 @@ def ablation_rows(table: str, rows: list[str] | None = None) -> dict[str, list[s
     if unknown:
         raise KeyError(f"table {table} has no rows {unknown} (rows: {', '.join(ABLATIONS[table])})")
     return {row: ABLATIONS[table][row] for row in chosen}
+
+
+STAGE = Stage(
+    name="pretrain_ecamp",
+    version="2",
+    config=Config,
+    run=run,
+    summary="ECAMP pre-training (MLM + MIM + context-guided SR + MSCF) → a timm-loadable ViT encoder",
+    reads=(IMAGES, REPORTS, LEXICON, DISTILLED, ATTENTION),
+    optional=(DISTILLED, ATTENTION),
+    writes={"pretrain_rejects": PretrainReject, "pretrain_metrics": PretrainMetric},
+    files=(ENCODER, MODEL_CARD, TOKENIZER),
+)

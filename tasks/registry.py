@@ -1,10 +1,11 @@
-"""The stages in pipeline order. A stage is listed here only once it works end to end."""
+"""The stages in pipeline order, each module's declared `STAGE` record. A stage is listed once it works."""
 
 from __future__ import annotations
 
 import importlib
 from functools import cache
-from types import ModuleType
+
+from tasks.stage import Stage, split_ref
 
 STAGE_MODULES: list[str] = [
     "tasks.extract_reports",
@@ -18,16 +19,49 @@ STAGE_MODULES: list[str] = [
 
 
 @cache
-def stage_modules() -> tuple[ModuleType, ...]:
-    return tuple(importlib.import_module(name) for name in STAGE_MODULES)
+def stages() -> tuple[Stage, ...]:
+    found = tuple(importlib.import_module(name).STAGE for name in STAGE_MODULES)
+    check_order(found)
+    return found
+
+
+def check_order(found: tuple[Stage, ...]) -> None:
+    """Every read names an output of an earlier stage: the order above is a valid execution order."""
+    written: dict[str, set[str]] = {}
+    for stage in found:
+        for ref in stage.reads:
+            producer, name = split_ref(ref)
+            if name not in written.get(producer, set()):
+                raise ValueError(f"{stage.name} reads '{ref}', which no earlier stage declares")
+        written[stage.name] = set(stage.outputs)
 
 
 def stage_names() -> list[str]:
-    return [m.NAME for m in stage_modules()]
+    return [s.name for s in stages()]
 
 
-def stage_module(name: str) -> ModuleType:
-    for module in stage_modules():
-        if module.NAME == name:
-            return module
+def get_stage(name: str) -> Stage:
+    for stage in stages():
+        if stage.name == name:
+            return stage
     raise KeyError(f"unknown stage '{name}' (stages: {', '.join(stage_names())})")
+
+
+def producer_of(artifact: str) -> str | None:
+    """The stage that declares output `artifact` (a bare name), for `ecamp lineage`."""
+    for stage in stages():
+        if artifact in stage.outputs:
+            return stage.name
+    return None
+
+
+def stage_table() -> str:
+    """The README's stage table, made from the declarations (a test keeps the README equal to it)."""
+    lines = ["| # | stage | what it does | reads | writes (`<run_dir>/<stage>/…`) |", "|---|---|---|---|---|"]
+    for i, s in enumerate(stages(), start=1):
+        reads = [f"`{r}`" + (" (optional)" if r in s.optional else "") for r in s.reads]
+        if s.input_files is not None:
+            reads.insert(0, "input files")
+        writes = [f"`{w}`" for w in s.writes] + [f"`{f}`" for f in s.files]
+        lines.append(f"| {i} | `{s.name}` | {s.summary} | {', '.join(reads) or '—'} | {', '.join(writes)} |")
+    return "\n".join(lines)

@@ -1,27 +1,26 @@
 """Run one stage with fingerprint-based skipping; no Prefect here, so it is testable and reusable.
 
-A stage's fingerprint is the hash of: the content hashes of its upstream artifacts (or of its input files
-for the first stage), its config section, the run seed, and its code version. When the fingerprint equals
-the one recorded by the stage's last *successful* run and every output is intact, the stage is skipped.
-The success record is deleted before a run starts and written last, so a crash never looks complete.
+A stage's fingerprint is the hash of: the content hashes of the upstream outputs it declares (as they are
+now on disk, not as their metadata claims), the fingerprints of its input files, its config section and
+the sections it declares, the run seed, and its code version. When the fingerprint equals the one in the
+stage's success record and every output the record lists still has its content, the stage is skipped.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from data_contracts.io import ArtifactInfo, Upstream, read_info
-from tasks.base import StageContext, artifact_path
+from data_contracts import files
+from data_contracts.io import ArtifactInfo, Upstream
+from tasks.base import MissingUpstreamError, StageContext
 from tasks.config import section_hash, stable_hash
-
-MANIFEST = "_stage.json"
+from tasks.lock import run_lock
+from tasks.record import current_hash, read_record, verified_outputs
+from tasks.stage import Stage, split_ref
 
 
 @dataclass
@@ -33,113 +32,50 @@ class StageResult:
     seconds: float = 0.0
 
 
-def _tree_fingerprint(path: Path) -> str:
-    """Cheap fingerprint of an input file or folder: relative paths, sizes and mtimes (no content reads)."""
-    if path.is_file():
-        st = path.stat()
-        return stable_hash([path.name, st.st_size, st.st_mtime_ns])
-    entries = []
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            p = Path(root) / name
-            st = p.stat()
-            entries.append((str(p.relative_to(path)), st.st_size, st.st_mtime_ns))
-    return stable_hash(entries)
-
-
-def data_inputs(config: Any) -> list[Upstream]:
-    """The input files of the first stage, with fingerprints, for its cache key and its lineage."""
-    data = config.data
-    if data.source == "manifest":
-        if not data.manifest:
-            raise ValueError("data.source is 'manifest' but data.manifest is not set")
-        paths = [Path(data.manifest)]
-    else:
-        if not data.root:
-            raise ValueError("data.source is 'mimic' but data.root is not set")
-        root = Path(data.root)
-        paths = [root / "files", *sorted(root.glob("mimic-cxr-2.0.0-*.csv*"))]
-    missing = [str(p) for p in paths if not p.exists()]
+def input_files(stage: Stage, config: Any) -> list[Upstream]:
+    """The files outside the run directory the stage reads, with cheap fingerprints, for its cache key and
+    its lineage; a missing one is an error naming it."""
+    if stage.input_files is None:
+        return []
+    paths = stage.input_files(config)
+    missing = [str(p) for p in paths if not Path(p).exists()]
     if missing:
-        raise FileNotFoundError(f"input not found: {', '.join(missing)}")
-    return [Upstream(p.resolve().as_uri(), _tree_fingerprint(p)) for p in paths]
+        raise FileNotFoundError(f"{stage.name}: input not found: {', '.join(missing)}")
+    return [Upstream(Path(p).resolve().as_uri(), files.stamp(Path(p))) for p in paths]
 
 
-def upstream_hashes(module: ModuleType, run_dir: Path) -> dict[str, Upstream | None]:
-    found: dict[str, Upstream | None] = {}
-    for ref in module.UPSTREAM:
-        path = artifact_path(run_dir, ref)
-        if path.exists():
-            info = read_info(path)
-            found[ref] = Upstream(info.uri, info.content_hash)
-        else:
-            found[ref] = None
+def upstream_hashes(stage: Stage, run_dir: Path) -> dict[str, str | None]:
+    """Current content hash of each declared read (None when its producer has no success listing it)."""
+    found: dict[str, str | None] = {}
+    for ref in stage.reads:
+        producer, name = split_ref(ref)
+        record = read_record(run_dir, producer)
+        rec = record.outputs.get(name) if record else None
+        found[ref] = current_hash(run_dir, producer, name, rec) if rec else None
     return found
 
 
-def code_version(module: ModuleType) -> str:
-    return f"{module.NAME}@{module.CODE_VERSION}"
-
-
 def stage_fingerprint(
-    module: ModuleType, config: Any, upstream: dict[str, Upstream | None]
+    stage: Stage, config: Any, upstream: dict[str, str | None], inputs: list[Upstream]
 ) -> tuple[str, dict[str, Any]]:
     parts: dict[str, Any] = {
-        "stage": module.NAME,
-        "code": code_version(module),
-        "config": section_hash(config, module.NAME),
+        "stage": stage.name,
+        "code": stage.code_version,
+        "config": {s: section_hash(config, s) for s in (stage.name, *stage.sections)},
         "seed": config.run.seed,
-        "upstream": {k: (v.content_hash if v else None) for k, v in upstream.items()},
+        "upstream": upstream,
+        "inputs": {u.uri: u.content_hash for u in inputs},
     }
-    if not module.UPSTREAM:
-        parts["data"] = section_hash(config, "data")
-        parts["inputs"] = {u.uri: u.content_hash for u in data_inputs(config)}
     return stable_hash(parts), parts
 
 
-def read_manifest(run_dir: Path, stage: str) -> dict[str, Any] | None:
-    path = Path(run_dir) / stage / MANIFEST
-    if not path.exists():
+def cached_result(name: str, run_dir: Path, fingerprint: str) -> StageResult | None:
+    """The last successful result of `name` if it matches `fingerprint` and all its outputs are intact."""
+    record = read_record(run_dir, name)
+    if record is None or record.fingerprint != fingerprint or not verified_outputs(run_dir, record):
         return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-
-
-def _write_manifest(run_dir: Path, result: StageResult, parts: dict[str, Any]) -> None:
-    path = Path(run_dir) / result.stage / MANIFEST
-    payload = {
-        "stage": result.stage,
-        "fingerprint": result.fingerprint,
-        "parts": parts,
-        "finished_at": time.time(),
-        "seconds": result.seconds,
-        "outputs": {name: info.to_json() for name, info in result.outputs.items()},
-    }
-    tmp = path.with_name(f".tmp-{os.getpid()}-{MANIFEST}")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
-
-
-def cached_result(stage: str, run_dir: Path, fingerprint: str) -> StageResult | None:
-    """The last successful result of `stage` if it matches `fingerprint` and all its outputs are intact."""
-    manifest = read_manifest(run_dir, stage)
-    if not manifest or manifest.get("fingerprint") != fingerprint:
-        return None
-    outputs = {}
-    for name, data in manifest["outputs"].items():
-        recorded = ArtifactInfo.from_json(data)
-        path = Path(run_dir) / stage / f"{name}.parquet"
-        try:
-            on_disk = read_info(path)
-        except (FileNotFoundError, ValueError):
-            return None
-        if on_disk.content_hash != recorded.content_hash:
-            return None
-        outputs[name] = on_disk
-    return StageResult(stage, "cached", fingerprint, outputs)
+    outputs = {n: o.info for n, o in record.outputs.items() if o.info is not None}
+    return StageResult(name, "cached", fingerprint, outputs)
 
 
 def _set_threads(config: Any) -> None:
@@ -150,7 +86,7 @@ def _set_threads(config: Any) -> None:
 
 
 def run_stage(
-    module: ModuleType,
+    stage: Stage,
     config: Any,
     run_dir: Path,
     *,
@@ -159,47 +95,44 @@ def run_stage(
     run_id: str = "local",
     name: str | None = None,
 ) -> StageResult:
-    """Run `module`'s stage unless an identical successful run exists (or `force`).
+    """Run `stage` unless an identical successful run exists (or `force`).
 
     `name` runs the stage under another folder name (ablation rows: `pretrain_ecamp__no_sr`); the config
-    section is still the module's own.
+    section is still the stage's own. The run directory is locked for the whole attempt.
     """
     run_dir = Path(run_dir)
-    name = name or module.NAME
+    name = name or stage.name
     log = log or logging.getLogger(f"ecamp.{name}")
-    upstream = upstream_hashes(module, run_dir)
-    fingerprint, parts = stage_fingerprint(module, config, upstream)
-    missing = [ref for ref, up in upstream.items() if up is None]
-    if not force:
-        cached = cached_result(name, run_dir, fingerprint)
-        if cached:
+    with run_lock(run_dir):
+        inputs = input_files(stage, config)
+        upstream = upstream_hashes(stage, run_dir)
+        fingerprint, parts = stage_fingerprint(stage, config, upstream, inputs)
+        if not force and (cached := cached_result(name, run_dir, fingerprint)):
             log.info("%s: cached (fingerprint %s), skipped", name, fingerprint)
             return cached
-    stage_dir = run_dir / name
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    (stage_dir / MANIFEST).unlink(missing_ok=True)
-    if missing:
-        log.info(
-            "%s: upstream not present (the stage decides whether it can run without): %s",
-            name,
-            missing,
+        missing = [ref for ref, h in upstream.items() if h is None and ref not in stage.optional]
+        if missing:
+            producers = ", ".join(dict.fromkeys(split_ref(r)[0] for r in missing))
+            raise MissingUpstreamError(
+                f"{name} needs {missing}, which no successful run in {run_dir} has written: run {producers} first"
+            )
+        ctx = StageContext(
+            run_dir=run_dir,
+            stage=stage,
+            config=config,
+            log=log,
+            name=name,
+            run_id=run_id,
+            config_hash=stable_hash(parts["config"]),
+            inputs=inputs,
         )
-    ctx = StageContext(
-        run_dir=run_dir,
-        stage=name,
-        config=config,
-        log=log,
-        run_id=run_id,
-        config_hash=section_hash(config, module.NAME),
-        code_version=code_version(module),
-        inputs=data_inputs(config) if not module.UPSTREAM else [],
-        upstream={ref: up for ref, up in upstream.items() if up is not None},
-    )
-    _set_threads(config)
-    log.info("%s: running (fingerprint %s)", name, fingerprint)
-    start = time.perf_counter()
-    module.run(ctx, getattr(config, module.NAME))
-    result = StageResult(name, "ran", fingerprint, dict(ctx.outputs), time.perf_counter() - start)
-    _write_manifest(run_dir, result, parts)
-    log.info("%s: done in %.1f s, outputs: %s", name, result.seconds, ", ".join(result.outputs) or "none")
+        _set_threads(config)
+        log.info("%s: running (fingerprint %s)", name, fingerprint)
+        start = time.perf_counter()
+        ctx.begin()
+        stage.run(ctx, getattr(config, stage.name))
+        seconds = time.perf_counter() - start
+        ctx.commit(fingerprint, parts, seconds)
+    result = StageResult(name, "ran", fingerprint, dict(ctx.outputs), seconds)
+    log.info("%s: done in %.1f s, outputs: %s", name, seconds, ", ".join(stage.outputs) or "none")
     return result

@@ -11,12 +11,12 @@ crashed or repeated run sends only what is still missing.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Literal
 
 from pydantic import Field
 
-from data_contracts.distill import DistillReject, DistillUsage, SeedDistillation
+from data_contracts.distill import DistillReject, DistillUsage, SeedDistillation, TeacherSettings
 from models.distill import parse, rules_teacher
 from models.distill.batch_api import run_batch
 from models.distill.cache import ResponseCache
@@ -37,10 +37,9 @@ from models.distill.teacher_http import (
     summarize,
 )
 from tasks.base import StageConfig, StageContext
+from tasks.stage import Stage
 
-NAME = "seed_distill"
-CODE_VERSION = "1"
-UPSTREAM = ["extract_reports/reports", "match_entities/entity_mentions"]
+MIN_DISTILLATIONS = 2  # finetune_student needs one to train on and one to evaluate
 
 CACHE_FILE = "teacher_cache.sqlite"
 BATCH_STATE_FILE = "batch_state.json"
@@ -112,14 +111,14 @@ def http_results(ctx: StageContext, cfg: Config, items: list[dict]) -> list[Chat
         "teacher %s at %s: %d requests, at most ~%d tokens (<= $%.2f before cache hits)",
         cfg.model, client_cfg.endpoint_url, len(requests), upper, upper / 1000 * cfg.price_completion_per_1k,
     )  # fmt: skip
-    with ResponseCache(ctx.path(CACHE_FILE)) as cache:
+    with ResponseCache(ctx.scratch(CACHE_FILE)) as cache:
         if cfg.batch_api:
             return run_sync(
                 lambda: run_batch(
                     requests,
                     client_cfg,
                     cache,
-                    ctx.path(BATCH_STATE_FILE),
+                    ctx.scratch(BATCH_STATE_FILE),
                     poll_interval_s=cfg.batch_poll_s,
                     log=ctx.log.info,
                 )  # fmt: skip
@@ -232,7 +231,7 @@ def run(ctx: StageContext, cfg: Config) -> None:
             rejects.append(
                 {
                     "study_id": it["study_id"],
-                    "stage": NAME,
+                    "stage": ctx.name,
                     "reason": result.error,
                     "attempts": result.attempts,
                 }
@@ -241,6 +240,39 @@ def run(ctx: StageContext, cfg: Config) -> None:
             rows.append(distillation_row(it, result, finder))
     usage = usage_row(cfg, results, mode, wall)
     ctx.log.info("teacher usage: %s", usage)
-    ctx.write("seed_distillations", rows, SeedDistillation)
-    ctx.write("distill_usage", [usage], DistillUsage)
-    ctx.write("distill_rejects", rejects, DistillReject)
+    ctx.write("seed_distillations", rows)
+    ctx.write("distill_usage", [usage])
+    ctx.write("distill_rejects", rejects)
+    settings = {"teacher": cfg.teacher, "client_json": cfg.client_config().model_dump_json(),
+                "max_prompt_tokens": cfg.max_prompt_tokens}  # fmt: skip
+    ctx.write("teacher_settings", [settings])
+    check_enough(rows, rejects, len(items))
+
+
+def check_enough(rows: list[dict], rejects: list[dict], asked: int) -> None:
+    """Too few answers is a failed stage, not a success a rerun would skip: failed requests are never
+    cached, so the next run sends them again (the answers already paid for come from the cache)."""
+    if len(rows) >= min(MIN_DISTILLATIONS, asked):
+        return
+    reasons = Counter(r["reason"].split(": ", 1)[-1][:120] for r in rejects).most_common(3)
+    raise RuntimeError(
+        f"seed_distill: only {len(rows)} of {asked} teacher requests succeeded (at least {MIN_DISTILLATIONS} "
+        f"are needed); most common reasons: {reasons}. Fix the cause and run the stage again: failed "
+        "requests are retried, answers already received come from the cache"
+    )
+
+
+STAGE = Stage(
+    name="seed_distill",
+    version="2",
+    config=Config,
+    run=run,
+    summary="the teacher LLM's context distillation (Table 2 prompt) of the seed reports",
+    reads=("extract_reports/reports", "match_entities/entity_mentions"),
+    writes={
+        "seed_distillations": SeedDistillation,
+        "distill_usage": DistillUsage,
+        "distill_rejects": DistillReject,
+        "teacher_settings": TeacherSettings,
+    },
+)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -43,21 +44,18 @@ from models.gloria.attention import (
 from models.gloria.model import Gloria, GloriaConfig, clean_report
 from models.gloria.train import ImageTextData, TrainConfig, extract_attention, square_uint8, train_gloria
 from models.images import ImageLoadError, load_grayscale
-from models.resources import DEFAULT_ENTITY_LIST
-from models.text.entities import load_entity_list
+from models.text.entities import lexicon_from_rows
 from models.text.wordpiece import load_wordpiece, save_wordpiece, train_wordpiece
 from tasks.base import StageConfig, StageContext
 from tasks.config import stable_hash
+from tasks.stage import Stage
 
-NAME = "train_gloria"
-CODE_VERSION = "1"
-UPSTREAM = [
+IMAGES, ORIGINAL, DISTILLED = (
     "extract_reports/images",
     "extract_reports/reports",
-    "match_entities/entity_mentions",
     "bulk_distill/distilled_reports",
-]
-DISTILLED, ORIGINAL, MENTIONS = "bulk_distill/distilled_reports", "extract_reports/reports", UPSTREAM[2]
+)
+MENTIONS, LEXICON = "match_entities/entity_mentions", "match_entities/lexicon"
 # Table 1 entities that name anatomy, not pathology: reports affirm them as NORMAL ("normal cardiomediastinal
 # contours"), so their attention would pull the SR window to the mediastinum on healthy and sick images alike.
 ANATOMY_ENTITIES = (
@@ -70,6 +68,7 @@ ANATOMY_ENTITIES = (
     "vasculature",
 )
 WEIGHTS, MODEL_CONFIG, TOKENIZER = "gloria.safetensors", "gloria_config.json", "tokenizer.json"
+PICTURES = "pictures"
 
 
 class Config(StageConfig):
@@ -166,10 +165,6 @@ def report_texts(ctx: StageContext, cfg: Config) -> tuple[dict[str, str], str]:
 
 def positive_entities(ctx: StageContext, ignore: list[str]) -> dict[str, list[str]]:
     """study_id -> entities with at least one affirmed (polarity positive) mention, minus `ignore`."""
-    if not ctx.has(MENTIONS):
-        raise FileNotFoundError(
-            f"{NAME} needs '{MENTIONS}' (entity polarity picks the attention words): run stage 'match_entities' first"
-        )
     table = ctx.read(MENTIONS).select(["study_id", "entity", "polarity"]).to_pydict()
     found: dict[str, set[str]] = defaultdict(set)
     for study, entity, polarity in zip(table["study_id"], table["entity"], table["polarity"], strict=True):
@@ -193,7 +188,7 @@ def decode_images(
 ) -> tuple[np.ndarray, list[dict[str, Any]], list[dict[str, str]]]:
     """Decode every image once into a uint8 memmap [N, size, size] under the stage dir; failures -> rejects."""
     array = np.lib.format.open_memmap(
-        ctx.path(f"images_{size}.npy"), mode="w+", dtype=np.uint8, shape=(len(rows), size, size)
+        ctx.scratch(f"images_{size}.npy"), mode="w+", dtype=np.uint8, shape=(len(rows), size, size)
     )
     kept, rejects = [], []
     with ThreadPoolExecutor(workers) as pool:
@@ -210,16 +205,19 @@ def decode_images(
     return array[: len(kept)], kept, rejects
 
 
-def read_lesion_boxes(ctx: StageContext, cfg: Config) -> dict[str, list[tuple[int, int, int, int]]]:
-    """image_id -> pixel boxes (x1, y1, x2, y2; x2/y2 exclusive) when a lesion box file is configured or found."""
-    path = Path(cfg.lesion_boxes) if cfg.lesion_boxes else None
-    root = getattr(ctx.config.data, "root", None)
-    if path is None and root and (Path(root) / "downstream" / "boxes.csv").exists():
-        path = Path(root) / "downstream" / "boxes.csv"
+def lesion_box_file(config: Any) -> Path | None:
+    """The lesion-box CSV: `train_gloria.lesion_boxes`, else `<data.root>/downstream/boxes.csv` if present."""
+    if config.train_gloria.lesion_boxes:
+        return Path(config.train_gloria.lesion_boxes)
+    root = config.data.root if config.data.source == "mimic" else None
+    found = Path(root) / "downstream" / "boxes.csv" if root else None
+    return found if found is not None and found.exists() else None
+
+
+def read_lesion_boxes(path: Path | None) -> dict[str, list[tuple[int, int, int, int]]]:
+    """image_id -> pixel boxes (x1, y1, x2, y2; x2/y2 exclusive); none without a lesion box file."""
     if path is None:
         return {}
-    if not path.exists():
-        raise FileNotFoundError(f"train_gloria.lesion_boxes: {path} does not exist")
     frame = pd.read_csv(path, dtype={"dicom_id": str})
     missing = {"dicom_id", "x1", "y1", "x2", "y2"} - set(frame.columns)
     if missing:
@@ -258,7 +256,7 @@ def load_trained(folder: Path) -> tuple[Gloria, Any]:
 def resume_state(ctx: StageContext, cfg: Config, texts: list[str]) -> Path:
     """The resume file for exactly this config, seed and training data; stale ones from other settings go."""
     key = stable_hash([cfg.model_dump(mode="json"), ctx.config.run.seed, texts])
-    path = ctx.path(f"train_state_{key}.pt")
+    path = ctx.scratch(f"train_state_{key}.pt")
     for old in ctx.stage_dir.glob("train_state_*.pt"):
         if old != path:
             old.unlink()
@@ -276,6 +274,8 @@ def train_or_load(
 ) -> tuple[Gloria, Any, list[dict]]:
     if cfg.checkpoint:
         model, tokenizer = load_trained(Path(cfg.checkpoint))
+        for name in (WEIGHTS, MODEL_CONFIG, TOKENIZER):  # the outputs are always this run's model
+            shutil.copyfile(Path(cfg.checkpoint) / name, ctx.path(name))
         ctx.log.info("reusing GLoRIA from %s (no training)", cfg.checkpoint)
         return model, tokenizer, []
     tokenizer = train_wordpiece(texts, vocab_size=cfg.vocab_size)
@@ -315,7 +315,7 @@ def run(ctx: StageContext, cfg: Config) -> None:
     positives = positive_entities(ctx, cfg.ignore_entities)
     rejects: list[dict[str, str]] = []
     candidates = []
-    for row in ctx.read("extract_reports/images").to_pylist():
+    for row in ctx.read(IMAGES).to_pylist():
         text = clean_report(texts.get(row["study_id"], ""))
         if not text:
             why = "no report text" if row["study_id"] not in texts else "report text has no words"
@@ -332,17 +332,17 @@ def run(ctx: StageContext, cfg: Config) -> None:
     rejects += bad
     if rejects:
         ctx.log.warning("%d images rejected (see rejects), e.g. %s", len(rejects), rejects[0]["reason"])
-    ctx.write("rejects", rejects, Reject)
+    ctx.write("rejects", rejects)
 
     train_idx = [i for i, r in enumerate(rows) if r["split"] in cfg.train_splits]
     train_data = ImageTextData(pixels[train_idx], [rows[i]["text"] for i in train_idx])
-    forms = {f: e for f, e in load_entity_list(DEFAULT_ENTITY_LIST).forms.items() if " " not in f}
+    lexicon = lexicon_from_rows(ctx.read(LEXICON).to_pylist())
+    forms = {f: e for f, e in lexicon.forms.items() if " " not in f}
     train_entities = [positives.get(rows[i]["study_id"], []) for i in train_idx]
     model, tokenizer, losses = train_or_load(
         ctx, cfg, train_data, train_data.texts, device, train_entities, forms
     )
-    if losses:
-        ctx.write("losses", losses, GloriaLoss)
+    ctx.write("losses", losses)  # empty when a trained checkpoint is reused
 
     all_data = ImageTextData(pixels, [r["text"] for r in rows])
     wanted = [positives.get(r["study_id"], []) for r in rows]
@@ -372,19 +372,21 @@ def run(ctx: StageContext, cfg: Config) -> None:
             }  # fmt: skip
             for i, r in enumerate(rows)
         ],
-        AttentionMap,
     )
     ctx.log.info("attention maps: %d images, %d with a positive entity, fallback %s for the rest",
                  len(rows), int(found.sum()), cfg.fallback)  # fmt: skip
-    boxes = read_lesion_boxes(ctx, cfg)
+    boxes = read_lesion_boxes(lesion_box_file(ctx.config))
     scored = [i for i, r in enumerate(rows) if r["image_id"] in boxes]
-    if scored:
-        write_localization(ctx, cfg, rows, scored, boxes, attn.grid_maps, windows)
+    write_localization(ctx, cfg, rows, scored, boxes, attn.grid_maps, windows)
     draw_pictures(ctx, cfg, rows, pixels, attn, windows, found, texts, boxes)
 
 
 def write_localization(ctx, cfg, rows, scored, boxes, grid_maps, windows) -> None:  # noqa: ANN001
-    """Pointing rate and window overlap on images with known lesions, GLoRIA vs the exact random expectation."""
+    """Pointing rate and window overlap on images with known lesions, GLoRIA vs the exact random expectation
+    (no rows without a lesion box file)."""
+    if not scored:
+        ctx.write("localization", [])
+        return
     size = cfg.grid * 16
     lesions = np.stack(
         [
@@ -398,7 +400,7 @@ def write_localization(ctx, cfg, rows, scored, boxes, grid_maps, windows) -> Non
         {"method": name, "grid": cfg.grid, "window_size": cfg.window_k} | score._asdict()
         for name, score in (("gloria", gloria), ("random", rand))
     ]
-    ctx.write("localization", out, Localization)
+    ctx.write("localization", out)
     ctx.log.info(
         "localization on %d images: pointing %.3f (random %.3f), window overlap %.3f (random %.3f)",
         gloria.n_images, gloria.pointing_rate, rand.pointing_rate, gloria.mean_window_overlap, rand.mean_window_overlap,
@@ -411,7 +413,7 @@ def draw_pictures(ctx, cfg, rows, pixels, attn, windows, found, texts, boxes) ->
         (i for i in range(len(rows)) if found[i]),
         key=lambda i: (rows[i]["image_id"] not in boxes, rows[i]["image_id"]),
     )
-    folder = ctx.path("pictures")
+    folder = ctx.path(PICTURES)
     folder.mkdir(exist_ok=True)
     for i in order[: cfg.n_pictures]:
         row = rows[i]
@@ -424,3 +426,23 @@ def draw_pictures(ctx, cfg, rows, pixels, attn, windows, found, texts, boxes) ->
             (int(windows[i, 0]), int(windows[i, 1]), cfg.window_k), f"{printable(row['image_id'])[:18]}: {', '.join(entities)}",
             shown, lesion,
         )  # fmt: skip
+
+
+STAGE = Stage(
+    name="train_gloria",
+    version="2",
+    config=Config,
+    run=run,
+    summary="GLoRIA on image-report pairs; its entity-word attention places each image's SR window (Fig. 6)",
+    reads=(IMAGES, ORIGINAL, MENTIONS, LEXICON, DISTILLED),
+    optional=(DISTILLED,),
+    writes={
+        "rejects": Reject,
+        "losses": GloriaLoss,
+        "attention_maps": AttentionMap,
+        "localization": Localization,
+    },
+    files=(WEIGHTS, MODEL_CONFIG, TOKENIZER, PICTURES),
+    sections=("data",),
+    input_files=lambda config: [p for p in [lesion_box_file(config)] if p is not None],
+)

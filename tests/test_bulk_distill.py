@@ -11,16 +11,12 @@ import torch
 
 import tasks.bulk_distill as bulk
 import tasks.finetune_student as ft
-from data_contracts.distill import SeedDistillation
-from data_contracts.entities import EntityMention
-from data_contracts.reports import Report
-from data_contracts.student import StudentEval, StudentModel
 from models.distill import parse, rules_teacher
 from models.distill.prompt import report_from_prompt
 from models.distill.rules_teacher import mentions_by_study
 from models.text.entities import build_lexicon, match_reports
-from tasks.base import make_test_context
 from tasks.seed_distill import Config as SeedConfig
+from tests.context import make_test_context, run_direct, seed_artifact
 
 torch.set_num_threads(1)
 
@@ -47,11 +43,9 @@ def write_upstream(run_dir, teacher_text=None):
          "source_path": f"{s}.txt"}
         for s, t in TEXTS.items()
     ]  # fmt: skip
-    make_test_context(run_dir, SimpleNamespace(), "extract_reports").write("reports", reports, Report)
+    seed_artifact(run_dir, "extract_reports/reports", reports)
     mentions = match_reports(list(TEXTS), list(TEXTS.values()), build_lexicon(ENTITIES))
-    make_test_context(run_dir, SimpleNamespace(), "match_entities").write(
-        "entity_mentions", mentions, EntityMention
-    )
+    seed_artifact(run_dir, "match_entities/entity_mentions", mentions)
     by_study = mentions_by_study(mentions)
     finder = parse.EntityFinder(ENTITIES)
     rows = []
@@ -70,25 +64,28 @@ def write_upstream(run_dir, teacher_text=None):
             "prompt_tokens": 0, "completion_tokens": 0, "latency_s": 0.0, "cached": False, "truncated": False,
             "error": None,
         })  # fmt: skip
-    make_test_context(run_dir, SimpleNamespace(), "seed_distill").write(
-        "seed_distillations", rows, SeedDistillation
-    )
+    seed_artifact(run_dir, "seed_distill/seed_distillations", rows)
+    teacher = SeedConfig(teacher="rules")
+    settings = {"teacher": teacher.teacher, "client_json": teacher.client_config().model_dump_json(),
+                "max_prompt_tokens": teacher.max_prompt_tokens}  # fmt: skip
+    seed_artifact(run_dir, "seed_distill/teacher_settings", [settings])
     return by_study
 
 
 def write_student(run_dir, sha="a" * 64):
-    ctx = make_test_context(run_dir, SimpleNamespace(), "finetune_student")
-    ctx.write("student_model", [{
+    seed_artifact(run_dir, "finetune_student/student_model", [{
         "adapter_dir": "finetune_student/adapter", "base_model": "finetune_student/base_model", "adapter_sha256": sha,
         "lora_r": 8, "lora_alpha": 16, "max_prompt": 64, "max_new_tokens": 32, "decoding": "greedy", "reprompt_rounds": 0,
         "n_train": 1,
         "n_heldout": 1,
         "n_skipped": 0,
-    }], StudentModel)  # fmt: skip
+    }])  # fmt: skip
     metrics = {"n_reports": 1, "n_entities": 1, "polarity_acc": 0.5, "exact_sentence_rate": 0.0,
                "unparseable_rate": 0.0, "coverage": 1.0, "report_exact": 0.0, "reports_per_s": 1.0}  # fmt: skip
-    ctx.write(
-        "student_eval", [{"system": "student", **metrics}, {"system": "all_absent", **metrics}], StudentEval
+    seed_artifact(
+        run_dir,
+        "finetune_student/student_eval",
+        [{"system": "student", **metrics}, {"system": "all_absent", **metrics}],
     )
 
 
@@ -141,13 +138,13 @@ def test_crash_mid_run_resumes_with_only_the_unfinished_shards(tmp_path):
     cfg = bulk.Config(shard_size=2, retry_budget=0)
     crashing = ScriptedStudent(crash_on_call=2)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        bulk.run(bulk_ctx(tmp_path), cfg, backend=crashing)
+        run_direct(bulk_ctx(tmp_path), cfg, backend=crashing)
     shard_dir = tmp_path / "bulk_distill" / "shards"
     assert sorted(p.name for p in shard_dir.glob("shard_*.parquet")) == ["shard_00000.parquet"]
     assert not (tmp_path / "bulk_distill" / "distilled_reports.parquet").exists()
 
     resumed = ScriptedStudent()
-    bulk.run(bulk_ctx(tmp_path), cfg, backend=resumed)
+    run_direct(bulk_ctx(tmp_path), cfg, backend=resumed)
     # 6 student reports in shards of 2: shard 0 was done, so only shards 1 and 2 are generated again.
     assert resumed.calls == [["s06", "s07"], ["s08", "s09"]]
     assert crashing.calls[0] == ["s03", "s05"]
@@ -162,7 +159,7 @@ def test_crash_mid_run_resumes_with_only_the_unfinished_shards(tmp_path):
     assert rows["s04"]["distilled_text"] == "" and rows["s04"]["entities"] == []
 
     again = ScriptedStudent()  # a third run with everything done generates nothing
-    bulk.run(bulk_ctx(tmp_path), cfg, backend=again)
+    run_direct(bulk_ctx(tmp_path), cfg, backend=again)
     assert again.calls == []
 
 
@@ -170,7 +167,7 @@ def test_teacher_rows_are_used_where_present(tmp_path):
     write_upstream(tmp_path)
     write_student(tmp_path)
     student = ScriptedStudent()
-    bulk.run(bulk_ctx(tmp_path), bulk.Config(shard_size=4, retry_budget=0), backend=student)
+    run_direct(bulk_ctx(tmp_path), bulk.Config(shard_size=4, retry_budget=0), backend=student)
     asked = {s for call in student.calls for s in call}
     assert asked == {
         "s03",
@@ -191,7 +188,7 @@ def test_qc_failing_student_answers_go_to_the_teacher_within_budget(tmp_path):
     write_upstream(tmp_path)
     write_student(tmp_path)
     student = ScriptedStudent(bad={"s05", "s07", "s09"})
-    bulk.run(bulk_ctx(tmp_path), bulk.Config(shard_size=2, retry_budget=2), backend=student)
+    run_direct(bulk_ctx(tmp_path), bulk.Config(shard_size=2, retry_budget=2), backend=student)
     rows = read_distilled(tmp_path)
     # The budget covers the first two failures (shard order); the third is kept with its flags.
     assert rows["s05"]["source"] == "teacher_retry" and rows["s07"]["source"] == "teacher_retry"
@@ -211,8 +208,8 @@ def test_retry_budget_is_shared_across_a_resumed_run(tmp_path):
     write_student(tmp_path)
     cfg = bulk.Config(shard_size=2, retry_budget=1)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        bulk.run(bulk_ctx(tmp_path), cfg, backend=ScriptedStudent(bad={"s05", "s09"}, crash_on_call=2))
-    bulk.run(bulk_ctx(tmp_path), cfg, backend=ScriptedStudent(bad={"s05", "s09"}))
+        run_direct(bulk_ctx(tmp_path), cfg, backend=ScriptedStudent(bad={"s05", "s09"}, crash_on_call=2))
+    run_direct(bulk_ctx(tmp_path), cfg, backend=ScriptedStudent(bad={"s05", "s09"}))
     rows = read_distilled(tmp_path)
     assert rows["s05"]["source"] == "teacher_retry"  # used the one retry before the crash
     assert rows["s09"]["source"] == "student" and rows["s09"]["flags"]  # none left after the resume
@@ -221,10 +218,10 @@ def test_retry_budget_is_shared_across_a_resumed_run(tmp_path):
 def test_a_new_adapter_discards_old_shards(tmp_path):
     write_upstream(tmp_path)
     write_student(tmp_path, sha="a" * 64)
-    bulk.run(bulk_ctx(tmp_path), bulk.Config(shard_size=2, retry_budget=0), backend=ScriptedStudent())
+    run_direct(bulk_ctx(tmp_path), bulk.Config(shard_size=2, retry_budget=0), backend=ScriptedStudent())
     write_student(tmp_path, sha="b" * 64)
     fresh = ScriptedStudent()
-    bulk.run(bulk_ctx(tmp_path), bulk.Config(shard_size=2, retry_budget=0), backend=fresh)
+    run_direct(bulk_ctx(tmp_path), bulk.Config(shard_size=2, retry_budget=0), backend=fresh)
     assert len(fresh.calls) == 3  # all shards regenerated with the new student
     assert read_distilled(tmp_path)["s03"]["model"] == "student:" + "b" * 12
 
@@ -244,7 +241,7 @@ def test_finetune_student_stage_then_bulk_with_the_transformers_backend(tmp_path
         max_len=160, max_prompt=96, max_new_tokens=12, gen_batch=2, held_out=0.34, tiny_vocab_size=400,
         tiny_hidden=32, tiny_intermediate=64, tiny_layers=1, tiny_heads=2, decoding="entity_complete",
     )  # fmt: skip
-    ft.run(ctx, ft_cfg)
+    run_direct(ctx, ft_cfg)
     stage = tmp_path / "finetune_student"
     assert (stage / "adapter" / "adapter_model.safetensors").is_file()
     assert (stage / "base_model" / "config.json").is_file()
@@ -261,7 +258,7 @@ def test_finetune_student_stage_then_bulk_with_the_transformers_backend(tmp_path
     model = pq.read_table(stage / "student_model.parquet").to_pylist()[0]
     assert model["adapter_dir"] == "finetune_student/adapter" and model["n_train"] == 2
 
-    bulk.run(
+    run_direct(
         bulk_ctx(tmp_path), bulk.Config(backend="transformers", shard_size=3, retry_budget=0, gen_batch=2)
     )
     rows = read_distilled(tmp_path)

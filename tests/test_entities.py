@@ -12,7 +12,6 @@ from PIL import Image as PILImage
 
 from data_contracts.entities import EntityMention
 from data_contracts.io import read_artifact
-from data_contracts.reports import Report
 from models.text.entities import (
     TABLE1_SURFACE_FORMS,
     Cue,
@@ -25,12 +24,13 @@ from models.text.entities import (
     derive_entity_list,
     descriptor_stats,
     entity_stats,
+    lexicon_from_rows,
     load_entity_list,
     trie_pattern,
     write_entity_list,
 )
-from tasks.base import make_test_context
-from tasks.match_entities import NAME, UPSTREAM, Config, resolve_entity_list, run
+from tasks.match_entities import STAGE, Config, resolve_entity_list
+from tests.context import make_test_context, run_direct, seed_artifact
 
 from .conftest import REAL_DATA, REPO_ROOT
 
@@ -433,7 +433,6 @@ def test_derived_entity_lists_top_k_and_top_percent(tmp_path):
 
 # --- the stage -------------------------------------------------------------------------------------------------
 def test_stage_writes_mentions_stats_and_fig2_pngs(tmp_path):
-    from data_contracts.io import Lineage, write_artifact
 
     texts = [*TINY, "Possible small effusion, no pneumothorax."]
     reports = [
@@ -448,30 +447,26 @@ def test_stage_writes_mentions_stats_and_fig2_pngs(tmp_path):
         }
         for i, t in enumerate(texts)
     ]
-    write_artifact(
-        tmp_path / "extract_reports" / "reports.parquet",
-        reports,
-        Report,
-        Lineage("extract_reports", "test", "", ""),
-    )
-    ctx = make_test_context(
-        tmp_path, config=SimpleNamespace(), stage=NAME
-    )  # the stage reads no other section
-    run(ctx, Config())
-    mentions = read_artifact(tmp_path / NAME / "entity_mentions.parquet", EntityMention)
+    seed_artifact(tmp_path, "extract_reports/reports", reports)
+    ctx = make_test_context(tmp_path, config=SimpleNamespace(), stage=STAGE.name)  # it reads no other section
+    run_direct(ctx, Config())
+    mentions = read_artifact(tmp_path / STAGE.name / "entity_mentions.parquet", EntityMention)
     assert mentions.num_rows == 8
     last = mentions.filter(pc.equal(mentions.column("study_id"), "s4")).to_pylist()
     assert [(m["entity"], m["polarity"], m["descriptors"]) for m in last] == [
         ("effusion", "uncertain", ["possible", "small"]),
         ("pneumothorax", "negative", ["effusion", "no"]),
     ]
-    summary = read_artifact(tmp_path / NAME / "entity_summary.parquet").to_pylist()[0]
+    summary = read_artifact(tmp_path / STAGE.name / "entity_summary.parquet").to_pylist()[0]
     assert (summary["n_reports"], summary["n_mentions"], summary["n_negative"]) == (5, 8, 4)
     for name in ("fig2a_entities.png", "fig2b_descriptors.png"):
-        with PILImage.open(tmp_path / NAME / name) as image:
+        with PILImage.open(tmp_path / STAGE.name / name) as image:
             assert image.format == "PNG" and image.width >= 600
     ranked = ("effusion", "pneumothorax", "edema", "pneumonia")  # 4, 2, 1, 1 mentions; ties in list order
-    assert load_entity_list(tmp_path / NAME / "entities_top20.txt").entities == ranked
-    assert load_entity_list(tmp_path / NAME / "entities_top10pct.txt").entities == ranked  # 5 of 44, 4 seen
-    assert UPSTREAM == ["extract_reports/reports"]
+    lists = tmp_path / STAGE.name / "entity_lists"
+    assert load_entity_list(lists / "entities_top20.txt").entities == ranked
+    assert load_entity_list(lists / "entities_top10pct.txt").entities == ranked  # 5 of 44, 4 seen
+    lexicon = lexicon_from_rows(read_artifact(tmp_path / STAGE.name / "lexicon.parquet").to_pylist())
+    assert lexicon.entities == load_entity_list(TABLE1).entities and lexicon.forms["effusions"] == "effusion"
+    assert STAGE.reads == ("extract_reports/reports",)
     assert resolve_entity_list("configs/entities/table1.txt") == TABLE1

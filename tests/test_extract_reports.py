@@ -13,11 +13,13 @@ from PIL import Image as PILImage
 
 from data_contracts.io import read_artifact
 from data_contracts.reports import Image, Reject, Report
-from tasks.base import make_test_context
 from tasks.config import DataConfig
-from tasks.extract_reports import NAME, Config, InputLayoutError, extract, run
+from tasks.extract_reports import Config, InputLayoutError, extract
+from tests.context import make_test_context, run_direct
 
 from .conftest import REAL_DATA
+
+NAME = "extract_reports"
 
 FINDINGS = "Heart size is normal.  There is a new patchy opacity in the right lower lobe."
 IMPRESSION = "Right lower lobe pneumonia.  Follow-up ___ recommended."
@@ -412,7 +414,7 @@ def test_stage_writes_validated_artifacts(tmp_path, radiograph_jpeg):
     tree.add_image("10000001", "50000001", "two", content=b"not a jpeg")
     config = SimpleNamespace(data=data(root=str(tree.write_csvs())))
     ctx = make_test_context(tmp_path / "run", config, stage=NAME)
-    run(ctx, Config(image_workers=1))
+    run_direct(ctx, Config(image_workers=1))
 
     reports = read_artifact(tmp_path / "run" / NAME / "reports.parquet", Report)
     images = read_artifact(tmp_path / "run" / NAME / "images.parquet", Image)
@@ -431,10 +433,11 @@ def test_stage_with_no_usable_study_fails_after_writing_rejects(tmp_path, radiog
     config = SimpleNamespace(data=data(root=str(tree.write_csvs())))
     ctx = make_test_context(tmp_path / "run", config, stage=NAME)
     with pytest.raises(InputLayoutError, match="no usable study found.*empty report file"):
-        run(ctx, Config())
-    rejects = read_artifact(tmp_path / "run" / NAME / "rejects.parquet", Reject)
+        run_direct(ctx, Config())
+    rejects = read_artifact(tmp_path / "run" / NAME / ".attempt" / "rejects.parquet", Reject)  # kept apart
     assert rejects.column("key").to_pylist() == ["50000001"]
     assert not (tmp_path / "run" / NAME / "reports.parquet").exists()
+    assert not (tmp_path / "run" / NAME / "rejects.parquet").exists()
 
 
 def test_thread_pool_gives_the_same_result_as_sequential(tmp_path, radiograph_jpeg):

@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -460,32 +461,30 @@ STAGE_CFG = {
 @pytest.fixture(scope="module")
 def upstream_run(small_corpus, tmp_path_factory):
     """extract_reports + match_entities on the small corpus, plus two unusable images added to `images`."""
-    from data_contracts.reports import Image
-    from tasks.base import make_test_context
     from tasks.config import load_config
-    from tasks.registry import stage_module
+    from tasks.registry import get_stage
     from tasks.runner import run_stage
+    from tests.context import seed_artifact
 
     run_dir = tmp_path_factory.mktemp("gloria_run")
     config = load_config(str(REPO_ROOT / "configs" / "demo.yaml"), [f"data.root={small_corpus}"])
     for stage in ("extract_reports", "match_entities"):
-        run_stage(stage_module(stage), config, run_dir)
-    images = make_test_context(run_dir, config, "extract_reports").read("extract_reports/images").to_pylist()
+        run_stage(get_stage(stage), config, run_dir)
+    images = pq.read_table(run_dir / "extract_reports" / "images.parquet").to_pylist()
     corrupt = run_dir / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     extra = [images[0] | {"image_id": "missing-img", "path": str(run_dir / "nope.jpg")},
              images[0] | {"image_id": "corrupt-img", "path": str(corrupt)}]  # fmt: skip
-    make_test_context(run_dir, config, "extract_reports").write("images", images + extra, Image)
+    seed_artifact(run_dir, "extract_reports/images", images + extra)
     return run_dir, config, len(images), sum(r["split"] == "train" for r in images)
 
 
 def run_gloria_stage(run_dir, config, **overrides):
     from tasks import train_gloria
-    from tasks.base import make_test_context
+    from tests.context import make_test_context, run_direct
 
-    ctx = make_test_context(run_dir, config, train_gloria.NAME)
-    train_gloria.run(ctx, train_gloria.Config(**(STAGE_CFG | overrides)))
-    return ctx
+    ctx = make_test_context(run_dir, config, "train_gloria")
+    return run_direct(ctx, train_gloria.Config(**(STAGE_CFG | overrides)))
 
 
 def test_stage_writes_maps_windows_losses_localization_and_rejects(upstream_run):
@@ -556,7 +555,7 @@ def test_stage_text_source_rules(upstream_run, caplog):
     from tasks.base import MissingUpstreamError
 
     run_dir, config, _, _ = upstream_run
-    with pytest.raises(MissingUpstreamError, match="bulk_distill/distilled_reports"):
+    with pytest.raises(MissingUpstreamError, match="needs 'bulk_distill/distilled_reports'"):
         run_gloria_stage(run_dir, config, text_source="distilled")
     with pytest.raises(ValueError, match="window_k=9 is larger than train_gloria.grid=8"):
         run_gloria_stage(run_dir, config, window_k=9)

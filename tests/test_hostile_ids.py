@@ -72,7 +72,7 @@ def hostile_manifest(small_corpus, tmp_path_factory) -> Path:
 def test_hostile_ids_never_leave_the_run_directory(hostile_manifest):
     from tasks import train_gloria
     from tasks.config import load_config
-    from tasks.registry import stage_module
+    from tasks.registry import get_stage
     from tasks.runner import run_stage
     from tests.test_gloria import STAGE_CFG
 
@@ -89,14 +89,14 @@ def test_hostile_ids_never_leave_the_run_directory(hostile_manifest):
         ],
     )
     for stage in ("extract_reports", "match_entities"):
-        run_stage(stage_module(stage), config, run_dir)
+        run_stage(get_stage(stage), config, run_dir)
     reports = pq.read_table(run_dir / "extract_reports" / "reports.parquet").column("study_id").to_pylist()
     assert set(HOSTILE) <= set(reports)  # the ids are kept as data, exactly
 
     config = config.model_copy(
         update={"train_gloria": train_gloria.Config(**(STAGE_CFG | {"n_pictures": 100, "epochs": 1}))}
     )
-    run_stage(train_gloria, config, run_dir)
+    run_stage(train_gloria.STAGE, config, run_dir)
     pictures = sorted((run_dir / "train_gloria" / "pictures").iterdir())
     assert pictures and all(p.suffix == ".png" and p.parent.name == "pictures" for p in pictures)
     assert any("~" in p.name for p in pictures)  # at least one hostile id got a picture

@@ -71,9 +71,12 @@ def test_lineage_cli_prints_chain_down_to_input_files(pipeline_run, small_corpus
     assert "extract_reports/reports" in out
     assert "input" in out and "mimic-cxr-2.0.0-metadata.csv.gz" in out and "/files" in out
     assert (
+        "input" in out.split("\n")[1] and "configs/entities/table1.txt" in out
+    )  # the entity list is an input
+    assert (
         out.index("match_entities/entity_mentions")
         < out.index("extract_reports/reports")
-        < out.index("input")
+        < out.index("mimic-cxr-2.0.0-metadata.csv.gz")
     )
 
 

@@ -13,6 +13,7 @@ import torch
 from PIL import Image as PILImage
 
 from data_contracts.gloria import AttentionMap
+from data_contracts.io import read_artifact
 from data_contracts.reports import Image, Report
 from models.ecamp.export import load_timm_encoder
 from models.ecamp.model import ECAMP, ECAMPConfig
@@ -32,12 +33,14 @@ from models.ecamp.pretrain import (
     train,
 )
 from models.images import load_grayscale
+from models.resources import DEFAULT_ENTITY_LIST
+from models.text.entities import lexicon_rows, load_entity_list
 from models.text.masking import TextCollator, TextMaskingConfig
 from models.text.wordpiece import train_wordpiece
 from tasks import pretrain_ecamp
-from tasks.base import StageContext, make_test_context
 from tasks.config import load_config
 from tests.conftest import REAL_DATA
+from tests.context import make_test_context, run_direct, seed_artifact
 
 MODEL = dict(
     img_size=32, hr_size=64, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
@@ -279,26 +282,25 @@ def test_torchrun_entry_help(capsys):
 
 # ---- the stage -------------------------------------------------------------------------------------------------
 def write_upstream(run_dir, images, reports, with_attention: bool) -> None:
-    ctx = StageContext(run_dir=run_dir, stage="extract_reports", config=None, log=logging.getLogger("t"))
     n = len(images)
-    ctx.write("images", [
+    seed_artifact(run_dir, "extract_reports/images", [
         Image(image_id=f"i{i}", study_id=f"s{i}", subject_id="p", split="train" if i < n - 1 else "test", path=p,
               view="PA", height=48, width=40)
         for i, p in enumerate(images)
     ] + [Image(image_id="orphan", study_id="none", subject_id="p", split="train", path=images[0], view="PA",
-               height=48, width=40)], Image)  # fmt: skip
-    ctx.write("reports", [
+               height=48, width=40)])  # fmt: skip
+    seed_artifact(run_dir, "extract_reports/reports", [
         Report(study_id=f"s{i}", subject_id="p", split="train", findings=reports[i], impression="",
                text=reports[i], source_path="x")
         for i in range(n)
-    ], Report)  # fmt: skip
+    ])  # fmt: skip
+    seed_artifact(run_dir, "match_entities/lexicon", lexicon_rows(load_entity_list(DEFAULT_ENTITY_LIST)))
     if with_attention:
-        gctx = StageContext(run_dir=run_dir, stage="train_gloria", config=None, log=logging.getLogger("t"))
-        gctx.write("attention_maps", [
+        seed_artifact(run_dir, "train_gloria/attention_maps", [
             AttentionMap(image_id=f"i{i}", study_id=f"s{i}", entities=["effusion"], attention=[1 / 16] * 16,
                          grid=4, window_row=i % 3, window_col=0, window_size=2, fallback="none")
             for i in range(n)
-        ], AttentionMap)  # fmt: skip
+        ])  # fmt: skip
 
 
 @pytest.mark.parametrize("with_attention", [False, True])
@@ -314,12 +316,12 @@ def test_stage_writes_metrics_encoder_and_says_what_it_fell_back_to(
     ])  # fmt: skip
     ctx = make_test_context(tmp_path, config, stage="pretrain_ecamp")
     with caplog.at_level(logging.INFO):
-        pretrain_ecamp.run(ctx, config.pretrain_ecamp)
+        run_direct(ctx, config.pretrain_ecamp)
     assert "context distillation OFF" in caplog.text
     assert ("context-guided SR OFF" in caplog.text) is not with_attention
-    metrics = ctx.read("pretrain_ecamp/pretrain_metrics").to_pylist()
+    metrics = read_artifact(ctx.stage_dir / "pretrain_metrics.parquet").to_pylist()
     assert [r["step"] for r in metrics] == list(range(1, 7))  # 15 train images // 4 = 3 steps × 2 epochs
-    rejects = ctx.read("pretrain_ecamp/pretrain_rejects").to_pylist()
+    rejects = read_artifact(ctx.stage_dir / "pretrain_rejects.parquet").to_pylist()
     assert rejects == [{"image_id": "orphan", "study_id": "none",
                         "reason": "no report for this study in extract_reports/reports"}]  # fmt: skip
     vit = load_timm_encoder(ctx.stage_dir / "encoder.safetensors")

@@ -9,16 +9,14 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from data_contracts.entities import EntityMention
 from data_contracts.io import read_artifact
-from data_contracts.reports import Report
 from models.distill import parse, rules_teacher
 from models.distill.prompt import build_messages, estimate_prompt_tokens
 from models.distill.rules_teacher import Mention, distill, entity_phrase, merge_mentions
 from models.text.entities import EntityMatcher, load_entity_list
 from tasks import seed_distill
-from tasks.base import make_test_context
 from tasks.config import RunConfig
+from tests.context import make_test_context, run_direct, seed_artifact
 
 # Only `run.seed` is read from the pipeline config; loading the full one would import every stage (torch, timm).
 PIPELINE = SimpleNamespace(run=RunConfig(seed=0))
@@ -140,17 +138,15 @@ def write_upstream(run_dir: Path) -> None:
         }  # fmt: skip
         for sid, (f, i) in REPORTS.items()
     ]
-    make_test_context(run_dir, PIPELINE, stage="extract_reports").write("reports", rows, Report)
+    seed_artifact(run_dir, "extract_reports/reports", rows)
     table = MATCHER.match([r["study_id"] for r in rows], [r["text"] for r in rows])
-    make_test_context(run_dir, PIPELINE, stage="match_entities").write(
-        "entity_mentions", table, EntityMention
-    )
+    seed_artifact(run_dir, "match_entities/entity_mentions", table)
 
 
 def test_stage_with_the_rules_teacher_writes_validated_artifacts(tmp_path):
     write_upstream(tmp_path)
-    ctx = make_test_context(tmp_path, PIPELINE, stage=seed_distill.NAME)
-    seed_distill.run(ctx, seed_distill.Config(teacher="rules", n_reports=10))
+    ctx = make_test_context(tmp_path, PIPELINE, stage="seed_distill")
+    run_direct(ctx, seed_distill.Config(teacher="rules", n_reports=10))
     rows = read_artifact(tmp_path / "seed_distill" / "seed_distillations.parquet").to_pylist()
     assert [r["study_id"] for r in rows] == ["s1", "s2", "s4"]
     s1 = rows[0]
@@ -166,9 +162,9 @@ def test_stage_with_the_rules_teacher_writes_validated_artifacts(tmp_path):
 
 def test_stage_truncates_long_reports_and_records_it(tmp_path):
     write_upstream(tmp_path)
-    ctx = make_test_context(tmp_path, PIPELINE, stage=seed_distill.NAME)
+    ctx = make_test_context(tmp_path, PIPELINE, stage="seed_distill")
     base = estimate_prompt_tokens(build_messages("x", ["effusion", "pneumothorax"]))
-    seed_distill.run(ctx, seed_distill.Config(teacher="rules", n_reports=10, max_prompt_tokens=base + 8))
+    run_direct(ctx, seed_distill.Config(teacher="rules", n_reports=10, max_prompt_tokens=base + 8))
     rows = {
         r["study_id"]: r
         for r in pq.read_table(tmp_path / "seed_distill" / "seed_distillations.parquet").to_pylist()

@@ -408,7 +408,7 @@ def test_stage_with_an_http_teacher_rejects_then_resumes_from_the_cache(tmp_path
     import pyarrow.parquet as pq
 
     from tasks import seed_distill
-    from tasks.base import make_test_context
+    from tests.context import make_test_context, run_direct
     from tests.test_rules_teacher import PIPELINE, write_upstream
 
     write_upstream(tmp_path)
@@ -417,8 +417,8 @@ def test_stage_with_an_http_teacher_rejects_then_resumes_from_the_cache(tmp_path
         cfg = seed_distill.Config(teacher="openai", base_url=server.base_url, model="teacher", n_reports=10,
                                   concurrency=1, max_retries=1)  # fmt: skip
         server.faults.extend(["500", "500"])  # the first seed report fails twice: a reject
-        ctx = make_test_context(tmp_path, PIPELINE, stage=seed_distill.NAME)
-        seed_distill.run(ctx, cfg)
+        ctx = make_test_context(tmp_path, PIPELINE, stage="seed_distill")
+        run_direct(ctx, cfg)
         rejects = pq.read_table(out / "distill_rejects.parquet").to_pylist()
         assert rejects == [{"study_id": "s1", "stage": "seed_distill", "attempts": 2,
                             "reason": "gave up after 2 attempt(s): HTTP 500"}]  # fmt: skip
@@ -434,7 +434,7 @@ def test_stage_with_an_http_teacher_rejects_then_resumes_from_the_cache(tmp_path
             200 / 1000 * cfg.price_prompt_per_1k
             + usage["completion_tokens"] / 1000 * cfg.price_completion_per_1k
         )
-        seed_distill.run(ctx, cfg)  # rerun: only the reject is sent
+        run_direct(ctx, cfg)  # rerun: only the reject is sent
         assert server.completions_sent == 4 + 1
         rows = pq.read_table(out / "seed_distillations.parquet").to_pylist()
         assert [(r["study_id"], r["cached"]) for r in rows] == [("s1", False), ("s2", True), ("s4", True)]
@@ -442,14 +442,43 @@ def test_stage_with_an_http_teacher_rejects_then_resumes_from_the_cache(tmp_path
         assert b"sk-" not in (out / seed_distill.CACHE_FILE).read_bytes()
 
 
+def test_a_run_where_every_request_failed_is_a_failure_and_the_next_run_retries(tmp_path):
+    """Reliability #9: no success record for a seed set below the minimum; failures are sent again."""
+    import pyarrow.parquet as pq
+
+    from tasks import seed_distill
+    from tasks.record import read_record
+    from tests.context import make_test_context, run_direct
+    from tests.test_rules_teacher import PIPELINE, write_upstream
+
+    write_upstream(tmp_path)
+    with FakeOpenAIServer() as server:
+        cfg = seed_distill.Config(teacher="openai", base_url=server.base_url, model="teacher", n_reports=10,
+                                  concurrency=1, max_retries=0)  # fmt: skip
+        server.faults.extend(["500"] * 3)
+        ctx = make_test_context(tmp_path, PIPELINE, stage="seed_distill")
+        with pytest.raises(RuntimeError, match=r"only 0 of 3 teacher requests succeeded .*HTTP 500"):
+            run_direct(ctx, cfg)
+        assert read_record(tmp_path, "seed_distill") is None
+        assert not (tmp_path / "seed_distill" / "seed_distillations.parquet").exists()
+        rejects = pq.read_table(tmp_path / "seed_distill" / ".attempt" / "distill_rejects.parquet")
+        assert rejects.num_rows == 3  # the failed attempt's outputs, kept apart
+        run_direct(ctx, cfg)
+        assert server.completions_sent == 3 + 3
+        assert set(read_record(tmp_path, "seed_distill").outputs) >= {
+            "seed_distillations",
+            "teacher_settings",
+        }
+
+
 def test_stage_refuses_an_external_teacher_before_any_work(tmp_path):
     from tasks import seed_distill
-    from tasks.base import make_test_context
+    from tests.context import make_test_context, run_direct
     from tests.test_rules_teacher import PIPELINE
 
-    ctx = make_test_context(tmp_path, PIPELINE, stage=seed_distill.NAME)
+    ctx = make_test_context(tmp_path, PIPELINE, stage="seed_distill")
     with pytest.raises(EndpointPolicyError, match="PhysioNet"):
-        seed_distill.run(ctx, seed_distill.Config(teacher="openai"))  # no upstream needed to fail first
+        run_direct(ctx, seed_distill.Config(teacher="openai"))  # no upstream needed to fail first
     with pytest.raises(MissingAPIKeyError):
         seed_distill.run(
             ctx, seed_distill.Config(teacher="openai", external_endpoint_ack="zero-retention verified")

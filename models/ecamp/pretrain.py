@@ -673,7 +673,7 @@ def write_job(
     records: Sequence[PretrainRecord],
     tokenizer_path: Path,
     device: str,
-    entity_list: str,
+    entity_words: Sequence[str],
     data_hash: str,
 ) -> Path:
     """Everything a (torchrun) training process needs, as plain files, so the stage can launch it as a command."""
@@ -687,7 +687,7 @@ def write_job(
         "text": text_cfg.model_dump(),
         "tokenizer": str(tokenizer_path),
         "device": device,
-        "entity_list": entity_list,
+        "entity_words": list(entity_words),
         "data_hash": data_hash,
     }
     path = job_dir / JOB_FILE
@@ -704,14 +704,20 @@ def read_records(path: Path) -> list[PretrainRecord]:
     return out
 
 
-def run_job(job_dir: Path, out_dir: Path, progress: bool = True) -> TrainResult:
-    from models.text.masking import TextCollator, TextMaskingConfig, read_entity_words
+def run_job(
+    job_dir: Path,
+    out_dir: Path,
+    progress: bool = True,
+    log: logging.Logger | logging.LoggerAdapter | None = None,
+) -> TrainResult:
+    """The one training entry point: the stage calls it in-process, and every torchrun process calls it."""
+    from models.text.masking import TextCollator, TextMaskingConfig
     from models.text.wordpiece import load_wordpiece
 
     job = json.loads((job_dir / JOB_FILE).read_text())
     model_cfg, cfg = ECAMPConfig(**job["model"]), PretrainConfig(**job["train"])
-    text_cfg, entities = TextMaskingConfig(**job["text"]), read_entity_words(job["entity_list"])
-    collate = TextCollator(load_wordpiece(job["tokenizer"]), text_cfg, entities)
+    text_cfg = TextMaskingConfig(**job["text"])
+    collate = TextCollator(load_wordpiece(job["tokenizer"]), text_cfg, job["entity_words"])
     dataset = PretrainDataset(read_records(job_dir / "records.jsonl"), model_cfg, cfg)
     return train(
         model_cfg,
@@ -722,6 +728,7 @@ def run_job(job_dir: Path, out_dir: Path, progress: bool = True) -> TrainResult:
         device=job["device"],
         data_hash=job["data_hash"],
         progress=progress,
+        log=log or LOG,
     )
 
 

@@ -899,3 +899,21 @@ def write_entity_list(path: str | Path, entities: Sequence[str], comment: str) -
     lines = [f"# {line}" for line in comment.splitlines()] + list(entities)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def lexicon_rows(lexicon: EntityLexicon) -> list[dict]:
+    """The lexicon as `LexiconForm` rows (every surface form, entities in list order)."""
+    rank = {e: i for i, e in enumerate(lexicon.entities)}
+    return [
+        {"entity": entity, "form": form, "rank": rank[entity], "source": lexicon.source}
+        for form, entity in sorted(lexicon.forms.items(), key=lambda fe: (rank[fe[1]], fe[0]))
+    ]
+
+
+def lexicon_from_rows(rows: Sequence[dict]) -> EntityLexicon:
+    """Inverse of `lexicon_rows`: the lexicon a later stage reads from the `lexicon` artifact."""
+    if not rows:
+        raise EntityListError("the lexicon artifact has no rows")
+    ordered = sorted(rows, key=lambda r: (r["rank"], r["form"]))
+    entities = tuple(dict.fromkeys(r["entity"] for r in ordered))
+    return EntityLexicon(entities, {r["form"]: r["entity"] for r in ordered}, source=ordered[0]["source"])

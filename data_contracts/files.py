@@ -1,0 +1,59 @@
+"""Hashes and cheap stamps of output files and folders (weights, adapters, tokenizers, plots).
+
+A stamp (relative paths, sizes, mtimes) costs a `stat` per file; the content hash reads every byte. The
+success record keeps both, so checking an untouched output costs a stat, and a changed stamp triggers the
+full hash: an edit that keeps size and mtime is the only one that goes unseen, as with make or rsync.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+CHUNK = 1 << 20
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    out = []
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        out += [Path(root) / n for n in sorted(names)]
+    return out
+
+
+def _text_hash(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, separators=(",", ":")).encode()).hexdigest()
+
+
+def stamp(path: Path) -> str:
+    """Relative names, sizes and mtimes of a file or of every file under a folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: does not exist")
+    entries = []
+    for f in _files(path):
+        st = f.stat()
+        entries.append([f.relative_to(path).as_posix() if f != path else f.name, st.st_size, st.st_mtime_ns])
+    return _text_hash(entries)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def content_hash(path: Path) -> str:
+    """SHA-256 of a file, or of a folder's relative names and file hashes (names matter, mtimes do not)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: does not exist")
+    if path.is_file():
+        return sha256_file(path)
+    return _text_hash([[f.relative_to(path).as_posix(), sha256_file(f)] for f in _files(path)])

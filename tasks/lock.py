@@ -1,0 +1,76 @@
+"""One writer per run directory: an advisory `flock` on `<run_dir>/.lock`.
+
+Two `ecamp run`s on one run directory would read each other's half-written outputs and race on the
+catalog. The kernel drops a `flock` when its holder dies, so a lock left by a killed run is never stale:
+the next run simply gets it. The file says who holds it, for the error message. Within one process the
+lock is re-entrant (the pipeline flow holds it while its stage tasks take it again).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+LOCK_FILE = ".lock"
+
+
+class RunDirectoryBusy(RuntimeError):
+    """Another process is running stages in this run directory."""
+
+
+_held: dict[str, tuple[int, int]] = {}  # resolved run dir -> (fd, depth), for this process
+_guard = threading.Lock()
+
+
+def _holder(fd: int) -> str:
+    try:
+        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(data["started"]))
+        return f"pid {data['pid']} ({data.get('command', '?')}), started {started}"
+    except (ValueError, KeyError, OSError):
+        return "another process"
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory's lock, or fail at once naming the holder's pid and start time."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = str(run_dir.resolve())
+    with _guard:
+        if key in _held:
+            fd, depth = _held[key]
+            _held[key] = (fd, depth + 1)
+        else:
+            fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(fd)
+                os.close(fd)
+                raise RunDirectoryBusy(
+                    f"run directory {run_dir} is in use by {holder}; wait for it to finish or use another "
+                    "--run-dir (a killed run releases the lock by itself)"
+                ) from None
+            os.ftruncate(fd, 0)
+            info = {"pid": os.getpid(), "started": time.time(), "command": " ".join(sys.argv[:3])}
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+            _held[key] = (fd, 1)
+    try:
+        yield
+    finally:
+        with _guard:
+            fd, depth = _held[key]
+            if depth > 1:
+                _held[key] = (fd, depth - 1)
+            else:
+                del _held[key]
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)

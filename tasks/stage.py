@@ -1,0 +1,68 @@
+"""The declared stage interface: one record says what a stage reads, writes and is configured by.
+
+Everything that needs to know a stage's inputs or outputs reads this record (as Kedro reads its nodes): the
+registry, the cache fingerprint, the context that refuses undeclared reads and writes, the success record
+that verifies every output, `ecamp lineage` and the README's stage table. Nothing is scattered as loose
+module globals, so an input cannot silently escape the fingerprint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from data_contracts.base import Row
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    """`stage/name` -> (stage, name); `name` is a Parquet artifact or a declared file output."""
+    stage, sep, name = ref.partition("/")
+    if not sep or not stage or not name:
+        raise ValueError(f"artifact reference '{ref}' must look like 'stage/artifact'")
+    return stage, name
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage.
+
+    `reads`: upstream outputs (`stage/name`, Parquet or declared files) whose content hashes enter the
+    fingerprint. `optional` lists the reads the stage can run without (it logs a warning saying what it does
+    instead) and the file outputs only some configurations write. `writes`: its Parquet outputs and their row contracts. `files`: its other outputs (weights,
+    adapters, tokenizers, plot folders), hashed and verified like the Parquet ones. `sections`: config
+    sections it reads besides its own and `run`. `input_files`: files outside the run directory it reads
+    (the MIMIC tree, a lesion-box CSV, an entity list), given the whole config; their fingerprints enter the
+    cache key and the lineage.
+    """
+
+    name: str
+    version: str
+    config: type
+    run: Callable[..., None]
+    summary: str
+    reads: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    writes: Mapping[str, type[Row]] = field(default_factory=dict)
+    files: tuple[str, ...] = ()
+    sections: tuple[str, ...] = ()
+    input_files: Callable[[Any], list[Path]] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "writes", MappingProxyType(dict(self.writes)))
+        for ref in self.reads:
+            split_ref(ref)
+        if stray := set(self.optional) - set(self.reads) - set(self.files):
+            raise ValueError(f"{self.name}: optional {stray} are neither reads nor file outputs")
+        if clash := set(self.writes) & set(self.files):
+            raise ValueError(f"{self.name}: {clash} declared both as Parquet and as file outputs")
+
+    @property
+    def code_version(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (*self.writes, *self.files)
