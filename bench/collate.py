@@ -54,6 +54,7 @@ class LoopCollator:
         self.frame = {self.pad, self.cls}  # not text; [UNK] etc. are ordinary pieces
         self.entities = self.patterns_by_first_id(entity_words)
         self.cues = self.patterns_by_first_id(cfg.negation_cues)
+        self.non_cues = self.patterns_by_first_id(cfg.non_negation_cues)
 
     def patterns_by_first_id(self, phrases: Sequence[str]) -> dict[int, list[list[int]]]:
         unk = self.tokenizer.token_to_id(SPECIAL_TOKENS[1])
@@ -126,12 +127,14 @@ class LoopCollator:
                 current += 1
             sentence[t] = current
         entity_word = [False] * len(starts)
-        negative = [False] * len(ids)
+        negative, cancelled = [False] * len(ids), [False] * len(ids)
         for w, s in enumerate(starts):
             entity_word[w] = self.match(ids, s, self.entities) > 0
-            k = self.match(ids, s, self.cues)
-            for t in range(s, s + k):
+            for t in range(s, s + self.match(ids, s, self.cues)):
                 negative[t] = True
+            for t in range(s, s + self.match(ids, s, self.non_cues)):
+                cancelled[t] = True
+        negative = [n and not c for n, c in zip(negative, cancelled, strict=True)]
         descriptor_word = [False] * len(starts)
         for w, s in enumerate(starts):
             if not entity_word[w]:

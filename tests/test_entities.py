@@ -15,13 +15,11 @@ from data_contracts.io import read_artifact
 from data_contracts.reports import Report
 from models.text.entities import (
     TABLE1_SURFACE_FORMS,
-    Cue,
     EntityListError,
     EntityMatcher,
     MatcherConfig,
     build_lexicon,
     corpus_summary,
-    default_cues,
     derive_entity_list,
     descriptor_stats,
     entity_stats,
@@ -29,6 +27,7 @@ from models.text.entities import (
     trie_pattern,
     write_entity_list,
 )
+from models.text.negation import Cue, default_cues, negating_phrases, non_negating_phrases
 from tasks.base import make_test_context
 from tasks.match_entities import NAME, UPSTREAM, Config, resolve_entity_list, run
 
@@ -109,6 +108,15 @@ def test_cue_that_is_also_an_entity_form_is_rejected():
     lexicon = build_lexicon(["effusion"])
     with pytest.raises(ValueError, match="cue 'effusion' is also 'effusion'"):
         EntityMatcher(lexicon, MatcherConfig(cues=(*default_cues(), Cue("effusion", "negative"))))
+
+
+def test_masking_negation_words_are_the_matchers_negation_cues(matcher):
+    """One cue table: every phrase the MLM weighs as negation denies the entity after it here, and every
+    phrase that cancels one there (pseudo, uncertainty) does not deny it here."""
+    for phrase in negating_phrases():
+        assert polarity(matcher, f"{phrase} effusion.", "effusion") == "negative", phrase
+    for phrase in non_negating_phrases():
+        assert polarity(matcher, f"{phrase} effusion.", "effusion") != "negative", phrase
 
 
 def test_trie_pattern_prefers_the_longest_phrase():

@@ -190,6 +190,22 @@ def test_unknown_pieces_are_ordinary_words(tokenizer):
     assert batch.descriptor[0, at]  # "§" and "no" are the two words before "effusion"
 
 
+def test_negation_words_follow_the_shared_cue_table(tokenizer):
+    """Negative words: those of the entity matcher's negating cues, unless a pseudo or uncertainty cue holds them."""
+    texts = [
+        "Lungs are clear without evidence of effusion.",
+        "No change in the effusion.",
+        "Effusion can not be excluded.",
+        "Non calcified granuloma.",
+    ]
+    batch = make(tokenizer).mask([(t, None) for t in texts], np.random.default_rng(0))
+    negative = [
+        [w for w, pos in words_of(tokenizer, batch, row) if batch.negative[row, pos[0]]]
+        for row in range(len(texts))
+    ]
+    assert negative == [["without", "evidence", "of"], [], [], ["non"]]
+
+
 def composed(tokenizer, pairs, rng, **overrides) -> list[str]:
     """Each sample's composed text, decoded from its pieces ([CLS] dropped; whitespace-insensitive)."""
     cfg = TextMaskingConfig(max_len=128, mask_rate=0.0, **overrides)
