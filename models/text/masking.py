@@ -135,18 +135,11 @@ def validate_pairs(pairs: Sequence[tuple[str, str | None]], cfg: TextMaskingConf
 # Vocabulary tables and phrase matching
 
 
-def phrase_ids(tokenizer: Tokenizer, phrases: Sequence[str]) -> tuple[list[np.ndarray], list[str]]:
-    """Piece-id sequence of each phrase; phrases with an unknown piece cannot be matched and are returned apart."""
+def phrase_ids(tokenizer: Tokenizer, phrases: Sequence[str]) -> list[np.ndarray]:
+    """Piece-id sequence of each phrase, lower-cased; phrases with an unknown piece cannot match and are left out."""
     unk = tokenizer.token_to_id(SPECIAL_TOKENS[1])
-    sequences, unmatchable = [], []
-    for phrase, encoding in zip(
-        phrases, tokenizer.encode_batch(list(phrases), add_special_tokens=False), strict=True
-    ):
-        if not encoding.ids or unk in encoding.ids:
-            unmatchable.append(phrase)
-        else:
-            sequences.append(np.asarray(encoding.ids, dtype=np.int64))
-    return sequences, unmatchable
+    encodings = tokenizer.encode_batch([p.lower() for p in phrases], add_special_tokens=False)
+    return [np.asarray(e.ids, dtype=np.int64) for e in encodings if e.ids and unk not in e.ids]
 
 
 class PhraseMatcher:
@@ -227,7 +220,6 @@ class VocabTables:
     entities: PhraseMatcher
     negations: PhraseMatcher
     non_negations: PhraseMatcher  # pseudo and uncertainty cues: they cancel the negation cues inside them
-    unmatchable: tuple[str, ...]  # entity words / cues the vocabulary cannot spell (contain [UNK])
 
     @classmethod
     def build(cls, tokenizer: Tokenizer, cfg: TextMaskingConfig, entity_words: Sequence[str]) -> VocabTables:
@@ -238,30 +230,19 @@ class VocabTables:
         is_frame = np.isin(pieces, [PAD, CLS])
         is_punctuation = np.array([not any(c.isalnum() for c in p) for p in pieces], dtype=bool)
         is_sentence_end = np.isin(pieces, cfg.sentence_end_tokens)
-        entity_ids, bad_entities = phrase_ids(tokenizer, [w.lower() for w in entity_words])
-        cue_ids, bad_cues = phrase_ids(tokenizer, [c.lower() for c in cfg.negation_cues])
-        other_ids, bad_others = phrase_ids(tokenizer, [c.lower() for c in cfg.non_negation_cues])
         return cls(
             is_continuation=is_continuation,
             is_frame=is_frame,
             is_sentence_end=is_sentence_end,
             is_punctuation=is_punctuation & ~is_continuation & ~is_frame,
-            entities=PhraseMatcher(entity_ids, size),
-            negations=PhraseMatcher(cue_ids, size),
-            non_negations=PhraseMatcher(other_ids, size),
-            unmatchable=tuple(bad_entities + bad_cues + bad_others),
+            entities=PhraseMatcher(phrase_ids(tokenizer, entity_words), size),
+            negations=PhraseMatcher(phrase_ids(tokenizer, cfg.negation_cues), size),
+            non_negations=PhraseMatcher(phrase_ids(tokenizer, cfg.non_negation_cues), size),
         )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Tokenization, masking, weights
-
-
-def pad_right(a: np.ndarray, extra: int, value) -> np.ndarray:
-    """[B, W] -> [B, W + extra] filled with `value` (np.pad costs more than the masking itself here)."""
-    out = np.full((a.shape[0], a.shape[1] + extra), value, dtype=a.dtype)
-    out[:, : a.shape[1]] = a
-    return out
 
 
 def spread_from_word_start(flag: np.ndarray, word_start_of: np.ndarray, in_word: np.ndarray) -> np.ndarray:
