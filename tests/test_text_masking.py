@@ -19,7 +19,7 @@ from models.text.masking import (
     read_entity_words,
     weighted_mlm_loss,
 )
-from models.text.wordpiece import SPECIAL_TOKENS, CachedEncoder, empty_wordpiece, train_wordpiece
+from models.text.wordpiece import SPECIAL_TOKENS, CachedEncoder, empty_wordpiece, padded_rows, train_wordpiece
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -348,7 +348,9 @@ def test_weighted_mlm_loss_normalisation():
 def test_cached_encoder_matches_tokenizer(tokenizer):
     texts = iu_reports()[:400] + ["Café [MASK] x-ray 2.5cm ABC_12 ... ", "", "   ", "a\tb\nc  ;;"]
     encoder = CachedEncoder(tokenizer)
-    ids = encoder.encode_padded(texts, width=300, prefix=[2])
+    ids = padded_rows(
+        *encoder.encode_flat(texts), width=300, prefix=[2], pad_id=tokenizer.token_to_id("[PAD]")
+    )
     for row, text in enumerate(texts):
         expected = [2] + tokenizer.encode(text, add_special_tokens=False).ids[:299]
         assert ids[row, : len(expected)].tolist() == expected

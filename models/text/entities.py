@@ -705,16 +705,6 @@ def empty_mentions() -> pa.Table:
     return EntityMention.arrow_schema().empty_table()
 
 
-def match_reports(
-    study_ids: Sequence[str],
-    texts: Sequence[str],
-    lexicon: EntityLexicon,
-    config: MatcherConfig | None = None,
-) -> pa.Table:
-    """One-shot helper: build a matcher and match `texts`."""
-    return EntityMatcher(lexicon, config).match(study_ids, texts)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Statistics (Fig. 2) and derived entity lists (Table 8)
 # ---------------------------------------------------------------------------------------------------------
