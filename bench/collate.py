@@ -15,7 +15,6 @@ stand-in distillation "There is <entity>." per entity word found in the report i
 from __future__ import annotations
 
 import argparse
-import csv
 import re
 import sys
 import time
@@ -38,8 +37,7 @@ from models.text.masking import (  # noqa: E402
     validate_pairs,
 )
 from models.text.wordpiece import CLS, MASK, PAD, SPECIAL_TOKENS, train_wordpiece  # noqa: E402
-
-IU_XRAY = REPO / "tests" / "data" / "real" / "iu_xray" / "reports_dev.csv"
+from tests.real_data import iu_xray_texts  # noqa: E402
 
 
 class LoopCollator:
@@ -200,12 +198,9 @@ def iu_xray_pairs(entity_words: Sequence[str]) -> list[tuple[str, str]]:
         r"\b(" + "|".join(map(re.escape, sorted(entity_words, key=len, reverse=True))) + r")\b"
     )
     pairs = []
-    with IU_XRAY.open(newline="") as f:
-        for row in csv.DictReader(f):
-            report = f"{row['findings']} {row['impression']}".strip()
-            if report:
-                found = dict.fromkeys(entity_re.findall(report.lower()))
-                pairs.append((report, " ".join(f"There is {e}." for e in found)))
+    for report in filter(None, iu_xray_texts()):
+        found = dict.fromkeys(entity_re.findall(report.lower()))
+        pairs.append((report, " ".join(f"There is {e}." for e in found)))
     return pairs
 
 

@@ -30,8 +30,7 @@ from models.text.entities import (
 from models.text.negation import Cue, default_cues, negating_phrases, non_negating_phrases
 from tasks.base import make_test_context
 from tasks.match_entities import NAME, UPSTREAM, Config, resolve_entity_list, run
-
-from .conftest import REAL_DATA, REPO_ROOT
+from tests.real_data import REPO_ROOT, iu_xray_texts
 
 TABLE1 = REPO_ROOT / "configs" / "entities" / "table1.txt"
 
@@ -213,12 +212,9 @@ SCANNER_CASES = [
 
 def test_word_scanner_and_regex_scanner_find_the_same_targets(matcher):
     """ASCII batches take the per-word numpy scanner, others the trie regex: both must agree exactly."""
-    import csv
-
     from models.text.entities import _Characters
 
-    with (REAL_DATA / "iu_xray" / "reports_dev.csv").open() as handle:
-        texts = [f"{r['findings']} {r['impression']}" for r in csv.DictReader(handle)] + SCANNER_CASES
+    texts = iu_xray_texts() + SCANNER_CASES
     text = "\n\n".join(texts)
     low = text.lower()
     by_words = matcher._tokens.find(low, _Characters.of(text).space)
