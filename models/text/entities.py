@@ -19,8 +19,9 @@ clause (sentence end, ';', "but", "however", "although", "there is", ...), the N
 (so "no pneumonia, possible atelectasis" hedges atelectasis), a pseudo-trigger ("no change in", "not only")
 is a trigger with no effect, and a trigger after the entity ("has resolved", "cannot be excluded") reaches
 back a few words within its clause. Negation wins over uncertainty when both apply. The cue phrases come
-from `models.text.negation`, which the MLM's negative descriptors (`models.text.masking`) read too; that
-module says why masking scopes a cue to its own words while polarity scopes it to the clause.
+from `models.text.negation`, which the MLM's negative descriptors (`models.text.masking`) read too. Masking
+scopes a cue to its own words instead of its clause because Eq. 3 weighs the negation words themselves, not
+every word describing a denied entity (details in `models.text.negation`).
 """
 
 from __future__ import annotations
