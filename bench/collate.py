@@ -15,7 +15,6 @@ stand-in distillation "There is <entity>." per entity word found in the report i
 from __future__ import annotations
 
 import argparse
-import csv
 import re
 import sys
 import time
@@ -38,8 +37,7 @@ from models.text.masking import (  # noqa: E402
     validate_pairs,
 )
 from models.text.wordpiece import CLS, MASK, PAD, SPECIAL_TOKENS, train_wordpiece  # noqa: E402
-
-IU_XRAY = REPO / "tests" / "data" / "real" / "iu_xray" / "reports_dev.csv"
+from tests.real_data import iu_xray_texts  # noqa: E402
 
 
 class LoopCollator:
@@ -54,6 +52,7 @@ class LoopCollator:
         self.frame = {self.pad, self.cls}  # not text; [UNK] etc. are ordinary pieces
         self.entities = self.patterns_by_first_id(entity_words)
         self.cues = self.patterns_by_first_id(cfg.negation_cues)
+        self.non_cues = self.patterns_by_first_id(cfg.non_negation_cues)
 
     def patterns_by_first_id(self, phrases: Sequence[str]) -> dict[int, list[list[int]]]:
         unk = self.tokenizer.token_to_id(SPECIAL_TOKENS[1])
@@ -126,12 +125,14 @@ class LoopCollator:
                 current += 1
             sentence[t] = current
         entity_word = [False] * len(starts)
-        negative = [False] * len(ids)
+        negative, cancelled = [False] * len(ids), [False] * len(ids)
         for w, s in enumerate(starts):
             entity_word[w] = self.match(ids, s, self.entities) > 0
-            k = self.match(ids, s, self.cues)
-            for t in range(s, s + k):
+            for t in range(s, s + self.match(ids, s, self.cues)):
                 negative[t] = True
+            for t in range(s, s + self.match(ids, s, self.non_cues)):
+                cancelled[t] = True
+        negative = [n and not c for n, c in zip(negative, cancelled, strict=True)]
         descriptor_word = [False] * len(starts)
         for w, s in enumerate(starts):
             if not entity_word[w]:
@@ -197,12 +198,9 @@ def iu_xray_pairs(entity_words: Sequence[str]) -> list[tuple[str, str]]:
         r"\b(" + "|".join(map(re.escape, sorted(entity_words, key=len, reverse=True))) + r")\b"
     )
     pairs = []
-    with IU_XRAY.open(newline="") as f:
-        for row in csv.DictReader(f):
-            report = f"{row['findings']} {row['impression']}".strip()
-            if report:
-                found = dict.fromkeys(entity_re.findall(report.lower()))
-                pairs.append((report, " ".join(f"There is {e}." for e in found)))
+    for report in filter(None, iu_xray_texts()):
+        found = dict.fromkeys(entity_re.findall(report.lower()))
+        pairs.append((report, " ".join(f"There is {e}." for e in found)))
     return pairs
 
 

@@ -14,28 +14,22 @@ Run by hand: `.venv/bin/python -m bench.entities [--n 227835] [--baseline-n 2000
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from data_contracts.base import validate_table
-from data_contracts.entities import EntityMention
-from models.text.entities import EntityLexicon, EntityMatcher, load_entity_list
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages and tests
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-IU_REPORTS = REPO_ROOT / "tests" / "data" / "real" / "iu_xray" / "reports_dev.csv"
+from data_contracts.base import validate_table  # noqa: E402
+from data_contracts.entities import EntityMention  # noqa: E402
+from models.text.entities import EntityLexicon, EntityMatcher, load_entity_list  # noqa: E402
+from tests.real_data import REPO_ROOT, iu_xray_texts, negex_polarity  # noqa: E402
+
 MIMIC_REPORTS = 227_835
-NEGEX_CUES = re.compile(r"\b(?:no|not|without|negative|free|absence|absent|denies|denied)\b")
-
-
-def iu_texts() -> list[str]:
-    with IU_REPORTS.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    return [" ".join(f"{r['findings']} {r['impression']}".split()) for r in rows]
 
 
 def synth_texts(n: int, seed: int) -> list[str]:
@@ -54,7 +48,7 @@ def synth_texts(n: int, seed: int) -> list[str]:
 
 def build_corpus(n: int, use_synth: bool, seed: int) -> tuple[list[str], str]:
     rng = np.random.default_rng(seed)
-    pools = [iu_texts()]
+    pools = [iu_xray_texts()]
     if use_synth:
         pools.append(synth_texts(5_000, seed))
     per_pool = [n // len(pools) + (1 if i < n % len(pools) else 0) for i in range(len(pools))]
@@ -82,9 +76,7 @@ def naive_match(texts: list[str], lexicon: EntityLexicon) -> list[tuple[int, str
     for i, text in enumerate(texts):
         for entity, pattern in patterns.items():
             for m in pattern.finditer(text):
-                window = " ".join(text[: m.start()].split()[-5:]).lower()
-                polarity = "negative" if NEGEX_CUES.search(window) else "positive"
-                found.append((i, entity, m.start(), m.end(), polarity))
+                found.append((i, entity, m.start(), m.end(), negex_polarity(text, m.start())))
     return found
 
 

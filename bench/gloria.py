@@ -15,7 +15,6 @@ shared machine's load makes wall time noisy; wall time is reported too. Peak RSS
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import resource
 import subprocess
@@ -24,7 +23,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-REAL = ROOT / "tests" / "data" / "real"
 MIMIC_IMAGES = 377_110
 DEMO_MODEL = dict(
     encoder="small", image_size=64, small_width=8, embed_dim=32, text_hidden=32, text_layers=1, text_heads=2,
@@ -35,9 +33,9 @@ DEMO_POSITIVES = ["effusion", "opacity", "cardiomegaly"]  # affirmed-word local 
 
 def iu_reports() -> list[str]:
     from models.gloria.model import clean_report
+    from tests.real_data import iu_xray_texts
 
-    with (REAL / "iu_xray" / "reports_dev.csv").open() as f:
-        texts = [clean_report(f"{r['findings'] or ''} {r['impression'] or ''}") for r in csv.DictReader(f)]
+    texts = [clean_report(t) for t in iu_xray_texts()]
     return [t for t in texts if t]
 
 

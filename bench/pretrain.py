@@ -14,7 +14,6 @@ Also measured: the data pipeline (decode + RandomResizedCrop to 448 + low-res + 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import resource
@@ -24,7 +23,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-REAL = ROOT / "tests" / "data" / "real"
 
 SIZES = {
     "demo": dict(batch=16, model=dict(
@@ -38,11 +36,6 @@ SIZES = {
 }  # fmt: skip
 
 
-def iu_reports() -> list[str]:
-    with (REAL / "iu_xray" / "reports_dev.csv").open() as f:
-        return [f"{r['findings'] or ''} {r['impression'] or ''}".strip() for r in csv.DictReader(f)]
-
-
 def bench_size(name: str, steps: int, threads: int) -> dict:
     import numpy as np
     import torch
@@ -51,13 +44,14 @@ def bench_size(name: str, steps: int, threads: int) -> dict:
     from models.ecamp.pretrain import param_groups
     from models.text.masking import TextCollator, TextMaskingConfig
     from models.text.wordpiece import train_wordpiece
+    from tests.real_data import iu_xray_texts
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     spec = SIZES[name]
     cfg = ECAMPConfig(**spec["model"])
     batch = spec["batch"]
-    reports = iu_reports()
+    reports = iu_xray_texts()
     tokenizer = train_wordpiece(reports, vocab_size=min(cfg.vocab_size, 3000), min_frequency=2)
     collate = TextCollator(tokenizer, TextMaskingConfig(max_len=cfg.max_len))
     model = ECAMP(cfg)
@@ -105,9 +99,10 @@ def bench_data(n: int) -> dict:
 
     from models.ecamp.model import ECAMPConfig
     from models.ecamp.pretrain import PretrainConfig, PretrainDataset, PretrainRecord
+    from tests.real_data import REAL_DATA
 
     torch.set_num_threads(1)
-    paths = sorted(str(p) for p in (REAL / "images").iterdir())
+    paths = sorted(str(p) for p in (REAL_DATA / "images").iterdir())
     recs = [
         PretrainRecord(str(i), str(i), p, "x", None, (1 / 14, 1 / 14, 13 / 14, 13 / 14))
         for i, p in enumerate(paths)
@@ -157,4 +152,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
     main()

@@ -10,17 +10,19 @@ same number of tokens; what is measured is the serving path, not answer quality.
 from __future__ import annotations
 
 import argparse
-import csv
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from models.distill import parse
-from models.distill.generate import GenerationSettings, TransformersBackend
-from models.distill.prompt import build_messages
-from models.distill.student import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages and tests
+
+from models.distill import parse  # noqa: E402
+from models.distill.generate import GenerationSettings, TransformersBackend  # noqa: E402
+from models.distill.prompt import build_messages  # noqa: E402
+from models.distill.student import (  # noqa: E402
     LoraSettings,
     TinyDims,
     attach_lora,
@@ -28,10 +30,9 @@ from models.distill.student import (
     load_base,
     vicuna_prompt,
 )
+from tests.real_data import REPO_ROOT, iu_xray_texts  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-IU_XRAY = REPO / "tests" / "data" / "real" / "iu_xray" / "reports_dev.csv"
-ENTITIES = REPO / "configs" / "entities" / "table1.txt"
+ENTITIES = REPO_ROOT / "configs" / "entities" / "table1.txt"
 
 
 def real_prompts(n: int) -> list[str]:
@@ -40,14 +41,12 @@ def real_prompts(n: int) -> list[str]:
     ]
     finder = parse.EntityFinder(entities)
     prompts = []
-    with open(IU_XRAY, newline="") as f:
-        for row in csv.DictReader(f):
-            text = " ".join(f"{row['findings']} {row['impression']}".split())
-            found = finder.find(text)
-            if text and found:
-                prompts.append(vicuna_prompt(build_messages(text, found)))
-            if len(prompts) == n:
-                break
+    for text in iu_xray_texts():
+        found = finder.find(text)
+        if text and found:
+            prompts.append(vicuna_prompt(build_messages(text, found)))
+        if len(prompts) == n:
+            break
     return prompts
 
 

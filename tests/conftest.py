@@ -15,8 +15,7 @@ os.environ.pop("PREFECT_API_URL", None)
 
 import pytest  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-REAL_DATA = REPO_ROOT / "tests" / "data" / "real"  # copied in with its provenance: tests never read outside
+from tests.real_data import REAL_DATA, REPO_ROOT  # noqa: E402, F401  (tests import them from here)
 
 
 @pytest.fixture(autouse=True, scope="session")

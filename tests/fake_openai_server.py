@@ -26,11 +26,26 @@ from collections import Counter, deque
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from models.distill.prompt import report_from_prompt
 from models.distill.rules_teacher import distill, mentions_by_study
 from models.text.entities import EntityMatcher, build_lexicon
 
 Responder = Callable[[str, list[str]], str]
+# The markers that frame the report inside the teacher prompt's last message (models.distill.prompt).
+REPORT_MARKER = "Given the report: "
+ENTITIES_MARKER = "\nEntities: "
+
+
+def report_from_prompt(text: str) -> tuple[str, list[str]]:
+    """Inverse of the prompt's last message: (report, entities), so the fake model can answer it."""
+    start = text.rfind(REPORT_MARKER)
+    end = text.find(ENTITIES_MARKER, start)
+    if start < 0 or end < 0:
+        raise ValueError(
+            "text does not contain an ECAMP teacher prompt ('Given the report: ... Entities: ...')"
+        )
+    report = text[start + len(REPORT_MARKER) : end]
+    entity_line = text[end + len(ENTITIES_MARKER) :].split("\n", 1)[0].rstrip(".")
+    return report, [e.strip() for e in entity_line.split(",") if e.strip()]
 
 
 @functools.lru_cache(maxsize=256)

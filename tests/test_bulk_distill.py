@@ -12,11 +12,11 @@ import torch
 import tasks.bulk_distill as bulk
 import tasks.finetune_student as ft
 from models.distill import parse, rules_teacher
-from models.distill.prompt import report_from_prompt
 from models.distill.rules_teacher import mentions_by_study
-from models.text.entities import build_lexicon, match_reports
+from models.text.entities import EntityMatcher, build_lexicon
 from tasks.seed_distill import Config as SeedConfig
 from tests.context import make_test_context, run_direct, seed_artifact
+from tests.fake_openai_server import report_from_prompt
 
 torch.set_num_threads(1)
 
@@ -44,7 +44,7 @@ def write_upstream(run_dir, teacher_text=None):
         for s, t in TEXTS.items()
     ]  # fmt: skip
     seed_artifact(run_dir, "extract_reports/reports", reports)
-    mentions = match_reports(list(TEXTS), list(TEXTS.values()), build_lexicon(ENTITIES))
+    mentions = EntityMatcher(build_lexicon(ENTITIES)).match(list(TEXTS), list(TEXTS.values()))
     seed_artifact(run_dir, "match_entities/entity_mentions", mentions)
     by_study = mentions_by_study(mentions)
     finder = parse.EntityFinder(ENTITIES)
@@ -110,13 +110,13 @@ class ScriptedStudent:
         self.calls.append(sids)
         if self.crash_on_call == len(self.calls):
             raise RuntimeError("simulated crash (GPU lost)")
-        matcher = build_lexicon(ENTITIES)
+        matcher = EntityMatcher(build_lexicon(ENTITIES))
         out = []
         for sid in sids:
             if sid in self.bad:
                 out.append("I am sorry, I cannot summarise this report")
             else:
-                ms = mentions_by_study(match_reports([sid], [TEXTS[sid]], matcher))[sid]
+                ms = mentions_by_study(matcher.match([sid], [TEXTS[sid]]))[sid]
                 out.append(rules_teacher.distill(TEXTS[sid], ms))
         return out
 
@@ -231,7 +231,7 @@ def test_finetune_student_stage_then_bulk_with_the_transformers_backend(tmp_path
     by bulk_distill's transformers backend."""
 
     def teacher_text(sid):
-        ms = mentions_by_study(match_reports([sid], [TEXTS[sid]], build_lexicon(ENTITIES)))[sid]
+        ms = mentions_by_study(EntityMatcher(build_lexicon(ENTITIES)).match([sid], [TEXTS[sid]]))[sid]
         return rules_teacher.distill(TEXTS[sid], ms)
 
     write_upstream(tmp_path, teacher_text)

@@ -24,9 +24,9 @@ from models.distill.prompt import (
     estimate_prompt_tokens,
     fit_report,
     prompt_hash,
-    report_from_prompt,
 )
 from models.distill.seed import entity_quota, select_seed
+from tests.fake_openai_server import report_from_prompt
 
 TABLE1 = [
     line.strip()

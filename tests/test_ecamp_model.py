@@ -19,7 +19,6 @@ from models.ecamp.model import (
     ECAMP,
     ECAMPConfig,
     SRUpsampler,
-    cell_window,
     random_masking,
     sincos_2d,
     trim_padding,
@@ -127,8 +126,7 @@ def test_sr_upsampler_is_residual_bilinear_and_final_relu_switch():
 
 
 def test_window_mask_and_cells():
-    box = cell_window(1, 2, 3, 8)
-    assert box == (8, 16, 32, 40)
+    box = (8, 16, 32, 40)  # 3x3 cells of 8 px at cell (1, 2)
     m = window_mask(torch.tensor([box, (0, 0, 0, 0)]), 48, 48)
     assert m.shape == (2, 1, 48, 48)
     assert int(m[0].sum()) == 24 * 24 and int(m[1].sum()) == 0
@@ -257,7 +255,7 @@ def test_config_errors_name_the_problem():
 
 def test_paper_config_sizes():
     cfg = ECAMPConfig()
-    assert (cfg.grid_size, cfg.num_patches, cfg.hr_size) == (14, 196, 448)
+    assert (cfg.grid_size, cfg.hr_size) == (14, 448)
     bert = cfg.bert_config()
     assert (bert.num_hidden_layers, bert.hidden_size, bert.num_attention_heads, bert.intermediate_size) == (
         6, 768, 6, 1536,

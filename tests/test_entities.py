@@ -14,13 +14,11 @@ from data_contracts.entities import EntityMention
 from data_contracts.io import read_artifact
 from models.text.entities import (
     TABLE1_SURFACE_FORMS,
-    Cue,
     EntityListError,
     EntityMatcher,
     MatcherConfig,
     build_lexicon,
     corpus_summary,
-    default_cues,
     derive_entity_list,
     descriptor_stats,
     entity_stats,
@@ -29,10 +27,10 @@ from models.text.entities import (
     trie_pattern,
     write_entity_list,
 )
+from models.text.negation import Cue, default_cues, negating_phrases, non_negating_phrases
 from tasks.match_entities import STAGE, Config, resolve_entity_list
 from tests.context import make_test_context, run_direct, seed_artifact
-
-from .conftest import REAL_DATA, REPO_ROOT
+from tests.real_data import REPO_ROOT, iu_xray_texts
 
 TABLE1 = REPO_ROOT / "configs" / "entities" / "table1.txt"
 
@@ -109,6 +107,15 @@ def test_cue_that_is_also_an_entity_form_is_rejected():
     lexicon = build_lexicon(["effusion"])
     with pytest.raises(ValueError, match="cue 'effusion' is also 'effusion'"):
         EntityMatcher(lexicon, MatcherConfig(cues=(*default_cues(), Cue("effusion", "negative"))))
+
+
+def test_masking_negation_words_are_the_matchers_negation_cues(matcher):
+    """One cue table: every phrase the MLM weighs as negation denies the entity after it here, and every
+    phrase that cancels one there (pseudo, uncertainty) does not deny it here."""
+    for phrase in negating_phrases():
+        assert polarity(matcher, f"{phrase} effusion.", "effusion") == "negative", phrase
+    for phrase in non_negating_phrases():
+        assert polarity(matcher, f"{phrase} effusion.", "effusion") != "negative", phrase
 
 
 def test_trie_pattern_prefers_the_longest_phrase():
@@ -205,12 +212,9 @@ SCANNER_CASES = [
 
 def test_word_scanner_and_regex_scanner_find_the_same_targets(matcher):
     """ASCII batches take the per-word numpy scanner, others the trie regex: both must agree exactly."""
-    import csv
-
     from models.text.entities import _Characters
 
-    with (REAL_DATA / "iu_xray" / "reports_dev.csv").open() as handle:
-        texts = [f"{r['findings']} {r['impression']}" for r in csv.DictReader(handle)] + SCANNER_CASES
+    texts = iu_xray_texts() + SCANNER_CASES
     text = "\n\n".join(texts)
     low = text.lower()
     by_words = matcher._tokens.find(low, _Characters.of(text).space)

@@ -9,17 +9,12 @@ polarity decision differs): a negation cue among the 5 words before the entity, 
 
 from __future__ import annotations
 
-import csv
-import re
 from collections import defaultdict
 
 import pytest
 
 from models.text.entities import EntityMatcher, load_entity_list
-
-from .conftest import REAL_DATA, REPO_ROOT
-
-IU_REPORTS = REAL_DATA / "iu_xray" / "reports_dev.csv"
+from tests.real_data import REPO_ROOT, iu_xray_rows, negex_polarity, report_text
 
 # IU X-ray Problems term -> Table 1 entities it asserts. Anatomy-only terms (Lung, Aorta, Spine, ...) are left
 # out: their mention says nothing about a finding being present.
@@ -52,20 +47,11 @@ PROBLEM_TO_ENTITIES: dict[str, tuple[str, ...]] = {
 }
 SCORED = {e for entities in PROBLEM_TO_ENTITIES.values() for e in entities}
 
-NEGEX_CUES = re.compile(r"\b(?:no|not|without|negative|free|absence|absent|denies|denied)\b")
-
-
-def negex_baseline(text: str, start: int) -> str:
-    """Negative when a negation cue is among the 5 words before the entity (across sentences, no scope)."""
-    window = " ".join(text[:start].split()[-5:]).lower()
-    return "negative" if NEGEX_CUES.search(window) else "positive"
-
 
 @pytest.fixture(scope="module")
 def iu():
-    with IU_REPORTS.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    texts = {r["uid"]: " ".join(f"{r['findings']} {r['impression']}".split()) for r in rows}
+    rows = iu_xray_rows()
+    texts = {r["uid"]: report_text(r) for r in rows}
     labels = {
         r["uid"]: {e for term in r["Problems"].split(";") for e in PROBLEM_TO_ENTITIES.get(term.strip(), ())}
         for r in rows
@@ -96,7 +82,7 @@ def test_iu_xray_polarity_beats_negex_baseline(iu):
     for m in mentions:
         key = (m["study_id"], m["entity"])
         ours[key].append(m["polarity"])
-        baseline[key].append(negex_baseline(texts[m["study_id"]], m["start"]))
+        baseline[key].append(negex_polarity(texts[m["study_id"]], m["start"]))
     a, b = agreement(ours, labels), agreement(baseline, labels)
     print(
         f"\nIU X-ray polarity vs Problems ({a['pairs']} report-entity pairs): "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 
@@ -39,8 +38,8 @@ from models.text.masking import TextCollator, TextMaskingConfig
 from models.text.wordpiece import train_wordpiece
 from tasks import pretrain_ecamp
 from tasks.config import load_config
-from tests.conftest import REAL_DATA
 from tests.context import make_test_context, run_direct, seed_artifact
+from tests.real_data import REAL_DATA, iu_xray_texts
 
 MODEL = dict(
     img_size=32, hr_size=64, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
@@ -52,9 +51,7 @@ DISTILLED = "There is no pleural effusion. There is mild cardiomegaly."
 
 @pytest.fixture(scope="module")
 def reports() -> list[str]:
-    with (REAL_DATA / "iu_xray" / "reports_dev.csv").open() as f:
-        rows = [f"{r['findings'] or ''} {r['impression'] or ''}".strip() for r in csv.DictReader(f)]
-    return [r for r in rows if len(r) > 40][:40]
+    return [r for r in iu_xray_texts() if len(r) > 40][:40]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
@@ -17,13 +16,12 @@ from models.text.entities import EntityMatcher, load_entity_list
 from tasks import seed_distill
 from tasks.config import RunConfig
 from tests.context import make_test_context, run_direct, seed_artifact
+from tests.real_data import REPO_ROOT, iu_xray_rows, report_text
 
 # Only `run.seed` is read from the pipeline config; loading the full one would import every stage (torch, timm).
 PIPELINE = SimpleNamespace(run=RunConfig(seed=0))
 
-REPO = Path(__file__).resolve().parent.parent
-IU_CSV = REPO / "tests" / "data" / "real" / "iu_xray" / "reports_dev.csv"
-LEXICON = load_entity_list(REPO / "configs" / "entities" / "table1.txt")
+LEXICON = load_entity_list(REPO_ROOT / "configs" / "entities" / "table1.txt")
 MATCHER = EntityMatcher(LEXICON)
 
 
@@ -74,22 +72,15 @@ def test_one_sentence_per_entity_positive_beats_uncertain_beats_negative():
 # ------------------------------------------------------------------------------------------ real labels
 
 
-def iu_reports() -> tuple[list[str], list[str], list[str]]:
-    df = pd.read_csv(IU_CSV).fillna("")
-    texts = [
-        " ".join(x for x in (f.strip(), i.strip()) if x)
-        for f, i in zip(df.findings, df.impression, strict=True)
-    ]
-    return [str(u) for u in df.uid], texts, list(df.Problems)
-
-
 def test_rules_distillations_agree_with_iu_problem_labels_at_least_as_well_as_stage2():
     """Per (report, entity mentioned in it): present or not, against the indexers' `Problems` list.
 
     Stage 2 says present when any mention is positive; the teacher when its parsed sentence is `present`.
     Only entities that occur in some `Problems` entry are scored (the others have no label at all).
     """
-    ids, texts, problems = iu_reports()
+    rows = iu_xray_rows()
+    ids, texts = [r["uid"] for r in rows], [report_text(r) for r in rows]
+    problems = [r["Problems"] for r in rows]
     mentions = rules_teacher.mentions_by_study(MATCHER.match(ids, texts))
     finder = parse.EntityFinder(LEXICON.entities)
     labels = {sid: set(finder.find(p.replace(";", " ; "))) for sid, p in zip(ids, problems, strict=True)}

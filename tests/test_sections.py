@@ -3,7 +3,6 @@
 import re
 import textwrap
 
-import pandas as pd
 import pytest
 
 from models.text.sections import (
@@ -13,8 +12,7 @@ from models.text.sections import (
     normalize_section_name,
     split_sections,
 )
-
-from .conftest import REAL_DATA
+from tests.real_data import iu_xray_rows
 
 
 def mimic(lines: list[str]) -> str:
@@ -258,13 +256,12 @@ def test_empty_text():
 def test_real_iu_xray_reports_in_mimic_layout_round_trip():
     """1,924 real reports (Open-i), laid out as MIMIC files (79-column lines, ' ' blank lines, only the
     sections present get a header): the parser returns exactly their findings and impression columns."""
-    frame = pd.read_csv(REAL_DATA / "iu_xray" / "reports_dev.csv", dtype=str, keep_default_na=False)
     headers = [("EXAMINATION", "image"), ("INDICATION", "indication"), ("COMPARISON", "comparison")]
     headers += [("FINDINGS", "findings"), ("IMPRESSION", "impression")]
     # Row uid 2415 quotes a whole second report ("IMPRESSION: Exam: ... FINDINGS: ...") inside its impression.
     quotes_headers = re.compile(r"\b[A-Z][A-Z ]{3,}:")
     checked = 0
-    for row in frame.to_dict("records"):
+    for row in iu_xray_rows():
         if quotes_headers.search(row["findings"] + row["impression"]):
             assert row["uid"] == "2415"
             continue

@@ -16,7 +16,7 @@ from PIL import Image
 from models.synth import SynthConfig, generate_corpus
 from models.synth.findings import FINDING_CLASSES, FINDING_KINDS, Finding
 from models.synth.images import render_frontal, sample_anatomy
-from models.synth.reports import FINDING_TO_CHEXPERT
+from models.synth.reports import ENTITY_TO_CHEXPERT
 
 METADATA_HEADER = [
     "dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
@@ -229,10 +229,10 @@ def test_chexpert_labels_follow_the_report(corpus):
         labels = chexpert[row["study_id"]]
         present = {code.split(":")[0] for code in row["findings"].split(";") if code}
         for kind in present:
-            assert labels[FINDING_TO_CHEXPERT[kind]] == "1.0", (row, kind)
+            assert labels[ENTITY_TO_CHEXPERT[kind]] == "1.0", (row, kind)
         for kind in filter(None, row["uncertain"].split(";")):
-            column = FINDING_TO_CHEXPERT[kind]
-            if not any(FINDING_TO_CHEXPERT[k] == column for k in present):
+            column = ENTITY_TO_CHEXPERT[kind]
+            if not any(ENTITY_TO_CHEXPERT[k] == column for k in present):
                 assert labels[column] == "-1.0", (row, kind)
         assert (labels["No Finding"] == "1.0") == (not present and not row["uncertain"])
 

@@ -1,8 +1,6 @@
 """ECAMP text masking: descriptor masking, re-balancing (Eq. 3-4), whole-word masking, composition, quirks."""
 
-import csv
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,11 +17,10 @@ from models.text.masking import (
     read_entity_words,
     weighted_mlm_loss,
 )
-from models.text.wordpiece import SPECIAL_TOKENS, CachedEncoder, empty_wordpiece, train_wordpiece
+from models.text.wordpiece import SPECIAL_TOKENS, CachedEncoder, empty_wordpiece, padded_rows, train_wordpiece
+from tests.real_data import REPO_ROOT, iu_xray_texts
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
-IU_XRAY = REPO / "tests" / "data" / "real" / "iu_xray" / "reports_dev.csv"
 HANDWRITTEN = [
     "There is no pleural effusion. Mild bibasilar atelectasis, no pneumothorax.",
     "There may be mild pulmonary edema. The heart is normal.",
@@ -35,17 +32,10 @@ HANDWRITTEN = [
 ENTITY_WORDS = read_entity_words()
 
 
-def iu_reports() -> list[str]:
-    if not IU_XRAY.is_file():
-        return []
-    with IU_XRAY.open(newline="") as f:
-        return [f"{r['findings']} {r['impression']}".strip() for r in csv.DictReader(f)]
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     # A small vocabulary, so many words (incl. entity words) are split into several '##' pieces.
-    return train_wordpiece(HANDWRITTEN * 3 + iu_reports()[:300], vocab_size=300)
+    return train_wordpiece(HANDWRITTEN * 3 + iu_xray_texts()[:300], vocab_size=300)
 
 
 def words_of(tokenizer, batch, row):
@@ -114,7 +104,7 @@ def test_all_negative_descriptors_keep_lambda_neg(tokenizer):
 
 
 def test_eq3_holds_exactly_per_sample_on_real_reports(tokenizer):
-    reports = iu_reports()[:256]
+    reports = iu_xray_texts()[:256]
     distilled = [f"There is {w}." if i % 3 else None for i, w in enumerate(ENTITY_WORDS * 3)][:256]
     collator = TextCollator(tokenizer, TextMaskingConfig(max_len=128), ENTITY_WORDS)
     out = collator.mask(list(zip(reports, distilled, strict=True)), np.random.default_rng(3))
@@ -139,7 +129,7 @@ def test_eq3_holds_exactly_per_sample_on_real_reports(tokenizer):
 
 
 def test_whole_word_masking_is_consistent(tokenizer):
-    texts = [(r, None) for r in (iu_reports()[:64] or HANDWRITTEN)]
+    texts = [(r, None) for r in iu_xray_texts()[:64]]
     batch = make(tokenizer).mask(texts, np.random.default_rng(5))
     multi_piece = 0
     for row in range(len(texts)):
@@ -188,6 +178,22 @@ def test_unknown_pieces_are_ordinary_words(tokenizer):
     at = batch.token_ids[0].tolist().index(unk)
     assert batch.attention_mask[0, at] == 1 and batch.masked[0, at] and batch.labels[0, at] == unk
     assert batch.descriptor[0, at]  # "§" and "no" are the two words before "effusion"
+
+
+def test_negation_words_follow_the_shared_cue_table(tokenizer):
+    """Negative words: those of the entity matcher's negating cues, unless a pseudo or uncertainty cue holds them."""
+    texts = [
+        "Lungs are clear without evidence of effusion.",
+        "No change in the effusion.",
+        "Effusion can not be excluded.",
+        "Non calcified granuloma.",
+    ]
+    batch = make(tokenizer).mask([(t, None) for t in texts], np.random.default_rng(0))
+    negative = [
+        [w for w, pos in words_of(tokenizer, batch, row) if batch.negative[row, pos[0]]]
+        for row in range(len(texts))
+    ]
+    assert negative == [["without", "evidence", "of"], [], [], ["non"]]
 
 
 def composed(tokenizer, pairs, rng, **overrides) -> list[str]:
@@ -330,9 +336,11 @@ def test_weighted_mlm_loss_normalisation():
 
 
 def test_cached_encoder_matches_tokenizer(tokenizer):
-    texts = iu_reports()[:400] + ["Café [MASK] x-ray 2.5cm ABC_12 ... ", "", "   ", "a\tb\nc  ;;"]
+    texts = iu_xray_texts()[:400] + ["Café [MASK] x-ray 2.5cm ABC_12 ... ", "", "   ", "a\tb\nc  ;;"]
     encoder = CachedEncoder(tokenizer)
-    ids = encoder.encode_padded(texts, width=300, prefix=[2])
+    ids = padded_rows(
+        *encoder.encode_flat(texts), width=300, prefix=[2], pad_id=tokenizer.token_to_id("[PAD]")
+    )
     for row, text in enumerate(texts):
         expected = [2] + tokenizer.encode(text, add_special_tokens=False).ids[:299]
         assert ids[row, : len(expected)].tolist() == expected
@@ -340,7 +348,7 @@ def test_cached_encoder_matches_tokenizer(tokenizer):
 
 
 def test_vectorised_equals_per_token_reference_loop(tokenizer):
-    spec = importlib.util.spec_from_file_location("bench_collate", REPO / "bench" / "collate.py")
+    spec = importlib.util.spec_from_file_location("bench_collate", REPO_ROOT / "bench" / "collate.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     pairs = bench.iu_xray_pairs(ENTITY_WORDS)[:96]

@@ -1,9 +1,7 @@
 """WordPiece training: official layout, reproducibility across processes, save/load round trip, clear errors."""
 
-import csv
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, models, trainers
@@ -15,9 +13,8 @@ from models.text.wordpiece import (
     save_wordpiece,
     train_wordpiece,
 )
+from tests.real_data import REPO_ROOT, iu_xray_texts
 
-REPO = Path(__file__).resolve().parents[1]
-IU_XRAY = REPO / "tests" / "data" / "real" / "iu_xray" / "reports_dev.csv"
 CORPUS = [
     "There is no pleural effusion. Mild bibasilar atelectasis.",
     "No focal consolidation, pneumothorax or pleural effusion.",
@@ -41,14 +38,9 @@ def test_special_token_ids_and_official_pipeline():
     assert tok.encode("pleural effusion").tokens == ["pleural", "effusion"]
 
 
-def iu_xray_reports() -> list[str]:
-    with IU_XRAY.open(newline="") as f:
-        return [f"{row['findings']} {row['impression']}" for row in csv.DictReader(f)]
-
-
 def test_vocabulary_is_the_wordpiece_trainer_one_up_to_ties():
     """Same merge algorithm as tokenizers' WordPieceTrainer: on real reports the vocabularies agree except ties."""
-    reports = iu_xray_reports()
+    reports = iu_xray_texts()
     ours = set(train_wordpiece(reports, vocab_size=1000).get_vocab())
     ref = empty_wordpiece()
     trainer = trainers.WordPieceTrainer(vocab_size=1000, min_frequency=2, special_tokens=list(SPECIAL_TOKENS))
@@ -69,7 +61,7 @@ def test_training_is_reproducible_across_processes(tmp_path):
     outputs = []
     for i in range(2):
         out = tmp_path / f"tok{i}.json"
-        subprocess.run([sys.executable, "-c", script, str(out)], cwd=REPO, check=True)
+        subprocess.run([sys.executable, "-c", script, str(out)], cwd=REPO_ROOT, check=True)
         outputs.append(out.read_text())
     assert outputs[0] == outputs[1]
 

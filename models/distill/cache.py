@@ -81,11 +81,8 @@ class ResponseCache:
         ).fetchone()
         return CachedResponse(*row) if row else None
 
-    def put(self, response: CachedResponse) -> None:
-        """Insert and commit (fsync) one response; an existing key is kept (first paid answer wins)."""
-        self.put_many([response])
-
     def put_many(self, responses: list[CachedResponse]) -> None:
+        """Insert and commit (fsync) responses; an existing key is kept (first paid answer wins)."""
         _insert(self._db, responses)
 
     async def aput(self, response: CachedResponse) -> None:

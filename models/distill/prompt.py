@@ -47,10 +47,6 @@ ONE_SHOT_TEMPLATE = (
     "Conclusion:"
 )
 
-# The markers that frame the report inside the last message; the fake server and parsers rely on them.
-REPORT_MARKER = "Given the report: "
-ENTITIES_MARKER = "\nEntities: "
-
 CHARS_PER_TOKEN = 4  # OpenAI's rule of thumb for English; no tokenizer download is allowed at run time
 MESSAGE_OVERHEAD_TOKENS = 4  # role + separators per chat message (OpenAI's published counting recipe)
 
@@ -141,16 +137,3 @@ def prompt_report(report: dict, entities: list[str], max_prompt_tokens: int) -> 
     if estimate_prompt_tokens(build_messages(report["text"], entities)) <= max_prompt_tokens:
         return report["text"], False
     return fit_report(report["findings"], report["impression"], entities, max_prompt_tokens)
-
-
-def report_from_prompt(text: str) -> tuple[str, list[str]]:
-    """Inverse of the last message: (report, entities). Used by test servers and by cache inspection."""
-    start = text.rfind(REPORT_MARKER)
-    end = text.find(ENTITIES_MARKER, start)
-    if start < 0 or end < 0:
-        raise ValueError(
-            "text does not contain an ECAMP teacher prompt ('Given the report: ... Entities: ...')"
-        )
-    report = text[start + len(REPORT_MARKER) : end]
-    entity_line = text[end + len(ENTITIES_MARKER) :].split("\n", 1)[0].rstrip(".")
-    return report, [e.strip() for e in entity_line.split(",") if e.strip()]

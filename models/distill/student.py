@@ -68,11 +68,6 @@ def student_prompt(report: str, entities: Sequence[str]) -> str:
     return vicuna_prompt(build_messages(report, entities))
 
 
-def vicuna_answer(answer: str, eos_token: str = "</s>") -> str:
-    """The training target that follows "ASSISTANT:" (a space, the answer, then the end-of-turn token)."""
-    return f" {answer.strip()}{eos_token}"
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------------------------

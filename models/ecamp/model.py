@@ -85,10 +85,6 @@ class ECAMPConfig(BaseModel):
     def grid_size(self) -> int:
         return self.img_size // self.patch_size
 
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size**2
-
     @model_validator(mode="after")
     def _check_geometry(self) -> ECAMPConfig:
         if self.img_size % self.patch_size:
@@ -441,11 +437,6 @@ def window_mask(window: torch.Tensor, height: int, width: int) -> torch.Tensor:
     in_rows = (rows >= top) & (rows < bottom)  # [N, H]
     in_cols = (cols >= left) & (cols < right)  # [N, W]
     return (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)
-
-
-def cell_window(row: int, col: int, size: int, cell_px: int) -> tuple[int, int, int, int]:
-    """A window of size×size grid cells at (row, col) as a pixel box (top, left, bottom, right)."""
-    return row * cell_px, col * cell_px, (row + size) * cell_px, (col + size) * cell_px
 
 
 def init_mae_module(m: nn.Module) -> None:

@@ -27,7 +27,7 @@ import re
 import shutil
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -129,7 +129,6 @@ class _Study:
     split: str = ""
     layout: str = "standard"
     abnormal: bool = False
-    dicom_ids: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------- ids and plan

@@ -65,7 +65,6 @@ ENTITY_TO_CHEXPERT = {
     "pneumothorax": "Pneumothorax",
     "catheter": "Support Devices",
 }
-FINDING_TO_CHEXPERT = {kind: ENTITY_TO_CHEXPERT[kind] for kind in FINDING_CLASSES}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,10 @@ Polarity follows NegEx/ConText with clause scope: a trigger before an entity app
 clause (sentence end, ';', "but", "however", "although", "there is", ...), the NEAREST preceding trigger wins
 (so "no pneumonia, possible atelectasis" hedges atelectasis), a pseudo-trigger ("no change in", "not only")
 is a trigger with no effect, and a trigger after the entity ("has resolved", "cannot be excluded") reaches
-back a few words within its clause. Negation wins over uncertainty when both apply.
+back a few words within its clause. Negation wins over uncertainty when both apply. The cue phrases come
+from `models.text.negation`, which the MLM's negative descriptors (`models.text.masking`) read too. Masking
+scopes a cue to its own words instead of its clause because Eq. 3 weighs the negation words themselves, not
+every word describing a denied entity (details in `models.text.negation`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data_contracts.entities import DescriptorStat, EntityMention, EntityStat
+from models.text.negation import Cue, default_cues
 
 Polarity = Literal["positive", "negative", "uncertain"]
 POLARITIES: tuple[Polarity, ...] = ("positive", "negative", "uncertain")
@@ -97,87 +101,11 @@ TABLE1_SURFACE_FORMS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     }
 )
 
-# ---------------------------------------------------------------------------------------------------------
-# Data: cue phrases (lower case; a space matches any run of whitespace). Direction says where the entity is:
-# "pre" cues govern entities after them up to the clause end, "post" cues entities shortly before them in the
-# clause, "both" either way. Longest phrase wins at a position, so "no change" (pseudo) beats "no".
-# ---------------------------------------------------------------------------------------------------------
-NEGATION_PRE = (
-    "no", "not", "without", "free of", "clear of", "negative for", "absence of", "absent", "resolution of",
-    "there is no", "there are no", "there was no", "there were no", "rather than", "removal of",
-    "no evidence of", "no signs of", "no sign of", "no findings of", "without evidence of",
-)  # fmt: skip
-NEGATION_POST = (
-    "resolved", "has resolved", "have resolved", "cleared", "has cleared", "have cleared",
-    "removed", "been removed", "ruled out", "is absent", "are absent", "not seen", "not identified",
-    "not visualized", "not appreciated", "not evident", "not present", "not demonstrated", "not detected",
-)  # fmt: skip
-NEGATION_BOTH = (
-    "no longer",
-    "no longer seen",
-    "no longer visualized",
-    "no longer present",
-    "no longer evident",
-)
-UNCERTAIN_PRE = (
-    "possible", "possibly", "probable", "probably", "likely", "unlikely", "questionable", "question of",
-    "suspicious for", "suspected", "suspicion for", "suspicion of", "suggestive of", "suggests",
-    "suggesting", "concern for", "concerning for", "worrisome for", "may", "might", "could",
-    "cannot exclude", "can not exclude", "cannot rule out", "can not rule out", "not exclude",
-    "rule out", "to exclude", "evaluate for", "assess for", "equivocal", "presumed", "differential includes",
-    "there may be", "there might be", "there could be",
-)  # fmt: skip
-UNCERTAIN_POST = (
-    "cannot be excluded", "can not be excluded", "cannot be ruled out", "can not be ruled out",
-    "not excluded", "not be excluded", "not ruled out", "not be ruled out", "is possible", "are possible",
-    "is suspected", "are suspected", "is questioned", "is not excluded", "may be present", "is likely",
-)  # fmt: skip
-UNCERTAIN_BOTH = ("versus", "vs")
-PSEUDO = (
-    "not only", "no change", "no changes", "no significant change", "no interval change",
-    "no significant interval change", "no increase", "no increased", "no decrease", "no worsening",
-    "no further change", "not changed", "not significantly changed", "without change",
-    "without significant change", "without interval change", "not necessarily", "gram negative",
-    "not resolved", "not completely resolved", "not fully resolved", "incompletely resolved",
-    "partially resolved", "nearly resolved", "almost resolved", "not cleared", "not removed",
-)  # fmt: skip
-TERMINATORS = (
-    "but", "however", "although", "though", "except", "aside from", "apart from", "other than",
-    "whereas", "which", "there is", "there are", "there was", "there were",
-)  # fmt: skip
-# "non-calcified granuloma": "non" negates the one word it is attached to, nothing further.
-PREFIX_NEGATION = ("non",)
 # Auxiliaries allowed between an entity and a post cue ("the effusion HAS NOW resolved") without ending its reach.
 _AUXILIARIES = frozenset(
     "is are was were has have had been be being now since essentially completely entirely largely".split()
 )
 _COPULAS = frozenset("is are was were".split())
-
-CueKind = Literal["negative", "uncertain", "pseudo", "terminator", "prefix"]
-Direction = Literal["pre", "post", "both"]
-
-
-@dataclass(frozen=True)
-class Cue:
-    phrase: str
-    kind: CueKind
-    direction: Direction = "pre"
-
-
-def default_cues() -> tuple[Cue, ...]:
-    """The cue table above as Cue records (callers may extend or replace it through MatcherConfig)."""
-    groups: list[tuple[Iterable[str], CueKind, Direction]] = [
-        (NEGATION_PRE, "negative", "pre"),
-        (NEGATION_POST, "negative", "post"),
-        (NEGATION_BOTH, "negative", "both"),
-        (UNCERTAIN_PRE, "uncertain", "pre"),
-        (UNCERTAIN_POST, "uncertain", "post"),
-        (UNCERTAIN_BOTH, "uncertain", "both"),
-        (PSEUDO, "pseudo", "pre"),
-        (TERMINATORS, "terminator", "pre"),
-        (PREFIX_NEGATION, "prefix", "pre"),
-    ]
-    return tuple(Cue(p, kind, d) for phrases, kind, d in groups for p in phrases)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -776,16 +704,6 @@ class EntityMatcher:
 
 def empty_mentions() -> pa.Table:
     return EntityMention.arrow_schema().empty_table()
-
-
-def match_reports(
-    study_ids: Sequence[str],
-    texts: Sequence[str],
-    lexicon: EntityLexicon,
-    config: MatcherConfig | None = None,
-) -> pa.Table:
-    """One-shot helper: build a matcher and match `texts`."""
-    return EntityMatcher(lexicon, config).match(study_ids, texts)
 
 
 # ---------------------------------------------------------------------------------------------------------

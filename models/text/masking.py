@@ -18,6 +18,11 @@ per-token loss `weights`:
 4. re-balancing (Eq. 3-4): predicted descriptor pieces inside a negation cue weigh λ_neg, the other predicted
    descriptor pieces λ_oth, every other predicted piece 1, unpredicted pieces 0 (label -100).
 
+Negation cues are the entity matcher's (`models.text.negation`): the words of a negating cue ("no", "without
+evidence of", "non"), unless they lie inside a pseudo or uncertainty cue ("no change", "can not be excluded").
+Unlike the entity matcher's clause scope, a cue here covers only its own words: Eq. 3 weighs the negation
+words, not every word that describes a denied entity ("pleural" in "no pleural effusion" stays λ_oth).
+
 Eq. 3 is solved per sample on PIECE counts: N_neg / N_oth = predicted descriptor pieces inside / outside a
 negation cue, N_a = N_neg + N_oth, λ_oth = (N_a − λ_neg·N_neg) / N_oth, so the descriptor weights of a sample
 sum to N_a exactly. A sample with N_oth = 0 has no λ_oth to solve for: its negative descriptors keep λ_neg
@@ -54,6 +59,7 @@ from tokenizers import Tokenizer
 
 from models.resources import DEFAULT_ENTITY_LIST
 from models.text.entities import load_entity_list
+from models.text.negation import negating_phrases, non_negating_phrases
 from models.text.wordpiece import (
     CLS,
     CONTINUATION_PREFIX,
@@ -67,17 +73,6 @@ from models.text.wordpiece import (
 
 IGNORE_INDEX = -100
 OFFICIAL_NON_ENTITY_RATE = 0.70  # official `_context_mask`: non-entity words when the text has an entity
-NEGATION_CUES: tuple[str, ...] = (
-    "there is no evidence of",
-    "there is no",
-    "there are no",
-    "no evidence of",
-    "no",
-    "without",
-    "free of",
-    "negative for",
-    "not",
-)
 
 
 class OfficialQuirks(BaseModel):
@@ -102,7 +97,10 @@ class TextMaskingConfig(BaseModel):
     max_len: int = Field(256, ge=2, description="tokens incl. [CLS]; every batch is padded to it")
     p_insert_distilled: float = Field(0.8, ge=0.0, le=1.0, description="hybrid: chance to insert T_d")
     text_composition: Literal["origin", "distilled", "hybrid"] = "hybrid"
-    negation_cues: list[str] = Field(default_factory=lambda: list(NEGATION_CUES))
+    negation_cues: list[str] = Field(default_factory=lambda: list(negating_phrases()))
+    non_negation_cues: list[str] = Field(
+        default_factory=lambda: list(non_negating_phrases()), description="their words are no negation words"
+    )
     sentence_end_tokens: list[str] = Field(default_factory=lambda: ["."])
     official_quirks: OfficialQuirks = Field(default_factory=OfficialQuirks)
 
@@ -137,18 +135,11 @@ def validate_pairs(pairs: Sequence[tuple[str, str | None]], cfg: TextMaskingConf
 # Vocabulary tables and phrase matching
 
 
-def phrase_ids(tokenizer: Tokenizer, phrases: Sequence[str]) -> tuple[list[np.ndarray], list[str]]:
-    """Piece-id sequence of each phrase; phrases with an unknown piece cannot be matched and are returned apart."""
+def phrase_ids(tokenizer: Tokenizer, phrases: Sequence[str]) -> list[np.ndarray]:
+    """Piece-id sequence of each phrase, lower-cased; phrases with an unknown piece cannot match and are left out."""
     unk = tokenizer.token_to_id(SPECIAL_TOKENS[1])
-    sequences, unmatchable = [], []
-    for phrase, encoding in zip(
-        phrases, tokenizer.encode_batch(list(phrases), add_special_tokens=False), strict=True
-    ):
-        if not encoding.ids or unk in encoding.ids:
-            unmatchable.append(phrase)
-        else:
-            sequences.append(np.asarray(encoding.ids, dtype=np.int64))
-    return sequences, unmatchable
+    encodings = tokenizer.encode_batch([p.lower() for p in phrases], add_special_tokens=False)
+    return [np.asarray(e.ids, dtype=np.int64) for e in encodings if e.ids and unk not in e.ids]
 
 
 class PhraseMatcher:
@@ -228,7 +219,7 @@ class VocabTables:
     is_punctuation: np.ndarray  # word-initial piece without a letter or digit: not a descriptor word
     entities: PhraseMatcher
     negations: PhraseMatcher
-    unmatchable: tuple[str, ...]  # entity words / cues the vocabulary cannot spell (contain [UNK])
+    non_negations: PhraseMatcher  # pseudo and uncertainty cues: they cancel the negation cues inside them
 
     @classmethod
     def build(cls, tokenizer: Tokenizer, cfg: TextMaskingConfig, entity_words: Sequence[str]) -> VocabTables:
@@ -239,28 +230,19 @@ class VocabTables:
         is_frame = np.isin(pieces, [PAD, CLS])
         is_punctuation = np.array([not any(c.isalnum() for c in p) for p in pieces], dtype=bool)
         is_sentence_end = np.isin(pieces, cfg.sentence_end_tokens)
-        entity_ids, bad_entities = phrase_ids(tokenizer, [w.lower() for w in entity_words])
-        cue_ids, bad_cues = phrase_ids(tokenizer, [c.lower() for c in cfg.negation_cues])
         return cls(
             is_continuation=is_continuation,
             is_frame=is_frame,
             is_sentence_end=is_sentence_end,
             is_punctuation=is_punctuation & ~is_continuation & ~is_frame,
-            entities=PhraseMatcher(entity_ids, size),
-            negations=PhraseMatcher(cue_ids, size),
-            unmatchable=tuple(bad_entities + bad_cues),
+            entities=PhraseMatcher(phrase_ids(tokenizer, entity_words), size),
+            negations=PhraseMatcher(phrase_ids(tokenizer, cfg.negation_cues), size),
+            non_negations=PhraseMatcher(phrase_ids(tokenizer, cfg.non_negation_cues), size),
         )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Tokenization, masking, weights
-
-
-def pad_right(a: np.ndarray, extra: int, value) -> np.ndarray:
-    """[B, W] -> [B, W + extra] filled with `value` (np.pad costs more than the masking itself here)."""
-    out = np.full((a.shape[0], a.shape[1] + extra), value, dtype=a.dtype)
-    out[:, : a.shape[1]] = a
-    return out
 
 
 def spread_from_word_start(flag: np.ndarray, word_start_of: np.ndarray, in_word: np.ndarray) -> np.ndarray:
@@ -460,7 +442,10 @@ class TextCollator:
         ids = padded_rows(flat, lengths, width, [self.cls_id], self.pad_id)
         word_start = ~t.is_frame[ids] & ~t.is_continuation[ids]
         entity_start, entity = t.entities.find(ids, word_start, t.is_continuation)
-        negative = t.negations.find(ids, word_start, t.is_continuation)[1]
+        negative = (
+            t.negations.find(ids, word_start, t.is_continuation)[1]
+            & ~t.non_negations.find(ids, word_start, t.is_continuation)[1]
+        )
         sentence_end = t.is_sentence_end[ids]
         content = word_start & ~t.is_punctuation[ids]
         described = descriptor_starts(content, entity_start, np.cumsum(sentence_end, axis=1), cfg.beta)

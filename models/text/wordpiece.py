@@ -234,11 +234,6 @@ class CachedEncoder:
             lengths[i] = len(encoding.ids)
         return np.concatenate(per_text), lengths
 
-    def encode_padded(self, texts: Sequence[str], width: int, prefix: Sequence[int] = ()) -> np.ndarray:
-        """[B, width] int64: `prefix` + the pieces of each text, truncated, right-padded with [PAD]."""
-        flat, lengths = self.encode_flat(texts)
-        return padded_rows(flat, lengths, width, prefix, self.tokenizer.token_to_id(PAD))
-
 
 def padded_rows(flat: np.ndarray, lengths: np.ndarray, width: int, prefix: Sequence[int], pad_id: int):
     """Scatter concatenated rows (`flat`, split by `lengths`) into [n, width] after `prefix`, truncating."""
