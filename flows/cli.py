@@ -221,17 +221,42 @@ def lineage(
     """Print an artifact's upstream chain, down to the input files, from the run's DuckDB catalog."""
     from data_contracts.catalog import latest, lineage_tree
     from tasks.config import ConfigError, load_config
+    from tasks.registry import producer_of, stages
 
     try:
         target = run_dir or Path(load_config(config).run.run_dir)
     except ConfigError as err:
         _fail(err)
+    name = artifact.rsplit("/", 1)[-1]
+    if not artifact.endswith(".parquet") and producer_of(name) is None:
+        declared = ", ".join(w for s in stages() for w in s.writes)
+        _fail(KeyError(f"no stage declares an artifact '{name}' (artifacts: {declared})"))
     info = latest(target, artifact)
     if info is None:
         _fail(FileNotFoundError(f"no artifact '{artifact}' in the catalog of {target}"))
     root = lineage_tree(target, info)
     for line in _tree_lines(root):
         typer.echo(line)
+
+
+catalog_app = typer.Typer(no_args_is_help=True, help="The run's DuckDB catalog of artifact versions.")
+app.add_typer(catalog_app, name="catalog")
+
+
+@catalog_app.command("rebuild")
+def catalog_rebuild(run_dir: Annotated[Path, typer.Option("--run-dir", help="run directory")]) -> None:
+    """Rebuild catalog.duckdb from the lineage every artifact carries in its own Parquet metadata."""
+    from data_contracts.catalog import catalog_path, rebuild
+    from tasks.lock import RunDirectoryBusy, run_lock
+
+    if not run_dir.is_dir():
+        _fail(FileNotFoundError(f"{run_dir}: no such run directory"))
+    try:
+        with run_lock(run_dir):
+            n = rebuild(run_dir)
+    except RunDirectoryBusy as err:
+        _fail(err)
+    console.print(f"rebuilt {catalog_path(run_dir)}: {n} artifacts")
 
 
 def _tree_lines(

@@ -83,7 +83,10 @@ def test_lineage_cli_prints_chain_down_to_input_files(pipeline_run, small_corpus
 def test_lineage_of_unknown_artifact_fails_clearly(pipeline_run):
     run_dir, _, _ = pipeline_run
     result = CliRunner().invoke(app, ["lineage", "no_such_thing", "--run-dir", str(run_dir)])
-    assert result.exit_code == 2 and "no artifact 'no_such_thing'" in result.output
+    assert result.exit_code == 2 and "no stage declares an artifact 'no_such_thing'" in result.output
+    assert "entity_mentions" in result.output  # the declared artifacts are listed
+    result = CliRunner().invoke(app, ["lineage", "distilled_reports", "--run-dir", str(run_dir)])
+    assert result.exit_code == 2 and "no artifact 'distilled_reports' in the catalog" in result.output
 
 
 def test_single_stage_flow_reruns_one_stage(pipeline_run, small_corpus):
@@ -99,3 +102,15 @@ def test_single_stage_flow_reruns_one_stage(pipeline_run, small_corpus):
     )
     assert summary["status"] == "ran"
     assert "match_entities" in stage_names()
+
+
+def test_catalog_rebuild_cli_restores_lineage(pipeline_run):
+    """Reliability #8: a deleted catalog comes back from the artifacts' own metadata."""
+    run_dir, _, _ = pipeline_run
+    (run_dir / "catalog.duckdb").unlink()
+    result = CliRunner().invoke(app, ["catalog", "rebuild", "--run-dir", str(run_dir)])
+    assert result.exit_code == 0 and "artifacts" in result.output, result.output
+    lineage = CliRunner().invoke(app, ["lineage", "entity_mentions", "--run-dir", str(run_dir)])
+    assert lineage.exit_code == 0 and "extract_reports/reports" in lineage.output
+    missing = CliRunner().invoke(app, ["catalog", "rebuild", "--run-dir", str(run_dir / "nope")])
+    assert missing.exit_code == 2 and "no such run directory" in missing.output
