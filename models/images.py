@@ -12,7 +12,9 @@ decodes fully when asked.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -76,12 +78,41 @@ def image_size(path: str | os.PathLike, decode: bool = False) -> tuple[int, int]
 # --------------------------------------------------------------------------- common
 
 
+def describe_path_error(path: str | os.PathLike, err: OSError | ValueError) -> str:
+    """Words for why a path cannot be looked up or opened (os calls raise ValueError for a NUL byte)."""
+    if "\x00" in os.fspath(path):
+        return "path contains a NUL byte"
+    if isinstance(err, ValueError):
+        return str(err)
+    if err.errno == errno.ELOOP:
+        return f"symlink loop ({err.strerror})"
+    return err.strerror or str(err)  # e.g. "File name too long", "Permission denied"
+
+
+def path_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot even be looked up (NUL byte, symlink loop, name too long, no permission), or None.
+
+    A path that is merely missing is not a problem here: the image check names it "file does not exist".
+    """
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as err:
+        return describe_path_error(path, err)
+    return None
+
+
 def _require_file(path: Path) -> None:
-    if not path.exists():
-        raise ImageLoadError(path, "file does not exist")
-    if not path.is_file():
+    try:
+        info = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise ImageLoadError(path, "file does not exist") from None
+    except (OSError, ValueError) as err:
+        raise ImageLoadError(path, describe_path_error(path, err)) from None
+    if not stat.S_ISREG(info.st_mode):
         raise ImageLoadError(path, "not a regular file")
-    if path.stat().st_size == 0:
+    if info.st_size == 0:
         raise ImageLoadError(path, "file is empty (0 bytes)")
 
 

@@ -23,7 +23,14 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from data_contracts.reports import Image, Reject, Report
-from models.images import ImageLoadError, image_size, load_grayscale, looks_inverted
+from models.images import (
+    ImageLoadError,
+    describe_path_error,
+    image_size,
+    load_grayscale,
+    looks_inverted,
+    path_problem,
+)
 from models.text.sections import extract_findings_impression
 from tasks.base import StageConfig, StageContext
 
@@ -106,8 +113,8 @@ def read_report_file(path: Path) -> str:
         data = path.read_bytes()
     except FileNotFoundError:
         raise ReportError("report file missing") from None
-    except OSError as err:
-        raise ReportError(f"cannot read report file: {err.strerror or err}") from None
+    except (OSError, ValueError) as err:
+        raise ReportError(f"cannot read report file: {describe_path_error(path, err)}") from None
     if not data.strip():
         raise ReportError("empty report file" if not data else "report file contains only whitespace")
     try:
@@ -255,22 +262,58 @@ def _mimic_dir(root: Path, subject_id: str) -> Path:
     return root / "files" / f"p{subject_id[:2]}" / f"p{subject_id}"
 
 
-def _report_files(root: Path) -> dict[str, Path]:
-    """study_id -> report path for every files/pXX/pSUBJ/sSTUDY.txt (scandir: fast at 227k files)."""
+def _report_files(root: Path, out: Extraction) -> dict[str, Path]:
+    """study_id -> report path for every files/pXX/pSUBJ/sSTUDY.txt (scandir: fast at 227k files).
+
+    The walk only finds reports that have no metadata; a folder it cannot enter (symlink loop, no
+    permission) becomes a reject and the walk goes on. Studies listed in the metadata are read from their
+    expected path anyway, so a problem there is also reported per study when its report is read.
+    """
     found: dict[str, Path] = {}
     files = root / "files"
-    if not files.is_dir():
+    if not os.path.lexists(files):
         return found
-    for group in os.scandir(files):
-        if not group.is_dir():
-            continue
-        for subject in os.scandir(group.path):
-            if not subject.is_dir():
-                continue
-            for entry in os.scandir(subject.path):
-                if entry.name.startswith("s") and entry.name.endswith(".txt") and entry.is_file():
+    for group in _subfolders(str(files), out):
+        for subject in _subfolders(group, out):
+            for entry in _list_folder(subject, out):
+                if not (entry.name.startswith("s") and entry.name.endswith(".txt")):
+                    continue
+                try:
+                    is_file = entry.is_file()
+                except OSError:
+                    is_file = True  # a report name that cannot be stat'ed: reading it names the problem
+                if is_file:
                     found[entry.name[1:-4]] = Path(entry.path)
     return found
+
+
+def _list_folder(path: str, out: Extraction) -> list[os.DirEntry]:
+    """The entries of a folder of the files/ tree, or [] and a reject when it cannot be listed."""
+    try:
+        with os.scandir(path) as entries:
+            return list(entries)
+    except OSError as err:
+        _reject_folder(path, err, out)
+        return []
+
+
+def _subfolders(path: str, out: Extraction) -> list[str]:
+    """Paths of the sub-folders of `path`; an entry that cannot be stat'ed is a reject, plain files are skipped."""
+    folders = []
+    for entry in _list_folder(path, out):
+        try:
+            if entry.is_dir():
+                folders.append(entry.path)
+        except OSError as err:
+            _reject_folder(entry.path, err, out)
+    return folders
+
+
+def _reject_folder(path: str, err: OSError, out: Extraction) -> None:
+    reason = (
+        f"cannot list folder: {describe_path_error(path, err)} (reports in it are not checked for metadata)"
+    )
+    out.reject(path, os.path.basename(path), reason)
 
 
 def list_mimic_studies(
@@ -283,7 +326,7 @@ def list_mimic_studies(
     split = read_csv_columns(split_path, SPLIT_COLUMNS)
     split_of = dict(zip(split["dicom_id"], split["split"], strict=True))
     wanted = _normalize_views(views)
-    reports = _report_files(root)
+    reports = _report_files(root, out)
 
     studies: dict[str, CandidateStudy] = {}
     subject_of: dict[str, str] = {}
@@ -410,6 +453,10 @@ def list_manifest_studies(
             continue
         image = Path(image_path)
         image = image if image.is_absolute() else path.parent / image
+        image, problem = _resolve_image(image)
+        if problem:
+            out.reject(path, key, f"study {study_id}: image_path {_shorten(image_path)}: {problem}")
+            continue
         studies.append(
             CandidateStudy(
                 study_id=study_id,
@@ -417,13 +464,32 @@ def list_manifest_studies(
                 split=SPLIT_ALIASES[raw_split],
                 source=f"{path}#{key}",
                 report_text=str(row["report_text"]),
-                images=[CandidateImage(f"{study_id}_{image.stem}", image.resolve(), view)],
+                images=[CandidateImage(f"{study_id}_{image.stem}", image, view)],
             )
         )
     if max_studies is not None:
         studies = studies[:max_studies]
     _log.info("manifest %s: %d rows, %d candidate studies", path, len(frame), len(studies))
     return studies
+
+
+def _resolve_image(image: Path) -> tuple[Path, str | None]:
+    """(absolute path, None), or (the path, why it cannot even be looked up: NUL byte, symlink loop, name
+    too long...). A missing file is not a problem here: the image check rejects it by its own path."""
+    problem = path_problem(image)
+    if problem is None:
+        try:
+            return image.resolve(), None
+        except (OSError, RuntimeError, ValueError) as err:  # RuntimeError: a symlink loop (Python 3.11)
+            problem = f"cannot resolve path: {err}"
+    return image, problem
+
+
+def _shorten(text: str, keep: int = 80) -> str:
+    """repr() of a manifest value (shows a NUL byte), cut for a reject reason when it is very long."""
+    if len(text) <= keep:
+        return repr(text)
+    return f"{text[:keep]!r}... ({len(text):,} characters)"
 
 
 # --------------------------------------------------------------------------- entry points

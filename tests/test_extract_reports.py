@@ -1,6 +1,8 @@
 """extract_reports: MIMIC tree and manifest readers, every reject reason, and the stage writing its artifacts."""
 
 import gzip
+import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -498,3 +500,111 @@ def test_manifest_excel_csv_with_bom_and_tsv_are_read_and_bad_encoding_is_an_err
     (tmp_path / "m.xlsx").write_bytes(b"PK")
     with pytest.raises(InputLayoutError, match=r"m.xlsx: manifest must be .csv, .csv.gz, .tsv or .parquet"):
         extract(data(source="manifest", manifest=str(tmp_path / "m.xlsx")), Config())
+
+
+# --------------------------------------------------------------------------- bad paths (reliability #10)
+
+LOOP = "symlink loop (Too many levels of symbolic links)"
+
+
+def make_loop(path: Path) -> Path:
+    """Replace `path` (file or folder) by a symlink to itself: every access fails with ELOOP."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    path.symlink_to(path)
+    return path
+
+
+def test_mimic_symlink_loops_and_unreadable_folders_are_rejects_and_the_rest_is_extracted(
+    tmp_path, radiograph_jpeg, monkeypatch
+):
+    tree = MimicTree(tmp_path / "mimic", radiograph_jpeg)
+    tree.add_report("10000001", "50000001", mimic_report())
+    tree.add_image("10000001", "50000001", "good")
+    looping_report = make_loop(tree.add_report("10000001", "50000002", mimic_report()))
+    tree.add_image("10000001", "50000002", "img2")
+    tree.add_report("10000001", "50000003", mimic_report())
+    looping_image = make_loop(tree.add_image("10000001", "50000003", "loopimg"))
+    tree.add_image("10000001", "50000003", "ok3")
+    tree.add_image("11000002", "50000004", "img4", content=False)  # its subject folder loops on itself
+    looping_subject = make_loop(tree.study_dir("11000002"))
+    tree.add_report("12000003", "50000005", mimic_report())  # an orphan report in a folder we cannot list
+    tree.add_report("13000004", "50000006", mimic_report())
+    tree.add_image("13000004", "50000006", "good6")
+    root = tree.write_csvs().resolve()
+    unreadable = root / "files" / "p12"
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if Path(path) == unreadable:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    out = extract(data(root=str(root)), Config(image_workers=2))
+
+    assert [r.study_id for r in out.reports] == ["50000001", "50000003", "50000006"]
+    assert [i.image_id for i in out.images] == ["good", "ok3", "good6"]
+    got = {(r.source, r.key, r.reason) for r in out.rejects}
+    assert got == {
+        (
+            str(looping_report),
+            "50000002",
+            f"cannot read report file: {LOOP} (1 image(s) of the study left out)",
+        ),
+        (str(looping_image), "loopimg", f"study 50000003: {LOOP}"),
+        (
+            str(looping_subject),
+            "p11000002",
+            f"cannot list folder: {LOOP} (reports in it are not checked for metadata)",
+        ),
+        (
+            str(looping_subject / "s50000004.txt"),
+            "50000004",
+            f"cannot read report file: {LOOP} (1 image(s) of the study left out)",
+        ),
+        (
+            str(unreadable),
+            "p12",
+            "cannot list folder: Permission denied (reports in it are not checked for metadata)",
+        ),
+    }
+
+
+def test_manifest_symlink_loop_nul_byte_and_too_long_path_are_row_rejects(tmp_path, radiograph_jpeg):
+    folder = tmp_path / "corpus"
+    (folder / "img").mkdir(parents=True)
+    for name in ("a", "b"):
+        (folder / "img" / f"{name}.jpg").write_bytes(radiograph_jpeg)
+    make_loop(folder / "img" / "loop.jpg")
+    make_loop(folder / "img" / "loopdir")
+    long_name = "x" * 4996 + ".jpg"  # one 5,000-character file name
+    long_path = "d/" * 2497 + "xy.jpg"  # 5,000 characters in many short folders
+    paths = [
+        "img/a.jpg",
+        "img/loop.jpg",
+        "img/a\x00b.jpg",
+        long_name,
+        long_path,
+        "img/loopdir/x.jpg",
+        "img/b.jpg",
+    ]
+    rows = [
+        {"study_id": f"s{n}", "image_path": p, "report_text": "FINDINGS: Clear lungs."}
+        for n, p in enumerate(paths, start=1)
+    ]
+    manifest = write_manifest(folder, rows)
+    out = extract(data(source="manifest", manifest=str(manifest)), Config(image_workers=2))
+
+    assert [r.study_id for r in out.reports] == ["s1", "s7"]
+    assert [Path(i.path).name for i in out.images] == ["a.jpg", "b.jpg"]
+    src = str(manifest.resolve())
+    assert sorted((r.source, r.key, r.reason) for r in out.rejects) == [
+        (src, "row 2", f"study s2: image_path 'img/loop.jpg': {LOOP}"),
+        (src, "row 3", "study s3: image_path 'img/a\\x00b.jpg': path contains a NUL byte"),
+        (src, "row 4", f"study s4: image_path {long_name[:80]!r}... (5,000 characters): File name too long"),
+        (src, "row 5", f"study s5: image_path {long_path[:80]!r}... (5,000 characters): File name too long"),
+        (src, "row 6", f"study s6: image_path 'img/loopdir/x.jpg': {LOOP}"),
+    ]

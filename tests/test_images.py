@@ -219,3 +219,21 @@ def test_decompression_bomb_is_a_load_error_not_a_crash(tmp_path):
     for call in (load_grayscale, image_size):
         with pytest.raises(ImageLoadError, match="huge.png: image too large"):
             call(tmp_path / "huge.png")
+
+
+def test_symlink_loop_nul_byte_and_too_long_path_are_load_errors_with_the_reason(tmp_path):
+    loop = tmp_path / "loop.jpg"
+    loop.symlink_to(loop)
+    for call in (image_size, load_grayscale):
+        with pytest.raises(
+            ImageLoadError, match=r"loop.jpg: symlink loop \(Too many levels of symbolic links\)"
+        ):
+            call(loop)
+    with pytest.raises(ImageLoadError, match="path contains a NUL byte"):
+        image_size("a\x00b.jpg")
+    with pytest.raises(ImageLoadError, match="File name too long"):
+        load_grayscale(tmp_path / ("x" * 5000 + ".jpg"))
+    with pytest.raises(ImageLoadError, match="File name too long"):
+        image_size(tmp_path / ("d/" * 2500 + "x.jpg"))
+    with pytest.raises(ImageLoadError, match="file does not exist"):
+        image_size(tmp_path / "missing" / "x.jpg")
