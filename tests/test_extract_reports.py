@@ -3,6 +3,7 @@
 import gzip
 import os
 import shutil
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -608,3 +609,68 @@ def test_manifest_symlink_loop_nul_byte_and_too_long_path_are_row_rejects(tmp_pa
         (src, "row 5", f"study s5: image_path {long_path[:80]!r}... (5,000 characters): File name too long"),
         (src, "row 6", f"study s6: image_path 'img/loopdir/x.jpg': {LOOP}"),
     ]
+
+
+# --------------------------------------------------------------------------- unusable images (reliability #11)
+
+
+def test_images_too_small_too_elongated_or_cut_short_are_rejected_in_both_check_modes(
+    tmp_path, radiograph_jpeg
+):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "good.jpg").write_bytes(radiograph_jpeg)
+    PILImage.new("L", (1, 1), 90).save(folder / "dot.jpg")
+    PILImage.new("L", (5000, 1), 90).save(folder / "line.jpg")
+    PILImage.open(folder / "good.jpg").resize((400, 100)).save(folder / "wide.jpg")
+    (folder / "cut.jpg").write_bytes(radiograph_jpeg[: len(radiograph_jpeg) // 3] + b"\xff\xd9")
+    with PILImage.open(folder / "cut.jpg") as im:
+        im.load()  # Pillow alone accepts it (grey fill)
+    names = ["good", "dot", "line", "wide", "cut"]
+    rows = [
+        {"study_id": f"s{n}", "image_path": f"{name}.jpg", "report_text": "FINDINGS: Clear lungs."}
+        for n, name in enumerate(names, start=1)
+    ]
+    manifest = write_manifest(folder, rows)
+    image_reasons = {
+        "s2_dot": "study s2: image is 1x1 px (width x height): shorter side 1 px < min_image_side 64",
+        "s3_line": "study s3: image is 5000x1 px (width x height): shorter side 1 px < min_image_side 64; "
+        "aspect ratio 5000/1 = 5000.00 > max_aspect_ratio 3",
+        "s4_wide": "study s4: image is 400x100 px (width x height): aspect ratio 400/100 = 4.00 > max_aspect_ratio 3",
+        "s5_cut": "study s5: truncated JPEG file: the image data stops before the last block (end-of-image "
+        "marker re-appended after a cut; it would decode with grey fill)",
+    }
+    for check_images in (False, True):
+        out = extract(
+            data(source="manifest", manifest=str(manifest), check_images=check_images),
+            Config(image_workers=2),
+        )
+        assert [i.image_id for i in out.images] == ["s1_good"], check_images
+        rejects = by_key(out.rejects)
+        for key, reason in image_reasons.items():
+            assert rejects[key].reason == reason, (check_images, key)
+            assert rejects[key].source == str((folder / f"{key.split('_')[1]}.jpg").resolve())
+            study = key.split("_")[0]
+            assert rejects[study].reason == "no usable image: every image of the study was rejected"
+        assert len(out.rejects) == 2 * len(image_reasons)
+
+    lenient = Config(min_image_side=1, max_aspect_ratio=5000)
+    out = extract(data(source="manifest", manifest=str(manifest)), lenient)
+    assert [i.image_id for i in out.images] == ["s1_good", "s2_dot", "s3_line", "s4_wide"]
+    assert [(i.height, i.width) for i in out.images[1:]] == [(1, 1), (1, 5000), (100, 400)]
+
+
+def test_real_radiographs_pass_the_default_size_and_shape_checks(tmp_path):
+    images = sorted((REAL_DATA / "images").iterdir())
+    rows = [
+        {"study_id": f"s{n}", "image_path": str(path), "report_text": "IMPRESSION: Normal."}
+        for n, path in enumerate(images)
+    ]
+    manifest = write_manifest(tmp_path, rows)
+    for check_images in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the MONOCHROME1 fixture is flipped back with a warning
+            out = extract(
+                data(source="manifest", manifest=str(manifest), check_images=check_images), Config()
+            )
+        assert out.rejects == [] and len(out.images) == len(images) == 3
