@@ -67,6 +67,9 @@ class Config(StageConfig):
     max_aspect_ratio: float = Field(
         3.0, ge=1.0, description="images whose longer side / shorter side is larger are rejected"
     )
+    max_report_chars: int = Field(
+        100_000, ge=1, description="longer reports are rejected at read time (MIMIC reports are < 10k)"
+    )
 
 
 class InputLayoutError(ValueError):
@@ -113,9 +116,16 @@ class ReportError(Exception):
     """A report that cannot be used; the message is the reject reason."""
 
 
-def read_report_file(path: Path) -> str:
-    """The text of a report file; ReportError when missing, empty or not UTF-8."""
+def read_report_file(path: Path, max_chars: int) -> str:
+    """The text of a report file; ReportError when missing, unreadable, empty, too long or not UTF-8.
+
+    A file of more than 4 bytes per allowed character is rejected before it is read (UTF-8 needs at most
+    4 bytes a character), so a huge file never lands in memory.
+    """
     try:
+        size = path.stat().st_size
+        if size > 4 * max_chars:
+            raise ReportError(f"report too long: {size:,} bytes (max_report_chars is {max_chars:,})")
         data = path.read_bytes()
     except FileNotFoundError:
         raise ReportError("report file missing") from None
@@ -129,14 +139,20 @@ def read_report_file(path: Path) -> str:
         raise ReportError(f"not valid UTF-8: byte 0x{data[err.start]:02x} at offset {err.start}") from None
 
 
-def parse_report(study: CandidateStudy) -> Report:
-    """Report row for a study, or ReportError with the reason it has no usable text."""
+def parse_report(study: CandidateStudy, max_chars: int) -> Report:
+    """Report row for a study, or ReportError with the reason it has no usable text.
+
+    Reports longer than `max_chars` are rejected before section parsing: a multi-megabyte "report" is a
+    mistake upstream, and every later stage (entity matching, teacher prompts) pays for its length.
+    """
     if study.report_path is not None:
-        text = read_report_file(study.report_path)
+        text = read_report_file(study.report_path, max_chars)
     else:
         text = study.report_text or ""
         if not text.strip():
             raise ReportError("empty report_text")
+    if len(text) > max_chars:
+        raise ReportError(f"report too long: {len(text):,} characters (max_report_chars is {max_chars:,})")
     sections = extract_findings_impression(text)
     if sections.origin == "none":
         found = ", ".join(sections.section_names) or "none"
@@ -221,7 +237,7 @@ def assemble(studies: list[CandidateStudy], check_decode: bool, cfg: Config, out
     parsed: list[tuple[CandidateStudy, Report]] = []
     for study in studies:
         try:
-            parsed.append((study, parse_report(study)))
+            parsed.append((study, parse_report(study, cfg.max_report_chars)))
         except ReportError as err:
             n = len(study.images)
             out.reject(study.source, study.study_id, f"{err} ({n} image(s) of the study left out)")

@@ -674,3 +674,52 @@ def test_real_radiographs_pass_the_default_size_and_shape_checks(tmp_path):
                 data(source="manifest", manifest=str(manifest), check_images=check_images), Config()
             )
         assert out.rejects == [] and len(out.images) == len(images) == 3
+
+
+# --------------------------------------------------------------------------- huge reports (reliability #12)
+
+
+def test_a_5mb_report_is_rejected_at_read_time_naming_the_study_and_its_length(tmp_path, radiograph_jpeg):
+    huge = mimic_report(findings="Heart size is normal. " * 227_273)  # ~5 MB of plausible text
+    assert len(huge) > 5_000_000
+    tree = MimicTree(tmp_path / "mimic", radiograph_jpeg)
+    tree.add_report("10000001", "50000001", mimic_report())
+    tree.add_image("10000001", "50000001", "good")
+    big_file = tree.add_report("10000001", "50000002", huge)
+    tree.add_image("10000001", "50000002", "big")
+    limit = len(mimic_report("Heart size is normal. " * 4_000)) + 1  # just above a 90 KB report
+    tree.add_report("10000001", "50000003", mimic_report("Heart size is normal. " * 4_000))
+    tree.add_image("10000001", "50000003", "long_but_fine")
+    out = extract(data(root=str(tree.write_csvs())), Config(max_report_chars=limit))
+    assert [r.study_id for r in out.reports] == ["50000001", "50000003"]
+    (reject,) = out.rejects
+    assert (reject.source, reject.key) == (str(big_file.resolve()), "50000002")
+    assert reject.reason == (
+        f"report too long: {big_file.stat().st_size:,} bytes (max_report_chars is {limit:,}) "
+        "(1 image(s) of the study left out)"
+    )
+    # The default limit (100,000 characters) refuses the file by its size, without reading it.
+    out = extract(data(root=str(tree.root)), Config())
+    assert [r.study_id for r in out.reports] == ["50000001", "50000003"]
+    assert by_key(out.rejects)["50000002"].reason.startswith("report too long: 5,")
+    # Under 4 bytes per allowed character the file is read and its characters counted.
+    small_limit = Config(max_report_chars=len(huge) // 2)
+    (reject,) = extract(data(root=str(tree.root)), small_limit).rejects
+    assert reject.reason == (
+        f"report too long: {len(huge):,} characters (max_report_chars is {len(huge) // 2:,}) "
+        "(1 image(s) of the study left out)"
+    )
+
+    (tmp_path / "a.jpg").write_bytes(radiograph_jpeg)
+    rows = [
+        {"study_id": "s1", "image_path": "a.jpg", "report_text": "FINDINGS: Clear lungs."},
+        {"study_id": "s2", "image_path": "a.jpg", "report_text": huge},
+    ]
+    manifest = write_manifest(tmp_path, rows, "m.parquet")
+    out = extract(data(source="manifest", manifest=str(manifest)), Config())
+    assert [r.study_id for r in out.reports] == ["s1"]
+    (reject,) = out.rejects
+    assert (reject.source, reject.key) == (f"{manifest.resolve()}#row 2", "s2")
+    assert reject.reason == (
+        f"report too long: {len(huge):,} characters (max_report_chars is 100,000) (1 image(s) of the study left out)"
+    )
