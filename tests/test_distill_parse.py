@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 
 import pytest
@@ -24,6 +25,7 @@ from models.distill.prompt import (
     estimate_prompt_tokens,
     fit_report,
     prompt_hash,
+    split_sentences,
 )
 from models.distill.seed import entity_quota, select_seed
 from tests.fake_openai_server import report_from_prompt
@@ -102,6 +104,108 @@ def test_long_report_loses_findings_sentences_first_then_impression_words():
     assert truncated and cut.startswith("IMPRESSION: effusion") and len(cut) < 200
     with pytest.raises(ValueError, match="smaller than the fixed prompt"):
         fit_report(findings, impression, ["effusion"], base - 50)
+
+
+def fit_report_reference(findings, impression, entities, max_prompt_tokens):
+    """The algorithm `fit_report` replaced, kept verbatim as the reference: one FINDINGS sentence dropped per
+    loop and the whole prompt re-rendered each time (quadratic: a 5 MB report took ~45 min)."""
+    findings_sents, impression_sents = split_sentences(findings), split_sentences(impression)
+
+    def render(f_sents, i_text):
+        parts = [
+            f"FINDINGS: {' '.join(f_sents)}" if f_sents else "",
+            f"IMPRESSION: {i_text}" if i_text else "",
+        ]
+        return " ".join(p for p in parts if p)
+
+    def fits(text):
+        return bool(text) and estimate_prompt_tokens(build_messages(text, entities)) <= max_prompt_tokens
+
+    text = render(findings_sents, " ".join(impression_sents))
+    if not text:
+        raise ValueError("report has neither findings nor impression")
+    if fits(text):
+        return text, False
+    while findings_sents:
+        findings_sents = findings_sents[:-1]
+        text = render(findings_sents, " ".join(impression_sents))
+        if fits(text):
+            return text, True
+    words = " ".join(impression_sents).split()
+    while len(words) > 1:
+        words = words[: max(1, len(words) * 3 // 4)]
+        text = render([], " ".join(words))
+        if fits(text):
+            return text, True
+    raise ValueError(
+        f"max_prompt_tokens={max_prompt_tokens} is smaller than the fixed prompt itself "
+        f"({estimate_prompt_tokens(build_messages('x', entities))} tokens); raise it"
+    )
+
+
+def outcome(fit, *args):
+    try:
+        return fit(*args)
+    except ValueError as err:
+        return ("ValueError", str(err))
+
+
+WORDS = ["lungs", "clear", "effusion", "1.5", "cm", "Dr.", "no", "pneumothorax", "___", "é", "ßø", "x"]
+GAPS = [" ", "  ", "\t", "\n", "\n\n", "\u00a0", "\u2028", "\x1c", " \r\n "]
+
+
+def random_text(rng: random.Random, sentences: int) -> str:
+    parts = []
+    for _ in range(sentences):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(1, 12))]
+        sentence = rng.choice(GAPS).join(words) + rng.choice([".", "!", "?", "", ".."])
+        parts.append(sentence + rng.choice(GAPS))
+    return rng.choice(["", " ", "\n"]) + "".join(parts)
+
+
+def test_fit_report_gives_exactly_the_old_algorithms_result_on_varied_inputs():
+    rng = random.Random(12)
+    entities_choices = [[], ["effusion"], ["effusion", "pneumothorax", "atelectasis", "cardiomegaly"]]
+    cases = [("", "", ["effusion"], 500), ("   ", "\n", [], 500), ("One.", "", [], 10**6)]
+    for _ in range(400):
+        findings = random_text(rng, rng.choice([0, 0, 1, 2, 5, 30, 200]))
+        impression = random_text(rng, rng.choice([0, 1, 2, 5, 60]))
+        entities = rng.choice(entities_choices)
+        base = estimate_prompt_tokens(build_messages("x", entities))
+        budget = base + rng.choice([-5, 0, 1, 2, 3, 5, 10, 20, 50, 100, 400, 2000])
+        cases.append((findings, impression, entities, budget))
+    results = [outcome(fit_report, *case) for case in cases]
+    assert results == [outcome(fit_report_reference, *case) for case in cases]
+    # The cases cover every way out: untouched, findings cut, impression cut, and each error.
+    kinds = Counter(
+        r[0] if r[0] == "ValueError" else ("kept" if not r[1] else r[0].split(":")[0]) for r in results
+    )
+    assert {"kept", "FINDINGS", "IMPRESSION", "ValueError"} <= set(kinds), kinds
+
+
+def test_fit_report_on_a_5mb_report_keeps_the_longest_fitting_findings_prefix():
+    sentences = [f"Finding sentence number {i} describes the lungs in detail." for i in range(90_000)]
+    findings, impression = " ".join(sentences), "Small left pleural effusion. No pneumothorax."
+    assert len(findings) > 5_000_000
+    entities = ["effusion", "pneumothorax"]
+    text, truncated = fit_report(findings, impression, entities, 3800)
+    kept = text.removeprefix("FINDINGS: ").removesuffix(f" IMPRESSION: {impression}")
+    n = kept.count(" describes the lungs in detail.")
+    assert truncated and 200 < n < 400 and kept == " ".join(sentences[:n])
+    assert estimate_prompt_tokens(build_messages(text, entities)) <= 3800
+    one_more = f"FINDINGS: {' '.join(sentences[: n + 1])} IMPRESSION: {impression}"
+    assert estimate_prompt_tokens(build_messages(one_more, entities)) > 3800
+    # Impression only, 5 MB: cut to 3/4 of its words again and again, the first length that fits, as before.
+    cut, truncated = fit_report("", findings, entities, 3800)
+    words = findings.split()
+    cuts = [len(words)]
+    while cuts[-1] > 1:
+        cuts.append(max(1, cuts[-1] * 3 // 4))
+    kept = next(i for i, c in enumerate(cuts) if len(cut) == len(f"IMPRESSION: {' '.join(words[:c])}"))
+    assert truncated and cut == f"IMPRESSION: {' '.join(words[: cuts[kept]])}"
+    assert estimate_prompt_tokens(build_messages(cut, entities)) <= 3800
+    previous = f"IMPRESSION: {' '.join(words[: cuts[kept - 1]])}"
+    assert estimate_prompt_tokens(build_messages(previous, entities)) > 3800
 
 
 # ------------------------------------------------------------------------------------------- parsing

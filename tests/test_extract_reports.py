@@ -1,6 +1,9 @@
 """extract_reports: MIMIC tree and manifest readers, every reject reason, and the stage writing its artifacts."""
 
 import gzip
+import os
+import shutil
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -501,3 +504,225 @@ def test_manifest_excel_csv_with_bom_and_tsv_are_read_and_bad_encoding_is_an_err
     (tmp_path / "m.xlsx").write_bytes(b"PK")
     with pytest.raises(InputLayoutError, match=r"m.xlsx: manifest must be .csv, .csv.gz, .tsv or .parquet"):
         extract(data(source="manifest", manifest=str(tmp_path / "m.xlsx")), Config())
+
+
+# --------------------------------------------------------------------------- bad paths (reliability #10)
+
+LOOP = "symlink loop (Too many levels of symbolic links)"
+
+
+def make_loop(path: Path) -> Path:
+    """Replace `path` (file or folder) by a symlink to itself: every access fails with ELOOP."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    path.symlink_to(path)
+    return path
+
+
+def test_mimic_symlink_loops_and_unreadable_folders_are_rejects_and_the_rest_is_extracted(
+    tmp_path, radiograph_jpeg, monkeypatch
+):
+    tree = MimicTree(tmp_path / "mimic", radiograph_jpeg)
+    tree.add_report("10000001", "50000001", mimic_report())
+    tree.add_image("10000001", "50000001", "good")
+    looping_report = make_loop(tree.add_report("10000001", "50000002", mimic_report()))
+    tree.add_image("10000001", "50000002", "img2")
+    tree.add_report("10000001", "50000003", mimic_report())
+    looping_image = make_loop(tree.add_image("10000001", "50000003", "loopimg"))
+    tree.add_image("10000001", "50000003", "ok3")
+    tree.add_image("11000002", "50000004", "img4", content=False)  # its subject folder loops on itself
+    looping_subject = make_loop(tree.study_dir("11000002"))
+    tree.add_report("12000003", "50000005", mimic_report())  # an orphan report in a folder we cannot list
+    tree.add_report("13000004", "50000006", mimic_report())
+    tree.add_image("13000004", "50000006", "good6")
+    root = tree.write_csvs().resolve()
+    unreadable = root / "files" / "p12"
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if Path(path) == unreadable:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    out = extract(data(root=str(root)), Config(image_workers=2))
+
+    assert [r.study_id for r in out.reports] == ["50000001", "50000003", "50000006"]
+    assert [i.image_id for i in out.images] == ["good", "ok3", "good6"]
+    got = {(r.source, r.key, r.reason) for r in out.rejects}
+    assert got == {
+        (
+            str(looping_report),
+            "50000002",
+            f"cannot read report file: {LOOP} (1 image(s) of the study left out)",
+        ),
+        (str(looping_image), "loopimg", f"study 50000003: {LOOP}"),
+        (
+            str(looping_subject),
+            "p11000002",
+            f"cannot list folder: {LOOP} (reports in it are not checked for metadata)",
+        ),
+        (
+            str(looping_subject / "s50000004.txt"),
+            "50000004",
+            f"cannot read report file: {LOOP} (1 image(s) of the study left out)",
+        ),
+        (
+            str(unreadable),
+            "p12",
+            "cannot list folder: Permission denied (reports in it are not checked for metadata)",
+        ),
+    }
+
+
+def test_manifest_symlink_loop_nul_byte_and_too_long_path_are_row_rejects(tmp_path, radiograph_jpeg):
+    folder = tmp_path / "corpus"
+    (folder / "img").mkdir(parents=True)
+    for name in ("a", "b"):
+        (folder / "img" / f"{name}.jpg").write_bytes(radiograph_jpeg)
+    make_loop(folder / "img" / "loop.jpg")
+    make_loop(folder / "img" / "loopdir")
+    long_name = "x" * 4996 + ".jpg"  # one 5,000-character file name
+    long_path = "d/" * 2497 + "xy.jpg"  # 5,000 characters in many short folders
+    paths = [
+        "img/a.jpg",
+        "img/loop.jpg",
+        "img/a\x00b.jpg",
+        long_name,
+        long_path,
+        "img/loopdir/x.jpg",
+        "img/b.jpg",
+    ]
+    rows = [
+        {"study_id": f"s{n}", "image_path": p, "report_text": "FINDINGS: Clear lungs."}
+        for n, p in enumerate(paths, start=1)
+    ]
+    manifest = write_manifest(folder, rows)
+    out = extract(data(source="manifest", manifest=str(manifest)), Config(image_workers=2))
+
+    assert [r.study_id for r in out.reports] == ["s1", "s7"]
+    assert [Path(i.path).name for i in out.images] == ["a.jpg", "b.jpg"]
+    src = str(manifest.resolve())
+    assert sorted((r.source, r.key, r.reason) for r in out.rejects) == [
+        (src, "row 2", f"study s2: image_path 'img/loop.jpg': {LOOP}"),
+        (src, "row 3", "study s3: image_path 'img/a\\x00b.jpg': path contains a NUL byte"),
+        (src, "row 4", f"study s4: image_path {long_name[:80]!r}... (5,000 characters): File name too long"),
+        (src, "row 5", f"study s5: image_path {long_path[:80]!r}... (5,000 characters): File name too long"),
+        (src, "row 6", f"study s6: image_path 'img/loopdir/x.jpg': {LOOP}"),
+    ]
+
+
+# --------------------------------------------------------------------------- unusable images (reliability #11)
+
+
+def test_images_too_small_too_elongated_or_cut_short_are_rejected_in_both_check_modes(
+    tmp_path, radiograph_jpeg
+):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "good.jpg").write_bytes(radiograph_jpeg)
+    PILImage.new("L", (1, 1), 90).save(folder / "dot.jpg")
+    PILImage.new("L", (5000, 1), 90).save(folder / "line.jpg")
+    PILImage.open(folder / "good.jpg").resize((400, 100)).save(folder / "wide.jpg")
+    (folder / "cut.jpg").write_bytes(radiograph_jpeg[: len(radiograph_jpeg) // 3] + b"\xff\xd9")
+    with PILImage.open(folder / "cut.jpg") as im:
+        im.load()  # Pillow alone accepts it (grey fill)
+    names = ["good", "dot", "line", "wide", "cut"]
+    rows = [
+        {"study_id": f"s{n}", "image_path": f"{name}.jpg", "report_text": "FINDINGS: Clear lungs."}
+        for n, name in enumerate(names, start=1)
+    ]
+    manifest = write_manifest(folder, rows)
+    image_reasons = {
+        "s2_dot": "study s2: image is 1x1 px (width x height): shorter side 1 px < min_image_side 64",
+        "s3_line": "study s3: image is 5000x1 px (width x height): shorter side 1 px < min_image_side 64; "
+        "aspect ratio 5000/1 = 5000.00 > max_aspect_ratio 3",
+        "s4_wide": "study s4: image is 400x100 px (width x height): aspect ratio 400/100 = 4.00 > max_aspect_ratio 3",
+        "s5_cut": "study s5: truncated JPEG file: the image data stops before the last block (end-of-image "
+        "marker re-appended after a cut; it would decode with grey fill)",
+    }
+    for check_images in (False, True):
+        out = extract(
+            data(source="manifest", manifest=str(manifest), check_images=check_images),
+            Config(image_workers=2),
+        )
+        assert [i.image_id for i in out.images] == ["s1_good"], check_images
+        rejects = by_key(out.rejects)
+        for key, reason in image_reasons.items():
+            assert rejects[key].reason == reason, (check_images, key)
+            assert rejects[key].source == str((folder / f"{key.split('_')[1]}.jpg").resolve())
+            study = key.split("_")[0]
+            assert rejects[study].reason == "no usable image: every image of the study was rejected"
+        assert len(out.rejects) == 2 * len(image_reasons)
+
+    lenient = Config(min_image_side=1, max_aspect_ratio=5000)
+    out = extract(data(source="manifest", manifest=str(manifest)), lenient)
+    assert [i.image_id for i in out.images] == ["s1_good", "s2_dot", "s3_line", "s4_wide"]
+    assert [(i.height, i.width) for i in out.images[1:]] == [(1, 1), (1, 5000), (100, 400)]
+
+
+def test_real_radiographs_pass_the_default_size_and_shape_checks(tmp_path):
+    images = sorted((REAL_DATA / "images").iterdir())
+    rows = [
+        {"study_id": f"s{n}", "image_path": str(path), "report_text": "IMPRESSION: Normal."}
+        for n, path in enumerate(images)
+    ]
+    manifest = write_manifest(tmp_path, rows)
+    for check_images in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the MONOCHROME1 fixture is flipped back with a warning
+            out = extract(
+                data(source="manifest", manifest=str(manifest), check_images=check_images), Config()
+            )
+        assert out.rejects == [] and len(out.images) == len(images) == 3
+
+
+# --------------------------------------------------------------------------- huge reports (reliability #12)
+
+
+def test_a_5mb_report_is_rejected_at_read_time_naming_the_study_and_its_length(tmp_path, radiograph_jpeg):
+    huge = mimic_report(findings="Heart size is normal. " * 227_273)  # ~5 MB of plausible text
+    assert len(huge) > 5_000_000
+    tree = MimicTree(tmp_path / "mimic", radiograph_jpeg)
+    tree.add_report("10000001", "50000001", mimic_report())
+    tree.add_image("10000001", "50000001", "good")
+    big_file = tree.add_report("10000001", "50000002", huge)
+    tree.add_image("10000001", "50000002", "big")
+    limit = len(mimic_report("Heart size is normal. " * 4_000)) + 1  # just above a 90 KB report
+    tree.add_report("10000001", "50000003", mimic_report("Heart size is normal. " * 4_000))
+    tree.add_image("10000001", "50000003", "long_but_fine")
+    out = extract(data(root=str(tree.write_csvs())), Config(max_report_chars=limit))
+    assert [r.study_id for r in out.reports] == ["50000001", "50000003"]
+    (reject,) = out.rejects
+    assert (reject.source, reject.key) == (str(big_file.resolve()), "50000002")
+    assert reject.reason == (
+        f"report too long: {big_file.stat().st_size:,} bytes (max_report_chars is {limit:,}) "
+        "(1 image(s) of the study left out)"
+    )
+    # The default limit (100,000 characters) refuses the file by its size, without reading it.
+    out = extract(data(root=str(tree.root)), Config())
+    assert [r.study_id for r in out.reports] == ["50000001", "50000003"]
+    assert by_key(out.rejects)["50000002"].reason.startswith("report too long: 5,")
+    # Under 4 bytes per allowed character the file is read and its characters counted.
+    small_limit = Config(max_report_chars=len(huge) // 2)
+    (reject,) = extract(data(root=str(tree.root)), small_limit).rejects
+    assert reject.reason == (
+        f"report too long: {len(huge):,} characters (max_report_chars is {len(huge) // 2:,}) "
+        "(1 image(s) of the study left out)"
+    )
+
+    (tmp_path / "a.jpg").write_bytes(radiograph_jpeg)
+    rows = [
+        {"study_id": "s1", "image_path": "a.jpg", "report_text": "FINDINGS: Clear lungs."},
+        {"study_id": "s2", "image_path": "a.jpg", "report_text": huge},
+    ]
+    manifest = write_manifest(tmp_path, rows, "m.parquet")
+    out = extract(data(source="manifest", manifest=str(manifest)), Config())
+    assert [r.study_id for r in out.reports] == ["s1"]
+    (reject,) = out.rejects
+    assert (reject.source, reject.key) == (f"{manifest.resolve()}#row 2", "s2")
+    assert reject.reason == (
+        f"report too long: {len(huge):,} characters (max_report_chars is 100,000) (1 image(s) of the study left out)"
+    )

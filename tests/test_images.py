@@ -219,3 +219,62 @@ def test_decompression_bomb_is_a_load_error_not_a_crash(tmp_path):
     for call in (load_grayscale, image_size):
         with pytest.raises(ImageLoadError, match="huge.png: image too large"):
             call(tmp_path / "huge.png")
+
+
+def _cut_to_a_third_and_reterminate(src: Path, dst: Path) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[: len(data) // 3] + b"\xff\xd9")
+    return dst
+
+
+def test_jpeg_cut_short_with_its_end_marker_re_appended_is_rejected_by_header_check_and_decode(tmp_path):
+    Image.open(NIH_PNG).save(tmp_path / "full.jpg", quality=90)
+    Image.open(TBX_PNG).save(tmp_path / "colour.jpg", quality=90)
+    for name in ("full", "colour"):
+        cut = _cut_to_a_third_and_reterminate(tmp_path / f"{name}.jpg", tmp_path / f"{name}_cut.jpg")
+        with Image.open(cut) as im:  # the problem: Pillow decodes it without a word, grey below the cut
+            im.load()
+            assert np.asarray(im.convert("L"))[-8:].std() == 0
+        for call in (image_size, load_grayscale):
+            with pytest.raises(ImageLoadError, match=rf"{name}_cut.jpg: truncated JPEG file") as err:
+                call(cut)
+            assert "the image data stops before the last block (end-of-image marker re-appended" in (
+                err.value.reason
+            )
+    cut_late = tmp_path / "cut_late.jpg"  # even the last 1% of the coded data missing
+    data = (tmp_path / "full.jpg").read_bytes()
+    cut_late.write_bytes(data[: len(data) * 99 // 100] + b"\xff\xd9")
+    with pytest.raises(ImageLoadError, match="the image data stops before the last block"):
+        image_size(cut_late)
+    # Complete files still pass, with or without restart markers, trailing bytes or optimised tables.
+    assert image_size(tmp_path / "full.jpg") == (512, 512)
+    Image.open(NIH_PNG).save(tmp_path / "rst.jpg", quality=90, restart_marker_rows=2, optimize=True)
+    (tmp_path / "trailing.jpg").write_bytes(data + b"\r\n")
+    for name in ("full.jpg", "colour.jpg", "rst.jpg", "trailing.jpg"):
+        assert image_size(tmp_path / name) == (512, 512), name
+        assert load_grayscale(tmp_path / name).shape == (512, 512), name
+
+
+def test_progressive_jpeg_is_not_covered_by_the_scan_check_but_still_loads(tmp_path):
+    """Progressive JPEGs need their end marker before the first row: the check skips them (documented)."""
+    Image.open(NIH_PNG).save(tmp_path / "prog.jpg", quality=90, progressive=True)
+    assert image_size(tmp_path / "prog.jpg") == (512, 512)
+    assert float(np.abs(load_grayscale(tmp_path / "prog.jpg") - load_grayscale(NIH_PNG)).mean()) < 0.01
+
+
+def test_symlink_loop_nul_byte_and_too_long_path_are_load_errors_with_the_reason(tmp_path):
+    loop = tmp_path / "loop.jpg"
+    loop.symlink_to(loop)
+    for call in (image_size, load_grayscale):
+        with pytest.raises(
+            ImageLoadError, match=r"loop.jpg: symlink loop \(Too many levels of symbolic links\)"
+        ):
+            call(loop)
+    with pytest.raises(ImageLoadError, match="path contains a NUL byte"):
+        image_size("a\x00b.jpg")
+    with pytest.raises(ImageLoadError, match="File name too long"):
+        load_grayscale(tmp_path / ("x" * 5000 + ".jpg"))
+    with pytest.raises(ImageLoadError, match="File name too long"):
+        image_size(tmp_path / ("d/" * 2500 + "x.jpg"))
+    with pytest.raises(ImageLoadError, match="file does not exist"):
+        image_size(tmp_path / "missing" / "x.jpg")
