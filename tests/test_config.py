@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.config import ConfigError, load_config, section_hash
+from tasks.config import MAX_CONFIG_BYTES, ConfigError, load_config, section_hash
 from tasks.registry import stage_names
 
 from .conftest import REPO_ROOT
@@ -68,3 +68,33 @@ def test_a_section_given_twice_is_an_error(tmp_path):
     path.write_text("run:\n  seed: 1\ndata:\n  root: x\nrun:\n  seed: 2\n")
     with pytest.raises(ConfigError, match=r"key 'run' given twice \(lines 1 and 5\)"):
         load_config(path)
+
+
+def test_a_directory_is_not_a_config(tmp_path):
+    with pytest.raises(ConfigError, match=r"is a directory, not a config file"):
+        load_config(tmp_path)
+
+
+def test_an_endless_file_is_refused_after_reading_a_bounded_prefix():
+    """`-c /dev/zero` used to read until the process was killed: now at most 1 MiB + 1 byte is read."""
+    with pytest.raises(ConfigError, match=r"^/dev/zero: larger than 1 MiB, not a pipeline config$"):
+        load_config("/dev/zero")
+
+
+def test_an_oversized_or_binary_file_is_refused(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * (MAX_CONFIG_BYTES // 10 + 1))
+    with pytest.raises(ConfigError, match=r"big.yaml: larger than 1 MiB"):
+        load_config(big)
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(b"PK\x03\x04\xff\xfe")
+    with pytest.raises(ConfigError, match=r"model.pt: not UTF-8 text \(byte 4\)"):
+        load_config(binary)
+
+
+def test_an_empty_run_dir_is_an_error_not_the_working_directory():
+    with pytest.raises(ConfigError, match=r"<defaults>: run.run_dir: .*is empty; name a run directory"):
+        load_config(None, ["run.run_dir="])
+    with pytest.raises(ConfigError, match=r"run.run_dir: .*is empty"):
+        load_config(None, ["run.run_dir='  '"])
+    assert load_config(None, ["run.run_dir=."]).run.run_dir == "."  # explicit is fine
