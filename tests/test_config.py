@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import shlex
+from datetime import date
+from pathlib import Path
+
 import pytest
 
+from models.distill.teacher_http import ClientConfig
 from tasks.config import MAX_CONFIG_BYTES, ConfigError, load_config, section_hash
 from tasks.registry import stage_names
 
@@ -98,3 +104,42 @@ def test_an_empty_run_dir_is_an_error_not_the_working_directory():
     with pytest.raises(ConfigError, match=r"run.run_dir: .*is empty"):
         load_config(None, ["run.run_dir='  '"])
     assert load_config(None, ["run.run_dir=."]).run.run_dir == "."  # explicit is fine
+
+
+def documented_commands(doc: Path) -> list[list[str]]:
+    """The `ecamp ...` command lines of a markdown file's bash blocks, continuation lines joined, split by shlex."""
+    blocks = re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    return [shlex.split(line) for line in lines if line.strip().startswith("ecamp ")]
+
+
+def config_and_overrides(argv: list[str]) -> tuple[str, list[str]]:
+    """The `-c` file and the `--set` values of an `ecamp` command line."""
+    config, overrides = "", []
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag in ("-c", "--config"):
+            config = value
+        elif flag == "--set":
+            overrides.append(value)
+    return config, overrides
+
+
+def test_the_documented_distillation_commands_load():
+    """docs/distillation.md's commands are what users paste: each must pass config validation as written.
+
+    The Azure one used to fail: YAML reads `azure_api_version=2024-10-21` as a date, not a string.
+    """
+    commands = documented_commands(REPO_ROOT / "docs" / "distillation.md")
+    azure = [c for c in commands if "seed_distill.provider=azure" in c]
+    assert len(commands) >= 5 and len(azure) == 1, commands
+    for argv in commands:
+        config, overrides = config_and_overrides(argv)
+        assert load_config(REPO_ROOT / config, overrides).seed_distill is not None, argv
+    config, overrides = config_and_overrides(azure[0])
+    assert "seed_distill.azure_api_version=2024-10-21" in overrides  # the docs' exact text, unquoted
+    seed = load_config(REPO_ROOT / config, overrides).seed_distill
+    assert (seed.provider, seed.azure_api_version) == ("azure", "2024-10-21")
+    assert seed.azure_endpoint == "https://my-resource.openai.azure.com"
+    assert seed.external_endpoint_ack == "zero-retention verified"
+    assert seed.client_config().azure_api_version == "2024-10-21"
+    assert ClientConfig(azure_api_version=date(2024, 10, 21)).azure_api_version == "2024-10-21"
