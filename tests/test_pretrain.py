@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 
@@ -14,6 +15,7 @@ from PIL import Image as PILImage
 from data_contracts.gloria import AttentionMap
 from data_contracts.io import read_artifact
 from data_contracts.reports import Image, Report
+from models.checkpoints import CheckpointWriteError
 from models.ecamp.export import export_encoder, load_timm_encoder
 from models.ecamp.model import ECAMP, ECAMPConfig
 from models.ecamp.pretrain import (
@@ -396,6 +398,40 @@ def test_export_refuses_non_finite_weights(tmp_path):
         f"blocks.0.attn.qkv.weight, norm.bias (2 of {len(model.encoder.state_dict())} tensors)"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+TORCH_DISK_FULL = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+
+def failing_save(err: BaseException):
+    """torch.save that writes a few bytes, then fails the way a full disk makes it fail."""
+
+    def save(obj, f, *args, **kwargs) -> None:
+        f.write(b"PK\x03\x04 partial")
+        raise err
+
+    return save
+
+
+@pytest.mark.parametrize("err", [TORCH_DISK_FULL, OSError(errno.ENOSPC, "No space left on device")])
+def test_a_full_disk_while_checkpointing_is_one_clear_line(
+    images, reports, tokenizer, tmp_path, monkeypatch, err
+):
+    """Reliability #14f: torch's `enforce fail at inline_container.cc` and a leftover .tmp file, before."""
+    cfg, mcfg = tiny_train_cfg(epochs=1), model_cfg(tokenizer)
+    ds = PretrainDataset(records(images, reports), mcfg, cfg)
+    out = tmp_path / "train"
+    train(mcfg, cfg, ds, collator(tokenizer), out, progress=False, stop_after=1)
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    monkeypatch.setattr(torch, "save", failing_save(err))
+    with pytest.raises(CheckpointWriteError) as raised:
+        train(mcfg, cfg, ds, collator(tokenizer), out, progress=False, stop_after=2)
+    assert str(raised.value).startswith(f"no space left on device writing checkpoint {out / 'checkpoint.pt'}")
+    assert "the partial file was removed" in str(raised.value) and "\n" not in str(raised.value)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]  # no checkpoint.pt.tmp
+    monkeypatch.undo()
+    kept = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert kept["state"]["step"] == saved["state"]["step"] == 1  # the previous checkpoint, intact
 
 
 def test_a_checkpoint_of_non_finite_weights_is_refused(tmp_path):

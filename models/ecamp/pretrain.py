@@ -42,7 +42,7 @@ from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from models.checkpoints import describe_names, non_finite
+from models.checkpoints import describe_names, non_finite, save_atomic
 from models.ecamp.model import ECAMP, ECAMPConfig
 from models.images import load_grayscale
 
@@ -486,9 +486,7 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         raise FloatingPointError(
             f"refusing to save checkpoint {path}: non-finite weights in {describe_names(broken)}"
         )
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    save_atomic(payload, path)
 
 
 def check_finite_step(losses: dict[str, float], grad_norm: float, epoch: int, step: int) -> None:
