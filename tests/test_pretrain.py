@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +16,7 @@ from PIL import Image as PILImage
 from data_contracts.gloria import AttentionMap
 from data_contracts.io import read_artifact
 from data_contracts.reports import Image, Report
-from models.checkpoints import CheckpointWriteError
+from models.checkpoints import CheckpointWriteError, save_atomic
 from models.ecamp.export import export_encoder, load_timm_encoder
 from models.ecamp.model import ECAMP, ECAMPConfig
 from models.ecamp.pretrain import (
@@ -442,4 +443,15 @@ def test_a_checkpoint_of_non_finite_weights_is_refused(tmp_path):
         FloatingPointError, match=r"refusing to save checkpoint .*: non-finite weights in decoder"
     ):
         save_checkpoint(tmp_path / "checkpoint.pt", {"model": model.state_dict()})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux /dev/full")
+def test_a_really_full_device_gives_the_same_line(tmp_path):
+    """No monkeypatch: the temp file is a link to /dev/full, whose every write fails with ENOSPC."""
+    (tmp_path / "checkpoint.pt.tmp").symlink_to("/dev/full")
+    with pytest.raises(
+        CheckpointWriteError, match=r"^no space left on device writing checkpoint .*checkpoint\.pt;"
+    ):
+        save_atomic({"w": torch.zeros(100_000)}, tmp_path / "checkpoint.pt")
     assert list(tmp_path.iterdir()) == []
