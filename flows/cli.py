@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from models.resources import CONFIG_DIR
 
@@ -41,8 +42,25 @@ def _check_config(config: Path, overrides: list[str] | None, stage: str | None =
     return cfg
 
 
+def _check_stages(until: str | None, force: list[str] | None = None) -> None:
+    """`--until` and `--force` name stages: a typo must stop the command, not be ignored or fail mid-flow."""
+    from tasks.registry import stage_names
+
+    names = stage_names()
+    for flag, name in [("--until", until), *(("--force", f) for f in force or [])]:
+        if name is not None and name not in names:
+            _fail(ValueError(f"{flag} {name}: unknown stage (stages: {', '.join(names)})"))
+    last = names.index(until) if until else len(names) - 1
+    late = [f for f in force or [] if names.index(f) > last]
+    if late:
+        _fail(ValueError(f"--force {', '.join(late)}: after --until {until}, so it would not run"))
+
+
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}")
+    """`error: <message>` on one line: no markup read into the message (torch's `[enforce fail ...]`), no wrapping
+    at 80 columns when stderr is a file, and a KeyError's message without repr quotes."""
+    message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -107,6 +125,7 @@ def demo(
     """Generate the demo corpus if absent, then run the whole pipeline on configs/demo.yaml."""
     _quiet_prefect()
     cfg = _check_config(DEMO_CONFIG, set_)
+    _check_stages(until)
     ensure_demo_corpus(cfg)
     from flows.pipeline import ecamp_pipeline
 
@@ -127,6 +146,7 @@ def run(
     """Run the full pipeline (finished stages with unchanged inputs are skipped)."""
     _quiet_prefect()
     _check_config(config, set_)
+    _check_stages(until, force)
     from flows.pipeline import ecamp_pipeline
     from tasks.config import ConfigError
 

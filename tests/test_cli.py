@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
+from tasks.registry import stage_names
+
+from .conftest import REPO_ROOT
 
 
 def test_synth_writes_a_mimic_tree_and_refuses_to_overwrite(tmp_path):
@@ -66,3 +70,46 @@ def test_demo_refuses_a_data_root_it_did_not_generate(tmp_path):
     assert "was not written by the corpus generator" in result.output
     assert (user / "files" / "notes.txt").read_text() == "my annotations"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mimic-cxr"]  # no run dir, no partial corpus
+
+
+DEMO = str(REPO_ROOT / "configs" / "demo.yaml")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "-c", "{tmp}"], "error: {tmp}: is a directory, not a config file"),
+        (["run", "-c", "/dev/zero"], "error: /dev/zero: larger than 1 MiB, not a pipeline config"),
+        (
+            ["run", "-c", DEMO, "--set", "run.run_dir="],
+            "error: " + DEMO + ": run.run_dir: Value error, is empty",
+        ),
+    ],
+)
+def test_bad_config_paths_and_an_empty_run_dir_fail_before_any_work(tmp_path, monkeypatch, argv, message):
+    """Reliability #14a-c: a traceback, an OOM kill at 23 GB, and a run written into the working directory."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    result = CliRunner().invoke(app, [a.format(tmp=tmp_path) for a in argv])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(message.format(tmp=tmp_path)) and result.output.count("\n") == 1
+    assert list(work.iterdir()) == []
+
+
+def test_force_and_until_must_name_stages_that_run(tmp_path):
+    """Reliability #14e: `ecamp run --force nosuch` used to run everything and ignore the typo."""
+    base = ["run", "-c", DEMO, "--run-dir", str(tmp_path / "run")]
+    stages = ", ".join(stage_names())
+    result = CliRunner().invoke(app, [*base, "--force", "extract_reports", "--force", "nosuch"])
+    assert result.exit_code == 2
+    assert result.output == f"error: --force nosuch: unknown stage (stages: {stages})\n"
+    result = CliRunner().invoke(app, [*base, "--until", "extract_report"])
+    assert result.output == f"error: --until extract_report: unknown stage (stages: {stages})\n"
+    result = CliRunner().invoke(app, [*base, "--until", "extract_reports", "--force", "pretrain_ecamp"])
+    assert (
+        result.output == "error: --force pretrain_ecamp: after --until extract_reports, so it would not run\n"
+    )
+    result = CliRunner().invoke(app, ["demo", "--run-dir", str(tmp_path / "run"), "--until", "nosuch"])
+    assert result.exit_code == 2 and "error: --until nosuch: unknown stage" in result.output
+    assert list(tmp_path.iterdir()) == []
