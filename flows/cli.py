@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -24,7 +25,8 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a conf
 
 def _quiet_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Without PREFECT_API_URL the flows start a temporary local server; give it time on a busy machine.
+    # Without PREFECT_API_URL the CLI starts a temporary local server (flows/local_server.py); give it time
+    # on a busy machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
@@ -54,6 +56,20 @@ def _check_stages(until: str | None, force: list[str] | None = None) -> None:
     late = [f for f in force or [] if names.index(f) > last]
     if late:
         _fail(ValueError(f"--force {', '.join(late)}: after --until {until}, so it would not run"))
+
+
+def _run_flow(flow: Callable[..., Any], **kwargs: Any) -> Any:
+    """Run a flow against PREFECT_API_URL or a temporary server that dies with this command; the failures a
+    user can fix (config, inputs) are one line, not a traceback."""
+    from flows.local_server import LocalServerError, prefect_api
+
+    try:
+        with prefect_api(say=lambda line: console.print(line, soft_wrap=True)):
+            return flow(**kwargs)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    except LocalServerError as err:  # a RuntimeError: not folded into the tuple above by accident
+        _fail(err)
 
 
 def _fail(err: Exception) -> None:
@@ -129,8 +145,12 @@ def demo(
     ensure_demo_corpus(cfg)
     from flows.pipeline import ecamp_pipeline
 
-    summaries = ecamp_pipeline(
-        config_path=str(DEMO_CONFIG), run_dir=str(run_dir) if run_dir else None, until=until, overrides=set_
+    summaries = _run_flow(
+        ecamp_pipeline,
+        config_path=str(DEMO_CONFIG),
+        run_dir=str(run_dir) if run_dir else None,
+        until=until,
+        overrides=set_,
     )
     _print_summaries(summaries)
 
@@ -148,18 +168,15 @@ def run(
     _check_config(config, set_)
     _check_stages(until, force)
     from flows.pipeline import ecamp_pipeline
-    from tasks.config import ConfigError
 
-    try:
-        summaries = ecamp_pipeline(
-            config_path=str(config),
-            run_dir=str(run_dir) if run_dir else None,
-            until=until,
-            overrides=set_,
-            force=force,
-        )
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        _fail(err)
+    summaries = _run_flow(
+        ecamp_pipeline,
+        config_path=str(config),
+        run_dir=str(run_dir) if run_dir else None,
+        until=until,
+        overrides=set_,
+        force=force,
+    )
     _print_summaries(summaries)
 
 
@@ -175,18 +192,15 @@ def stage(
     _quiet_prefect()
     _check_config(config, set_, stage=name)
     from flows.pipeline import ecamp_stage
-    from tasks.config import ConfigError
 
-    try:
-        summary = ecamp_stage(
-            stage=name,
-            config_path=str(config),
-            run_dir=str(run_dir) if run_dir else None,
-            overrides=set_,
-            force=force,
-        )
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
-        _fail(err)
+    summary = _run_flow(
+        ecamp_stage,
+        stage=name,
+        config_path=str(config),
+        run_dir=str(run_dir) if run_dir else None,
+        overrides=set_,
+        force=force,
+    )
     _print_summaries([summary])
 
 
@@ -212,7 +226,8 @@ def ablate(
         _fail(err)
     from flows.pipeline import ecamp_ablations
 
-    summaries = ecamp_ablations(
+    summaries = _run_flow(
+        ecamp_ablations,
         table=table,
         config_path=str(config),
         run_dir=str(run_dir) if run_dir else None,
