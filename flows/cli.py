@@ -31,7 +31,8 @@ def _quiet_prefect() -> None:
 
 
 def _check_config(config: Path, overrides: list[str] | None, stage: str | None = None):
-    """Validate the config (and stage name) before any flow, server or stage starts."""
+    """Validate the config, the stage name and run.device before any flow, server or stage starts."""
+    from models.devices import DeviceError, resolve_device
     from tasks.config import ConfigError, load_config
     from tasks.registry import get_stage
 
@@ -39,7 +40,8 @@ def _check_config(config: Path, overrides: list[str] | None, stage: str | None =
         cfg = load_config(config, overrides)
         if stage is not None:
             get_stage(stage)
-    except (ConfigError, KeyError) as err:
+        resolve_device(cfg.run.device)
+    except (ConfigError, DeviceError, KeyError) as err:
         _fail(err)
     return cfg
 
@@ -60,13 +62,15 @@ def _check_stages(until: str | None, force: list[str] | None = None) -> None:
 
 def _run_flow(flow: Callable[..., Any], **kwargs: Any) -> Any:
     """Run a flow against PREFECT_API_URL or a temporary server that dies with this command; the failures a
-    user can fix (config, inputs) are one line, not a traceback."""
+    user can fix (config, inputs, device, disk, diverged training) are one line, not a traceback."""
     from flows.local_server import LocalServerError, prefect_api
+    from models.checkpoints import CheckpointWriteError
+    from models.devices import DeviceError
 
     try:
         with prefect_api(say=lambda line: console.print(line, soft_wrap=True)):
             return flow(**kwargs)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, DeviceError, CheckpointWriteError, FloatingPointError) as err:
         _fail(err)
     except LocalServerError as err:  # a RuntimeError: not folded into the tuple above by accident
         _fail(err)

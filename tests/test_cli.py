@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -12,9 +13,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from flows.cli import app
+from models.checkpoints import CheckpointWriteError
+from models.devices import DeviceError
 from tasks.registry import stage_names
 
 from .conftest import REPO_ROOT
@@ -82,6 +86,7 @@ def test_demo_refuses_a_data_root_it_did_not_generate(tmp_path):
 
 
 DEMO = str(REPO_ROOT / "configs" / "demo.yaml")
+NO_CUDA = "error: run.device is 'cuda' but torch sees no CUDA device; use run.device=cpu or auto\n"
 
 
 @pytest.mark.parametrize(
@@ -122,6 +127,38 @@ def test_force_and_until_must_name_stages_that_run(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--run-dir", str(tmp_path / "run"), "--until", "nosuch"])
     assert result.exit_code == 2 and "error: --until nosuch: unknown stage" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["run", "-c", DEMO], ["stage", "extract_reports", "-c", DEMO], ["demo"]])
+def test_cuda_without_cuda_is_one_line_before_anything_starts(tmp_path, monkeypatch, command):
+    """Reliability #14h: checked up front, so no corpus, run directory or Prefect server is made."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = [*command, "--run-dir", str(tmp_path / "run"), "--set", "run.device=cuda"]
+    result = CliRunner().invoke(app, [*argv, "--set", f"data.root={tmp_path / 'corpus'}"])
+    assert (result.exit_code, result.output) == (2, NO_CUDA)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "err",
+    [
+        DeviceError(NO_CUDA.removeprefix("error: ").strip()),
+        FloatingPointError("ECAMP loss is nan at epoch 0, step 2 (non-finite: mim=nan, total=nan)"),
+        CheckpointWriteError(
+            "no space left on device writing checkpoint x/checkpoint.pt (torch: [enforce fail])"
+        ),
+    ],
+)
+def test_errors_a_stage_raises_are_one_line(tmp_path, monkeypatch, err):
+    """A stage can still raise them mid-run (e.g. a GPU gone after the up-front check): `error: ...`, exit 2."""
+
+    def failing_flow(**kwargs):
+        raise err
+
+    monkeypatch.setattr("flows.pipeline.ecamp_stage", failing_flow)
+    monkeypatch.setattr("flows.local_server.prefect_api", lambda say: contextlib.nullcontext())
+    result = CliRunner().invoke(app, ["stage", "extract_reports", "-c", DEMO, "--run-dir", str(tmp_path)])
+    assert (result.exit_code, result.output) == (2, f"error: {err}\n")
 
 
 def process_alive(pid: int) -> bool:

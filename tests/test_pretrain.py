@@ -17,6 +17,7 @@ from data_contracts.gloria import AttentionMap
 from data_contracts.io import read_artifact
 from data_contracts.reports import Image, Report
 from models.checkpoints import CheckpointWriteError, save_atomic
+from models.devices import DeviceError
 from models.ecamp.export import export_encoder, load_timm_encoder
 from models.ecamp.model import ECAMP, ECAMPConfig
 from models.ecamp.pretrain import (
@@ -455,3 +456,14 @@ def test_a_really_full_device_gives_the_same_line(tmp_path):
     ):
         save_atomic({"w": torch.zeros(100_000)}, tmp_path / "checkpoint.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cuda_without_cuda_is_a_device_error_before_any_file(
+    images, reports, tokenizer, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg, mcfg = tiny_train_cfg(), model_cfg(tokenizer)
+    ds = PretrainDataset(records(images, reports), mcfg, cfg)
+    with pytest.raises(DeviceError, match=r"^run.device is 'cuda' but torch sees no CUDA device"):
+        train(mcfg, cfg, ds, collator(tokenizer), tmp_path / "train", device="cuda", progress=False)
+    assert not (tmp_path / "train").exists()

@@ -43,6 +43,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from models.checkpoints import describe_names, non_finite, save_atomic
+from models.devices import resolve_device
 from models.ecamp.model import ECAMP, ECAMPConfig
 from models.images import load_grayscale
 
@@ -427,7 +428,7 @@ class DistInfo:
 
 def init_distributed(device: str) -> DistInfo:
     """One process, or one of WORLD_SIZE processes started by torchrun (NCCL on CUDA, Gloo on CPU)."""
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    use_cuda = resolve_device(device) == "cuda"  # `cuda` without CUDA: DeviceError, one line
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if world > 1 and not dist.is_initialized():
@@ -543,9 +544,9 @@ def train(
     `stop_after` simulates a pre-empted job: it saves a checkpoint and returns with finished=False.
     `data_hash` identifies the training data: a checkpoint made on other data (or config) is not resumed.
     """
+    info = init_distributed(device)  # first: a device this machine lacks is an error before any file is made
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    info = init_distributed(device)
     seed = cfg.seed_value
     random.seed(seed + info.rank)
     np.random.seed((seed + info.rank) % 2**32)
