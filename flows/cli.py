@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from models.resources import CONFIG_DIR
 
@@ -23,12 +25,14 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a conf
 
 def _quiet_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Without PREFECT_API_URL the flows start a temporary local server; give it time on a busy machine.
+    # Without PREFECT_API_URL the CLI starts a temporary local server (flows/local_server.py); give it time
+    # on a busy machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _check_config(config: Path, overrides: list[str] | None, stage: str | None = None):
-    """Validate the config (and stage name) before any flow, server or stage starts."""
+    """Validate the config, the stage name and run.device before any flow, server or stage starts."""
+    from models.devices import DeviceError, resolve_device
     from tasks.config import ConfigError, load_config
     from tasks.registry import get_stage
 
@@ -36,13 +40,47 @@ def _check_config(config: Path, overrides: list[str] | None, stage: str | None =
         cfg = load_config(config, overrides)
         if stage is not None:
             get_stage(stage)
-    except (ConfigError, KeyError) as err:
+        resolve_device(cfg.run.device)
+    except (ConfigError, DeviceError, KeyError) as err:
         _fail(err)
     return cfg
 
 
+def _check_stages(until: str | None, force: list[str] | None = None) -> None:
+    """`--until` and `--force` name stages: a typo must stop the command, not be ignored or fail mid-flow."""
+    from tasks.registry import stage_names
+
+    names = stage_names()
+    for flag, name in [("--until", until), *(("--force", f) for f in force or [])]:
+        if name is not None and name not in names:
+            _fail(ValueError(f"{flag} {name}: unknown stage (stages: {', '.join(names)})"))
+    last = names.index(until) if until else len(names) - 1
+    late = [f for f in force or [] if names.index(f) > last]
+    if late:
+        _fail(ValueError(f"--force {', '.join(late)}: after --until {until}, so it would not run"))
+
+
+def _run_flow(flow: Callable[..., Any], **kwargs: Any) -> Any:
+    """Run a flow against PREFECT_API_URL or a temporary server that dies with this command; the failures a
+    user can fix (config, inputs, device, disk, diverged training) are one line, not a traceback."""
+    from flows.local_server import LocalServerError, prefect_api
+    from models.checkpoints import CheckpointWriteError
+    from models.devices import DeviceError
+
+    try:
+        with prefect_api(say=lambda line: console.print(line, soft_wrap=True)):
+            return flow(**kwargs)
+    except (ValueError, FileNotFoundError, DeviceError, CheckpointWriteError, FloatingPointError) as err:
+        _fail(err)
+    except LocalServerError as err:  # a RuntimeError: not folded into the tuple above by accident
+        _fail(err)
+
+
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}")
+    """`error: <message>` on one line: no markup read into the message (torch's `[enforce fail ...]`), no wrapping
+    at 80 columns when stderr is a file, and a KeyError's message without repr quotes."""
+    message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -107,11 +145,16 @@ def demo(
     """Generate the demo corpus if absent, then run the whole pipeline on configs/demo.yaml."""
     _quiet_prefect()
     cfg = _check_config(DEMO_CONFIG, set_)
+    _check_stages(until)
     ensure_demo_corpus(cfg)
     from flows.pipeline import ecamp_pipeline
 
-    summaries = ecamp_pipeline(
-        config_path=str(DEMO_CONFIG), run_dir=str(run_dir) if run_dir else None, until=until, overrides=set_
+    summaries = _run_flow(
+        ecamp_pipeline,
+        config_path=str(DEMO_CONFIG),
+        run_dir=str(run_dir) if run_dir else None,
+        until=until,
+        overrides=set_,
     )
     _print_summaries(summaries)
 
@@ -127,19 +170,17 @@ def run(
     """Run the full pipeline (finished stages with unchanged inputs are skipped)."""
     _quiet_prefect()
     _check_config(config, set_)
+    _check_stages(until, force)
     from flows.pipeline import ecamp_pipeline
-    from tasks.config import ConfigError
 
-    try:
-        summaries = ecamp_pipeline(
-            config_path=str(config),
-            run_dir=str(run_dir) if run_dir else None,
-            until=until,
-            overrides=set_,
-            force=force,
-        )
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        _fail(err)
+    summaries = _run_flow(
+        ecamp_pipeline,
+        config_path=str(config),
+        run_dir=str(run_dir) if run_dir else None,
+        until=until,
+        overrides=set_,
+        force=force,
+    )
     _print_summaries(summaries)
 
 
@@ -155,18 +196,15 @@ def stage(
     _quiet_prefect()
     _check_config(config, set_, stage=name)
     from flows.pipeline import ecamp_stage
-    from tasks.config import ConfigError
 
-    try:
-        summary = ecamp_stage(
-            stage=name,
-            config_path=str(config),
-            run_dir=str(run_dir) if run_dir else None,
-            overrides=set_,
-            force=force,
-        )
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
-        _fail(err)
+    summary = _run_flow(
+        ecamp_stage,
+        stage=name,
+        config_path=str(config),
+        run_dir=str(run_dir) if run_dir else None,
+        overrides=set_,
+        force=force,
+    )
     _print_summaries([summary])
 
 
@@ -192,7 +230,8 @@ def ablate(
         _fail(err)
     from flows.pipeline import ecamp_ablations
 
-    summaries = ecamp_ablations(
+    summaries = _run_flow(
+        ecamp_ablations,
         table=table,
         config_path=str(config),
         run_dir=str(run_dir) if run_dir else None,

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from tasks.base import StageConfig
 from tasks.registry import stages
+
+MAX_CONFIG_BYTES = 1 << 20  # a pipeline config is a few KiB; more is the wrong file (or /dev/zero)
 
 
 class ConfigError(ValueError):
@@ -30,6 +32,14 @@ class RunConfig(StageConfig):
     num_threads: int | None = Field(
         None, ge=1, description="torch threads on CPU; None keeps torch's default"
     )
+
+    @field_validator("run_dir")
+    @classmethod
+    def _run_dir_named(cls, value: str) -> str:
+        """An empty run_dir would make every stage write into the working directory."""
+        if not value.strip():
+            raise ValueError("is empty; name a run directory (e.g. runs/default, or . on purpose)")
+        return value
 
 
 class DataConfig(StageConfig):
@@ -110,15 +120,33 @@ def _explain(err: ValidationError, source: str) -> ConfigError:
     return ConfigError("\n".join(lines))
 
 
+def read_config_text(path: Path) -> str:
+    """The file's text, reading at most MAX_CONFIG_BYTES + 1 bytes so that a device or a huge file fails fast."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 2**20} MiB, not a pipeline config")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> BaseModel:
     """Load a YAML config (or the defaults when `path` is None) and apply `--set` overrides."""
     source = str(path) if path else "<defaults>"
     raw: dict[str, Any] = {}
     if path:
+        text = read_config_text(Path(path))
         try:
-            raw = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: config file not found") from None
+            raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{source}: not valid YAML ({err})") from None
         if not isinstance(raw, dict):

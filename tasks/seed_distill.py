@@ -29,6 +29,7 @@ from models.distill.prompt import (
 )
 from models.distill.seed import select_seed
 from models.distill.teacher_http import (
+    ApiVersion,
     ChatRequest,
     ChatResult,
     ClientConfig,
@@ -54,7 +55,7 @@ class Config(StageConfig):
     base_url: str = "https://api.openai.com/v1"
     model: str = "gpt-3.5-turbo"
     azure_endpoint: str | None = None
-    azure_api_version: str | None = None
+    azure_api_version: ApiVersion | None = None  # a YAML date (2024-10-21) is taken as its ISO string
     api_key_env: str = Field(
         "OPENAI_API_KEY", description="name of the env var holding the key (never the key)"
     )

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
 from typer.testing import CliRunner
 
 from flows.cli import app
+from models.checkpoints import CheckpointWriteError
+from models.devices import DeviceError
+from tasks.registry import stage_names
+
+from .conftest import REPO_ROOT
 
 
 def test_synth_writes_a_mimic_tree_and_refuses_to_overwrite(tmp_path):
@@ -66,3 +83,179 @@ def test_demo_refuses_a_data_root_it_did_not_generate(tmp_path):
     assert "was not written by the corpus generator" in result.output
     assert (user / "files" / "notes.txt").read_text() == "my annotations"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mimic-cxr"]  # no run dir, no partial corpus
+
+
+DEMO = str(REPO_ROOT / "configs" / "demo.yaml")
+NO_CUDA = "error: run.device is 'cuda' but torch sees no CUDA device; use run.device=cpu or auto\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "-c", "{tmp}"], "error: {tmp}: is a directory, not a config file"),
+        (["run", "-c", "/dev/zero"], "error: /dev/zero: larger than 1 MiB, not a pipeline config"),
+        (
+            ["run", "-c", DEMO, "--set", "run.run_dir="],
+            "error: " + DEMO + ": run.run_dir: Value error, is empty",
+        ),
+    ],
+)
+def test_bad_config_paths_and_an_empty_run_dir_fail_before_any_work(tmp_path, monkeypatch, argv, message):
+    """Reliability #14a-c: a traceback, an OOM kill at 23 GB, and a run written into the working directory."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    result = CliRunner().invoke(app, [a.format(tmp=tmp_path) for a in argv])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(message.format(tmp=tmp_path)) and result.output.count("\n") == 1
+    assert list(work.iterdir()) == []
+
+
+def test_force_and_until_must_name_stages_that_run(tmp_path):
+    """Reliability #14e: `ecamp run --force nosuch` used to run everything and ignore the typo."""
+    base = ["run", "-c", DEMO, "--run-dir", str(tmp_path / "run")]
+    stages = ", ".join(stage_names())
+    result = CliRunner().invoke(app, [*base, "--force", "extract_reports", "--force", "nosuch"])
+    assert result.exit_code == 2
+    assert result.output == f"error: --force nosuch: unknown stage (stages: {stages})\n"
+    result = CliRunner().invoke(app, [*base, "--until", "extract_report"])
+    assert result.output == f"error: --until extract_report: unknown stage (stages: {stages})\n"
+    result = CliRunner().invoke(app, [*base, "--until", "extract_reports", "--force", "pretrain_ecamp"])
+    assert (
+        result.output == "error: --force pretrain_ecamp: after --until extract_reports, so it would not run\n"
+    )
+    result = CliRunner().invoke(app, ["demo", "--run-dir", str(tmp_path / "run"), "--until", "nosuch"])
+    assert result.exit_code == 2 and "error: --until nosuch: unknown stage" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["run", "-c", DEMO], ["stage", "extract_reports", "-c", DEMO], ["demo"]])
+def test_cuda_without_cuda_is_one_line_before_anything_starts(tmp_path, monkeypatch, command):
+    """Reliability #14h: checked up front, so no corpus, run directory or Prefect server is made."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = [*command, "--run-dir", str(tmp_path / "run"), "--set", "run.device=cuda"]
+    result = CliRunner().invoke(app, [*argv, "--set", f"data.root={tmp_path / 'corpus'}"])
+    assert (result.exit_code, result.output) == (2, NO_CUDA)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "err",
+    [
+        DeviceError(NO_CUDA.removeprefix("error: ").strip()),
+        FloatingPointError("ECAMP loss is nan at epoch 0, step 2 (non-finite: mim=nan, total=nan)"),
+        CheckpointWriteError(
+            "no space left on device writing checkpoint x/checkpoint.pt (torch: [enforce fail])"
+        ),
+    ],
+)
+def test_errors_a_stage_raises_are_one_line(tmp_path, monkeypatch, err):
+    """A stage can still raise them mid-run (e.g. a GPU gone after the up-front check): `error: ...`, exit 2."""
+
+    def failing_flow(**kwargs):
+        raise err
+
+    monkeypatch.setattr("flows.pipeline.ecamp_stage", failing_flow)
+    monkeypatch.setattr("flows.local_server.prefect_api", lambda say: contextlib.nullcontext())
+    result = CliRunner().invoke(app, ["stage", "extract_reports", "-c", DEMO, "--run-dir", str(tmp_path)])
+    assert (result.exit_code, result.output) == (2, f"error: {err}\n")
+
+
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie waiting for its new parent to reap it has already stopped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_until(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(0.2)
+
+
+def answers(url: str) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killing_the_cli_stops_its_temporary_prefect_server(tmp_path, sig):
+    """Reliability #14g: the server the flows start without PREFECT_API_URL used to outlive a killed CLI."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    log_path = tmp_path / "cli.log"
+    argv = [
+        "run",
+        "-c",
+        "configs/demo.yaml",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--set",
+        f"data.root={tmp_path}",
+    ]
+    with log_path.open("wb") as log:
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", *argv], cwd=REPO_ROOT, env=env, stdout=log, stderr=log
+        )
+    server: dict[str, str] = {}
+    try:
+
+        def announced() -> bool:
+            found = re.search(r"temporary Prefect server at (\S+) \(pid (\d+)\)", log_path.read_text())
+            assert found or cli.poll() is None, log_path.read_text()  # the CLI must not end first
+            if found:
+                server.update(url=found[1], pid=found[2])
+            return found is not None
+
+        wait_until(announced, 60, "the CLI to start its server")
+        os.kill(cli.pid, signal.SIGSTOP)  # hold the CLI in its startup wait: the kill lands mid-command
+        wait_until(lambda: answers(server["url"] + "/health"), 120, "the server to answer")
+        os.kill(cli.pid, sig)
+        os.kill(cli.pid, signal.SIGCONT)  # a stopped process acts on SIGTERM once continued
+        assert cli.wait(timeout=10) == -sig
+        started = time.monotonic()
+        wait_until(lambda: not process_alive(int(server["pid"])), 10, "the server to stop with the CLI")
+        print(f"server {server['pid']} gone {time.monotonic() - started:.2f} s after the CLI's {sig.name}")
+        assert not answers(server["url"] + "/health")
+    finally:  # whatever happened, leave no process behind
+        if cli.poll() is None:
+            cli.kill()
+        cli.wait(timeout=10)
+        pid = int(server.get("pid", 0))
+        if pid and process_alive(pid) and b"uvicorn" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_server_that_does_not_start_is_one_line(tmp_path, monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setattr(
+        "flows.local_server.server_command", lambda fd: [sys.executable, "-c", "raise SystemExit(3)"]
+    )
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # even after a test started prefect_server
+        result = CliRunner().invoke(app, ["stage", "extract_reports", "-c", DEMO, "--run-dir", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert re.search(
+        r"^error: the temporary Prefect server exited with code 3 before answering http://127.0.0.1:\d+/api/health$",
+        result.output.splitlines()[-1],
+    ), result.output
+    assert "PREFECT_API_URL" not in os.environ and list(tmp_path.iterdir()) == []
+
+
+def test_a_configured_prefect_api_is_used_as_is(monkeypatch):
+    from flows import local_server
+
+    monkeypatch.setattr(local_server, "launch_server", lambda: pytest.fail("started a server"))
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    with local_server.prefect_api():
+        assert os.environ["PREFECT_API_URL"] == "http://127.0.0.1:9/api"

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import shlex
+from datetime import date
+from pathlib import Path
+
 import pytest
 
-from tasks.config import ConfigError, load_config, section_hash
+from models.distill.teacher_http import ClientConfig
+from tasks.config import MAX_CONFIG_BYTES, ConfigError, load_config, section_hash
 from tasks.registry import stage_names
 
 from .conftest import REPO_ROOT
@@ -68,3 +74,72 @@ def test_a_section_given_twice_is_an_error(tmp_path):
     path.write_text("run:\n  seed: 1\ndata:\n  root: x\nrun:\n  seed: 2\n")
     with pytest.raises(ConfigError, match=r"key 'run' given twice \(lines 1 and 5\)"):
         load_config(path)
+
+
+def test_a_directory_is_not_a_config(tmp_path):
+    with pytest.raises(ConfigError, match=r"is a directory, not a config file"):
+        load_config(tmp_path)
+
+
+def test_an_endless_file_is_refused_after_reading_a_bounded_prefix():
+    """`-c /dev/zero` used to read until the process was killed: now at most 1 MiB + 1 byte is read."""
+    with pytest.raises(ConfigError, match=r"^/dev/zero: larger than 1 MiB, not a pipeline config$"):
+        load_config("/dev/zero")
+
+
+def test_an_oversized_or_binary_file_is_refused(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * (MAX_CONFIG_BYTES // 10 + 1))
+    with pytest.raises(ConfigError, match=r"big.yaml: larger than 1 MiB"):
+        load_config(big)
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(b"PK\x03\x04\xff\xfe")
+    with pytest.raises(ConfigError, match=r"model.pt: not UTF-8 text \(byte 4\)"):
+        load_config(binary)
+
+
+def test_an_empty_run_dir_is_an_error_not_the_working_directory():
+    with pytest.raises(ConfigError, match=r"<defaults>: run.run_dir: .*is empty; name a run directory"):
+        load_config(None, ["run.run_dir="])
+    with pytest.raises(ConfigError, match=r"run.run_dir: .*is empty"):
+        load_config(None, ["run.run_dir='  '"])
+    assert load_config(None, ["run.run_dir=."]).run.run_dir == "."  # explicit is fine
+
+
+def documented_commands(doc: Path) -> list[list[str]]:
+    """The `ecamp ...` command lines of a markdown file's bash blocks, continuation lines joined, split by shlex."""
+    blocks = re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    return [shlex.split(line) for line in lines if line.strip().startswith("ecamp ")]
+
+
+def config_and_overrides(argv: list[str]) -> tuple[str, list[str]]:
+    """The `-c` file and the `--set` values of an `ecamp` command line."""
+    config, overrides = "", []
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag in ("-c", "--config"):
+            config = value
+        elif flag == "--set":
+            overrides.append(value)
+    return config, overrides
+
+
+def test_the_documented_distillation_commands_load():
+    """docs/distillation.md's commands are what users paste: each must pass config validation as written.
+
+    The Azure one used to fail: YAML reads `azure_api_version=2024-10-21` as a date, not a string.
+    """
+    commands = documented_commands(REPO_ROOT / "docs" / "distillation.md")
+    azure = [c for c in commands if "seed_distill.provider=azure" in c]
+    assert len(commands) >= 5 and len(azure) == 1, commands
+    for argv in commands:
+        config, overrides = config_and_overrides(argv)
+        assert load_config(REPO_ROOT / config, overrides).seed_distill is not None, argv
+    config, overrides = config_and_overrides(azure[0])
+    assert "seed_distill.azure_api_version=2024-10-21" in overrides  # the docs' exact text, unquoted
+    seed = load_config(REPO_ROOT / config, overrides).seed_distill
+    assert (seed.provider, seed.azure_api_version) == ("azure", "2024-10-21")
+    assert seed.azure_endpoint == "https://my-resource.openai.azure.com"
+    assert seed.external_endpoint_ack == "zero-retention verified"
+    assert seed.client_config().azure_api_version == "2024-10-21"
+    assert ClientConfig(azure_api_version=date(2024, 10, 21)).azure_api_version == "2024-10-21"

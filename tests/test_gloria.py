@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 
 import numpy as np
@@ -10,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from models.checkpoints import CheckpointWriteError
 from models.gloria.attention import (
     argmax_cells,
     best_windows,
@@ -271,6 +273,36 @@ def test_checkpoint_resume_reproduces_an_uninterrupted_run(tokenizer, tmp_path):
     assert np.allclose([r["loss"] for r in resumed], [r["loss"] for r in full], atol=1e-5)
     with pytest.raises(ValueError, match="different training config"):
         train_gloria(Gloria(TINY), data, tokenizer, TrainConfig(epochs=4, batch_size=8, lr=1e-3), ckpt)
+
+
+@pytest.mark.parametrize(
+    "err",
+    [
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+        OSError(errno.ENOSPC, "No space left on device"),
+    ],
+)
+def test_a_full_disk_while_checkpointing_is_one_clear_line(tokenizer, tmp_path, monkeypatch, err):
+    """Reliability #14f: the second epoch's save fails like a full disk; the first epoch's checkpoint stays."""
+    images, texts = synthetic_pairs(16)
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"PK partial")
+        raise err
+
+    monkeypatch.setattr(torch, "save", save)
+    ckpt = tmp_path / "gloria.pt"
+    with pytest.raises(CheckpointWriteError) as raised:
+        train_gloria(
+            Gloria(TINY), ImageTextData(images, texts), tokenizer, TrainConfig(epochs=2, batch_size=8), ckpt
+        )
+    assert str(raised.value).startswith(f"no space left on device writing checkpoint {ckpt}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gloria.pt"]  # no gloria.pt.tmp
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 0
 
 
 def test_affirmed_local_words_train_on_entity_words(tokenizer):

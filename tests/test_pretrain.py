@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +16,9 @@ from PIL import Image as PILImage
 from data_contracts.gloria import AttentionMap
 from data_contracts.io import read_artifact
 from data_contracts.reports import Image, Report
-from models.ecamp.export import load_timm_encoder
+from models.checkpoints import CheckpointWriteError, save_atomic
+from models.devices import DeviceError
+from models.ecamp.export import export_encoder, load_timm_encoder
 from models.ecamp.model import ECAMP, ECAMPConfig
 from models.ecamp.pretrain import (
     PretrainConfig,
@@ -29,6 +33,7 @@ from models.ecamp.pretrain import (
     main,
     make_schedule,
     param_groups,
+    save_checkpoint,
     train,
 )
 from models.images import load_grayscale
@@ -349,3 +354,116 @@ def test_ablation_rows_are_valid_overrides():
         pretrain_ecamp.ablation_rows("7", ["nope"])
     with pytest.raises(KeyError, match="unknown ablation table '10'"):
         pretrain_ecamp.ablation_rows("10")
+
+
+# ---- failures: non-finite losses and weights, a full disk -----------------------------------------------------
+def tiny_train_cfg(**changes) -> PretrainConfig:
+    base = dict(epochs=2, batch_size=4, accum_iter=1, warmup_epochs=0, lr=1e-3, num_workers=0, seed=0)
+    return PretrainConfig(**{**base, **changes})
+
+
+def test_an_infinite_lr_stops_at_the_first_non_finite_loss(images, reports, tokenizer, tmp_path):
+    """Reliability #13: lr=inf used to train on and export an all-NaN encoder."""
+    cfg, mcfg = tiny_train_cfg(lr=math.inf), model_cfg(tokenizer)
+    ds = PretrainDataset(records(images, reports), mcfg, cfg)
+    with pytest.raises(FloatingPointError) as err:
+        train(mcfg, cfg, ds, collator(tokenizer), tmp_path / "train", progress=False)
+    assert str(err.value).startswith("ECAMP loss is nan at epoch 0, step 2 (non-finite: mim=nan, ")
+    assert "total=nan); lower the learning rate" in str(err.value)
+    assert list((tmp_path / "train").iterdir()) == []  # no checkpoint of the broken weights
+
+
+def test_the_stage_exports_no_encoder_when_the_loss_goes_non_finite(tmp_path, images, reports):
+    write_upstream(tmp_path, images, reports, with_attention=False)
+    config = load_config(None, [
+        *(f"pretrain_ecamp.model.{k}={v}" for k, v in MODEL.items()), "pretrain_ecamp.model.vocab_size=400",
+        "pretrain_ecamp.text.max_len=48", "pretrain_ecamp.tokenizer_min_frequency=1",
+        "pretrain_ecamp.train.epochs=2", "pretrain_ecamp.train.batch_size=4", "pretrain_ecamp.train.accum_iter=1",
+        "pretrain_ecamp.train.num_workers=0", "pretrain_ecamp.train.lr=.inf", "run.device=cpu",
+    ])  # fmt: skip
+    ctx = make_test_context(tmp_path, config, stage="pretrain_ecamp")
+    with pytest.raises(FloatingPointError, match=r"^ECAMP loss is nan at epoch 0, step \d+ \(non-finite: "):
+        run_direct(ctx, config.pretrain_ecamp)
+    left = sorted(p.name for p in tmp_path.rglob("*"))  # the stage folder and its attempt folders
+    assert not {"encoder.safetensors", "encoder.tmp", "MODEL_CARD.md", "checkpoint.pt"} & set(left), left
+
+
+def test_export_refuses_non_finite_weights(tmp_path):
+    model = ECAMP(ECAMPConfig(**{**MODEL, "vocab_size": 50}))
+    with torch.no_grad():
+        model.encoder.blocks[0].attn.qkv.weight[0, 0] = float("nan")
+        model.encoder.norm.bias.fill_(float("inf"))
+    with pytest.raises(FloatingPointError) as err:
+        export_encoder(model, tmp_path / "encoder.safetensors")
+    assert str(err.value) == (
+        f"refusing to export {tmp_path / 'encoder.safetensors'}: non-finite encoder weights in "
+        f"blocks.0.attn.qkv.weight, norm.bias (2 of {len(model.encoder.state_dict())} tensors)"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+TORCH_DISK_FULL = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+
+def failing_save(err: BaseException):
+    """torch.save that writes a few bytes, then fails the way a full disk makes it fail."""
+
+    def save(obj, f, *args, **kwargs) -> None:
+        f.write(b"PK\x03\x04 partial")
+        raise err
+
+    return save
+
+
+@pytest.mark.parametrize("err", [TORCH_DISK_FULL, OSError(errno.ENOSPC, "No space left on device")])
+def test_a_full_disk_while_checkpointing_is_one_clear_line(
+    images, reports, tokenizer, tmp_path, monkeypatch, err
+):
+    """Reliability #14f: torch's `enforce fail at inline_container.cc` and a leftover .tmp file, before."""
+    cfg, mcfg = tiny_train_cfg(epochs=1), model_cfg(tokenizer)
+    ds = PretrainDataset(records(images, reports), mcfg, cfg)
+    out = tmp_path / "train"
+    train(mcfg, cfg, ds, collator(tokenizer), out, progress=False, stop_after=1)
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    monkeypatch.setattr(torch, "save", failing_save(err))
+    with pytest.raises(CheckpointWriteError) as raised:
+        train(mcfg, cfg, ds, collator(tokenizer), out, progress=False, stop_after=2)
+    assert str(raised.value).startswith(f"no space left on device writing checkpoint {out / 'checkpoint.pt'}")
+    assert "the partial file was removed" in str(raised.value) and "\n" not in str(raised.value)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]  # no checkpoint.pt.tmp
+    monkeypatch.undo()
+    kept = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert kept["state"]["step"] == saved["state"]["step"] == 1  # the previous checkpoint, intact
+
+
+def test_a_checkpoint_of_non_finite_weights_is_refused(tmp_path):
+    model = ECAMP(ECAMPConfig(**{**MODEL, "vocab_size": 50}))
+    with torch.no_grad():
+        model.decoder.mask_token.fill_(float("nan"))
+    with pytest.raises(
+        FloatingPointError, match=r"refusing to save checkpoint .*: non-finite weights in decoder"
+    ):
+        save_checkpoint(tmp_path / "checkpoint.pt", {"model": model.state_dict()})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux /dev/full")
+def test_a_really_full_device_gives_the_same_line(tmp_path):
+    """No monkeypatch: the temp file is a link to /dev/full, whose every write fails with ENOSPC."""
+    (tmp_path / "checkpoint.pt.tmp").symlink_to("/dev/full")
+    with pytest.raises(
+        CheckpointWriteError, match=r"^no space left on device writing checkpoint .*checkpoint\.pt;"
+    ):
+        save_atomic({"w": torch.zeros(100_000)}, tmp_path / "checkpoint.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cuda_without_cuda_is_a_device_error_before_any_file(
+    images, reports, tokenizer, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg, mcfg = tiny_train_cfg(), model_cfg(tokenizer)
+    ds = PretrainDataset(records(images, reports), mcfg, cfg)
+    with pytest.raises(DeviceError, match=r"^run.device is 'cuda' but torch sees no CUDA device"):
+        train(mcfg, cfg, ds, collator(tokenizer), tmp_path / "train", device="cuda", progress=False)
+    assert not (tmp_path / "train").exists()

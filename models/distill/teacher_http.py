@@ -20,18 +20,26 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from email.utils import parsedate_to_datetime
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import openai
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from models.distill.cache import CachedResponse, ResponseCache
 from models.distill.governance import ApiKey, check_endpoint, redact, resolve_api_key
 from models.distill.prompt import estimate_prompt_tokens, estimate_tokens, prompt_hash
+
+
+def iso_date(value: Any) -> Any:
+    """YAML reads an unquoted `2024-10-21` as a date; an API version is that date's ISO string."""
+    return value.isoformat() if isinstance(value, date) else value
+
+
+ApiVersion = Annotated[str, BeforeValidator(iso_date)]
 
 
 class ClientConfig(BaseModel):
@@ -43,7 +51,7 @@ class ClientConfig(BaseModel):
     base_url: str = "https://api.openai.com/v1"
     model: str = "gpt-3.5-turbo"  # for Azure: the deployment name
     azure_endpoint: str | None = None  # e.g. https://my-resource.openai.azure.com
-    azure_api_version: str | None = None  # e.g. 2024-10-21
+    azure_api_version: ApiVersion | None = None  # e.g. 2024-10-21 (a YAML date is accepted)
     api_key_env: str = "OPENAI_API_KEY"
     send_key_to_local: bool = False  # a local server gets a placeholder key unless this says otherwise
     external_endpoint_ack: str | None = None

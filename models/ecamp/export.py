@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
+from models.checkpoints import describe_names, non_finite
 from models.ecamp.model import ECAMP, ECAMPConfig
 
 FORMAT = "ecamp-vit-encoder/1"
@@ -39,10 +40,19 @@ def timm_kwargs(cfg: ECAMPConfig) -> dict[str, Any]:
 
 
 def export_encoder(model: ECAMP, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write the encoder weights to `path` (.safetensors) with the timm arguments and `extra` in the header."""
+    """Write the encoder weights to `path` (.safetensors) with the timm arguments and `extra` in the header.
+
+    Non-finite weights are refused: a NaN encoder loads fine downstream and only fails there, far from the cause.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
+    broken = non_finite(state)
+    if broken:
+        raise FloatingPointError(
+            f"refusing to export {path}: non-finite encoder weights in {describe_names(broken)} "
+            f"({len(broken)} of {len(state)} tensors)"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "format": FORMAT,
         "timm_kwargs": json.dumps(timm_kwargs(model.cfg)),
@@ -50,8 +60,12 @@ def export_encoder(model: ECAMP, path: str | Path, extra: dict[str, Any] | None 
         **{k: json.dumps(v) for k, v in (extra or {}).items()},
     }
     tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave a partial file next to the export
+        raise
     return path
 
 

@@ -42,6 +42,8 @@ from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
+from models.checkpoints import describe_names, non_finite, save_atomic
+from models.devices import resolve_device
 from models.ecamp.model import ECAMP, ECAMPConfig
 from models.images import load_grayscale
 
@@ -426,7 +428,7 @@ class DistInfo:
 
 def init_distributed(device: str) -> DistInfo:
     """One process, or one of WORLD_SIZE processes started by torchrun (NCCL on CUDA, Gloo on CPU)."""
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    use_cuda = resolve_device(device) == "cuda"  # `cuda` without CUDA: DeviceError, one line
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if world > 1 and not dist.is_initialized():
@@ -478,10 +480,29 @@ def fingerprint(model_cfg: ECAMPConfig, cfg: PretrainConfig, data_hash: str) -> 
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic: a crash while writing leaves the previous checkpoint intact."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    """Atomic: a crash while writing leaves the previous checkpoint intact; so does a model gone non-finite
+    (resuming it would only repeat the failure)."""
+    broken = non_finite(payload["model"])
+    if broken:
+        raise FloatingPointError(
+            f"refusing to save checkpoint {path}: non-finite weights in {describe_names(broken)}"
+        )
+    save_atomic(payload, path)
+
+
+def check_finite_step(losses: dict[str, float], grad_norm: float, epoch: int, step: int) -> None:
+    """Stop before an optimiser step that would write NaN/inf into the weights (GLoRIA's trainer does the same)."""
+    bad = [f"{k}={v}" for k, v in losses.items() if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(
+            f"ECAMP loss is {losses['total']} at epoch {epoch}, step {step} (non-finite: {', '.join(bad)}); "
+            "lower the learning rate or check the inputs"
+        )
+    if not math.isfinite(grad_norm):
+        raise FloatingPointError(
+            f"ECAMP gradient norm is {grad_norm} at epoch {epoch}, step {step} (losses finite); "
+            "lower the learning rate or check the inputs"
+        )
 
 
 @dataclass
@@ -523,9 +544,9 @@ def train(
     `stop_after` simulates a pre-empted job: it saves a checkpoint and returns with finished=False.
     `data_hash` identifies the training data: a checkpoint made on other data (or config) is not resumed.
     """
+    info = init_distributed(device)  # first: a device this machine lacks is an error before any file is made
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    info = init_distributed(device)
     seed = cfg.seed_value
     random.seed(seed + info.rank)
     np.random.seed((seed + info.rank) % 2**32)
@@ -623,12 +644,15 @@ def train(
             if not last_micro:
                 continue
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float("inf"))
+            means = mean_over_ranks(sums / cfg.accum_iter, info).tolist()
+            check_finite_step(
+                dict(zip(LOSSES, means, strict=True)), float(grad_norm), state.epoch, state.step + 1
+            )
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             state.step += 1
-            means = mean_over_ranks(sums / cfg.accum_iter, info).tolist()
             elapsed = time.perf_counter() - t0
             state.metrics.append(
                 {

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
+from models.checkpoints import save_atomic
 from models.gloria.attention import entity_positions, to_grid
 from models.gloria.model import Gloria, TextBatch, encode_texts
 
@@ -123,10 +123,9 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic write (temp file + rename) so an interrupted save never leaves a broken checkpoint."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Atomic write (temp file + rename) so an interrupted save never leaves a broken checkpoint; a full disk
+    is a one-line `CheckpointWriteError` and no temp file is left behind."""
+    save_atomic(state, path)
 
 
 def train_gloria(

@@ -1,0 +1,147 @@
+"""A temporary Prefect server that dies with the command that started it.
+
+Without PREFECT_API_URL, Prefect starts a temporary server subprocess on first use and stops it at interpreter
+exit (`prefect.server.api.server.SubprocessASGIServer`). A CLI killed by SIGKILL, or by SIGTERM (which skips
+atexit), leaves that server running, and Prefect has no setting to prevent it. So the CLI starts the same
+server itself (Prefect's app in ephemeral mode, UI off) and asks Linux to SIGTERM it when the CLI dies
+(PR_SET_PDEATHSIG); a command that ends normally stops it on the way out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+STARTUP_TIMEOUT_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+# what SubprocessASGIServer sets: no UI, the ephemeral server's services only
+SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+
+
+class LocalServerError(RuntimeError):
+    """The temporary Prefect server did not come up."""
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn making the kernel SIGTERM the child when this process dies (Linux; None elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: the child only calls it
+    parent = os.getpid()
+
+    def set_parent_death_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGTERM))
+        if os.getppid() != parent:  # the parent died before prctl took effect: nobody will signal us
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_parent_death_signal
+
+
+def server_command(fd: int) -> list[str]:
+    """Prefect's own temporary-server command, serving on a socket bound by the caller (no race for the port)."""
+    return [
+        sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--fd", str(fd),
+        "--log-level", "error", "--lifespan", "on", "--timeout-graceful-shutdown", "5",
+    ]  # fmt: skip
+
+
+def launch_server() -> tuple[subprocess.Popen, str]:
+    """Start the server on a free 127.0.0.1 port; returns the process and its API URL (not yet answering)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        proc = subprocess.Popen(
+            server_command(sock.fileno()),
+            pass_fds=[sock.fileno()],
+            env={**os.environ, **SERVER_ENV},
+            stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent(),  # only prctl (and getppid) run between fork and exec
+        )
+        return proc, f"http://127.0.0.1:{sock.getsockname()[1]}/api"
+
+
+def startup_timeout() -> float:
+    """Prefect's own startup timeout setting (the CLI gives it 120 s unless the environment says otherwise)."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    return float(
+        os.environ.get(STARTUP_TIMEOUT_SETTING) or PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    )
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 never goes via a proxy
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise LocalServerError(
+                f"the temporary Prefect server exited with code {proc.returncode} before answering {url}/health"
+            )
+        try:
+            with opener.open(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise LocalServerError(
+        f"the temporary Prefect server did not answer {url}/health within {timeout_s:g} s "
+        f"({STARTUP_TIMEOUT_SETTING}); or set PREFECT_API_URL to a running server"
+    )
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def drain_prefect_workers() -> None:
+    """Send the logs and events still queued while the server is up (as prefect_test_harness does)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    try:
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
+    except Exception as err:  # undelivered logs must not replace the command's own result or error
+        print(f"warning: Prefect logs/events not delivered: {err}", file=sys.stderr)
+
+
+@contextmanager
+def prefect_api(say: Callable[[str], None] = print) -> Iterator[None]:
+    """Flows in this block use PREFECT_API_URL when set; else a temporary server living exactly as long as the
+    block, or as this process, whichever ends first."""
+    from prefect.context import refresh_global_settings_context
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value():
+        yield
+        return
+    proc, url = launch_server()
+    say(f"temporary Prefect server at {url} (pid {proc.pid}); it stops with this command")
+    try:
+        wait_healthy(proc, url, startup_timeout())
+        os.environ["PREFECT_API_URL"] = url
+        refresh_global_settings_context()  # threads started without a copied context read the global one
+        with temporary_settings({PREFECT_API_URL: url}):
+            try:
+                yield
+            finally:
+                drain_prefect_workers()
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        refresh_global_settings_context()
+        stop_server(proc)
