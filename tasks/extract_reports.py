@@ -585,7 +585,7 @@ def data_files(config: Any) -> list[Path]:
 
 STAGE = Stage(
     name="extract_reports",
-    version="1",
+    version="2",  # 2: size/aspect/truncation image checks, report length cap, path rejects
     config=Config,
     run=run,
     summary="MIMIC-CXR reports + MIMIC-CXR-JPG tree and CSVs, or a manifest → one row per study and image",
