@@ -120,7 +120,7 @@ def run(ctx: StageContext, cfg: Config) -> None:
     }
     path = export_encoder(model, ctx.path(ENCODER), extra={"facts": facts})
     write_model_card(ctx.path(MODEL_CARD), model_cfg, facts, metrics)
-    ctx.log.info("encoder -> %s", path)
+    ctx.log.info("encoder -> %s (on success)", ctx.stage_dir / ENCODER)
 
 
 def text_inputs(ctx: StageContext, cfg: Config) -> tuple[TextMaskingConfig, Any]:
