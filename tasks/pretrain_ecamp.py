@@ -118,7 +118,7 @@ def run(ctx: StageContext, cfg: Config) -> None:
         "effective batch": train_cfg.batch_size * train_cfg.accum_iter * cfg.nproc,
         "seed": seed,
     }
-    path = export_encoder(model, ctx.path(ENCODER), extra={"facts": facts})
+    export_encoder(model, ctx.path(ENCODER), extra={"facts": facts})
     write_model_card(ctx.path(MODEL_CARD), model_cfg, facts, metrics)
     ctx.log.info("encoder -> %s (on success)", ctx.stage_dir / ENCODER)
 
