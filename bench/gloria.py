@@ -60,7 +60,7 @@ def bench_demo(epochs: int) -> dict:
     model = Gloria(GloriaConfig(vocab_size=tokenizer.get_vocab_size(), **DEMO_MODEL))
     images = np.random.default_rng(0).integers(0, 256, size=(200, 64, 64), dtype=np.uint8)
     train = ImageTextData(images[:160], texts[:160])
-    cfg = TrainConfig(epochs=epochs, batch_size=16, lr=2e-3, max_tokens=48, local_words="affirmed")
+    cfg = TrainConfig(epochs=epochs, batch_size=16, lr=2e-3, local_words="affirmed")
     entities = [DEMO_POSITIVES] * len(train.texts)
     rows, cpu, wall = timed(lambda: train_gloria(model, train, tokenizer, cfg, entities=entities))
     n_train = len(rows) * 16

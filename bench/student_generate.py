@@ -68,13 +68,17 @@ def main() -> None:
     prompts = real_prompts(args.reports)
     dims = TinyDims(vocab_size=2000, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     with tempfile.TemporaryDirectory() as tmp:
-        base = build_tiny_base(prompts, dims, Path(tmp), seed=0)
+        base = build_tiny_base(prompts, dims, Path(tmp), seed=0, max_positions=1024)
         model, tok = load_base(base)
     student = attach_lora(model, LoraSettings(r=16, alpha=32, dropout=0.0), seed=0).eval()
     results = {}
     for batch in (args.batch, 1):
         backend = TransformersBackend(
-            student, tok, GenerationSettings(batch, args.max_new_tokens, args.max_prompt)
+            student,
+            tok,
+            GenerationSettings(
+                batch_size=batch, max_new_tokens=args.max_new_tokens, max_prompt=args.max_prompt
+            ),
         )
         time_generate(backend, prompts[: min(4, len(prompts))])  # warm-up
         seconds, out = time_generate(backend, prompts)

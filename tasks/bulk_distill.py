@@ -313,7 +313,11 @@ def student_backend(ctx: StageContext, cfg: Config, model_row: dict, stack: Exit
     base = ctx.read_path(tiny) if ctx.has(tiny) else Path(model_row["base_model"])
     if cfg.backend == "transformers":
         model, tokenizer = load_student(base, adapter_dir, resolve_device(ctx.config.run.device))
-        settings = GenerationSettings(cfg.gen_batch, model_row["max_new_tokens"], model_row["max_prompt"])
+        settings = GenerationSettings(
+            batch_size=cfg.gen_batch,
+            max_new_tokens=model_row["max_new_tokens"],
+            max_prompt=model_row["max_prompt"],
+        )
         return TransformersBackend(model, tokenizer, settings)
     base_url, send_key = cfg.base_url, cfg.send_key_to_local
     if cfg.start_server:

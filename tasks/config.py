@@ -55,6 +55,48 @@ class DataConfig(StageConfig):
     max_studies: int | None = Field(None, ge=1, description="keep only the first N studies (quick trials)")
 
 
+# Settings two stages each declare that must hold the same value: (key, key, why). Both keys are read only when
+# both sections exist; a mismatch is a ConfigError naming both, because either stage alone would run "fine".
+AGREEMENTS: tuple[tuple[str, str, str], ...] = (
+    (
+        "train_gloria.grid",
+        "pretrain_ecamp.model.grid_size",
+        "GLoRIA's SR windows are placed on the ViT patch grid (model.img_size / model.patch_size)",
+    ),
+    (
+        "train_gloria.window_k",
+        "pretrain_ecamp.model.sr_window",
+        "the SR window found by GLoRIA and the centre fallback of pre-training have one size",
+    ),
+    (
+        "match_entities.matcher.beta",
+        "pretrain_ecamp.text.beta",
+        "the descriptor words the MLM re-weights are those match_entities found before each entity",
+    ),
+)
+
+
+def _lookup(config: BaseModel, key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def check_agreements(config: BaseModel, source: str) -> None:
+    """Refuse a config whose cross-stage settings (AGREEMENTS) disagree, naming both keys and values."""
+    problems = []
+    for left, right, why in AGREEMENTS:
+        sections = {left.split(".")[0], right.split(".")[0]}
+        if not all(hasattr(config, s) for s in sections):
+            continue
+        a, b = _lookup(config, left), _lookup(config, right)
+        if a != b:
+            problems.append(f"{source}: {left} = {a!r} but {right} = {b!r}: they must agree ({why})")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
 @cache
 def pipeline_config_model() -> type[BaseModel]:
     """The PipelineConfig model: run, data, synth and one section per registered stage."""
@@ -153,16 +195,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{source}: top level must be a mapping of sections")
     raw = apply_overrides(raw, list(overrides or []))
     try:
-        return pipeline_config_model().model_validate(raw)
+        config = pipeline_config_model().model_validate(raw)
     except ValidationError as err:
         raise _explain(err, source) from None
+    check_agreements(config, source)
+    return config
 
 
 def config_from_dict(data: dict[str, Any]) -> BaseModel:
     try:
-        return pipeline_config_model().model_validate(data)
+        config = pipeline_config_model().model_validate(data)
     except ValidationError as err:
         raise _explain(err, "<dict>") from None
+    check_agreements(config, "<dict>")
+    return config
 
 
 def stable_hash(value: Any) -> str:

@@ -49,21 +49,9 @@ class Config(StageConfig):
     base_model: str = Field(
         "models/vicuna-7b-v1.5", description='local HF directory of the base LM, or "tiny" to build one here'
     )
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
-    lr: float = Field(2e-4, gt=0)
-    epochs: float = Field(3.0, gt=0)
-    batch: int = Field(4, ge=1)
-    grad_accum: int = Field(8, ge=1)
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    max_len: int = Field(2048, ge=16, description="tokens of prompt + answer; longer examples are skipped")
-    max_prompt: int = Field(2048, ge=8, description="prompts are cut from the left to this many tokens")
-    max_new_tokens: int = Field(256, ge=1)
-    gen_batch: int = Field(16, ge=1)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
     decoding: Literal["greedy", "entity_complete"] = Field(
         "greedy",
         description="entity_complete: after greedy decoding, drop repeats and add each missing requested "
@@ -81,49 +69,15 @@ class Config(StageConfig):
     held_out: float = Field(
         0.05, gt=0, lt=1, description="share of seed reports kept out of training for eval"
     )
-    # Size of the tiny Llama (only used when base_model == "tiny").
-    tiny_vocab_size: int = Field(2000, ge=300)
-    tiny_hidden: int = Field(64, ge=8)
-    tiny_intermediate: int = Field(128, ge=8)
-    tiny_layers: int = Field(2, ge=1)
-    tiny_heads: int = Field(4, ge=1)
-    tiny_embedding_std: float = Field(0.5, gt=0)
-    tiny_init_std: float = Field(0.02, gt=0, description="std of the random linear layers (HF default 0.02)")
-    tiny_warmup_epochs: float = Field(
-        0.0, ge=0, description="causal-LM epochs of the tiny base on training report texts (0: none)"
+    tiny: TinyDims = Field(default_factory=TinyDims, description='the base built when base_model is "tiny"')
+    tiny_warmup: WarmupSettings = Field(
+        default_factory=WarmupSettings,
+        description="causal-LM warm-up of the tiny base on training report texts",
     )
-    tiny_warmup_lr: float = Field(3e-3, gt=0)
 
-    def lora(self) -> LoraSettings:
-        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.target_modules))
-
-    def train(self, seed: int) -> TrainSettings:
-        return TrainSettings(
-            lr=self.lr,
-            epochs=self.epochs,
-            batch_size=self.batch,
-            grad_accum=self.grad_accum,
-            max_len=self.max_len,
-            warmup_ratio=self.warmup_ratio,
-            seed=seed,
-        )
-
-    def warmup(self, seed: int) -> WarmupSettings:
-        return WarmupSettings(
-            epochs=self.tiny_warmup_epochs, lr=self.tiny_warmup_lr, max_len=self.max_prompt, seed=seed
-        )
-
-    def tiny(self) -> TinyDims:
-        return TinyDims(
-            vocab_size=self.tiny_vocab_size,
-            hidden_size=self.tiny_hidden,
-            intermediate_size=self.tiny_intermediate,
-            num_hidden_layers=self.tiny_layers,
-            num_attention_heads=self.tiny_heads,
-            max_position_embeddings=max(self.max_len, self.max_prompt + self.max_new_tokens),
-            embedding_std=self.tiny_embedding_std,
-            initializer_range=self.tiny_init_std,
-        )
+    def max_positions(self) -> int:
+        """Positions the tiny base needs: a whole training example, or a cut prompt plus its answer."""
+        return max(self.train.max_len, self.generation.max_prompt + self.generation.max_new_tokens)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -275,9 +229,11 @@ def run(ctx: StageContext, cfg: Config) -> None:
 
     if cfg.base_model == "tiny":
         texts = [train_rows[0]["prompt"]] + [r["report"] for r in rows] + [r["answer"] for r in train_rows]
-        base_path = build_tiny_base(texts, cfg.tiny(), ctx.path(TINY_BASE_DIR), seed)
-        if cfg.tiny_warmup_epochs > 0:  # stands in for Vicuna's language pre-training; report texts only
-            warm = warm_up_base(base_path, [r["report"] for r in train_rows], cfg.warmup(seed))
+        base_path = build_tiny_base(texts, cfg.tiny, ctx.path(TINY_BASE_DIR), seed, cfg.max_positions())
+        if cfg.tiny_warmup.epochs > 0:  # stands in for Vicuna's language pre-training; report texts only
+            warm = warm_up_base(
+                base_path, [r["report"] for r in train_rows], cfg.tiny_warmup, cfg.generation.max_prompt, seed
+            )
             ctx.log.info(
                 "warmed up the tiny base on %d training reports in %.1f s: LM loss %.3f",
                 len(train_rows), warm.seconds, warm.curve[-1].loss,
@@ -294,7 +250,12 @@ def run(ctx: StageContext, cfg: Config) -> None:
         try:
             examples.append(
                 encode_example(
-                    tokenizer, r["study_id"], r["prompt"], r["answer"], cfg.max_len, cfg.max_prompt
+                    tokenizer,
+                    r["study_id"],
+                    r["prompt"],
+                    r["answer"],
+                    cfg.train.max_len,
+                    cfg.generation.max_prompt,
                 )
             )
         except ValueError as err:
@@ -303,19 +264,20 @@ def run(ctx: StageContext, cfg: Config) -> None:
         ctx.log.warning(
             "%d training examples skipped (too long for max_len=%d), e.g. %s",
             len(skipped),
-            cfg.max_len,
+            cfg.train.max_len,
             skipped[0],
         )
-    student = attach_lora(model, cfg.lora(), seed)
+    student = attach_lora(model, cfg.lora, seed)
     result = train_student(
         student,
         examples,
-        cfg.train(seed),
+        cfg.train,
         tokenizer.pad_token_id,
         device,
         progress=lambda p: ctx.log.info(
             "step %d epoch %.2f loss %.4f lr %.2e", p.step, p.epoch, p.loss, p.lr
         ),
+        seed=seed,
     )
     ctx.log.info(
         "trained %d/%d params on %d examples in %.1f s: loss %.3f -> %.3f",
@@ -324,9 +286,7 @@ def run(ctx: StageContext, cfg: Config) -> None:
     )  # fmt: skip
     adapter_dir = save_adapter(student, tokenizer, ctx.path(ADAPTER_DIR))
 
-    backend = TransformersBackend(
-        student, tokenizer, GenerationSettings(cfg.gen_batch, cfg.max_new_tokens, cfg.max_prompt)
-    )
+    backend = TransformersBackend(student, tokenizer, cfg.generation)
     prompts, requested = [r["prompt"] for r in held_rows], [r["entities"] for r in held_rows]
     teacher = [r["answer"] for r in held_rows]
     t0 = time.perf_counter()
@@ -367,10 +327,10 @@ def run(ctx: StageContext, cfg: Config) -> None:
                 if cfg.base_model == "tiny"
                 else str(base_path),
                 "adapter_sha256": sha256_file(adapter_dir / "adapter_model.safetensors"),
-                "lora_r": cfg.lora_r,
-                "lora_alpha": cfg.lora_alpha,
-                "max_prompt": cfg.max_prompt,
-                "max_new_tokens": cfg.max_new_tokens,
+                "lora_r": cfg.lora.r,
+                "lora_alpha": cfg.lora.alpha,
+                "max_prompt": cfg.generation.max_prompt,
+                "max_new_tokens": cfg.generation.max_new_tokens,
                 "decoding": cfg.decoding,
                 "reprompt_rounds": cfg.reprompt_rounds,
                 "n_train": len(examples),

@@ -33,11 +33,7 @@ class Config(StageConfig):
         "configs/entities/table1.txt",
         description="entity list file; relative paths resolve against the repo root",
     )
-    beta: int = Field(2, ge=0, description="descriptor words before each entity (paper: 2)")
-    post_window: int = Field(
-        6, ge=0, description="most words between an entity and a cue after it (resolved, ...)"
-    )
-    batch_size: int = Field(20_000, ge=1, description="reports scanned as one string (memory bound)")
+    matcher: MatcherConfig = Field(default_factory=MatcherConfig)
     plot_top_n: int = Field(20, ge=1, description="bars in the Fig. 2 plots; the rest is merged as 'others'")
     derived_top_k: int = Field(20, ge=1, description="Table 8 'Top-20' list written from this corpus")
     derived_top_percent: float = Field(10.0, gt=0, le=100, description="Table 8 'Top-10%' list")
@@ -124,9 +120,7 @@ def write_derived_lists(ctx: StageContext, cfg: Config, entities: pa.Table, sour
 def run(ctx: StageContext, cfg: Config) -> None:
     lexicon = load_entity_list(resolve_entity_list(cfg.entity_list))
     ctx.write("lexicon", lexicon_rows(lexicon))
-    matcher = EntityMatcher(
-        lexicon, MatcherConfig(beta=cfg.beta, post_window=cfg.post_window, batch_size=cfg.batch_size)
-    )
+    matcher = EntityMatcher(lexicon, cfg.matcher)
     reports = ctx.read("extract_reports/reports", Report)
     study_ids = reports.column("study_id").to_pylist()
     mentions = matcher.match(study_ids, reports.column("text").to_pylist())

@@ -17,7 +17,6 @@ import re
 import shutil
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,42 +77,8 @@ class Config(StageConfig):
         "distilled", description="auto = distilled if bulk_distill ran, else original with a WARNING"
     )
     train_splits: list[str] = Field(default_factory=lambda: ["train"], description="splits GLoRIA trains on")
-    encoder: Literal["resnet50", "small"] = "resnet50"
-    image_size: int = Field(299, ge=32)
-    image_checkpoint: str | None = Field(
-        None, description="timm-loadable ResNet-50 weights; None = random init"
-    )
-    small_width: int = Field(32, ge=4)
-    embed_dim: int = Field(768, ge=8)
-    vocab_size: int = Field(30000, ge=16)
-    text_hidden: int = Field(768, ge=8)
-    text_layers: int = Field(12, ge=1)
-    text_heads: int = Field(12, ge=1)
-    text_intermediate: int = Field(3072, ge=8)
-    max_tokens: int = Field(97, ge=4)
-    last_n_layers: int = Field(4, ge=1, description="BERT layers summed into word features (official 4)")
-    temp1: float = 4.0
-    temp2: float = 5.0
-    temp3: float = 10.0
-    softmax: Literal["double", "single"] = Field(
-        "double", description="double = official code; single = paper"
-    )
-    scores: Literal["dot", "cosine"] = Field(
-        "dot",
-        description="word·region attention scores: dot = official code; cosine = L2-normalised features",
-    )
-    lr: float = Field(5e-5, gt=0)
-    weight_decay: float = Field(1e-6, ge=0)
-    epochs: int = Field(50, ge=0)
-    batch_size: int = Field(48, ge=2)
-    warmup_epochs: float = Field(1.0, ge=0)
-    grad_clip: float = Field(0.25, gt=0)
-    local_words: Literal["all", "affirmed"] = Field(
-        "all",
-        description="words in the local loss: all (paper) or only those naming an affirmed finding "
-        "(match_entities polarity), among the pairs that have one",
-    )
-    num_workers: int = Field(4, ge=0)
+    model: GloriaConfig = Field(default_factory=GloriaConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     decode_workers: int = Field(8, ge=1, description="threads decoding images into the square array")
     grid: int = Field(14, ge=1, description="ViT patch grid of pretrain_ecamp (224/16)")
     window_k: int = Field(12, ge=1, description="SR window side in grid cells (official 12 -> 9 placements)")
@@ -135,11 +100,6 @@ class Config(StageConfig):
     lesion_boxes: str | None = Field(
         None, description="boxes.csv; None = <data.root>/downstream/boxes.csv if any"
     )
-
-
-def model_config(cfg: Config, vocab_size: int) -> GloriaConfig:
-    names = set(GloriaConfig.__dataclass_fields__) - {"vocab_size", "local_weight", "global_weight"}
-    return GloriaConfig(vocab_size=vocab_size, **{k: getattr(cfg, k) for k in names})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -278,27 +238,22 @@ def train_or_load(
             shutil.copyfile(Path(cfg.checkpoint) / name, ctx.path(name))
         ctx.log.info("reusing GLoRIA from %s (no training)", cfg.checkpoint)
         return model, tokenizer, []
-    tokenizer = train_wordpiece(texts, vocab_size=cfg.vocab_size)
+    tokenizer = train_wordpiece(texts, vocab_size=cfg.model.vocab_size)
     save_wordpiece(tokenizer, ctx.path(TOKENIZER))
-    mcfg = model_config(cfg, tokenizer.get_vocab_size())
+    mcfg = cfg.model.model_copy(update={"vocab_size": tokenizer.get_vocab_size()})
     torch.manual_seed(ctx.config.run.seed)
     model = Gloria(mcfg)
-    tcfg = TrainConfig(
-        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-        warmup_epochs=cfg.warmup_epochs, grad_clip=cfg.grad_clip, seed=ctx.config.run.seed, device=device,
-        num_workers=cfg.num_workers, max_tokens=cfg.max_tokens, local_words=cfg.local_words,
-    )  # fmt: skip
 
     def report(epoch: int, rows: list[dict]) -> None:
         last = [r for r in rows if r["epoch"] == epoch]
         ctx.log.info("epoch %d: loss %.3f", epoch, float(np.mean([r["loss"] for r in last])))
 
     rows = train_gloria(
-        model, data, tokenizer, tcfg, checkpoint=resume_state(ctx, cfg, texts), on_epoch=report,
-        entities=entities, forms=forms,
+        model, data, tokenizer, cfg.train, checkpoint=resume_state(ctx, cfg, texts), on_epoch=report,
+        entities=entities, forms=forms, seed=ctx.config.run.seed, device=device,
     )  # fmt: skip
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ctx.path(WEIGHTS))
-    ctx.path(MODEL_CONFIG).write_text(json.dumps(asdict(mcfg), indent=1))
+    ctx.path(MODEL_CONFIG).write_text(mcfg.model_dump_json(indent=1))
     return model, tokenizer, rows
 
 
@@ -328,7 +283,7 @@ def run(ctx: StageContext, cfg: Config) -> None:
             )
         else:
             candidates.append(row | {"text": text})
-    pixels, rows, bad = decode_images(ctx, candidates, cfg.image_size, cfg.decode_workers)
+    pixels, rows, bad = decode_images(ctx, candidates, cfg.model.image_size, cfg.decode_workers)
     rejects += bad
     if rejects:
         ctx.log.warning("%d images rejected (see rejects), e.g. %s", len(rejects), rejects[0]["reason"])
@@ -347,7 +302,7 @@ def run(ctx: StageContext, cfg: Config) -> None:
     all_data = ImageTextData(pixels, [r["text"] for r in rows])
     wanted = [positives.get(r["study_id"], []) for r in rows]
     attn = extract_attention(
-        model, all_data, tokenizer, wanted, cfg.grid, cfg.attention_batch, cfg.max_tokens, device, forms,
+        model, all_data, tokenizer, wanted, cfg.grid, cfg.attention_batch, cfg.model.max_tokens, device, forms,
         cfg.word_prior_images, seed,
     )  # fmt: skip
     if cfg.prior_correction:

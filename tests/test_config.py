@@ -143,3 +143,46 @@ def test_the_documented_distillation_commands_load():
     assert seed.external_endpoint_ack == "zero-retention verified"
     assert seed.client_config().azure_api_version == "2024-10-21"
     assert ClientConfig(azure_api_version=date(2024, 10, 21)).azure_api_version == "2024-10-21"
+
+
+def test_cross_stage_settings_that_disagree_are_refused_naming_both_keys():
+    demo = REPO_ROOT / "configs" / "demo.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_config(demo, ["match_entities.matcher.beta=3"])
+    assert "match_entities.matcher.beta = 3 but pretrain_ecamp.text.beta = 2: they must agree" in str(
+        err.value
+    )
+    with pytest.raises(
+        ConfigError, match=r"train_gloria.window_k = 3 but pretrain_ecamp.model.sr_window = 4"
+    ):
+        load_config(demo, ["train_gloria.window_k=3"])
+    with pytest.raises(ConfigError, match=r"train_gloria.grid = 14 but pretrain_ecamp.model.grid_size = 8"):
+        load_config(demo, ["train_gloria.grid=14", "train_gloria.window_k=4"])
+    both = load_config(demo, ["match_entities.matcher.beta=3", "pretrain_ecamp.text.beta=3"])
+    assert both.match_entities.matcher.beta == both.pretrain_ecamp.text.beta == 3
+
+
+def test_stage_configs_nest_their_domain_configs_instead_of_copying_fields():
+    """One definition per setting: a stage's own keys never repeat a key of a domain config it nests."""
+    from pydantic import BaseModel
+
+    from tasks.registry import stages
+
+    for stage in stages():
+        fields = stage.config.model_fields
+        nested = {
+            name: f.annotation
+            for name, f in fields.items()
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
+        }
+        for name, model in nested.items():
+            if model.__module__.startswith("models."):
+                shadowed = set(fields) & set(model.model_fields)
+                assert not shadowed, f"{stage.name}.{shadowed} re-declares {model.__name__} ({name}.*)"
+    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml")
+    assert cfg.train_gloria.model.encoder == "small" and cfg.train_gloria.train.local_words == "affirmed"
+    assert cfg.finetune_student.lora.r == 64 and cfg.finetune_student.generation.max_prompt == 136
+    with pytest.raises(ConfigError, match=r"finetune_student.lora.rank: unknown key"):
+        load_config(None, ["finetune_student.lora.rank=8"])
+    with pytest.raises(ConfigError, match=r"train_gloria.train.epochs: unknown key"):
+        load_config(None, ["train_gloria.train.epochs=3"])

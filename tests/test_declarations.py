@@ -29,7 +29,7 @@ TINY_PRETRAIN = [
     "pretrain_ecamp.train.batch_size=8", "pretrain_ecamp.train.accum_iter=1",
     "pretrain_ecamp.train.warmup_epochs=0", "pretrain_ecamp.train.num_workers=0",
 ]  # fmt: skip
-TINY_GLORIA = [f"train_gloria.{k}={v}" for k, v in (STAGE_CFG | {"epochs": 1}).items()]
+TINY_GLORIA = [f"train_gloria.{k}={v}" for k, v in (STAGE_CFG | {"train.epochs": 1}).items()]
 
 
 def test_readme_stage_table_is_the_declarations():

@@ -106,7 +106,7 @@ def test_missing_entity_list_is_a_clear_error(tmp_path):
 def test_cue_that_is_also_an_entity_form_is_rejected():
     lexicon = build_lexicon(["effusion"])
     with pytest.raises(ValueError, match="cue 'effusion' is also 'effusion'"):
-        EntityMatcher(lexicon, MatcherConfig(cues=(*default_cues(), Cue("effusion", "negative"))))
+        EntityMatcher(lexicon, cues=(*default_cues(), Cue("effusion", "negative")))
 
 
 def test_masking_negation_words_are_the_matchers_negation_cues(matcher):

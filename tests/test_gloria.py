@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import itertools
 
@@ -355,7 +354,9 @@ def test_extract_attention_uses_positive_entity_words(tokenizer):
 @pytest.mark.parametrize("scores", ["dot", "cosine"])
 def test_mean_attention_is_the_mean_of_own_attention_over_images(tokenizer, scores):
     torch.manual_seed(0)
-    model = Gloria(dataclasses.replace(TINY, scores=scores)).eval()  # word_attention and region_scores agree
+    model = Gloria(
+        TINY.model_copy(update={"scores": scores})
+    ).eval()  # word_attention and region_scores agree
     images, _ = synthetic_pairs(3)
     batch = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)[:, None]
     text = encode_texts(tokenizer, [TEXTS[0]] * 3, max_tokens=24)  # the same caption on 3 images
@@ -483,11 +484,40 @@ def test_localization_scores_hits_overlap_and_iou():
 
 
 STAGE_CFG = {
-    "text_source": "original", "encoder": "small", "image_size": 32, "small_width": 8, "embed_dim": 16,
-    "vocab_size": 300, "text_hidden": 16, "text_layers": 1, "text_heads": 2, "text_intermediate": 32,
-    "max_tokens": 32, "lr": 2e-3, "epochs": 2, "batch_size": 8, "num_workers": 0, "decode_workers": 2,
-    "grid": 8, "window_k": 4, "attention_batch": 16, "n_pictures": 2, "prior_correction": True,
-}  # fmt: skip
+    "text_source": "original",
+    "model.encoder": "small",
+    "model.image_size": 32,
+    "model.small_width": 8,
+    "model.embed_dim": 16,
+    "model.vocab_size": 300,
+    "model.text_hidden": 16,
+    "model.text_layers": 1,
+    "model.text_heads": 2,
+    "model.text_intermediate": 32,
+    "model.max_tokens": 32,
+    "train.lr": 2e-3,
+    "train.epochs": 2,
+    "train.batch_size": 8,
+    "train.num_workers": 0,
+    "decode_workers": 2,
+    "grid": 8,
+    "window_k": 4,
+    "attention_batch": 16,
+    "n_pictures": 2,
+    "prior_correction": True,
+}  # fmt: skip  (dotted keys: the `--set train_gloria.<key>` paths)
+
+
+def nested(flat: dict) -> dict:
+    """{"train.lr": x} -> {"train": {"lr": x}}: a config section from `--set`-style dotted keys."""
+    out: dict = {}
+    for key, value in flat.items():
+        *parents, last = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -516,7 +546,7 @@ def run_gloria_stage(run_dir, config, **overrides):
     from tests.context import make_test_context, run_direct
 
     ctx = make_test_context(run_dir, config, "train_gloria")
-    return run_direct(ctx, train_gloria.Config(**(STAGE_CFG | overrides)))
+    return run_direct(ctx, train_gloria.Config(**nested(STAGE_CFG | overrides)))
 
 
 def test_stage_writes_maps_windows_losses_localization_and_rejects(upstream_run):
@@ -574,7 +604,7 @@ def test_stage_reuses_a_checkpoint_and_random_fallback(upstream_run, tmp_path):
     saved = tmp_path / "saved"
     shutil.copytree(run_dir / "train_gloria", saved)
     first = pq.read_table(saved / "attention_maps.parquet").to_pylist()
-    run_gloria_stage(run_dir, config, checkpoint=str(saved), epochs=0, fallback="random")
+    run_gloria_stage(run_dir, config, checkpoint=str(saved), fallback="random", **{"train.epochs": 0})
     again = pq.read_table(run_dir / "train_gloria" / "attention_maps.parquet").to_pylist()
     for a, b in zip(first, again, strict=True):
         assert a["attention"] == b["attention"]  # same weights -> same maps
@@ -592,5 +622,5 @@ def test_stage_text_source_rules(upstream_run, caplog):
     with pytest.raises(ValueError, match="window_k=9 is larger than train_gloria.grid=8"):
         run_gloria_stage(run_dir, config, window_k=9)
     with caplog.at_level("WARNING"):
-        run_gloria_stage(run_dir, config, text_source="auto", epochs=1, n_pictures=0)
+        run_gloria_stage(run_dir, config, text_source="auto", n_pictures=0, **{"train.epochs": 1})
     assert any("ORIGINAL reports" in r.getMessage() for r in caplog.records)

@@ -74,7 +74,7 @@ def test_hostile_ids_never_leave_the_run_directory(hostile_manifest):
     from tasks.config import load_config
     from tasks.registry import get_stage
     from tasks.runner import run_stage
-    from tests.test_gloria import STAGE_CFG
+    from tests.test_gloria import STAGE_CFG, nested
 
     folder = hostile_manifest.parent
     run_dir = folder / "run" / "deep"
@@ -94,7 +94,9 @@ def test_hostile_ids_never_leave_the_run_directory(hostile_manifest):
     assert set(HOSTILE) <= set(reports)  # the ids are kept as data, exactly
 
     config = config.model_copy(
-        update={"train_gloria": train_gloria.Config(**(STAGE_CFG | {"n_pictures": 100, "epochs": 1}))}
+        update={
+            "train_gloria": train_gloria.Config(**nested(STAGE_CFG | {"n_pictures": 100, "train.epochs": 1}))
+        }
     )
     run_stage(train_gloria.STAGE, config, run_dir)
     pictures = sorted((run_dir / "train_gloria" / "pictures").iterdir())

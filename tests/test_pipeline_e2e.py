@@ -44,7 +44,10 @@ def test_first_run_executes_both_foundation_stages(pipeline_run):
 def test_rerun_is_cached_and_a_config_change_reruns_only_that_stage(pipeline_run):
     _, go, _ = pipeline_run
     assert statuses(go()) == {"extract_reports": "cached", "match_entities": "cached"}
-    assert statuses(go(["match_entities.beta=3"])) == {"extract_reports": "cached", "match_entities": "ran"}
+    assert statuses(go(["match_entities.matcher.post_window=4"])) == {
+        "extract_reports": "cached",
+        "match_entities": "ran",
+    }
     assert statuses(go()) == {"extract_reports": "cached", "match_entities": "ran"}  # back to beta=2
 
 

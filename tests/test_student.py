@@ -73,7 +73,7 @@ def prompts() -> list[str]:
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     texts = prompts() + [a for *_, a in REPORTS]
-    return build_tiny_base(texts, DIMS, tmp_path_factory.mktemp("base"), seed=0)
+    return build_tiny_base(texts, DIMS, tmp_path_factory.mktemp("base"), seed=0, max_positions=1024)
 
 
 @pytest.fixture(scope="module")
@@ -160,14 +160,18 @@ def report_lm_loss(base_dir) -> float:
 
 
 def test_warm_up_trains_the_whole_base_on_reports_and_saves_it(tmp_path):
-    base = build_tiny_base([r for r, *_ in REPORTS] + prompts(), DIMS, tmp_path / "base", seed=0)
+    base = build_tiny_base(
+        [r for r, *_ in REPORTS] + prompts(), DIMS, tmp_path / "base", seed=0, max_positions=1024
+    )
     before = report_lm_loss(base)
-    result = warm_up_base(base, [r for r, *_ in REPORTS], WarmupSettings(epochs=30, lr=1e-2, batch_size=4))
+    result = warm_up_base(
+        base, [r for r, *_ in REPORTS], WarmupSettings(epochs=30, lr=1e-2, batch_size=4), max_len=128
+    )
     assert result.trainable_params == result.total_params  # every weight trains, not an adapter
     after = report_lm_loss(base)  # reloaded from disk: the warmed weights were saved into the base dir
     assert after < 0.5 * before, (before, after)
     with pytest.raises(ValueError, match="no report texts"):
-        warm_up_base(base, [], WarmupSettings(epochs=1))
+        warm_up_base(base, [], WarmupSettings(epochs=1), max_len=128)
 
 
 def test_adapter_round_trip_gives_identical_generations(trained, base_dir):
@@ -185,14 +189,20 @@ def test_adapter_round_trip_gives_identical_generations(trained, base_dir):
 def test_batched_generation_equals_one_at_a_time(trained):
     student, tok, _, _ = trained
     ps = prompts() + [vicuna_prompt(build_messages("No effusion.", ["effusion"]))]
-    batched = TransformersBackend(student, tok, GenerationSettings(4, 20, MAX_PROMPT)).generate(ps)
-    single = TransformersBackend(student, tok, GenerationSettings(1, 20, MAX_PROMPT)).generate(ps)
+    batched = TransformersBackend(
+        student, tok, GenerationSettings(batch_size=4, max_new_tokens=20, max_prompt=MAX_PROMPT)
+    ).generate(ps)
+    single = TransformersBackend(
+        student, tok, GenerationSettings(batch_size=1, max_new_tokens=20, max_prompt=MAX_PROMPT)
+    ).generate(ps)
     assert batched == single and len(batched) == 5
 
 
 def test_answer_logprobs_is_the_sum_of_the_answer_token_logprobs(trained):
     student, tok, _, _ = trained
-    backend = TransformersBackend(student, tok, GenerationSettings(1, 20, MAX_PROMPT))
+    backend = TransformersBackend(
+        student, tok, GenerationSettings(batch_size=1, max_new_tokens=20, max_prompt=MAX_PROMPT)
+    )
     prompt = prompts()[0]
     answers = [
         "There is no pneumothorax.",

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 from models.distill.cache import ResponseCache
@@ -34,11 +35,14 @@ class StudentBackend(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class GenerationSettings:
-    batch_size: int = 16
-    max_new_tokens: int = 256
-    max_prompt: int = 2048  # prompts are cut from the left to this many tokens, as in training
+class GenerationSettings(BaseModel):
+    """Greedy decoding of the student; `max_prompt` also cuts the training prompts, so both see the same text."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_size: int = Field(16, ge=1, description="prompts per generate() call")
+    max_new_tokens: int = Field(256, ge=1)
+    max_prompt: int = Field(2048, ge=8, description="prompts are cut from the left to this many tokens")
 
 
 # --------------------------------------------------------------------------------------------------------------

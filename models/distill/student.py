@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -71,47 +72,55 @@ def student_prompt(report: str, entities: Sequence[str]) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TinyDims:
+class TinyDims(BaseModel):
     """Size of the tiny Llama built when no real base model is given (demo and tests)."""
 
-    vocab_size: int = 2000
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    max_position_embeddings: int = 1024
-    # Output = input embeddings, so copying a report word is the easy direction for a random frozen base.
-    tie_word_embeddings: bool = True
-    # HF's 0.02 gives tied logits ~0.1 wide: a softmax that LoRA on the linear layers could never sharpen.
-    embedding_std: float = 0.5
-    initializer_range: float = 0.02  # std of the frozen random linear layers (HF's Llama default)
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vocab_size: int = Field(2000, ge=300, description="BPE vocabulary trained on the reports")
+    hidden_size: int = Field(64, ge=8)
+    intermediate_size: int = Field(128, ge=8)
+    num_hidden_layers: int = Field(2, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    tie_word_embeddings: bool = Field(
+        True,
+        description="output = input embeddings: copying a report word is the easy direction for a random base",
+    )
+    embedding_std: float = Field(
+        0.5,
+        gt=0,
+        description="HF's 0.02 gives tied logits ~0.1 wide: a softmax that LoRA on the linear layers could never sharpen",
+    )
+    initializer_range: float = Field(
+        0.02, gt=0, description="std of the frozen random linear layers (HF default)"
+    )
 
 
-@dataclass(frozen=True)
-class LoraSettings:
+class LoraSettings(BaseModel):
     """peft LoRA hyper-parameters. vLLM serves only r in {1,8,16,32,64,...} with bias "none" and no saved modules."""
 
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: tuple[str, ...] = tuple(LLAMA_LINEAR_MODULES)
 
 
-@dataclass(frozen=True)
-class TrainSettings:
+class TrainSettings(BaseModel):
     """Optimisation of the adapter: AdamW with linear warm-up and cosine decay, gradient accumulation."""
 
-    lr: float = 2e-4
-    epochs: float = 3.0
-    batch_size: int = 4
-    grad_accum: int = 8
-    max_len: int = 2048
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    log_every: int = 1
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lr: float = Field(2e-4, gt=0, allow_inf_nan=False)
+    epochs: float = Field(3.0, gt=0)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(8, ge=1)
+    max_len: int = Field(2048, ge=16, description="tokens of prompt + answer; longer examples are skipped")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    log_every: int = Field(1, ge=1, description="optimizer steps between progress log lines")
 
 
 @dataclass
@@ -177,8 +186,13 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
     )
 
 
-def build_tiny_base(texts: Sequence[str], dims: TinyDims, out_dir: Path, seed: int) -> Path:
-    """Train a tokenizer on `texts`, initialise a Llama from `LlamaConfig` and save both as a loadable base dir."""
+def build_tiny_base(
+    texts: Sequence[str], dims: TinyDims, out_dir: Path, seed: int, max_positions: int
+) -> Path:
+    """Train a tokenizer on `texts`, initialise a Llama from `LlamaConfig` and save both as a loadable base dir.
+
+    `max_positions` is what the stage will feed it: the longer of a training example and prompt + answer.
+    """
     if not texts:
         raise ValueError("build_tiny_base: no texts to train the tokenizer on")
     tokenizer = train_bpe_tokenizer(texts, dims.vocab_size)
@@ -190,7 +204,7 @@ def build_tiny_base(texts: Sequence[str], dims: TinyDims, out_dir: Path, seed: i
         num_hidden_layers=dims.num_hidden_layers,
         num_attention_heads=dims.num_attention_heads,
         num_key_value_heads=dims.num_attention_heads,
-        max_position_embeddings=dims.max_position_embeddings,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=dims.tie_word_embeddings,
         initializer_range=dims.initializer_range,
         bos_token_id=tokenizer.bos_token_id,
@@ -206,18 +220,19 @@ def build_tiny_base(texts: Sequence[str], dims: TinyDims, out_dir: Path, seed: i
     return out_dir
 
 
-@dataclass(frozen=True)
-class WarmupSettings:
+class WarmupSettings(BaseModel):
     """Plain causal-LM training of the whole tiny base on report texts before LoRA (0 epochs: none)."""
 
-    epochs: float = 0.0
-    lr: float = 3e-3
-    batch_size: int = 16
-    max_len: int = 128
-    seed: int = 0
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: float = Field(0.0, ge=0, description="0: no warm-up")
+    lr: float = Field(3e-3, gt=0, allow_inf_nan=False)
+    batch_size: int = Field(16, ge=1)
 
 
-def warm_up_base(base_dir: Path, texts: Sequence[str], settings: WarmupSettings) -> TrainResult:
+def warm_up_base(
+    base_dir: Path, texts: Sequence[str], settings: WarmupSettings, max_len: int, seed: int = 0
+) -> TrainResult:
     """Train every weight of the tiny base as a causal LM on `texts` and save it back into `base_dir`.
 
     Why: Vicuna comes to LoRA with language pre-training; a randomly initialised tiny Llama does not, and LoRA on a
@@ -230,7 +245,7 @@ def warm_up_base(base_dir: Path, texts: Sequence[str], settings: WarmupSettings)
     model, tokenizer = load_base(base_dir)
     examples = []
     for i, text in enumerate(texts):
-        ids = tokenizer(" ".join(text.split()), add_special_tokens=True)["input_ids"][: settings.max_len - 1]
+        ids = tokenizer(" ".join(text.split()), add_special_tokens=True)["input_ids"][: max_len - 1]
         ids = ids + [tokenizer.eos_token_id]
         examples.append(Example(f"warmup-{i}", ids, [IGNORE_INDEX] + ids[1:]))
     for p in model.parameters():
@@ -240,12 +255,11 @@ def warm_up_base(base_dir: Path, texts: Sequence[str], settings: WarmupSettings)
         epochs=settings.epochs,
         batch_size=settings.batch_size,
         grad_accum=1,
-        max_len=settings.max_len,
+        max_len=max_len,
         warmup_ratio=0.05,
-        seed=settings.seed,
         log_every=10**9,
     )
-    result = train_student(model, examples, train, tokenizer.pad_token_id)
+    result = train_student(model, examples, train, tokenizer.pad_token_id, seed=seed)
     model.save_pretrained(base_dir)
     return result
 
@@ -361,6 +375,7 @@ def train_student(
     pad_id: int,
     device: str = "cpu",
     progress=None,
+    seed: int = 0,
 ) -> TrainResult:
     """AdamW on the trainable (LoRA) parameters; bf16 autocast on CUDA only; one loss point per optimizer step.
 
@@ -371,8 +386,8 @@ def train_student(
 
     if not examples:
         raise ValueError("train_student: no training examples")
-    rng = random.Random(settings.seed)
-    torch.manual_seed(settings.seed)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     batches_per_epoch = math.ceil(len(examples) / settings.batch_size)

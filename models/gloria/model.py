@@ -16,12 +16,12 @@ in the word·region scores) and a local loss restricted to the words of affirmed
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import timm
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 from torch import nn
 from transformers import BertConfig, BertModel
@@ -29,29 +29,42 @@ from transformers import BertConfig, BertModel
 SPECIAL_WORDS = frozenset({"[CLS]", "[SEP]", "[PAD]", "[MASK]"})
 
 
-@dataclass(frozen=True)
-class GloriaConfig:
-    """Model hyper-parameters; defaults are the paper-scale (official GLoRIA) values."""
+class GloriaConfig(BaseModel):
+    """Model hyper-parameters; defaults are the paper-scale (official GLoRIA) values.
+
+    The `train_gloria` stage nests this as its `model` section, so each setting is declared here once.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     encoder: Literal["resnet50", "small"] = "resnet50"
-    image_size: int = 299  # official: 224 crop upsampled to 299 before the ResNet
-    image_checkpoint: str | None = None  # timm-loadable ResNet-50 weights file; None = random init
-    small_width: int = 32  # channels of the first stage of the small CNN (demo)
-    embed_dim: int = 768
-    vocab_size: int = 30000
-    text_hidden: int = 768
-    text_layers: int = 12
-    text_heads: int = 12
-    text_intermediate: int = 3072
-    max_tokens: int = 97  # official `word_num`
-    last_n_layers: int = 4
+    image_size: int = Field(299, ge=32, description="official: 224 crop upsampled to 299 before the ResNet")
+    image_checkpoint: str | None = Field(
+        None, description="timm-loadable ResNet-50 weights file; None = random init"
+    )
+    small_width: int = Field(32, ge=4, description="channels of the first stage of the small CNN (demo)")
+    embed_dim: int = Field(768, ge=8)
+    vocab_size: int = Field(
+        30000, ge=16, description="WordPiece vocabulary trained on the reports (target size)"
+    )
+    text_hidden: int = Field(768, ge=8)
+    text_layers: int = Field(12, ge=1)
+    text_heads: int = Field(12, ge=1)
+    text_intermediate: int = Field(3072, ge=8)
+    max_tokens: int = Field(97, ge=4, description="official `word_num`: tokens per report")
+    last_n_layers: int = Field(4, ge=1, description="BERT layers summed into word features (official 4)")
     temp1: float = 4.0
     temp2: float = 5.0
     temp3: float = 10.0
-    softmax: Literal["double", "single"] = "double"
-    scores: Literal["dot", "cosine"] = "dot"  # word·region attention scores (see `region_scores`)
-    local_weight: float = 1.0
-    global_weight: float = 1.0
+    softmax: Literal["double", "single"] = Field(
+        "double", description="double = official code; single = paper"
+    )
+    scores: Literal["dot", "cosine"] = Field(
+        "dot",
+        description="word·region attention scores: dot = official code; cosine = L2-normalised features",
+    )
+    local_weight: float = Field(1.0, ge=0)
+    global_weight: float = Field(1.0, ge=0)
 
 
 # --------------------------------------------------------------------------------------------------------------

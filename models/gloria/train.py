@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
@@ -29,21 +30,26 @@ from models.gloria.model import Gloria, TextBatch, encode_texts
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings. Official GLoRIA: Adam lr 5e-5, wd 1e-6, batch 48, 50 epochs, clip 0.25."""
+class TrainConfig(BaseModel):
+    """Optimisation settings. Official GLoRIA: Adam lr 5e-5, wd 1e-6, batch 48, 50 epochs, clip 0.25.
 
-    epochs: int = 50
-    batch_size: int = 48
-    lr: float = 5e-5
-    weight_decay: float = 1e-6
-    warmup_epochs: float = 1.0
-    grad_clip: float = 0.25
-    seed: int = 0
-    device: str = "cpu"
-    num_workers: int = 0
-    max_tokens: int = 97
-    local_words: Literal["all", "affirmed"] = "all"  # affirmed (needs `entities`): see `local_loss` focus
+    The seed and device are the run's (arguments of `train_gloria`), the token budget is the model's.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(50, ge=0)
+    batch_size: int = Field(48, ge=2)
+    lr: float = Field(5e-5, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(1e-6, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    grad_clip: float = Field(0.25, gt=0)
+    num_workers: int = Field(0, ge=0, description="DataLoader workers")
+    local_words: Literal["all", "affirmed"] = Field(
+        "all",
+        description="words in the local loss: all (paper) or only those naming an affirmed finding "
+        "(match_entities polarity), among the pairs that have one (see `local_loss` focus)",
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -128,6 +134,11 @@ def save_checkpoint(path: Path, state: dict) -> None:
     save_atomic(state, path)
 
 
+def resume_key(cfg: TrainConfig, seed: int) -> dict:
+    """What a resume file must have been saved with: the same optimisation settings and seed."""
+    return cfg.model_dump() | {"seed": seed}
+
+
 def train_gloria(
     model: Gloria,
     data: ImageTextData,
@@ -137,6 +148,8 @@ def train_gloria(
     on_epoch: Callable[[int, list[dict]], None] | None = None,
     entities: list[list[str]] | None = None,
     forms: Mapping[str, str] | None = None,
+    seed: int = 0,
+    device: str = "cpu",
 ) -> list[dict]:
     """Train `model` in place and return one loss row per optimiser step (epoch, step, lr, loss, ...).
 
@@ -149,17 +162,17 @@ def train_gloria(
     """
     if len(data) < 2:
         raise ValueError(f"GLoRIA's contrastive losses need at least 2 image-report pairs, got {len(data)}")
-    device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model.to(device).train()
+    where = torch.device(device)
+    torch.manual_seed(seed)
+    model.to(where).train()
     net: torch.nn.Module = model
     if is_distributed():
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = DistributedDataParallel(model, device_ids=[where.index] if where.type == "cuda" else None)
     if cfg.local_words == "affirmed" and entities is None:
         raise ValueError("local_words='affirmed' needs the affirmed entities of every pair (entities=...)")
     if entities is not None and len(entities) != len(data):
         raise ValueError(f"{len(entities)} entity lists for {len(data)} pairs")
-    sampler = DistributedSampler(data, seed=cfg.seed, drop_last=True) if is_distributed() else None
+    sampler = DistributedSampler(data, seed=seed, drop_last=True) if is_distributed() else None
     batch = min(cfg.batch_size, len(data))
     steps_per_epoch = (len(sampler) if sampler else len(data)) // batch
     total = cfg.epochs * steps_per_epoch
@@ -170,8 +183,8 @@ def train_gloria(
     rows: list[dict] = []
     start = 0
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if state["train_config"] != asdict(cfg):
+        state = torch.load(checkpoint, map_location=where, weights_only=False)
+        if state["train_config"] != resume_key(cfg, seed):
             raise ValueError(f"{checkpoint}: saved with a different training config; delete it to start over")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -179,28 +192,26 @@ def train_gloria(
         torch.set_rng_state(state["rng"])
         rows, start = state["losses"], state["epoch"] + 1
         log.info("resuming GLoRIA training from %s after epoch %d", checkpoint, state["epoch"])
-    collate = make_collate(tokenizer, cfg.max_tokens)
-    use_bf16 = device.type == "cuda"
+    collate = make_collate(tokenizer, model.cfg.max_tokens)
+    use_bf16 = where.type == "cuda"
     for epoch in range(start, cfg.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
             loader_sampler = sampler
         else:
-            loader_sampler = RandomSampler(
-                data, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-            )
+            loader_sampler = RandomSampler(data, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         loader = DataLoader(
             data, batch_size=batch, sampler=loader_sampler, drop_last=True, collate_fn=collate,
             num_workers=cfg.num_workers,
         )  # fmt: skip
         for images, text, index in loader:
-            images, text = images.to(device, non_blocking=True), text.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            images, text = images.to(where, non_blocking=True), text.to(where)
+            with torch.autocast(where.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = net(images, text)
             focus = None
             if cfg.local_words == "affirmed":
                 batch_entities = [entities[i] for i in index.tolist()]
-                focus = affirmed_words(text.words, batch_entities, forms, out.word_mask.shape[1]).to(device)
+                focus = affirmed_words(text.words, batch_entities, forms, out.word_mask.shape[1]).to(where)
             losses = model.losses(out, focus)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
@@ -225,7 +236,7 @@ def train_gloria(
                     "rng": torch.get_rng_state(),
                     "epoch": epoch,
                     "losses": rows,
-                    "train_config": asdict(cfg),
+                    "train_config": resume_key(cfg, seed),
                 },
             )
         if on_epoch is not None:

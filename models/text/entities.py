@@ -30,7 +30,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
 from types import MappingProxyType
@@ -39,6 +39,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field
 
 from data_contracts.entities import DescriptorStat, EntityMention, EntityStat
 from models.text.negation import Cue, default_cues
@@ -216,12 +217,18 @@ def trie_pattern(phrases: Iterable[str]) -> str:
     return emit(root)
 
 
-@dataclass(frozen=True)
-class MatcherConfig:
-    beta: int = 2  # descriptor words before an entity (paper: β = 2)
-    post_window: int = 6  # most words between an entity and a post cue that still governs it
-    cues: tuple[Cue, ...] = field(default_factory=default_cues)
-    batch_size: int = 20_000  # reports scanned as one string (bounds memory, not speed)
+class MatcherConfig(BaseModel):
+    """The matcher's settings; `match_entities` nests it as its `matcher` section. Cues are code, not config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    beta: int = Field(2, ge=0, description="descriptor words before each entity (paper: 2)")
+    post_window: int = Field(
+        6, ge=0, description="most words between an entity and a cue after it (resolved, ...)"
+    )
+    batch_size: int = Field(
+        20_000, ge=1, description="reports scanned as one string (bounds memory, not speed)"
+    )
 
 
 _KIND_NONE, _KIND_NEG, _KIND_UNC = 0, 1, 2
@@ -448,16 +455,16 @@ class EntityMatcher:
     the `entity_mentions` contract. Everything compiled once here; `match` only scans.
     """
 
-    def __init__(self, lexicon: EntityLexicon, config: MatcherConfig | None = None):
+    def __init__(
+        self, lexicon: EntityLexicon, config: MatcherConfig | None = None, cues: Sequence[Cue] | None = None
+    ):
         self.lexicon = lexicon
         self.config = config or MatcherConfig()
-        if self.config.beta < 0 or self.config.post_window < 0:
-            raise ValueError("beta and post_window must be >= 0")
         # target id: 0..E-1 entities (by canonical index), E.. cues
         entity_index = {e: i for i, e in enumerate(lexicon.entities)}
         targets: dict[str, int] = {form: entity_index[e] for form, e in lexicon.forms.items()}
         self._cues: list[Cue] = []
-        for cue in self.config.cues:
+        for cue in default_cues() if cues is None else cues:
             phrase = _normalise_phrase(cue.phrase)
             if phrase in targets:
                 owner = targets[phrase]
