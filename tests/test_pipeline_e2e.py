@@ -48,7 +48,7 @@ def test_rerun_is_cached_and_a_config_change_reruns_only_that_stage(pipeline_run
         "extract_reports": "cached",
         "match_entities": "ran",
     }
-    assert statuses(go()) == {"extract_reports": "cached", "match_entities": "ran"}  # back to beta=2
+    assert statuses(go()) == {"extract_reports": "cached", "match_entities": "ran"}  # back to post_window 6
 
 
 def test_each_stage_publishes_a_table_artifact(pipeline_run):
