@@ -38,7 +38,7 @@ from models.distill.generate import (
     VllmSettings,
     start_vllm_server,
 )
-from models.distill.prompt import build_messages, ordered_entities, prompt_report
+from models.distill.item import DistillItem, distill_item
 from models.distill.student import load_student, student_prompt
 from models.distill.teacher_http import ChatRequest, ClientConfig, complete_many, run_sync
 from tasks.base import StageConfig, StageContext
@@ -58,7 +58,7 @@ QC_KINDS = (
     "polarity_disagrees",
 )
 
-TeacherFn = Callable[[Sequence[dict]], list[str | None]]
+TeacherFn = Callable[[Sequence[DistillItem]], list[str | None]]
 
 
 class Config(StageConfig):
@@ -91,7 +91,7 @@ class Config(StageConfig):
 
 def build_items(
     ctx: StageContext, max_prompt_tokens: int
-) -> tuple[list[dict], dict[str, dict], list[str], parse.EntityFinder]:
+) -> tuple[list[DistillItem], dict[str, dict], list[str], parse.EntityFinder]:
     """(reports needing the student, teacher rows by study, reports without entities, entity finder)."""
     reports = (
         ctx.read("extract_reports/reports").select(["study_id", "text", "findings", "impression"]).to_pylist()
@@ -111,15 +111,7 @@ def build_items(
         if sid not in mentions:
             empty.append(sid)
             continue
-        entities = ordered_entities(mentions[sid])
-        report, _ = prompt_report(r, entities, max_prompt_tokens)
-        polarities: dict[str, set[str]] = defaultdict(set)
-        for m in mentions[sid]:
-            polarities[m.entity].add(m.polarity)
-        todo.append({
-            "study_id": sid, "entities": entities, "report": report, "full_text": r["text"],
-            "mentions": mentions[sid], "polarities": dict(polarities),
-        })  # fmt: skip
+        todo.append(distill_item(r, mentions[sid], max_prompt_tokens))
     finder = parse.EntityFinder(sorted(set(mention_table.column("entity").to_pylist())))
     return todo, seeds, empty, finder
 
@@ -157,18 +149,18 @@ def retry_worthy(flags: Sequence[str], kinds: Sequence[str]) -> bool:
 
 
 def distilled_row(
-    item: dict, text: str, source: str, model: str, shard: int, finder: parse.EntityFinder
+    item: DistillItem, text: str, source: str, model: str, shard: int, finder: parse.EntityFinder
 ) -> dict:
     parsed = parse.parse_response(text, finder)
     return {
-        "study_id": item["study_id"], "distilled_text": parse.distilled_text(parsed), "source": source,
-        "model": model, "entities": item["entities"], "raw_response": text,
-        "flags": parse.qc_flags(parsed, item["entities"], item["polarities"]), "shard": shard,
+        "study_id": item.study_id, "distilled_text": parse.distilled_text(parsed), "source": source,
+        "model": model, "entities": item.entities, "raw_response": text,
+        "flags": parse.qc_flags(parsed, item.entities, item.polarities), "shard": shard,
     }  # fmt: skip
 
 
 def distill_shard(
-    items: Sequence[dict],
+    items: Sequence[DistillItem],
     shard: int,
     backend: StudentBackend,
     teacher: TeacherFn,
@@ -184,7 +176,7 @@ def distill_shard(
     `reprompt_rounds` (None: plain greedy answers): entity-complete decoding (models/distill/complete.py),
     re-prompting for missing entities, then scoring where the backend gives log-probabilities (in-process).
     """
-    prompts = [student_prompt(it["report"], it["entities"]) for it in items]
+    prompts = [student_prompt(it.report, it.entities) for it in items]
     answers = backend.generate(prompts)
     if len(answers) != len(items):
         raise RuntimeError(f"student backend returned {len(answers)} answers for {len(items)} prompts")
@@ -192,9 +184,7 @@ def distill_shard(
         completion = EntityCompletion(
             student_prompt, backend.generate, getattr(backend, "answer_logprobs", None), reprompt_rounds
         )
-        answers, _ = completion(
-            [it["report"] for it in items], [it["entities"] for it in items], answers, finder
-        )
+        answers, _ = completion([it.report for it in items], [it.entities for it in items], answers, finder)
     rows = [
         distilled_row(it, a, "student", student_model, shard, finder)
         for it, a in zip(items, answers, strict=True)
@@ -210,7 +200,7 @@ def distill_shard(
 
 
 def run_shards(
-    todo: Sequence[dict],
+    todo: Sequence[DistillItem],
     shard_dir: Path,
     cfg: Config,
     backend_factory: Callable[[], StudentBackend],
@@ -223,11 +213,11 @@ def run_shards(
     reprompt_rounds: int | None = None,
 ) -> list[dict]:
     """Process the unfinished shards (each written atomically), then return the rows of all shards."""
-    shards = shard_plan([it["study_id"] for it in todo], cfg.shard_size)
+    shards = shard_plan([it.study_id for it in todo], cfg.shard_size)
     identity = {"student": student_model, "teacher": teacher_model, "retry_budget": cfg.retry_budget,
                 "retry_on": sorted(cfg.retry_on), "backend": cfg.backend}  # fmt: skip
     prepare_shard_dir(shard_dir, plan_key(shards, identity), len(shards))
-    by_id = {it["study_id"]: it for it in todo}
+    by_id = {it.study_id: it for it in todo}
     done = {i for i in range(len(shards)) if shard_path(shard_dir, i).exists()}
     finished_rows = {
         i: read_artifact(shard_path(shard_dir, i), DistilledReport).to_pylist() for i in sorted(done)
@@ -292,16 +282,14 @@ def merge_rows(
 def teacher_fn(ctx: StageContext, settings: dict, stack: ExitStack) -> tuple[TeacherFn, str]:
     """The teacher seed_distill used (its `teacher_settings` artifact), for QC retries."""
     if settings["teacher"] == "rules":
-        return (lambda items: [rules_teacher.distill(it["full_text"], it["mentions"]) for it in items]), (
+        return (lambda items: [rules_teacher.distill(it.full_text, it.mentions) for it in items]), (
             rules_teacher.MODEL_NAME
         )
     client_cfg = ClientConfig.model_validate_json(settings["client_json"])
     cache = stack.enter_context(ResponseCache(ctx.scratch(RETRY_CACHE_FILE)))
 
-    def ask(items: Sequence[dict]) -> list[str | None]:
-        requests = [
-            ChatRequest(it["study_id"], tuple(build_messages(it["report"], it["entities"]))) for it in items
-        ]
+    def ask(items: Sequence[DistillItem]) -> list[str | None]:
+        requests = [ChatRequest(it.study_id, tuple(it.messages())) for it in items]
         return [r.content for r in run_sync(lambda: complete_many(requests, client_cfg, cache))]
 
     return ask, client_cfg.model
@@ -380,7 +368,7 @@ def run(
             todo, ctx.scratch(SHARD_DIR), cfg, factory, teacher, student_model, teacher_model, finder,
             lineage, ctx.log, reprompt_rounds,
         )  # fmt: skip
-    expected = {it["study_id"] for it in todo} | set(seeds) | set(empty)
+    expected = {it.study_id for it in todo} | set(seeds) | set(empty)
     rows = merge_rows(shard_rows, seeds, empty, expected)
     by_source: dict[str, int] = defaultdict(int)
     for r in rows:

@@ -11,7 +11,7 @@ crashed or repeated run sends only what is still missing.
 from __future__ import annotations
 
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import Literal
 
 from pydantic import Field
@@ -21,12 +21,8 @@ from models.distill import parse, rules_teacher
 from models.distill.batch_api import run_batch
 from models.distill.cache import ResponseCache
 from models.distill.governance import check_endpoint, resolve_api_key
-from models.distill.prompt import (
-    build_messages,
-    ordered_entities,
-    prompt_hash,
-    prompt_report,
-)
+from models.distill.item import DistillItem, distill_item
+from models.distill.prompt import prompt_hash
 from models.distill.seed import select_seed
 from models.distill.teacher_http import (
     ApiVersion,
@@ -93,20 +89,20 @@ class Config(StageConfig):
 # ------------------------------------------------------------------------------------------- teachers
 
 
-def rules_results(items: list[dict], model: str, max_tokens: int) -> list[ChatResult]:
+def rules_results(items: list[DistillItem], model: str, max_tokens: int) -> list[ChatResult]:
     """The offline teacher; it reads stage 2's mentions of the full report text."""
     out = []
     for it in items:
         t0 = time.perf_counter()
-        content = rules_teacher.distill(it["full_text"], it["mentions"])
-        h = prompt_hash(it["messages"], 0.0, max_tokens)
-        out.append(ChatResult(it["study_id"], model, h, content, latency_s=time.perf_counter() - t0))
+        content = rules_teacher.distill(it.full_text, it.mentions)
+        h = prompt_hash(it.messages(), 0.0, max_tokens)
+        out.append(ChatResult(it.study_id, model, h, content, latency_s=time.perf_counter() - t0))
     return out
 
 
-def http_results(ctx: StageContext, cfg: Config, items: list[dict]) -> list[ChatResult]:
+def http_results(ctx: StageContext, cfg: Config, items: list[DistillItem]) -> list[ChatResult]:
     client_cfg = cfg.client_config()
-    requests = [ChatRequest(it["study_id"], tuple(it["messages"])) for it in items]
+    requests = [ChatRequest(it.study_id, tuple(it.messages())) for it in items]
     upper = sum(r.cost_tokens(client_cfg) for r in requests)
     ctx.log.info(
         "teacher %s at %s: %d requests, at most ~%d tokens (<= $%.2f before cache hits)",
@@ -137,18 +133,18 @@ def http_results(ctx: StageContext, cfg: Config, items: list[dict]) -> list[Chat
 # ------------------------------------------------------------------------------------------- outputs
 
 
-def distillation_row(it: dict, result: ChatResult, finder: parse.EntityFinder) -> dict:
+def distillation_row(it: DistillItem, result: ChatResult, finder: parse.EntityFinder) -> dict:
     parsed = parse.parse_response(result.content or "", finder)
-    flags = parse.qc_flags(parsed, it["entities"], it["polarities"])
+    flags = parse.qc_flags(parsed, it.entities, it.polarities)
     if result.finish_reason == "length":
         flags.append("truncated_response")
     return {
-        "study_id": it["study_id"], "model": result.model, "prompt_hash": result.prompt_hash,
-        "report": it["report"], "entities": it["entities"], "raw_response": result.content or "",
+        "study_id": it.study_id, "model": result.model, "prompt_hash": result.prompt_hash,
+        "report": it.report, "entities": it.entities, "raw_response": result.content or "",
         "distilled_text": parse.distilled_text(parsed), "sentences": [p.text for p in parsed],
         "parsed_json": parse.parsed_json(parsed), "flags": flags, "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens, "latency_s": result.latency_s,
-        "cached": result.cached, "truncated": it["truncated"], "error": None,
+        "cached": result.cached, "truncated": it.truncated, "error": None,
     }  # fmt: skip
 
 
@@ -200,21 +196,10 @@ def run(ctx: StageContext, cfg: Config) -> None:
         len(mentions),
         len(reports),
     )
-    items = []
-    for sid in seeds:
-        entities = ordered_entities(mentions[sid])
-        report, truncated = prompt_report(reports[sid], entities, cfg.max_prompt_tokens)
-        polarities: dict[str, set[str]] = defaultdict(set)
-        for m in mentions[sid]:
-            polarities[m.entity].add(m.polarity)
-        items.append({
-            "study_id": sid, "entities": entities, "report": report, "truncated": truncated,
-            "full_text": reports[sid]["text"], "mentions": mentions[sid], "polarities": polarities,
-            "messages": build_messages(report, entities),
-        })  # fmt: skip
+    items = [distill_item(reports[sid], mentions[sid], cfg.max_prompt_tokens) for sid in seeds]
     ctx.log.info(
         "%d reports truncated to fit max_prompt_tokens=%d",
-        sum(it["truncated"] for it in items),
+        sum(it.truncated for it in items),
         cfg.max_prompt_tokens,
     )
 
@@ -231,7 +216,7 @@ def run(ctx: StageContext, cfg: Config) -> None:
         if result.error is not None:
             rejects.append(
                 {
-                    "study_id": it["study_id"],
+                    "study_id": it.study_id,
                     "stage": ctx.name,
                     "reason": result.error,
                     "attempts": result.attempts,

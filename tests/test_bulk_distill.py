@@ -237,9 +237,12 @@ def test_finetune_student_stage_then_bulk_with_the_transformers_backend(tmp_path
     write_upstream(tmp_path, teacher_text)
     ctx = make_test_context(tmp_path, config(), "finetune_student")
     ft_cfg = ft.Config(
-        base_model="tiny", lora_r=8, lora_alpha=16, lora_dropout=0.0, lr=1e-2, epochs=4, batch=1, grad_accum=1,
-        max_len=160, max_prompt=96, max_new_tokens=12, gen_batch=2, held_out=0.34, tiny_vocab_size=400,
-        tiny_hidden=32, tiny_intermediate=64, tiny_layers=1, tiny_heads=2, decoding="entity_complete",
+        base_model="tiny", held_out=0.34, decoding="entity_complete",
+        lora={"r": 8, "alpha": 16, "dropout": 0.0},
+        train={"lr": 1e-2, "epochs": 4, "batch_size": 1, "grad_accum": 1, "max_len": 160},
+        generation={"max_prompt": 96, "max_new_tokens": 12, "batch_size": 2},
+        tiny={"vocab_size": 400, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2},
     )  # fmt: skip
     run_direct(ctx, ft_cfg)
     stage = tmp_path / "finetune_student"
