@@ -184,5 +184,5 @@ def test_stage_configs_nest_their_domain_configs_instead_of_copying_fields():
     assert cfg.finetune_student.lora.r == 64 and cfg.finetune_student.generation.max_prompt == 136
     with pytest.raises(ConfigError, match=r"finetune_student.lora.rank: unknown key"):
         load_config(None, ["finetune_student.lora.rank=8"])
-    with pytest.raises(ConfigError, match=r"train_gloria.train.epochs: unknown key"):
-        load_config(None, ["train_gloria.train.epochs=3"])
+    with pytest.raises(ConfigError, match=r"train_gloria.epochs: unknown key"):
+        load_config(None, ["train_gloria.epochs=3"])

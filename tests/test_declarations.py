@@ -19,7 +19,7 @@ from tasks.record import read_record
 from tasks.registry import STAGE_MODULES, stage_table, stages
 from tests.conftest import REPO_ROOT
 from tests.test_gloria import STAGE_CFG
-from tests.test_pretrain import MODEL
+from tests.test_pretrain import GLORIA_AGREES, MODEL
 
 DEMO = str(REPO_ROOT / "configs" / "demo.yaml")
 TINY_PRETRAIN = [
@@ -28,6 +28,7 @@ TINY_PRETRAIN = [
     "pretrain_ecamp.tokenizer_min_frequency=1", "pretrain_ecamp.train.epochs=1",
     "pretrain_ecamp.train.batch_size=8", "pretrain_ecamp.train.accum_iter=1",
     "pretrain_ecamp.train.warmup_epochs=0", "pretrain_ecamp.train.num_workers=0",
+    *GLORIA_AGREES,  # after TINY_GLORIA's grid: the tiny pre-training model's grid wins
 ]  # fmt: skip
 TINY_GLORIA = [f"train_gloria.{k}={v}" for k, v in (STAGE_CFG | {"train.epochs": 1}).items()]
 

@@ -51,6 +51,9 @@ MODEL = dict(
     decoder_depth=1, decoder_num_heads=2, sr_window=2, text_hidden=32, text_layers=1, text_heads=2,
     text_ffn=64, max_len=48,
 )  # fmt: skip
+# train_gloria's window geometry must agree with this model's (tasks/config.py AGREEMENTS)
+GLORIA_AGREES = [f"train_gloria.grid={MODEL['img_size'] // MODEL['patch_size']}",
+                 f"train_gloria.window_k={MODEL['sr_window']}"]  # fmt: skip
 DISTILLED = "There is no pleural effusion. There is mild cardiomegaly."
 
 
@@ -312,6 +315,7 @@ def test_stage_writes_metrics_encoder_and_says_what_it_fell_back_to(
     write_upstream(tmp_path, images, reports, with_attention)
     config = load_config(None, [
         *(f"pretrain_ecamp.model.{k}={v}" for k, v in MODEL.items()), "pretrain_ecamp.model.vocab_size=400",
+        *GLORIA_AGREES,
         "pretrain_ecamp.text.max_len=48", "pretrain_ecamp.tokenizer_min_frequency=1",
         "pretrain_ecamp.train.epochs=2", "pretrain_ecamp.train.batch_size=4", "pretrain_ecamp.train.accum_iter=1",
         "pretrain_ecamp.train.warmup_epochs=1", "pretrain_ecamp.train.num_workers=0", "run.device=cpu",
@@ -377,6 +381,7 @@ def test_the_stage_exports_no_encoder_when_the_loss_goes_non_finite(tmp_path, im
     write_upstream(tmp_path, images, reports, with_attention=False)
     config = load_config(None, [
         *(f"pretrain_ecamp.model.{k}={v}" for k, v in MODEL.items()), "pretrain_ecamp.model.vocab_size=400",
+        *GLORIA_AGREES,
         "pretrain_ecamp.text.max_len=48", "pretrain_ecamp.tokenizer_min_frequency=1",
         "pretrain_ecamp.train.epochs=2", "pretrain_ecamp.train.batch_size=4", "pretrain_ecamp.train.accum_iter=1",
         "pretrain_ecamp.train.num_workers=0", "pretrain_ecamp.train.lr=.inf", "run.device=cpu",
