@@ -46,6 +46,26 @@ def _check_config(config: Path, overrides: list[str] | None, stage: str | None =
     return cfg
 
 
+def _check_run_dir(run_dir: Path | None, cfg) -> Path:
+    """The run directory this command will use; one that exists as anything but a folder stops it here."""
+    target = Path(run_dir) if run_dir else Path(cfg.run.run_dir)
+    if target.exists() and not target.is_dir():
+        _fail(NotADirectoryError(f"run directory {target} is a file, not a folder"))
+    return target
+
+
+def _check_upstream(stage_name: str, run_dir: Path, name: str | None = None) -> None:
+    """A stage started before its upstream stages succeeded fails here in one line, before any flow starts."""
+    from tasks.base import MissingUpstreamError
+    from tasks.registry import get_stage
+    from tasks.runner import check_upstream
+
+    try:
+        check_upstream(get_stage(stage_name), run_dir, name)
+    except MissingUpstreamError as err:
+        _fail(err)
+
+
 def _check_stages(until: str | None, force: list[str] | None = None) -> None:
     """`--until` and `--force` name stages: a typo must stop the command, not be ignored or fail mid-flow."""
     from tasks.registry import stage_names
@@ -145,6 +165,7 @@ def demo(
     """Generate the demo corpus if absent, then run the whole pipeline on configs/demo.yaml."""
     _quiet_prefect()
     cfg = _check_config(DEMO_CONFIG, set_)
+    _check_run_dir(run_dir, cfg)
     _check_stages(until)
     ensure_demo_corpus(cfg)
     from flows.pipeline import ecamp_pipeline
@@ -169,7 +190,8 @@ def run(
 ) -> None:
     """Run the full pipeline (finished stages with unchanged inputs are skipped)."""
     _quiet_prefect()
-    _check_config(config, set_)
+    cfg = _check_config(config, set_)
+    _check_run_dir(run_dir, cfg)
     _check_stages(until, force)
     from flows.pipeline import ecamp_pipeline
 
@@ -194,7 +216,8 @@ def stage(
 ) -> None:
     """Run a single stage against the artifacts already in the run directory."""
     _quiet_prefect()
-    _check_config(config, set_, stage=name)
+    cfg = _check_config(config, set_, stage=name)
+    _check_upstream(name, _check_run_dir(run_dir, cfg))
     from flows.pipeline import ecamp_stage
 
     summary = _run_flow(
@@ -221,13 +244,14 @@ def ablate(
 ) -> None:
     """Pre-train one encoder per ablation row into <run_dir>/pretrain_ecamp__<row>/ (upstream stages must exist)."""
     _quiet_prefect()
-    _check_config(config, set_)
+    cfg = _check_config(config, set_)
     from tasks.pretrain_ecamp import ablation_rows
 
     try:
         ablation_rows(table, rows)
     except KeyError as err:
         _fail(err)
+    _check_upstream("pretrain_ecamp", _check_run_dir(run_dir, cfg), f"ablation table {table}")
     from flows.pipeline import ecamp_ablations
 
     summaries = _run_flow(
@@ -289,7 +313,8 @@ def catalog_rebuild(run_dir: Annotated[Path, typer.Option("--run-dir", help="run
     from tasks.lock import RunDirectoryBusy, run_lock
 
     if not run_dir.is_dir():
-        _fail(FileNotFoundError(f"{run_dir}: no such run directory"))
+        what = "a file, not a run directory" if run_dir.exists() else "no such run directory"
+        _fail(FileNotFoundError(f"{run_dir}: {what}"))
     try:
         with run_lock(run_dir):
             n = rebuild(run_dir)

@@ -8,6 +8,7 @@ content no longer matches, is not there. A failed or refused attempt never touch
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,7 @@ from data_contracts import files
 from data_contracts.io import ArtifactInfo, content_hash, read_artifact_and_info
 
 RECORD = "_stage.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,7 +68,12 @@ def read_record(run_dir: Path, stage: str) -> SuccessRecord | None:
         return SuccessRecord(
             data["stage"], data["fingerprint"], data["parts"], data["seconds"], outputs, data["finished_at"]
         )
-    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # ValueError: bad JSON or UTF-8
+        log.warning(
+            "%s is unreadable (%s: %s): the stage counts as never run here", path, type(err).__name__, err
+        )
         return None
 
 

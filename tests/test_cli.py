@@ -259,3 +259,36 @@ def test_a_configured_prefect_api_is_used_as_is(monkeypatch):
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     with local_server.prefect_api():
         assert os.environ["PREFECT_API_URL"] == "http://127.0.0.1:9/api"
+
+
+@pytest.mark.parametrize("command", ["run", "stage", "demo", "catalog"])
+def test_a_run_dir_that_is_a_file_is_one_line_and_left_alone(tmp_path, command):
+    """Hostile pass: `--run-dir` naming a file gave a FileExistsError traceback from mkdir."""
+    afile = tmp_path / "afile"
+    afile.write_text("notes")
+    argv = {
+        "run": ["run", "-c", DEMO, "--until", "extract_reports"],
+        "stage": ["stage", "extract_reports", "-c", DEMO],
+        "demo": ["demo", "--until", "extract_reports"],
+        "catalog": ["catalog", "rebuild"],
+    }[command]
+    result = CliRunner().invoke(app, [*argv, "--run-dir", str(afile)])
+    assert result.exit_code == 2, result.output
+    assert "a file, not a" in result.output and result.output.count("\n") == 1, result.output
+    assert afile.read_text() == "notes"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["stage", "train_gloria"], "error: train_gloria needs ['extract_reports/images', "),
+        (["ablate", "--table", "9"], "error: ablation table 9 needs ['extract_reports/images', "),
+    ],
+)
+def test_a_stage_before_its_upstream_is_one_line_before_any_flow(tmp_path, argv, message):
+    """Hostile pass: the error came after Prefect's traceback of the failed flow; now it comes first and alone."""
+    result = CliRunner().invoke(app, [*argv, "-c", DEMO, "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(message) and result.output.count("\n") == 1, result.output
+    assert "run extract_reports, match_entities first" in result.output
+    assert not (tmp_path / "run").exists()

@@ -290,3 +290,21 @@ def test_a_broken_or_missing_catalog_is_rebuilt_from_the_artifacts(setup, tmp_pa
     path.unlink()
     assert catalog.latest(run_dir, "count").rows == 1
     assert catalog.rebuild(run_dir) == 3
+
+
+@pytest.mark.parametrize("damage", ["garbage", "binary", "directory"])
+def test_an_unreadable_success_record_counts_as_never_run_with_a_warning(tmp_path, caplog, damage):
+    """Hostile pass: a `_stage.json` that is binary or a folder crashed the runner instead of rerunning."""
+    from tasks.record import RECORD, read_record
+
+    path = tmp_path / "match_entities" / RECORD
+    path.parent.mkdir(parents=True)
+    if damage == "garbage":
+        path.write_text("{not json")
+    elif damage == "binary":
+        path.write_bytes(b"\xff\xfe\x00\x81")
+    else:
+        path.mkdir()
+    with caplog.at_level("WARNING"):
+        assert read_record(tmp_path, "match_entities") is None
+    assert f"{path} is unreadable" in caplog.text and "counts as never run" in caplog.text
