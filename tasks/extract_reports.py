@@ -560,9 +560,15 @@ def extract(data: Any, cfg: Config) -> Extraction:
 def run(ctx: StageContext, cfg: Config) -> None:
     result = extract(ctx.config.data, cfg)
     ctx.write("rejects", result.rejects, Reject)
+    if not result.reports and not result.rejects:
+        source = ctx.config.data.manifest if ctx.config.data.source == "manifest" else ctx.config.data.root
+        raise InputLayoutError(f"{source}: no study at all in the input (an empty manifest or MIMIC tree)")
     if not result.reports:
         reasons = Counter(r.reason.split(" (")[0] for r in result.rejects).most_common(3)
-        raise InputLayoutError(f"no usable study found (see rejects.parquet); most common reasons: {reasons}")
+        raise InputLayoutError(
+            f"no usable study found ({len(result.rejects)} rejected, see extract_reports/.attempt/rejects.parquet); "
+            f"most common reasons: {reasons}"
+        )
     ctx.write("reports", result.reports, Report)
     ctx.write("images", result.images, Image)
     ctx.log.info(

@@ -726,3 +726,15 @@ def test_a_5mb_report_is_rejected_at_read_time_naming_the_study_and_its_length(t
     assert reject.reason == (
         f"report too long: {len(huge):,} characters (max_report_chars is 100,000) (1 image(s) of the study left out)"
     )
+
+
+def test_a_manifest_with_no_rows_says_so(tmp_path):
+    """Hostile pass: a header-only manifest said 'most common reasons: []'."""
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("study_id,image_path,report_text\n")
+    config = SimpleNamespace(data=data(source="manifest", manifest=str(manifest)))
+    ctx = make_test_context(tmp_path / "run", config, stage=NAME)
+    with pytest.raises(
+        InputLayoutError, match=r"manifest.csv: no study at all in the input \(an empty manifest"
+    ):
+        run_direct(ctx, Config())
