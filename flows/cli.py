@@ -48,9 +48,17 @@ def _check_config(config: Path, overrides: list[str] | None, stage: str | None =
 
 def _check_run_dir(run_dir: Path | None, cfg) -> Path:
     """The run directory this command will use; one that exists as anything but a folder stops it here."""
+    from tasks.lock import RunDirectoryBusy, run_lock
+
     target = Path(run_dir) if run_dir else Path(cfg.run.run_dir)
     if target.exists() and not target.is_dir():
         _fail(NotADirectoryError(f"run directory {target} is a file, not a folder"))
+    if target.is_dir():  # another command running stages here: say so before starting a flow that would fail
+        try:
+            with run_lock(target):
+                pass
+        except RunDirectoryBusy as err:
+            _fail(err)
     return target
 
 
@@ -86,13 +94,14 @@ def _run_flow(flow: Callable[..., Any], **kwargs: Any) -> Any:
     from flows.local_server import LocalServerError, prefect_api
     from models.checkpoints import CheckpointWriteError
     from models.devices import DeviceError
+    from tasks.lock import RunDirectoryBusy
 
     try:
         with prefect_api(say=lambda line: console.print(line, soft_wrap=True)):
             return flow(**kwargs)
     except (ValueError, FileNotFoundError, DeviceError, CheckpointWriteError, FloatingPointError) as err:
         _fail(err)
-    except LocalServerError as err:  # a RuntimeError: not folded into the tuple above by accident
+    except (LocalServerError, RunDirectoryBusy) as err:  # RuntimeErrors: not folded in above by accident
         _fail(err)
 
 

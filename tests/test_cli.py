@@ -292,3 +292,25 @@ def test_a_stage_before_its_upstream_is_one_line_before_any_flow(tmp_path, argv,
     assert result.output.startswith(message) and result.output.count("\n") == 1, result.output
     assert "run extract_reports, match_entities first" in result.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "argv", [["run", "-c", DEMO], ["stage", "match_entities", "-c", DEMO], ["catalog", "rebuild"]]
+)
+def test_a_busy_run_dir_is_one_line_naming_the_holder_before_any_flow(tmp_path, argv):
+    """Hostile pass: a second `ecamp run` on a busy run dir ended in a RunDirectoryBusy traceback (exit 1)."""
+    from tests.test_runner import hold_lock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = hold_lock(run_dir)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = CliRunner().invoke(app, [*argv, "--run-dir", str(run_dir)])
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(10)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: run directory {run_dir} is in use by pid {holder.pid}")
+    assert result.output.count("\n") == 1, result.output
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
