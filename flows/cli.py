@@ -48,12 +48,14 @@ def _check_config(config: Path, overrides: list[str] | None, stage: str | None =
 
 def _check_run_dir(run_dir: Path | None, cfg) -> Path:
     """The run directory this command will use; one that exists as anything but a folder stops it here."""
-    from tasks.lock import RunDirectoryBusy, run_lock
+    from tasks.lock import LOCK_FILE, RunDirectoryBusy, run_lock
 
     target = Path(run_dir) if run_dir else Path(cfg.run.run_dir)
     if target.exists() and not target.is_dir():
         _fail(NotADirectoryError(f"run directory {target} is a file, not a folder"))
-    if target.is_dir():  # another command running stages here: say so before starting a flow that would fail
+    if (
+        target / LOCK_FILE
+    ).is_file():  # another command running stages here: say so before a flow that would fail
         try:
             with run_lock(target):
                 pass
