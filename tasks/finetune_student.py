@@ -147,7 +147,8 @@ def agreement(
     for entities, t_text, s_text in zip(requested, teacher, system, strict=True):
         t_parsed, s_parsed = parse.parse_response(t_text, finder), parse.parse_response(s_text, finder)
         t_cert, s_cert = parse.entity_certainties(t_parsed), parse.entity_certainties(s_parsed)
-        t_sent, s_sent = first_sentences(t_parsed), first_sentences(s_parsed)
+        t_sent = {e: p.text for e, p in parse.first_well_formed(t_parsed).items()}
+        s_sent = {e: p.text for e, p in parse.first_well_formed(s_parsed).items()}
         sentences += len(s_parsed)
         bad += sum(not p.well_formed for p in s_parsed)
         all_right = True
@@ -170,15 +171,6 @@ def agreement(
         "coverage": covered / max(pairs, 1),
         "report_exact": reports_right / max(len(teacher), 1),
     }
-
-
-def first_sentences(parsed: Sequence[parse.ParsedSentence]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for p in parsed:
-        if p.well_formed:
-            for e in p.entities:
-                out.setdefault(e, p.text)
-    return out
 
 
 def norm(sentence: str) -> str:

@@ -106,14 +106,19 @@ def parse_response(response: str, finder: EntityFinder) -> list[ParsedSentence]:
     return [parse_sentence(s, finder) for s in split_response(response)]
 
 
-def entity_certainties(parsed: Sequence[ParsedSentence]) -> dict[str, Certainty]:
-    """Entity -> certainty from well-formed sentences; the first sentence about an entity wins."""
-    out: dict[str, Certainty] = {}
+def first_well_formed(parsed: Sequence[ParsedSentence]) -> dict[str, ParsedSentence]:
+    """Entity -> the first well-formed sentence about it (the one the answer's reader takes)."""
+    out: dict[str, ParsedSentence] = {}
     for p in parsed:
         if p.well_formed:
             for e in p.entities:
-                out.setdefault(e, p.certainty)
+                out.setdefault(e, p)
     return out
+
+
+def entity_certainties(parsed: Sequence[ParsedSentence]) -> dict[str, Certainty]:
+    """Entity -> certainty from well-formed sentences; the first sentence about an entity wins."""
+    return {e: p.certainty for e, p in first_well_formed(parsed).items()}
 
 
 POLARITY_TO_CERTAINTY: dict[str, Certainty] = {
