@@ -53,9 +53,10 @@ def _check_run_dir(run_dir: Path | None, cfg) -> Path:
     target = Path(run_dir) if run_dir else Path(cfg.run.run_dir)
     if target.exists() and not target.is_dir():
         _fail(NotADirectoryError(f"run directory {target} is a file, not a folder"))
-    if (
+    busy_probe = (
         target / LOCK_FILE
-    ).is_file():  # another command running stages here: say so before a flow that would fail
+    )  # another command running stages here: say so before a flow that would fail
+    if busy_probe.is_file():
         try:
             with run_lock(target):
                 pass

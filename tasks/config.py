@@ -55,8 +55,8 @@ class DataConfig(StageConfig):
     max_studies: int | None = Field(None, ge=1, description="keep only the first N studies (quick trials)")
 
 
-# Settings two stages each declare that must hold the same value: (key, key, why). Both keys are read only when
-# both sections exist; a mismatch is a ConfigError naming both, because either stage alone would run "fine".
+# Settings two stages each declare that must hold the same value: (key, key, why). A mismatch is a ConfigError
+# naming both, because either stage alone would run "fine".
 AGREEMENTS: tuple[tuple[str, str, str], ...] = (
     (
         "train_gloria.grid",
@@ -87,9 +87,6 @@ def check_agreements(config: BaseModel, source: str) -> None:
     """Refuse a config whose cross-stage settings (AGREEMENTS) disagree, naming both keys and values."""
     problems = []
     for left, right, why in AGREEMENTS:
-        sections = {left.split(".")[0], right.split(".")[0]}
-        if not all(hasattr(config, s) for s in sections):
-            continue
         a, b = _lookup(config, left), _lookup(config, right)
         if a != b:
             problems.append(f"{source}: {left} = {a!r} but {right} = {b!r}: they must agree ({why})")
@@ -193,21 +190,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{source}: not valid YAML ({err})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: top level must be a mapping of sections")
-    raw = apply_overrides(raw, list(overrides or []))
-    try:
-        config = pipeline_config_model().model_validate(raw)
-    except ValidationError as err:
-        raise _explain(err, source) from None
-    check_agreements(config, source)
-    return config
+    return config_from_dict(apply_overrides(raw, list(overrides or [])), source)
 
 
-def config_from_dict(data: dict[str, Any]) -> BaseModel:
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> BaseModel:
+    """Validate a raw config mapping, then the cross-stage AGREEMENTS; errors name `source`."""
     try:
         config = pipeline_config_model().model_validate(data)
     except ValidationError as err:
-        raise _explain(err, "<dict>") from None
-    check_agreements(config, "<dict>")
+        raise _explain(err, source) from None
+    check_agreements(config, source)
     return config
 
 

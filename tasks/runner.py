@@ -55,20 +55,13 @@ def upstream_hashes(stage: Stage, run_dir: Path) -> dict[str, str | None]:
     return found
 
 
-def missing_upstream(stage: Stage, run_dir: Path) -> list[str]:
-    """The declared, non-optional reads whose producer has no success record listing them."""
-    missing = []
-    for ref in stage.reads:
-        producer, name = split_ref(ref)
-        record = read_record(run_dir, producer)
-        if ref not in stage.optional and (record is None or name not in record.outputs):
-            missing.append(ref)
-    return missing
-
-
-def check_upstream(stage: Stage, run_dir: Path, name: str | None = None) -> None:
-    """Refuse to start `stage` (run as `name`) before the stages it reads from have succeeded."""
-    if missing := missing_upstream(stage, Path(run_dir)):
+def check_upstream(
+    stage: Stage, run_dir: Path, name: str | None = None, upstream: dict[str, str | None] | None = None
+) -> None:
+    """Refuse to start `stage` (run as `name`) while a declared, non-optional read is not there: its producer
+    never succeeded, or the output it recorded is gone or unreadable. `upstream`: `upstream_hashes`, if known."""
+    upstream = upstream_hashes(stage, Path(run_dir)) if upstream is None else upstream
+    if missing := [ref for ref, h in upstream.items() if h is None and ref not in stage.optional]:
         producers = ", ".join(dict.fromkeys(split_ref(r)[0] for r in missing))
         raise MissingUpstreamError(
             f"{name or stage.name} needs {missing}, which no successful run in {run_dir} has written: "
@@ -131,7 +124,7 @@ def run_stage(
         if not force and (cached := cached_result(name, run_dir, fingerprint)):
             log.info("%s: cached (fingerprint %s), skipped", name, fingerprint)
             return cached
-        check_upstream(stage, run_dir, name)
+        check_upstream(stage, run_dir, name, upstream)
         ctx = StageContext(
             run_dir=run_dir,
             stage=stage,

@@ -24,7 +24,7 @@ from data_contracts.io import content_hash, read_artifact, read_info
 from tasks.base import MissingUpstreamError, StageConfig, UndeclaredError
 from tasks.lock import RunDirectoryBusy, run_lock
 from tasks.record import read_record
-from tasks.runner import run_stage
+from tasks.runner import check_upstream, run_stage
 from tasks.stage import Stage
 from tests.conftest import REPO_ROOT
 
@@ -215,6 +215,22 @@ def test_missing_upstream_is_a_clear_error(tmp_path):
     _, double = make_stages([])
     with pytest.raises(MissingUpstreamError, match=r"double needs \['source/numbers'\].*run source first"):
         run_stage(double, make_config(tmp_path), tmp_path / "run")
+
+
+def test_an_upstream_output_deleted_after_its_success_is_missing_not_read(setup, tmp_path):
+    """The upstream check looks at the recorded output itself, not only at its producer's success record."""
+    calls, go, run_dir = setup
+    source, double = make_stages([])
+    go(make_config(tmp_path))
+    (run_dir / "source" / "numbers.parquet").unlink()
+    for check in (
+        lambda: run_stage(double, make_config(tmp_path, factor=3), run_dir),
+        lambda: check_upstream(double, run_dir),  # the CLI's pre-flight
+    ):
+        with pytest.raises(
+            MissingUpstreamError, match=r"double needs \['source/numbers'\].*run source first"
+        ):
+            check()
 
 
 def test_a_named_run_is_a_separate_cached_stage_folder(setup, tmp_path):
