@@ -168,6 +168,24 @@ def ensure_demo_corpus(cfg) -> None:
     console.print(summary.describe())
 
 
+def ensure_synth_datasets(cfg) -> None:
+    """Generate the `synth` evaluation sets that `evaluate.synth` describes, where they are absent (as the corpus)."""
+    from models.synth.corpus import CorpusFolderError, corpus_marker, generate_corpus
+
+    section = cfg.evaluate
+    if section.synth is None:
+        return
+    for root in dict.fromkeys(Path(s.path) for s in section.datasets if s.kind == "synth"):
+        marker = corpus_marker(root)
+        if marker is not None and marker.get("config") == section.synth.model_dump(mode="json"):
+            continue
+        console.print(f"generating the downstream evaluation set at {root} ...")
+        try:
+            generate_corpus(section.synth, root, overwrite=True)
+        except CorpusFolderError as err:
+            _fail(err)
+
+
 @app.command()
 def demo(
     run_dir: RunDirOpt = None,
@@ -180,6 +198,7 @@ def demo(
     _check_run_dir(run_dir, cfg)
     _check_stages(until)
     ensure_demo_corpus(cfg)
+    ensure_synth_datasets(cfg)
     from flows.pipeline import ecamp_pipeline
 
     summaries = _run_flow(
@@ -190,6 +209,8 @@ def demo(
         overrides=set_,
     )
     _print_summaries(summaries)
+    if until is None:
+        _print_table(Path(run_dir or cfg.run.run_dir) / "evaluate" / "RESULTS.md")
 
 
 @app.command()
@@ -276,6 +297,63 @@ def ablate(
         force=force,
     )
     _print_summaries(summaries)
+
+
+@app.command()
+def evaluate(
+    config: ConfigOpt,
+    run_dir: RunDirOpt = None,
+    init: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--init", help="random | ecamp | mim_only | a checkpoint path (repeatable; default: config)"
+        ),
+    ] = None,
+    set_: SetOpt = None,
+    force: Annotated[bool, typer.Option(help="recompute even if cached")] = False,
+) -> None:
+    """Evaluate encoders (this run's, or any checkpoint file) on the configured downstream datasets."""
+    overrides = list(set_ or [])
+    if init:
+        overrides.append("evaluate.inits=[" + ", ".join(repr(i) for i in init) + "]")
+    _quiet_prefect()
+    cfg = _check_config(config, overrides, stage="evaluate")
+    target = _check_run_dir(run_dir, cfg)
+    ensure_synth_datasets(cfg)
+    _check_upstream("evaluate", target)
+    from flows.pipeline import ecamp_stage
+
+    summary = _run_flow(
+        ecamp_stage,
+        stage="evaluate",
+        config_path=str(config),
+        run_dir=str(run_dir) if run_dir else None,
+        overrides=overrides,
+        force=force,
+    )
+    _print_summaries([summary])
+    _print_table(target / "evaluate" / "RESULTS.md")
+
+
+@app.command()
+def report(
+    run_dir: RunDirOpt = None,
+    config: Annotated[Path, typer.Option("--config", "-c")] = DEMO_CONFIG,
+) -> None:
+    """Print the evaluation table of a run (evaluate/RESULTS.md)."""
+    from tasks.config import ConfigError, load_config
+
+    try:
+        target = run_dir or Path(load_config(config).run.run_dir)
+    except ConfigError as err:
+        _fail(err)
+    _print_table(Path(target) / "evaluate" / "RESULTS.md")
+
+
+def _print_table(path: Path) -> None:
+    if not path.is_file():
+        _fail(FileNotFoundError(f"{path}: no evaluation table; run `ecamp evaluate` (or the pipeline) first"))
+    typer.echo(path.read_text())
 
 
 def _label(uri: str, info) -> str:

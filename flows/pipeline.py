@@ -111,9 +111,34 @@ def ecamp_pipeline(
     summaries = []
     with run_lock(Path(target)):  # held across stages: no other run slips in between two of them
         for stage in stages_until(until):
+            for row in ablations_for(stage, config):  # e.g. the MIM-only encoder that `evaluate` compares
+                summaries.append(
+                    ablation_row_task(row, config_path, overrides, target, force=stage in (force or []))
+                )
             run = stage_task.with_options(name=stage, task_run_name=stage)
             summaries.append(run(stage, data, target, force=stage in (force or [])))
     return summaries
+
+
+def ablations_for(stage: str, config: Any) -> list[str]:
+    """Ablation rows (of table 7) a stage reads as initializations; they run just before it."""
+    if stage != "evaluate":
+        return []
+    return [init for init in config.evaluate.inits if init == "mim_only"]
+
+
+def ablation_row_task(
+    row: str, config_path: str, overrides: list[str] | None, run_dir: str, force: bool = False
+) -> dict[str, Any]:
+    """`pretrain_ecamp` with the overrides of one table-7 row, under the folder `pretrain_ecamp__<row>`."""
+    from tasks.pretrain_ecamp import STAGE, ablation_rows
+
+    row_overrides = ablation_rows("7", [row])[row]
+    data = load_config(config_path, [*(overrides or []), *row_overrides]).model_dump(mode="json")
+    name = f"{STAGE.name}__{row}"
+    return stage_task.with_options(name=name, task_run_name=name)(
+        STAGE.name, data, run_dir, force=force, name=name
+    )
 
 
 @flow(name="ecamp-stage")

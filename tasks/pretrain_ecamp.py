@@ -200,6 +200,9 @@ ABLATIONS: dict[str, dict[str, list[str]]] = {
         "no_local": [f"{_T}model.mscf_local=false"],
         "no_global": [f"{_T}model.mscf_global=false"],
         "full": [],
+        "mim_only": _CD_OFF
+        + _SR_OFF
+        + [f"{_T}model.text_side=false"],  # not a paper row: evaluate's baseline
     },
     "8": {  # text composition (entity selection rows need other entity lists upstream: match_entities)
         "origin_alone": _CD_OFF,

@@ -15,6 +15,7 @@ STAGE_MODULES: list[str] = [
     "tasks.bulk_distill",
     "tasks.train_gloria",
     "tasks.pretrain_ecamp",
+    "tasks.evaluate",
 ]
 
 
@@ -26,12 +27,15 @@ def stages() -> tuple[Stage, ...]:
 
 
 def check_order(found: tuple[Stage, ...]) -> None:
-    """Every read names an output of an earlier stage: the order above is a valid execution order."""
+    """Every read names an output of an earlier stage: the order above is a valid execution order.
+
+    `stage__row` is a variant of `stage` (an ablation row run under its own folder): it writes what `stage` does.
+    """
     written: dict[str, set[str]] = {}
     for stage in found:
         for ref in stage.reads:
             producer, name = split_ref(ref)
-            if name not in written.get(producer, set()):
+            if name not in written.get(producer.split("__")[0], set()):
                 raise ValueError(f"{stage.name} reads '{ref}', which no earlier stage declares")
         written[stage.name] = set(stage.outputs)
 

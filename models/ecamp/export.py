@@ -3,7 +3,9 @@
 The encoder's parameter names already equal timm's, so the file is the encoder state dict plus a header saying which
 timm model to build (`timm_kwargs`). Downstream code (and users) call `load_timm_encoder(path)`; the fixed sin-cos
 position embeddings travel as timm's learnable `pos_embed`, and there is no classifier head (num_classes=0), so
-fine-tuning adds its own.
+fine-tuning adds its own. The header asks for average pooling of the patch tokens (the paper's global feature
+f_v^g; the CLS token is never trained by pre-training); `models.evaluate.encoders` builds the fine-tuning model
+with a fresh `fc_norm` instead of the pre-trained `norm`, as the official fine-tuning code does.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def timm_kwargs(cfg: ECAMPConfig) -> dict[str, Any]:
         "mlp_ratio": cfg.mlp_ratio,
         "qkv_bias": True,
         "num_classes": 0,
-        "global_pool": "token",
+        "global_pool": "avg",  # downstream feature = mean of the patch tokens (paper §3.4 f_v^g); CLS is untrained
+        "fc_norm": False,  # keep the pre-trained final `norm` on every token, then average: a strict load works
         "class_token": True,
     }
 

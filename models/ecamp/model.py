@@ -80,6 +80,10 @@ class ECAMPConfig(BaseModel):
     mscf_local: bool = Field(True, description="cross-attention to local patch features (Table 7 'Local')")
     mscf_global: bool = Field(True, description="linear(GAP(patch features)) branch (Table 7 'Global')")
     tie_mlm_decoder: bool = Field(True, description="tie MLM decoder to word embeddings (official: untied)")
+    text_side: bool = Field(
+        True,
+        description="MLM + MSCF text side on/off; off with sr=False is the MIM-only baseline (evaluation)",
+    )
 
     @property
     def grid_size(self) -> int:
@@ -310,7 +314,7 @@ class ECAMP(nn.Module):
         self.encoder = MaskedViTEncoder(cfg)
         self.decoder = MAEDecoder(cfg)
         self.upsampler = SRUpsampler(cfg.in_chans, cfg.sr_final_relu) if cfg.sr else None
-        self.text = MSCFTextModel(cfg)
+        self.text = MSCFTextModel(cfg) if cfg.text_side else None
         self.initialize_weights()
 
     # ---- init ------------------------------------------------------------------------------------------------
@@ -322,9 +326,10 @@ class ECAMP(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.encoder.cls_token, std=0.02)
         nn.init.normal_(self.decoder.mask_token, std=0.02)
-        std = self.text.initializer_range
-        self.text.apply(lambda m: init_bert_module(m, std))
-        self.text.tie_weights()
+        if self.text is not None:
+            std = self.text.initializer_range
+            self.text.apply(lambda m: init_bert_module(m, std))
+            self.text.tie_weights()
 
     # ---- patches ---------------------------------------------------------------------------------------------
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -406,6 +411,8 @@ class ECAMP(nn.Module):
             sr = self.sr_loss(self.reconstruction(pred, mean, std), imgs_hr, window)
         else:
             sr = torch.zeros((), device=imgs_lr.device)
+        if self.text is None:  # MIM-only baseline: no text side at all
+            return {"mim": mim, "sr": sr, "mlm": torch.zeros_like(mim), "total": mim + sr}
         positions = labels.numel()
         input_ids, attention_mask, labels, weights = trim_padding(input_ids, attention_mask, labels, weights)
         hidden = self.text(input_ids, attention_mask, latent[:, 1:, :])

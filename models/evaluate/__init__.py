@@ -1,0 +1,1 @@
+"""Downstream evaluation: dataset splits (classification, segmentation, detection) and their metrics."""

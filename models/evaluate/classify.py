@@ -1,0 +1,161 @@
+"""Classification heads: full fine-tuning of the ViT, and the linear probe on frozen features computed once.
+
+Fine-tuning follows the official recipe (REFERENCE.md §3.1): `Linear(D, C)` initialised with std 2e-5 on the
+average-pooled patch tokens through a fresh `fc_norm`, drop-path, SGD with warm-up + cosine, gradient clip,
+RandomResizedCrop + horizontal flip; BCE for multi-label sets, cross-entropy for multi-class ones. The linear
+probe freezes everything but the head (the official probe script forgets to) and, since nothing before the
+head changes, trains on pooled features extracted once: seconds instead of hours.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from models.evaluate.fit import FitConfig, FitResult, fit
+from models.evaluate.metrics import accuracy, mean_auc
+from models.evaluate.pixels import normalize
+
+
+class Normalization(BaseModel):
+    """Grey-level statistics of the pre-training (the official MIMIC values)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mean: float = 0.4721
+    std: float = Field(0.3029, gt=0)
+
+
+class Augment(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    crop_scale_min: float = Field(0.08, gt=0, le=1, description="RandomResizedCrop area range lower end")
+    flip: bool = True
+
+
+def init_head(model: VisionTransformer, std: float = 2e-5) -> None:
+    nn.init.trunc_normal_(model.head.weight, std=std)
+    nn.init.zeros_(model.head.bias)
+
+
+def crop_box(size: int, scale_min: float, gen: torch.Generator) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (area in [scale_min, 1], aspect in [3/4, 4/3]) drawn from `gen`."""
+    for _ in range(10):
+        area = size * size * (scale_min + (1 - scale_min) * float(torch.rand((), generator=gen)))
+        ratio = math.exp(math.log(3 / 4) + math.log(16 / 9) * float(torch.rand((), generator=gen)))
+        w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < w <= size and 0 < h <= size:
+            top = int(torch.randint(0, size - h + 1, (), generator=gen))
+            left = int(torch.randint(0, size - w + 1, (), generator=gen))
+            return top, left, h, w
+    return 0, 0, size, size
+
+
+def augment(images: torch.Tensor, cfg: Augment, gen: torch.Generator) -> torch.Tensor:
+    """uint8 [B, S, S] -> uint8 [B, S, S]: RandomResizedCrop back to S, then a horizontal flip with p=0.5."""
+    size = images.shape[-1]
+    out = []
+    for img in images:
+        top, left, h, w = crop_box(size, cfg.crop_scale_min, gen)
+        crop = img[top : top + h, left : left + w].float()[None, None]
+        crop = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+        if cfg.flip and float(torch.rand((), generator=gen)) < 0.5:
+            crop = crop.flip(-1)
+        out.append(crop.round().clamp(0, 255).to(torch.uint8))
+    return torch.stack(out)
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    if multilabel:
+        return F.binary_cross_entropy_with_logits(logits, labels.float())
+    return F.cross_entropy(logits, labels.long().reshape(-1))
+
+
+def score(labels: np.ndarray, logits: np.ndarray, multilabel: bool) -> float:
+    """Mean per-class AUC (multi-label) or accuracy (multi-class): what model choice and the table use."""
+    return mean_auc(labels, logits)[0] if multilabel else accuracy(labels.reshape(-1), logits)
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images: torch.Tensor, norm: Normalization, batch: int = 256) -> np.ndarray:
+    model.eval()
+    outs = [
+        model(normalize(images[i : i + batch], norm.mean, norm.std)) for i in range(0, len(images), batch)
+    ]
+    return torch.cat(outs).float().numpy()
+
+
+def finetune(
+    model: VisionTransformer,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    multilabel: bool,
+    fit_cfg: FitConfig,
+    aug: Augment,
+    norm: Normalization,
+    seed: int,
+    desc: str = "fine-tune",
+) -> FitResult:
+    """Fine-tune every weight of `model` (a fresh head) on (uint8 images, labels); keep the best-on-val weights."""
+    images, labels = train
+    val_labels = val[1].numpy()
+
+    def batch_loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        x = normalize(augment(images[idx], aug, gen), norm.mean, norm.std)
+        return classification_loss(model(x), labels[idx], multilabel)
+
+    def validate() -> float:
+        return score(val_labels, predict(model, val[0], norm), multilabel)
+
+    return fit(model, batch_loss, validate, len(images), fit_cfg, seed, desc)
+
+
+@torch.inference_mode()
+def frozen_features(
+    model: VisionTransformer, images: torch.Tensor, norm: Normalization, batch: int = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled [N, D], patch tokens [N, L, D]) of the frozen model: the head's input and the dense tasks' input."""
+    model.eval()
+    pooled, tokens = [], []
+    for i in range(0, len(images), batch):
+        feats = model.forward_features(normalize(images[i : i + batch], norm.mean, norm.std))
+        pooled.append(model.forward_head(feats, pre_logits=True))
+        tokens.append(feats[:, model.num_prefix_tokens :])
+    d = model.embed_dim
+    if not pooled:
+        return torch.zeros(0, d), torch.zeros(0, model.patch_embed.num_patches, d)
+    return torch.cat(pooled), torch.cat(tokens)
+
+
+def linear_probe(
+    features: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    num_classes: int,
+    multilabel: bool,
+    fit_cfg: FitConfig,
+    seed: int,
+    head_std: float = 2e-5,
+    desc: str = "linear probe",
+) -> tuple[nn.Linear, FitResult]:
+    """Train only `Linear(D, C)` on cached pooled features (nothing before it can change)."""
+    feats, labels = features
+    torch.manual_seed(seed)
+    head = nn.Linear(feats.shape[1], num_classes)
+    nn.init.trunc_normal_(head.weight, std=head_std)
+    nn.init.zeros_(head.bias)
+    val_labels = val[1].numpy()
+
+    def batch_loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return classification_loss(head(feats[idx]), labels[idx], multilabel)
+
+    def validate() -> float:
+        with torch.inference_mode():
+            return score(val_labels, head(val[0]).numpy(), multilabel)
+
+    return head, fit(head, batch_loss, validate, len(feats), fit_cfg, seed, desc)

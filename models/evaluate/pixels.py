@@ -1,0 +1,78 @@
+"""Decode a downstream split once, at the encoder's input size, and keep it as uint8 in memory.
+
+Every initialization, task, label fraction and seed then reads the same pixels: the decode (the costly part
+on radiographs of 2,000+ px) is paid once per image, not once per run. Masks and boxes are brought to the same
+size here, so heads and metrics only ever see input-size coordinates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.evaluate.datasets import Sample, rle_decode
+from models.images import load_grayscale
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """One split at the input size: images uint8 [N, S, S]; masks bool [N, S, S] or None; boxes per image
+    as float [M, 4] xyxy in input pixels."""
+
+    images: torch.Tensor
+    masks: torch.Tensor | None
+    boxes: list[torch.Tensor]
+
+
+def resize_gray(pixels: np.ndarray, size: int) -> np.ndarray:
+    """[H, W] float in [0, 1] -> [size, size] uint8, bicubic (the whole image: no crop, as the paper's 224 input)."""
+    im = Image.fromarray(np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    return np.asarray(im.resize((size, size), Image.Resampling.BICUBIC))
+
+
+def mask_of(sample: Sample, height: int, width: int, size: int) -> np.ndarray:
+    """The sample's lesion mask at the input size: a mask file, a SIIM RLE, or its boxes filled (RSNA)."""
+    if sample.mask is not None:
+        full = np.asarray(Image.open(sample.mask).convert("L")) > 0
+    elif sample.rle is not None:
+        full = rle_decode(sample.rle, height, width)
+    else:
+        full = np.zeros((height, width), dtype=bool)
+        for x1, y1, x2, y2 in sample.boxes:
+            full[int(y1) : int(np.ceil(y2)), int(x1) : int(np.ceil(x2))] = True
+    im = Image.fromarray(full.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)
+    return np.asarray(im) > 127
+
+
+def scaled_boxes(sample: Sample, height: int, width: int, size: int) -> torch.Tensor:
+    boxes = torch.tensor(sample.boxes, dtype=torch.float32).reshape(-1, 4)
+    return boxes * torch.tensor([size / width, size / height, size / width, size / height])
+
+
+def decode_split(samples: Sequence[Sample], size: int, task: str, workers: int = 2) -> Pixels:
+    """Decode every sample (threads: PIL and the JPEG decoder release the GIL) into one `Pixels`."""
+
+    def one(sample: Sample) -> tuple[np.ndarray, np.ndarray | None, torch.Tensor]:
+        gray = load_grayscale(sample.image)
+        h, w = gray.shape
+        mask = mask_of(sample, h, w, size) if task == "segmentation" else None
+        return resize_gray(gray, size), mask, scaled_boxes(sample, h, w, size)
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        decoded = list(pool.map(one, samples))
+    images = torch.from_numpy(np.stack([d[0] for d in decoded])) if decoded else torch.zeros(0, size, size)
+    masks = None
+    if task == "segmentation":
+        masks = torch.from_numpy(np.stack([d[1] for d in decoded])) if decoded else torch.zeros(0, size, size)
+    return Pixels(images.to(torch.uint8), masks, [d[2] for d in decoded])
+
+
+def normalize(images: torch.Tensor, mean: float, std: float, channels: int = 3) -> torch.Tensor:
+    """uint8 [B, S, S] -> float [B, C, S, S] with the pre-training's grey-level statistics."""
+    x = images.float().div_(255.0).sub_(mean).div_(std)
+    return x.unsqueeze(1).expand(-1, channels, -1, -1).contiguous()

@@ -1,0 +1,267 @@
+"""The evaluation protocol: every initialization × task × label fraction × seed on one dataset, as result rows.
+
+The expensive parts are paid once: each split is decoded once (`pixels`), and a frozen encoder's features
+once per initialization (once per seed for the random init, whose weights are the seed's), so the linear probe,
+segmentation and detection heads train on cached tensors. Fine-tuning alone runs the encoder every step.
+Each run picks its weights on the validation split and reports the test split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.evaluate.classify import (
+    Augment,
+    Normalization,
+    finetune,
+    frozen_features,
+    init_head,
+    linear_probe,
+    predict,
+    score,
+)
+from models.evaluate.datasets import Splits
+from models.evaluate.detection import DetectionConfig, DetectionHead, decode, detection_loss
+from models.evaluate.encoders import LoadReport, downstream_vit, load_init
+from models.evaluate.fit import FitConfig, fit
+from models.evaluate.metrics import detection_map, mean_dice
+from models.evaluate.pixels import Pixels
+from models.evaluate.segment import SegConfig, predict_masks, train_segmentation
+
+Protocol = Literal["finetune", "linear_probe", "segmentation", "detection"]
+PROTOCOLS_OF_TASK: dict[str, tuple[str, ...]] = {
+    "classification": ("finetune", "linear_probe"),
+    "segmentation": ("segmentation",),
+    "detection": ("detection",),
+}
+
+
+class DenseSettings(BaseModel):
+    """A frozen-encoder dense task: its head and its optimiser (official: AdamW 5e-4, wd 0.05)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fit: FitConfig = Field(
+        default_factory=lambda: FitConfig(
+            optimizer="adamw", lr=5e-4, weight_decay=0.05, epochs=50, batch_size=16
+        )
+    )
+
+
+class SegSettings(DenseSettings):
+    head: SegConfig = Field(default_factory=SegConfig)
+
+
+class DetSettings(DenseSettings):
+    head: DetectionConfig = Field(default_factory=DetectionConfig)
+    scored: Literal["all", "official"] = Field(
+        "all",
+        description="mAP over all test images, or the official code's images with a box and a prediction",
+    )
+
+
+class ProtocolConfig(BaseModel):
+    """How each protocol trains (official recipes by default; the paper gives no fine-tuning settings)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    finetune: FitConfig = Field(default_factory=FitConfig)
+    linear_probe: FitConfig = Field(
+        default_factory=lambda: FitConfig(epochs=100, batch_size=256, lr=0.1, clip_grad=None)
+    )
+    drop_path: float = Field(0.1, ge=0, lt=1)
+    head_init_std: float = Field(2e-5, gt=0)
+    augment: Augment = Field(default_factory=Augment)
+    segmentation: SegSettings = Field(default_factory=SegSettings)
+    detection: DetSettings = Field(default_factory=DetSettings)
+
+
+@dataclass(frozen=True)
+class Init:
+    """One row of the results table: a name and the weights to start from (None: random, drawn from the seed)."""
+
+    name: str
+    path: Path | None
+
+
+@dataclass(frozen=True)
+class Job:
+    """What to run on one dataset."""
+
+    splits: Splits
+    pixels: dict[str, Pixels]  # train / val / test
+    protocols: tuple[str, ...]
+    fractions: tuple[int, ...]
+    seeds: tuple[int, ...]
+
+
+Log = Callable[[str], None]
+
+
+def labels_of(splits: Splits, name: str) -> torch.Tensor:
+    samples = getattr(splits, name)
+    return torch.tensor([list(s.labels) for s in samples], dtype=torch.float32).reshape(len(samples), -1)
+
+
+class FeatureCache:
+    """Frozen features per (initialization, encoder seed, split); a pre-trained encoder is seed-independent."""
+
+    def __init__(self, arch: dict[str, Any], norm: Normalization):
+        self.arch, self.norm = arch, norm
+        self.store: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, init: Init, seed: int, split: str, pixels: Pixels) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (init.name, seed if init.path is None else 0, split)
+        if key not in self.store:
+            torch.manual_seed(key[1])
+            model = downstream_vit(self.arch)
+            load_init(model, init.path)
+            self.store[key] = frozen_features(model, pixels.images, self.norm)
+        return self.store[key]
+
+
+def run_job(
+    job: Job,
+    inits: list[Init],
+    reports: dict[str, LoadReport],
+    arch: dict[str, Any],
+    norm: Normalization,
+    cfg: ProtocolConfig,
+    log: Log,
+) -> Iterator[dict[str, Any]]:
+    """Result rows of every (protocol, init, fraction, seed) of `job`, one at a time (the stage writes them)."""
+    cache = FeatureCache(arch, norm)
+    grid = arch["img_size"] // arch["patch_size"]
+    for protocol in job.protocols:
+        for init in inits:
+            for fraction in job.fractions:
+                idx = torch.tensor(job.splits.fractions[fraction], dtype=torch.long)
+                for seed in job.seeds:
+                    desc = f"{job.splits.name} {protocol} {init.name} {fraction}% s{seed}"
+                    metric, value, fitted = run_one(
+                        job, protocol, init, idx, seed, cache, arch, grid, norm, cfg, desc
+                    )
+                    log(
+                        f"{desc}: {metric} {value:.4f} (best epoch {fitted.best_epoch + 1}/{fitted.epochs_run})"
+                    )
+                    yield {
+                        "task": protocol,
+                        "dataset": job.splits.name,
+                        "fraction": fraction,
+                        "init": init.name,
+                        "seed": seed,
+                        "metric": metric,
+                        "value": float(value),
+                        "checkpoint_hash": reports[init.name].content_hash,
+                        "n_train": int(len(idx)),
+                        "n_test": len(job.splits.test),
+                        "best_epoch": fitted.best_epoch + 1,
+                        "epochs_run": fitted.epochs_run,
+                    }
+
+
+def run_one(
+    job: Job,
+    protocol: str,
+    init: Init,
+    idx: torch.Tensor,
+    seed: int,
+    cache: FeatureCache,
+    arch: dict[str, Any],
+    grid: int,
+    norm: Normalization,
+    cfg: ProtocolConfig,
+    desc: str,
+) -> tuple[str, float, Any]:
+    """Train one head on the `idx` subset of train, choose on val, score on test: (metric, value, FitResult)."""
+    splits, px = job.splits, job.pixels
+    if protocol in ("finetune", "linear_probe"):
+        multilabel, n_classes = splits.multilabel, len(splits.classes)
+        y = {s: labels_of(splits, s) for s in ("train", "val", "test")}
+        metric = "auc" if multilabel else "accuracy"
+        if protocol == "finetune":
+            torch.manual_seed(seed)
+            model = downstream_vit(arch, n_classes, cfg.drop_path)
+            load_init(model, init.path)
+            torch.manual_seed(seed)
+            init_head(model, cfg.head_init_std)
+            train = (px["train"].images[idx], y["train"][idx])
+            fitted = finetune(model, train, (px["val"].images, y["val"]), multilabel, cfg.finetune, cfg.augment, norm, seed, desc)  # fmt: skip
+            return (
+                metric,
+                score(y["test"].numpy(), predict(model, px["test"].images, norm), multilabel),
+                fitted,
+            )
+        feats = {s: cache.get(init, seed, s, px[s])[0] for s in ("train", "val", "test")}
+        head, fitted = linear_probe((feats["train"][idx], y["train"][idx]), (feats["val"], y["val"]), n_classes,
+                                    multilabel, cfg.linear_probe, seed, cfg.head_init_std, desc)  # fmt: skip
+        with torch.inference_mode():
+            return metric, score(y["test"].numpy(), head(feats["test"]).numpy(), multilabel), fitted
+    tokens = {s: cache.get(init, seed, s, px[s])[1] for s in ("train", "val", "test")}
+    if protocol == "segmentation":
+        masks = {s: px[s].masks for s in ("train", "val", "test")}
+        head, fitted = train_segmentation((tokens["train"][idx], masks["train"][idx]), (tokens["val"], masks["val"]),
+                                          grid, arch["img_size"], cfg.segmentation.head, cfg.segmentation.fit, seed,
+                                          desc)  # fmt: skip
+        return "dice", mean_dice(predict_masks(head, tokens["test"]), masks["test"].numpy(), cfg.segmentation.head.threshold), fitted  # fmt: skip
+    if protocol == "detection":
+        head, fitted = train_detection(tokens, px, idx, grid, arch["img_size"], cfg.detection, seed, desc)
+        return (
+            "map",
+            detection_scores(head, tokens["test"], px["test"].boxes, arch["img_size"], cfg.detection),
+            fitted,
+        )
+    raise ValueError(
+        f"unknown protocol '{protocol}' (protocols: finetune, linear_probe, segmentation, detection)"
+    )
+
+
+@torch.inference_mode()
+def detect(
+    head: DetectionHead, tokens: torch.Tensor, img_size: int, cfg: DetectionConfig, batch: int = 128
+) -> list:
+    head.eval()
+    found = []
+    for i in range(0, len(tokens), batch):
+        found += decode(head(tokens[i : i + batch]), img_size, cfg)
+    return found
+
+
+def detection_scores(
+    head: DetectionHead, tokens: torch.Tensor, boxes: list[torch.Tensor], img_size: int, settings: DetSettings
+) -> float:
+    preds = [(b.numpy(), s.numpy()) for b, s in detect(head, tokens, img_size, settings.head)]
+    return detection_map(preds, [b.numpy() for b in boxes], scored=settings.scored)
+
+
+def train_detection(
+    tokens: dict[str, torch.Tensor],
+    px: dict[str, Pixels],
+    idx: torch.Tensor,
+    grid: int,
+    img_size: int,
+    settings: DetSettings,
+    seed: int,
+    desc: str,
+) -> tuple[DetectionHead, Any]:
+    """Train the YOLO head on cached tokens of the `idx` subset; chosen on validation mAP."""
+    torch.manual_seed(seed)
+    head = DetectionHead(tokens["train"].shape[-1], grid, img_size, settings.head)
+    train_tokens = tokens["train"][idx]
+    train_boxes = [px["train"].boxes[i] for i in idx.tolist()]
+
+    def batch_loss(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if len(batch) == 1:  # BatchNorm in the head needs two samples in training mode
+            batch = batch.repeat(2)
+        return detection_loss(head(train_tokens[batch]), [train_boxes[i] for i in batch.tolist()], img_size, settings.head)  # fmt: skip
+
+    def validate() -> float:
+        return detection_scores(head, tokens["val"], px["val"].boxes, img_size, settings)
+
+    return head, fit(head, batch_loss, validate, len(train_tokens), settings.fit, seed, desc)

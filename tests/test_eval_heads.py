@@ -1,0 +1,145 @@
+"""The downstream heads and the encoder they start from: pooling, loading, training, the probe's frozen encoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.ecamp.export import export_encoder, load_timm_encoder
+from models.ecamp.model import ECAMP, ECAMPConfig
+from models.evaluate.classify import (
+    Augment,
+    Normalization,
+    finetune,
+    frozen_features,
+    init_head,
+    linear_probe,
+)
+from models.evaluate.encoders import CheckpointError, downstream_vit, export_arch, load_init
+from models.evaluate.fit import FitConfig
+from models.evaluate.segment import SegConfig, SegHead, train_segmentation
+
+TINY = ECAMPConfig(img_size=32, hr_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=4,
+                   decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4, sr_window=2, vocab_size=50,
+                   text_hidden=32, text_layers=1, text_heads=2, text_ffn=64, max_len=16)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    torch.manual_seed(0)
+    model = ECAMP(TINY)
+    with torch.no_grad():  # a trained-looking final norm, so that dropping it is visible
+        model.encoder.norm.weight.uniform_(0.5, 1.5)
+        model.encoder.norm.bias.uniform_(-0.5, 0.5)
+    return export_encoder(model, tmp_path_factory.mktemp("enc") / "encoder.safetensors")
+
+
+def test_the_export_pools_the_mean_of_the_normed_patch_tokens(export):
+    vit = load_timm_encoder(export).eval()  # strict load of the file's own header
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        tokens = vit.forward_features(x)  # [B, 1 + 16, D], after timm's final norm
+        pooled = vit.forward_head(tokens, pre_logits=True)
+    assert tokens.shape == (3, 17, 32)
+    torch.testing.assert_close(pooled, tokens[:, 1:].mean(dim=1))
+    assert not torch.allclose(pooled, tokens[:, 0])  # not the (untrained) CLS token
+
+
+def test_downstream_vit_replaces_the_norm_by_a_fresh_fc_norm_on_the_patch_mean(export):
+    model = downstream_vit(export_arch(export), num_classes=5).eval()
+    report = load_init(model, export)
+    assert report.loaded == len(model.state_dict()) - 4  # all but fc_norm.{weight,bias}, head.{weight,bias}
+    assert set(report.missing) == {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+    assert report.unused == ("norm.bias", "norm.weight")
+    assert "fresh fc_norm" in report.notes[0]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        pooled = model.forward_head(tokens, pre_logits=True)
+    torch.testing.assert_close(pooled, torch.nn.functional.layer_norm(tokens[:, 1:].mean(1), (32,), eps=1e-6))
+    reference = load_timm_encoder(export)
+    torch.testing.assert_close(model.blocks[1].mlp.fc2.weight, reference.blocks[1].mlp.fc2.weight)
+
+
+def test_mae_style_checkpoint_loads_and_reports_its_unused_keys(export, tmp_path):
+    state = {k: v for k, v in load_timm_encoder(export).state_dict().items()}
+    state |= {"decoder_embed.weight": torch.zeros(4, 4), "mask_token": torch.zeros(1, 1, 4)}
+    path = tmp_path / "mae_vit.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, path)
+    model = downstream_vit(export_arch(export))
+    report = load_init(model, path)
+    assert "decoder_embed.weight" in report.unused and "mask_token" in report.unused
+    assert len(report.content_hash) == 64
+
+
+def test_a_checkpoint_of_another_shape_is_refused_naming_the_file_and_key(export, tmp_path):
+    wide = dict(export_arch(export), embed_dim=64)
+    with pytest.raises(
+        CheckpointError,
+        match=r"encoder.safetensors: shape mismatch with the configured ViT: blocks.0.attn.proj.bias \(32,\) vs \(64,\)",
+    ):
+        load_init(downstream_vit(wide), export)
+    empty = tmp_path / "nothing.pth"
+    torch.save({"model": {"foo": torch.zeros(1)}}, empty)
+    with pytest.raises(CheckpointError, match="nothing.pth: no ViT encoder keys"):
+        load_init(downstream_vit(export_arch(export)), empty)
+
+
+def separable_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [n, 32, 32] where class 1 has a bright left half: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n, 1), generator=g)
+    images = torch.randint(0, 80, (n, 32, 32), generator=g, dtype=torch.uint8)
+    images[labels[:, 0] == 1, :, :16] += 150
+    return images, labels
+
+
+def test_finetuning_lowers_the_loss_and_keeps_the_best_validation_weights(export):
+    torch.manual_seed(0)
+    model = downstream_vit(export_arch(export), num_classes=1, drop_path=0.1)
+    load_init(model, export)
+    init_head(model)
+    train, val = separable_images(64, 0), separable_images(32, 1)
+    cfg = FitConfig(epochs=8, batch_size=16, lr=0.05, warmup_epochs=1)
+    result = finetune(
+        model, train, val, True, cfg, Augment(crop_scale_min=0.8, flip=False), Normalization(), seed=0
+    )
+    assert result.losses[-1] < 0.7 * result.losses[0], result.losses
+    assert result.best_score > 0.9
+    assert result.epochs_run == 8 and 0 <= result.best_epoch < 8
+
+
+def test_the_linear_probe_trains_only_the_head_on_cached_features(export):
+    model = downstream_vit(export_arch(export))
+    load_init(model, export)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images, labels = separable_images(64, 0)
+    val_images, val_labels = separable_images(32, 1)
+    pooled, tokens = frozen_features(model, images, Normalization())
+    val_pooled, _ = frozen_features(model, val_images, Normalization())
+    assert pooled.shape == (64, 32) and tokens.shape == (64, 16, 32)
+    head, result = linear_probe((pooled, labels), (val_pooled, val_labels), 1, True,
+                                FitConfig(epochs=30, batch_size=64, lr=0.5, clip_grad=None), seed=0)  # fmt: skip
+    assert result.losses[-1] < result.losses[0]
+    assert result.best_score > 0.8
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the encoder never moved
+    assert head.weight.abs().max() > 1e-3  # from std 2e-5: the head did
+
+
+def test_the_segmentation_head_needs_one_block_per_doubling_and_its_loss_falls():
+    with pytest.raises(ValueError, match=r"log2\(32/4\) = 3 up-sampling blocks, but channels has 4"):
+        SegHead(16, 4, 32, SegConfig())
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(32, 16, 16, generator=g)
+    masks = torch.zeros(32, 32, 32, dtype=torch.bool)
+    for i in range(32):  # the lesion is the left or the right half, as the sign of one token feature says
+        if tokens[i, 0, 0] > 0:
+            masks[i, :, :16] = True
+        else:
+            masks[i, :, 16:] = True
+    cfg = SegConfig(channels=(16, 8, 8))
+    fit = FitConfig(optimizer="adamw", lr=5e-3, weight_decay=0.05, epochs=15, batch_size=8)
+    head, result = train_segmentation((tokens, masks), (tokens[:8], masks[:8]), 4, 32, cfg, fit, seed=0)
+    assert head(tokens[:2]).shape == (2, 32, 32)
+    assert result.losses[-1] < 0.6 * result.losses[0], result.losses
+    assert result.best_score > 0.6

@@ -1,0 +1,129 @@
+"""Stage 8 end to end on a tiny generated downstream corpus: rows, table, plot, lineage hash, cache, `ecamp report`."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from flows.cli import app
+from models.ecamp.export import export_encoder
+from models.ecamp.model import ECAMP
+from models.evaluate.report import plot_results, results_table
+from models.resources import CONFIG_DIR
+from models.synth.corpus import SynthConfig, generate_corpus
+from tasks.config import load_config
+from tasks.registry import get_stage
+from tasks.runner import run_stage
+from tests.test_eval_heads import TINY
+
+DEMO = CONFIG_DIR / "demo.yaml"
+FIT = "{epochs: 1, batch_size: 16, min_steps: 2, warmup_epochs: 0}"
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    corpus = root / "downstream"
+    generate_corpus(SynthConfig(n_studies=40, image_size=64, seed=3, p_abnormal=0.6, p_lateral=0.0,
+                                frac_validate=0.25, frac_test=0.25), corpus)  # fmt: skip
+    torch.manual_seed(0)
+    encoder = export_encoder(ECAMP(TINY), root / "tiny_ecamp.safetensors")
+    datasets = ", ".join(f"{{name: syn-{t[:3]}, kind: synth, task: {t}, path: {corpus}}}"
+                         for t in ("classification", "segmentation", "detection"))  # fmt: skip
+    overrides = [
+        f"evaluate.inits=[random, {encoder}]",
+        f"evaluate.datasets=[{datasets}]",
+        "evaluate.fractions=[10, 100]",
+        "evaluate.seeds=[0, 1]",
+        f"evaluate.protocol.finetune={FIT}",
+        f"evaluate.protocol.linear_probe={FIT}",
+        f"evaluate.protocol.segmentation={{head: {{channels: [8, 8, 8]}}, fit: {FIT}}}",
+        f"evaluate.protocol.detection={{head: {{channels: [8, 8, 8]}}, fit: {FIT}}}",
+        "run.device=cpu",
+    ]
+    config = load_config(DEMO, overrides)
+    run_dir = root / "run"
+    result = run_stage(get_stage("evaluate"), config, run_dir)
+    return {"config": config, "run_dir": run_dir, "encoder": encoder, "result": result}
+
+
+def test_every_protocol_init_fraction_and_seed_gives_one_row(evaluated):
+    assert evaluated["result"].status == "ran"
+    rows = pq.read_table(evaluated["run_dir"] / "evaluate" / "eval_results.parquet").to_pylist()
+    assert (
+        len(rows) == 4 * 2 * 2 * 2
+    )  # finetune, linear probe, segmentation, detection x inits x fractions x seeds
+    assert {r["task"] for r in rows} == {"finetune", "linear_probe", "segmentation", "detection"}
+    assert {(r["task"], r["metric"]) for r in rows} == {
+        ("finetune", "auc"), ("linear_probe", "auc"), ("segmentation", "dice"), ("detection", "map")
+    }  # fmt: skip
+    assert {r["init"] for r in rows} == {"random", "tiny_ecamp"}
+    assert all(0.0 <= r["value"] <= 1.0 for r in rows)
+    digest = hashlib.sha256(evaluated["encoder"].read_bytes()).hexdigest()
+    assert {r["checkpoint_hash"] for r in rows if r["init"] == "tiny_ecamp"} == {digest}
+    assert {r["checkpoint_hash"] for r in rows if r["init"] == "random"} == {"random"}
+    n_train = {(r["dataset"], r["fraction"]) for r in rows}
+    sizes = {(r["dataset"], r["fraction"]): r["n_train"] for r in rows}
+    assert all(sizes[(d, 10)] < sizes[(d, 100)] for d, _ in n_train)
+
+
+def test_the_table_and_plot_are_written_and_the_rerun_is_cached(evaluated):
+    stage_dir = evaluated["run_dir"] / "evaluate"
+    table = (stage_dir / "RESULTS.md").read_text()
+    assert "### Classification, fine-tuned — AUC (%, mean ± std over seeds)" in table
+    assert "| init | syn-cla 10% | syn-cla 100% |" in table
+    assert "| tiny_ecamp |" in table and "| random |" in table
+    assert (stage_dir / "eval_plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = run_stage(get_stage("evaluate"), evaluated["config"], evaluated["run_dir"])
+    assert again.status == "cached"
+    result = CliRunner().invoke(app, ["report", "--run-dir", str(evaluated["run_dir"])])
+    assert result.exit_code == 0 and table.strip() in result.output
+
+
+def test_report_without_an_evaluation_says_what_to_run(tmp_path):
+    result = CliRunner().invoke(app, ["report", "--run-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "no evaluation table; run `ecamp evaluate` (or the pipeline) first" in result.output
+
+
+def test_table_cells_are_mean_and_std_over_seeds_with_the_paper_beside():
+    rows = [
+        {
+            "task": "finetune",
+            "metric": "auc",
+            "dataset": "cxr14",
+            "init": "ecamp",
+            "fraction": 1,
+            "seed": s,
+            "value": v,
+        }
+        for s, v in ((0, 0.80), (1, 0.82), (2, 0.84))
+    ] + [
+        {
+            "task": "finetune",
+            "metric": "auc",
+            "dataset": "cxr14",
+            "init": "random",
+            "fraction": 1,
+            "seed": 0,
+            "value": 0.5,
+        }
+    ]
+    table = results_table(rows, {"cxr14": "chestxray14"})
+    assert "| ecamp | 82.0 ± 1.6 |" in table  # population std of 80, 82, 84 = 1.63
+    assert "| random | 50.0 ± 0.0 |" in table
+    assert "| ECAMP (paper) | 81.9 |" in table
+    assert "ECAMP (paper)" not in results_table(rows)  # not a paper dataset: no paper row
+
+
+def test_plot_has_one_panel_per_task_and_dataset(tmp_path):
+    rows = [{"task": t, "metric": "dice", "dataset": "d", "init": i, "fraction": f, "seed": 0, "value": 0.5}
+            for t in ("segmentation",) for i in ("random", "ecamp") for f in (1, 10, 100)]  # fmt: skip
+    path = plot_results(rows, tmp_path / "p.png")
+    from PIL import Image
+
+    assert Image.open(path).size == (420, 360)
