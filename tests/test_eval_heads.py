@@ -18,6 +18,7 @@ from models.evaluate.classify import (
 from models.evaluate.encoders import CheckpointError, downstream_vit, export_arch, load_init
 from models.evaluate.fit import FitConfig
 from models.evaluate.segment import SegConfig, SegHead, train_segmentation
+from models.resources import CONFIG_DIR
 
 TINY = ECAMPConfig(img_size=32, hr_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=4,
                    decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4, sr_window=2, vocab_size=50,
@@ -143,3 +144,41 @@ def test_the_segmentation_head_needs_one_block_per_doubling_and_its_loss_falls()
     assert head(tokens[:2]).shape == (2, 32, 32)
     assert result.losses[-1] < 0.6 * result.losses[0], result.losses
     assert result.best_score > 0.6
+
+
+def test_validations_are_evenly_spaced_and_always_include_the_last_epoch():
+    from models.evaluate.fit import validation_due
+
+    assert [e for e in range(100) if validation_due(e, 100, 10)] == [9, 19, 29, 39, 49, 59, 69, 79, 89, 99]
+    assert [e for e in range(7) if validation_due(e, 7, 3)] == [2, 4, 6]
+    assert all(validation_due(e, 5, None) for e in range(5))  # official: after every epoch
+    assert all(validation_due(e, 5, 9) for e in range(5))
+
+
+def test_the_pipeline_runs_the_mim_only_row_just_before_evaluate_when_asked():
+    from flows.pipeline import ablations_for
+    from tasks.config import load_config
+    from tasks.pretrain_ecamp import ablation_rows
+
+    demo = load_config(CONFIG_DIR / "demo.yaml")
+    assert ablations_for("evaluate", demo) == ["mim_only"]
+    assert ablations_for("pretrain_ecamp", demo) == []
+    assert (
+        ablations_for("evaluate", load_config(CONFIG_DIR / "demo.yaml", ["evaluate.inits=[random, ecamp]"]))
+        == []
+    )
+    row = ablation_rows("7", ["mim_only"])["mim_only"]
+    assert "pretrain_ecamp.model.text_side=false" in row and "pretrain_ecamp.model.sr=false" in row
+
+
+def test_the_mim_only_model_has_no_text_side_and_its_loss_is_the_mim_loss():
+    cfg = TINY.model_copy(update={"text_side": False, "sr": False})
+    torch.manual_seed(0)
+    model = ECAMP(cfg)
+    assert model.text is None and not any(k.startswith("text.") for k in model.state_dict())
+    n = 2
+    ids = torch.randint(5, 50, (n, 16))
+    losses = model(torch.randn(n, 3, 32, 32), torch.randn(n, 3, 64, 64), ids, torch.ones_like(ids),
+                   ids, torch.ones(n, 16), torch.tensor([[0, 0, 64, 64]] * n))  # fmt: skip
+    assert float(losses["mlm"]) == 0.0 and float(losses["sr"]) == 0.0
+    assert torch.equal(losses["total"], losses["mim"]) and float(losses["mim"]) > 0

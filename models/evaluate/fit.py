@@ -34,6 +34,11 @@ class FitConfig(BaseModel):
     clip_grad: float | None = Field(1.0, gt=0, description="gradient-norm clip (official: 1.0); null = none")
     patience: int = Field(20, ge=1, description="validations without improvement before stopping")
     min_steps: int = Field(0, ge=0, description="at least this many optimiser steps (1% subsets are tiny)")
+    validations: int | None = Field(
+        None,
+        ge=1,
+        description="validate at most this often, evenly spaced (null: after every epoch, official)",
+    )
 
 
 @dataclass
@@ -60,6 +65,13 @@ def epochs_for(n: int, cfg: FitConfig) -> int:
     """The configured epochs, raised so that a tiny subset still gets `min_steps` optimiser steps."""
     per_epoch = math.ceil(n / cfg.batch_size)
     return max(cfg.epochs, math.ceil(cfg.min_steps / per_epoch))
+
+
+def validation_due(epoch: int, epochs: int, validations: int | None) -> bool:
+    """Every epoch, or `validations` evenly spaced epochs ending with the last (1 % subsets: 1-step epochs)."""
+    if validations is None or validations >= epochs:
+        return True
+    return (epoch + 1) * validations // epochs != epoch * validations // epochs
 
 
 def fit(
@@ -103,9 +115,11 @@ def fit(
             scheduler.step()
             running += float(loss.detach())
         best.losses.append(running / per_epoch)
+        best.epochs_run = epoch + 1
+        if not validation_due(epoch, epochs, cfg.validations):
+            continue
         model.eval()
         score = validate()
-        best.epochs_run = epoch + 1
         if score > best.best_score:
             best.best_score, best.best_epoch, stale = score, epoch, 0
             best_state = copy.deepcopy(model.state_dict())
