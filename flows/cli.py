@@ -341,13 +341,17 @@ def report(
     config: Annotated[Path, typer.Option("--config", "-c")] = DEMO_CONFIG,
 ) -> None:
     """Print the evaluation table of a run (evaluate/RESULTS.md)."""
+    _print_table(_run_dir_of(run_dir, config) / "evaluate" / "RESULTS.md")
+
+
+def _run_dir_of(run_dir: Path | None, config: Path) -> Path:
+    """--run-dir, else the config's run.run_dir (a bad config is one line)."""
     from tasks.config import ConfigError, load_config
 
     try:
-        target = run_dir or Path(load_config(config).run.run_dir)
+        return Path(run_dir or load_config(config).run.run_dir)
     except ConfigError as err:
         _fail(err)
-    _print_table(Path(target) / "evaluate" / "RESULTS.md")
 
 
 def _print_table(path: Path) -> None:
@@ -373,13 +377,9 @@ def lineage(
 ) -> None:
     """Print an artifact's upstream chain, down to the input files, from the run's DuckDB catalog."""
     from data_contracts.catalog import latest, lineage_tree
-    from tasks.config import ConfigError, load_config
     from tasks.registry import producer_of, stages
 
-    try:
-        target = run_dir or Path(load_config(config).run.run_dir)
-    except ConfigError as err:
-        _fail(err)
+    target = _run_dir_of(run_dir, config)
     name = artifact.rsplit("/", 1)[-1]
     if not artifact.endswith(".parquet") and producer_of(name) is None:
         declared = ", ".join(w for s in stages() for w in s.writes)

@@ -6,6 +6,7 @@ Prefect's result cache: it needs no result storage shared between workers and su
 
 from __future__ import annotations
 
+import base64
 import re
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from tasks.registry import get_stage, stage_names
 from tasks.runner import StageResult, run_stage
 
 PLOT_SUFFIXES = (".png",)
+MAX_INLINE_BYTES = 512 * 1024
 
 
 def artifact_key(stage: str) -> str:
@@ -46,16 +48,30 @@ def output_table(result: StageResult) -> list[dict[str, Any]]:
 
 
 def publish(result: StageResult, run_dir: Path) -> None:
-    """A table artifact of the stage's outputs (the lineage view the OSS UI shows), plus its plots."""
+    """A table artifact of the stage's outputs (the lineage view the OSS UI shows), its Markdown outputs (the
+    evaluation table, model cards) and its plots, embedded inline so that the UI shows them."""
     create_table_artifact(
         table=output_table(result),
         key=artifact_key(result.stage),
         description=f"**{result.stage}** {result.status} · fingerprint `{result.fingerprint}` · run dir `{run_dir}`",
     )
-    plots = sorted(p for p in (run_dir / result.stage).rglob("*") if p.suffix in PLOT_SUFFIXES)
+    stage_dir = run_dir / result.stage
+    for doc in sorted(p for p in stage_dir.glob("*.md") if p.is_file()):
+        create_markdown_artifact(
+            doc.read_text(), key=f"{artifact_key(result.stage)}-{artifact_key(doc.stem)[6:]}"
+        )
+    plots = sorted(p for p in stage_dir.rglob("*") if p.suffix in PLOT_SUFFIXES)
     if plots:
-        lines = [f"# {result.stage} plots", ""] + [f"- [{p.name}]({p.resolve().as_uri()})" for p in plots]
-        create_markdown_artifact("\n".join(lines), key=artifact_key(result.stage) + "-plots")
+        lines = [f"# {result.stage} plots", ""] + [inline_image(p) for p in plots]
+        create_markdown_artifact("\n\n".join(lines), key=artifact_key(result.stage) + "-plots")
+
+
+def inline_image(path: Path) -> str:
+    """Markdown showing a PNG in the UI (a data URI: an http page cannot open file://); big ones as a path."""
+    data = path.read_bytes()
+    if len(data) > MAX_INLINE_BYTES:
+        return f"- `{path}` ({len(data) // 1024} KiB, too large to embed)"
+    return f"**{path.name}**\n\n![{path.name}](data:image/png;base64,{base64.b64encode(data).decode()})"
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)

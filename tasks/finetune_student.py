@@ -10,7 +10,6 @@ greedy answers are reported as `student_greedy` beside it.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from data_contracts.files import sha256_file
 from data_contracts.student import StudentEval, StudentLoss, StudentModel
 from models.devices import resolve_device
 from models.distill import parse
@@ -183,14 +183,6 @@ def all_absent_answer(entities: Sequence[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- stage
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_relative(path: Path, run_dir: Path) -> str:

@@ -63,6 +63,8 @@ def test_each_stage_publishes_a_table_artifact(pipeline_run):
     assert {"ecamp-extract-reports", "ecamp-match-entities"} <= keys
     match = next(a for a in latest if a.key == "ecamp-match-entities")
     assert "entity_mentions" in str(match.data) and "extract_reports/reports.parquet" in str(match.data)
+    plots = next(a for a in latest if a.key == "ecamp-match-entities-plots")  # shown by the UI: no file:// link
+    assert "![fig2a_entities.png](data:image/png;base64,iVBORw0KGgo" in str(plots.data)
 
 
 def test_lineage_cli_prints_chain_down_to_input_files(pipeline_run, small_corpus):

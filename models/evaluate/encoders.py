@@ -9,7 +9,6 @@ half-loaded encoder would be scored as if it were the pre-trained one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
+from data_contracts.files import sha256_file
 from models.ecamp.export import FORMAT
 
 PREFIXES = ("module.", "model.", "encoder.")
@@ -50,14 +50,6 @@ class LoadReport:
             )
             parts.append(f"unused checkpoint keys: {shown}")
         return "; ".join(parts)
-
-
-def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_arch(path: Path) -> dict[str, Any] | None:
@@ -128,4 +120,4 @@ def load_init(model: VisionTransformer, path: Path | None) -> LoadReport:
     notes = []
     if any(k.startswith("norm.") for k in unused):
         notes.append("pre-trained final norm replaced by a fresh fc_norm (official fine-tuning)")
-    return LoadReport(str(path), file_hash(path), len(usable), missing, unused, notes)
+    return LoadReport(str(path), sha256_file(path), len(usable), missing, unused, notes)
