@@ -320,7 +320,7 @@ def evaluate(
     cfg = _check_config(config, overrides, stage="evaluate")
     target = _check_run_dir(run_dir, cfg)
     ensure_synth_datasets(cfg)
-    _check_upstream("evaluate", target)
+    _check_evaluate_inputs(cfg, target)
     from flows.pipeline import ecamp_stage
 
     summary = _run_flow(
@@ -333,6 +333,23 @@ def evaluate(
     )
     _print_summaries([summary])
     _print_table(target / "evaluate" / "RESULTS.md")
+
+
+def _check_evaluate_inputs(cfg, target: Path) -> None:
+    """Datasets, checkpoint paths and run-directory encoders `evaluate` needs: one line before any flow starts."""
+    from tasks.evaluate import NAMED_INITS, missing_init
+    from tasks.registry import get_stage
+    from tasks.runner import input_files, upstream_hashes
+
+    stage = get_stage("evaluate")
+    try:
+        input_files(stage, cfg)
+    except FileNotFoundError as err:
+        _fail(err)
+    written = upstream_hashes(stage, target)
+    for init in cfg.evaluate.inits:
+        if init in NAMED_INITS and written[NAMED_INITS[init]] is None:
+            _fail(FileNotFoundError(missing_init(init, str(target))))
 
 
 @app.command()

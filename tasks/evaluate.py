@@ -96,7 +96,13 @@ def init_of(entry: str, ctx: StageContext) -> Init:
         raise FileNotFoundError(
             f"evaluate: init '{entry}' is neither random/ecamp/mim_only nor an existing file"
         )
-    return Init(path.stem, path.resolve())
+    generic = path.stem in ("encoder", "model", "checkpoint", "checkpoint-best")  # say whose: run/encoder
+    return Init(f"{path.parent.name}/{path.stem}" if generic else path.stem, path.resolve())
+
+
+def missing_init(entry: str, where: str) -> str:
+    hint = "ecamp ablate --table 7 --row mim_only" if entry == "mim_only" else "the pretrain_ecamp stage"
+    return f"evaluate: init '{entry}' needs {NAMED_INITS[entry]}, which {where} has not written: run {hint}"
 
 
 def architecture(ctx: StageContext, inits: list[Init]) -> dict[str, Any]:

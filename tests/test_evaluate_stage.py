@@ -127,3 +127,20 @@ def test_plot_has_one_panel_per_task_and_dataset(tmp_path):
     from PIL import Image
 
     assert Image.open(path).size == (420, 360)
+
+
+def test_evaluate_cli_names_a_missing_dataset_or_encoder_in_one_line_before_any_flow(tmp_path):
+    data = tmp_path / "downstream"
+    data.mkdir()
+    common = ["evaluate", "-c", str(DEMO), "--run-dir", str(tmp_path / "run"), "--set", "evaluate.synth=null"]
+    result = CliRunner().invoke(app, [*common, "--init", str(tmp_path / "nosuch.pth")])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: evaluate: input not found: ") and "nosuch.pth" in result.output
+    one_set = f"evaluate.datasets=[{{name: d, kind: synth, task: segmentation, path: {data}}}]"
+    result = CliRunner().invoke(app, [*common, "--set", one_set, "--init", "random", "--init", "mim_only"])
+    assert result.exit_code == 2
+    assert result.output == (
+        f"error: evaluate: init 'mim_only' needs pretrain_ecamp__mim_only/encoder.safetensors, which "
+        f"{tmp_path / 'run'} has not written: run ecamp ablate --table 7 --row mim_only\n"
+    )
+    assert not (tmp_path / "run").exists()

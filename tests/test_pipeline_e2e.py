@@ -63,7 +63,9 @@ def test_each_stage_publishes_a_table_artifact(pipeline_run):
     assert {"ecamp-extract-reports", "ecamp-match-entities"} <= keys
     match = next(a for a in latest if a.key == "ecamp-match-entities")
     assert "entity_mentions" in str(match.data) and "extract_reports/reports.parquet" in str(match.data)
-    plots = next(a for a in latest if a.key == "ecamp-match-entities-plots")  # shown by the UI: no file:// link
+    plots = next(
+        a for a in latest if a.key == "ecamp-match-entities-plots"
+    )  # shown by the UI: no file:// link
     assert "![fig2a_entities.png](data:image/png;base64,iVBORw0KGgo" in str(plots.data)
 
 
