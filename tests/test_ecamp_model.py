@@ -141,7 +141,7 @@ def test_mim_loss_means_over_masked_patches_or_all():
 
 
 def test_norm_pix_targets_are_per_patch_standardised():
-    model = ECAMP(tiny(norm_pix_loss=True))
+    model = ECAMP(tiny(norm_pix_loss=True, sr=False))
     imgs = torch.rand(2, 3, 32, 32) * 5 + 3
     target, mean, std = model.mim_target(imgs)
     assert torch.allclose(target.mean(-1), torch.zeros(2, 16), atol=1e-5)
@@ -290,3 +290,11 @@ def test_export_rejects_other_files(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not an ECAMP encoder export"):
         load_timm_encoder(tmp_path / "other.safetensors")
+
+
+def test_norm_pix_loss_with_sr_is_refused_because_it_leaks_the_targets_statistics():
+    import pydantic
+
+    with pytest.raises(pydantic.ValidationError, match="norm_pix_loss with sr: .*ground-truth statistics"):
+        ECAMPConfig(norm_pix_loss=True, sr=True)
+    assert ECAMPConfig(norm_pix_loss=True, sr=False).norm_pix_loss  # MIM alone may normalise its targets

@@ -110,12 +110,18 @@ def test_lr_warmup_then_cosine():
     assert lr_factor(20, 4, 12, 0.1) == pytest.approx(0.1)  # flat after the cosine
 
 
+def test_the_default_lr_is_the_papers_absolute_one_and_the_mae_rule_is_opt_in():
+    paper = PretrainConfig(batch_size=256, accum_iter=8)  # 4 GPUs x 256 x 8 = 8,192
+    assert paper.lr_for(8192) == 1.5e-4
+    assert paper.model_copy(update={"blr": 1.5e-4}).lr_for(8192) == pytest.approx(4.8e-3)
+
+
 def test_schedule_counts_and_too_small_dataset():
     cfg = PretrainConfig(epochs=3, batch_size=4, accum_iter=2, warmup_epochs=1, blr=1e-3)
     s = make_schedule(cfg, 37, world=1)
     assert (s.steps_per_epoch, s.total_steps, s.warmup_steps, s.effective_batch) == (4, 12, 4, 8)
     assert s.base_lr == pytest.approx(1e-3 * 8 / 256)
-    assert make_schedule(cfg.model_copy(update={"lr": 2e-4}), 37, 1).base_lr == 2e-4
+    assert make_schedule(cfg.model_copy(update={"blr": None, "lr": 2e-4}), 37, 1).base_lr == 2e-4
     assert make_schedule(cfg.model_copy(update={"max_steps": 5, "cosine_epochs": 5}), 37, 1).total_steps == 5
     with pytest.raises(ValueError, match=r"7 training samples are fewer .*\(batch_size 4 × accum_iter 2"):
         make_schedule(cfg, 7, world=1)

@@ -106,6 +106,11 @@ class ECAMPConfig(BaseModel):
         ):
             if dim % heads:
                 raise ValueError(f"{what}: {dim} is not divisible by {heads}")
+        if self.norm_pix_loss and self.sr:
+            raise ValueError(
+                "norm_pix_loss with sr: the SR input would be de-normalised with the ground-truth statistics of "
+                "the masked patches (a leak of what MIM must predict); switch one of them off"
+            )
         return self
 
     def bert_config(self) -> BertConfig:

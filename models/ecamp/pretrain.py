@@ -67,8 +67,10 @@ class PretrainConfig(BaseModel):
     )
     batch_size: int = Field(256, ge=1, description="per process and micro-step")
     accum_iter: int = Field(8, ge=1, description="micro-batches per optimiser step")
-    blr: float = Field(1.5e-4, gt=0, description="base lr: lr = blr × effective batch / 256 (MAE rule)")
-    lr: float | None = Field(None, gt=0, description="absolute lr; overrides blr (paper/official: 1.5e-4)")
+    lr: float = Field(1.5e-4, gt=0, description="absolute lr (paper and official code: 1.5e-4)")
+    blr: float | None = Field(
+        None, gt=0, description="MAE rule instead of lr: lr = blr × effective batch / 256 (opt-in)"
+    )
     min_lr: float = Field(0.0, ge=0)
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
@@ -95,7 +97,8 @@ class PretrainConfig(BaseModel):
         return self.seed if self.seed is not None else 0
 
     def lr_for(self, effective_batch: int) -> float:
-        return self.lr if self.lr is not None else self.blr * effective_batch / 256
+        """The paper's absolute lr, unless the MAE scaling rule was asked for (1.5e-4 → 4.8e-3 at 8,192)."""
+        return self.blr * effective_batch / 256 if self.blr is not None else self.lr
 
 
 # --------------------------------------------------------------------------------------------------------------
