@@ -77,6 +77,23 @@ def _check_upstream(stage_name: str, run_dir: Path, name: str | None = None) -> 
         _fail(err)
 
 
+def _preflight(cfg, names: list[str] | None = None, until: str | None = None) -> None:
+    """Each stage's own checks of the config (e.g. pre-training's initialization), before the run starts:
+    `names`, or every stage up to `until`."""
+    from tasks.registry import get_stage, stage_names
+
+    if names is None:
+        names = stage_names()
+        names = names[: names.index(until) + 1] if until else names
+    for name in names:
+        stage = get_stage(name)
+        if stage.preflight is not None:
+            try:
+                stage.preflight(cfg)
+            except (ValueError, FileNotFoundError) as err:
+                _fail(err)
+
+
 def _check_stages(until: str | None, force: list[str] | None = None) -> None:
     """`--until` and `--force` name stages: a typo must stop the command, not be ignored or fail mid-flow."""
     from tasks.registry import stage_names
@@ -197,6 +214,7 @@ def demo(
     cfg = _check_config(DEMO_CONFIG, set_)
     _check_run_dir(run_dir, cfg)
     _check_stages(until)
+    _preflight(cfg, until=until)
     ensure_demo_corpus(cfg)
     ensure_synth_datasets(cfg)
     from flows.pipeline import ecamp_pipeline
@@ -226,6 +244,7 @@ def run(
     cfg = _check_config(config, set_)
     _check_run_dir(run_dir, cfg)
     _check_stages(until, force)
+    _preflight(cfg, until=until)
     from flows.pipeline import ecamp_pipeline
 
     summaries = _run_flow(
@@ -250,6 +269,7 @@ def stage(
     """Run a single stage against the artifacts already in the run directory."""
     _quiet_prefect()
     cfg = _check_config(config, set_, stage=name)
+    _preflight(cfg, [name])
     _check_upstream(name, _check_run_dir(run_dir, cfg))
     from flows.pipeline import ecamp_stage
 
@@ -284,6 +304,7 @@ def ablate(
         ablation_rows(table, rows)
     except KeyError as err:
         _fail(err)
+    _preflight(cfg, ["pretrain_ecamp"])
     _check_upstream("pretrain_ecamp", _check_run_dir(run_dir, cfg), f"ablation table {table}")
     from flows.pipeline import ecamp_ablations
 

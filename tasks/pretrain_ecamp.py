@@ -31,7 +31,14 @@ from data_contracts.pretrain import PretrainMetric, PretrainReject
 from models.devices import resolve_device
 from models.ecamp.export import export_encoder, write_model_card
 from models.ecamp.model import ECAMP, ECAMPConfig
-from models.ecamp.pretrain import CHECKPOINT, PretrainConfig, join_inputs, run_job, write_job
+from models.ecamp.pretrain import (
+    CHECKPOINT,
+    PretrainConfig,
+    check_init_checkpoint,
+    join_inputs,
+    run_job,
+    write_job,
+)
 from models.resources import REPO_ROOT
 from models.text.entities import lexicon_from_rows
 from models.text.masking import TextMaskingConfig
@@ -238,4 +245,5 @@ STAGE = Stage(
     optional=(DISTILLED, ATTENTION),
     writes={"pretrain_rejects": PretrainReject, "pretrain_metrics": PretrainMetric},
     files=(ENCODER, MODEL_CARD, TOKENIZER),
+    preflight=lambda config: check_init_checkpoint(config.pretrain_ecamp.train),
 )

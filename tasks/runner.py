@@ -117,6 +117,8 @@ def run_stage(
     run_dir = Path(run_dir)
     name = name or stage.name
     log = log or logging.getLogger(f"ecamp.{name}")
+    if stage.preflight is not None:
+        stage.preflight(config)
     with run_lock(run_dir):
         inputs = input_files(stage, config)
         upstream = upstream_hashes(stage, run_dir)

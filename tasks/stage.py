@@ -35,7 +35,8 @@ class Stage:
     adapters, tokenizers, plot folders), hashed and verified like the Parquet ones. `sections`: config
     sections it reads besides its own and `run`. `input_files`: files outside the run directory it reads
     (the MIMIC tree, a lesion-box CSV, an entity list), given the whole config; their fingerprints enter the
-    cache key and the lineage.
+    cache key and the lineage. `preflight`: checks of the whole config that must hold before the stage (and,
+    from the CLI, before the whole run) starts, e.g. that pre-training's initialization is chosen and exists.
     """
 
     name: str
@@ -49,6 +50,7 @@ class Stage:
     files: tuple[str, ...] = ()
     sections: tuple[str, ...] = ()
     input_files: Callable[[Any], list[Path]] | None = None
+    preflight: Callable[[Any], None] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "writes", MappingProxyType(dict(self.writes)))

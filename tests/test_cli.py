@@ -314,3 +314,25 @@ def test_a_busy_run_dir_is_one_line_naming_the_holder_before_any_flow(tmp_path, 
     assert result.output.startswith(f"error: run directory {run_dir} is in use by pid {holder.pid}")
     assert result.output.count("\n") == 1, result.output
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+
+
+def test_the_paper_config_without_its_mae_weights_stops_before_any_work(tmp_path):
+    paper = str(REPO_ROOT / "configs" / "paper.yaml")
+    run_dir = tmp_path / "run"
+    for argv in (
+        ["run", "-c", paper],
+        ["stage", "pretrain_ecamp", "-c", paper],
+        ["ablate", "--table", "7", "-c", paper],
+    ):
+        result = CliRunner().invoke(app, [*argv, "--run-dir", str(run_dir)])
+        assert result.exit_code == 2, argv
+        assert result.output.startswith(
+            "error: pretrain_ecamp.train.init_checkpoint /models/mae/mae_pretrain_vit_base.pth not found: the "
+            "official runs start from MAE ImageNet ViT-B: download https://dl.fbaipublicfiles.com/mae/pretrain/"
+        ), argv
+    assert not run_dir.exists()
+    # stages before pre-training do not need the weights: the paper config reaches its (missing) MIMIC tree
+    result = CliRunner().invoke(app, ["run", "-c", paper, "--run-dir", str(run_dir), "--until", "match_entities",
+                                      "--set", f"data.root={tmp_path / 'mimic'}"])  # fmt: skip
+    assert result.exit_code == 2 and "init_checkpoint" not in result.output
+    assert str(tmp_path / "mimic") in result.output.splitlines()[-1]

@@ -270,19 +270,38 @@ def test_partial_init_from_an_mae_checkpoint(tmp_path):
     donor = ECAMP(cfg)
     mae = {k.removeprefix("encoder."): v for k, v in donor.encoder.state_dict().items()}
     mae |= {k.removeprefix("decoder."): v for k, v in donor.decoder.state_dict().items()}
-    mae["decoder_pred.weight"] = torch.zeros(5, 5)  # wrong shape
     mae["head.weight"] = torch.zeros(3)  # not in ECAMP
     torch.save({"model": mae, "args": {"note": "MAE layout"}}, tmp_path / "mae.pth")
     model = ECAMP(cfg)
     loaded, skipped = load_partial(model, tmp_path / "mae.pth")
     assert "encoder.blocks.0.attn.qkv.weight" in loaded and "decoder.mask_token" in loaded
     assert torch.equal(model.encoder.blocks[0].attn.qkv.weight, donor.encoder.blocks[0].attn.qkv.weight)
-    assert sorted(skipped) == [
-        "decoder_pred.weight: shape (5, 5) != (192, 32)",
-        "head.weight: no such parameter",
-    ]
+    assert skipped == ["head.weight: no such parameter"]
+    mae["decoder_pred.weight"] = torch.zeros(5, 5)  # another model's shape: an error, never a silent skip
+    torch.save({"model": mae}, tmp_path / "other.pth")
+    with pytest.raises(
+        ValueError, match=r"other.pth: shape mismatch .*decoder_pred.weight \(5, 5\) vs \(192, 32\)"
+    ):
+        load_partial(ECAMP(cfg), tmp_path / "other.pth")
     with pytest.raises(FileNotFoundError, match="init_checkpoint .* does not exist"):
         load_partial(model, tmp_path / "missing.pth")
+
+
+def test_pre_training_must_choose_its_initialization_and_says_where_to_get_mae(tmp_path):
+    from models.ecamp.pretrain import MAE_URL, check_init_checkpoint
+
+    with pytest.raises(
+        ValueError, match=r"init_checkpoint is not set: the official runs start from MAE ImageNet"
+    ):
+        check_init_checkpoint(PretrainConfig())
+    with pytest.raises(FileNotFoundError) as err:
+        check_init_checkpoint(PretrainConfig(init_checkpoint=str(tmp_path / "mae.pth")))
+    assert str(err.value) == (
+        f"pretrain_ecamp.train.init_checkpoint {tmp_path / 'mae.pth'} not found: the official runs start from MAE "
+        f"ImageNet ViT-B: download {MAE_URL} and set pretrain_ecamp.train.init_checkpoint=<its path>, or set "
+        "pretrain_ecamp.train.init_checkpoint=random to pre-train from random weights"
+    )
+    check_init_checkpoint(PretrainConfig(init_checkpoint="random"))  # the explicit opt-out passes
 
 
 def test_torchrun_entry_help(capsys):

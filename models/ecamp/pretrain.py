@@ -80,7 +80,9 @@ class PretrainConfig(BaseModel):
     seed: int | None = Field(None, description="None: the caller's seed (the stage uses run.seed), else 0")
     num_workers: int = Field(8, ge=0)
     init_checkpoint: str | None = Field(
-        None, description="partial init, e.g. MAE ImageNet ViT-B (.pth/.safetensors)"
+        None,
+        description="MAE ImageNet ViT-B weights to start from (official MAE .pth or timm safetensors; the official "
+        "run.sh resumes mae_vit_base.pth), or 'random'; None = not chosen, which the stage refuses",
     )
     # data augmentation
     mean: float = Field(0.4721, description="grey-level normalisation (official MIMIC statistics)")
@@ -379,13 +381,29 @@ def make_schedule(cfg: PretrainConfig, n_samples: int, world: int) -> Schedule:
     )
 
 
+RANDOM_INIT = "random"
+MAE_URL = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth"
+
+
+def check_init_checkpoint(cfg: PretrainConfig, key: str = "pretrain_ecamp.train.init_checkpoint") -> None:
+    """Before any training: the initialization is chosen, and a checkpoint path exists (what to do if not)."""
+    how = (f"the official runs start from MAE ImageNet ViT-B: download {MAE_URL} and set {key}=<its path>, "
+           f"or set {key}=random to pre-train from random weights")  # fmt: skip
+    if cfg.init_checkpoint is None:
+        raise ValueError(f"{key} is not set: {how}")
+    if cfg.init_checkpoint != RANDOM_INIT and not Path(cfg.init_checkpoint).is_file():
+        raise FileNotFoundError(f"{key} {cfg.init_checkpoint} not found: {how}")
+
+
 def load_partial(
     model: nn.Module, path: str | Path, log: logging.Logger = LOG
 ) -> tuple[list[str], list[str]]:
-    """Load whatever matches from a checkpoint (MAE `{'model': ...}`, our own, a DDP one, or safetensors).
+    """Load a pre-training checkpoint (MAE `{'model': ...}`, our own, a DDP one, or timm safetensors) into ECAMP.
 
     A key matches as is, or with our `encoder.` / `decoder.` prefix (MAE names its encoder and decoder parameters
-    flat). Returns (loaded keys, skipped 'key: reason'); the rest of the model keeps its fresh initialisation.
+    flat). A matching key of another shape is an error (a silently skipped tensor would train from random while
+    the run claims MAE init). Returns (loaded keys, unexpected 'key: no such parameter'); the log lists both and
+    the encoder keys the checkpoint did not have.
     """
     path = Path(path)
     if not path.exists():
@@ -398,20 +416,27 @@ def load_partial(
         state = torch.load(path, map_location="cpu", weights_only=False)
         state = state.get("model", state) if isinstance(state, dict) else state
     own = model.state_dict()
-    loaded, skipped, update = [], [], {}
+    loaded, unexpected, wrong, update = [], [], [], {}
     for key, value in state.items():
         key = key.removeprefix("module.")
         target = next((k for k in (key, f"encoder.{key}", f"decoder.{key}") if k in own), None)
         if target is None:
-            skipped.append(f"{key}: no such parameter")
+            unexpected.append(f"{key}: no such parameter")
         elif own[target].shape != value.shape:
-            skipped.append(f"{key}: shape {tuple(value.shape)} != {tuple(own[target].shape)}")
+            wrong.append(f"{key} {tuple(value.shape)} vs {tuple(own[target].shape)}")
         else:
             update[target] = value
             loaded.append(target)
+    if wrong:
+        raise ValueError(
+            f"init_checkpoint {path}: shape mismatch with the configured model: {'; '.join(wrong[:6])}"
+        )
     model.load_state_dict(update, strict=False)
-    log.info("init_checkpoint %s: loaded %d tensors, skipped %d", path, len(loaded), len(skipped))
-    return loaded, skipped
+    missing = [k for k in own if k.startswith("encoder.") and k not in update]
+    log.info("init_checkpoint %s: loaded %d tensors; unexpected %d: %s; encoder keys not in it (fresh) %d: %s",
+             path, len(loaded), len(unexpected), ", ".join(unexpected[:10]) or "-", len(missing),
+             ", ".join(missing[:10]) or "-")  # fmt: skip
+    return loaded, unexpected
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -556,7 +581,7 @@ def train(
     torch.manual_seed(seed + info.rank)
 
     model = ECAMP(model_cfg)
-    if cfg.init_checkpoint:
+    if cfg.init_checkpoint not in (None, RANDOM_INIT):
         load_partial(model, cfg.init_checkpoint, log)
     model.to(info.device)
     schedule = make_schedule(cfg, len(dataset), info.world)
