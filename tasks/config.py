@@ -49,7 +49,8 @@ class DataConfig(StageConfig):
     )
     manifest: str | None = Field(None, description="CSV/Parquet with study_id, image_path, report_text")
     views: list[str] = Field(
-        default_factory=lambda: ["PA", "AP"], description="ViewPosition values kept; [] = all"
+        default_factory=list,
+        description="ViewPosition values kept; [] = all (the paper pre-trains on frontal and lateral views, §4.1)",
     )
     check_images: bool = Field(False, description="decode every image at extraction (slow at MIMIC scale)")
     max_studies: int | None = Field(None, ge=1, description="keep only the first N studies (quick trials)")

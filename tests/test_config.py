@@ -186,3 +186,12 @@ def test_stage_configs_nest_their_domain_configs_instead_of_copying_fields():
         load_config(None, ["finetune_student.lora.rank=8"])
     with pytest.raises(ConfigError, match=r"train_gloria.epochs: unknown key"):
         load_config(None, ["train_gloria.epochs=3"])
+
+
+def test_the_paper_config_pre_trains_on_every_view():
+    from models.resources import CONFIG_DIR
+    from tasks.config import DataConfig
+
+    assert DataConfig().views == []  # [] = all ViewPositions (§4.1: frontal, back and lateral)
+    assert load_config(CONFIG_DIR / "paper.yaml").data.views == []
+    assert load_config(CONFIG_DIR / "demo.yaml").data.views == ["PA", "AP"]
