@@ -12,8 +12,10 @@ failed attempt (caches, checkpoints, shards) go to `scratch`.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -238,6 +240,20 @@ class StageContext:
         shutil.rmtree(previous, ignore_errors=True)
         shutil.rmtree(self.attempt_dir, ignore_errors=True)
         return record
+
+    def every(self, seconds: float = 10.0) -> Callable[[], bool]:
+        """A gate for per-step log lines: true at the first call, then at most once per `seconds` (the full
+        curves are artifacts; the run log stays readable)."""
+        last = [-math.inf]
+
+        def due() -> bool:
+            now = time.monotonic()
+            if now - last[0] < seconds:
+                return False
+            last[0] = now
+            return True
+
+        return due
 
     def progress(
         self, iterable: Iterable[T], total: int | None = None, desc: str | None = None

@@ -252,14 +252,15 @@ def run(ctx: StageContext, cfg: Config) -> None:
             skipped[0],
         )
     student = attach_lora(model, cfg.lora, seed)
+    due = ctx.every(seconds=10)  # every step is in student_loss; the log gets a line per 10 s
     result = train_student(
         student,
         examples,
         cfg.train,
         tokenizer.pad_token_id,
         device,
-        progress=lambda p: ctx.log.info(
-            "step %d epoch %.2f loss %.4f lr %.2e", p.step, p.epoch, p.loss, p.lr
+        progress=lambda p: (
+            due() and ctx.log.info("step %d epoch %.2f loss %.4f lr %.2e", p.step, p.epoch, p.loss, p.lr)
         ),
         seed=seed,
     )

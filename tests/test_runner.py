@@ -324,3 +324,13 @@ def test_an_unreadable_success_record_counts_as_never_run_with_a_warning(tmp_pat
     with caplog.at_level("WARNING"):
         assert read_record(tmp_path, "match_entities") is None
     assert f"{path} is unreadable" in caplog.text and "counts as never run" in caplog.text
+
+
+def test_per_step_log_lines_are_gated_to_one_per_interval(tmp_path, monkeypatch):
+    import tasks.base
+    from tests.context import make_test_context
+
+    clock = iter([100.0, 101.0, 109.9, 110.0, 125.0])
+    monkeypatch.setattr(tasks.base.time, "monotonic", lambda: next(clock))
+    due = make_test_context(tmp_path).every(seconds=10)
+    assert [due() for _ in range(5)] == [True, False, False, True, True]
