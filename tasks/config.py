@@ -180,18 +180,42 @@ def read_config_text(path: Path) -> str:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> BaseModel:
-    """Load a YAML config (or the defaults when `path` is None) and apply `--set` overrides."""
+    """Load a YAML config (or the defaults when `path` is None) and apply `--set` overrides.
+
+    A config may start from another with `extends: <path relative to it>` (a named profile: the paper config
+    with one choice changed); its sections are merged key by key over the base's.
+    """
     source = str(path) if path else "<defaults>"
-    raw: dict[str, Any] = {}
-    if path:
-        text = read_config_text(Path(path))
-        try:
-            raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{source}: not valid YAML ({err})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: top level must be a mapping of sections")
+    raw = read_raw(Path(path)) if path else {}
     return config_from_dict(apply_overrides(raw, list(overrides or [])), source)
+
+
+def read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """One YAML file as a mapping, with its `extends` chain merged in (a cycle is an error naming it)."""
+    source = str(path)
+    if path.resolve() in seen:
+        raise ConfigError(f"{source}: extends itself through {' -> '.join(map(str, seen))}")
+    text = read_config_text(path)
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections")
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{source}: extends must be a path to another config, got {base!r}")
+    return merged(read_raw(path.parent / base, (*seen, path.resolve())), raw)
+
+
+def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merged(out[key], value) if both else value
+    return out
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> BaseModel:

@@ -195,3 +195,17 @@ def test_the_paper_config_pre_trains_on_every_view():
     assert DataConfig().views == []  # [] = all ViewPositions (§4.1: frontal, back and lateral)
     assert load_config(CONFIG_DIR / "paper.yaml").data.views == []
     assert load_config(CONFIG_DIR / "demo.yaml").data.views == ["PA", "AP"]
+
+
+def test_a_profile_extends_the_paper_config_changing_only_what_it_names(tmp_path):
+    from models.resources import CONFIG_DIR
+
+    paper = load_config(CONFIG_DIR / "paper.yaml")
+    literal = load_config(CONFIG_DIR / "profiles" / "paper-literal-depth.yaml")
+    assert paper.pretrain_ecamp.model.depth == 12 and literal.pretrain_ecamp.model.depth == 8
+    assert literal.pretrain_ecamp.model.model_copy(update={"depth": 12}) == paper.pretrain_ecamp.model
+    assert literal.model_dump(exclude={"pretrain_ecamp"}) == paper.model_dump(exclude={"pretrain_ecamp"})
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"a.yaml: extends itself through .*a.yaml -> .*b.yaml"):
+        load_config(tmp_path / "a.yaml")
