@@ -46,6 +46,10 @@ class Config(StageConfig):
     n_reports: int = Field(
         10_000, ge=1, description="seed reports for the teacher; more than the corpus = all"
     )
+    selection: Literal["stratified", "random"] = Field(
+        "stratified",
+        description="seed reports: entity quotas first (rare entities represented) or drawn at random",
+    )
     teacher: Literal["rules", "openai"] = "openai"
     provider: Literal["openai", "azure"] = "openai"
     base_url: str = "https://api.openai.com/v1"
@@ -188,7 +192,10 @@ def run(ctx: StageContext, cfg: Config) -> None:
             f"entity_mentions has {len(unknown)} study ids missing from reports, e.g. {unknown[:3]}"
         )
     seeds = select_seed(
-        {sid: {m.entity for m in ms} for sid, ms in mentions.items()}, cfg.n_reports, ctx.config.run.seed
+        {sid: {m.entity for m in ms} for sid, ms in mentions.items()},
+        cfg.n_reports,
+        ctx.config.run.seed,
+        stratified=cfg.selection == "stratified",
     )
     ctx.log.info(
         "seed set: %d of %d reports with entity mentions (%d reports in all)",

@@ -6,6 +6,7 @@ import json
 import random
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from models.distill.parse import (
@@ -319,6 +320,32 @@ def test_seed_selection_is_seeded_stratified_and_sized():
     assert counts["abscess"] == 2 and counts["sarcoidosis"] == min(5, quota)  # rare entities are all there
     # a uniform sample of 100 from 2000 expects 0.25 sarcoidosis and 0.1 abscess reports
     assert counts["effusion"] >= quota and counts["atelectasis"] >= quota
+
+
+def test_the_paper_literal_seed_draw_is_uniform_and_misses_the_rare_entities():
+    corpus = synthetic_corpus()
+    drawn = select_seed(corpus, 100, seed=0, stratified=False)
+    assert len(drawn) == 100 == len(set(drawn)) and drawn == select_seed(
+        corpus, 100, seed=0, stratified=False
+    )
+    ids = sorted(corpus)
+    order = [ids[i] for i in np.random.default_rng(0).permutation(len(ids))]
+    assert drawn == sorted(order[:100])  # the first 100 of the seeded order, no quotas
+    counts = Counter(e for sid in drawn for e in corpus[sid])
+    assert counts["abscess"] < 2  # what the stratified default exists for
+
+
+def test_the_paper_literal_distillation_profile_changes_only_the_draw_and_the_retries():
+    from models.resources import CONFIG_DIR
+    from tasks.config import load_config
+
+    paper = load_config(CONFIG_DIR / "paper.yaml")
+    literal = load_config(CONFIG_DIR / "profiles" / "paper-literal-distillation.yaml")
+    assert (paper.seed_distill.selection, literal.seed_distill.selection) == ("stratified", "random")
+    assert literal.bulk_distill.retry_budget == 0 < paper.bulk_distill.retry_budget
+    assert literal.model_dump(exclude={"seed_distill", "bulk_distill"}) == paper.model_dump(
+        exclude={"seed_distill", "bulk_distill"}
+    )
 
 
 def test_seed_larger_than_corpus_is_everything_and_bad_n_is_an_error():

@@ -19,10 +19,13 @@ def entity_quota(n_reports: int, n_entities: int) -> int:
     return max(1, math.ceil(n_reports / (2 * max(1, n_entities))))
 
 
-def select_seed(report_entities: Mapping[str, set[str]], n_reports: int, seed: int) -> list[str]:
+def select_seed(
+    report_entities: Mapping[str, set[str]], n_reports: int, seed: int, stratified: bool = True
+) -> list[str]:
     """Sorted study ids of the seed set. `report_entities` maps study id -> entities it mentions.
 
-    More requested than there are reports: all of them. Deterministic for a given seed.
+    More requested than there are reports: all of them. Deterministic for a given seed. `stratified=False`:
+    the first n of the seeded random order, as the paper draws its 10,000 seed reports.
     """
     if n_reports <= 0:
         raise ValueError(f"n_reports must be positive, got {n_reports}")
@@ -31,6 +34,8 @@ def select_seed(report_entities: Mapping[str, set[str]], n_reports: int, seed: i
         return ids
     rng = np.random.default_rng(seed)
     order = [ids[i] for i in rng.permutation(len(ids))]  # one random order, reused by every step below
+    if not stratified:
+        return sorted(order[:n_reports])
     by_entity: dict[str, list[str]] = {}
     for sid in order:
         for e in sorted(report_entities[sid]):
