@@ -63,3 +63,27 @@ def disk_full_message(path: Path, err: BaseException) -> str:
         f"no space left on device writing checkpoint {path}{torch_says}; the partial file was removed and "
         "any previous checkpoint is intact: free space and rerun to resume"
     )
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file: safetensors (ECAMP export, timm) or a torch file (official MAE `.pth`,
+    `{"model": state}`; our own `{"state_dict": ...}`), with DDP's `module.` prefix removed.
+
+    Official MAE checkpoints also hold an argparse Namespace, so the torch file is read with
+    weights_only=False: load only files you trust. A payload with no state dict raises ValueError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        state = (
+            payload.get("model", payload.get("state_dict", payload)) if isinstance(payload, dict) else None
+        )
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a state dict (nor a dict with 'model' / 'state_dict')")
+    return {k.removeprefix("module."): v for k, v in state.items()}

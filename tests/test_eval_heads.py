@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
@@ -66,7 +68,10 @@ def test_mae_style_checkpoint_loads_and_reports_its_unused_keys(export, tmp_path
     state = {k: v for k, v in load_timm_encoder(export).state_dict().items()}
     state |= {"decoder_embed.weight": torch.zeros(4, 4), "mask_token": torch.zeros(1, 1, 4)}
     path = tmp_path / "mae_vit.pth"
-    torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, path)
+    args = argparse.Namespace(
+        model="mae_vit_base_patch16", norm_pix_loss=True
+    )  # official MAE files carry this
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "args": args}, path)
     model = downstream_vit(export_arch(export))
     report = load_init(model, path)
     assert "decoder_embed.weight" in report.unused and "mask_token" in report.unused

@@ -42,7 +42,7 @@ from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from models.checkpoints import describe_names, non_finite, save_atomic
+from models.checkpoints import describe_names, non_finite, read_state_dict, save_atomic
 from models.devices import resolve_device
 from models.ecamp.model import ECAMP, ECAMPConfig
 from models.images import load_grayscale
@@ -408,17 +408,9 @@ def load_partial(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"init_checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:  # MAE checkpoints hold an argparse Namespace, so weights_only=False: load only files you trust
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        state = state.get("model", state) if isinstance(state, dict) else state
     own = model.state_dict()
     loaded, unexpected, wrong, update = [], [], [], {}
-    for key, value in state.items():
-        key = key.removeprefix("module.")
+    for key, value in read_state_dict(path).items():
         target = next((k for k in (key, f"encoder.{key}", f"decoder.{key}") if k in own), None)
         if target is None:
             unexpected.append(f"{key}: no such parameter")

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
 from data_contracts.files import sha256_file
+from models.checkpoints import read_state_dict
 from models.ecamp.export import FORMAT
 
 PREFIXES = ("module.", "model.", "encoder.")
@@ -64,19 +64,13 @@ def export_arch(path: Path) -> dict[str, Any] | None:
 
 
 def read_state(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint: safetensors (ECAMP export, timm/HF) or a torch file (official MAE `.pth`:
-    `{"model": state}`), with DDP/wrapper prefixes removed."""
+    """`models.checkpoints.read_state_dict` with the wrapper prefixes (`model.`, `encoder.`) removed too."""
     if not path.is_file():
         raise FileNotFoundError(f"initialization checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        state = (
-            payload.get("model", payload.get("state_dict", payload)) if isinstance(payload, dict) else None
-        )
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{path}: not a state dict (nor a dict with 'model' / 'state_dict')")
+    try:
+        state = read_state_dict(path)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
     out = {}
     for key, value in state.items():
         for prefix in PREFIXES:
