@@ -164,43 +164,37 @@ def synth(
     console.print(f"wrote corpus to {out}\n{summary.describe()}")
 
 
-def ensure_demo_corpus(cfg) -> None:
-    """Generate the demo corpus where the demo config expects it, unless the same config already made it.
+def ensure_generated(root: Path, synth_cfg, what: str) -> None:
+    """Generate a corpus at `root` from `synth_cfg`, unless the same config already made it there.
 
     The generator's marker records the synth section used, so editing it regenerates the corpus instead of
-    silently running on the old one. A folder the generator did not write is never touched: the demo stops.
+    silently running on the old one. A folder the generator did not write is never touched: the command stops.
     """
     from models.synth.corpus import CorpusFolderError, corpus_marker, generate_corpus
 
-    root = Path(cfg.data.root)
     marker = corpus_marker(root)
-    if marker is not None and marker.get("config") == cfg.synth.model_dump(mode="json"):
-        console.print(f"demo corpus present at {root}")
+    if marker is not None and marker.get("config") == synth_cfg.model_dump(mode="json"):
+        console.print(f"{what} present at {root}")
         return
-    console.print(f"generating the demo corpus at {root} ...")
+    console.print(f"generating the {what} at {root} ...")
     try:
-        summary = generate_corpus(cfg.synth, root, overwrite=True)
+        summary = generate_corpus(synth_cfg, root, overwrite=True)
     except CorpusFolderError as err:
         _fail(err)
     console.print(summary.describe())
 
 
-def ensure_synth_datasets(cfg) -> None:
-    """Generate the `synth` evaluation sets that `evaluate.synth` describes, where they are absent (as the corpus)."""
-    from models.synth.corpus import CorpusFolderError, corpus_marker, generate_corpus
+def ensure_demo_corpus(cfg) -> None:
+    """The demo corpus at data.root, from the `synth` section."""
+    ensure_generated(Path(cfg.data.root), cfg.synth, "demo corpus")
 
-    section = cfg.evaluate
-    if section.synth is None:
+
+def ensure_synth_datasets(cfg) -> None:
+    """The `synth` evaluation sets at their paths, from `evaluate.synth` (when given)."""
+    if cfg.evaluate.synth is None:
         return
-    for root in dict.fromkeys(Path(s.path) for s in section.datasets if s.kind == "synth"):
-        marker = corpus_marker(root)
-        if marker is not None and marker.get("config") == section.synth.model_dump(mode="json"):
-            continue
-        console.print(f"generating the downstream evaluation set at {root} ...")
-        try:
-            generate_corpus(section.synth, root, overwrite=True)
-        except CorpusFolderError as err:
-            _fail(err)
+    for root in dict.fromkeys(Path(s.path) for s in cfg.evaluate.datasets if s.kind == "synth"):
+        ensure_generated(root, cfg.evaluate.synth, "downstream evaluation set")
 
 
 @app.command()

@@ -20,6 +20,7 @@ from tasks.config import config_from_dict, load_config
 from tasks.lock import run_lock
 from tasks.registry import get_stage, stage_names
 from tasks.runner import StageResult, run_stage
+from tasks.stage import variant_name
 
 PLOT_SUFFIXES = (".png",)
 MAX_INLINE_BYTES = 512 * 1024
@@ -129,7 +130,7 @@ def ecamp_pipeline(
         for stage in stages_until(until):
             for row in ablations_for(stage, config):  # e.g. the MIM-only encoder that `evaluate` compares
                 summaries.append(
-                    ablation_row_task(row, config_path, overrides, target, force=stage in (force or []))
+                    ablation_row_task("7", row, config_path, overrides, target, force=stage in (force or []))
                 )
             run = stage_task.with_options(name=stage, task_run_name=stage)
             summaries.append(run(stage, data, target, force=stage in (force or [])))
@@ -144,14 +145,14 @@ def ablations_for(stage: str, config: Any) -> list[str]:
 
 
 def ablation_row_task(
-    row: str, config_path: str, overrides: list[str] | None, run_dir: str, force: bool = False
+    table: str, row: str, config_path: str, overrides: list[str] | None, run_dir: str, force: bool = False
 ) -> dict[str, Any]:
-    """`pretrain_ecamp` with the overrides of one table-7 row, under the folder `pretrain_ecamp__<row>`."""
+    """`pretrain_ecamp` with the overrides of one ablation row, under the folder `pretrain_ecamp__<row>`."""
     from tasks.pretrain_ecamp import STAGE, ablation_rows
 
-    row_overrides = ablation_rows("7", [row])[row]
+    row_overrides = ablation_rows(table, [row])[row]
     data = load_config(config_path, [*(overrides or []), *row_overrides]).model_dump(mode="json")
-    name = f"{STAGE.name}__{row}"
+    name = variant_name(STAGE.name, row)
     return stage_task.with_options(name=name, task_run_name=name)(
         STAGE.name, data, run_dir, force=force, name=name
     )
@@ -182,13 +183,12 @@ def ecamp_ablations(
     force: bool = False,
 ) -> list[dict[str, Any]]:
     """Pre-train one encoder per row of a paper ablation table (7, 8 or 9) on the run's upstream artifacts."""
-    from tasks.pretrain_ecamp import STAGE, ablation_rows
+    from tasks.pretrain_ecamp import ablation_rows
 
-    summaries = []
-    for row, row_overrides in ablation_rows(table, rows).items():
-        config = load_config(config_path, [*(overrides or []), *row_overrides])
-        name = f"{STAGE.name}__{row}"
-        run = stage_task.with_options(name=name, task_run_name=name)
-        data = config.model_dump(mode="json")
-        summaries.append(run(STAGE.name, data, resolve_run_dir(config, run_dir), force=force, name=name))
-    return summaries
+    target = resolve_run_dir(
+        load_config(config_path, overrides), run_dir
+    )  # rows change pretrain_ecamp.* only
+    return [
+        ablation_row_task(table, row, config_path, overrides, target, force=force)
+        for row in ablation_rows(table, rows)
+    ]

@@ -24,14 +24,14 @@ from models.evaluate.classify import Normalization
 from models.evaluate.datasets import DatasetSpec, load_splits
 from models.evaluate.encoders import downstream_vit, export_arch, load_init
 from models.evaluate.pixels import decode_split
-from models.evaluate.protocol import PROTOCOLS_OF_TASK, Init, Job, ProtocolConfig, run_job
+from models.evaluate.protocol import PROTOCOLS_OF_TASK, FeatureCache, Init, Job, ProtocolConfig, run_job
 from models.evaluate.report import plot_results, results_table
 from models.synth.corpus import SynthConfig
 from tasks.base import StageConfig, StageContext
-from tasks.stage import Stage
+from tasks.stage import Stage, variant_name
 
 ENCODER = "pretrain_ecamp/encoder.safetensors"
-MIM_ONLY = "pretrain_ecamp__mim_only/encoder.safetensors"
+MIM_ONLY = f"{variant_name('pretrain_ecamp', 'mim_only')}/encoder.safetensors"
 NAMED_INITS = {"ecamp": ENCODER, "mim_only": MIM_ONLY}
 TABLE, PLOT = "RESULTS.md", "eval_plot.png"
 PROTOCOLS = ("finetune", "linear_probe", "segmentation", "detection")
@@ -127,6 +127,7 @@ def run(ctx: StageContext, cfg: Config) -> None:
         report = load_init(downstream_vit(arch), init.path)
         reports[init.name] = report
         ctx.log.info("init %s: %s%s", init.name, report.describe(), "".join(f"; {n}" for n in report.notes))
+    cache = FeatureCache(arch, norm)  # frozen features shared by every dataset that reads the same images
     rows: list[dict[str, Any]] = []
     for spec in cfg.datasets:
         job = prepare(ctx, spec, cfg, arch["img_size"])
@@ -138,7 +139,7 @@ def run(ctx: StageContext, cfg: Config) -> None:
                 spec.task,
             )
             continue
-        rows += run_job(job, inits, reports, arch, norm, cfg.protocol, ctx.log.info)
+        rows += run_job(job, inits, reports, arch, norm, cfg.protocol, ctx.log.info, cache)
     ctx.write("eval_results", rows, EvalResult)
     paper_names = {s.name: s.paper for s in cfg.datasets if s.paper}
     table = results_table(rows, paper_names) if rows else "no results\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from functools import cache
 
-from tasks.stage import Stage, split_ref
+from tasks.stage import Stage, base_stage, split_ref
 
 STAGE_MODULES: list[str] = [
     "tasks.extract_reports",
@@ -35,7 +35,7 @@ def check_order(found: tuple[Stage, ...]) -> None:
     for stage in found:
         for ref in stage.reads:
             producer, name = split_ref(ref)
-            if name not in written.get(producer.split("__")[0], set()):
+            if name not in written.get(base_stage(producer), set()):
                 raise ValueError(f"{stage.name} reads '{ref}', which no earlier stage declares")
         written[stage.name] = set(stage.outputs)
 

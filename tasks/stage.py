@@ -25,6 +25,16 @@ def split_ref(ref: str) -> tuple[str, str]:
     return stage, name
 
 
+def variant_name(stage: str, row: str) -> str:
+    """The folder (and name) of `stage` run with one ablation row's overrides: `pretrain_ecamp__no_sr`."""
+    return f"{stage}__{row}"
+
+
+def base_stage(name: str) -> str:
+    """The declared stage a run name belongs to (`pretrain_ecamp__no_sr` -> `pretrain_ecamp`)."""
+    return name.split("__", 1)[0]
+
+
 @dataclass(frozen=True)
 class Stage:
     """One pipeline stage.

@@ -118,19 +118,21 @@ def finetune(
 
 @torch.inference_mode()
 def frozen_features(
-    model: VisionTransformer, images: torch.Tensor, norm: Normalization, batch: int = 128
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pooled [N, D], patch tokens [N, L, D]) of the frozen model: the head's input and the dense tasks' input."""
+    model: VisionTransformer, images: torch.Tensor, norm: Normalization, batch: int = 128, tokens: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(pooled [N, D], patch tokens [N, L, D] or None) of the frozen model: the probe's input and the dense
+    tasks' input. Tokens are 196× the pooled size at ViT-B/16: kept only when a dense task needs them."""
     model.eval()
-    pooled, tokens = [], []
+    pooled, kept = [], []
     for i in range(0, len(images), batch):
         feats = model.forward_features(normalize(images[i : i + batch], norm.mean, norm.std))
         pooled.append(model.forward_head(feats, pre_logits=True))
-        tokens.append(feats[:, model.num_prefix_tokens :])
+        if tokens:
+            kept.append(feats[:, model.num_prefix_tokens :])
     d = model.embed_dim
     if not pooled:
-        return torch.zeros(0, d), torch.zeros(0, model.patch_embed.num_patches, d)
-    return torch.cat(pooled), torch.cat(tokens)
+        return torch.zeros(0, d), torch.zeros(0, model.patch_embed.num_patches, d) if tokens else None
+    return torch.cat(pooled), torch.cat(kept) if tokens else None
 
 
 def linear_probe(

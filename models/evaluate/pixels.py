@@ -7,6 +7,7 @@ size here, so heads and metrics only ever see input-size coordinates.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,11 +23,13 @@ from models.images import load_grayscale
 @dataclass(frozen=True)
 class Pixels:
     """One split at the input size: images uint8 [N, S, S]; masks bool [N, S, S] or None; boxes per image
-    as float [M, 4] xyxy in input pixels."""
+    as float [M, 4] xyxy in input pixels. `key` names the image list, so datasets that share their images
+    (RSNA classification/segmentation/detection, the demo's three sets) share their frozen features."""
 
     images: torch.Tensor
     masks: torch.Tensor | None
     boxes: list[torch.Tensor]
+    key: str
 
 
 def resize_gray(pixels: np.ndarray, size: int) -> np.ndarray:
@@ -69,7 +72,8 @@ def decode_split(samples: Sequence[Sample], size: int, task: str, workers: int =
     masks = None
     if task == "segmentation":
         masks = torch.from_numpy(np.stack([d[1] for d in decoded])) if decoded else torch.zeros(0, size, size)
-    return Pixels(images.to(torch.uint8), masks, [d[2] for d in decoded])
+    key = hashlib.sha256("\n".join(f"{s.image}" for s in samples).encode() + f"@{size}".encode()).hexdigest()
+    return Pixels(images.to(torch.uint8), masks, [d[2] for d in decoded], key)
 
 
 def normalize(images: torch.Tensor, mean: float, std: float, channels: int = 3) -> torch.Tensor:

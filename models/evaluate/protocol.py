@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
 from models.evaluate.classify import (
     Augment,
@@ -110,19 +111,34 @@ def labels_of(splits: Splits, name: str) -> torch.Tensor:
 
 
 class FeatureCache:
-    """Frozen features per (initialization, encoder seed, split); a pre-trained encoder is seed-independent."""
+    """Frozen encoders per (initialization, encoder seed) and their features per image list, shared by every
+    dataset and protocol of a stage run. A pre-trained encoder is seed-independent; a random one is the seed's."""
 
     def __init__(self, arch: dict[str, Any], norm: Normalization):
         self.arch, self.norm = arch, norm
-        self.store: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.encoders: dict[tuple[str, int], nn.Module] = {}
+        self.store: dict[tuple[str, int, str, bool], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    def get(self, init: Init, seed: int, split: str, pixels: Pixels) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (init.name, seed if init.path is None else 0, split)
-        if key not in self.store:
+    def encoder(self, init: Init, seed: int) -> nn.Module:
+        key = (init.name, seed if init.path is None else 0)
+        if key not in self.encoders:
             torch.manual_seed(key[1])
             model = downstream_vit(self.arch)
             load_init(model, init.path)
-            self.store[key] = frozen_features(model, pixels.images, self.norm)
+            self.encoders[key] = model
+        return self.encoders[key]
+
+    def pooled(self, init: Init, seed: int, pixels: Pixels) -> torch.Tensor:
+        return self._features(init, seed, pixels, tokens=False)[0]
+
+    def tokens(self, init: Init, seed: int, pixels: Pixels) -> torch.Tensor:
+        return self._features(init, seed, pixels, tokens=True)[1]
+
+    def _features(self, init: Init, seed: int, pixels: Pixels, tokens: bool) -> tuple:
+        key = (init.name, seed if init.path is None else 0, pixels.key, tokens)
+        if key not in self.store:
+            model = self.encoder(init, seed)
+            self.store[key] = frozen_features(model, pixels.images, self.norm, tokens=tokens)
         return self.store[key]
 
 
@@ -134,9 +150,9 @@ def run_job(
     norm: Normalization,
     cfg: ProtocolConfig,
     log: Log,
+    cache: FeatureCache,
 ) -> Iterator[dict[str, Any]]:
     """Result rows of every (protocol, init, fraction, seed) of `job`, one at a time (the stage writes them)."""
-    cache = FeatureCache(arch, norm)
     grid = arch["img_size"] // arch["patch_size"]
     for protocol in job.protocols:
         for init in inits:
@@ -198,12 +214,12 @@ def run_one(
                 score(y["test"].numpy(), predict(model, px["test"].images, norm), multilabel),
                 fitted,
             )
-        feats = {s: cache.get(init, seed, s, px[s])[0] for s in ("train", "val", "test")}
+        feats = {s: cache.pooled(init, seed, px[s]) for s in ("train", "val", "test")}
         head, fitted = linear_probe((feats["train"][idx], y["train"][idx]), (feats["val"], y["val"]), n_classes,
                                     multilabel, cfg.linear_probe, seed, cfg.head_init_std, desc)  # fmt: skip
         with torch.inference_mode():
             return metric, score(y["test"].numpy(), head(feats["test"]).numpy(), multilabel), fitted
-    tokens = {s: cache.get(init, seed, s, px[s])[1] for s in ("train", "val", "test")}
+    tokens = {s: cache.tokens(init, seed, px[s]) for s in ("train", "val", "test")}
     if protocol == "segmentation":
         masks = {s: px[s].masks for s in ("train", "val", "test")}
         head, fitted = train_segmentation((tokens["train"][idx], masks["train"][idx]), (tokens["val"], masks["val"]),
