@@ -400,20 +400,7 @@ def read_generic_csv(
                 path, line_no, f"split {row['split']!r} is not one of train, val, validate, test"
             )
         splits[split].append(row_reader(line_no, row))
-    if not splits["train"]:
-        raise DatasetError(path, None, "has no train rows")
-    multilabel = multilabel and task == "classification"
-    train = tuple(splits["train"])
-    return Splits(
-        name=path.stem,
-        task=task,
-        classes=names,
-        multilabel=multilabel,
-        train=train,
-        val=tuple(splits["val"]),
-        test=tuple(splits["test"]),
-        fractions=nested_fractions(train, PERCENTS, seed, multilabel),
-    )
+    return drawn_splits(path, path.stem, task, names, multilabel and task == "classification", splits, seed)
 
 
 def _generic_row_reader(
@@ -498,14 +485,28 @@ def read_synth(root: Path, task: Task, seed: int = 0) -> Splits:
             raise DatasetError(
                 root / "downstream" / "boxes.csv", line_no, f"{dicom_id} is not in classes.csv"
             )
-    if not splits["train"]:
-        raise DatasetError(classes_csv, None, "has no train rows")
     multilabel = task == "classification"
+    names = classes if multilabel else LESION
+    return drawn_splits(classes_csv, root.name, task, names, multilabel, splits, seed)
+
+
+def drawn_splits(
+    source: Path,
+    name: str,
+    task: str,
+    classes: tuple[str, ...],
+    multilabel: bool,
+    splits: dict[str, list[Sample]],
+    seed: int,
+) -> Splits:
+    """Splits read from one file, with the 1/10/100 % subsets drawn by seed (no official fraction lists)."""
+    if not splits["train"]:
+        raise DatasetError(source, None, "has no train rows")
     train = tuple(splits["train"])
     return Splits(
-        name=root.name,
+        name=name,
         task=task,
-        classes=classes if multilabel else LESION,
+        classes=classes,
         multilabel=multilabel,
         train=train,
         val=tuple(splits["val"]),
