@@ -19,6 +19,7 @@ from data_contracts.io import ArtifactInfo, Upstream, read_info
 _log = logging.getLogger("ecamp.catalog")
 
 CATALOG_NAME = "catalog.duckdb"
+RECORD_NAME = "_stage.json"  # tasks.record.RECORD: a stage's success record
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS artifacts (
@@ -69,9 +70,27 @@ def rebuild(run_dir: Path) -> int:
             infos.append(read_info(artifact))
         except ValueError as err:  # not ours, or unreadable: not an artifact of this run
             _log.warning("catalog rebuild: skipping %s (%s)", artifact, err)
+    infos += file_infos(run_dir)
     for info in sorted(infos, key=lambda i: i.created_at):
         _insert(path, info)
     return len(infos)
+
+
+def file_infos(run_dir: Path) -> list[ArtifactInfo]:
+    """The lineage of the file outputs (weights, adapters), kept in each stage's success record
+    (`<stage>/_stage.json`, see tasks/record.py) since a weights file has no Parquet metadata to carry it."""
+    found = []
+    for path in sorted(Path(run_dir).glob(f"*/{RECORD_NAME}")):
+        try:
+            outputs = json.loads(path.read_text())["outputs"]
+            found += [
+                ArtifactInfo.from_json(o["info"])
+                for o in outputs.values()
+                if o["kind"] == "file" and o.get("info")
+            ]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            _log.warning("catalog rebuild: skipping %s (%s)", path, err)
+    return found
 
 
 def _readable(run_dir: Path) -> bool:
@@ -120,7 +139,8 @@ def _insert(path: Path, info: ArtifactInfo) -> None:
 
 
 def latest(run_dir: Path, name_or_uri: str) -> ArtifactInfo | None:
-    """Latest recorded version of an artifact given by name (`reports`), `stage/name`, path or URI."""
+    """Latest recorded version of an artifact given by name (`reports`), `stage/name`, path or URI; a file
+    output also by its name without suffix (`pretrain_ecamp/encoder`)."""
     path = catalog_path(run_dir)
     if not _readable(run_dir):
         return None
@@ -132,9 +152,9 @@ def latest(run_dir: Path, name_or_uri: str) -> ArtifactInfo | None:
     with duckdb.connect(str(path), read_only=True) as con:
         row = con.execute(
             """SELECT info FROM artifacts
-               WHERE uri = ? OR (name = ? AND (? = '' OR stage = ?))
+               WHERE uri = ? OR ((name = ? OR name LIKE ? || '.%') AND (? = '' OR stage = ?))
                ORDER BY created_at DESC LIMIT 1""",
-            [key, name, stage, stage],
+            [key, name, name, stage, stage],
         ).fetchone()
     return ArtifactInfo.from_json(json.loads(row[0])) if row else None
 

@@ -94,15 +94,19 @@ def _preflight(cfg, names: list[str] | None = None, until: str | None = None) ->
                 _fail(err)
 
 
-def _check_stages(until: str | None, force: list[str] | None = None) -> None:
-    """`--until` and `--force` name stages: a typo must stop the command, not be ignored or fail mid-flow."""
+def _check_stages(until: str | None, force: list[str] | None = None, from_: str | None = None) -> None:
+    """`--until`, `--from` and `--force` name stages: a typo must stop the command, not be ignored or fail
+    mid-flow."""
     from tasks.registry import stage_names
 
     names = stage_names()
-    for flag, name in [("--until", until), *(("--force", f) for f in force or [])]:
+    flags = [("--until", until), ("--from", from_), *(("--force", f) for f in force or [])]
+    for flag, name in flags:
         if name is not None and name not in names:
             _fail(ValueError(f"{flag} {name}: unknown stage (stages: {', '.join(names)})"))
     last = names.index(until) if until else len(names) - 1
+    if from_ is not None and names.index(from_) > last:
+        _fail(ValueError(f"--from {from_} comes after --until {until}: nothing to run"))
     late = [f for f in force or [] if names.index(f) > last]
     if late:
         _fail(ValueError(f"--force {', '.join(late)}: after --until {until}, so it would not run"))
@@ -111,6 +115,7 @@ def _check_stages(until: str | None, force: list[str] | None = None) -> None:
 def _run_flow(flow: Callable[..., Any], **kwargs: Any) -> Any:
     """Run a flow against PREFECT_API_URL or a temporary server that dies with this command; the failures a
     user can fix (config, inputs, device, disk, diverged training) are one line, not a traceback."""
+    from flows.gpu_pool import GpuPoolError
     from flows.local_server import LocalServerError, prefect_api
     from models.checkpoints import CheckpointWriteError
     from models.devices import DeviceError
@@ -121,7 +126,7 @@ def _run_flow(flow: Callable[..., Any], **kwargs: Any) -> Any:
             return flow(**kwargs)
     except (ValueError, FileNotFoundError, DeviceError, CheckpointWriteError, FloatingPointError) as err:
         _fail(err)
-    except (LocalServerError, RunDirectoryBusy) as err:  # RuntimeErrors: not folded in above by accident
+    except (LocalServerError, RunDirectoryBusy, GpuPoolError) as err:  # RuntimeErrors named one by one
         _fail(err)
 
 
@@ -143,8 +148,9 @@ def synth(
     out: Annotated[Path, typer.Option("--out", help="folder to write the MIMIC-layout corpus to")],
     n: Annotated[int | None, typer.Option("--n", help="number of studies")] = None,
     config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="take the synth section from here")
-    ] = None,
+        Path,
+        typer.Option("--config", "-c", help="take the synth section from here (default: the demo's corpus)"),
+    ] = DEMO_CONFIG,
     set_: SetOpt = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing corpus at --out")] = False,
 ) -> None:
@@ -164,37 +170,17 @@ def synth(
     console.print(f"wrote corpus to {out}\n{summary.describe()}")
 
 
-def ensure_generated(root: Path, synth_cfg, what: str) -> None:
-    """Generate a corpus at `root` from `synth_cfg`, unless the same config already made it there.
+def ensure_inputs(cfg, stages: list[str] | None = None, regenerate: bool = False) -> None:
+    """The generated corpora the config asks for (demo corpus, synth evaluation sets), before any flow starts."""
+    from models.synth.corpus import CorpusFolderError
+    from tasks.inputs import prepare_inputs
+    from tasks.registry import stage_names
 
-    The generator's marker records the synth section used, so editing it regenerates the corpus instead of
-    silently running on the old one. A folder the generator did not write is never touched: the command stops.
-    """
-    from models.synth.corpus import CorpusFolderError, corpus_marker, generate_corpus
-
-    marker = corpus_marker(root)
-    if marker is not None and marker.get("config") == synth_cfg.model_dump(mode="json"):
-        console.print(f"{what} present at {root}")
-        return
-    console.print(f"generating the {what} at {root} ...")
     try:
-        summary = generate_corpus(synth_cfg, root, overwrite=True)
-    except CorpusFolderError as err:
+        names = stage_names() if stages is None else stages
+        prepare_inputs(cfg, lambda line: console.print(line, soft_wrap=True), names, regenerate)
+    except (CorpusFolderError, ValueError) as err:
         _fail(err)
-    console.print(summary.describe())
-
-
-def ensure_demo_corpus(cfg) -> None:
-    """The demo corpus at data.root, from the `synth` section."""
-    ensure_generated(Path(cfg.data.root), cfg.synth, "demo corpus")
-
-
-def ensure_synth_datasets(cfg) -> None:
-    """The `synth` evaluation sets at their paths, from `evaluate.synth` (when given)."""
-    if cfg.evaluate.synth is None:
-        return
-    for root in dict.fromkeys(Path(s.path) for s in cfg.evaluate.datasets if s.kind == "synth"):
-        ensure_generated(root, cfg.evaluate.synth, "downstream evaluation set")
 
 
 @app.command()
@@ -209,8 +195,7 @@ def demo(
     _check_run_dir(run_dir, cfg)
     _check_stages(until)
     _preflight(cfg, until=until)
-    ensure_demo_corpus(cfg)
-    ensure_synth_datasets(cfg)
+    ensure_inputs(cfg, regenerate=True)
     from flows.pipeline import ecamp_pipeline
 
     summaries = _run_flow(
@@ -232,13 +217,25 @@ def run(
     until: Annotated[str | None, typer.Option(help="stop after this stage")] = None,
     set_: SetOpt = None,
     force: Annotated[list[str] | None, typer.Option(help="recompute this stage even if cached")] = None,
+    from_: Annotated[
+        str | None,
+        typer.Option(
+            "--from", help="resume: take the stages before this one as they are, recompute it and all after"
+        ),
+    ] = None,
 ) -> None:
     """Run the full pipeline (finished stages with unchanged inputs are skipped)."""
     _quiet_prefect()
     cfg = _check_config(config, set_)
-    _check_run_dir(run_dir, cfg)
-    _check_stages(until, force)
+    target = _check_run_dir(run_dir, cfg)
+    _check_stages(until, force, from_)
     _preflight(cfg, until=until)
+    if from_ is not None:
+        _check_resumable(from_, target)
+    from flows.pipeline import stage_window
+
+    names, first = stage_window(from_, until)
+    ensure_inputs(cfg, names[first:])
     from flows.pipeline import ecamp_pipeline
 
     summaries = _run_flow(
@@ -248,8 +245,23 @@ def run(
         until=until,
         overrides=set_,
         force=force,
+        from_stage=from_,
     )
     _print_summaries(summaries)
+
+
+def _check_resumable(from_: str, run_dir: Path) -> None:
+    """Every stage before `--from` has a success here to resume from: one line before any flow starts."""
+    from tasks.record import read_record
+    from tasks.registry import stage_names
+
+    names = stage_names()
+    if missing := [n for n in names[: names.index(from_)] if read_record(run_dir, n) is None]:
+        _fail(
+            FileNotFoundError(
+                f"--from {from_}: {', '.join(missing)} never succeeded in {run_dir}; run without --from first"
+            )
+        )
 
 
 @app.command()
@@ -334,7 +346,7 @@ def evaluate(
     _quiet_prefect()
     cfg = _check_config(config, overrides, stage="evaluate")
     target = _check_run_dir(run_dir, cfg)
-    ensure_synth_datasets(cfg)
+    ensure_inputs(cfg, ["evaluate"])
     _check_evaluate_inputs(cfg, target)
     from flows.pipeline import ecamp_stage
 
@@ -393,8 +405,15 @@ def _print_table(path: Path) -> None:
 
 
 def _label(uri: str, info) -> str:
+    from tasks.base import FILE_SCHEMA
+
     if info is None:
         return f"input {uri}"
+    if info.schema_name == FILE_SCHEMA:
+        return (
+            f"{info.stage}/{info.name} file · sha {info.content_hash[:12]} · config {info.config_hash}"
+            f" · {info.code_version} · run {info.run_id}"
+        )
     return (
         f"{info.stage}/{info.name} {info.rows} rows · {info.schema_name} v{info.schema_version}"
         f" · sha {info.content_hash[:12]} · config {info.config_hash} · {info.code_version}"
@@ -407,15 +426,16 @@ def lineage(
     run_dir: RunDirOpt = None,
     config: Annotated[Path, typer.Option("--config", "-c")] = DEMO_CONFIG,
 ) -> None:
-    """Print an artifact's upstream chain, down to the input files, from the run's DuckDB catalog."""
+    """Print an output's upstream chain (Parquet or model file), down to the input files, from the run's catalog."""
     from data_contracts.catalog import latest, lineage_tree
     from tasks.registry import producer_of, stages
 
     target = _run_dir_of(run_dir, config)
     name = artifact.rsplit("/", 1)[-1]
-    if not artifact.endswith(".parquet") and producer_of(name) is None:
-        declared = ", ".join(w for s in stages() for w in s.writes)
-        _fail(KeyError(f"no stage declares an artifact '{name}' (artifacts: {declared})"))
+    outputs = [o for s in stages() for o in s.outputs]
+    known = producer_of(name) or any(o.split(".")[0] == name for o in outputs)
+    if not artifact.endswith(".parquet") and not known:
+        _fail(KeyError(f"no stage declares an output '{name}' (outputs: {', '.join(outputs)})"))
     info = latest(target, artifact)
     if info is None:
         _fail(FileNotFoundError(f"no artifact '{artifact}' in the catalog of {target}"))

@@ -1,116 +1,155 @@
-"""Prefect flows: the full pipeline and a single stage. Wiring only; the stages live in `tasks/`.
+"""Prefect flows: the full pipeline, one stage, ablation rows. Wiring only; the stages live in `tasks/`.
 
 Skipping finished stages is the runner's job (fingerprints of upstream hashes + config + code), not
-Prefect's result cache: it needs no result storage shared between workers and survives a new server.
+Prefect's result cache: it needs no result storage shared between workers and survives a new server. Each
+stage task receives exactly its upstream stages' results, so the run graph draws the real data lineage; a
+cached stage ends in a Completed state named `Cached`.
 """
 
 from __future__ import annotations
 
-import base64
-import re
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.states import Completed, State
+from prefect.tasks import exponential_backoff
+from prefect.utilities.annotations import quote
 
+from flows.gpu_pool import GpuHandoff, run_on_gpu_pool
+from flows.logs import forward_stage_logs
+from flows.publish import publish_lineage, publish_stage
+from flows.retry import transient_failure
 from tasks.config import config_from_dict, load_config
+from tasks.inputs import prepare_inputs
 from tasks.lock import run_lock
 from tasks.registry import get_stage, stage_names
-from tasks.runner import StageResult, run_stage
-from tasks.stage import variant_name
-
-PLOT_SUFFIXES = (".png",)
-MAX_INLINE_BYTES = 512 * 1024
-
-
-def artifact_key(stage: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only (`pretrain_ecamp__lambda_0.1`)."""
-    return "ecamp-" + re.sub(r"[^a-z0-9]+", "-", stage.lower()).strip("-")
-
-
-def output_table(result: StageResult) -> list[dict[str, Any]]:
-    return [
-        {
-            "artifact": f"{result.stage}/{name}",
-            "rows": info.rows,
-            "schema": f"{info.schema_name} v{info.schema_version}",
-            "content_hash": info.content_hash[:12],
-            "uri": info.uri,
-            "upstream": ", ".join(
-                u.uri.rsplit("/", 2)[-2] + "/" + u.uri.rsplit("/", 1)[-1] for u in info.upstream
-            ),
-            "status": result.status,
-        }
-        for name, info in result.outputs.items()
-    ]
-
-
-def publish(result: StageResult, run_dir: Path) -> None:
-    """A table artifact of the stage's outputs (the lineage view the OSS UI shows), its Markdown outputs (the
-    evaluation table, model cards) and its plots, embedded inline so that the UI shows them."""
-    create_table_artifact(
-        table=output_table(result),
-        key=artifact_key(result.stage),
-        description=f"**{result.stage}** {result.status} · fingerprint `{result.fingerprint}` · run dir `{run_dir}`",
-    )
-    stage_dir = run_dir / result.stage
-    for doc in sorted(p for p in stage_dir.glob("*.md") if p.is_file()):
-        create_markdown_artifact(
-            doc.read_text(), key=f"{artifact_key(result.stage)}-{artifact_key(doc.stem)[6:]}"
-        )
-    plots = sorted(p for p in stage_dir.rglob("*") if p.suffix in PLOT_SUFFIXES)
-    if plots:
-        lines = [f"# {result.stage} plots", ""] + [inline_image(p) for p in plots]
-        create_markdown_artifact("\n\n".join(lines), key=artifact_key(result.stage) + "-plots")
-
-
-def inline_image(path: Path) -> str:
-    """Markdown showing a PNG in the UI (a data URI: an http page cannot open file://); big ones as a path."""
-    data = path.read_bytes()
-    if len(data) > MAX_INLINE_BYTES:
-        return f"- `{path}` ({len(data) // 1024} KiB, too large to embed)"
-    return f"**{path.name}**\n\n![{path.name}](data:image/png;base64,{base64.b64encode(data).decode()})"
+from tasks.runner import reused_result, run_stage
+from tasks.stage import Stage, split_ref, variant_name
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
 def stage_task(
-    stage: str, config_data: dict[str, Any], run_dir: str, force: bool = False, name: str | None = None
-) -> dict[str, Any]:
-    """One stage (under folder `name`, for ablation rows) through the runner, which decides if it is cached."""
+    stage: str,
+    config_data: dict[str, Any],
+    run_dir: str,
+    upstream: dict[str, Any] | None = None,
+    force: bool = False,
+    name: str | None = None,
+    reuse: bool = False,
+    handoff: GpuHandoff | None = None,
+) -> dict[str, Any] | State:
+    """One stage (under folder `name`, for ablation rows): run here through the runner, handed to the GPU
+    pool (`handoff`), or, before a resume's `from_stage`, its last success taken as it is (`reuse`).
+    `upstream` carries the upstream stages' results only so that the run graph draws their edges."""
     logger = get_run_logger()
-    config = config_from_dict(config_data)
-    result = run_stage(
-        get_stage(stage),
-        config,
-        Path(run_dir),
-        force=force,
-        log=logger,
-        run_id=str(flow_run.id or "local"),
-        name=name,
-    )
-    if result.status == "ran":
-        publish(result, Path(run_dir))
-    return {
-        "stage": result.stage,
+    name = name or stage
+    with forward_stage_logs(logger):
+        if reuse:
+            result = reused_result(name, Path(run_dir))
+            logger.info("%s: taken as it is from %s (resuming from a later stage)", name, run_dir)
+        elif handoff is not None:
+            result = run_on_gpu_pool(handoff, name, Path(run_dir), logger)
+        else:
+            config = config_from_dict(config_data)
+            result = run_stage(
+                get_stage(stage), config, Path(run_dir), force=force, log=logger, run_id=run_id(), name=name
+            )
+        if handoff is None:  # a handed-over stage published from its own run on the GPU pool
+            publish_stage(name, result.status, Path(run_dir))
+    summary = {
+        "stage": name,
         "status": result.status,
+        "fingerprint": result.fingerprint,
         "outputs": {k: v.uri for k, v in result.outputs.items()},
     }
+    if result.status == "cached":
+        return Completed(name="Cached", data=summary, message=f"fingerprint {result.fingerprint} unchanged")
+    return summary
+
+
+def run_id() -> str:
+    return str(flow_run.id or "local")
+
+
+def stage_options(stage: Stage, name: str) -> dict[str, Any]:
+    """Task options: names for the UI, and retries with backoff for the stages that talk to an LLM endpoint or
+    a file system (only on transient errors; a deterministic error fails at once)."""
+    options: dict[str, Any] = {"name": name, "task_run_name": name}
+    if stage.retries:
+        options |= {
+            "retries": stage.retries,
+            "retry_delay_seconds": exponential_backoff(backoff_factor=10),
+            "retry_condition_fn": transient_failure,
+        }
+    return options
+
+
+@task(
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=5),
+    retry_condition_fn=transient_failure,
+)
+def prepare_inputs_task(config_data: dict[str, Any], stages: list[str]) -> None:
+    """The generated corpora the config asks for and `stages` read (the demo corpus, synth evaluation sets),
+    made when absent."""
+    logger = get_run_logger()
+    prepare_inputs(config_from_dict(config_data), logger.info, stages)
 
 
 def resolve_run_dir(config: Any, run_dir: str | None) -> str:
     return str(Path(run_dir or config.run.run_dir).resolve())
 
 
-def stages_until(until: str | None) -> list[str]:
+def stage_window(from_stage: str | None, until: str | None) -> tuple[list[str], int]:
+    """The stages up to `until`, and the index of `from_stage` among them (0 when None)."""
     names = stage_names()
-    if until is None:
-        return names
-    if until not in names:
-        raise ValueError(f"--until {until}: unknown stage (stages: {', '.join(names)})")
-    return names[: names.index(until) + 1]
+    for flag, name in (("from_stage", from_stage), ("until", until)):
+        if name is not None and name not in names:
+            raise ValueError(f"{flag} {name}: unknown stage (stages: {', '.join(names)})")
+    last = names.index(until) if until else len(names) - 1
+    first = names.index(from_stage) if from_stage else 0
+    if first > last:
+        raise ValueError(f"from_stage {from_stage} comes after until {until}: nothing to run")
+    return names[: last + 1], first
+
+
+def preflight(config: Any, names: list[str]) -> None:
+    """Each stage's own checks of the config, before the first stage starts (a deployment run has no CLI)."""
+    for name in names:
+        stage = get_stage(name)
+        if stage.preflight is not None:
+            stage.preflight(config)
+
+
+def upstream_of(stage: Stage, states: dict[str, State]) -> dict[str, State]:
+    """The results of the stages `stage` reads from (run graph edges), among those this flow run has."""
+    producers = dict.fromkeys(split_ref(ref)[0] for ref in stage.reads)
+    return {p: states[p] for p in producers if p in states}
+
+
+def gpu_handoff(
+    stage: Stage, config: Any, config_path: str, overrides: list[str] | None, run_dir: str, force: bool
+) -> GpuHandoff | None:
+    """How to run a GPU stage on the GPU pool, when the config names one."""
+    if not (stage.gpu and config.run.gpu_pool):
+        return None
+    return GpuHandoff(
+        deployment=config.run.gpu_deployment,
+        pool=config.run.gpu_pool,
+        timeout_s=config.run.gpu_pickup_timeout_s,
+        parameters={
+            "stage": stage.name,
+            "config_path": config_path,
+            "run_dir": run_dir,
+            "overrides": list(overrides or []),
+            "force": force,
+        },
+    )
 
 
 @flow(name="ecamp-pipeline")
@@ -120,20 +159,45 @@ def ecamp_pipeline(
     until: str | None = None,
     overrides: list[str] | None = None,
     force: list[str] | None = None,
+    from_stage: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Every registered stage in order; finished stages with unchanged inputs and config are skipped."""
+    """Every registered stage in order; finished stages with unchanged inputs and config are skipped.
+
+    `from_stage` resumes: the stages before it are taken as they are in the run directory (not checked
+    against the config, not recomputed), it and every later stage are recomputed."""
     config = load_config(config_path, overrides)
-    target = resolve_run_dir(config, run_dir)
+    names, first = stage_window(from_stage, until)
+    preflight(config, names[first:])
     data = config.model_dump(mode="json")
+    prepare_inputs_task(quote(data), quote(names[first:]))
+    target = resolve_run_dir(config, run_dir)
+    states: dict[str, State] = {}
     summaries = []
     with run_lock(Path(target)):  # held across stages: no other run slips in between two of them
-        for stage in stages_until(until):
-            for row in ablations_for(stage, config):  # e.g. the MIM-only encoder that `evaluate` compares
-                summaries.append(
-                    ablation_row_task("7", row, config_path, overrides, target, force=stage in (force or []))
+        for i, name in enumerate(names):
+            stage = get_stage(name)
+            reuse = i < first
+            forced = name in (force or []) or (from_stage is not None and not reuse)
+            for row in ablations_for(name, config):  # e.g. the MIM-only encoder that `evaluate` compares
+                state = ablation_row_task(
+                    "7", row, config_path, overrides, target, force=forced, reuse=reuse, states=states
                 )
-            run = stage_task.with_options(name=stage, task_run_name=stage)
-            summaries.append(run(stage, data, target, force=stage in (force or [])))
+                states[state.result()["stage"]] = state
+                summaries.append(state.result())
+            handoff = None if reuse else gpu_handoff(stage, config, config_path, overrides, target, forced)
+            state = stage_task.with_options(**stage_options(stage, name))(
+                name,
+                quote(data),
+                target,
+                upstream_of(stage, states),
+                force=forced,
+                reuse=reuse,
+                handoff=quote(handoff),
+                return_state=True,
+            )
+            states[name] = state
+            summaries.append(state.result())  # a failed stage fails the flow here, with its error
+    publish_lineage(Path(target), summaries)
     return summaries
 
 
@@ -145,16 +209,34 @@ def ablations_for(stage: str, config: Any) -> list[str]:
 
 
 def ablation_row_task(
-    table: str, row: str, config_path: str, overrides: list[str] | None, run_dir: str, force: bool = False
-) -> dict[str, Any]:
+    table: str,
+    row: str,
+    config_path: str,
+    overrides: list[str] | None,
+    run_dir: str,
+    force: bool = False,
+    reuse: bool = False,
+    states: dict[str, State] | None = None,
+) -> State:
     """`pretrain_ecamp` with the overrides of one ablation row, under the folder `pretrain_ecamp__<row>`."""
     from tasks.pretrain_ecamp import STAGE, ablation_rows
 
-    row_overrides = ablation_rows(table, [row])[row]
-    data = load_config(config_path, [*(overrides or []), *row_overrides]).model_dump(mode="json")
+    row_overrides = [*(overrides or []), *ablation_rows(table, [row])[row]]
+    config = load_config(config_path, row_overrides)
     name = variant_name(STAGE.name, row)
-    return stage_task.with_options(name=name, task_run_name=name)(
-        STAGE.name, data, run_dir, force=force, name=name
+    handoff = None if reuse else gpu_handoff(STAGE, config, config_path, row_overrides, run_dir, force)
+    if handoff is not None:
+        handoff.parameters["name"] = name
+    return stage_task.with_options(**stage_options(STAGE, name))(
+        STAGE.name,
+        quote(config.model_dump(mode="json")),
+        run_dir,
+        upstream_of(STAGE, states or {}),
+        force=force,
+        name=name,
+        reuse=reuse,
+        handoff=quote(handoff),
+        return_state=True,
     )
 
 
@@ -165,12 +247,23 @@ def ecamp_stage(
     run_dir: str | None = None,
     overrides: list[str] | None = None,
     force: bool = False,
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """Exactly one stage, reading its upstream artifacts from the run directory (e.g. to rerun a failed one)."""
+    """Exactly one stage, reading its upstream artifacts from the run directory (e.g. to rerun a failed one,
+    or a GPU stage the pipeline hands to the GPU pool). `name`: an ablation row's folder."""
     config = load_config(config_path, overrides)
-    get_stage(stage)
-    run = stage_task.with_options(name=stage, task_run_name=stage)
-    return run(stage, config.model_dump(mode="json"), resolve_run_dir(config, run_dir), force=force)
+    declared = get_stage(stage)
+    preflight(config, [stage])
+    run = stage_task.with_options(**stage_options(declared, name or stage))
+    state = run(
+        stage,
+        quote(config.model_dump(mode="json")),
+        resolve_run_dir(config, run_dir),
+        force=force,
+        name=name,
+        return_state=True,
+    )
+    return state.result()
 
 
 @flow(name="ecamp-ablations")
@@ -189,6 +282,6 @@ def ecamp_ablations(
         load_config(config_path, overrides), run_dir
     )  # rows change pretrain_ecamp.* only
     return [
-        ablation_row_task(table, row, config_path, overrides, target, force=force)
+        ablation_row_task(table, row, config_path, overrides, target, force=force).result()
         for row in ablation_rows(table, rows)
     ]

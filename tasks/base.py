@@ -39,6 +39,7 @@ from tasks.stage import Stage, split_ref
 
 T = TypeVar("T")
 ATTEMPT_DIR = ".attempt"
+FILE_SCHEMA = "file"  # the schema name of file outputs (weights, adapters) in the catalog and manifests
 PREVIOUS_DIR = ".previous"
 
 
@@ -233,13 +234,45 @@ class StageContext:
                 info = self.outputs[name]
                 record.outputs[name] = OutputRecord(kind, info.content_hash, files.stamp(final), info)
             else:
-                record.outputs[name] = OutputRecord(kind, files.content_hash(final), files.stamp(final))
+                info = self.file_info(name, final)
+                record.outputs[name] = OutputRecord(kind, info.content_hash, files.stamp(final), info)
         write_record(self.run_dir, record)
-        for info in self.outputs.values():
-            catalog.record(self.run_dir, info, self.log)
+        for rec in record.outputs.values():
+            catalog.record(self.run_dir, rec.info, self.log)
         shutil.rmtree(previous, ignore_errors=True)
         shutil.rmtree(self.attempt_dir, ignore_errors=True)
         return record
+
+    def file_info(self, name: str, path: Path) -> ArtifactInfo:
+        """A file output's lineage (weights, adapter, tokenizer), like a Parquet output's: it is made from
+        everything the stage read, so `ecamp lineage pretrain_ecamp/encoder` and the manifests can follow it."""
+        return ArtifactInfo(
+            uri=path.resolve().as_uri(),
+            name=name,
+            schema_name=FILE_SCHEMA,
+            schema_version=0,
+            rows=0,
+            content_hash=files.content_hash(path),
+            stage=self.name,
+            run_id=self.run_id,
+            config_hash=self.config_hash,
+            code_version=self.code_version,
+            upstream=[*self.inputs, *self.upstream.values()],
+            created_at=time.time(),
+        )
+
+    def lineage_facts(self) -> dict[str, Any]:
+        """Where a model file comes from, for its header and model card: run, config, code and the exact
+        hashes of what the stage read so far."""
+        return {
+            "run_id": self.run_id,
+            "run_dir": str(self.run_dir.resolve()),
+            "stage": self.name,
+            "config_hash": self.config_hash,
+            "code_version": self.code_version,
+            "upstream": {ref: u.content_hash for ref, u in sorted(self.upstream.items())},
+            "inputs": {u.uri: u.content_hash for u in self.inputs},
+        }
 
     def every(self, seconds: float = 10.0) -> Callable[[], bool]:
         """A gate for per-step log lines: true at the first call, then at most once per `seconds` (the full

@@ -397,5 +397,7 @@ STAGE = Stage(
         f"finetune_student/{TINY_BASE}",
     ),
     optional=(f"finetune_student/{TINY_BASE}",),
+    gpu=True,
+    retries=2,  # the teacher endpoint for QC retries
     writes={"distilled_reports": DistilledReport},
 )

@@ -32,6 +32,18 @@ class RunConfig(StageConfig):
     num_threads: int | None = Field(
         None, ge=1, description="torch threads on CPU; None keeps torch's default"
     )
+    gpu_pool: str | None = Field(
+        None,
+        description="work pool of the GPU worker: the pipeline hands its GPU stages to `gpu_deployment` there "
+        "and waits; None runs every stage in the pipeline's own process",
+    )
+    gpu_deployment: str = Field(
+        "ecamp-stage/stage-gpu",
+        description="the deployment (flow/name) GPU stages run as when gpu_pool is set",
+    )
+    gpu_pickup_timeout_s: float = Field(
+        600.0, gt=0, description="how long a GPU stage run may wait for a worker before the pipeline fails"
+    )
 
     @field_validator("run_dir")
     @classmethod
@@ -54,6 +66,10 @@ class DataConfig(StageConfig):
     )
     check_images: bool = Field(False, description="decode every image at extraction (slow at MIMIC scale)")
     max_studies: int | None = Field(None, ge=1, description="keep only the first N studies (quick trials)")
+    generate: bool = Field(
+        False,
+        description="data.root is the demo generator's corpus: made from the synth section when absent",
+    )
 
 
 # Settings two stages each declare that must hold the same value: (key, key, why). A mismatch is a ConfigError

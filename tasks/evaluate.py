@@ -191,4 +191,6 @@ STAGE = Stage(
     files=(TABLE, PLOT),
     sections=("pretrain_ecamp",),
     input_files=dataset_files,
+    inputs_hint="evaluate.datasets[*].path, or a checkpoint path in evaluate.inits",
+    gpu=True,
 )

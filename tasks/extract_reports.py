@@ -598,4 +598,6 @@ STAGE = Stage(
     writes={"rejects": Reject, "reports": Report, "images": Image},
     sections=("data",),
     input_files=data_files,
+    inputs_hint="data.root (the MIMIC-CXR(-JPG) root holding files/ and the CSVs) or data.manifest",
+    retries=2,  # a network file system that hiccups
 )

@@ -336,4 +336,5 @@ STAGE = Stage(
     writes={"student_loss": StudentLoss, "student_eval": StudentEval, "student_model": StudentModel},
     files=(ADAPTER_DIR, TINY_BASE_DIR),
     optional=(TINY_BASE_DIR,),  # written only for the built-in tiny base; a real base stays where it is
+    gpu=True,
 )

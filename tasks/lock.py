@@ -38,6 +38,29 @@ def _holder(fd: int) -> str:
         return "another process"
 
 
+def _acquire(run_dir: Path) -> int:
+    """Take the flock of `run_dir` (no wait) and write who holds it; RunDirectoryBusy names the holder."""
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(fd)
+        os.close(fd)
+        raise RunDirectoryBusy(
+            f"run directory {run_dir} is in use by {holder}; wait for it to finish or use another "
+            "--run-dir (a killed run releases the lock by itself)"
+        ) from None
+    os.ftruncate(fd, 0)
+    info = {"pid": os.getpid(), "started": time.time(), "command": " ".join(sys.argv[:3])}
+    os.pwrite(fd, json.dumps(info).encode(), 0)
+    return fd
+
+
+def _release(fd: int) -> None:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold the run directory's lock, or fail at once naming the holder's pid and start time."""
@@ -49,20 +72,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             fd, depth = _held[key]
             _held[key] = (fd, depth + 1)
         else:
-            fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _holder(fd)
-                os.close(fd)
-                raise RunDirectoryBusy(
-                    f"run directory {run_dir} is in use by {holder}; wait for it to finish or use another "
-                    "--run-dir (a killed run releases the lock by itself)"
-                ) from None
-            os.ftruncate(fd, 0)
-            info = {"pid": os.getpid(), "started": time.time(), "command": " ".join(sys.argv[:3])}
-            os.pwrite(fd, json.dumps(info).encode(), 0)
-            _held[key] = (fd, 1)
+            _held[key] = (_acquire(run_dir), 1)
     try:
         yield
     finally:
@@ -72,5 +82,21 @@ def run_lock(run_dir: Path) -> Iterator[None]:
                 _held[key] = (fd, depth - 1)
             else:
                 del _held[key]
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
+                _release(fd)
+
+
+@contextmanager
+def handed_over(run_dir: Path) -> Iterator[None]:
+    """Let another process take the lock this one holds for the length of the block: the pipeline waiting
+    for a GPU stage that runs on another worker. Taken back after; RunDirectoryBusy if a third run took it."""
+    key = str(Path(run_dir).resolve())
+    with _guard:
+        held = _held.pop(key, None)
+        if held is not None:
+            _release(held[0])
+    try:
+        yield
+    finally:
+        if held is not None:
+            with _guard:
+                _held[key] = (_acquire(Path(run_dir)), held[1])

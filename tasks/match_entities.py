@@ -165,4 +165,5 @@ STAGE = Stage(
     },
     files=("fig2a_entities.png", "fig2b_descriptors.png", ENTITY_LISTS),
     input_files=lambda config: [resolve_entity_list(config.match_entities.entity_list)],
+    inputs_hint="match_entities.entity_list",
 )

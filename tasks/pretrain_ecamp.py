@@ -125,8 +125,9 @@ def run(ctx: StageContext, cfg: Config) -> None:
         "effective batch": train_cfg.batch_size * train_cfg.accum_iter * cfg.nproc,
         "seed": seed,
     }
-    export_encoder(model, ctx.path(ENCODER), extra={"facts": facts})
-    write_model_card(ctx.path(MODEL_CARD), model_cfg, facts, metrics)
+    lineage = ctx.lineage_facts()  # run id and the hashes of every artifact read: in the header and the card
+    export_encoder(model, ctx.path(ENCODER), extra={"facts": facts, "lineage": lineage})
+    write_model_card(ctx.path(MODEL_CARD), model_cfg, facts, metrics, lineage)
     ctx.log.info("encoder -> %s (on success)", ctx.stage_dir / ENCODER)
 
 
@@ -246,4 +247,5 @@ STAGE = Stage(
     writes={"pretrain_rejects": PretrainReject, "pretrain_metrics": PretrainMetric},
     files=(ENCODER, MODEL_CARD, TOKENIZER),
     preflight=lambda config: check_init_checkpoint(config.pretrain_ecamp.train),
+    gpu=True,
 )

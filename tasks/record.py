@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from data_contracts import files
+from data_contracts import catalog, files
 from data_contracts.io import ArtifactInfo, content_hash, read_artifact_and_info
 
-RECORD = "_stage.json"
+RECORD = catalog.RECORD_NAME
 log = logging.getLogger(__name__)
 
 
@@ -27,7 +27,7 @@ class OutputRecord:
     kind: Literal["parquet", "file"]
     content_hash: str
     stamp: str
-    info: ArtifactInfo | None = None  # Parquet outputs: their lineage metadata
+    info: ArtifactInfo | None = None  # lineage metadata (file outputs: schema 'file', 0 rows)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

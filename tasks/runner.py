@@ -40,7 +40,12 @@ def input_files(stage: Stage, config: Any) -> list[Upstream]:
     paths = stage.input_files(config)
     missing = [str(p) for p in paths if not Path(p).exists()]
     if missing:
-        raise FileNotFoundError(f"{stage.name}: input not found: {', '.join(missing)}")
+        hint = (
+            f"; set {stage.inputs_hint} (ecamp --set KEY=VALUE, or the deployment's overrides)"
+            if stage.inputs_hint
+            else ""
+        )
+        raise FileNotFoundError(f"{stage.name}: input not found: {', '.join(missing)}{hint}")
     return [Upstream(Path(p).resolve().as_uri(), files.stamp(Path(p))) for p in paths]
 
 
@@ -90,6 +95,22 @@ def cached_result(name: str, run_dir: Path, fingerprint: str) -> StageResult | N
         return None
     outputs = {n: o.info for n, o in record.outputs.items() if o.info is not None}
     return StageResult(name, "cached", fingerprint, outputs)
+
+
+def reused_result(name: str, run_dir: Path) -> StageResult:
+    """The last successful result of `name` as it is, without checking its fingerprint: what a resume
+    (`from_stage`) builds on. An output changed since, or a stage that never succeeded, is an error."""
+    record = read_record(run_dir, name)
+    if record is None:
+        raise MissingUpstreamError(
+            f"{name} has no successful run in {run_dir} to resume from: run without from_stage"
+        )
+    if not verified_outputs(run_dir, record):
+        raise MissingUpstreamError(
+            f"{name}'s outputs in {run_dir} changed or went missing since it succeeded: run it again"
+        )
+    outputs = {n: o.info for n, o in record.outputs.items() if o.info is not None}
+    return StageResult(name, "cached", record.fingerprint, outputs)
 
 
 def _set_threads(config: Any) -> None:
@@ -143,7 +164,8 @@ def run_stage(
         ctx.begin()
         stage.run(ctx, getattr(config, stage.name))
         seconds = time.perf_counter() - start
-        ctx.commit(fingerprint, parts, seconds)
-    result = StageResult(name, "ran", fingerprint, dict(ctx.outputs), seconds)
+        record = ctx.commit(fingerprint, parts, seconds)
+    outputs = {n: o.info for n, o in record.outputs.items() if o.info is not None}
+    result = StageResult(name, "ran", fingerprint, outputs, seconds)
     log.info("%s: done in %.1f s, outputs: %s", name, seconds, ", ".join(stage.outputs) or "none")
     return result

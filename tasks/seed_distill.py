@@ -268,4 +268,5 @@ STAGE = Stage(
         "distill_rejects": DistillReject,
         "teacher_settings": TeacherSettings,
     },
+    retries=2,  # the teacher LLM endpoint: rate limits, timeouts, dropped connections
 )

@@ -47,6 +47,9 @@ class Stage:
     (the MIMIC tree, a lesion-box CSV, an entity list), given the whole config; their fingerprints enter the
     cache key and the lineage. `preflight`: checks of the whole config that must hold before the stage (and,
     from the CLI, before the whole run) starts, e.g. that pre-training's initialization is chosen and exists.
+    `inputs_hint`: which config keys name the input files, said when one is missing. `gpu`: the stage trains or
+    generates with a model and belongs on the GPU pool. `retries`: Prefect retries of a transient failure (an
+    LLM endpoint or a file system that hiccups); deterministic errors are never retried.
     """
 
     name: str
@@ -61,6 +64,9 @@ class Stage:
     sections: tuple[str, ...] = ()
     input_files: Callable[[Any], list[Path]] | None = None
     preflight: Callable[[Any], None] | None = None
+    inputs_hint: str = ""
+    gpu: bool = False
+    retries: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "writes", MappingProxyType(dict(self.writes)))

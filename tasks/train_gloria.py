@@ -400,4 +400,6 @@ STAGE = Stage(
     files=(WEIGHTS, MODEL_CONFIG, TOKENIZER, PICTURES),
     sections=("data",),
     input_files=lambda config: [p for p in [lesion_box_file(config)] if p is not None],
+    inputs_hint="train_gloria.lesion_boxes",
+    gpu=True,
 )

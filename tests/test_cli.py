@@ -201,6 +201,8 @@ def test_killing_the_cli_stops_its_temporary_prefect_server(tmp_path, sig):
         str(tmp_path / "run"),
         "--set",
         f"data.root={tmp_path}",
+        "--set",
+        "data.generate=false",
     ]
     with log_path.open("wb") as log:
         cli = subprocess.Popen(

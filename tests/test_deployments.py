@@ -54,7 +54,12 @@ def test_deploy_all_creates_the_three_deployments(deployed):
             for d in client.read_deployments()
             if "ecamp" in d.tags
         }
-    assert names == {"ecamp-pipeline/full", "ecamp-stage/stage", "ecamp-stage/stage-gpu"}
+    assert names == {
+        "ecamp-pipeline/full",
+        "ecamp-pipeline/paper",
+        "ecamp-stage/stage",
+        "ecamp-stage/stage-gpu",
+    }
 
 
 def test_worker_runs_the_stage_deployment(deployed, small_corpus, tmp_path):

@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
+from tasks.record import read_record
 from tasks.registry import stage_names
 
 from .conftest import REPO_ROOT
@@ -51,22 +52,71 @@ def test_rerun_is_cached_and_a_config_change_reruns_only_that_stage(pipeline_run
     assert statuses(go()) == {"extract_reports": "cached", "match_entities": "ran"}  # back to post_window 6
 
 
-def test_each_stage_publishes_a_table_artifact(pipeline_run):
+def latest_artifacts(prefix: str) -> dict:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
 
     with get_client(sync_client=True) as client:
         latest = client.read_latest_artifacts(
-            artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(like_="ecamp-"))
+            artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(like_=prefix))
         )
-    keys = {a.key for a in latest}
-    assert {"ecamp-extract-reports", "ecamp-match-entities"} <= keys
-    match = next(a for a in latest if a.key == "ecamp-match-entities")
-    assert "entity_mentions" in str(match.data) and "extract_reports/reports.parquet" in str(match.data)
-    plots = next(
-        a for a in latest if a.key == "ecamp-match-entities-plots"
-    )  # shown by the UI: no file:// link
+    return {a.key: a for a in latest}
+
+
+def test_each_stage_publishes_its_manifest_under_a_run_scoped_key(pipeline_run):
+    import json
+
+    from flows.publish import artifact_key
+
+    run_dir, _, _ = pipeline_run
+    latest = latest_artifacts(f"ecamp-{run_dir.name}-")
+    assert artifact_key(run_dir, "match_entities") == f"ecamp-{run_dir.name}-match-entities"
+    assert {artifact_key(run_dir, "extract_reports"), artifact_key(run_dir, "match_entities")} <= set(latest)
+    rows = json.loads(latest[artifact_key(run_dir, "match_entities")].data)
+    record = read_record(run_dir, "match_entities")
+    outputs = {r["artifact"]: r for r in rows if r["role"] == "output"}
+    assert (
+        outputs["match_entities/entity_mentions"]["content_hash"]
+        == record.outputs["entity_mentions"].content_hash
+    )
+    assert outputs["match_entities/fig2a_entities.png"]["schema"] == "file"  # file outputs are listed too
+    inputs = {r["artifact"]: r for r in rows if r["role"] == "input"}
+    reports_hash = read_record(run_dir, "extract_reports").outputs["reports"].content_hash
+    assert inputs["extract_reports/reports"] == inputs["extract_reports/reports"] | {
+        "content_hash": reports_hash,
+        "made_by": "extract_reports",
+    }
+    assert any(r["artifact"] == "input file" and r["path"].endswith("table1.txt") for r in rows)
+    plots = latest[artifact_key(run_dir, "match_entities", "plots")]  # shown by the UI: no file:// link
     assert "![fig2a_entities.png](data:image/png;base64,iVBORw0KGgo" in str(plots.data)
+    lineage = latest[artifact_key(run_dir, "lineage")].data
+    assert (
+        "flowchart LR" in lineage
+        and f"`match_entities/entity_mentions` sha256 `{record.outputs['entity_mentions'].content_hash}`"
+        in lineage
+    )
+
+
+def test_cached_stages_end_cached_and_task_inputs_are_the_stage_dag(pipeline_run):
+    """The run graph: each stage task's inputs are exactly its upstream stages; a skipped stage is `Cached`."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    _, go, _ = pipeline_run
+    go()
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    by_id = {t.id: t for t in tasks}
+    named = {t.name: t for t in tasks}
+    assert named["extract_reports"].state.name == "Cached" and named["match_entities"].state.name == "Cached"
+    assert named["extract_reports"].state.is_completed()
+    edges = {
+        name: sorted(by_id[i.id].name for inputs in t.task_inputs.values() for i in inputs if i.id in by_id)
+        for name, t in named.items()
+    }
+    assert edges["extract_reports"] == [] and edges["match_entities"] == ["extract_reports"]
 
 
 def test_lineage_cli_prints_chain_down_to_input_files(pipeline_run, small_corpus):
@@ -90,7 +140,7 @@ def test_lineage_cli_prints_chain_down_to_input_files(pipeline_run, small_corpus
 def test_lineage_of_unknown_artifact_fails_clearly(pipeline_run):
     run_dir, _, _ = pipeline_run
     result = CliRunner().invoke(app, ["lineage", "no_such_thing", "--run-dir", str(run_dir)])
-    assert result.exit_code == 2 and "no stage declares an artifact 'no_such_thing'" in result.output
+    assert result.exit_code == 2 and "no stage declares an output 'no_such_thing'" in result.output
     assert "entity_mentions" in result.output  # the declared artifacts are listed
     result = CliRunner().invoke(app, ["lineage", "distilled_reports", "--run-dir", str(run_dir)])
     assert result.exit_code == 2 and "no artifact 'distilled_reports' in the catalog" in result.output

@@ -305,7 +305,9 @@ def test_a_broken_or_missing_catalog_is_rebuilt_from_the_artifacts(setup, tmp_pa
     assert tree.upstream[0].info.name == "numbers"
     path.unlink()
     assert catalog.latest(run_dir, "count").rows == 1
-    assert catalog.rebuild(run_dir) == 3
+    assert catalog.rebuild(run_dir) == 4  # numbers, doubled, count and the file output weights.bin
+    weights = catalog.latest(run_dir, "double/weights.bin")
+    assert weights.schema_name == "file" and weights.upstream[0].content_hash == info.upstream[0].content_hash
 
 
 @pytest.mark.parametrize("damage", ["garbage", "binary", "directory"])

@@ -94,7 +94,11 @@ def load_timm_encoder(path: str | Path, **overrides: Any) -> VisionTransformer:
 
 
 def write_model_card(
-    path: str | Path, cfg: ECAMPConfig, facts: dict[str, Any], losses: list[dict[str, float]]
+    path: str | Path,
+    cfg: ECAMPConfig,
+    facts: dict[str, Any],
+    losses: list[dict[str, float]],
+    lineage: dict[str, Any] | None = None,
 ) -> Path:
     """A short markdown card: what the weights are, how to load them, how they were trained, the loss curve ends."""
     path = Path(path)
@@ -131,5 +135,23 @@ def write_model_card(
             "|---|---|---|",
         ]
         lines += [f"| {k} | {first[k]:.4f} | {last[k]:.4f} |" for k in ("mim", "sr", "mlm", "total")]
+    if lineage:
+        lines += lineage_lines(lineage)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def lineage_lines(lineage: dict[str, Any]) -> list[str]:
+    """The card's provenance: the run that made the weights and the SHA-256 of every artifact it read."""
+    lines = [
+        "",
+        "## Lineage",
+        "",
+        f"- run id: `{lineage.get('run_id')}`; run directory: `{lineage.get('run_dir')}`",
+        f"- stage `{lineage.get('stage')}`, code `{lineage.get('code_version')}`, config `{lineage.get('config_hash')}`",
+        "",
+        "| read | SHA-256 |",
+        "|---|---|",
+    ]
+    reads = {**lineage.get("upstream", {}), **lineage.get("inputs", {})}
+    return lines + [f"| `{ref}` | `{digest}` |" for ref, digest in reads.items()]

@@ -1,0 +1,50 @@
+"""The generated corpora a config asks for, made before any stage reads them (`ecamp demo`, the deployments).
+
+`data.generate: true` says that `data.root` is the demo generator's corpus (from the `synth` section), and
+`evaluate.synth` that the `synth`-kind evaluation sets are generated too. A folder the generator did not
+write is never touched: the run stops with the generator's message instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+
+def ensure_generated(
+    root: Path, synth_cfg: Any, what: str, say: Callable[[str], None], regenerate: bool = True
+) -> None:
+    """Generate a corpus at `root` from `synth_cfg` when it is missing. A corpus the generator made from
+    another synth config is regenerated when `regenerate` (`ecamp demo`: editing the synth section takes
+    effect) and kept otherwise (a pipeline run never replaces data under a user's feet)."""
+    from models.synth.corpus import corpus_marker, generate_corpus
+
+    marker = corpus_marker(root)
+    if marker is not None and marker.get("config") == synth_cfg.model_dump(mode="json"):
+        say(f"{what} present at {root}")
+        return
+    if marker is not None and not regenerate:
+        say(f"{what} at {root} was generated from another synth config: kept (`ecamp demo` regenerates it)")
+        return
+    say(f"generating the {what} at {root} ...")
+    summary = generate_corpus(synth_cfg, root, overwrite=True)
+    say(summary.describe())
+
+
+def prepare_inputs(
+    config: Any, say: Callable[[str], None], stages: Iterable[str], regenerate: bool = False
+) -> None:
+    """The generated inputs the config asks for and `stages` read: the demo corpus at data.root
+    (extract_reports; `regenerate`: see `ensure_generated`), the synth evaluation sets (evaluate; always as
+    `evaluate.synth` says: they are the config's own, never a user's data)."""
+    stages = set(stages)
+    if "extract_reports" in stages and config.data.generate:
+        if not config.data.root:
+            raise ValueError(
+                "data.generate is true but data.root is not set: name the folder to generate into"
+            )
+        ensure_generated(Path(config.data.root), config.synth, "demo corpus", say, regenerate)
+    if "evaluate" in stages and config.evaluate.synth is not None:
+        for root in dict.fromkeys(Path(s.path) for s in config.evaluate.datasets if s.kind == "synth"):
+            ensure_generated(root, config.evaluate.synth, "downstream evaluation set", say)
