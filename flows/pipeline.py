@@ -26,7 +26,7 @@ from tasks.config import config_from_dict, load_config
 from tasks.inputs import prepare_inputs
 from tasks.lock import run_lock
 from tasks.registry import get_stage, stage_names
-from tasks.runner import reused_result, run_stage
+from tasks.runner import current_result, reused_result, run_stage
 from tasks.stage import Stage, split_ref, variant_name
 
 
@@ -43,21 +43,26 @@ def stage_task(
 ) -> dict[str, Any] | State:
     """One stage (under folder `name`, for ablation rows): run here through the runner, handed to the GPU
     pool (`handoff`), or, before a resume's `from_stage`, its last success taken as it is (`reuse`).
-    `upstream` carries the upstream stages' results only so that the run graph draws their edges."""
+    `upstream` carries the upstream stages' results only so that the run graph draws their edges; callers
+    pass every other argument quoted: Prefect links an argument to any earlier task whose result holds the
+    same object (a stage name string in a summary), which drew edges the data does not have."""
     logger = get_run_logger()
     name = name or stage
     with forward_stage_logs(logger):
+        config = config_from_dict(config_data)
+        handed = False
         if reuse:
             result = reused_result(name, Path(run_dir))
             logger.info("%s: taken as it is from %s (resuming from a later stage)", name, run_dir)
-        elif handoff is not None:
-            result = run_on_gpu_pool(handoff, name, Path(run_dir), logger)
-        else:
-            config = config_from_dict(config_data)
+        elif handoff is not None and (
+            force or not current_result(get_stage(stage), config, Path(run_dir), name)
+        ):
+            result, handed = run_on_gpu_pool(handoff, name, Path(run_dir), logger), True
+        else:  # a GPU stage that is cached needs no run on the GPU pool
             result = run_stage(
                 get_stage(stage), config, Path(run_dir), force=force, log=logger, run_id=run_id(), name=name
             )
-        if handoff is None:  # a handed-over stage published from its own run on the GPU pool
+        if not handed:  # a handed-over stage published from its own run on the GPU pool
             publish_stage(name, result.status, Path(run_dir))
     summary = {
         "stage": name,
@@ -127,9 +132,21 @@ def preflight(config: Any, names: list[str]) -> None:
 
 
 def upstream_of(stage: Stage, states: dict[str, State]) -> dict[str, State]:
-    """The results of the stages `stage` reads from (run graph edges), among those this flow run has."""
+    """The states of the stages `stage` reads from (run graph edges), among those this flow run has.
+
+    Their data replaced by an `Edge`: Prefect walks a task's arguments down into every object and links any
+    it has seen in an earlier task's result by its `id`, so the summary strings inside a state (`"ran"`)
+    drew edges to whichever stage had returned the same string last."""
     producers = dict.fromkeys(split_ref(ref)[0] for ref in stage.reads)
-    return {p: states[p] for p in producers if p in states}
+    return {p: states[p].model_copy(update={"data": Edge(p)}) for p in producers if p in states}
+
+
+class Edge:
+    """What a stage task receives for an upstream stage: its name. A plain object, so Prefect neither walks
+    into it nor mistakes it (by `id`) for another task's result."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
 
 
 def gpu_handoff(
@@ -186,9 +203,9 @@ def ecamp_pipeline(
                 summaries.append(state.result())
             handoff = None if reuse else gpu_handoff(stage, config, config_path, overrides, target, forced)
             state = stage_task.with_options(**stage_options(stage, name))(
-                name,
+                quote(name),
                 quote(data),
-                target,
+                quote(target),
                 upstream_of(stage, states),
                 force=forced,
                 reuse=reuse,
@@ -228,12 +245,12 @@ def ablation_row_task(
     if handoff is not None:
         handoff.parameters["name"] = name
     return stage_task.with_options(**stage_options(STAGE, name))(
-        STAGE.name,
+        quote(STAGE.name),
         quote(config.model_dump(mode="json")),
-        run_dir,
+        quote(run_dir),
         upstream_of(STAGE, states or {}),
         force=force,
-        name=name,
+        name=quote(name),
         reuse=reuse,
         handoff=quote(handoff),
         return_state=True,

@@ -18,7 +18,15 @@ PERMANENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG}
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for errors that may not happen on a second try."""
+    """True for errors that may not happen on a second try, or raised from one (`raise ... from err`)."""
+    while exc is not None:
+        if _transient(exc):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def _transient(exc: BaseException) -> bool:
     try:
         import openai
 

@@ -113,6 +113,16 @@ def reused_result(name: str, run_dir: Path) -> StageResult:
     return StageResult(name, "cached", record.fingerprint, outputs)
 
 
+def current_result(stage: Stage, config: Any, run_dir: Path, name: str | None = None) -> StageResult | None:
+    """The stage's last success when `run_stage` would skip it (same fingerprint, outputs intact), else None:
+    lets the pipeline skip a GPU stage without starting a run on the GPU pool."""
+    with run_lock(run_dir):
+        fingerprint, _ = stage_fingerprint(
+            stage, config, upstream_hashes(stage, run_dir), input_files(stage, config)
+        )
+        return cached_result(name or stage.name, run_dir, fingerprint)
+
+
 def _set_threads(config: Any) -> None:
     if config.run.num_threads:
         import torch

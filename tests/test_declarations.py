@@ -91,6 +91,38 @@ def test_a_different_entity_list_reaches_gloria_and_pretraining(small_corpus, tm
     assert gloria == read_record(run_dir, "match_entities").outputs["lexicon"].content_hash
 
 
+def test_the_encoder_carries_its_lineage_and_ecamp_lineage_answers_for_model_files(small_corpus, tmp_path):
+    """Deployments issue 4: model files are cataloged like Parquet outputs; the export names what made it."""
+    from models.ecamp.export import read_metadata
+
+    run_dir = tmp_path / "run"
+    assert set(run_until_pretrain(run_dir, [f"data.root={small_corpus}"]).values()) == {"ran"}
+    record = read_record(run_dir, "pretrain_ecamp")
+    expected = {ref: digest for ref, digest in record.parts["upstream"].items() if digest}
+    lineage = json.loads(read_metadata(run_dir / "pretrain_ecamp" / "encoder.safetensors")["lineage"])
+    assert lineage["run_id"] == "local" and lineage["stage"] == "pretrain_ecamp"
+    assert {k: v for k, v in lineage["upstream"].items() if v} == expected
+    assert (
+        expected["train_gloria/attention_maps"]
+        == read_record(run_dir, "train_gloria").outputs["attention_maps"].content_hash
+    )
+    card = (run_dir / "pretrain_ecamp" / "MODEL_CARD.md").read_text()
+    assert (
+        "## Lineage" in card
+        and f"| `train_gloria/attention_maps` | `{expected['train_gloria/attention_maps']}` |" in card
+    )
+
+    result = CliRunner().invoke(app, ["lineage", "pretrain_ecamp/encoder", "--run-dir", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    encoder = record.outputs["encoder.safetensors"].content_hash
+    assert out.splitlines()[0].startswith("pretrain_ecamp/encoder.safetensors") and encoder[:12] in out
+    assert "train_gloria/attention_maps" in out and "extract_reports/images" in out
+    assert "mimic-cxr-2.0.0-metadata.csv.gz" in out  # down to the input files
+    weights = CliRunner().invoke(app, ["lineage", "gloria.safetensors", "--run-dir", str(run_dir)])
+    assert weights.exit_code == 0 and "train_gloria/gloria.safetensors" in weights.output, weights.output
+
+
 @pytest.mark.usefixtures("prefect_server")
 def test_ablate_runs_a_row_end_to_end_and_caches_it(small_corpus, tmp_path):
     """Item 2: `ecamp ablate` through the CLI on a finished run; a second call skips the row."""

@@ -1,23 +1,94 @@
-"""prefect.yaml against a real Prefect server: deploy, then a process worker runs the single-stage deployment."""
+"""The README's deployment commands against a real `prefect server start` (deployments issue, acceptance).
+
+The test launches the server on 127.0.0.1 with a temporary PREFECT_HOME, creates both pools, deploys from
+the repository, starts a CPU and a "GPU" process worker (a CPU process standing in) and runs `full` on the
+demo config shrunk to seconds (tests.conftest.tiny_pipeline_config) from an empty run directory; then fails
+a middle stage through a config value, resumes with `from_stage`, and reads back through the API what a
+user would look at: flow runs, logs, manifests, asset events, the run graph, and the UI in a browser.
+Every server and worker it starts is stopped at the end, whatever happened.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from .conftest import REPO_ROOT
+from tasks.record import read_record
+from tasks.registry import get_stage, stage_names
+from tasks.stage import split_ref
 
-PREFECT = str(Path(sys.executable).parent / "prefect")
+from .conftest import REPO_ROOT, tiny_pipeline_config
+
+BIN = Path(sys.executable).parent
+GPU_STAGES = {"finetune_student", "bulk_distill", "train_gloria", "pretrain_ecamp", "pretrain_ecamp__mim_only", "evaluate"}  # fmt: skip
+FAILING = "train_gloria"  # the middle stage made to fail, then resumed from
+BROKEN = "train_gloria.checkpoint=/nonexistent/gloria"
+# The README's deployment section, command by command (the test adds only its own parameters).
+README_COMMANDS = {
+    "pools": ["prefect work-pool create ecamp-cpu --type process", "prefect work-pool create ecamp-gpu --type process"],
+    "deploy": "ECAMP_HOME=$PWD prefect --no-prompt deploy --all",
+    "workers": ["prefect worker start --pool ecamp-cpu", "prefect worker start --pool ecamp-gpu"],
+    "full": "prefect deployment run 'ecamp-pipeline/full' --watch",
+    "resume": "prefect deployment run 'ecamp-pipeline/full' -p from_stage=train_gloria --watch",
+}  # fmt: skip
 
 
-def prefect_cli(args: list[str], env: dict[str, str], timeout: int = 180) -> subprocess.CompletedProcess:
+@dataclass
+class Server:
+    url: str  # http://127.0.0.1:<port>
+    env: dict[str, str]
+    logs: Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(url: str) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """The process and everything it started (workers' flow-run subprocesses, uvicorn)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+def shell(command: str, extra: list[str], env: dict[str, str], timeout: int = 600, check: bool = True):
+    """A README command run as written (bash, from the repository root) with the test's parameters added."""
+    line = " ".join([command, *map(shlex.quote, extra)])
     proc = subprocess.run(
-        [PREFECT, *args],
+        ["bash", "-c", line],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -25,57 +96,379 @@ def prefect_cli(args: list[str], env: dict[str, str], timeout: int = 180) -> sub
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
-    assert proc.returncode == 0, f"prefect {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    if check:
+        assert proc.returncode == 0, f"{line} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc
 
 
-@pytest.fixture(scope="module")
-def deployed(prefect_server, tmp_path_factory):
-    from prefect.settings import PREFECT_API_URL
+def background(command: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            ["bash", "-c", f"exec {command}"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
+
+def wait_until(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_readme_has_the_deployment_commands_this_test_runs():
+    readme = (REPO_ROOT / "README.md").read_text()
+    for commands in README_COMMANDS.values():
+        for command in [commands] if isinstance(commands, str) else commands:
+            assert command in readme, f"README's deployment section lacks `{command}`"
+    assert "prefect server start" in readme
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    url = f"http://127.0.0.1:{free_port()}"
     env = {
         **os.environ,
-        "PREFECT_API_URL": PREFECT_API_URL.value(),
-        "ECAMP_HOME": str(REPO_ROOT),
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"{url}/api",
+        "PREFECT_UI_API_URL": f"{url}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_LEVEL": "INFO",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "NO_PROXY": "127.0.0.1,localhost",
     }
-    for pool in ("ecamp-cpu", "ecamp-gpu"):
-        prefect_cli(["work-pool", "create", pool, "--type", "process"], env)
-    prefect_cli(["--no-prompt", "deploy", "--all"], env)
-    return env
+    port = url.rsplit(":", 1)[1]
+    proc = background(f"prefect server start --host 127.0.0.1 --port {port}", env, home / "server.log")
+    try:
+        wait_until(lambda: proc.poll() is None and answers(f"{url}/api/health"), 120, "the server")
+        with temporary_settings({PREFECT_API_URL: f"{url}/api"}):
+            yield Server(url, env, home)
+    finally:
+        stop(proc)
 
 
-def test_deploy_all_creates_the_three_deployments(deployed):
+@pytest.fixture(scope="module")
+def deployed(server):
+    for command in README_COMMANDS["pools"]:
+        shell(command, [], server.env)
+    shell(README_COMMANDS["deploy"], [], server.env)
+    workers = [
+        background(cmd, server.env, server.logs / f"worker-{i}.log")
+        for i, cmd in enumerate(README_COMMANDS["workers"])
+    ]
+    try:
+        yield server
+    finally:
+        for worker in workers:
+            stop(worker)
+
+
+def flow_runs(client, **filters) -> list[Any]:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    name = filters.pop("deployment", None)
+    deployment_filter = DeploymentFilter(name=DeploymentFilterName(any_=[name])) if name else None
+    return client.read_flow_runs(
+        deployment_filter=deployment_filter, sort=FlowRunSort.START_TIME_ASC, limit=200
+    )
+
+
+def finished(run_dir: Path) -> dict[str, float]:
+    """When each stage's last success was committed: unchanged = not recomputed."""
+    names = [*stage_names(), "pretrain_ecamp__mim_only"]
+    return {n: r.finished_at for n in names if (r := read_record(run_dir, n)) is not None}
+
+
+@pytest.fixture(scope="module")
+def pipeline(deployed, tmp_path_factory):
+    """Three runs of `full`: from an empty run directory, with a stage broken by config, resumed after it."""
+    from prefect.client.orchestration import get_client
+
+    folder = tmp_path_factory.mktemp("deployed")
+    config = tiny_pipeline_config(folder)
+    run_dir = folder / "run"
+    params = ["-p", f"config_path={config}", "-p", f"run_dir={run_dir}"]
+    env = deployed.env
+    first = shell(README_COMMANDS["full"], params, env, timeout=900)
+    after_first = finished(run_dir)
+    broken = ["-p", "overrides=" + json.dumps(["run.gpu_pool=ecamp-gpu", BROKEN])]
+    failed = shell(README_COMMANDS["full"], params + broken, env, timeout=600, check=False)
+    after_failure = finished(run_dir)
+    time.sleep(1.1)  # record timestamps are compared below
+    resumed = shell(README_COMMANDS["resume"], params, env, timeout=900)
+    with get_client(sync_client=True) as client:
+        pipelines = [
+            r for r in flow_runs(client, deployment="full") if r.parameters.get("run_dir") == str(run_dir)
+        ]
+        gpu_runs = [r for r in flow_runs(client, deployment="stage-gpu") if r.parameters.get("run_dir") == str(run_dir)]  # fmt: skip
+    return {
+        "run_dir": run_dir,
+        "config": config,
+        "data": folder / "data",
+        "outputs": (first, failed, resumed),
+        "finished": (after_first, after_failure, finished(run_dir)),
+        "pipelines": pipelines,
+        "gpu_runs": gpu_runs,
+        "server": deployed,
+    }
+
+
+def children_of(parent, runs: list[Any]) -> list[Any]:
+    """The stage-gpu runs that started while `parent` ran."""
+    return [r for r in runs if r.start_time and parent.start_time <= r.start_time <= parent.end_time]
+
+
+def test_deploy_all_creates_the_four_deployments(deployed):
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        names = {
-            f"{client.read_flow(d.flow_id).name}/{d.name}"
+        found = {
+            f"{client.read_flow(d.flow_id).name}/{d.name}": d.work_pool_name
             for d in client.read_deployments()
             if "ecamp" in d.tags
         }
-    assert names == {
-        "ecamp-pipeline/full",
-        "ecamp-pipeline/paper",
-        "ecamp-stage/stage",
-        "ecamp-stage/stage-gpu",
+    assert found == {
+        "ecamp-pipeline/full": "ecamp-cpu",
+        "ecamp-pipeline/paper": "ecamp-cpu",
+        "ecamp-stage/stage": "ecamp-cpu",
+        "ecamp-stage/stage-gpu": "ecamp-gpu",
     }
 
 
-def test_worker_runs_the_stage_deployment(deployed, small_corpus, tmp_path):
-    from prefect.client.orchestration import get_client
+def test_full_runs_the_demo_from_an_empty_run_directory(pipeline):
+    first, _, _ = pipeline["outputs"]
+    assert "Flow run finished successfully in 'Completed'" in first.stdout, first.stdout + first.stderr
+    assert set(pipeline["finished"][0]) == {*stage_names(), "pretrain_ecamp__mim_only"}
+    assert (
+        pipeline["data"] / "mimic" / ".ecamp-synth.json"
+    ).is_file()  # the corpus made because it was missing
+    results = pipeline["run_dir"] / "evaluate" / "eval_results.parquet"
+    assert results.is_file() and {p.parameters.get("from_stage") for p in pipeline["pipelines"]} == {
+        None,
+        FAILING,
+    }
 
-    run_dir = tmp_path / "run"
-    params = [
-        "-p", "stage=extract_reports",
-        "-p", "config_path=configs/demo.yaml",
-        "-p", f"run_dir={run_dir}",
-        "-p", "overrides=" + json.dumps([f"data.root={small_corpus}"]),
-    ]  # fmt: skip
-    created = prefect_cli(["deployment", "run", "ecamp-stage/stage", *params], deployed)
-    assert "Created flow run" in created.stdout
-    prefect_cli(["worker", "start", "--pool", "ecamp-cpu", "--run-once"], deployed, timeout=400)
+
+def test_gpu_stages_ran_as_runs_of_the_stage_gpu_deployment(pipeline):
+    first_pipeline = pipeline["pipelines"][0]
+    children = children_of(first_pipeline, pipeline["gpu_runs"])
+    names = sorted(r.parameters.get("name") or r.parameters["stage"] for r in children)
+    assert names == sorted(GPU_STAGES)
+    assert all(r.state.is_completed() and r.work_pool_name == "ecamp-gpu" for r in children)
+    assert first_pipeline.work_pool_name == "ecamp-cpu"
+
+
+def logs_of(run_id) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
     with get_client(sync_client=True) as client:
-        runs = [r for r in client.read_flow_runs() if r.parameters.get("run_dir") == str(run_dir)]
-    assert len(runs) == 1 and runs[0].state.is_completed(), runs[0].state
-    assert (run_dir / "extract_reports" / "reports.parquet").exists()
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200
+        )
+    return "\n".join(log.message for log in logs)
+
+
+def test_a_failed_middle_stage_fails_the_run_with_its_cause_and_keeps_the_good_outputs(pipeline):
+    _, failed, _ = pipeline["outputs"]
+    assert failed.returncode == 1 and "Flow run finished in state 'Failed'" in failed.stdout + failed.stderr
+    broken_run = pipeline["pipelines"][1]
+    assert broken_run.state.is_failed() and FAILING in broken_run.state.message
+    cause = "train_gloria.checkpoint: /nonexistent/gloria/gloria.safetensors not found"
+    wait_until(lambda: cause in logs_of(broken_run.id), 30, "the pipeline run's logs")
+    [child] = children_of(broken_run, pipeline["gpu_runs"])
+    assert child.parameters["stage"] == FAILING and child.state.is_failed()
+    assert cause in logs_of(child.id)  # the stage's own traceback, in its run on the GPU pool
+    after_first, after_failure, _ = pipeline["finished"]
+    assert after_failure == after_first  # nothing recomputed, and the failed attempt discarded no success
+    assert (pipeline["run_dir"] / FAILING / "gloria.safetensors").is_file()
+
+
+def test_resume_from_stage_keeps_upstream_and_refreshes_downstream(pipeline):
+    _, _, resumed = pipeline["outputs"]
+    assert "Flow run finished successfully" in resumed.stdout, resumed.stdout + resumed.stderr
+    after_first, _, after_resume = pipeline["finished"]
+    order = stage_names()
+    upstream = order[: order.index(FAILING)]
+    assert {n: after_resume[n] for n in upstream} == {n: after_first[n] for n in upstream}
+    downstream = [n for n in after_first if n not in upstream]
+    assert all(after_resume[n] > after_first[n] for n in downstream), (after_first, after_resume)
+    children = children_of(pipeline["pipelines"][2], pipeline["gpu_runs"])
+    assert sorted(r.parameters.get("name") or r.parameters["stage"] for r in children) == sorted(
+        {FAILING, "pretrain_ecamp", "pretrain_ecamp__mim_only", "evaluate"}
+    )
+
+
+def latest_manifest(run_dir: Path, stage: str) -> list[dict[str, Any]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.publish import artifact_key
+
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(run_dir, stage)]))
+        )
+    data = artifact.data
+    return json.loads(data) if isinstance(data, str) else data
+
+
+def test_manifests_name_model_files_and_the_exact_upstream_hashes(pipeline):
+    run_dir = pipeline["run_dir"]
+    record = read_record(run_dir, "pretrain_ecamp")
+    rows = latest_manifest(run_dir, "pretrain_ecamp")
+    outputs = {r["artifact"]: r for r in rows if r["role"] == "output"}
+    encoder = outputs["pretrain_ecamp/encoder.safetensors"]
+    assert encoder["content_hash"] == record.outputs["encoder.safetensors"].content_hash
+    assert len(encoder["content_hash"]) == 64 and encoder["status"] == "ran" and encoder["schema"] == "file"
+    inputs = {r["artifact"]: r for r in rows if r["role"] == "input"}
+    for ref, row in inputs.items():
+        if row["artifact"] == "input file" or not row["content_hash"]:
+            continue
+        producer, name = split_ref(ref)
+        assert row["content_hash"] == read_record(run_dir, producer).outputs[name].content_hash, ref
+        assert row["made_by"] == producer
+    assert "train_gloria/attention_maps" in inputs or any(k.startswith("train_gloria/") for k in inputs)
+    cached = latest_manifest(run_dir, "extract_reports")  # taken as it was by the resume: still published
+    assert {r["status"] for r in cached if r["role"] == "output"} == {"cached"}
+    student = {r["artifact"] for r in latest_manifest(run_dir, "finetune_student") if r["role"] == "output"}
+    assert {"finetune_student/adapter", "finetune_student/base_model"} <= student
+
+
+def asset_events(url: str, resource_id: str) -> list[dict[str, Any]]:
+    body = {
+        "filter": {
+            "event": {"name": ["prefect.asset.materialization.succeeded"]},
+            "resource": {"id": [resource_id]},
+        },
+        "limit": 50,
+    }
+    request = urllib.request.Request(
+        f"{url}/api/events/filter",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(request, timeout=10) as response:
+        return json.loads(response.read())["events"]
+
+
+def test_asset_events_carry_each_output_with_its_upstream_assets(pipeline):
+    run_dir, url = pipeline["run_dir"], pipeline["server"].url
+    record = read_record(run_dir, "pretrain_ecamp")
+    encoder = record.outputs["encoder.safetensors"]
+    found: list[dict[str, Any]] = []
+
+    def latest_event() -> bool:
+        found[:] = [
+            e
+            for e in asset_events(url, encoder.info.uri)
+            if e["payload"]["content_hash"] == encoder.content_hash
+        ]
+        return bool(found)
+
+    wait_until(latest_event, 30, "the encoder's materialization event")
+    event = found[0]
+    upstream = {u.uri: u.content_hash for u in encoder.info.upstream}
+    assert event["payload"]["upstream"] == upstream and upstream
+    assert {r["prefect.resource.id"] for r in event["related"] if r["prefect.resource.role"] == "asset"} == set(upstream)  # fmt: skip
+    reports = read_record(run_dir, "extract_reports").outputs["reports"]
+    assert asset_events(url, reports.info.uri), "the first stage's outputs have events too"
+
+
+def test_the_run_graph_is_the_stage_dag(pipeline):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    resumed = pipeline["pipelines"][2]
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[resumed.id])))
+    by_id = {t.id: t.name for t in tasks}
+    named = {t.name: t for t in tasks if t.name in {*stage_names(), "pretrain_ecamp__mim_only"}}
+    assert set(named) == {*stage_names(), "pretrain_ecamp__mim_only"}
+    for name, task in named.items():
+        edges = {by_id[i.id] for inputs in task.task_inputs.values() for i in inputs if i.id in by_id}
+        stage = get_stage("pretrain_ecamp" if name.startswith("pretrain_ecamp") else name)
+        expected = {split_ref(ref)[0] for ref in stage.reads} & set(named)
+        if name == "evaluate":
+            expected.add("pretrain_ecamp__mim_only")  # the ablation row it compares against
+        assert edges == expected, name
+    order = stage_names()
+    assert {named[n].state.name for n in order[: order.index(FAILING)]} == {"Cached"}
+
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--virtual-time-budget=15000",
+    "--window-size=1400,1000",
+]  # fmt: skip
+
+
+def browse(url: str, profile: Path, screenshot: Path | None = None) -> str:
+    """The page's DOM after its scripts ran (headless Debian chromium); a screenshot when asked."""
+    chromium = shutil.which("chromium")
+    assert chromium, "the browser check needs Debian's chromium: apt-get install -y chromium"
+    base = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
+    if screenshot is not None:
+        subprocess.run(
+            [*base, f"--screenshot={screenshot}", url], capture_output=True, timeout=120, check=True
+        )
+    done = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True)
+    return done.stdout
+
+
+def visible_text(dom: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+
+
+def test_the_ui_shows_the_manifests_and_the_lineage(pipeline, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.publish import artifact_key
+
+    run_dir, url = pipeline["run_dir"], pipeline["server"].url
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    listing = visible_text(browse(f"{url}/artifacts", tmp_path / "p1", shots / "artifacts.png"))
+    for stage in ("extract_reports", "pretrain_ecamp", "lineage"):
+        assert artifact_key(run_dir, stage) in listing, stage
+    with get_client(sync_client=True) as client:
+        ids = {
+            key: client.read_latest_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(run_dir, key)]))
+            )[0].latest_id
+            for key in ("pretrain_ecamp", "lineage")
+        }
+    encoder = read_record(run_dir, "pretrain_ecamp").outputs["encoder.safetensors"].content_hash
+    manifest = visible_text(
+        browse(f"{url}/artifacts/artifact/{ids['pretrain_ecamp']}", tmp_path / "p2", shots / "manifest.png")
+    )
+    assert "pretrain_ecamp/encoder.safetensors" in manifest and encoder in manifest
+    lineage = visible_text(browse(f"{url}/artifacts/artifact/{ids['lineage']}", tmp_path / "p3", shots / "lineage.png"))  # fmt: skip
+    assert f"pretrain_ecamp/encoder.safetensors sha256 {encoder}" in lineage
+    assert all((shots / f"{n}.png").stat().st_size > 10_000 for n in ("artifacts", "manifest", "lineage"))
+    keep = os.environ.get("ECAMP_SCREENSHOTS")  # e.g. ECAMP_SCREENSHOTS=docs to refresh the README's picture
+    if keep:
+        for shot in shots.iterdir():
+            shutil.copyfile(shot, Path(keep) / f"ui-{shot.name}")
+
+
+def test_the_single_stage_deployment_reruns_one_stage(pipeline):
+    run_dir = pipeline["run_dir"]
+    before = read_record(run_dir, "match_entities").finished_at
+    params = ["-p", f"config_path={pipeline['config']}", "-p", f"run_dir={run_dir}"]
+    command = "prefect deployment run 'ecamp-stage/stage' -p stage=match_entities -p force=true --watch"
+    assert command in (REPO_ROOT / "README.md").read_text()
+    shell(command, params, pipeline["server"].env, timeout=300)
+    assert read_record(run_dir, "match_entities").finished_at > before

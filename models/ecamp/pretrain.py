@@ -49,6 +49,7 @@ from models.images import load_grayscale
 
 LOG = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
+LOG_EVERY_S = 30.0  # seconds between progress lines in the run log
 LOSSES = ("mim", "sr", "mlm", "total")
 
 
@@ -360,6 +361,14 @@ class Schedule:
     effective_batch: int
 
 
+def progress_line(metrics: dict[str, float], total_steps: int) -> str:
+    losses = " ".join(f"{k} {metrics[k]:.3f}" for k in LOSSES)
+    return (
+        f"step {metrics['step']}/{total_steps} epoch {metrics['epoch']}: {losses}, lr {metrics['lr']:.2e}, "
+        f"{metrics['samples_per_s']:.1f} samples/s"
+    )
+
+
 def make_schedule(cfg: PretrainConfig, n_samples: int, world: int) -> Schedule:
     per_rank_batches = (n_samples // world) // cfg.batch_size
     steps_per_epoch = per_rank_batches // cfg.accum_iter
@@ -558,8 +567,12 @@ def train(
     stop_after: int | None = None,
     progress: bool = True,
     log: logging.Logger = LOG,
+    log_every_s: float = LOG_EVERY_S,
 ) -> TrainResult:
     """Train until the schedule ends (or `stop_after` optimiser steps in total), resuming from out_dir/checkpoint.pt.
+
+    A progress line goes to `log` at most every `log_every_s` seconds (and at the last step): every step is in
+    the metrics, and a run log of one line per step is one nobody reads.
 
     `stop_after` simulates a pre-empted job: it saves a checkpoint and returns with finished=False.
     `data_hash` identifies the training data: a checkpoint made on other data (or config) is not resumed.
@@ -646,6 +659,7 @@ def train(
     )
     model.train()
     micro_per_epoch = schedule.steps_per_epoch * cfg.accum_iter
+    last_line = time.monotonic()
     while state.step < schedule.total_steps:
         dataset.set_epoch(state.epoch)
         sampler.set_epoch(state.epoch)
@@ -689,6 +703,9 @@ def train(
             bar.set_postfix({k: f"{v:.3f}" for k, v in zip(LOSSES, means, strict=True)})
             sums, t0 = torch.zeros_like(sums), time.perf_counter()
             done = state.step >= schedule.total_steps
+            if info.main and (done or time.monotonic() - last_line >= log_every_s):
+                log.info(progress_line(state.metrics[-1], schedule.total_steps))
+                last_line = time.monotonic()
             stop = stop_after is not None and state.step >= stop_after
             if state.batch_in_epoch >= micro_per_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
