@@ -165,41 +165,58 @@ def inline_image(path: Path) -> str:
     return f"**{path.name}**\n\n![{path.name}](data:image/png;base64,{base64.b64encode(data).decode()})"
 
 
+def label(uri: str, run_dir: Path) -> str:
+    """How the lineage names an artifact: `stage/name` inside the run directory, the path outside it."""
+    inside = short(uri, run_dir)
+    return inside.removesuffix(".parquet") if inside != uri else uri.removeprefix("file://")
+
+
 def lineage_markdown(run_dir: Path, summaries: list[dict[str, Any]]) -> str:
-    """The pipeline run's chain from input files to the encoder and its evaluation: a Mermaid graph and the
-    same as a plain-text list with hashes (the OSS UI shows Mermaid as text), then the evaluation plot."""
+    """The pipeline run's chain from input files to the encoder and its evaluation: a list with hashes a
+    person reads in the UI, then the same as a Mermaid graph (the OSS UI shows it as text, to paste into any
+    Mermaid viewer), then the evaluation plot."""
     run_dir = Path(run_dir)
-    records = [(s["stage"], s["status"], read_record(run_dir, s["stage"])) for s in summaries]
     ids: dict[str, str] = {}
+    nodes: list[str] = []
+    edges: dict[str, None] = {}  # ordered set
 
-    def node(uri: str) -> str:
-        return ids.setdefault(uri, f"n{len(ids)}")
+    def node(uri: str, digest: str) -> str:
+        if uri not in ids:
+            ids[uri] = f"n{len(ids)}"
+            nodes.append(f'  {ids[uri]}["{label(uri, run_dir)}<br/>{digest[:12]}"]')
+        return ids[uri]
 
-    graph, text = ["```mermaid", "flowchart LR"], []
-    for stage, status, record in records:
+    text = []
+    for summary in summaries:
+        record = read_record(run_dir, summary["stage"])
         if record is None:
             continue
-        text.append(f"- **{stage}** ({status}, fingerprint `{record.fingerprint}`)")
+        text.append(f"- **{summary['stage']}** ({summary['status']}, fingerprint `{record.fingerprint}`)")
         for name, out in record.outputs.items():
             if out.info is None:
                 continue
-            me = node(out.info.uri)
-            graph.append(f'  {me}["{stage}/{name}<br/>{out.content_hash[:12]}"]')
-            text.append(f"  - `{stage}/{name}` sha256 `{out.content_hash}`")
+            me = node(out.info.uri, out.content_hash)
+            text.append(f"  - `{record.stage}/{name}` sha256 `{out.content_hash}`")
+            sources = [f"`{label(u.uri, run_dir)}` `{u.content_hash[:12]}`" for u in out.info.upstream]
+            if sources:
+                text.append(f"    - from {', '.join(sources)}")
             for up in out.info.upstream:
-                label = short(up.uri, run_dir)
-                graph.append(f'  {node(up.uri)}["{label}<br/>{up.content_hash[:12]}"] --> {me}')
-                text.append(f"    - from `{label}` `{up.content_hash[:12]}`")
-    graph.append("```")
+                edges[f"  {node(up.uri, up.content_hash)} --> {me}"] = None
     lines = [
         f"# Lineage of run `{run_name(run_dir)}`",
         "",
         f"Run directory `{run_dir.resolve()}`. Every output (model files included) with its SHA-256 and what it "
-        "was made from; each stage's manifest artifact has the full hashes.",
-        "",
-        *graph,
+        "was made from (first 12 hex digits); each stage's manifest artifact has the full hashes of its inputs.",
         "",
         *text,
+        "",
+        "## Graph",
+        "",
+        "```mermaid",
+        "flowchart LR",
+        *nodes,
+        *edges,
+        "```",
     ]
     plot = run_dir / "evaluate" / "eval_plot.png"
     if plot.is_file():

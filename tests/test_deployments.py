@@ -32,6 +32,7 @@ from tasks.registry import get_stage, stage_names
 from tasks.stage import split_ref
 
 from .conftest import REPO_ROOT, tiny_pipeline_config
+from .test_cli import answers, wait_until
 
 BIN = Path(sys.executable).parent
 GPU_STAGES = {"finetune_student", "bulk_distill", "train_gloria", "pretrain_ecamp", "pretrain_ecamp__mim_only", "evaluate"}  # fmt: skip
@@ -58,15 +59,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def answers(url: str) -> bool:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -112,13 +104,6 @@ def background(command: str, env: dict[str, str], log: Path) -> subprocess.Popen
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-
-
-def wait_until(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(0.5)
 
 
 def test_readme_has_the_deployment_commands_this_test_runs():

@@ -171,3 +171,21 @@ def test_catalog_rebuild_cli_restores_lineage(pipeline_run):
     assert lineage.exit_code == 0 and "extract_reports/reports" in lineage.output
     missing = CliRunner().invoke(app, ["catalog", "rebuild", "--run-dir", str(run_dir / "nope")])
     assert missing.exit_code == 2 and "no such run directory" in missing.output
+
+
+def test_run_from_a_stage_takes_earlier_stages_as_they_are_and_recomputes_the_rest(pipeline_run, small_corpus, tmp_path):  # fmt: skip
+    """Deployments issue 3: `ecamp run --from` (the flow's `from_stage`) resumes after a failure."""
+    run_dir, _, _ = pipeline_run
+    before = {n: read_record(run_dir, n).finished_at for n in ("extract_reports", "match_entities")}
+    args = ["run", "-c", DEMO, "--run-dir", str(run_dir), "--set", f"data.root={small_corpus}"]
+    result = CliRunner().invoke(app, [*args, "--from", "match_entities", "--until", "match_entities"])
+    assert result.exit_code == 0, result.output
+    assert read_record(run_dir, "extract_reports").finished_at == before["extract_reports"]
+    assert read_record(run_dir, "match_entities").finished_at > before["match_entities"]
+    assert "extract_reports    cached" in result.output and "match_entities     ran" in result.output
+
+    empty = CliRunner().invoke(
+        app, [*args[:3], "--run-dir", str(tmp_path / "new"), "--from", "match_entities"]
+    )
+    assert empty.exit_code == 2
+    assert f"--from match_entities: extract_reports never succeeded in {tmp_path / 'new'}" in empty.output
