@@ -171,6 +171,32 @@ def label(uri: str, run_dir: Path) -> str:
     return inside.removesuffix(".parquet") if inside != uri else uri.removeprefix("file://")
 
 
+# The artifacts that carry the method from the reports to the encoder's evaluation, in pipeline order.
+CHAIN = (
+    "extract_reports/reports", "match_entities/entity_mentions", "seed_distill/seed_distillations",
+    "finetune_student/adapter", "bulk_distill/distilled_reports", "train_gloria/gloria.safetensors",
+    "train_gloria/attention_maps", "pretrain_ecamp/encoder.safetensors", "evaluate/eval_results",
+)  # fmt: skip
+
+
+def chain_table(run_dir: Path) -> list[str]:
+    """A Markdown table of the CHAIN artifacts this run has: hash, and what each was made from."""
+    rows = ["| artifact | SHA-256 | made from |", "|---|---|---|"]
+    for ref in CHAIN:
+        stage, name = split_ref(ref)
+        record = read_record(run_dir, stage)
+        out = record.outputs.get(name) if record else None
+        if out is None or out.info is None:
+            continue
+        sources = ", ".join(
+            f"`{label(u.uri, run_dir)}` `{u.content_hash[:12]}`"
+            for u in out.info.upstream
+            if u.uri.startswith(Path(run_dir).resolve().as_uri())
+        )
+        rows.append(f"| `{ref}` | `{out.content_hash[:16]}` | {sources or 'input files'} |")
+    return rows
+
+
 def lineage_markdown(run_dir: Path, summaries: list[dict[str, Any]]) -> str:
     """The pipeline run's chain from input files to the encoder and its evaluation: a list with hashes a
     person reads in the UI, then the same as a Mermaid graph (the OSS UI shows it as text, to paste into any
@@ -205,8 +231,16 @@ def lineage_markdown(run_dir: Path, summaries: list[dict[str, Any]]) -> str:
     lines = [
         f"# Lineage of run `{run_name(run_dir)}`",
         "",
-        f"Run directory `{run_dir.resolve()}`. Every output (model files included) with its SHA-256 and what it "
-        "was made from (first 12 hex digits); each stage's manifest artifact has the full hashes of its inputs.",
+        f"Run directory `{run_dir.resolve()}`.",
+        "",
+        "## From the reports to the evaluation",
+        "",
+        *chain_table(run_dir),
+        "",
+        "## Every output",
+        "",
+        "Each output (model files included) with its SHA-256 and what it was made from (first 12 hex digits); "
+        "each stage's manifest artifact has the full hashes of its inputs.",
         "",
         *text,
         "",

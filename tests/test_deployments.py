@@ -457,3 +457,30 @@ def test_the_single_stage_deployment_reruns_one_stage(pipeline):
     assert command in (REPO_ROOT / "README.md").read_text()
     shell(command, params, pipeline["server"].env, timeout=300)
     assert read_record(run_dir, "match_entities").finished_at > before
+
+
+def test_the_paper_deployment_says_what_to_set(pipeline):
+    """The README's paper command on a machine without the data: the run fails before any stage, naming the
+    setting to change (the MAE weights first, then the MIMIC-CXR root)."""
+    from prefect.client.orchestration import get_client
+
+    env = pipeline["server"].env
+    readme = (REPO_ROOT / "README.md").read_text()
+    [command] = [
+        line.split("  #")[0].strip() for line in readme.splitlines() if "'ecamp-pipeline/paper'" in line
+    ]
+    failed = shell(command, [], env, timeout=300, check=False)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    with get_client(sync_client=True) as client:
+        [run] = flow_runs(client, deployment="paper")
+    assert "pretrain_ecamp.train.init_checkpoint /models/mae/mae_pretrain_vit_base.pth not found" in logs_of(
+        run.id
+    )
+    overrides = ["data.root=/data/mimic-cxr", "pretrain_ecamp.train.init_checkpoint=random"]
+    params = ["-p", "overrides=" + json.dumps(overrides), "--watch"]
+    again = shell("prefect deployment run 'ecamp-pipeline/paper'", params, env, timeout=300, check=False)
+    assert again.returncode == 1
+    with get_client(sync_client=True) as client:
+        run = flow_runs(client, deployment="paper")[-1]
+    logs = logs_of(run.id)
+    assert "extract_reports: input not found: /data/mimic-cxr/files" in logs and "; set data.root" in logs
