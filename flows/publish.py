@@ -52,8 +52,8 @@ def short(uri: str, run_dir: Path) -> str:
 
 
 def manifest_rows(record: SuccessRecord, status: str, run_dir: Path) -> list[dict[str, Any]]:
-    """One row per output (model files included) and per input: path, rows, full SHA-256, schema and the
-    stage that made it."""
+    """One row per output (model files included) and per input: full SHA-256, rows, schema, the stage that
+    made it and its path (relative to the run directory when inside it). Hash first: it is what a row is for."""
     rows = []
     for name, out in record.outputs.items():
         info = out.info
@@ -62,26 +62,28 @@ def manifest_rows(record: SuccessRecord, status: str, run_dir: Path) -> list[dic
             {
                 "role": "output",
                 "artifact": f"{record.stage}/{name}",
-                "path": info.uri.removeprefix("file://") if info else "",
-                "rows": "" if file_output else info.rows,
                 "content_hash": out.content_hash,
+                "rows": "" if file_output else info.rows,
                 "schema": "file" if file_output else f"{info.schema_name} v{info.schema_version}",
                 "made_by": record.stage,
                 "status": status,
+                "path": short(info.uri, run_dir) if info else "",
             }
         )
     for ref, digest in record.parts.get("upstream", {}).items():
         producer, name = split_ref(ref)
+        made = read_record(run_dir, producer)
+        source = made.outputs.get(name) if made and digest else None
         rows.append(
             {
                 "role": "input",
                 "artifact": ref,
-                "path": str(Path(run_dir).resolve() / producer / name),
-                "rows": "",
                 "content_hash": digest or "",
+                "rows": "",
                 "schema": "",
                 "made_by": producer if digest else "(optional, absent)",
                 "status": "",
+                "path": short(source.info.uri, run_dir) if source and source.info else "",
             }
         )
     for uri, digest in record.parts.get("inputs", {}).items():
@@ -89,12 +91,12 @@ def manifest_rows(record: SuccessRecord, status: str, run_dir: Path) -> list[dic
             {
                 "role": "input",
                 "artifact": "input file",
-                "path": uri.removeprefix("file://"),
-                "rows": "",
                 "content_hash": digest,
+                "rows": "",
                 "schema": "",
                 "made_by": "(outside the run)",
                 "status": "",
+                "path": uri.removeprefix("file://"),
             }
         )
     return rows

@@ -85,7 +85,9 @@ def test_each_stage_publishes_its_manifest_under_a_run_scoped_key(pipeline_run):
     assert inputs["extract_reports/reports"] == inputs["extract_reports/reports"] | {
         "content_hash": reports_hash,
         "made_by": "extract_reports",
+        "path": "extract_reports/reports.parquet",
     }
+    assert outputs["match_entities/entity_mentions"]["path"] == "match_entities/entity_mentions.parquet"
     assert any(r["artifact"] == "input file" and r["path"].endswith("table1.txt") for r in rows)
     plots = latest[artifact_key(run_dir, "match_entities", "plots")]  # shown by the UI: no file:// link
     assert "![fig2a_entities.png](data:image/png;base64,iVBORw0KGgo" in str(plots.data)
