@@ -15,16 +15,18 @@ per-token loss `weights`:
    words; punctuation-only words (',') neither count as nor are descriptors (like "effusion," is one word
    for the paper's whitespace words). Entity surface forms (`models.text.entities` lexicon, multi-piece and
    multi-word ones too) match whole words only. Rules see the whole text; truncation comes last;
-4. re-balancing (Eq. 3-4): predicted descriptor pieces inside a negation cue weigh λ_neg, the other predicted
-   descriptor pieces λ_oth, every other predicted piece 1, unpredicted pieces 0 (label -100).
+4. re-balancing (Eq. 3-4): predicted descriptor pieces in T_neg weigh λ_neg, the other predicted descriptor
+   pieces λ_oth, every other predicted piece 1, unpredicted pieces 0 (label -100).
 
-Negation cues are the entity matcher's (`models.text.negation`): the words of a negating cue ("no", "without
-evidence of", "non"), unless they lie inside a pseudo or uncertainty cue ("no change", "can not be excluded").
-Unlike the entity matcher's clause scope, a cue here covers only its own words: Eq. 3 weighs the negation
-words, not every word that describes a denied entity ("pleural" in "no pleural effusion" stays λ_oth).
+T_neg (`negative_scope`): with `mention` (the default, the paper's intent: "focus on minority-positive disease
+descriptions instead of majority-negative words") it is every descriptor of a mention the entity matcher of
+stage 2 marks negative: "no" and "pleural" in "no pleural effusion", "the" and "small" in "the small effusion has
+resolved". With `cue` (the official code) it is only the words of a negating cue (`models.text.negation`: "no",
+"without evidence of", "non"; not inside a pseudo or uncertainty cue such as "no change"), so "pleural" in "no
+pleural effusion" weighs λ_oth > 1: the weight taken from negation words moves onto the negated finding.
 
-Eq. 3 is solved per sample on PIECE counts: N_neg / N_oth = predicted descriptor pieces inside / outside a
-negation cue, N_a = N_neg + N_oth, λ_oth = (N_a − λ_neg·N_neg) / N_oth, so the descriptor weights of a sample
+Eq. 3 is solved per sample on PIECE counts: N_neg / N_oth = predicted descriptor pieces inside / outside
+T_neg, N_a = N_neg + N_oth, λ_oth = (N_a − λ_neg·N_neg) / N_oth, so the descriptor weights of a sample
 sum to N_a exactly. A sample with N_oth = 0 has no λ_oth to solve for: its negative descriptors keep λ_neg
 (Eq. 4), i.e. all-negative reports — the 20:1 majority — are down-weighted, which is what the factor is for.
 
@@ -52,13 +54,14 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 
 from models.resources import DEFAULT_ENTITY_LIST
-from models.text.entities import load_entity_list
+from models.text.entities import EntityLexicon, EntityMatcher, MatcherConfig, load_entity_list
 from models.text.negation import negating_phrases, non_negating_phrases
 from models.text.wordpiece import (
     CLS,
@@ -92,6 +95,11 @@ class TextMaskingConfig(BaseModel):
     mask_rate: float = Field(0.75, ge=0.0, le=1.0, description="masking rate of non-descriptor words")
     beta: int = Field(2, ge=0, description="descriptor words before each entity word")
     lambda_neg: float = Field(0.05, ge=0.0, description="weight of negative descriptor pieces (Eq. 3)")
+    negative_scope: Literal["mention", "cue"] = Field(
+        "mention",
+        description="T_neg of Eq. 3: 'mention' = the descriptors of every mention the entity matcher marks "
+        "negative (the paper's intent); 'cue' = only the words of a negation cue (the official code)",
+    )
     rebalance: bool = Field(True, description="re-balancing factor on (Table 7 'RF'); off: all weights 1")
     descriptor_masking: bool = Field(True, description="always mask descriptors (Table 7 'DM')")
     max_len: int = Field(256, ge=2, description="tokens incl. [CLS]; every batch is padded to it")
@@ -397,6 +405,41 @@ class SegmentStore:
         return self.ids.data[at].astype(np.int64), self.flags.data[at]
 
 
+def negation_matcher(entity_words: Sequence[str], beta: int) -> EntityMatcher:
+    """The entity matcher of stage 2 over the pre-training's entity words (each form its own entity: only the
+    polarity and the descriptor span of a mention matter here)."""
+    forms = sorted(set(entity_words))
+    return EntityMatcher(EntityLexicon(tuple(forms), {f: f for f in forms}), MatcherConfig(beta=beta))
+
+
+def negated_descriptor_pieces(
+    matcher: EntityMatcher, tokenizer: Tokenizer, texts: Sequence[str], lengths: np.ndarray, width: int
+) -> np.ndarray:
+    """[n, width] (column 0 = [CLS]): the pieces inside the descriptor span of a mention the entity matcher
+    marks negative ("no pleural effusion": "no", "pleural"), the `negative_scope: mention` T_neg of Eq. 3.
+
+    Character spans become pieces through the tokenizer's offsets, computed only for texts with a negated
+    mention; each text is analysed once, so this runs once per report, not per batch."""
+    out = np.zeros((len(texts), width), dtype=bool)
+    mentions = matcher.match([str(i) for i in range(len(texts))], texts)
+    negated = mentions.filter(pc.equal(mentions.column("polarity"), "negative"))
+    if not len(negated):
+        return out
+    rows = np.asarray(negated.column("study_id").to_pylist(), dtype=np.int64)
+    first = negated.column("descriptor_start").to_numpy()
+    start = negated.column("start").to_numpy()
+    which = np.unique(rows)
+    encodings = tokenizer.encode_batch([texts[i] for i in which], add_special_tokens=False)
+    for row, encoding in zip(which.tolist(), encodings, strict=True):
+        if len(encoding.offsets) != lengths[row]:
+            raise AssertionError(f"tokenizer offsets disagree with the cached pieces of {texts[row]!r}")
+        piece_start = np.array([a for a, _ in encoding.offsets], dtype=np.int64)
+        mine = rows == row
+        inside = (piece_start[:, None] >= first[mine]) & (piece_start[:, None] < start[mine])
+        out[row, 1 : lengths[row] + 1] = inside.any(axis=1)
+    return out
+
+
 class TextCollator:
     """Builds MLM batches; holds the per-vocabulary tables so a DataLoader pays for them once.
 
@@ -425,6 +468,11 @@ class TextCollator:
                 f"sentence end '{cfg.sentence_end_tokens[0]}' is not in the tokenizer's vocabulary"
             )
         self.encoder = CachedEncoder(tokenizer)
+        self.matcher = (
+            negation_matcher(read_entity_words() if entity_words is None else entity_words, cfg.beta)
+            if cfg.negative_scope == "mention"
+            else None
+        )
         self.max_segments = max_segments
         self.store = SegmentStore(self.end_id)
 
@@ -442,10 +490,13 @@ class TextCollator:
         ids = padded_rows(flat, lengths, width, [self.cls_id], self.pad_id)
         word_start = ~t.is_frame[ids] & ~t.is_continuation[ids]
         entity_start, entity = t.entities.find(ids, word_start, t.is_continuation)
-        negative = (
-            t.negations.find(ids, word_start, t.is_continuation)[1]
-            & ~t.non_negations.find(ids, word_start, t.is_continuation)[1]
-        )
+        if self.matcher is None:
+            negative = (
+                t.negations.find(ids, word_start, t.is_continuation)[1]
+                & ~t.non_negations.find(ids, word_start, t.is_continuation)[1]
+            )
+        else:
+            negative = negated_descriptor_pieces(self.matcher, self.tokenizer, texts, lengths, width)
         sentence_end = t.is_sentence_end[ids]
         content = word_start & ~t.is_punctuation[ids]
         described = descriptor_starts(content, entity_start, np.cumsum(sentence_end, axis=1), cfg.beta)
