@@ -40,7 +40,16 @@ from models.gloria.attention import (
     remove_prior,
     save_overlay,
 )
-from models.gloria.model import Gloria, GloriaConfig, clean_report
+from models.gloria.model import (
+    RANDOM_INIT,
+    Gloria,
+    GloriaConfig,
+    bert_dims,
+    check_initializations,
+    chosen,
+    clean_report,
+    load_bert_tokenizer,
+)
 from models.gloria.train import ImageTextData, TrainConfig, extract_attention, square_uint8, train_gloria
 from models.images import ImageLoadError, load_grayscale
 from models.text.entities import lexicon_from_rows
@@ -238,11 +247,20 @@ def train_or_load(
             shutil.copyfile(Path(cfg.checkpoint) / name, ctx.path(name))
         ctx.log.info("reusing GLoRIA from %s (no training)", cfg.checkpoint)
         return model, tokenizer, []
-    tokenizer = train_wordpiece(texts, vocab_size=cfg.model.vocab_size)
-    save_wordpiece(tokenizer, ctx.path(TOKENIZER))
-    mcfg = cfg.model.model_copy(update={"vocab_size": tokenizer.get_vocab_size()})
     torch.manual_seed(ctx.config.run.seed)
-    model = Gloria(mcfg)
+    if chosen(cfg.model.text_checkpoint):  # Bio_ClinicalBERT's own vocabulary and weights
+        tokenizer = load_bert_tokenizer(cfg.model.text_checkpoint)
+        model = Gloria(cfg.model)
+        ctx.log.info("text encoder from %s, image encoder from %s", cfg.model.text_checkpoint,
+                     cfg.model.image_checkpoint)  # fmt: skip
+        # the saved config rebuilds this architecture without the checkpoint folders (weights: gloria.safetensors)
+        mcfg = cfg.model.model_copy(update=bert_dims(cfg.model.text_checkpoint))
+    else:
+        tokenizer = train_wordpiece(texts, vocab_size=cfg.model.vocab_size)
+        mcfg = cfg.model.model_copy(update={"vocab_size": tokenizer.get_vocab_size()})
+        model = Gloria(mcfg)
+    mcfg = mcfg.model_copy(update={"text_checkpoint": RANDOM_INIT, "image_checkpoint": RANDOM_INIT})
+    save_wordpiece(tokenizer, ctx.path(TOKENIZER))
 
     def report(epoch: int, rows: list[dict]) -> None:
         last = [r for r in rows if r["epoch"] == epoch]
@@ -401,5 +419,6 @@ STAGE = Stage(
     sections=("data",),
     input_files=lambda config: [p for p in [lesion_box_file(config)] if p is not None],
     inputs_hint="train_gloria.lesion_boxes",
+    preflight=lambda config: check_initializations(config.train_gloria.model),
     gpu=True,
 )

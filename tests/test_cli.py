@@ -321,8 +321,9 @@ def test_a_busy_run_dir_is_one_line_naming_the_holder_before_any_flow(tmp_path, 
 def test_the_paper_config_without_its_mae_weights_stops_before_any_work(tmp_path):
     paper = str(REPO_ROOT / "configs" / "paper.yaml")
     run_dir = tmp_path / "run"
+    gloria_random = ["--set", "train_gloria.model.image_checkpoint=random", "--set", "train_gloria.model.text_checkpoint=random"]  # fmt: skip
     for argv in (
-        ["run", "-c", paper],
+        ["run", "-c", paper, *gloria_random],
         ["stage", "pretrain_ecamp", "-c", paper],
         ["ablate", "--table", "7", "-c", paper],
     ):
@@ -338,3 +339,25 @@ def test_the_paper_config_without_its_mae_weights_stops_before_any_work(tmp_path
                                       "--set", f"data.root={tmp_path / 'mimic'}"])  # fmt: skip
     assert result.exit_code == 2 and "init_checkpoint" not in result.output
     assert str(tmp_path / "mimic") in result.output.splitlines()[-1]
+
+
+def test_the_paper_config_without_gloria_s_resnet_and_clinical_bert_stops_before_any_work(tmp_path):
+    """Issue 12 point 7: GLoRIA starts from ImageNet ResNet-50 and Bio_ClinicalBERT, or random by choice."""
+    paper = str(REPO_ROOT / "configs" / "paper.yaml")
+    common = ["-c", paper, "--run-dir", str(tmp_path / "run")]
+    for argv in (["run", *common], ["stage", "train_gloria", *common]):
+        result = CliRunner().invoke(app, argv)
+        assert result.exit_code == 2 and result.output.startswith(
+            "error: train_gloria.model.image_checkpoint /models/gloria/resnet50-0676ba61.pth not found: official "
+            "GLoRIA starts from ImageNet ResNet-50 weights: download https://download.pytorch.org/models/"
+        ), result.output
+    image_random = ["--set", "train_gloria.model.image_checkpoint=random"]
+    result = CliRunner().invoke(app, ["stage", "train_gloria", *common, *image_random])
+    assert result.exit_code == 2 and result.output.startswith(
+        "error: train_gloria.model.text_checkpoint /models/gloria/Bio_ClinicalBERT not found: official GLoRIA "
+        "starts from Bio_ClinicalBERT: download https://huggingface.co/emilyalsentzer/Bio_ClinicalBERT"
+    ), result.output
+    unset = ["--set", "train_gloria.model.text_checkpoint=null"]
+    result = CliRunner().invoke(app, ["stage", "train_gloria", *common, *image_random, *unset])
+    assert result.exit_code == 2 and "error: train_gloria.model.text_checkpoint is not set:" in result.output
+    assert not (tmp_path / "run").exists()

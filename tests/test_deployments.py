@@ -461,7 +461,7 @@ def test_the_single_stage_deployment_reruns_one_stage(pipeline):
 
 def test_the_paper_deployment_says_what_to_set(pipeline):
     """The README's paper command on a machine without the data: the run fails before any stage, naming the
-    setting to change (the MAE weights first, then the MIMIC-CXR root)."""
+    setting to change (GLoRIA's and the MAE initial weights first, then the MIMIC-CXR root)."""
     from prefect.client.orchestration import get_client
 
     env = pipeline["server"].env
@@ -473,10 +473,11 @@ def test_the_paper_deployment_says_what_to_set(pipeline):
     assert failed.returncode == 1, failed.stdout + failed.stderr
     with get_client(sync_client=True) as client:
         [run] = flow_runs(client, deployment="paper")
-    assert "pretrain_ecamp.train.init_checkpoint /models/mae/mae_pretrain_vit_base.pth not found" in logs_of(
+    assert "train_gloria.model.image_checkpoint /models/gloria/resnet50-0676ba61.pth not found" in logs_of(
         run.id
     )
-    overrides = ["data.root=/data/mimic-cxr", "pretrain_ecamp.train.init_checkpoint=random"]
+    overrides = ["data.root=/data/mimic-cxr", "pretrain_ecamp.train.init_checkpoint=random",
+                 "train_gloria.model.image_checkpoint=random", "train_gloria.model.text_checkpoint=random"]  # fmt: skip
     params = ["-p", "overrides=" + json.dumps(overrides), "--watch"]
     again = shell("prefect deployment run 'ecamp-pipeline/paper'", params, env, timeout=300, check=False)
     assert again.returncode == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -624,3 +625,102 @@ def test_stage_text_source_rules(upstream_run, caplog):
     with caplog.at_level("WARNING"):
         run_gloria_stage(run_dir, config, text_source="auto", n_pictures=0, **{"train.epochs": 1})
     assert any("ORIGINAL reports" in r.getMessage() for r in caplog.records)
+
+
+def test_training_crops_are_seeded_squares_resized_back():
+    """Issue 12 point 7: the official RandomCrop 224 of 256 (crop 0.875), corners aligned when resized back."""
+    from models.gloria.train import random_crops
+
+    ramp = torch.arange(64.0).repeat(64, 1)  # value = column index
+    images = torch.stack([ramp, ramp.T])[:, None]  # [2, 1, 64, 64]: columns, then rows
+    a = random_crops(images, 0.875, torch.Generator().manual_seed(3))
+    b = random_crops(images, 0.875, torch.Generator().manual_seed(3))
+    assert a.shape == images.shape and torch.equal(a, b)
+    side = round(0.875 * 64)  # 56
+    x0 = float(a[0, 0, 0, 0])  # the crop's first column
+    assert x0 == int(x0) and 0 <= x0 <= 64 - side
+    assert torch.allclose(a[0, 0, 0], torch.linspace(x0, x0 + side - 1, 64), atol=1e-4)
+    assert torch.equal(random_crops(images, 1.0, torch.Generator().manual_seed(3)), images)
+
+
+def test_official_optimizer_is_adam_with_l2_and_adamw_is_a_switch():
+    from models.gloria.train import TrainConfig, make_optimizer
+
+    model = torch.nn.Linear(2, 2)
+    assert type(make_optimizer(model, TrainConfig())) is torch.optim.Adam
+    assert type(make_optimizer(model, TrainConfig(optimizer="adamw"))) is torch.optim.AdamW
+    assert TrainConfig().crop == 0.875
+
+
+@pytest.fixture(scope="module")
+def pretrained_folders(tmp_path_factory):
+    """Stand-ins for the official initializations, made here: a seeded ResNet-50 state dict saved as
+    torchvision saves ImageNet weights, and a tiny BERT folder (config.json, weights, vocab.txt) as
+    Bio_ClinicalBERT is laid out."""
+    import timm
+    from transformers import BertConfig, BertModel
+
+    from models.text.wordpiece import train_wordpiece
+    from tests.real_data import iu_xray_texts
+
+    root = tmp_path_factory.mktemp("pretrained")
+    torch.manual_seed(0)
+    weights = root / "resnet50-imagenet.pth"
+    torch.save(timm.create_model("resnet50").state_dict(), weights)
+    vocab = train_wordpiece(iu_xray_texts()[:400], vocab_size=500).get_vocab()
+    bert = root / "Bio_ClinicalBERT"
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(bert)  # fmt: skip
+    (bert / "vocab.txt").write_text("\n".join(sorted(vocab, key=vocab.get)) + "\n")
+    return weights, bert
+
+
+def test_gloria_starts_from_the_resnet_file_and_the_bert_folder(pretrained_folders):
+    from safetensors.torch import load_file
+
+    from models.gloria.model import Gloria, GloriaConfig, load_bert_tokenizer
+
+    weights, bert = pretrained_folders
+    cfg = GloriaConfig(image_size=64, embed_dim=16, image_checkpoint=str(weights), text_checkpoint=str(bert))
+    model = Gloria(cfg)
+    resnet = torch.load(weights, weights_only=True)
+    backbone = dict(model.image_encoder.backbone.named_parameters())
+    assert torch.equal(backbone["layer1.0.conv1.weight"], resnet["layer1.0.conv1.weight"])
+    assert torch.allclose(backbone["conv1.weight"], resnet["conv1.weight"].sum(1, keepdim=True))  # grey input
+    saved = load_file(bert / "model.safetensors")
+    embeddings = model.text_encoder.bert.embeddings.word_embeddings.weight
+    assert torch.equal(embeddings, saved[next(k for k in saved if k.endswith("word_embeddings.weight"))])
+    assert model.text_encoder.word_proj.in_features == 16 and model.text_encoder.last_n_layers == 2
+    tokenizer = load_bert_tokenizer(bert)
+    assert tokenizer.get_vocab_size() == embeddings.shape[0]
+    assert (
+        tokenizer.encode("Pleural Effusion", add_special_tokens=False).tokens[0] == "pleural"
+    )  # lower-cased
+    random_init = Gloria(cfg.model_copy(update={"image_checkpoint": "random", "text_checkpoint": "random"}))
+    assert not torch.equal(dict(random_init.image_encoder.backbone.named_parameters())["layer1.0.conv1.weight"],
+                           resnet["layer1.0.conv1.weight"])  # fmt: skip
+
+
+def test_the_stage_trains_from_the_official_initializations_and_saves_a_rebuildable_model(
+    upstream_run, pretrained_folders, tmp_path
+):
+    import shutil
+
+    from tasks.train_gloria import load_trained
+
+    source, config, *_ = upstream_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir, ignore=shutil.ignore_patterns("train_gloria"))
+    weights, bert = pretrained_folders
+    run_gloria_stage(run_dir, config, **{
+        "model.encoder": "resnet50", "model.image_size": 64, "model.image_checkpoint": str(weights),
+        "model.text_checkpoint": str(bert), "train.epochs": 1,
+    })  # fmt: skip
+    out = run_dir / "train_gloria"
+    saved = json.loads((out / "gloria_config.json").read_text())
+    assert saved["text_hidden"] == 16 and saved["text_layers"] == 2
+    assert saved["text_checkpoint"] == saved["image_checkpoint"] == "random"  # rebuilt without the folders
+    model, tokenizer = load_trained(out)
+    assert tokenizer.get_vocab_size() == saved["vocab_size"] == model.text_encoder.bert.config.vocab_size
+    losses = pq.read_table(out / "losses.parquet").to_pylist()
+    assert losses and all(np.isfinite(r["loss"]) for r in losses)

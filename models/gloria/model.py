@@ -15,7 +15,9 @@ in the word·region scores) and a local loss restricted to the words of affirmed
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 import timm
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
+from tokenizers.implementations import BertWordPieceTokenizer
 from torch import nn
 from transformers import BertConfig, BertModel
 
@@ -40,7 +43,15 @@ class GloriaConfig(BaseModel):
     encoder: Literal["resnet50", "small"] = "resnet50"
     image_size: int = Field(299, ge=32, description="official: 224 crop upsampled to 299 before the ResNet")
     image_checkpoint: str | None = Field(
-        None, description="timm-loadable ResNet-50 weights file; None = random init"
+        None,
+        description="ImageNet ResNet-50 weights (a timm/torchvision file) for encoder resnet50; 'random' = "
+        "random init (an explicit choice: unset is an error)",
+    )
+    text_checkpoint: str | None = Field(
+        None,
+        description="a local Hugging Face BERT folder (official: Bio_ClinicalBERT) whose weights and vocabulary "
+        "the text encoder starts from, for encoder resnet50; 'random' = a BERT built from text_* (unset is an "
+        "error)",
     )
     small_width: int = Field(32, ge=4, description="channels of the first stage of the small CNN (demo)")
     embed_dim: int = Field(768, ge=8)
@@ -65,6 +76,70 @@ class GloriaConfig(BaseModel):
     )
     local_weight: float = Field(1.0, ge=0)
     global_weight: float = Field(1.0, ge=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Initializations: ImageNet ResNet-50 and Bio_ClinicalBERT from local paths, random only when asked
+# --------------------------------------------------------------------------------------------------------------
+
+RANDOM_INIT = "random"
+RESNET50_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth (torchvision ImageNet ResNet-50)"
+CLINICAL_BERT_URL = (
+    "https://huggingface.co/emilyalsentzer/Bio_ClinicalBERT (a folder with config.json, vocab.txt)"
+)
+
+
+def chosen(checkpoint: str | None) -> bool:
+    """A weights path was given (not unset, not 'random')."""
+    return checkpoint not in (None, RANDOM_INIT)
+
+
+def is_bert_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(
+        (path / f).is_file() for f in ("vocab.txt", "tokenizer.json")
+    )
+
+
+def check_initializations(cfg: GloriaConfig, key: str = "train_gloria.model") -> None:
+    """Before any training: the paper-scale GLoRIA (encoder resnet50) starts from ImageNet ResNet-50 and
+    Bio_ClinicalBERT as the official code does, or from random weights chosen explicitly; the demo's small CNN
+    has no published weights to start from."""
+    if cfg.encoder != "resnet50":
+        return
+    for field, what, url, found in (
+        ("image_checkpoint", "ImageNet ResNet-50 weights", RESNET50_URL, Path.is_file),
+        ("text_checkpoint", "Bio_ClinicalBERT", CLINICAL_BERT_URL, is_bert_folder),
+    ):
+        value = getattr(cfg, field)
+        how = (f"official GLoRIA starts from {what}: download {url} and set {key}.{field}=<its path>, or set "
+               f"{key}.{field}={RANDOM_INIT} to train from random weights")  # fmt: skip
+        if value is None:
+            raise ValueError(f"{key}.{field} is not set: {how}")
+        if chosen(value) and not found(Path(value)):
+            raise FileNotFoundError(f"{key}.{field} {value} not found: {how}")
+
+
+def load_bert_tokenizer(folder: str | Path) -> Tokenizer:
+    """The WordPiece tokenizer of a local BERT folder: its tokenizer.json, else its vocab.txt (lower-cased
+    unless its tokenizer_config.json says do_lower_case false)."""
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    settings = folder / "tokenizer_config.json"
+    lowercase = json.loads(settings.read_text()).get("do_lower_case", True) if settings.is_file() else True
+    return BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=lowercase)._tokenizer
+
+
+def bert_dims(folder: str | Path) -> dict[str, int]:
+    """The text_* fields of GloriaConfig a BERT folder's config.json fixes (a saved model rebuilds from them)."""
+    bert = BertConfig.from_pretrained(str(folder))
+    return {
+        "vocab_size": bert.vocab_size,
+        "text_hidden": bert.hidden_size,
+        "text_layers": bert.num_hidden_layers,
+        "text_heads": bert.num_attention_heads,
+        "text_intermediate": bert.intermediate_size,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -149,23 +224,28 @@ def aggregate_words(hidden: torch.Tensor, word_index: torch.Tensor, n_max: int) 
 
 
 class TextEncoder(nn.Module):
-    """BERT built from a config (no download), word features and a sentence feature, projected to embed_dim."""
+    """BERT from a local checkpoint folder (`text_checkpoint`) or built from the config (no download), word
+    features and a sentence feature, projected to embed_dim."""
 
     def __init__(self, cfg: GloriaConfig):
         super().__init__()
-        bert_cfg = BertConfig(
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.text_hidden,
-            num_hidden_layers=cfg.text_layers,
-            num_attention_heads=cfg.text_heads,
-            intermediate_size=cfg.text_intermediate,
-            max_position_embeddings=max(512, cfg.max_tokens),
-            pad_token_id=0,
-        )
-        self.bert = BertModel(bert_cfg, add_pooling_layer=False)
-        self.last_n_layers = min(cfg.last_n_layers, cfg.text_layers)
-        self.word_proj = nn.Linear(cfg.text_hidden, cfg.embed_dim)
-        self.sentence_proj = nn.Linear(cfg.text_hidden, cfg.embed_dim)
+        if chosen(cfg.text_checkpoint):
+            self.bert = BertModel.from_pretrained(cfg.text_checkpoint, add_pooling_layer=False)
+        else:
+            bert_cfg = BertConfig(
+                vocab_size=cfg.vocab_size,
+                hidden_size=cfg.text_hidden,
+                num_hidden_layers=cfg.text_layers,
+                num_attention_heads=cfg.text_heads,
+                intermediate_size=cfg.text_intermediate,
+                max_position_embeddings=max(512, cfg.max_tokens),
+                pad_token_id=0,
+            )
+            self.bert = BertModel(bert_cfg, add_pooling_layer=False)
+        hidden = self.bert.config.hidden_size
+        self.last_n_layers = min(cfg.last_n_layers, self.bert.config.num_hidden_layers)
+        self.word_proj = nn.Linear(hidden, cfg.embed_dim)
+        self.sentence_proj = nn.Linear(hidden, cfg.embed_dim)
 
     def forward(self, text: TextBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> words [B, W, D], word_mask [B, W] bool, sentence [B, D]."""
@@ -217,7 +297,7 @@ def build_backbone(cfg: GloriaConfig) -> tuple[nn.Module, tuple[int, int]]:
         net = SmallCNN(cfg.small_width)
         return net, net.channels
     kwargs: dict = {"features_only": True, "out_indices": (3, 4), "in_chans": 1}
-    if cfg.image_checkpoint:
+    if chosen(cfg.image_checkpoint):  # timm sums the RGB filters of conv1 into the one grey channel
         kwargs |= {"pretrained": True, "pretrained_cfg_overlay": {"file": cfg.image_checkpoint}}
     net = timm.create_model("resnet50", **kwargs)
     local_ch, global_ch = net.feature_info.channels()

@@ -1,8 +1,9 @@
-"""Training and inference loops for GLoRIA: data, AdamW + warm-up/cosine, bf16 on CUDA, DDP, checkpoint/resume.
+"""Training and inference loops for GLoRIA: data, crops, Adam(W) + warm-up/cosine, bf16 on CUDA, DDP, checkpoint/resume.
 
 Images are pre-decoded once into a uint8 [N, S, S] array (a memmap at scale) of the square-padded radiograph,
-so training epochs and attention extraction never decode files again and the attention grid maps onto the
-whole image without any crop to undo (REFERENCE §1.5 step 3). No Prefect here.
+so training epochs and attention extraction never decode files again. Training sees random crops (`crop`,
+the official RandomCrop 224 of 256); attention extraction sees the whole image, so its grid maps onto the image
+without any crop to undo (REFERENCE §1.5 step 3). No Prefect here.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
@@ -40,8 +42,18 @@ class TrainConfig(BaseModel):
 
     epochs: int = Field(50, ge=0)
     batch_size: int = Field(48, ge=2)
+    optimizer: Literal["adam", "adamw"] = Field(
+        "adam", description="adam (official GLoRIA: weight decay as an L2 term) or adamw (decoupled decay)"
+    )
     lr: float = Field(5e-5, gt=0, allow_inf_nan=False)
     weight_decay: float = Field(1e-6, ge=0)
+    crop: float | None = Field(
+        0.875,
+        gt=0,
+        le=1,
+        description="random square crop of this fraction of the side, resized back, at training only "
+        "(official: RandomCrop 224 of the 256 image = 0.875); null = the whole image",
+    )
     warmup_epochs: float = Field(1.0, ge=0)
     grad_clip: float = Field(0.25, gt=0)
     num_workers: int = Field(0, ge=0, description="DataLoader workers")
@@ -82,6 +94,26 @@ class ImageTextData(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str, int]:
         pixels = torch.from_numpy(np.asarray(self.images[i], dtype=np.float32)) / 255.0
         return ((pixels - 0.5) / 0.5)[None], self.texts[i], i  # GLoRIA's "half" normalisation
+
+
+def random_crops(images: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """Each image [B, C, S, S] cropped to a random square of side round(fraction·S) and resized back to S
+    (bilinear, corners aligned: the official 224 crop upsampled to 299)."""
+    side = images.shape[-1]
+    crop = max(1, round(fraction * side))
+    if crop == side:
+        return images
+    starts = torch.randint(0, side - crop + 1, (len(images), 2), generator=generator).tolist()
+    cropped = torch.stack(
+        [img[:, y : y + crop, x : x + crop] for img, (y, x) in zip(images, starts, strict=True)]
+    )
+    return F.interpolate(cropped, size=(side, side), mode="bilinear", align_corners=True)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def make_collate(tokenizer: Tokenizer, max_tokens: int) -> Callable:
@@ -176,7 +208,7 @@ def train_gloria(
     batch = min(cfg.batch_size, len(data))
     steps_per_epoch = (len(sampler) if sampler else len(data)) // batch
     total = cfg.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(max(1, round(cfg.warmup_epochs * steps_per_epoch)), total)
     )
@@ -204,7 +236,10 @@ def train_gloria(
             data, batch_size=batch, sampler=loader_sampler, drop_last=True, collate_fn=collate,
             num_workers=cfg.num_workers,
         )  # fmt: skip
+        crops = torch.Generator().manual_seed(seed * 1000 + epoch)  # per epoch: a resumed run crops the same
         for images, text, index in loader:
+            if cfg.crop is not None:
+                images = random_crops(images, cfg.crop, crops)
             images, text = images.to(where, non_blocking=True), text.to(where)
             with torch.autocast(where.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = net(images, text)
