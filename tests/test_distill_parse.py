@@ -26,6 +26,7 @@ from models.distill.prompt import (
     estimate_prompt_tokens,
     fit_report,
     prompt_hash,
+    prompt_report,
     split_sentences,
 )
 from models.distill.seed import entity_quota, select_seed
@@ -95,14 +96,14 @@ def test_long_report_loses_findings_sentences_first_then_impression_words():
     impression = "Small left pleural effusion. No pneumothorax."
     base = estimate_prompt_tokens(build_messages("x", ["effusion"]))
     text, truncated = fit_report(findings, impression, ["effusion"], base + 200)
-    assert truncated and text.endswith("IMPRESSION: Small left pleural effusion. No pneumothorax.")
-    assert text.startswith("FINDINGS: Finding sentence number 0 ")
+    assert truncated and text.endswith(" Small left pleural effusion. No pneumothorax.")
+    assert text.startswith("Finding sentence number 0 ")
     assert estimate_prompt_tokens(build_messages(text, ["effusion"])) <= base + 200
     assert "number 199" not in text  # the tail of FINDINGS went first
     short, truncated = fit_report("Clear lungs.", impression, ["effusion"], 4000)
-    assert not truncated and short == "FINDINGS: Clear lungs. IMPRESSION: " + impression
+    assert not truncated and short == "Clear lungs. " + impression
     cut, truncated = fit_report("", " ".join(["effusion"] * 500), ["effusion"], base + 20)
-    assert truncated and cut.startswith("IMPRESSION: effusion") and len(cut) < 200
+    assert truncated and cut.startswith("effusion effusion") and len(cut) < 200
     with pytest.raises(ValueError, match="smaller than the fixed prompt"):
         fit_report(findings, impression, ["effusion"], base - 50)
 
@@ -113,11 +114,7 @@ def fit_report_reference(findings, impression, entities, max_prompt_tokens):
     findings_sents, impression_sents = split_sentences(findings), split_sentences(impression)
 
     def render(f_sents, i_text):
-        parts = [
-            f"FINDINGS: {' '.join(f_sents)}" if f_sents else "",
-            f"IMPRESSION: {i_text}" if i_text else "",
-        ]
-        return " ".join(p for p in parts if p)
+        return " ".join(p for p in (" ".join(f_sents), i_text) if p)
 
     def fits(text):
         return bool(text) and estimate_prompt_tokens(build_messages(text, entities)) <= max_prompt_tokens
@@ -177,11 +174,35 @@ def test_fit_report_gives_exactly_the_old_algorithms_result_on_varied_inputs():
         cases.append((findings, impression, entities, budget))
     results = [outcome(fit_report, *case) for case in cases]
     assert results == [outcome(fit_report_reference, *case) for case in cases]
+
     # The cases cover every way out: untouched, findings cut, impression cut, and each error.
-    kinds = Counter(
-        r[0] if r[0] == "ValueError" else ("kept" if not r[1] else r[0].split(":")[0]) for r in results
-    )
+    def kind(case, result) -> str:
+        if result[0] == "ValueError" or not result[1]:
+            return "ValueError" if result[0] == "ValueError" else "kept"
+        impression = " ".join(split_sentences(case[1]))
+        return (
+            "FINDINGS" if result[0].endswith(impression) else "IMPRESSION"
+        )  # findings cut, impression whole
+
+    kinds = Counter(kind(case, result) for case, result in zip(cases, results, strict=True))
     assert {"kept", "FINDINGS", "IMPRESSION", "ValueError"} <= set(kinds), kinds
+
+
+def test_the_full_and_the_truncated_prompt_render_the_report_alike():
+    """Issue 12 point 8: a report that fits goes as `Report.text`; one that does not loses sentences from the
+    same rendering (no section labels that the full path never had)."""
+    findings, impression = "Heart size is normal.  Lungs are clear.\nNo effusion.", "No acute process."
+    report = {
+        "text": " ".join(f"{findings} {impression}".split()),
+        "findings": findings,
+        "impression": impression,
+    }
+    full, truncated = prompt_report(report, ["effusion"], 4000)
+    assert (full, truncated) == (report["text"], False)
+    assert fit_report(findings, impression, ["effusion"], 4000) == (full, False)
+    need = estimate_prompt_tokens(build_messages(full, ["effusion"]))
+    cut, truncated = prompt_report(report, ["effusion"], need - 1)
+    assert truncated and cut == "Heart size is normal. Lungs are clear. No acute process."
 
 
 def test_fit_report_on_a_5mb_report_keeps_the_longest_fitting_findings_prefix():
@@ -190,11 +211,11 @@ def test_fit_report_on_a_5mb_report_keeps_the_longest_fitting_findings_prefix():
     assert len(findings) > 5_000_000
     entities = ["effusion", "pneumothorax"]
     text, truncated = fit_report(findings, impression, entities, 3800)
-    kept = text.removeprefix("FINDINGS: ").removesuffix(f" IMPRESSION: {impression}")
+    kept = text.removesuffix(f" {impression}")
     n = kept.count(" describes the lungs in detail.")
     assert truncated and 200 < n < 400 and kept == " ".join(sentences[:n])
     assert estimate_prompt_tokens(build_messages(text, entities)) <= 3800
-    one_more = f"FINDINGS: {' '.join(sentences[: n + 1])} IMPRESSION: {impression}"
+    one_more = f"{' '.join(sentences[: n + 1])} {impression}"
     assert estimate_prompt_tokens(build_messages(one_more, entities)) > 3800
     # Impression only, 5 MB: cut to 3/4 of its words again and again, the first length that fits, as before.
     cut, truncated = fit_report("", findings, entities, 3800)
@@ -202,10 +223,10 @@ def test_fit_report_on_a_5mb_report_keeps_the_longest_fitting_findings_prefix():
     cuts = [len(words)]
     while cuts[-1] > 1:
         cuts.append(max(1, cuts[-1] * 3 // 4))
-    kept = next(i for i, c in enumerate(cuts) if len(cut) == len(f"IMPRESSION: {' '.join(words[:c])}"))
-    assert truncated and cut == f"IMPRESSION: {' '.join(words[: cuts[kept]])}"
+    kept = next(i for i, c in enumerate(cuts) if len(cut) == len(" ".join(words[:c])))
+    assert truncated and cut == " ".join(words[: cuts[kept]])
     assert estimate_prompt_tokens(build_messages(cut, entities)) <= 3800
-    previous = f"IMPRESSION: {' '.join(words[: cuts[kept - 1]])}"
+    previous = " ".join(words[: cuts[kept - 1]])
     assert estimate_prompt_tokens(build_messages(previous, entities)) > 3800
 
 

@@ -160,4 +160,4 @@ def test_stage_truncates_long_reports_and_records_it(tmp_path):
         r["study_id"]: r
         for r in pq.read_table(tmp_path / "seed_distill" / "seed_distillations.parquet").to_pylist()
     }
-    assert rows["s1"]["truncated"] and rows["s1"]["report"] == "IMPRESSION: Small effusion."
+    assert rows["s1"]["truncated"] and rows["s1"]["report"] == "Small effusion."

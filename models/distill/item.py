@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 class DistillItem:
     study_id: str
     entities: list[str]  # in the order the report first mentions them: the order the answer follows
-    report: str  # the text the prompt shows (FINDINGS-first truncation when the whole report does not fit)
+    report: (
+        str  # the text the prompt shows (findings sentences dropped first when the whole report does not fit)
+    )
     truncated: bool
     full_text: str  # the whole report (the rules teacher reads it, not the truncated one)
     mentions: tuple[Mention, ...]

@@ -85,10 +85,16 @@ def split_sentences(text: str) -> list[str]:
     return [s for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if s]
 
 
+def render_report(findings_sentences: Sequence[str], impression: str) -> str:
+    """A report as the teacher reads it: findings then impression, as `Report.text` joins them, so a
+    truncated prompt differs from the full one only by the sentences or words it lost."""
+    return " ".join(p for p in (" ".join(findings_sentences), impression) if p)
+
+
 def fit_report(
     findings: str, impression: str, entities: Sequence[str], max_prompt_tokens: int
 ) -> tuple[str, bool]:
-    """The report text to send, shortened to fit `max_prompt_tokens`; returns (text, truncated).
+    """The report text to send (`render_report`), shortened to fit `max_prompt_tokens`; returns (text, truncated).
 
     FINDINGS lose sentences from the end first, because the IMPRESSION is the radiologist's own summary
     and carries the diagnoses; only if the impression alone is too long is it cut word by word (to 3/4 of
@@ -99,13 +105,7 @@ def fit_report(
     """
     findings_sents, impression_sents = split_sentences(findings), split_sentences(impression)
     impression_text = " ".join(impression_sents)
-
-    def render(f_sents: list[str], i_text: str) -> str:
-        parts = [
-            f"FINDINGS: {' '.join(f_sents)}" if f_sents else "",
-            f"IMPRESSION: {i_text}" if i_text else "",
-        ]
-        return " ".join(p for p in parts if p)
+    render = render_report
 
     def fits(text: str) -> bool:
         return bool(text) and estimate_prompt_tokens(build_messages(text, entities)) <= max_prompt_tokens
