@@ -364,6 +364,26 @@ def test_stage_writes_metrics_encoder_and_says_what_it_fell_back_to(
     ).exists()
 
 
+def test_a_finished_checkpoint_is_not_resumed_under_another_masking(tmp_path, images, reports, caplog):
+    """A forced or resumed stage continues its kept checkpoint only when it would train the same thing: the
+    text side's settings (here Eq. 3's λ_neg) are part of what a checkpoint was made on."""
+    write_upstream(tmp_path, images, reports, with_attention=False)
+    base = [
+        *(f"pretrain_ecamp.model.{k}={v}" for k, v in MODEL.items()), "pretrain_ecamp.model.vocab_size=400",
+        *GLORIA_AGREES, "pretrain_ecamp.text.max_len=48", "pretrain_ecamp.tokenizer_min_frequency=1",
+        "pretrain_ecamp.train.epochs=1", "pretrain_ecamp.train.batch_size=4", "pretrain_ecamp.train.accum_iter=1",
+        "pretrain_ecamp.train.warmup_epochs=0", "pretrain_ecamp.train.num_workers=0", "run.device=cpu",
+    ]  # fmt: skip
+    for lambda_neg, expected in ((0.05, "resumed from"), (0.25, "starting from scratch")):
+        run_direct(make_test_context(tmp_path, config := load_config(None, base), stage="pretrain_ecamp"),
+                   config.pretrain_ecamp)  # fmt: skip
+        caplog.clear()
+        again = load_config(None, [*base, f"pretrain_ecamp.text.lambda_neg={lambda_neg}"])
+        with caplog.at_level(logging.INFO):
+            run_direct(make_test_context(tmp_path, again, stage="pretrain_ecamp"), again.pretrain_ecamp)
+        assert expected in caplog.text, (lambda_neg, caplog.text)
+
+
 def test_ablation_rows_are_valid_overrides():
     for table, rows in pretrain_ecamp.ABLATIONS.items():
         for row, overrides in rows.items():

@@ -16,6 +16,7 @@ That needs every random draw to be a function of where the run is, not of how it
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -737,19 +738,28 @@ def write_job(
     entity_words: Sequence[str],
     data_hash: str,
 ) -> Path:
-    """Everything a (torchrun) training process needs, as plain files, so the stage can launch it as a command."""
+    """Everything a (torchrun) training process needs, as plain files, so the stage can launch it as a command.
+
+    The job's `data_hash` covers `data_hash` (the upstream artifacts), the records, the text masking config and
+    the entity words: a checkpoint trained on other texts, windows or masking (e.g. another λ_neg) is never
+    resumed, however finished it is."""
     job_dir.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
     with (job_dir / "records.jsonl").open("w") as f:
         for rec in records:
-            f.write(json.dumps(vars(rec)) + "\n")
+            line = json.dumps(vars(rec)) + "\n"
+            f.write(line)
+            digest.update(line.encode())
+    text = text_cfg.model_dump(mode="json")
+    digest.update(json.dumps([data_hash, text, list(entity_words)], sort_keys=True).encode())
     job = {
         "model": model_cfg.model_dump(),
         "train": cfg.model_dump(),
-        "text": text_cfg.model_dump(),
+        "text": text,
         "tokenizer": str(tokenizer_path),
         "device": device,
         "entity_words": list(entity_words),
-        "data_hash": data_hash,
+        "data_hash": digest.hexdigest()[:16],
     }
     path = job_dir / JOB_FILE
     path.write_text(json.dumps(job, indent=2))
