@@ -238,7 +238,7 @@ def ablation_rows(table: str, rows: list[str] | None = None) -> dict[str, list[s
 
 STAGE = Stage(
     name="pretrain_ecamp",
-    version="2",
+    version="3",  # 3: checkpoints fingerprinted by records and text masking (an old run dir may hold a stale encoder)
     config=Config,
     run=run,
     summary="ECAMP pre-training (MLM + MIM + context-guided SR + MSCF) → a timm-loadable ViT encoder",
