@@ -394,26 +394,32 @@ def test_the_run_graph_is_the_stage_dag(pipeline):
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--virtual-time-budget=15000",
-    "--window-size=1400,1000",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000",
 ]  # fmt: skip
 
 
-def browse(url: str, profile: Path, screenshot: Path | None = None) -> str:
-    """The page's DOM after its scripts ran (headless Debian chromium); a screenshot when asked."""
+def chromium_run(url: str, profile: Path, budget_ms: int, *action: str) -> str:
     chromium = shutil.which("chromium")
     assert chromium, "the browser check needs Debian's chromium: apt-get install -y chromium"
-    base = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
-    if screenshot is not None:
-        subprocess.run(
-            [*base, f"--screenshot={screenshot}", url], capture_output=True, timeout=120, check=True
-        )
-    done = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True)
-    return done.stdout
+    argv = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}"]
+    return subprocess.run(
+        [*argv, *action, url], capture_output=True, text=True, timeout=180, check=True
+    ).stdout
 
 
 def visible_text(dom: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+
+
+def rendered(url: str, profile: Path, expected: list[str], screenshot: Path) -> str:
+    """The page's visible text once its scripts ran (headless Debian chromium), then its screenshot. A loaded
+    machine can need more than the first 15 s of virtual time for the UI's API calls: up to three tries."""
+    for budget in (15_000, 30_000, 60_000):
+        text = visible_text(chromium_run(url, profile, budget, "--dump-dom"))
+        if all(e in text for e in expected):
+            break
+    chromium_run(url, profile, budget, f"--screenshot={screenshot}")
+    return text
 
 
 def test_the_ui_shows_the_manifests_and_the_lineage(pipeline, tmp_path):
@@ -425,9 +431,9 @@ def test_the_ui_shows_the_manifests_and_the_lineage(pipeline, tmp_path):
     run_dir, url = pipeline["run_dir"], pipeline["server"].url
     shots = tmp_path / "screenshots"
     shots.mkdir()
-    listing = visible_text(browse(f"{url}/artifacts", tmp_path / "p1", shots / "artifacts.png"))
-    for stage in ("extract_reports", "pretrain_ecamp", "lineage"):
-        assert artifact_key(run_dir, stage) in listing, stage
+    keys = [artifact_key(run_dir, stage) for stage in ("extract_reports", "pretrain_ecamp", "lineage")]
+    listing = rendered(f"{url}/artifacts", tmp_path / "p1", keys, shots / "artifacts.png")
+    assert all(key in listing for key in keys), listing[:2000]
     with get_client(sync_client=True) as client:
         ids = {
             key: client.read_latest_artifacts(
@@ -436,12 +442,14 @@ def test_the_ui_shows_the_manifests_and_the_lineage(pipeline, tmp_path):
             for key in ("pretrain_ecamp", "lineage")
         }
     encoder = read_record(run_dir, "pretrain_ecamp").outputs["encoder.safetensors"].content_hash
-    manifest = visible_text(
-        browse(f"{url}/artifacts/artifact/{ids['pretrain_ecamp']}", tmp_path / "p2", shots / "manifest.png")
+    expected = ["pretrain_ecamp/encoder.safetensors", encoder]
+    manifest = rendered(f"{url}/artifacts/artifact/{ids['pretrain_ecamp']}", tmp_path / "p2", expected, shots / "manifest.png")  # fmt: skip
+    assert all(e in manifest for e in expected), manifest[:2000]
+    entry = f"pretrain_ecamp/encoder.safetensors sha256 {encoder}"
+    lineage = rendered(
+        f"{url}/artifacts/artifact/{ids['lineage']}", tmp_path / "p3", [entry], shots / "lineage.png"
     )
-    assert "pretrain_ecamp/encoder.safetensors" in manifest and encoder in manifest
-    lineage = visible_text(browse(f"{url}/artifacts/artifact/{ids['lineage']}", tmp_path / "p3", shots / "lineage.png"))  # fmt: skip
-    assert f"pretrain_ecamp/encoder.safetensors sha256 {encoder}" in lineage
+    assert entry in lineage, lineage[:2000]
     assert all((shots / f"{n}.png").stat().st_size > 10_000 for n in ("artifacts", "manifest", "lineage"))
     keep = os.environ.get("ECAMP_SCREENSHOTS")  # e.g. ECAMP_SCREENSHOTS=docs to refresh the README's picture
     if keep:
