@@ -15,12 +15,14 @@ into `<run_dir>/pretrain_ecamp__<row>/`, reusing the upstream artifacts of DIR.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +32,12 @@ from pydantic import Field, model_validator
 from data_contracts.pretrain import PretrainMetric, PretrainReject
 from models.devices import resolve_device
 from models.ecamp.export import export_encoder, write_model_card
+from models.ecamp.image_cache import ImageCacheConfig, build_image_cache, source_size
 from models.ecamp.model import ECAMP, ECAMPConfig
 from models.ecamp.pretrain import (
     CHECKPOINT,
     PretrainConfig,
+    PretrainRecord,
     check_init_checkpoint,
     join_inputs,
     run_job,
@@ -63,6 +67,7 @@ class Config(StageConfig):
         default_factory=lambda: ["train"], description="image splits used for pre-training"
     )
     nproc: int = Field(1, ge=1, description="processes; > 1 launches torchrun (DDP, one per GPU)")
+    image_cache: ImageCacheConfig = Field(default_factory=ImageCacheConfig)
 
     @model_validator(mode="after")
     def _text_fits(self) -> Config:
@@ -106,7 +111,8 @@ def run(ctx: StageContext, cfg: Config) -> None:
 
     out_dir = ctx.scratch("train")  # checkpoint.pt: a failed attempt resumes from it exactly
     entity_words = sorted(lexicon_from_rows(ctx.read(LEXICON).to_pylist()).forms)
-    job = write_job(ctx.scratch("job"), model_cfg, train_cfg, text_cfg, joined.records, tokenizer_path,
+    records = cached_records(ctx, cfg, joined.records)
+    job = write_job(ctx.scratch("job"), model_cfg, train_cfg, text_cfg, records, tokenizer_path,
                     resolve_device(ctx.config.run.device), entity_words,
                     data_fingerprint(ctx, tokenizer_path))  # fmt: skip
     if cfg.nproc == 1:
@@ -129,6 +135,26 @@ def run(ctx: StageContext, cfg: Config) -> None:
     export_encoder(model, ctx.path(ENCODER), extra={"facts": facts, "lineage": lineage})
     write_model_card(ctx.path(MODEL_CARD), model_cfg, facts, metrics, lineage)
     ctx.log.info("encoder -> %s (on success)", ctx.stage_dir / ENCODER)
+
+
+def cached_records(ctx: StageContext, cfg: Config, records: list[PretrainRecord]) -> list[PretrainRecord]:
+    """The records reading their images from the image cache (built now where missing; kept across attempts
+    in the stage's scratch folder), or as they are when the cache is off."""
+    cache = cfg.image_cache
+    if not cache.enabled:
+        return records
+    short = cache.short_side or 2 * cfg.model.hr_size
+    start = time.perf_counter()
+    cached = build_image_cache(
+        [r.path for r in records], ctx.scratch("image_cache"), short, cache.workers,
+        progress=lambda it, total: ctx.progress(it, total=total, desc="image cache"),
+    )  # fmt: skip
+    ctx.log.info(
+        "image cache: %d images at short side %d (%.1f s)", len(cached), short, time.perf_counter() - start
+    )
+    return [
+        dataclasses.replace(r, path=cached[r.path], source_size=source_size(cached[r.path])) for r in records
+    ]
 
 
 def text_inputs(ctx: StageContext, cfg: Config) -> tuple[TextMaskingConfig, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import math
 from pathlib import Path
@@ -362,6 +363,13 @@ def test_stage_writes_metrics_encoder_and_says_what_it_fell_back_to(
     assert (ctx.stage_dir / "tokenizer.json").exists() and (
         ctx.stage_dir / "train" / "checkpoint.pt"
     ).exists()
+    trained_on = [
+        json.loads(line) for line in (ctx.stage_dir / "job" / "records.jsonl").read_text().splitlines()
+    ]
+    assert all(
+        Path(r["path"]).parent == ctx.stage_dir / "image_cache" for r in trained_on
+    )  # each image decoded once
+    assert all(r["path"].endswith(".npy") and len(r["source_size"]) == 2 for r in trained_on)
 
 
 def test_a_finished_checkpoint_is_not_resumed_under_another_masking(tmp_path, images, reports, caplog):

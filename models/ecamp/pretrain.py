@@ -118,6 +118,7 @@ class PretrainRecord:
     text: str
     distilled: str | None
     window: tuple[float, float, float, float]  # top, left, bottom, right in [0, 1]
+    source_size: tuple[int, int] | None = None  # (H, W) of the original when `path` is a smaller cached copy
 
 
 @dataclass
@@ -201,7 +202,10 @@ def _key(row: dict[str, Any]) -> dict[str, str]:
 
 
 def decode_gray(path: str) -> torch.Tensor:
-    """[1, H, W] float in [0, 1]; JPEG/PNG decoded by torchvision (fast), anything else by the project loader."""
+    """[1, H, W] float in [0, 1]; a cached image (`.npy`, models.ecamp.image_cache) memory-mapped, JPEG/PNG
+    decoded by torchvision (fast), anything else by the project loader."""
+    if path.endswith(".npy"):
+        return torch.from_numpy(np.load(path, mmap_mode="r")[None].astype(np.float32) / 255.0)
     if Path(path).suffix.lower() in {".jpg", ".jpeg", ".png"}:
         try:
             pixels = decode_image(read_file(path), mode=ImageReadMode.GRAY)
@@ -216,6 +220,17 @@ def decode_gray(path: str) -> torch.Tensor:
 def sample_seed(*parts: int) -> int:
     """A 63-bit seed from integers (numpy's SeedSequence mixes them well)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def scaled_crop(
+    crop: tuple[int, int, int, int], source: tuple[int, int], target: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """A crop (top, left, height, width) drawn on an image of size `source`, on its resized copy `target`."""
+    if source == target:
+        return crop
+    sy, sx = target[0] / source[0], target[1] / source[1]
+    top, left, height, width = crop
+    return round(top * sy), round(left * sx), max(1, round(height * sy)), max(1, round(width * sx))
 
 
 def box_after_crop(
@@ -258,7 +273,9 @@ class PretrainDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         rec = self.records[index]
         gray = decode_gray(rec.path)
-        hr, window = self.augment(gray, rec.window, sample_seed(self.cfg.seed_value, self.epoch, index))
+        hr, window = self.augment(
+            gray, rec.window, sample_seed(self.cfg.seed_value, self.epoch, index), rec.source_size
+        )
         lr = F.interpolate(
             hr[None], size=self.model_cfg.img_size, mode="bicubic", align_corners=False, antialias=True
         )[0]
@@ -272,21 +289,31 @@ class PretrainDataset(Dataset):
         }
 
     def augment(
-        self, gray: torch.Tensor, window: tuple[float, float, float, float], seed: int
+        self,
+        gray: torch.Tensor,
+        window: tuple[float, float, float, float],
+        seed: int,
+        source_size: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-        """RandomResizedCrop(hr, scale) + horizontal flip, drawn from `seed` only; the window follows (or not)."""
+        """RandomResizedCrop(hr, scale) + horizontal flip, drawn from `seed` only; the window follows (or not).
+
+        On a cached copy (`source_size` = the original's size) the crop is drawn on the original's size and
+        scaled to the copy, so a sample is the same region whether the image comes from the cache or not."""
         size, cfg = self.model_cfg.hr_size, self.cfg
+        source = source_size or tuple(gray.shape[-2:])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            crop = RandomResizedCrop.get_params(gray, list(cfg.crop_scale), list(cfg.crop_ratio))
+            shape_only = gray.new_empty(1, 1, 1).expand(1, *source)  # get_params reads the shape only
+            crop = RandomResizedCrop.get_params(shape_only, list(cfg.crop_scale), list(cfg.crop_ratio))
             flipped = cfg.hflip and bool(torch.rand(()) < 0.5)
         hr = TF.resized_crop(
-            gray, *crop, size=[size, size], interpolation=InterpolationMode.BICUBIC, antialias=True
-        )
+            gray, *scaled_crop(crop, source, tuple(gray.shape[-2:])), size=[size, size],
+            interpolation=InterpolationMode.BICUBIC, antialias=True,
+        )  # fmt: skip
         if flipped:
             hr = TF.horizontal_flip(hr)
         if cfg.sr_window_follows_augmentation:
-            box = box_after_crop(window, tuple(gray.shape[-2:]), crop, flipped, size)
+            box = box_after_crop(window, source, crop, flipped, size)
         else:  # official: the window stays where the attention map put it on the un-augmented image
             box = tuple(round(v * size) for v in window)
         return hr, box  # type: ignore[return-value]
@@ -771,7 +798,10 @@ def read_records(path: Path) -> list[PretrainRecord]:
     with path.open() as f:
         for line in f:
             d = json.loads(line)
-            out.append(PretrainRecord(**{**d, "window": tuple(d["window"])}))
+            size = d.get("source_size")
+            out.append(
+                PretrainRecord(**{**d, "window": tuple(d["window"]), "source_size": size and tuple(size)})
+            )
     return out
 
 
