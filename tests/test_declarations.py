@@ -124,6 +124,28 @@ def test_the_encoder_carries_its_lineage_and_ecamp_lineage_answers_for_model_fil
 
 
 @pytest.mark.usefixtures("prefect_server")
+def test_the_paper_config_smoke_runs_pretraining_through_the_image_cache(small_corpus, tmp_path):
+    """Issue 12 acceptance: configs/paper.yaml's pre-training path (all views, paper text settings, the image
+    cache) on CPU, with small sizes, through `ecamp stage` on upstream artifacts of the demo corpus."""
+    run_dir = tmp_path / "run"
+    run_until_pretrain(run_dir, [f"data.root={small_corpus}"])  # upstream artifacts (and a demo encoder)
+    paper = str(REPO_ROOT / "configs" / "paper.yaml")
+    small = [*TINY_PRETRAIN, "pretrain_ecamp.train.init_checkpoint=random", "pretrain_ecamp.nproc=1",
+             "pretrain_ecamp.image_cache.workers=1", f"data.root={small_corpus}", "run.device=cpu"]  # fmt: skip
+    args = ["stage", "pretrain_ecamp", "-c", paper, "--run-dir", str(run_dir), "--force"]
+    result = CliRunner().invoke(app, [*args, *(x for s in small for x in ("--set", s))])
+    assert result.exit_code == 0, result.output
+    stage_dir = run_dir / "pretrain_ecamp"
+    trained_on = [json.loads(line) for line in (stage_dir / "job" / "records.jsonl").read_text().splitlines()]
+    assert trained_on and all(Path(r["path"]).parent == stage_dir / "image_cache" for r in trained_on)
+    job = json.loads((stage_dir / "job" / "job.json").read_text())
+    assert job["text"]["negative_scope"] == "mention" and job["train"]["lr"] == 1.5e-4  # the paper's settings
+    metrics = pq.read_table(stage_dir / "pretrain_metrics.parquet").to_pylist()
+    assert metrics and all(math.isfinite(m["total"]) for m in metrics)
+    assert (stage_dir / "encoder.safetensors").stat().st_size > 0
+
+
+@pytest.mark.usefixtures("prefect_server")
 def test_ablate_runs_a_row_end_to_end_and_caches_it(small_corpus, tmp_path):
     """Item 2: `ecamp ablate` through the CLI on a finished run; a second call skips the row."""
     run_dir = tmp_path / "run"
