@@ -99,5 +99,5 @@ def run_on_gpu_pool(
     if record is None:
         raise GpuPoolError(f"{name}: run {child.name} completed but left no success record in {run_dir}")
     ran = before is None or record.finished_at != before.finished_at
-    outputs = {n: o.info for n, o in record.outputs.items() if o.info is not None}
+    outputs = record.artifact_infos()
     return StageResult(name, "ran" if ran else "cached", record.fingerprint, outputs, record.seconds)

@@ -49,6 +49,10 @@ class SuccessRecord:
     outputs: dict[str, OutputRecord] = field(default_factory=dict)
     finished_at: float = field(default_factory=time.time)
 
+    def artifact_infos(self) -> dict[str, Any]:
+        """Output name -> its ArtifactInfo (lineage, hash), for the outputs that carry one."""
+        return {n: o.info for n, o in self.outputs.items() if o.info is not None}
+
 
 def output_path(run_dir: Path, stage: str, name: str, kind: str) -> Path:
     folder = Path(run_dir) / stage

@@ -93,7 +93,7 @@ def cached_result(name: str, run_dir: Path, fingerprint: str) -> StageResult | N
     record = read_record(run_dir, name)
     if record is None or record.fingerprint != fingerprint or not verified_outputs(run_dir, record):
         return None
-    outputs = {n: o.info for n, o in record.outputs.items() if o.info is not None}
+    outputs = record.artifact_infos()
     return StageResult(name, "cached", fingerprint, outputs)
 
 
@@ -109,7 +109,7 @@ def reused_result(name: str, run_dir: Path) -> StageResult:
         raise MissingUpstreamError(
             f"{name}'s outputs in {run_dir} changed or went missing since it succeeded: run it again"
         )
-    outputs = {n: o.info for n, o in record.outputs.items() if o.info is not None}
+    outputs = record.artifact_infos()
     return StageResult(name, "cached", record.fingerprint, outputs)
 
 
@@ -175,7 +175,7 @@ def run_stage(
         stage.run(ctx, getattr(config, stage.name))
         seconds = time.perf_counter() - start
         record = ctx.commit(fingerprint, parts, seconds)
-    outputs = {n: o.info for n, o in record.outputs.items() if o.info is not None}
+    outputs = record.artifact_infos()
     result = StageResult(name, "ran", fingerprint, outputs, seconds)
     log.info("%s: done in %.1f s, outputs: %s", name, seconds, ", ".join(stage.outputs) or "none")
     return result
