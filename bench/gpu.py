@@ -11,7 +11,9 @@
 2. ddp: the same step under torchrun on every GPU of the node (DistributedDataParallel, NCCL): images/s of the
    node and its scaling against N x one GPU (with one GPU: the DDP path itself, world size 1).
 3. jpeg: MIMIC-CXR-JPG-size JPEGs (3,000 x 2,500, upscaled from the repository's real radiographs) decoded by
-   torchvision.io.decode_jpeg on the GPU (batched) vs on one CPU core: images/s of each.
+   torchvision.io.decode_jpeg on the GPU (batched) vs on one CPU core: images/s of each; then the training data
+   path with `pretrain_ecamp.train.decode: device` (bytes read in the process, decode + crop + resize on the GPU):
+   its images/s and its largest pixel difference (in [0, 1] grey levels) from the worker path's CPU decoding.
 
 Prints one JSON line per part; copy them to bench/RESULTS.md ("gpu").
 """
@@ -239,7 +241,41 @@ def bench_jpeg(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.synchronize()
         gpu_rate = len(data) / (time.perf_counter() - t0)
         result |= {"gpu_images_per_s": round(gpu_rate, 1), "gpu_vs_cpu_core": round(gpu_rate / cpu_rate, 1)}
-    return result
+    return result | device_decode_path(args, data)
+
+
+def device_decode_path(args: argparse.Namespace, data: list[torch.Tensor]) -> dict[str, Any]:
+    """The pre-training data path with `decode: device` (PretrainDataset.to_device: decode, crop to 448, resize to
+    224 on the device) in images/s, and its largest pixel difference from the worker path (CPU libjpeg)."""
+    import tempfile
+
+    from models.ecamp.pretrain import PretrainCollator, PretrainConfig, PretrainDataset, PretrainRecord
+
+    device = torch.device("cpu" if args.smoke else "cuda")
+    model = model_config(args.smoke)
+    with tempfile.TemporaryDirectory() as folder:
+        recs = []
+        for i, d in enumerate(data):
+            path = Path(folder) / f"{i}.jpg"
+            path.write_bytes(d.numpy().tobytes())
+            recs.append(PretrainRecord(str(i), str(i), str(path), "t", None, (0.25, 0.25, 0.75, 0.75)))
+        collate = PretrainCollator(lambda texts, rng: {}, seed=0)
+        on_device = PretrainDataset(recs, model, PretrainConfig(decode="device"))
+        in_worker = PretrainDataset(recs, model, PretrainConfig(decode="worker"))
+        n = min(len(recs), 4)
+        first = on_device.to_device(
+            collate([on_device[(0, i)] for i in range(n)]), device
+        )  # also the warm-up
+        reference = in_worker.to_device(collate([in_worker[(0, i)] for i in range(n)]), torch.device("cpu"))
+        gap = float((first["imgs_hr"].cpu() - reference["imgs_hr"]).abs().max() * PretrainConfig().std)
+        sync(device)
+        t0 = time.perf_counter()
+        for start in range(0, len(recs), 32):
+            batch = collate([on_device[(1, i)] for i in range(start, min(start + 32, len(recs)))])
+            on_device.to_device(batch, device)
+        sync(device)
+        rate = len(recs) / (time.perf_counter() - t0)
+    return {"device_path_images_per_s": round(rate, 1), "device_vs_worker_max_abs_diff": round(gap, 4)}
 
 
 def main() -> None:

@@ -70,10 +70,16 @@ class Config(StageConfig):
     image_cache: ImageCacheConfig = Field(default_factory=ImageCacheConfig)
 
     @model_validator(mode="after")
-    def _text_fits(self) -> Config:
+    def _consistent(self) -> Config:
         if self.text.max_len > self.model.max_len:
             raise ValueError(
                 f"text.max_len {self.text.max_len} exceeds model.max_len {self.model.max_len} (position embeddings)"
+            )
+        if self.train.decode == "device" and self.image_cache.enabled:
+            raise ValueError(
+                "train.decode=device decodes the original JPEGs on the training device every epoch, and the image "
+                "cache replaces them with decoded arrays: choose one (set image_cache.enabled=false to decode on "
+                "the device)"
             )
         return self
 

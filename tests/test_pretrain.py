@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -22,14 +23,17 @@ from models.devices import DeviceError
 from models.ecamp.export import export_encoder, load_timm_encoder
 from models.ecamp.model import ECAMP, ECAMPConfig
 from models.ecamp.pretrain import (
+    PretrainCollator,
     PretrainConfig,
     PretrainDataset,
     PretrainRecord,
+    ResumableSampler,
     box_after_crop,
     centre_window,
     decode_gray,
     join_inputs,
     load_partial,
+    loader_options,
     lr_factor,
     main,
     make_schedule,
@@ -309,6 +313,104 @@ def test_torchrun_entry_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0 and "--job" in capsys.readouterr().out
+
+
+# ---- the loader: workers, persistence, pinning, prefetch, decoding on the device --------------------------------
+def test_loader_options_follow_the_config():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert loader_options(PretrainConfig(num_workers=0), cpu) == {"num_workers": 0, "pin_memory": False}
+    assert loader_options(PretrainConfig(num_workers=0), cuda) == {"num_workers": 0, "pin_memory": True}
+    assert loader_options(PretrainConfig(num_workers=3, pin_memory=False, prefetch_factor=4), cuda) == {
+        "num_workers": 3, "pin_memory": False, "persistent_workers": True, "prefetch_factor": 4,
+    }  # fmt: skip
+
+
+def test_persistent_workers_draw_each_epochs_augmentation(images, reports, tokenizer, tmp_path):
+    """A persistent worker keeps its own copy of the dataset, which `set_epoch` in the main process never reaches:
+    the epoch travels with each index from the sampler, so 3 epochs on 2 persistent workers = 3 epochs in-process."""
+    mcfg = model_cfg(tokenizer)
+    base = dict(epochs=3, batch_size=4, accum_iter=1, warmup_epochs=0, lr=1e-3, seed=5)
+    runs = {}
+    for name, workers in (("in_process", 0), ("persistent", 2)):
+        cfg = PretrainConfig(**base, num_workers=workers, persistent_workers=True)
+        ds = PretrainDataset(records(images, reports), mcfg, cfg)
+        runs[name] = train(mcfg, cfg, ds, collator(tokenizer), tmp_path / name, progress=False).metrics
+    assert len(runs["persistent"]) == len(runs["in_process"]) == 12
+    for a, b in zip(runs["in_process"], runs["persistent"], strict=True):
+        assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
+        for key in ("mim", "sr", "mlm", "total", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6, rel=0), (a["step"], key)
+    sampler = ResumableSampler(
+        PretrainDataset(records(images, reports), mcfg, PretrainConfig()), 1, 0, seed=5
+    )
+    sampler.set_epoch(2)
+    assert {epoch for epoch, _ in sampler} == {2} and sorted(i for _, i in sampler) == list(range(16))
+
+
+def jpeg_records(images, reports, folder: Path) -> list[PretrainRecord]:
+    folder.mkdir(exist_ok=True)
+    out = []
+    for rec in records(images, reports):
+        path = folder / f"{rec.image_id}.jpg"
+        PILImage.open(rec.path).save(path, quality=90)
+        out.append(dataclasses.replace(rec, path=str(path)))
+    return out
+
+
+def test_decoding_on_the_device_gives_the_worker_path_batches(images, reports, tokenizer, tmp_path):
+    """decode=device: the workers only read the JPEG's bytes and draw the crop; the device decodes and augments.
+    On CPU both decoders are libjpeg, so the batches are equal; on CUDA (nvJPEG) bench/gpu.py measures the gap."""
+    mcfg, recs = model_cfg(tokenizer), jpeg_records(images, reports, tmp_path / "jpeg")
+    batches = {}
+    for decode in ("worker", "device"):
+        cfg = PretrainConfig(mean=0.5, std=0.25, decode=decode)
+        ds = PretrainDataset(recs, mcfg, cfg)
+        samples = [ds[(1, i)] for i in (0, 3, 7)]
+        assert ("jpeg" in samples[0]) == (decode == "device")
+        batch = PretrainCollator(collator(tokenizer), seed=0)(samples)
+        batches[decode] = ds.to_device(batch, torch.device("cpu"))
+    worker, device = batches["worker"], batches["device"]
+    assert set(device) == set(worker) and device["imgs_hr"].shape == (3, 3, 64, 64)
+    assert device["imgs_lr"].shape == (3, 3, 32, 32)
+    for key in ("imgs_hr", "imgs_lr", "window", "input_ids"):
+        assert torch.allclose(device[key].float(), worker[key].float(), atol=1e-5), key
+    assert not torch.equal(worker["imgs_hr"][0], worker["imgs_hr"][1])  # really three different crops
+
+
+def test_training_with_device_decoding_equals_training_with_worker_decoding(
+    images, reports, tokenizer, tmp_path
+):
+    mcfg, recs = model_cfg(tokenizer), jpeg_records(images, reports, tmp_path / "jpeg")
+    base = dict(epochs=2, batch_size=4, accum_iter=1, warmup_epochs=0, lr=1e-3, seed=1, num_workers=0)
+    metrics = {}
+    for decode in ("worker", "device"):
+        cfg = PretrainConfig(**base, decode=decode)
+        ds = PretrainDataset(recs, mcfg, cfg)
+        metrics[decode] = train(mcfg, cfg, ds, collator(tokenizer), tmp_path / decode, progress=False).metrics
+    assert len(metrics["device"]) == 8
+    for a, b in zip(metrics["worker"], metrics["device"], strict=True):
+        assert a["total"] == pytest.approx(b["total"], abs=1e-5), a["step"]
+
+
+def test_device_decoding_refuses_what_it_cannot_decode(images, reports, tokenizer, tmp_path):
+    cfg = PretrainConfig(decode="device")
+    with pytest.raises(ValueError, match=r"decode=device decodes JPEG files only; image i0 is .*im0\.png"):
+        PretrainDataset(records(images, reports), model_cfg(tokenizer), cfg)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg at all")
+    ds = PretrainDataset(
+        [PretrainRecord("b", "s", str(broken), "x", None, (0, 0, 1, 1))], model_cfg(tokenizer), cfg
+    )
+    with pytest.raises(ValueError, match=r"broken\.jpg: not a readable JPEG"):
+        ds[0]
+    with pytest.raises(
+        ValueError, match=r"train.decode=device decodes the original JPEGs .*\(set image_cache\.enabled=false"
+    ):
+        load_config(None, ["pretrain_ecamp.train.decode=device"])
+    config = load_config(
+        None, ["pretrain_ecamp.train.decode=device", "pretrain_ecamp.image_cache.enabled=false"]
+    )
+    assert config.pretrain_ecamp.train.decode == "device"
 
 
 # ---- the stage -------------------------------------------------------------------------------------------------

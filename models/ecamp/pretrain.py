@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import logging
 import math
@@ -34,11 +35,12 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image as PILImage
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
@@ -52,6 +54,8 @@ LOG = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 LOG_EVERY_S = 30.0  # seconds between progress lines in the run log
 LOSSES = ("mim", "sr", "mlm", "total")
+LOADER_SETTINGS = ("num_workers", "pin_memory", "persistent_workers", "prefetch_factor", "decode")
+JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 
 class PretrainConfig(BaseModel):
@@ -80,7 +84,18 @@ class PretrainConfig(BaseModel):
     amp: Literal["bf16", "off"] = Field("bf16", description="bf16 autocast, on CUDA only")
     ckpt_every: int = Field(1000, ge=1, description="optimiser steps between checkpoints (and at the end)")
     seed: int | None = Field(None, description="None: the caller's seed (the stage uses run.seed), else 0")
-    num_workers: int = Field(8, ge=0)
+    # data loading: none of these changes a batch (every draw is seeded by seed, epoch and sample index)
+    num_workers: int = Field(8, ge=0, description="DataLoader worker processes decoding and augmenting")
+    pin_memory: bool | None = Field(None, description="page-locked batches (faster copies); None = on CUDA")
+    persistent_workers: bool = Field(
+        True, description="keep the workers across epochs (the sampler hands them the epoch with each index)"
+    )
+    prefetch_factor: int = Field(2, ge=1, description="batches each worker prepares ahead")
+    decode: Literal["worker", "device"] = Field(
+        "worker",
+        description="where images are decoded: in the workers (CPU), or JPEG bytes decoded and augmented on the "
+        "training device (torchvision decode_jpeg; nvJPEG on CUDA), for uncached JPEG corpora",
+    )
     init_checkpoint: str | None = Field(
         None,
         description="MAE ImageNet ViT-B weights to start from (official MAE .pth or timm safetensors; the official "
@@ -255,11 +270,22 @@ def box_after_crop(
 
 
 class PretrainDataset(Dataset):
-    """Decoded, augmented image pairs (high-res crop + its low-res version), texts and the SR window box."""
+    """Decoded, augmented image pairs (high-res crop + its low-res version), texts and the SR window box.
+
+    Indexed by (epoch, index), which the sampler yields, so that persistent workers (which keep their own copy of
+    the dataset) draw each epoch's augmentation; a bare index uses the epoch of `set_epoch`. With `decode:
+    device` a sample is the JPEG's bytes and the drawn crop; `to_device` decodes and augments the batch there."""
 
     def __init__(self, records: Sequence[PretrainRecord], model_cfg: ECAMPConfig, cfg: PretrainConfig):
         if not records:
             raise ValueError("PretrainDataset: no training records (check the split and the upstream tables)")
+        if cfg.decode == "device":
+            for rec in records:
+                if not rec.path.lower().endswith(JPEG_SUFFIXES):
+                    raise ValueError(
+                        f"pretrain_ecamp.train.decode=device decodes JPEG files only; image {rec.image_id} is "
+                        f"{rec.path} (use decode=worker, which reads every format and the image cache)"
+                    )
         self.records = list(records)
         self.model_cfg, self.cfg = model_cfg, cfg
         self.epoch = 0
@@ -270,71 +296,122 @@ class PretrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         rec = self.records[index]
+        seed = sample_seed(self.cfg.seed_value, epoch, index)
+        sample = {"index": index, "epoch": epoch, "text": (rec.text, rec.distilled)}
+        if self.cfg.decode == "device":
+            encoded = read_file(rec.path)
+            source = rec.source_size or jpeg_size(encoded, rec.path)
+            crop, flipped = self.draw(seed, source)
+            window = self.window_box(rec.window, source, crop, flipped)
+            return {**sample, "jpeg": encoded, "crop": torch.tensor([*crop, flipped, *source]),
+                    "window": torch.tensor(window, dtype=torch.long)}  # fmt: skip
         gray = decode_gray(rec.path)
-        hr, window = self.augment(
-            gray, rec.window, sample_seed(self.cfg.seed_value, self.epoch, index), rec.source_size
-        )
-        lr = F.interpolate(
-            hr[None], size=self.model_cfg.img_size, mode="bicubic", align_corners=False, antialias=True
-        )[0]
+        source = rec.source_size or tuple(gray.shape[-2:])
+        crop, flipped = self.draw(seed, source)
+        hr_img, lr_img = self.image_pair(gray, crop, flipped, source)
+        window = self.window_box(rec.window, source, crop, flipped)
         return {
-            "index": index,
-            "epoch": self.epoch,
-            "imgs_hr": self.normalize(hr),
-            "imgs_lr": self.normalize(lr),
+            **sample,
+            "imgs_hr": hr_img,
+            "imgs_lr": lr_img,
             "window": torch.tensor(window, dtype=torch.long),
-            "text": (rec.text, rec.distilled),
         }
 
-    def augment(
-        self,
-        gray: torch.Tensor,
-        window: tuple[float, float, float, float],
-        seed: int,
-        source_size: tuple[int, int] | None = None,
-    ) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-        """RandomResizedCrop(hr, scale) + horizontal flip, drawn from `seed` only; the window follows (or not).
+    def draw(self, seed: int, source: tuple[int, int]) -> tuple[tuple[int, int, int, int], bool]:
+        """RandomResizedCrop(scale, ratio) on an image of size `source` and a horizontal flip, from `seed` only.
 
-        On a cached copy (`source_size` = the original's size) the crop is drawn on the original's size and
-        scaled to the copy, so a sample is the same region whether the image comes from the cache or not."""
-        size, cfg = self.model_cfg.hr_size, self.cfg
-        source = source_size or tuple(gray.shape[-2:])
+        Drawn on the original's size even for a smaller cached copy (`PretrainRecord.source_size`), so a sample is
+        the same region whether the image comes from the cache or not."""
+        cfg = self.cfg
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            shape_only = gray.new_empty(1, 1, 1).expand(1, *source)  # get_params reads the shape only
+            shape_only = torch.empty(1, 1, 1).expand(1, *source)  # get_params reads the shape only
             crop = RandomResizedCrop.get_params(shape_only, list(cfg.crop_scale), list(cfg.crop_ratio))
             flipped = cfg.hflip and bool(torch.rand(()) < 0.5)
-        hr = TF.resized_crop(
-            gray, *scaled_crop(crop, source, tuple(gray.shape[-2:])), size=[size, size],
+        return tuple(crop), flipped  # type: ignore[return-value]
+
+    def image_pair(
+        self, gray: torch.Tensor, crop: tuple[int, int, int, int], flipped: bool, source: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalised high-res crop and its low-res version, on whatever device `gray` [1, H, W] is."""
+        hr, size = self.model_cfg.hr_size, self.model_cfg.img_size
+        high = TF.resized_crop(
+            gray, *scaled_crop(crop, source, tuple(gray.shape[-2:])), size=[hr, hr],
             interpolation=InterpolationMode.BICUBIC, antialias=True,
         )  # fmt: skip
         if flipped:
-            hr = TF.horizontal_flip(hr)
-        if cfg.sr_window_follows_augmentation:
-            box = box_after_crop(window, source, crop, flipped, size)
-        else:  # official: the window stays where the attention map put it on the un-augmented image
-            box = tuple(round(v * size) for v in window)
-        return hr, box  # type: ignore[return-value]
+            high = TF.horizontal_flip(high)
+        low = F.interpolate(high[None], size=size, mode="bicubic", align_corners=False, antialias=True)[0]
+        return self.normalize(high), self.normalize(low)
+
+    def window_box(
+        self,
+        window: tuple[float, float, float, float],
+        source: tuple[int, int],
+        crop: tuple[int, int, int, int],
+        flipped: bool,
+    ) -> tuple[int, int, int, int]:
+        """The SR window in pixels of the high-res crop: it follows the crop and flip (or, officially, does not)."""
+        size = self.model_cfg.hr_size
+        if self.cfg.sr_window_follows_augmentation:
+            return box_after_crop(window, source, crop, flipped, size)
+        # official: the window stays where the attention map put it on the un-augmented image
+        return tuple(round(v * size) for v in window)  # type: ignore[return-value]
 
     def normalize(self, gray: torch.Tensor) -> torch.Tensor:
         return ((gray - self.cfg.mean) / self.cfg.std).expand(self.model_cfg.in_chans, -1, -1).contiguous()
+
+    def to_device(self, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+        """The batch on `device`; JPEG bytes (decode: device) decoded there in one call, then cropped and resized."""
+        jpegs, crops = batch.pop("jpeg", None), batch.pop("crop", None)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        if jpegs is None:
+            return batch
+        decoded = decode_jpeg(jpegs, mode=ImageReadMode.GRAY, device=device)
+        pairs = []
+        for gray, params in zip(decoded, crops.tolist(), strict=True):
+            top, left, height, width, flipped, src_h, src_w = params
+            pairs.append(
+                self.image_pair(
+                    gray.float() / 255.0, (top, left, height, width), bool(flipped), (src_h, src_w)
+                )
+            )
+        batch["imgs_hr"] = torch.stack([p[0] for p in pairs])
+        batch["imgs_lr"] = torch.stack([p[1] for p in pairs])
+        return batch
+
+
+def jpeg_size(encoded: torch.Tensor, path: str) -> tuple[int, int]:
+    """(H, W) from a JPEG's header, without decoding it."""
+    try:
+        with PILImage.open(io.BytesIO(encoded.numpy().tobytes())) as image:
+            width, height = image.size
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable JPEG ({err})") from err
+    return height, width
 
 
 TextCollate = Callable[[Sequence[tuple[str, str | None]], np.random.Generator], dict[str, torch.Tensor]]
 
 
 class PretrainCollator:
-    """Stacks images and builds the MLM batch with a generator seeded by (seed, epoch, sample indices)."""
+    """Stacks images and builds the MLM batch with a generator seeded by (seed, epoch, sample indices); JPEG bytes
+    (decode: device) stay a list, decoded on the device by `PretrainDataset.to_device`."""
 
     def __init__(self, text_collate: TextCollate, seed: int):
         self.text_collate, self.seed = text_collate, seed
 
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         indices = [s["index"] for s in samples]
         rng = np.random.default_rng([self.seed, samples[0]["epoch"], *indices])
-        batch = {k: torch.stack([s[k] for s in samples]) for k in ("imgs_lr", "imgs_hr", "window")}
+        encoded = "jpeg" in samples[0]
+        stacked = ("crop", "window") if encoded else ("imgs_lr", "imgs_hr", "window")
+        batch: dict[str, Any] = {k: torch.stack([s[k] for s in samples]) for k in stacked}
+        if encoded:
+            batch["jpeg"] = [s["jpeg"] for s in samples]
         batch.update(self.text_collate([s["text"] for s in samples], rng))
         return batch
 
@@ -348,9 +425,10 @@ class ResumableSampler(DistributedSampler):
         )
         self.start = 0
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        """(epoch, index) pairs: the epoch travels with the index to the (possibly persistent) workers."""
         indices = list(super().__iter__())
-        return iter(indices[self.start :])
+        return iter([(self.epoch, i) for i in indices[self.start :]])
 
     def __len__(self) -> int:
         return self.num_samples - self.start
@@ -532,7 +610,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def fingerprint(model_cfg: ECAMPConfig, cfg: PretrainConfig, data_hash: str) -> dict[str, Any]:
     """What must not change for a checkpoint to be resumable (not the checkpoint cadence or worker count)."""
-    keep = cfg.model_dump(exclude={"ckpt_every", "num_workers"})
+    keep = cfg.model_dump(exclude={"ckpt_every", *LOADER_SETTINGS})
     return {"model": model_cfg.model_dump(), "train": keep, "data": data_hash}
 
 
@@ -583,6 +661,17 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------------------------------
+def loader_options(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
+    """DataLoader keyword arguments from the config (workers, pinning, persistence, prefetch)."""
+    options: dict[str, Any] = {
+        "num_workers": cfg.num_workers,
+        "pin_memory": device.type == "cuda" if cfg.pin_memory is None else cfg.pin_memory,
+    }
+    if cfg.num_workers > 0:  # torch refuses both without workers
+        options.update(persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor)
+    return options
+
+
 def train(
     model_cfg: ECAMPConfig,
     cfg: PretrainConfig,
@@ -651,11 +740,10 @@ def train(
         dataset,
         batch_size=cfg.batch_size,
         sampler=sampler,
-        num_workers=cfg.num_workers,
         collate_fn=PretrainCollator(text_collate, seed),
         drop_last=True,
-        pin_memory=info.device.type == "cuda",
         generator=torch.Generator().manual_seed(seed),  # keeps iterator creation off the global RNG
+        **loader_options(cfg, info.device),
     )
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
@@ -694,7 +782,7 @@ def train(
         sampler.start = state.batch_in_epoch * cfg.batch_size
         sums, t0 = torch.zeros(len(LOSSES), device=info.device), time.perf_counter()
         for batch in loader:
-            batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
+            batch = dataset.to_device(batch, info.device)
             last_micro = (state.batch_in_epoch + 1) % cfg.accum_iter == 0
             sync = ddp.no_sync() if (info.world > 1 and not last_micro) else nullcontext()
             with sync:
