@@ -1,0 +1,224 @@
+"""Experiment (issue 10): why ECAMP does not beat random init at 10 % segmentation on the demo, by variants of the
+segmentation protocol on demo-seg: random / mim_only / ecamp x fractions 1, 10 x seeds 0, 1, 2.
+
+    .venv/bin/python bench/segmentation_variants.py --run-dir runs/demo baseline epochs43 block0 ...
+
+`--run-dir` is a finished `make demo` run (its two encoders); `--data` the downstream corpus (default
+demo_data/downstream). Results: bench/RESULTS.md "evaluate".
+
+Reuses the evaluate stage's own pieces (load_config -> ProtocolConfig, load_splits, decode_split, FeatureCache,
+run_job -> run_one -> train_segmentation -> fit) so the baseline reproduces the stage. Each variant changes one
+thing against the baseline:
+
+  baseline   the stage as configured (tokens = last block output; downstream_vit's final norm is Identity)
+  long       segmentation fit epochs 10, min_steps 300
+  lowlr      segmentation fit lr 5e-4
+  block0     tokens = output of blocks[0] (residual stream, no norm) instead of blocks[1]'s
+  avg01      tokens = mean of blocks[0] and blocks[1] outputs
+  cat01      tokens = concat of blocks[0] and blocks[1] outputs (D = 128: the head's Linear is 128x128)
+  noproj     SegHead without its first Linear (tokens go straight to the first conv)
+  lastnorm   tokens = last block output through the checkpoint's pre-trained final LayerNorm (random: a fresh LN)
+
+Rows go to <out>/runs_<variant>.jsonl (appended as they finish) and a summary line per variant to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import models.evaluate.segment as segment
+from models.evaluate.classify import Normalization, normalize
+from models.evaluate.datasets import DatasetSpec, load_splits
+from models.evaluate.encoders import export_arch, read_state
+from models.evaluate.pixels import decode_split
+from models.evaluate.protocol import FeatureCache, Init, Job, run_job
+from tasks.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+FRACTIONS, SEEDS = (1, 10), (0, 1, 2)
+
+
+# ---------------------------------------------------------------- feature extraction variants
+def block_tokens(model, images: torch.Tensor, norm: Normalization, mode: str, init: Init, batch: int = 128):
+    """Patch tokens of the frozen model, taken per `mode` (mirrors timm's forward_features step by step)."""
+    model.eval()
+    final_ln = None
+    if mode == "lastnorm":
+        final_ln = nn.LayerNorm(model.embed_dim, eps=1e-6)
+        if init.path is not None:
+            state = read_state(init.path)
+            final_ln.load_state_dict({"weight": state["norm.weight"], "bias": state["norm.bias"]})
+    kept = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch):
+            x = normalize(images[i : i + batch], norm.mean, norm.std)
+            x = model.patch_embed(x)
+            x = model._pos_embed(x)
+            x = model.patch_drop(x)
+            x = model.norm_pre(x)
+            outs = []
+            for blk in model.blocks:
+                x = blk(x)
+                outs.append(x)
+            x = model.norm(x)  # Identity for downstream_vit (avg pool + fc_norm)
+            p = model.num_prefix_tokens
+            if mode == "last":
+                t = x
+            elif mode == "block0":
+                t = outs[0]
+            elif mode == "avg01":
+                t = (outs[0] + outs[1]) / 2
+            elif mode == "cat01":
+                t = torch.cat([outs[0], outs[1]], dim=-1)
+            elif mode == "lastnorm":
+                t = final_ln(outs[-1])
+            else:
+                raise ValueError(mode)
+            kept.append(t[:, p:].clone())
+    return torch.cat(kept)
+
+
+class ModeCache(FeatureCache):
+    """The stage's FeatureCache, with the token extraction swapped per `mode` ('stage' = untouched)."""
+
+    def __init__(self, arch, norm, mode: str):
+        super().__init__(arch, norm)
+        self.mode = mode
+
+    def _features(self, init, seed, pixels, tokens):
+        if self.mode == "stage" or not tokens:
+            return super()._features(init, seed, pixels, tokens)
+        key = (init.name, seed if init.path is None else 0, pixels.key, tokens)
+        if key not in self.store:
+            model = self.encoder(init, seed)
+            self.store[key] = (None, block_tokens(model, pixels.images, self.norm, self.mode, init))
+        return self.store[key]
+
+
+class NoProjHead(segment.SegHead):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.proj = nn.Identity()
+
+
+VARIANTS = {
+    # name: (feature mode, fit overrides, head class)
+    "baseline": ("stage", {}, None),
+    "long": ("stage", {"epochs": 10, "min_steps": 300}, None),
+    "lowlr": ("stage", {"lr": 5e-4}, None),
+    "epochs43": (
+        "stage",
+        {"epochs": 43},
+        None,
+    ),  # = long at 10 % (301 steps), = baseline at 1 % (min_steps 100)
+    "block0": ("block0", {}, None),
+    "avg01": ("avg01", {}, None),
+    "cat01": ("cat01", {}, None),
+    "noproj": ("stage", {}, NoProjHead),
+    "lastnorm": ("lastnorm", {}, None),
+    "last_check": ("last", {}, None),  # sanity: my extraction == the stage's
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("variants", nargs="*", default=["baseline"], choices=sorted(VARIANTS))
+    parser.add_argument("--run-dir", type=Path, required=True, help="a finished demo run (its encoders)")
+    parser.add_argument("--data", type=Path, default=ROOT / "demo_data" / "downstream")
+    parser.add_argument("--out", type=Path, default=Path("segmentation_variants"))
+    args = parser.parse_args()
+    enc = {
+        "mim_only": args.run_dir / "pretrain_ecamp__mim_only" / "encoder.safetensors",
+        "ecamp": args.run_dir / "pretrain_ecamp" / "encoder.safetensors",
+    }
+    run(args.variants, enc, args.data, args.out)
+
+
+def run(names: list[str], enc: dict[str, Path], data: Path, out: Path) -> None:
+    torch.set_num_threads(2)
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    ev = cfg.evaluate
+    arch = export_arch(enc["ecamp"])
+    tr = cfg.pretrain_ecamp.train
+    norm = Normalization(mean=tr.mean, std=tr.std)
+    spec = DatasetSpec(name="demo-seg", kind="synth", task="segmentation", path=data)
+    t0 = time.time()
+    splits = load_splits(spec)
+    pixels = {
+        s: decode_split(getattr(splits, s), arch["img_size"], splits.task, 2)
+        for s in ("train", "val", "test")
+    }
+    job = Job(splits, pixels, ("segmentation",), FRACTIONS, SEEDS)
+    print(
+        f"data: train {len(splits.train)} val {len(splits.val)} test {len(splits.test)} "
+        f"subsets { {f: len(splits.fractions[f]) for f in FRACTIONS} } ({time.time() - t0:.0f}s)",
+        flush=True,
+    )
+    inits = [Init("random", None), Init("mim_only", enc["mim_only"]), Init("ecamp", enc["ecamp"])]
+    reports = {i.name: type("R", (), {"content_hash": i.name})() for i in inits}
+    out.mkdir(exist_ok=True)
+    caches: dict[str, ModeCache] = {}
+    orig_head = segment.SegHead
+    for name in names:
+        mode, fit_over, head_cls = VARIANTS[name]
+        seg = ev.protocol.segmentation
+        pcfg = ev.protocol.model_copy(
+            update={"segmentation": seg.model_copy(update={"fit": seg.fit.model_copy(update=fit_over)})}
+        )
+        cache = caches.setdefault(mode, ModeCache(arch, norm, mode))
+        segment.SegHead = head_cls or orig_head
+        t1 = time.time()
+        rows = []
+        path = out / f"runs_{name}.jsonl"
+        path.write_text("")
+        for row in run_job(
+            job, inits, reports, arch, norm, pcfg, lambda m: print("  " + m, flush=True), cache
+        ):
+            row["variant"] = name
+            rows.append(row)
+            with path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        segment.SegHead = orig_head
+        wall = time.time() - t1
+        print(
+            f"== {name}: fit {pcfg.segmentation.fit.model_dump(include={'lr', 'epochs', 'min_steps'})} "
+            f"mode {mode} head {(head_cls or orig_head).__name__}: {wall:.0f}s",
+            flush=True,
+        )
+        summarize(rows, name, wall, out)
+
+
+def summarize(rows, name, wall, out: Path) -> None:
+    out = {"variant": name, "wall_s": round(wall)}
+    for frac in FRACTIONS:
+        stats = {}
+        for init in ("random", "mim_only", "ecamp"):
+            v = np.array([r["value"] for r in rows if r["fraction"] == frac and r["init"] == init]) * 100
+            stats[init] = (v.mean(), v.std())
+            out[f"{init}@{frac}"] = f"{v.mean():.1f}±{v.std():.1f}"
+        d = stats["ecamp"][0] - stats["random"][0]
+        spread = max(stats["ecamp"][1], stats["random"][1])
+        out[f"E-R@{frac}"] = (
+            f"{d:+.1f} (spread {spread:.1f}, comb {np.hypot(stats['ecamp'][1], stats['random'][1]):.1f})"
+        )
+        out[f"best@{frac}"] = [
+            f"{r['init'][0]}{r['seed']}:{r['best_epoch']}/{r['epochs_run']}"
+            for r in rows
+            if r["fraction"] == frac
+        ]
+    print("SUMMARY " + json.dumps(out), flush=True)
+    with (out / "summary.jsonl").open("a") as f:
+        f.write(json.dumps(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()
