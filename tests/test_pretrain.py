@@ -321,7 +321,7 @@ def test_loader_options_follow_the_config():
     assert loader_options(PretrainConfig(num_workers=0), cpu) == {"num_workers": 0, "pin_memory": False}
     assert loader_options(PretrainConfig(num_workers=0), cuda) == {"num_workers": 0, "pin_memory": True}
     assert loader_options(PretrainConfig(num_workers=3, pin_memory=False, prefetch_factor=4), cuda) == {
-        "num_workers": 3, "pin_memory": False, "persistent_workers": True, "prefetch_factor": 4,
+        "num_workers": 3, "pin_memory": False, "persistent_workers": True, "prefetch_factor": 4, "timeout": 600,
     }  # fmt: skip
 
 
@@ -380,11 +380,13 @@ def test_decoding_on_the_device_gives_the_worker_path_batches(images, reports, t
 def test_training_with_device_decoding_equals_training_with_worker_decoding(
     images, reports, tokenizer, tmp_path
 ):
+    """The device path through 2 persistent workers (its bytes cross processes: one tensor per batch, since a
+    tensor per image exhausted the shared-memory handles and hung the loader) against the worker path in-process."""
     mcfg, recs = model_cfg(tokenizer), jpeg_records(images, reports, tmp_path / "jpeg")
-    base = dict(epochs=2, batch_size=4, accum_iter=1, warmup_epochs=0, lr=1e-3, seed=1, num_workers=0)
+    base = dict(epochs=2, batch_size=4, accum_iter=1, warmup_epochs=0, lr=1e-3, seed=1)
     metrics = {}
-    for decode in ("worker", "device"):
-        cfg = PretrainConfig(**base, decode=decode)
+    for decode, workers in (("worker", 0), ("device", 2)):
+        cfg = PretrainConfig(**base, decode=decode, num_workers=workers, worker_timeout_s=60)
         ds = PretrainDataset(recs, mcfg, cfg)
         metrics[decode] = train(mcfg, cfg, ds, collator(tokenizer), tmp_path / decode, progress=False).metrics
     assert len(metrics["device"]) == 8

@@ -54,7 +54,14 @@ LOG = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 LOG_EVERY_S = 30.0  # seconds between progress lines in the run log
 LOSSES = ("mim", "sr", "mlm", "total")
-LOADER_SETTINGS = ("num_workers", "pin_memory", "persistent_workers", "prefetch_factor", "decode")
+LOADER_SETTINGS = (
+    "num_workers",
+    "pin_memory",
+    "persistent_workers",
+    "prefetch_factor",
+    "worker_timeout_s",
+    "decode",
+)
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 
@@ -91,6 +98,9 @@ class PretrainConfig(BaseModel):
         True, description="keep the workers across epochs (the sampler hands them the epoch with each index)"
     )
     prefetch_factor: int = Field(2, ge=1, description="batches each worker prepares ahead")
+    worker_timeout_s: float = Field(
+        600, gt=0, description="a batch the workers take longer for is an error, not a silent hang"
+    )
     decode: Literal["worker", "device"] = Field(
         "worker",
         description="where images are decoded: in the workers (CPU), or JPEG bytes decoded and augmented on the "
@@ -366,11 +376,11 @@ class PretrainDataset(Dataset):
 
     def to_device(self, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
         """The batch on `device`; JPEG bytes (decode: device) decoded there in one call, then cropped and resized."""
-        jpegs, crops = batch.pop("jpeg", None), batch.pop("crop", None)
+        jpegs, sizes, crops = batch.pop("jpeg", None), batch.pop("jpeg_sizes", None), batch.pop("crop", None)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         if jpegs is None:
             return batch
-        decoded = decode_jpeg(jpegs, mode=ImageReadMode.GRAY, device=device)
+        decoded = decode_jpeg(list(jpegs.split(sizes.tolist())), mode=ImageReadMode.GRAY, device=device)
         pairs = []
         for gray, params in zip(decoded, crops.tolist(), strict=True):
             top, left, height, width, flipped, src_h, src_w = params
@@ -399,7 +409,7 @@ TextCollate = Callable[[Sequence[tuple[str, str | None]], np.random.Generator], 
 
 class PretrainCollator:
     """Stacks images and builds the MLM batch with a generator seeded by (seed, epoch, sample indices); JPEG bytes
-    (decode: device) stay a list, decoded on the device by `PretrainDataset.to_device`."""
+    (decode: device) are concatenated with their sizes, decoded on the device by `PretrainDataset.to_device`."""
 
     def __init__(self, text_collate: TextCollate, seed: int):
         self.text_collate, self.seed = text_collate, seed
@@ -410,8 +420,9 @@ class PretrainCollator:
         encoded = "jpeg" in samples[0]
         stacked = ("crop", "window") if encoded else ("imgs_lr", "imgs_hr", "window")
         batch: dict[str, Any] = {k: torch.stack([s[k] for s in samples]) for k in stacked}
-        if encoded:
-            batch["jpeg"] = [s["jpeg"] for s in samples]
+        if encoded:  # one tensor, not one per image: each tensor a worker sends costs a shared-memory handle
+            batch["jpeg"] = torch.cat([s["jpeg"] for s in samples])
+            batch["jpeg_sizes"] = torch.tensor([len(s["jpeg"]) for s in samples])
         batch.update(self.text_collate([s["text"] for s in samples], rng))
         return batch
 
@@ -662,13 +673,17 @@ class TrainResult:
 # the loop
 # --------------------------------------------------------------------------------------------------------------
 def loader_options(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
-    """DataLoader keyword arguments from the config (workers, pinning, persistence, prefetch)."""
+    """DataLoader keyword arguments from the config (workers, pinning, persistence, prefetch, timeout)."""
     options: dict[str, Any] = {
         "num_workers": cfg.num_workers,
         "pin_memory": device.type == "cuda" if cfg.pin_memory is None else cfg.pin_memory,
     }
     if cfg.num_workers > 0:  # torch refuses both without workers
-        options.update(persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor)
+        options.update(
+            persistent_workers=cfg.persistent_workers,
+            prefetch_factor=cfg.prefetch_factor,
+            timeout=cfg.worker_timeout_s,
+        )
     return options
 
 
