@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gpu import mimic_size_jpegs  # noqa: E402
+from gpu import mimic_size_jpegs, write_jpegs  # noqa: E402
 
 from models.ecamp.image_cache import build_image_cache, source_size  # noqa: E402
 from models.ecamp.model import ECAMPConfig  # noqa: E402
@@ -38,8 +38,7 @@ def samples_per_cpu_second(dataset: PretrainDataset, epochs: int) -> tuple[float
     out = []
     start = time.process_time()
     for epoch in range(epochs):
-        dataset.set_epoch(epoch)
-        out += [dataset[i]["imgs_hr"] for i in range(len(dataset))]
+        out += [dataset[(epoch, i)]["imgs_hr"] for i in range(len(dataset))]
     return len(out) / (time.process_time() - start), out
 
 
@@ -54,11 +53,7 @@ def main() -> None:
     torch.set_num_threads(1)
     model, train = ECAMPConfig(), PretrainConfig()  # the paper's sizes: 224 input, 448 SR
     with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for i, data in enumerate(mimic_size_jpegs(args.images)):
-            path = Path(tmp) / f"{i}.jpg"
-            path.write_bytes(data)
-            paths.append(str(path))
+        paths = write_jpegs(Path(tmp), mimic_size_jpegs(args.images))
         plain = PretrainDataset([PretrainRecord(str(i), str(i), p, "t", None, WINDOW) for i, p in enumerate(paths)],
                                 model, train)  # fmt: skip
         before, reference = samples_per_cpu_second(plain, args.epochs)

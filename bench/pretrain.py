@@ -110,8 +110,7 @@ def bench_data(n: int) -> dict:
     ds = PretrainDataset(recs, ECAMPConfig(), PretrainConfig())
     t0 = time.perf_counter()
     for i in range(n):
-        ds.set_epoch(i // len(recs))
-        ds[i % len(recs)]
+        ds[(i // len(recs), i % len(recs))]
     dt = time.perf_counter() - t0
     return {"size": "data_pipeline_448", "samples": n, "samples_per_s": round(n / dt, 1), "images": paths}
 

@@ -173,8 +173,7 @@ def test_window_tracks_the_attended_region_through_crop_and_flip(tmp_path, follo
     ds = PretrainDataset([rec], ECAMPConfig(**{**MODEL, "vocab_size": 50}), cfg)
     inside_means = []
     for epoch in range(12):
-        ds.set_epoch(epoch)
-        s = ds[0]
+        s = ds[(epoch, 0)]
         top, left, bottom, right = s["window"].tolist()
         if bottom - top >= 4 and right - left >= 4:
             inside_means.append(float(s["imgs_hr"][0, top + 1 : bottom - 1, left + 1 : right - 1].mean()))
@@ -220,12 +219,11 @@ def test_join_inputs_rejects_and_fallbacks():
 def test_dataset_samples_are_a_function_of_epoch_and_index(images, reports, tokenizer):
     cfg = PretrainConfig(mean=0.5, std=0.25)
     ds = PretrainDataset(records(images, reports), model_cfg(tokenizer), cfg)
-    a, b = ds[3], ds[3]
+    a, b = ds[(0, 3)], ds[(0, 3)]
     assert a["imgs_hr"].shape == (3, 64, 64) and a["imgs_lr"].shape == (3, 32, 32)
     assert torch.equal(a["imgs_hr"], b["imgs_hr"]) and torch.equal(a["window"], b["window"])
     assert torch.equal(a["imgs_hr"][0], a["imgs_hr"][2])  # grey replicated to 3 channels
-    ds.set_epoch(1)
-    assert not torch.equal(ds[3]["imgs_hr"], a["imgs_hr"])
+    assert not torch.equal(ds[(1, 3)]["imgs_hr"], a["imgs_hr"])
     assert a["text"] == (reports[3], DISTILLED)
     with pytest.raises(ValueError, match="no training records"):
         PretrainDataset([], model_cfg(tokenizer), cfg)
@@ -326,7 +324,7 @@ def test_loader_options_follow_the_config():
 
 
 def test_persistent_workers_draw_each_epochs_augmentation(images, reports, tokenizer, tmp_path):
-    """A persistent worker keeps its own copy of the dataset, which `set_epoch` in the main process never reaches:
+    """A persistent worker keeps its own copy of the dataset, which an epoch set in the main process never reaches:
     the epoch travels with each index from the sampler, so 3 epochs on 2 persistent workers = 3 epochs in-process."""
     mcfg = model_cfg(tokenizer)
     base = dict(epochs=3, batch_size=4, accum_iter=1, warmup_epochs=0, lr=1e-3, seed=5)
@@ -404,7 +402,7 @@ def test_device_decoding_refuses_what_it_cannot_decode(images, reports, tokenize
         [PretrainRecord("b", "s", str(broken), "x", None, (0, 0, 1, 1))], model_cfg(tokenizer), cfg
     )
     with pytest.raises(ValueError, match=r"broken\.jpg: not a readable JPEG"):
-        ds[0]
+        ds[(0, 0)]
     with pytest.raises(
         ValueError, match=r"train.decode=device decodes the original JPEGs .*\(set image_cache\.enabled=false"
     ):

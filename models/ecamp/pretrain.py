@@ -282,9 +282,9 @@ def box_after_crop(
 class PretrainDataset(Dataset):
     """Decoded, augmented image pairs (high-res crop + its low-res version), texts and the SR window box.
 
-    Indexed by (epoch, index), which the sampler yields, so that persistent workers (which keep their own copy of
-    the dataset) draw each epoch's augmentation; a bare index uses the epoch of `set_epoch`. With `decode:
-    device` a sample is the JPEG's bytes and the drawn crop; `to_device` decodes and augments the batch there."""
+    Indexed by (epoch, index), as the sampler yields them: the epoch travels with the index, so persistent workers
+    (which keep their own copy of the dataset) draw each epoch's augmentation. With `decode: device` a sample is the
+    JPEG's bytes and the drawn crop; `to_device` decodes and augments the batch there."""
 
     def __init__(self, records: Sequence[PretrainRecord], model_cfg: ECAMPConfig, cfg: PretrainConfig):
         if not records:
@@ -298,37 +298,30 @@ class PretrainDataset(Dataset):
                     )
         self.records = list(records)
         self.model_cfg, self.cfg = model_cfg, cfg
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
         rec = self.records[index]
-        seed = sample_seed(self.cfg.seed_value, epoch, index)
-        sample = {"index": index, "epoch": epoch, "text": (rec.text, rec.distilled)}
         if self.cfg.decode == "device":
             encoded = read_file(rec.path)
             source = rec.source_size or jpeg_size(encoded, rec.path)
-            crop, flipped = self.draw(seed, source)
-            window = self.window_box(rec.window, source, crop, flipped)
-            return {**sample, "jpeg": encoded, "crop": torch.tensor([*crop, flipped, *source]),
-                    "window": torch.tensor(window, dtype=torch.long)}  # fmt: skip
-        gray = decode_gray(rec.path)
-        source = rec.source_size or tuple(gray.shape[-2:])
-        crop, flipped = self.draw(seed, source)
-        hr_img, lr_img = self.image_pair(gray, crop, flipped, source)
-        window = self.window_box(rec.window, source, crop, flipped)
-        return {
-            **sample,
-            "imgs_hr": hr_img,
-            "imgs_lr": lr_img,
-            "window": torch.tensor(window, dtype=torch.long),
+        else:
+            gray = decode_gray(rec.path)
+            source = rec.source_size or tuple(gray.shape[-2:])
+        crop, flipped = self.draw(sample_seed(self.cfg.seed_value, epoch, index), source)
+        sample = {
+            "index": index,
+            "epoch": epoch,
+            "text": (rec.text, rec.distilled),
+            "window": torch.tensor(self.window_box(rec.window, source, crop, flipped), dtype=torch.long),
         }
+        if self.cfg.decode == "device":
+            return {**sample, "jpeg": encoded, "crop": torch.tensor([*crop, flipped, *source])}
+        high, low = self.image_pair(gray, crop, flipped, source)
+        return {**sample, "imgs_hr": high, "imgs_lr": low}
 
     def draw(self, seed: int, source: tuple[int, int]) -> tuple[tuple[int, int, int, int], bool]:
         """RandomResizedCrop(scale, ratio) on an image of size `source` and a horizontal flip, from `seed` only.
@@ -792,7 +785,6 @@ def train(
     micro_per_epoch = schedule.steps_per_epoch * cfg.accum_iter
     last_line = time.monotonic()
     while state.step < schedule.total_steps:
-        dataset.set_epoch(state.epoch)
         sampler.set_epoch(state.epoch)
         sampler.start = state.batch_in_epoch * cfg.batch_size
         sums, t0 = torch.zeros(len(LOSSES), device=info.device), time.perf_counter()
