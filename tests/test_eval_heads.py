@@ -19,6 +19,7 @@ from models.evaluate.classify import (
 )
 from models.evaluate.encoders import CheckpointError, downstream_vit, export_arch, load_init
 from models.evaluate.fit import FitConfig
+from models.evaluate.pixels import normalize
 from models.evaluate.segment import SegConfig, SegHead, train_segmentation
 from models.resources import CONFIG_DIR
 
@@ -187,3 +188,12 @@ def test_the_mim_only_model_has_no_text_side_and_its_loss_is_the_mim_loss():
                    ids, torch.ones(n, 16), torch.tensor([[0, 0, 64, 64]] * n))  # fmt: skip
     assert float(losses["mlm"]) == 0.0 and float(losses["sr"]) == 0.0
     assert torch.equal(losses["total"], losses["mim"]) and float(losses["mim"]) > 0
+
+
+def test_normalize_gives_the_pre_training_statistics_and_leaves_its_input_alone():
+    pixels = torch.tensor([[[0, 255], [51, 102]]], dtype=torch.uint8)
+    x = normalize(pixels, mean=0.2, std=0.5)
+    assert x.shape == (1, 3, 2, 2) and torch.equal(x[0, 0], x[0, 2])
+    assert torch.allclose(x[0, 0], torch.tensor([[-0.4, 1.6], [0.0, 0.4]]), atol=1e-6)
+    as_float = pixels.float()  # a float input used to be divided in place under its caller
+    assert torch.allclose(normalize(as_float, mean=0.2, std=0.5), x) and torch.equal(as_float, pixels.float())

@@ -78,5 +78,5 @@ def decode_split(samples: Sequence[Sample], size: int, task: str, workers: int =
 
 def normalize(images: torch.Tensor, mean: float, std: float, channels: int = 3) -> torch.Tensor:
     """uint8 [B, S, S] -> float [B, C, S, S] with the pre-training's grey-level statistics."""
-    x = images.float().div_(255.0).sub_(mean).div_(std)
+    x = (images.float() / 255.0 - mean) / std  # out of place: a float input is not changed under its caller
     return x.unsqueeze(1).expand(-1, channels, -1, -1).contiguous()
