@@ -221,10 +221,21 @@ def mimic_size_jpegs(n: int) -> list[bytes]:
     return out
 
 
+def write_jpegs(folder: Path, jpegs: list[bytes]) -> list[str]:
+    """The JPEGs as files `folder`/0.jpg, 1.jpg, ... (the training data path reads files); their paths."""
+    paths = []
+    for i, data in enumerate(jpegs):
+        path = folder / f"{i}.jpg"
+        path.write_bytes(data)
+        paths.append(str(path))
+    return paths
+
+
 def bench_jpeg(args: argparse.Namespace) -> dict[str, Any]:
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in mimic_size_jpegs(args.jpegs)]
+    jpegs = mimic_size_jpegs(args.jpegs)
+    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     for d in data:
@@ -241,10 +252,10 @@ def bench_jpeg(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.synchronize()
         gpu_rate = len(data) / (time.perf_counter() - t0)
         result |= {"gpu_images_per_s": round(gpu_rate, 1), "gpu_vs_cpu_core": round(gpu_rate / cpu_rate, 1)}
-    return result | device_decode_path(args, data)
+    return result | device_decode_path(args, jpegs)
 
 
-def device_decode_path(args: argparse.Namespace, data: list[torch.Tensor]) -> dict[str, Any]:
+def device_decode_path(args: argparse.Namespace, jpegs: list[bytes]) -> dict[str, Any]:
     """The pre-training data path with `decode: device` (PretrainDataset.to_device: decode, crop to 448, resize to
     224 on the device) in images/s, and its largest pixel difference from the worker path (CPU libjpeg)."""
     import tempfile
@@ -254,11 +265,8 @@ def device_decode_path(args: argparse.Namespace, data: list[torch.Tensor]) -> di
     device = torch.device("cpu" if args.smoke else "cuda")
     model = model_config(args.smoke)
     with tempfile.TemporaryDirectory() as folder:
-        recs = []
-        for i, d in enumerate(data):
-            path = Path(folder) / f"{i}.jpg"
-            path.write_bytes(d.numpy().tobytes())
-            recs.append(PretrainRecord(str(i), str(i), str(path), "t", None, (0.25, 0.25, 0.75, 0.75)))
+        recs = [PretrainRecord(str(i), str(i), path, "t", None, (0.25, 0.25, 0.75, 0.75))
+                for i, path in enumerate(write_jpegs(Path(folder), jpegs))]  # fmt: skip
         collate = PretrainCollator(lambda texts, rng: {}, seed=0)
         on_device = PretrainDataset(recs, model, PretrainConfig(decode="device"))
         in_worker = PretrainDataset(recs, model, PretrainConfig(decode="worker"))

@@ -46,10 +46,19 @@ FRACTIONS, SEEDS = (1, 10), (0, 1, 2)
 
 
 # ---------------------------------------------------------------- feature extraction variants
+TOKENS = {  # mode -> patch tokens from the outputs of blocks 0 and 1 (timm forward_intermediates, no final norm)
+    "last": lambda outs: outs[-1],  # = the stage's tokens (downstream_vit's final norm is Identity)
+    "block0": lambda outs: outs[0],
+    "avg01": lambda outs: (outs[0] + outs[1]) / 2,
+    "cat01": lambda outs: torch.cat([outs[0], outs[1]], dim=-1),
+    "lastnorm": lambda outs: outs[-1],  # then the checkpoint's final LayerNorm (below)
+}
+
+
 def block_tokens(model, images: torch.Tensor, norm: Normalization, mode: str, init: Init, batch: int = 128):
-    """Patch tokens of the frozen model, taken per `mode` (mirrors timm's forward_features step by step)."""
+    """Patch tokens of the frozen model, taken per `mode`."""
     model.eval()
-    final_ln = None
+    final_ln = nn.Identity()
     if mode == "lastnorm":
         final_ln = nn.LayerNorm(model.embed_dim, eps=1e-6)
         if init.path is not None:
@@ -59,29 +68,8 @@ def block_tokens(model, images: torch.Tensor, norm: Normalization, mode: str, in
     with torch.inference_mode():
         for i in range(0, len(images), batch):
             x = normalize(images[i : i + batch], norm.mean, norm.std)
-            x = model.patch_embed(x)
-            x = model._pos_embed(x)
-            x = model.patch_drop(x)
-            x = model.norm_pre(x)
-            outs = []
-            for blk in model.blocks:
-                x = blk(x)
-                outs.append(x)
-            x = model.norm(x)  # Identity for downstream_vit (avg pool + fc_norm)
-            p = model.num_prefix_tokens
-            if mode == "last":
-                t = x
-            elif mode == "block0":
-                t = outs[0]
-            elif mode == "avg01":
-                t = (outs[0] + outs[1]) / 2
-            elif mode == "cat01":
-                t = torch.cat([outs[0], outs[1]], dim=-1)
-            elif mode == "lastnorm":
-                t = final_ln(outs[-1])
-            else:
-                raise ValueError(mode)
-            kept.append(t[:, p:].clone())
+            outs = model.forward_intermediates(x, output_fmt="NLC", intermediates_only=True)
+            kept.append(final_ln(TOKENS[mode](outs)).clone())
     return torch.cat(kept)
 
 
