@@ -175,3 +175,17 @@ def test_training_lowers_the_loss():
     head.eval()  # BatchNorm running statistics have followed
     with torch.no_grad():
         assert detection_loss(head(tokens), boxes, 64, SMALL) < 0.35 * losses[0]
+
+
+def test_token_norm_makes_the_detection_head_blind_to_the_token_scale():
+    """Same contract as the segmentation head's (tests/test_eval_heads.py): per-channel scale and offset of the
+    frozen tokens do not reach the head when token_norm is on (batch statistics, training mode)."""
+    torch.manual_seed(0)
+    tokens = torch.randn(4, 16, 32)
+    shifted = tokens * torch.linspace(5, 40, 32) + 5.0
+    for token_norm, same in ((True, True), (False, False)):
+        torch.manual_seed(0)
+        head = DetectionHead(32, 4, 32, SMALL.model_copy(update={"token_norm": token_norm})).train()
+        out, out_shifted = head(tokens), head(shifted)
+        close = all(torch.allclose(a, b, atol=1e-4, rtol=1e-3) for a, b in zip(out, out_shifted, strict=True))
+        assert close is same

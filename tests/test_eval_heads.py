@@ -197,3 +197,45 @@ def test_normalize_gives_the_pre_training_statistics_and_leaves_its_input_alone(
     assert torch.allclose(x[0, 0], torch.tensor([[-0.4, 1.6], [0.0, 0.4]]), atol=1e-6)
     as_float = pixels.float()  # a float input used to be divided in place under its caller
     assert torch.allclose(normalize(as_float, mean=0.2, std=0.5), x) and torch.equal(as_float, pixels.float())
+
+
+def _lesion_tokens(n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens whose first feature's sign says whether the lesion is the left or the right half."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(n, 16, 16, generator=g)
+    masks = torch.zeros(n, 32, 32, dtype=torch.bool)
+    left = tokens[:, 0, 0] > 0
+    masks[left, :, :16] = True
+    masks[~left, :, 16:] = True
+    return tokens, masks
+
+
+@pytest.mark.parametrize("token_norm", [True, False])
+def test_with_token_norm_the_head_trains_alike_on_tokens_of_any_scale(token_norm):
+    """A pre-trained encoder's tokens may sit at 5x a random one's scale, with large offsets: with token_norm
+    the head's whole training (losses, chosen validation score) is the same for tokens and 20·tokens + 5, so
+    a fixed step budget treats every encoder alike; without it (the official head) training differs."""
+    tokens, masks = _lesion_tokens()
+    scale = torch.linspace(5, 40, 16)  # per channel
+    shifted = tokens * scale + 5.0
+    cfg = SegConfig(channels=(16, 8, 8), token_norm=token_norm)
+    fit = FitConfig(optimizer="adamw", lr=5e-3, weight_decay=0.05, epochs=12, batch_size=8)
+    runs = [
+        train_segmentation((t, masks), (t[:8], masks[:8]), 4, 32, cfg, fit, seed=0)[1]
+        for t in (tokens, shifted)
+    ]
+    same = torch.allclose(torch.tensor(runs[0].losses), torch.tensor(runs[1].losses), rtol=1e-3, atol=1e-4)
+    assert same is token_norm, (runs[0].losses, runs[1].losses)
+    if token_norm:
+        assert runs[0].best_score == pytest.approx(runs[1].best_score, abs=1e-3)
+        assert runs[0].losses[-1] < 0.6 * runs[0].losses[0]
+
+
+def test_token_norm_standardises_each_channel_and_is_off_by_default():
+    assert isinstance(SegHead(16, 4, 32, SegConfig(channels=(16, 8, 8))).token_norm, torch.nn.Identity)
+    head = SegHead(16, 4, 32, SegConfig(channels=(16, 8, 8), token_norm=True)).train()
+    tokens = _lesion_tokens()[0] * torch.linspace(5, 40, 16) + 3.0
+    normed = head.token_norm(tokens).reshape(-1, 16)
+    torch.testing.assert_close(normed.mean(0), torch.zeros(16), atol=1e-5, rtol=0)
+    torch.testing.assert_close(normed.std(0, unbiased=False), torch.ones(16), atol=1e-3, rtol=0)
+    assert not any(p.requires_grad for p in head.token_norm.parameters())  # no affine: nothing to learn

@@ -20,18 +20,18 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 from torchvision.ops import box_iou, clip_boxes_to_image, nms
+
+from models.evaluate.tokens import DenseHeadConfig, token_norm
 
 # tw, th are exponentiated when decoding; an untrained head can output anything, so cap them (e^10 ≈ 22026)
 MAX_LOG_SCALE = 10.0
 
 
-class DetectionConfig(BaseModel):
+class DetectionConfig(DenseHeadConfig):
     """Head and loss settings; defaults are the official values, `channels` aside for the small demo."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     anchors: tuple[tuple[tuple[float, float], ...], ...] = Field(
         (
@@ -138,6 +138,7 @@ class DetectionHead(nn.Module):
             )
         self.embed_dim, self.grid, self.img_size, self.cfg = embed_dim, grid, img_size, cfg
         fine, mid, coarse = cfg.channels
+        self.token_norm = token_norm(embed_dim, cfg)
         self.det_head = nn.Linear(embed_dim, embed_dim)
         # odd grids: the stride-2 conv (padding 1) gives ceil(g / 2); decoding uses img_size / S per level
         self.levels = nn.ModuleList(
@@ -174,7 +175,11 @@ class DetectionHead(nn.Module):
                 f"got {list(tokens.shape)}"
             )
         b = tokens.shape[0]
-        x = self.det_head(tokens).transpose(1, 2).reshape(b, self.embed_dim, self.grid, self.grid)
+        x = (
+            self.det_head(self.token_norm(tokens))
+            .transpose(1, 2)
+            .reshape(b, self.embed_dim, self.grid, self.grid)
+        )
         outputs = []
         for level, pred in zip(self.levels, self.preds, strict=True):
             y = pred(level(x))

@@ -13,16 +13,15 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from models.evaluate.fit import FitConfig, FitResult, fit
 from models.evaluate.metrics import mean_dice
+from models.evaluate.tokens import DenseHeadConfig, token_norm
 
 
-class SegConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class SegConfig(DenseHeadConfig):
     channels: tuple[int, ...] = Field((512, 256, 128, 64), description="one per ×2 block: log2(patch) blocks")
     focal_weight: float = Field(10.0, ge=0)
     focal_gamma: float = Field(2.0, ge=0)
@@ -39,6 +38,7 @@ class SegHead(nn.Module):
                 f"up-sampling blocks, but channels has {len(cfg.channels)} ({list(cfg.channels)})"
             )
         self.grid = grid
+        self.token_norm = token_norm(embed_dim, cfg)
         self.proj = nn.Linear(embed_dim, embed_dim)
         blocks, width = [], embed_dim
         for c in cfg.channels:
@@ -52,7 +52,7 @@ class SegHead(nn.Module):
         b, n, d = tokens.shape
         if n != self.grid * self.grid:
             raise ValueError(f"segmentation head: {n} tokens, expected {self.grid}² = {self.grid**2}")
-        x = self.proj(tokens).transpose(1, 2).reshape(b, d, self.grid, self.grid)
+        x = self.proj(self.token_norm(tokens)).transpose(1, 2).reshape(b, d, self.grid, self.grid)
         return self.decoder(x)[:, 0]
 
 
