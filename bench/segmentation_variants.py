@@ -10,7 +10,10 @@ Reuses the evaluate stage's own pieces (load_config -> ProtocolConfig, load_spli
 run_job -> run_one -> train_segmentation -> fit) so the baseline reproduces the stage. Each variant changes one
 thing against the baseline:
 
-  baseline   the stage as configured (tokens = last block output; downstream_vit's final norm is Identity)
+  baseline   the stage as configured (tokens = last block output; downstream_vit's final norm is Identity;
+             token_norm on, as configs/demo.yaml sets it)
+  official   the official SegViT head: token_norm off (the demo's setting before issue 10's last change)
+  official43 official, trained 43 epochs (to convergence at 10 %)
   long       segmentation fit epochs 10, min_steps 300
   lowlr      segmentation fit lr 5e-4
   block0     tokens = output of blocks[0] (residual stream, no norm) instead of blocks[1]'s
@@ -96,22 +99,21 @@ class NoProjHead(segment.SegHead):
         self.proj = nn.Identity()
 
 
+OFFICIAL = {"token_norm": False}
 VARIANTS = {
-    # name: (feature mode, fit overrides, head class)
-    "baseline": ("stage", {}, None),
-    "long": ("stage", {"epochs": 10, "min_steps": 300}, None),
-    "lowlr": ("stage", {"lr": 5e-4}, None),
-    "epochs43": (
-        "stage",
-        {"epochs": 43},
-        None,
-    ),  # = long at 10 % (301 steps), = baseline at 1 % (min_steps 100)
-    "block0": ("block0", {}, None),
-    "avg01": ("avg01", {}, None),
-    "cat01": ("cat01", {}, None),
-    "noproj": ("stage", {}, NoProjHead),
-    "lastnorm": ("lastnorm", {}, None),
-    "last_check": ("last", {}, None),  # sanity: my extraction == the stage's
+    # name: (feature mode, fit overrides, head class, head-config overrides)
+    "baseline": ("stage", {}, None, {}),
+    "official": ("stage", {}, None, OFFICIAL),
+    "official43": ("stage", {"epochs": 43}, None, OFFICIAL),
+    "long": ("stage", {"epochs": 10, "min_steps": 300}, None, {}),
+    "lowlr": ("stage", {"lr": 5e-4}, None, {}),
+    "epochs43": ("stage", {"epochs": 43}, None, {}),  # 301 steps at 10 %; 1 % unchanged (min_steps 100)
+    "block0": ("block0", {}, None, {}),
+    "avg01": ("avg01", {}, None, {}),
+    "cat01": ("cat01", {}, None, {}),
+    "noproj": ("stage", {}, NoProjHead, {}),
+    "lastnorm": ("lastnorm", {}, None, {}),
+    "last_check": ("last", {}, None, {}),  # sanity: my extraction == the stage's
 }
 
 
@@ -152,16 +154,18 @@ def run(names: list[str], enc: dict[str, Path], data: Path, out: Path) -> None:
         flush=True,
     )
     inits = [Init("random", None), Init("mim_only", enc["mim_only"]), Init("ecamp", enc["ecamp"])]
+    print_token_scales(FeatureCache(arch, norm), inits, pixels["val"])
     reports = {i.name: type("R", (), {"content_hash": i.name})() for i in inits}
     out.mkdir(exist_ok=True)
     caches: dict[str, ModeCache] = {}
     orig_head = segment.SegHead
     for name in names:
-        mode, fit_over, head_cls = VARIANTS[name]
+        mode, fit_over, head_cls, head_over = VARIANTS[name]
         seg = ev.protocol.segmentation
-        pcfg = ev.protocol.model_copy(
-            update={"segmentation": seg.model_copy(update={"fit": seg.fit.model_copy(update=fit_over)})}
+        seg = seg.model_copy(
+            update={"fit": seg.fit.model_copy(update=fit_over), "head": seg.head.model_copy(update=head_over)}
         )
+        pcfg = ev.protocol.model_copy(update={"segmentation": seg})
         cache = caches.setdefault(mode, ModeCache(arch, norm, mode))
         segment.SegHead = head_cls or orig_head
         t1 = time.time()
@@ -179,10 +183,23 @@ def run(names: list[str], enc: dict[str, Path], data: Path, out: Path) -> None:
         wall = time.time() - t1
         print(
             f"== {name}: fit {pcfg.segmentation.fit.model_dump(include={'lr', 'epochs', 'min_steps'})} "
-            f"mode {mode} head {(head_cls or orig_head).__name__}: {wall:.0f}s",
+            f"mode {mode} head {(head_cls or orig_head).__name__} token_norm {seg.head.token_norm}: {wall:.0f}s",
             flush=True,
         )
         summarize(rows, name, wall, out)
+
+
+def print_token_scales(cache: FeatureCache, inits: list[Init], pixels) -> None:
+    """Per-channel statistics of each encoder's frozen tokens (validation images, seed 0): what token_norm evens."""
+    for init in inits:
+        tokens = cache.tokens(init, 0, pixels)
+        flat = tokens.reshape(-1, tokens.shape[-1])
+        std, mean = flat.std(0), flat.mean(0)
+        print(
+            f"tokens {init.name}: channel std min/median/max {std.min():.3f}/{std.median():.3f}/{std.max():.3f}, "
+            f"largest |channel mean| {mean.abs().max():.2f}",
+            flush=True,
+        )
 
 
 def summarize(rows, name, wall, out: Path) -> None:
