@@ -203,26 +203,26 @@ def print_token_scales(cache: FeatureCache, inits: list[Init], pixels) -> None:
 
 
 def summarize(rows, name, wall, out: Path) -> None:
-    out = {"variant": name, "wall_s": round(wall)}
+    summary = {"variant": name, "wall_s": round(wall)}
     for frac in FRACTIONS:
         stats = {}
         for init in ("random", "mim_only", "ecamp"):
             v = np.array([r["value"] for r in rows if r["fraction"] == frac and r["init"] == init]) * 100
             stats[init] = (v.mean(), v.std())
-            out[f"{init}@{frac}"] = f"{v.mean():.1f}±{v.std():.1f}"
+            summary[f"{init}@{frac}"] = f"{v.mean():.1f}±{v.std():.1f}"
         d = stats["ecamp"][0] - stats["random"][0]
         spread = max(stats["ecamp"][1], stats["random"][1])
-        out[f"E-R@{frac}"] = (
+        summary[f"E-R@{frac}"] = (
             f"{d:+.1f} (spread {spread:.1f}, comb {np.hypot(stats['ecamp'][1], stats['random'][1]):.1f})"
         )
-        out[f"best@{frac}"] = [
+        summary[f"best@{frac}"] = [
             f"{r['init'][0]}{r['seed']}:{r['best_epoch']}/{r['epochs_run']}"
             for r in rows
             if r["fraction"] == frac
         ]
-    print("SUMMARY " + json.dumps(out), flush=True)
+    print("SUMMARY " + json.dumps(summary), flush=True)
     with (out / "summary.jsonl").open("a") as f:
-        f.write(json.dumps(out) + "\n")
+        f.write(json.dumps(summary) + "\n")
 
 
 if __name__ == "__main__":
