@@ -11,10 +11,13 @@ run_job -> run_one -> train_segmentation -> fit) so the baseline reproduces the 
 thing against the baseline:
 
   baseline   the stage as configured (tokens = last block output; downstream_vit's final norm is Identity;
-             token_norm on, as configs/demo.yaml sets it)
+             token_norm on and a floor of 300 steps, as configs/demo.yaml sets them)
   official   the official SegViT head: token_norm off (the demo's setting before issue 10's last change)
-  official43 official, trained 43 epochs (to convergence at 10 %)
+  official43 official, 43 epochs and a floor of 100 steps (the 10 % head converged, 1 % at 100 steps)
+  epochs43   43 epochs and a floor of 100 steps
   long       segmentation fit epochs 10, min_steps 300
+  steps100   segmentation fit min_steps 100 (10 %: 15 epochs, 105 steps; the demo's floor before issue 10's last change)
+  steps200   segmentation fit min_steps 200 (10 %: 29 epochs, 203 steps)
   lowlr      segmentation fit lr 5e-4
   block0     tokens = output of blocks[0] (residual stream, no norm) instead of blocks[1]'s
   avg01      tokens = mean of blocks[0] and blocks[1] outputs
@@ -104,10 +107,12 @@ VARIANTS = {
     # name: (feature mode, fit overrides, head class, head-config overrides)
     "baseline": ("stage", {}, None, {}),
     "official": ("stage", {}, None, OFFICIAL),
-    "official43": ("stage", {"epochs": 43}, None, OFFICIAL),
+    "official43": ("stage", {"epochs": 43, "min_steps": 100}, None, OFFICIAL),
     "long": ("stage", {"epochs": 10, "min_steps": 300}, None, {}),
     "lowlr": ("stage", {"lr": 5e-4}, None, {}),
-    "epochs43": ("stage", {"epochs": 43}, None, {}),  # 301 steps at 10 %; 1 % unchanged (min_steps 100)
+    "epochs43": ("stage", {"epochs": 43, "min_steps": 100}, None, {}),  # 301 steps at 10 %, 100 at 1 %
+    "steps100": ("stage", {"min_steps": 100}, None, {}),  # the demo's floor before issue 10's last change
+    "steps200": ("stage", {"min_steps": 200}, None, {}),  # 203 steps at 10 %, 200 at 1 %
     "block0": ("block0", {}, None, {}),
     "avg01": ("avg01", {}, None, {}),
     "cat01": ("cat01", {}, None, {}),
