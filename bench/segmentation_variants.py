@@ -12,7 +12,7 @@ thing against the baseline:
 
   baseline   the stage as configured (tokens = last block output; downstream_vit's final norm is Identity;
              token_norm on and a floor of 300 steps, as configs/demo.yaml sets them)
-  official   the official SegViT head: token_norm off (the demo's setting before issue 10's last change)
+  official   the official SegViT head: token_norm off (the demo head before token_norm)
   official43 official, 43 epochs and a floor of 100 steps (the 10 % head converged, 1 % at 100 steps)
   epochs43   43 epochs and a floor of 100 steps
   long       segmentation fit epochs 10, min_steps 300
