@@ -16,7 +16,7 @@ thing against the baseline:
   official43 official, 43 epochs and a floor of 100 steps (the 10 % head converged, 1 % at 100 steps)
   epochs43   43 epochs and a floor of 100 steps
   long       segmentation fit epochs 10, min_steps 300
-  steps100   segmentation fit min_steps 100 (10 %: 15 epochs, 105 steps; the demo's floor before issue 10's last change)
+  steps100   segmentation fit min_steps 100 (10 %: 15 epochs, 105 steps; the demo floor before 74a869a)
   steps200   segmentation fit min_steps 200 (10 %: 29 epochs, 203 steps)
   lowlr      segmentation fit lr 5e-4
   block0     tokens = output of blocks[0] (residual stream, no norm) instead of blocks[1]'s
@@ -111,7 +111,7 @@ VARIANTS = {
     "long": ("stage", {"epochs": 10, "min_steps": 300}, None, {}),
     "lowlr": ("stage", {"lr": 5e-4}, None, {}),
     "epochs43": ("stage", {"epochs": 43, "min_steps": 100}, None, {}),  # 301 steps at 10 %, 100 at 1 %
-    "steps100": ("stage", {"min_steps": 100}, None, {}),  # the demo's floor before issue 10's last change
+    "steps100": ("stage", {"min_steps": 100}, None, {}),  # the demo floor before 74a869a
     "steps200": ("stage", {"min_steps": 200}, None, {}),  # 203 steps at 10 %, 200 at 1 %
     "block0": ("block0", {}, None, {}),
     "avg01": ("avg01", {}, None, {}),
