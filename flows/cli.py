@@ -364,6 +364,7 @@ def evaluate(
 
 def _check_evaluate_inputs(cfg, target: Path) -> None:
     """Datasets, checkpoint paths and run-directory encoders `evaluate` needs: one line before any flow starts."""
+    from models.checkpoints import CheckpointError, read_state_dict
     from tasks.evaluate import NAMED_INITS, missing_init
     from tasks.registry import get_stage
     from tasks.runner import input_files, upstream_hashes
@@ -377,6 +378,11 @@ def _check_evaluate_inputs(cfg, target: Path) -> None:
     for init in cfg.evaluate.inits:
         if init in NAMED_INITS and written[NAMED_INITS[init]] is None:
             _fail(FileNotFoundError(missing_init(init, str(target))))
+        elif init != "random" and init not in NAMED_INITS:
+            try:  # a file that is no state dict, or that would run code, is refused before any flow
+                read_state_dict(Path(init).expanduser())
+            except CheckpointError as err:
+                _fail(err)
 
 
 @app.command()

@@ -1,9 +1,18 @@
-"""Helpers shared by the trainers: checkpoint writes, and which weights went non-finite."""
+"""Helpers shared by the trainers: checkpoint reads and writes, and which weights went non-finite.
+
+Every torch file is read with `weights_only=True`: a pickle can name any Python callable, and loading a `.pth`
+from the internet or from a run directory on shared storage must never run code. Our own checkpoints hold
+only tensors and plain types, so they need nothing more; official MAE checkpoints also hold their training
+arguments as an `argparse.Namespace`, the one global allowed besides torch's defaults.
+"""
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
+import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,6 +21,14 @@ import torch
 
 # torch's zip writer reports a failed write (a full disk, for a path) with these, not with an errno
 TORCH_WRITE_FAILURES = ("inline_container.cc", "file write failed", "iostream error")
+
+
+# the globals real weights files need beyond tensors and plain types (MAE's `args`)
+TRUSTED_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+
+
+class CheckpointError(ValueError):
+    """A weights or checkpoint file that cannot or may not be read: one line naming the file and why."""
 
 
 class CheckpointWriteError(OSError):
@@ -65,25 +82,88 @@ def disk_full_message(path: Path, err: BaseException) -> str:
     )
 
 
+def convert_command(path: Path) -> str:
+    """A one-line command that turns a torch file the user trusts into safetensors, which hold no code."""
+    out = path.with_suffix(".safetensors")
+    return (
+        f"python -c \"import torch, safetensors.torch as st; p = torch.load('{path}', weights_only=False); "
+        "p = p.get('model', p.get('state_dict', p)); "
+        f"st.save_file({{k: v.detach().clone().contiguous() for k, v in p.items() if torch.is_tensor(v)}}, '{out}')\""
+    )
+
+
+def refused_global(message: str) -> str | None:
+    """The global torch's weights-only unpickler refused, read from its error message."""
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    return found.group(1) if found else None
+
+
+def load_torch_file(path: str | Path, remedy: str | None = None) -> Any:
+    """A torch file's contents, read without running code (`weights_only=True` + `TRUSTED_GLOBALS`).
+
+    A file that needs any other global gets a CheckpointError naming the file, the refused global and the
+    command that converts a trusted file to safetensors (or `remedy`, for a resume file, which is no weights
+    file); there is deliberately no switch to load it anyway. An empty, truncated or non-torch file is a
+    CheckpointError too, not torch's internal message.
+    """
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(list(TRUSTED_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        name = refused_global(str(err))
+        if name is None:
+            raise CheckpointError(f"{path}: not a readable torch file ({first_line(err)})") from None
+        remedy = remedy or (
+            f"if you trust the file, convert it once to safetensors and use that file instead: "
+            f"{convert_command(path)}"
+        )
+        raise CheckpointError(
+            f"{path}: refused to load: it needs the Python global '{name}', which weights do not need and "
+            f"which could run code on this machine; {remedy}"
+        ) from None
+    except (EOFError, RuntimeError, KeyError, ValueError, OSError) as err:
+        if isinstance(err, OSError) and not path.is_file():
+            raise
+        why = "empty file" if path.stat().st_size == 0 else first_line(err) or type(err).__name__
+        raise CheckpointError(
+            f"{path}: not a readable torch file (truncated or another format: {why})"
+        ) from None
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a weights file: safetensors (ECAMP export, timm) or a torch file (official MAE `.pth`,
     `{"model": state}`; our own `{"state_dict": ...}`), with DDP's `module.` prefix removed.
 
-    Official MAE checkpoints also hold an argparse Namespace, so the torch file is read with
-    weights_only=False: load only files you trust. A payload with no state dict raises ValueError.
+    Torch files go through `load_torch_file`, so a file that would run code is refused. Any file that is not a
+    state dict raises CheckpointError naming it.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
+        state = read_safetensors(path)
     else:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = load_torch_file(path)
         state = (
             payload.get("model", payload.get("state_dict", payload)) if isinstance(payload, dict) else None
         )
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a state dict (nor a dict with 'model' / 'state_dict')")
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"{path}: not a state dict (nor a dict with 'model' / 'state_dict' of tensors)")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a text, empty or truncated file is a CheckpointError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(err)})") from None

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import Field, model_validator
 
 from data_contracts.pretrain import PretrainMetric, PretrainReject
@@ -40,6 +39,7 @@ from models.ecamp.pretrain import (
     PretrainRecord,
     check_init_checkpoint,
     join_inputs,
+    read_resume_checkpoint,
     run_job,
     write_job,
 )
@@ -212,7 +212,7 @@ def run_torchrun(
     log.info("launching: %s", " ".join(cmd))
     path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": path})
-    payload = torch.load(out_dir / CHECKPOINT, map_location="cpu", weights_only=False)
+    payload = read_resume_checkpoint(out_dir / CHECKPOINT)
     model = ECAMP(model_cfg)
     model.load_state_dict(payload["model"])
     metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]

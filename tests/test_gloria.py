@@ -302,7 +302,7 @@ def test_a_full_disk_while_checkpointing_is_one_clear_line(tokenizer, tmp_path, 
         )
     assert str(raised.value).startswith(f"no space left on device writing checkpoint {ckpt}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gloria.pt"]  # no gloria.pt.tmp
-    assert torch.load(ckpt, weights_only=False)["epoch"] == 0
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 0
 
 
 def test_affirmed_local_words_train_on_entity_words(tokenizer):

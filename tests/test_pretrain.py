@@ -584,7 +584,7 @@ def test_a_full_disk_while_checkpointing_is_one_clear_line(
     ds = PretrainDataset(records(images, reports), mcfg, cfg)
     out = tmp_path / "train"
     train(mcfg, cfg, ds, collator(tokenizer), out, progress=False, stop_after=1)
-    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
     monkeypatch.setattr(torch, "save", failing_save(err))
     with pytest.raises(CheckpointWriteError) as raised:
         train(mcfg, cfg, ds, collator(tokenizer), out, progress=False, stop_after=2)
@@ -592,7 +592,7 @@ def test_a_full_disk_while_checkpointing_is_one_clear_line(
     assert "the partial file was removed" in str(raised.value) and "\n" not in str(raised.value)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]  # no checkpoint.pt.tmp
     monkeypatch.undo()
-    kept = torch.load(out / "checkpoint.pt", weights_only=False)
+    kept = torch.load(out / "checkpoint.pt", weights_only=True)
     assert kept["state"]["step"] == saved["state"]["step"] == 1  # the previous checkpoint, intact
 
 

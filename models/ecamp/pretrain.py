@@ -45,7 +45,14 @@ from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from models.checkpoints import describe_names, non_finite, read_state_dict, save_atomic
+from models.checkpoints import (
+    CheckpointError,
+    describe_names,
+    load_torch_file,
+    non_finite,
+    read_state_dict,
+    save_atomic,
+)
 from models.devices import resolve_device
 from models.ecamp.model import ECAMP, ECAMPConfig
 from models.images import load_grayscale
@@ -522,7 +529,8 @@ def load_partial(
     A key matches as is, or with our `encoder.` / `decoder.` prefix (MAE names its encoder and decoder parameters
     flat). A matching key of another shape is an error (a silently skipped tensor would train from random while
     the run claims MAE init). Returns (loaded keys, unexpected 'key: no such parameter'); the log lists both and
-    the encoder keys the checkpoint did not have.
+    the encoder keys the checkpoint did not have, as a warning when the match is partial. A checkpoint matching
+    no parameter is an error: pre-training would start from random weights while the run claims an init.
     """
     path = Path(path)
     if not path.exists():
@@ -542,11 +550,17 @@ def load_partial(
         raise ValueError(
             f"init_checkpoint {path}: shape mismatch with the configured model: {'; '.join(wrong[:6])}"
         )
-    model.load_state_dict(update, strict=False)
     missing = [k for k in own if k.startswith("encoder.") and k not in update]
-    log.info("init_checkpoint %s: loaded %d tensors; unexpected %d: %s; encoder keys not in it (fresh) %d: %s",
-             path, len(loaded), len(unexpected), ", ".join(unexpected[:10]) or "-", len(missing),
-             ", ".join(missing[:10]) or "-")  # fmt: skip
+    if not loaded:
+        raise CheckpointError(
+            f"init_checkpoint {path}: none of its {len(unexpected)} tensors matches a parameter of the model "
+            f"(e.g. {', '.join(unexpected[:3]) or 'no tensors'}); it is not an MAE/ECAMP pre-training checkpoint"
+        )
+    model.load_state_dict(update, strict=False)
+    level = logging.WARNING if unexpected or missing else logging.INFO
+    log.log(level, "init_checkpoint %s: loaded %d tensors; unexpected %d: %s; encoder keys not in it (fresh) %d: %s",
+            path, len(loaded), len(unexpected), ", ".join(unexpected[:10]) or "-", len(missing),
+            ", ".join(missing[:10]) or "-")  # fmt: skip
     return loaded, unexpected
 
 
@@ -598,7 +612,10 @@ def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
 # checkpoints
 # --------------------------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain types, so the checkpoint loads with weights_only=True."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = [name, keys.tolist(), pos, has_gauss, cached]
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -606,7 +623,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -627,6 +645,21 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
             f"refusing to save checkpoint {path}: non-finite weights in {describe_names(broken)}"
         )
     save_atomic(payload, path)
+
+
+RESUME_KEYS = ("model", "optimizer", "scheduler", "state", "rng", "fingerprint", "world")
+
+
+def read_resume_checkpoint(path: Path) -> dict[str, Any]:
+    """A resume checkpoint this trainer wrote, read without running code; anything else is a CheckpointError."""
+    remedy = "delete it to start this training over"
+    payload = load_torch_file(path, remedy=remedy)
+    missing = [k for k in RESUME_KEYS if k not in payload] if isinstance(payload, dict) else list(RESUME_KEYS)
+    if missing:
+        raise CheckpointError(
+            f"{path}: not a pre-training resume checkpoint (no {', '.join(repr(k) for k in missing)}); {remedy}"
+        )
+    return payload
 
 
 def check_finite_step(losses: dict[str, float], grad_norm: float, epoch: int, step: int) -> None:
@@ -724,7 +757,7 @@ def train(
     state, resumed_from = TrainState(), None
     ckpt_path = out_dir / CHECKPOINT
     if ckpt_path.exists():
-        payload = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        payload = read_resume_checkpoint(ckpt_path)
         if payload["fingerprint"] != fingerprint(model_cfg, cfg, data_hash) or payload["world"] != info.world:
             log.warning(
                 "%s was made with another config, data or world size: starting from scratch", ckpt_path

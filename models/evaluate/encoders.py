@@ -19,14 +19,10 @@ from safetensors import safe_open
 from timm.models.vision_transformer import VisionTransformer
 
 from data_contracts.files import sha256_file
-from models.checkpoints import read_state_dict
+from models.checkpoints import CheckpointError, read_state_dict
 from models.ecamp.export import FORMAT
 
 PREFIXES = ("module.", "model.", "encoder.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot initialise this ViT (wrong shapes, no encoder keys); names the file and keys."""
 
 
 @dataclass(frozen=True)
@@ -67,10 +63,7 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     """`models.checkpoints.read_state_dict` with the wrapper prefixes (`model.`, `encoder.`) removed too."""
     if not path.is_file():
         raise FileNotFoundError(f"initialization checkpoint not found: {path}")
-    try:
-        state = read_state_dict(path)
-    except ValueError as err:
-        raise CheckpointError(str(err)) from None
+    state = read_state_dict(path)
     out = {}
     for key, value in state.items():
         for prefix in PREFIXES:

@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
-from models.checkpoints import save_atomic
+from models.checkpoints import CheckpointError, load_torch_file, save_atomic
 from models.gloria.attention import entity_positions, to_grid
 from models.gloria.model import Gloria, TextBatch, encode_texts
 
@@ -166,6 +166,21 @@ def save_checkpoint(path: Path, state: dict) -> None:
     save_atomic(state, path)
 
 
+RESUME_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch", "losses", "train_config")
+
+
+def read_resume_state(path: Path) -> dict:
+    """A resume file this trainer wrote, read without running code (weights_only); else a CheckpointError."""
+    remedy = "delete it to start GLoRIA training over"
+    state = load_torch_file(path, remedy=remedy)
+    missing = [k for k in RESUME_KEYS if k not in state] if isinstance(state, dict) else list(RESUME_KEYS)
+    if missing:
+        raise CheckpointError(
+            f"{path}: not a GLoRIA resume checkpoint (no {', '.join(repr(k) for k in missing)}); {remedy}"
+        )
+    return state
+
+
 def resume_key(cfg: TrainConfig, seed: int) -> dict:
     """What a resume file must have been saved with: the same optimisation settings and seed."""
     return cfg.model_dump() | {"seed": seed}
@@ -215,7 +230,7 @@ def train_gloria(
     rows: list[dict] = []
     start = 0
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=where, weights_only=False)
+        state = read_resume_state(checkpoint)
         if state["train_config"] != resume_key(cfg, seed):
             raise ValueError(f"{checkpoint}: saved with a different training config; delete it to start over")
         model.load_state_dict(state["model"])
