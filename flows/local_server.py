@@ -19,8 +19,11 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+NO_PROXY_VARIABLES = ("NO_PROXY", "no_proxy")
+LOOPBACK = ("127.0.0.1", "localhost")
 STARTUP_TIMEOUT_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 # what SubprocessASGIServer sets: no UI, the ephemeral server's services only
 SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
@@ -120,6 +123,61 @@ def drain_prefect_workers() -> None:
         print(f"warning: Prefect logs/events not delivered: {err}", file=sys.stderr)
 
 
+def proxy_variable(url: str) -> str | None:
+    """The environment variable that sends requests for `url` through a proxy, as Prefect's client (httpx)
+    reads them: `<scheme>_proxy` or `all_proxy` in either case, unless NO_PROXY covers the host."""
+    parts = urlsplit(url)
+    if urllib.request.proxy_bypass_environment(parts.hostname or ""):
+        return None
+    for name in (f"{parts.scheme}_proxy", "all_proxy"):
+        for variable in (name, name.upper()):
+            if os.environ.get(variable):
+                return variable
+    return None
+
+
+def check_api_through_proxy(url: str) -> None:
+    """A configured PREFECT_API_URL that a proxy variable captures must answer through that proxy.
+
+    Otherwise Prefect's client reports the proxy's answer as a server of an "Invalid version"; this names the
+    variable instead.
+    """
+    variable = proxy_variable(url)
+    if variable is None:
+        return
+    import httpx
+
+    try:
+        answer = httpx.get(f"{url}/health", timeout=10)  # trust_env on: the route Prefect's client takes
+        why = None if answer.status_code == 200 else f"HTTP {answer.status_code}"
+    except httpx.HTTPError as err:
+        why = type(err).__name__
+    if why is not None:
+        host = urlsplit(url).hostname
+        raise LocalServerError(
+            f"PREFECT_API_URL {url} goes through the proxy in {variable}={os.environ[variable]}, which did not "
+            f"relay {url}/health ({why}): add {host} to NO_PROXY, or unset {variable}"
+        )
+
+
+@contextmanager
+def loopback_without_proxy() -> Iterator[None]:
+    """Add 127.0.0.1 and localhost to NO_PROXY while the block runs: the temporary server is on this machine,
+    and Prefect's client would otherwise send its requests to whatever HTTP(S)_PROXY names."""
+    saved = {name: os.environ.get(name) for name in NO_PROXY_VARIABLES}
+    hosts = ",".join(h for h in (saved["NO_PROXY"], saved["no_proxy"], *LOOPBACK) if h)
+    for name in NO_PROXY_VARIABLES:
+        os.environ[name] = hosts
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 @contextmanager
 def prefect_api(say: Callable[[str], None] = print) -> Iterator[None]:
     """Flows in this block use PREFECT_API_URL when set; else a temporary server living exactly as long as the
@@ -127,7 +185,8 @@ def prefect_api(say: Callable[[str], None] = print) -> Iterator[None]:
     from prefect.context import refresh_global_settings_context
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    if os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value():
+    if configured := os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value():
+        check_api_through_proxy(configured)
         yield
         return
     proc, url = launch_server()
@@ -136,7 +195,7 @@ def prefect_api(say: Callable[[str], None] = print) -> Iterator[None]:
         wait_healthy(proc, url, startup_timeout())
         os.environ["PREFECT_API_URL"] = url
         refresh_global_settings_context()  # threads started without a copied context read the global one
-        with temporary_settings({PREFECT_API_URL: url}):
+        with loopback_without_proxy(), temporary_settings({PREFECT_API_URL: url}):
             try:
                 yield
             finally:

@@ -20,7 +20,7 @@ from data_contracts.distill import DistillReject, DistillUsage, SeedDistillation
 from models.distill import parse, rules_teacher
 from models.distill.batch_api import run_batch
 from models.distill.cache import ResponseCache
-from models.distill.governance import check_endpoint, resolve_api_key
+from models.distill.governance import check_route, resolve_api_key
 from models.distill.item import DistillItem, distill_item
 from models.distill.prompt import prompt_hash
 from models.distill.seed import select_seed
@@ -63,6 +63,9 @@ class Config(StageConfig):
         False, description="send the key to a local/private endpoint too (else a placeholder is sent)"
     )
     external_endpoint_ack: str | None = None
+    proxy: str | None = Field(
+        None, description="HTTP proxy to the teacher; judged like the endpoint (HTTP(S)_PROXY is ignored)"
+    )
     concurrency: int = Field(16, ge=1)
     rpm: float | None = Field(3500, gt=0)
     tpm: float | None = Field(90_000, gt=0)
@@ -81,7 +84,7 @@ class Config(StageConfig):
             provider=self.provider, base_url=self.base_url, model=self.model,
             azure_endpoint=self.azure_endpoint, azure_api_version=self.azure_api_version,
             api_key_env=self.api_key_env, send_key_to_local=self.send_key_to_local,
-            external_endpoint_ack=self.external_endpoint_ack,
+            external_endpoint_ack=self.external_endpoint_ack, proxy=self.proxy,
             concurrency=self.concurrency, rpm=self.rpm, tpm=self.tpm, max_retries=self.max_retries,
             timeout_s=self.timeout_s, max_tokens=self.max_tokens, temperature=0.0,
         )  # fmt: skip
@@ -176,7 +179,8 @@ def check_teacher_access(cfg: Config) -> None:
     """Data-use policy and API key, checked before any work (the key is only looked up, never kept)."""
     client_cfg = cfg.client_config()
     resolve_api_key(
-        client_cfg.api_key_env, check_endpoint(client_cfg.endpoint_url, cfg.external_endpoint_ack)
+        client_cfg.api_key_env,
+        check_route(client_cfg.endpoint_url, client_cfg.proxy, cfg.external_endpoint_ack),
     )
 
 

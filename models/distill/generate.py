@@ -219,7 +219,8 @@ def vllm_command(base_model: Path | str, adapter_dir: Path, settings: VllmSettin
 
 def served_models(base_url: str, timeout_s: float = 5.0) -> list[str]:
     """Model ids listed by GET {base_url}/models (the base model and every LoRA module)."""
-    with urllib.request.urlopen(f"{base_url}/models", timeout=timeout_s) as resp:
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # our own server, never via a proxy
+    with direct.open(f"{base_url}/models", timeout=timeout_s) as resp:
         return [m["id"] for m in json.load(resp)["data"]]
 
 

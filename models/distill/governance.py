@@ -56,7 +56,7 @@ def is_local_host(host: str) -> bool:
     return ip.is_loopback or ip.is_private or ip.is_link_local
 
 
-def check_endpoint(url: str, ack: str | None) -> bool:
+def check_endpoint(url: str, ack: str | None, what: str = "endpoint") -> bool:
     """Raise EndpointPolicyError unless `url` is local or acknowledged; returns True when local."""
     host = endpoint_host(url)
     if is_local_host(host):
@@ -65,8 +65,20 @@ def check_endpoint(url: str, ack: str | None) -> bool:
         return False
     got = "no acknowledgement" if not ack else f"acknowledgement {ack!r} (expected {EXTERNAL_ENDPOINT_ACK!r})"
     raise EndpointPolicyError(
-        f"refusing to send reports to external endpoint host {host!r} with {got}. {POLICY_TEXT}"
+        f"refusing to send reports to external {what} host {host!r} with {got}. {POLICY_TEXT}"
     )
+
+
+def check_route(url: str, proxy: str | None, ack: str | None) -> bool:
+    """Judge every host report text passes through: the endpoint and, when the config sets one, its proxy.
+
+    The environment's HTTP(S)_PROXY is never a route: the teacher's HTTP client ignores it (trust_env off),
+    so a proxy the policy has not judged cannot receive the prompts. Returns True when the whole route is local.
+    """
+    local = check_endpoint(url, ack)
+    if proxy is None:
+        return local
+    return check_endpoint(proxy, ack, what="proxy") and local
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from openai.types.chat import ChatCompletion
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from models.distill.cache import CachedResponse, ResponseCache
-from models.distill.governance import ApiKey, check_endpoint, redact, resolve_api_key
+from models.distill.governance import ApiKey, check_route, redact, resolve_api_key
 from models.distill.prompt import estimate_prompt_tokens, estimate_tokens, prompt_hash
 
 
@@ -55,6 +55,7 @@ class ClientConfig(BaseModel):
     api_key_env: str = "OPENAI_API_KEY"
     send_key_to_local: bool = False  # a local server gets a placeholder key unless this says otherwise
     external_endpoint_ack: str | None = None
+    proxy: str | None = None  # e.g. http://10.0.0.5:3128; judged by the data-use policy like the endpoint
     concurrency: int = Field(16, ge=1)
     # Provider limits (requests / tokens per minute; tokens = prompt estimate + max_tokens). None = unlimited,
     # right for a local vLLM; a hosted API needs its account tier's values (seed_distill sets OpenAI's).
@@ -176,13 +177,15 @@ def make_openai_client(cfg: ClientConfig) -> tuple[openai.AsyncOpenAI, ApiKey]:
     """The SDK client after the data-use check; SDK retries off so ours are the only ones.
 
     Redirects are never followed (the SDK's default client follows them): the policy check covers the
-    configured host only, and a 307 would carry the report text and the key to a host nobody checked.
+    configured host only, and a 307 would carry the report text and the key to a host nobody checked. For the
+    same reason the environment's proxy variables are ignored (`trust_env=False`): only the configured
+    endpoint, and the configured `proxy` when set, are ever contacted.
     """
     if cfg.provider == "azure" and not (cfg.azure_endpoint and cfg.azure_api_version):
         raise ValueError("provider 'azure' needs azure_endpoint and azure_api_version")
-    local = check_endpoint(cfg.endpoint_url, cfg.external_endpoint_ack)
+    local = check_route(cfg.endpoint_url, cfg.proxy, cfg.external_endpoint_ack)
     key = resolve_api_key(cfg.api_key_env, local, cfg.send_key_to_local)
-    http = openai.DefaultAsyncHttpxClient(follow_redirects=False)
+    http = openai.DefaultAsyncHttpxClient(follow_redirects=False, trust_env=False, proxy=cfg.proxy)
     if cfg.provider == "azure":
         client = openai.AsyncAzureOpenAI(
             azure_endpoint=cfg.azure_endpoint,
