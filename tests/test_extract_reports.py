@@ -738,3 +738,36 @@ def test_a_manifest_with_no_rows_says_so(tmp_path):
         InputLayoutError, match=r"manifest.csv: no study at all in the input \(an empty manifest"
     ):
         run_direct(ctx, Config())
+
+
+def test_an_excel_manifest_with_bom_and_crlf_reads_like_its_lf_twin(tmp_path, radiograph_jpeg):
+    """Reliability #17a: Excel's "CSV UTF-8" writes a BOM and CRLF, also inside quoted multi-line cells. A report
+    whose findings are its closing paragraph lost its paragraph break to the "\\r" and was rejected as having
+    no FINDINGS; a "FINAL REPORT" title line stayed in the findings."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(radiograph_jpeg)
+    closing = " EXAMINATION:  CHEST (PA AND LAT)\n \n INDICATION:  Cough.\n \n Heart size is normal.\n Lungs are clear.\n"
+    titled = "FINAL REPORT\nHeart size is normal.\n\nNo effusion."
+    reports = {"s1": mimic_report(), "s2": closing, "s3": titled}
+
+    def write(name: str, line_end: str, bom: bytes) -> Path:
+        lines = ["study_id,image_path,report_text"]
+        lines += [f'{sid},a.jpg,"{text.replace(chr(10), line_end)}"' for sid, text in reports.items()]
+        path = folder / name
+        path.write_bytes(bom + line_end.join(lines).encode() + line_end.encode())
+        return path
+
+    excel = write("excel.csv", "\r\n", b"\xef\xbb\xbf")
+    assert b"\r\n \r\n Heart size" in excel.read_bytes()
+    unix = write("unix.csv", "\n", b"")
+    texts = {}
+    for manifest in (excel, unix):
+        out = extract(data(source="manifest", manifest=str(manifest)), Config(image_workers=1))
+        assert out.rejects == [], [r.reason for r in out.rejects]
+        texts[manifest.name] = [(r.study_id, r.findings, r.impression) for r in out.reports]
+    assert texts["excel.csv"] == texts["unix.csv"]
+    assert texts["excel.csv"][1:] == [
+        ("s2", "Heart size is normal. Lungs are clear.", ""),
+        ("s3", "Heart size is normal. No effusion.", ""),
+    ]

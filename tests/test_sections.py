@@ -275,3 +275,30 @@ def test_real_iu_xray_reports_in_mimic_layout_round_trip():
         assert result.origin == ("sections" if any(expected) else "none"), row["uid"]
         checked += 1
     assert checked == 1923
+
+
+def test_crlf_cr_and_a_byte_order_mark_parse_like_lf():
+    """Reliability #17a: Windows line ends cost the closing paragraph and the title line before."""
+    closing = mimic(
+        [
+            "EXAMINATION:  CHEST (PORTABLE AP)",
+            "",
+            "COMPARISON:  ___.",
+            "",
+            "Mild edema.",
+            "",
+            "Small effusion.",
+        ]
+    )
+    titled = mimic(["Heart size is normal.", "", "No effusion."])
+    for report in (EXAMPLE, closing, titled):
+        lf = extract_findings_impression(report)
+        for variant in (report.replace("\n", "\r\n"), report.replace("\n", "\r"), "\ufeff" + report):
+            assert extract_findings_impression(variant) == lf
+    assert (
+        extract_findings_impression(closing.replace("\n", "\r\n")).findings == "Mild edema. Small effusion."
+    )
+    assert (
+        extract_findings_impression(titled.replace("\n", "\r\n")).findings
+        == "Heart size is normal. No effusion."
+    )

@@ -112,6 +112,7 @@ HEADER = re.compile(r"^[ \t]*([A-Za-z][A-Za-z ()/,-]*?)[ \t]*:(?=\s|$)", re.MULT
 PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 TITLE_LINE = re.compile(r"^\s*FINAL REPORT[ \t]*(\n|$)")
 WHITESPACE = re.compile(r"\s+")
+LINE_END = re.compile(r"\r\n?")
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,13 @@ def _split_last_paragraph(sections: list[Section]) -> list[Section]:
     return [*sections[:-1], head, tail]
 
 
+def normalize_line_ends(text: str) -> str:
+    """LF line ends and no byte-order mark: the rules above are written for "\\n", and a report from a
+    Windows tool (Excel's "CSV UTF-8" writes a BOM and CRLF) would otherwise lose its paragraph breaks
+    and its "FINAL REPORT" title line to the stray "\\r"."""
+    return LINE_END.sub("\n", text.removeprefix("\ufeff"))
+
+
 def clean_text(text: str) -> str:
     """Collapse all whitespace (MIMIC's one-space-indented, 79-column lines) into single spaces."""
     return WHITESPACE.sub(" ", text).strip()
@@ -204,8 +212,10 @@ def extract_findings_impression(text: str) -> ReportSections:
     * No header at all: the whole text (minus a "FINAL REPORT" title line) is findings.
     * Headers but no findings/impression: the `last_paragraph` section is used as findings.
     * Otherwise `origin` is "none" and both fields are empty; the caller rejects the report.
+
+    CRLF and CR line ends are read as LF first (`normalize_line_ends`).
     """
-    body = TITLE_LINE.sub("", text, count=1)
+    body = TITLE_LINE.sub("", normalize_line_ends(text), count=1)
     sections = split_sections(body)
     names = [s.name for s in sections]
     if names[0] == "full report":
