@@ -143,9 +143,18 @@ class StageContext:
         path, rec = found
         table, info = read_artifact_and_info(path, contract)
         actual = rec.content_hash if files.stamp(path) == rec.stamp else content_hash(table)
-        if actual != rec.content_hash:
+        written_here = rec.info is None or (info.uri, info.content_hash) == (rec.info.uri, rec.content_hash)
+        if not written_here:
+            self.log.warning(
+                "%s is a copy of %s (run %s), not the file its stage wrote here: lineage records it as "
+                "read from %s with the hash of its content",
+                path, info.uri, info.run_id, path,
+            )  # fmt: skip
+        elif actual != rec.content_hash:
             self.log.warning("%s changed after its stage wrote it: recording the hash of what was read", path)
-        self.upstream[ref] = Upstream(info.uri, actual)
+        # The path read, not the one in the file's metadata: a file copied in from another run directory
+        # names that run's path there, and the lineage would point at a file this stage never opened.
+        self.upstream[ref] = Upstream(path.resolve().as_uri(), actual)
         return table
 
     def read_path(self, ref: str) -> Path:

@@ -336,3 +336,33 @@ def test_per_step_log_lines_are_gated_to_one_per_interval(tmp_path, monkeypatch)
     monkeypatch.setattr(tasks.base.time, "monotonic", lambda: next(clock))
     due = make_test_context(tmp_path).every(seconds=10)
     assert [due() for _ in range(5)] == [True, False, False, True, True]
+
+
+def test_an_artifact_copied_from_another_run_is_recorded_as_read_here(setup, tmp_path, caplog):
+    """Reliability #17b: a right-schema artifact copied in from another run directory was read with the
+    "changed" warning, and the lineage named the other run's file (the uri in the copy's metadata)."""
+    calls, go, run_dir = setup
+    go(make_config(tmp_path))
+    other = tmp_path / "other"
+    source, double = make_stages(calls)
+    run_stage(source, make_config(tmp_path, n=5), other, log=logging.getLogger("test"))
+    path, foreign = run_dir / "source" / "numbers.parquet", other / "source" / "numbers.parquet"
+    path.write_bytes(foreign.read_bytes())
+    with caplog.at_level(logging.WARNING):
+        forced = run_stage(double, make_config(tmp_path), run_dir, force=True, log=logging.getLogger("test"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"{path} is a copy of {foreign.resolve().as_uri()} (run {read_info(foreign).run_id}), not the file its "
+        f"stage wrote here: lineage records it as read from {path} with the hash of its content"
+    ]
+    [upstream] = forced.outputs["doubled"].upstream
+    assert upstream.uri == path.resolve().as_uri() != read_info(path).uri
+    assert upstream.content_hash == content_hash(read_artifact(path)) == read_info(foreign).content_hash
+    assert pq.read_table(run_dir / "double" / "doubled.parquet").column("value").to_pylist() == [
+        0,
+        2,
+        4,
+        6,
+        8,
+    ]
+    assert [r.status for r in go(make_config(tmp_path))] == ["ran", "ran"]  # the copy is not source's output
