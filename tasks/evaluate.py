@@ -24,7 +24,15 @@ from models.evaluate.classify import Normalization
 from models.evaluate.datasets import DatasetSpec, load_splits
 from models.evaluate.encoders import downstream_vit, export_arch, load_init
 from models.evaluate.pixels import decode_split
-from models.evaluate.protocol import PROTOCOLS_OF_TASK, FeatureCache, Init, Job, ProtocolConfig, run_job
+from models.evaluate.protocol import (
+    PROTOCOLS_OF_TASK,
+    FeatureCache,
+    Init,
+    Job,
+    ProtocolConfig,
+    lesion_free_test_warning,
+    run_job,
+)
 from models.evaluate.report import plot_results, results_table
 from models.synth.corpus import SynthConfig
 from tasks.base import StageConfig, StageContext
@@ -168,6 +176,8 @@ def prepare(ctx: StageContext, spec: DatasetSpec, cfg: Config, size: int) -> Job
         s: decode_split(getattr(splits, s), size, splits.task, cfg.decode_workers)
         for s in ("train", "val", "test")
     }
+    if warning := lesion_free_test_warning(spec.name, splits.task, pixels["test"]):
+        ctx.log.warning(warning)
     return Job(splits, pixels, protocols, tuple(cfg.fractions), tuple(cfg.seeds))
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import logging
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,8 +27,12 @@ from models.evaluate.datasets import (
     read_synth,
     rle_decode,
 )
+from models.evaluate.pixels import decode_split
+from models.evaluate.protocol import lesion_free_test_warning
 from models.images import image_size
 from models.synth.corpus import SynthConfig, generate_corpus
+from tasks.evaluate import Config as EvaluateConfig
+from tasks.evaluate import prepare
 
 REAL_IMAGES = Path(__file__).parent / "data" / "real" / "images"
 REAL = ("00000001_000.png", "tb0005.png", "Fake_MONOHR1.dcm")
@@ -52,11 +58,11 @@ def _write(folder: Path, files: dict[str, str]) -> Path:
 
 def test_official_lists_round_trip_with_real_images(tmp_path):
     lines = {
-        "train_list.txt": [f"{REAL[0]} 0 1 0 ", f"{REAL[1]} 1 0 1", "", f"{REAL[2]} 0 0 0"],
-        "train_list_1.txt": [f"{REAL[1]} 1 0 1"],
+        "train_list.txt": [f"{REAL[0]} 0 1 0 ", "", f"{REAL[2]} 0 0 0"],
+        "train_list_1.txt": [f"{REAL[2]} 0 0 0"],
         "train_list_10.txt": [f"{REAL[2]} 0 0 0 ", f"{REAL[0]} 0 1 0"],
-        "val_list.txt": [f"{REAL[1]} 1 0 1"],
-        "test_list.txt": [f"{REAL[0]} 0 1 0", f"{REAL[2]} 0 0 1  "],
+        "val_list.txt": [f"{REAL[2]} 0 0 0"],
+        "test_list.txt": [f"{REAL[1]} 1 0 1  "],
     }
     folder = _write(tmp_path / "lists", {name: "\n".join(rows) + "\n" for name, rows in lines.items()})
     splits = read_official_classification(folder, ("a", "b", "c"), multilabel=True, image_root=REAL_IMAGES)
@@ -72,7 +78,7 @@ def test_official_lists_round_trip_with_real_images(tmp_path):
         ("test_list.txt", splits.test),
     ):
         assert [written(s) for s in part] == [" ".join(row.split()) for row in lines[name] if row.strip()]
-    assert splits.fractions == {1: (1,), 10: (0, 2), 100: (0, 1, 2)}
+    assert splits.fractions == {1: (1,), 10: (0, 1), 100: (0, 1)}
     assert (splits.name, splits.task, splits.classes, splits.multilabel) == (
         "lists",
         "classification",
@@ -85,11 +91,14 @@ def test_official_lists_round_trip_with_real_images(tmp_path):
 
 def test_official_multiclass_lists_and_drawn_fractions(tmp_path):
     rows = "\n".join(f"{REAL[i % 3]} {i % 3}" for i in range(3)) + "\n"
+    test_rows = "\n".join(f"test/{REAL[i % 3]} {i % 3}" for i in range(3)) + "\n"
     folder = _write(
-        tmp_path / "covidx", {"train_list.txt": rows, "val_list.txt": rows, "test_list.txt": rows}
+        tmp_path / "covidx", {"train_list.txt": rows, "val_list.txt": rows, "test_list.txt": test_rows}
     )
+    (folder / "test").mkdir()
     for name in REAL:
         (folder / name).symlink_to(REAL_IMAGES / name)
+        (folder / "test" / name).write_bytes((REAL_IMAGES / name).read_bytes())
     splits = read_official_classification(folder, ("normal", "pneumonia", "covid"), multilabel=False)
     assert [s.labels for s in splits.test] == [(0,), (1,), (2,)]
     assert splits.fractions[100] == (0, 1, 2) and len(splits.fractions[1]) == 1  # none listed: drawn
@@ -98,7 +107,7 @@ def test_official_multiclass_lists_and_drawn_fractions(tmp_path):
 
 def _official(tmp_path: Path, **files: str) -> Path:
     good = f"{REAL[0]} {' '.join(['0'] * 14)}\n"
-    texts = {"train_list.txt": good, "val_list.txt": good, "test_list.txt": good}
+    texts = {"train_list.txt": good, "val_list.txt": good, "test_list.txt": good.replace(REAL[0], REAL[2])}
     texts.update({name.replace("__", "."): text for name, text in files.items()})
     return _write(tmp_path / "cxr14", texts)
 
@@ -183,11 +192,14 @@ def test_official_fraction_lines_must_be_train_lines(tmp_path):
 
 
 def _box_csvs(tmp_path: Path, rows: list[tuple[str, str]]) -> Path:
+    """The same rows in the three lists; the test list's images are copies in `test/` (splits are disjoint)."""
     folder = tmp_path / "rsna"
     for name, _ in rows:
         _png(folder / name)
+        _png(folder / "test" / name)
     text = "image_path,bbox\n" + "".join(f'{name},"{bbox}"\n' for name, bbox in rows)
-    return _write(folder, {f"{stem}.csv": text for stem in ("train_list", "val_list", "test_list")})
+    test = "image_path,bbox\n" + "".join(f'test/{name},"{bbox}"\n' for name, bbox in rows)
+    return _write(folder, {"train_list.csv": text, "val_list.csv": text, "test_list.csv": test})
 
 
 def test_official_boxes_xyxy_xywh_and_no_box(tmp_path):
@@ -235,7 +247,7 @@ def test_rle_decode_hand_example():
 
 def test_read_siim_groups_rows_and_balances(tmp_path):
     images = tmp_path / "png"
-    for name in ("p1", "n1", "n2", "n3"):
+    for name in ("p1", "n1", "n2", "n3", "p2"):
         _png(images / f"{name}.png")
     train = "ImageId,EncodedPixels\np1,1 2 5 3\nn1,-1\np1, 15 1\nn2, -1\nn3,-1\n"
     folder = _write(
@@ -243,7 +255,7 @@ def test_read_siim_groups_rows_and_balances(tmp_path):
         {
             "train_list.csv": train,
             "val_list.csv": "ImageId,EncodedPixels\nn1,-1\n",
-            "test_list.csv": "ImageId,EncodedPixels\np1,1 2\n",
+            "test_list.csv": "ImageId,EncodedPixels\np2,1 2\n",
         },
     )
     splits = read_siim(folder, image_root=images)
@@ -257,7 +269,7 @@ def test_read_siim_groups_rows_and_balances(tmp_path):
     balanced = balance_positives(splits.train, seed=0)
     assert len(balanced) == 2 and balanced[0] == splits.train[0] and balanced[1].rle == "-1"
     assert balance_positives(splits.train, seed=0) == balanced
-    (folder / "test_list.csv").write_text("ImageId,EncodedPixels\np1,1 2 3\n")
+    (folder / "test_list.csv").write_text("ImageId,EncodedPixels\np2,1 2 3\n")
     with pytest.raises(DatasetError, match="test_list.csv:2: EncodedPixels must be -1 or pairs"):
         read_siim(folder, image_root=images)
     (folder / "test_list.csv").write_text("ImageId,EncodedPixels\nzz,-1\n")
@@ -349,11 +361,12 @@ def test_generic_csv_classification(tmp_path):
 
 def test_generic_csv_segmentation_and_detection(tmp_path):
     _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png")
     _png(tmp_path / "masks" / "a.png", np.full((8, 8), 255, dtype=np.uint8))
     path = _rows(
         tmp_path / "seg.csv",
         ["image_path", "split", "mask_path"],
-        [["a.png", "train", "masks/a.png"], ["a.png", "test", "masks/a.png"]],
+        [["a.png", "train", "masks/a.png"], ["b.png", "test", "masks/a.png"]],
     )
     splits = read_generic_csv(path, "segmentation")
     assert splits.train[0].mask == (tmp_path / "masks" / "a.png").absolute() and splits.val == ()
@@ -418,3 +431,89 @@ def test_load_splits_dispatches_and_validates(tiny_corpus, tmp_path):
         DatasetSpec(name="x", kind="synth", task="classification", path=folder, classes=["a"])
     with pytest.raises(ValidationError, match="Extra inputs"):
         DatasetSpec(name="x", kind="synth", task="detection", path=folder, colour="red")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation sets that would give a wrong score without a sign (reliability #17c)
+
+
+def test_a_test_image_that_is_also_a_training_image_is_refused_naming_the_count_and_a_few(tmp_path):
+    names = [f"{i}.png" for i in range(6)]
+    for name in names:
+        _png(tmp_path / "img" / name)
+    (tmp_path / "img" / "alias.png").symlink_to(tmp_path / "img" / "5.png")
+    train = "".join(f"{n} 1\n" for n in names)
+    test = "".join(f"{n} 0\n" for n in ["0.png", "sub/../1.png", "2.png", "alias.png"])
+    (tmp_path / "img" / "sub").mkdir()
+    folder = _write(
+        tmp_path / "lists", {"train_list.txt": train, "val_list.txt": "0.png 1\n", "test_list.txt": test}
+    )
+    with pytest.raises(DatasetError) as err:
+        read_official_classification(folder, ("a", "b"), multilabel=False, image_root=tmp_path / "img")
+    img = (tmp_path / "img").resolve()
+    assert str(err.value) == (
+        f"{folder / 'test_list.txt'}: 4 test image(s) are also in train_list.txt ({img / '0.png'}, "
+        f"{img / '1.png'}, {img / '2.png'} and 1 more): a test image the model was trained on inflates "
+        "its score; list each image in one split"
+    )
+    path = _rows(
+        tmp_path / "fundus.csv",
+        ["image_path", "split", "label"],
+        [["img/0.png", "train", 0], ["img/1.png", "val", 1], ["img/0.png", "test", 1]],
+    )
+    with pytest.raises(DatasetError) as err:
+        read_generic_csv(path, "classification", ["x", "y"], multilabel=False)
+    assert str(err.value) == (
+        f"{path}: 1 test image(s) are also in the train split ({img / '0.png'}): a test image the model "
+        "was trained on inflates its score; list each image in one split"
+    )
+
+
+def test_a_mask_of_another_size_is_refused_not_stretched(tmp_path):
+    _png(tmp_path / "a.png", np.arange(64, dtype=np.uint8).reshape(8, 8))
+    _png(tmp_path / "masks" / "a.png", np.full((16, 12), 255, dtype=np.uint8))
+    sample = Sample(image=tmp_path / "a.png", mask=tmp_path / "masks" / "a.png")
+    with pytest.raises(DatasetError) as err:
+        decode_split([sample], 4, "segmentation", workers=1)
+    assert str(err.value) == (
+        f"{tmp_path / 'masks' / 'a.png'}: mask is 12x16 px but its image {tmp_path / 'a.png'} is 8x8 px "
+        "(width x height): a mask must have its image's size"
+    )
+    _png(tmp_path / "masks" / "a.png", np.full((8, 8), 255, dtype=np.uint8))
+    assert decode_split([sample], 4, "segmentation", workers=1).masks.all()
+
+
+def test_a_box_reaching_outside_its_image_is_refused(tmp_path):
+    folder = _box_csvs(tmp_path, [("a.png", "[[2, 2, 8, 8]]"), ("b.png", "[[0, 0, 4, 4], [1, 3, 9, 6]]")])
+    splits = read_official_boxes(folder, "detection")
+    assert decode_split(splits.train[:1], 4, "detection", workers=1).boxes[0].tolist() == [[1, 1, 4, 4]]
+    for task in ("detection", "segmentation"):
+        with pytest.raises(DatasetError) as err:
+            decode_split(splits.train, 4, task, workers=1)
+        assert str(err.value) == (
+            f"{folder / 'b.png'}: box 2 [1, 3, 9, 6] (x1, y1, x2, y2) reaches outside the image of 8x8 px "
+            "(width x height): boxes are in the image's own pixels"
+        )
+
+
+def test_a_test_split_without_a_lesion_is_warned_about(tmp_path, caplog):
+    """The Dice of such a split only counts images left empty: 5 of 6 gave a plausible 83.3."""
+    rows = []
+    for i, split in enumerate(["train", "train", "val", "test", "test"]):
+        _png(tmp_path / f"{i}.png", np.arange(64, dtype=np.uint8).reshape(8, 8))
+        _png(tmp_path / "masks" / f"{i}.png", np.full((8, 8), 255 * (split != "test"), dtype=np.uint8))
+        rows.append([f"{i}.png", split, f"masks/{i}.png", "[[1, 1, 3, 3]]" if split != "test" else "[]"])
+    path = _rows(tmp_path / "set.csv", ["image_path", "split", "mask_path", "boxes"], rows)
+    ctx = SimpleNamespace(log=logging.getLogger("test.evaluate"))
+    expected = {
+        "segmentation": "seg: no image of the test split (2) has a lesion at the input size: its Dice only "
+        "counts the images the head leaves empty and says nothing about segmentation",
+        "detection": "det: no image of the test split (2) has a box: its mAP is 0 whatever the head predicts",
+    }
+    for task, message in expected.items():
+        spec = DatasetSpec(name=task[:3], kind="generic", task=task, path=path)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="test.evaluate"):
+            prepare(ctx, spec, EvaluateConfig(datasets=[spec], fractions=[100]), 8)
+        assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [message]
+    assert lesion_free_test_warning("cls", "classification", decode_split([], 8, "classification")) is None

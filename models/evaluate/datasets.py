@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -316,9 +317,11 @@ def _assemble_official(
         if not lists[stem]:
             raise DatasetError(path, None, "lists no images")
         _check_unique(path, lists[stem])
-    train_path = files["train_list"]
-    assert train_path is not None  # checked by _official_files
+    train_path, test_path = files["train_list"], files["test_list"]
+    assert train_path is not None and test_path is not None  # checked by _official_files
     train = tuple(s for _, s in lists["train_list"])
+    test = tuple(s for _, s in lists["test_list"])
+    check_disjoint(test_path, train, test, train_path.name)
     if "train_list_1" in lists:
         fractions = {
             1: _subset(files["train_list_1"], lists["train_list_1"], train_path, lists["train_list"]),
@@ -334,9 +337,26 @@ def _assemble_official(
         multilabel=multilabel,
         train=train,
         val=tuple(s for _, s in lists["val_list"]),
-        test=tuple(s for _, s in lists["test_list"]),
+        test=test,
         fractions=fractions,
     )
+
+
+def check_disjoint(source: Path, train: Sequence[Sample], test: Sequence[Sample], train_name: str) -> None:
+    """DatasetError (on `source`) when a test image is also a training image, naming how many and a few.
+
+    A test image the model was trained on inflates every score of the table, and nothing downstream can see
+    it. Paths are compared with symlinks resolved, so `img/../a.png`, `a.png` and a link to it are one image.
+    """
+    both = sorted({os.path.realpath(s.image) for s in test} & {os.path.realpath(s.image) for s in train})
+    if not both:
+        return
+    shown = ", ".join(both[:3]) + (f" and {len(both) - 3} more" if len(both) > 3 else "")
+    problem = (
+        f"{len(both)} test image(s) are also in {train_name} ({shown}): a test image the model was trained "
+        "on inflates its score; list each image in one split"
+    )
+    raise DatasetError(source, None, problem)
 
 
 def _check_unique(path: Path, rows: list[tuple[int, Sample]]) -> None:
@@ -503,6 +523,7 @@ def drawn_splits(
     if not splits["train"]:
         raise DatasetError(source, None, "has no train rows")
     train = tuple(splits["train"])
+    check_disjoint(source, train, splits["test"], "the train split")
     return Splits(
         name=name,
         task=task,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.evaluate.datasets import Sample, rle_decode
+from models.evaluate.datasets import DatasetError, Sample, rle_decode
 from models.images import load_grayscale
 
 
@@ -39,9 +39,21 @@ def resize_gray(pixels: np.ndarray, size: int) -> np.ndarray:
 
 
 def mask_of(sample: Sample, height: int, width: int, size: int) -> np.ndarray:
-    """The sample's lesion mask at the input size: a mask file, a SIIM RLE, or its boxes filled (RSNA)."""
+    """The sample's lesion mask at the input size: a mask file, a SIIM RLE, or its boxes filled (RSNA).
+
+    A mask file must have its image's size: stretched to fit, a mask of another image, or of a crop or
+    a resize of this one, would mark the wrong pixels and still give a plausible Dice.
+    """
     if sample.mask is not None:
-        full = np.asarray(Image.open(sample.mask).convert("L")) > 0
+        with Image.open(sample.mask) as im:
+            if im.size != (width, height):
+                raise DatasetError(
+                    sample.mask,
+                    None,
+                    f"mask is {im.width}x{im.height} px but its image {sample.image} is {width}x{height} px "
+                    "(width x height): a mask must have its image's size",
+                )
+            full = np.asarray(im.convert("L")) > 0
     elif sample.rle is not None:
         full = rle_decode(sample.rle, height, width)
     else:
@@ -53,6 +65,16 @@ def mask_of(sample: Sample, height: int, width: int, size: int) -> np.ndarray:
 
 
 def scaled_boxes(sample: Sample, height: int, width: int, size: int) -> torch.Tensor:
+    """The sample's boxes in input pixels; DatasetError for a box that reaches outside its image (boxes of
+    another image size, or of another image, would be scaled into the wrong place without a sign)."""
+    for k, (x1, y1, x2, y2) in enumerate(sample.boxes, start=1):
+        if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+            raise DatasetError(
+                sample.image,
+                None,
+                f"box {k} [{x1:g}, {y1:g}, {x2:g}, {y2:g}] (x1, y1, x2, y2) reaches outside the image of "
+                f"{width}x{height} px (width x height): boxes are in the image's own pixels",
+            )
     boxes = torch.tensor(sample.boxes, dtype=torch.float32).reshape(-1, 4)
     return boxes * torch.tensor([size / width, size / height, size / width, size / height])
 
