@@ -10,6 +10,7 @@ greedy answers are reported as `student_greedy` beside it.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Sequence
@@ -68,6 +69,13 @@ class Config(StageConfig):
     )
     held_out: float = Field(
         0.05, gt=0, lt=1, description="share of seed reports kept out of training for eval"
+    )
+    min_agreement: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="fail the stage when the student's held-out polarity agreement is lower, so bulk_distill "
+        "never distils the corpus with it (None: only a warning when it is below the all-absent baseline)",
     )
     tiny: TinyDims = Field(default_factory=TinyDims, description='the base built when base_model is "tiny"')
     tiny_warmup: WarmupSettings = Field(
@@ -180,6 +188,42 @@ def norm(sentence: str) -> str:
 def all_absent_answer(entities: Sequence[str]) -> str:
     """The trivial baseline: every requested entity declared absent."""
     return "\n".join(f"There is no {e}." for e in entities)
+
+
+class StudentTooWeakError(RuntimeError):
+    """The student's held-out agreement is below `finetune_student.min_agreement`."""
+
+
+def check_student(
+    evals: Sequence[dict], min_agreement: float | None, log: logging.Logger | logging.LoggerAdapter
+) -> None:
+    """Log the student's held-out agreement beside the all-absent baseline; warn when it is below the
+    baseline and raise StudentTooWeakError when it is below `min_agreement`.
+
+    A student that does worse than answering every entity "absent" writes wrong certainties into the whole
+    corpus, and bulk_distill cannot tell: this is the last point where the numbers are side by side.
+    """
+    by_system = {e["system"]: e for e in evals}
+    student, baseline = by_system["student"]["polarity_acc"], by_system["all_absent"]["polarity_acc"]
+    pairs = by_system["student"]["n_entities"]
+    log.info(
+        "held-out polarity agreement: student %.3f, all-absent baseline %.3f (%d entities)",
+        student, baseline, pairs,
+    )  # fmt: skip
+    if min_agreement is not None and student < min_agreement:
+        raise StudentTooWeakError(
+            f"finetune_student: the student's held-out polarity agreement {student:.3f} is below "
+            f"finetune_student.min_agreement {min_agreement:g} (all-absent baseline {baseline:.3f}, "
+            f"{pairs} entities): the stage fails so that bulk_distill does not use this student; its outputs "
+            "are in finetune_student/.attempt/"
+        )
+    if student < baseline:
+        log.warning(
+            "the student's held-out polarity agreement %.3f is below the all-absent baseline %.3f (%d "
+            "entities): answering every entity 'absent' would do better, and bulk_distill will distil the "
+            "corpus with this student; set finetune_student.min_agreement to stop here",
+            student, baseline, pairs,
+        )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- stage
@@ -324,6 +368,7 @@ def run(ctx: StageContext, cfg: Config) -> None:
             }
         ],
     )
+    check_student(evals, cfg.min_agreement, ctx.log)
 
 
 STAGE = Stage(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import stat
 import sys
 
@@ -39,9 +40,13 @@ from models.distill.student import (
     warm_up_base,
 )
 from models.distill.teacher_http import ClientConfig
+from models.resources import CONFIG_DIR
+from tasks.config import load_config
 from tasks.finetune_student import (
+    StudentTooWeakError,
     agreement,
     all_absent_answer,
+    check_student,
     entity_subset_rows,
     split_held_out,
 )
@@ -261,6 +266,46 @@ def test_agreement_counts_polarity_exact_and_unparseable():
     assert m["report_exact"] == pytest.approx(1 / 2)
     base = agreement(requested, teacher, [all_absent_answer(e) for e in requested], finder)
     assert base["polarity_acc"] == pytest.approx(1 / 3) and base["unparseable_rate"] == 0
+
+
+def test_a_student_below_the_all_absent_baseline_is_warned_about_or_stopped(caplog):
+    """Reliability #17d: a student at 0.585 against the baseline's 0.78 distilled the corpus without a word."""
+    finder = parse.EntityFinder(["effusion", "pneumonia", "pneumothorax", "edema"])
+    requested = [["effusion", "pneumonia", "pneumothorax", "edema"]] * 2
+    teacher = [
+        "There is no effusion.\nThere is no pneumonia.\nThere is no pneumothorax.\nThere is edema."
+    ] * 2
+    weak = ["There is effusion.\nThere is no pneumonia.\nThere is pneumothorax.\nThere is edema."] * 2
+    evals = [
+        {"system": "student", **agreement(requested, teacher, weak, finder)},
+        {
+            "system": "all_absent",
+            **agreement(requested, teacher, [all_absent_answer(e) for e in requested], finder),
+        },
+    ]
+    log = logging.getLogger("test.finetune_student")
+    with caplog.at_level(logging.INFO, logger=log.name):
+        check_student(evals, None, log)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "held-out polarity agreement: student 0.500, all-absent baseline 0.750 (8 entities)"),
+        ("WARNING", "the student's held-out polarity agreement 0.500 is below the all-absent baseline 0.750 "
+         "(8 entities): answering every entity 'absent' would do better, and bulk_distill will distil the corpus "
+         "with this student; set finetune_student.min_agreement to stop here"),
+    ]  # fmt: skip
+    with pytest.raises(StudentTooWeakError) as err:
+        check_student(evals, 0.6, log)
+    assert str(err.value) == (
+        "finetune_student: the student's held-out polarity agreement 0.500 is below "
+        "finetune_student.min_agreement 0.6 (all-absent baseline 0.750, 8 entities): the stage fails so that "
+        "bulk_distill does not use this student; its outputs are in finetune_student/.attempt/"
+    )
+    caplog.clear()
+    good = {"system": "student", **agreement(requested, teacher, teacher, finder)}
+    with caplog.at_level(logging.INFO, logger=log.name):
+        check_student([good, evals[1]], 0.6, log)
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+    config = load_config(CONFIG_DIR / "demo.yaml", ["finetune_student.min_agreement=0.8"])
+    assert config.finetune_student.min_agreement == 0.8
 
 
 def test_held_out_split_is_seeded_and_disjoint():
