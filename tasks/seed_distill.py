@@ -72,6 +72,9 @@ class Config(StageConfig):
     max_retries: int = Field(6, ge=0)
     timeout_s: float = Field(60.0, gt=0)
     max_tokens: int = Field(256, ge=1)
+    max_answer_chars: int | None = Field(
+        None, ge=1, description="longer answers are rejects (None: 16 characters per max_tokens token)"
+    )
     batch_api: bool = False
     batch_poll_s: float = Field(60.0, gt=0)
     max_prompt_tokens: int = Field(3800, ge=64, description="gpt-3.5-turbo: 4096 context - 256 answer")
@@ -86,7 +89,8 @@ class Config(StageConfig):
             api_key_env=self.api_key_env, send_key_to_local=self.send_key_to_local,
             external_endpoint_ack=self.external_endpoint_ack, proxy=self.proxy,
             concurrency=self.concurrency, rpm=self.rpm, tpm=self.tpm, max_retries=self.max_retries,
-            timeout_s=self.timeout_s, max_tokens=self.max_tokens, temperature=0.0,
+            timeout_s=self.timeout_s, max_tokens=self.max_tokens, max_answer_chars=self.max_answer_chars,
+            temperature=0.0,
         )  # fmt: skip
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from models.distill.batch_api import read_state, run_batch
-from models.distill.cache import ResponseCache
+from models.distill.cache import CachedResponse, ResponseCache
 from models.distill.governance import EndpointPolicyError, MissingAPIKeyError, is_local_host
 from models.distill.parse import EntityFinder, parse_response, qc_flags
 from models.distill.prompt import build_messages
@@ -312,7 +312,7 @@ def test_token_bucket_paces_tokens_per_minute():
 CRASH_SCRIPT = """
 import asyncio, json, os, sys
 sys.path.insert(0, {repo!r})
-from models.distill.cache import ResponseCache
+from models.distill.cache import CachedResponse, ResponseCache
 from models.distill.teacher_http import ChatRequest, ClientConfig, complete_many
 reqs = [ChatRequest(k, tuple(m)) for k, m in json.load(open({reqs!r}))]
 done = []
@@ -517,3 +517,54 @@ def test_retry_after_header_forms():
     soon = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
     assert 25 <= _retry_after(R(**{"retry-after": soon})) <= 31
     assert _retry_after(R(**{"retry-after": "soon"})) is None and _retry_after(R()) is None
+
+
+def test_an_answer_longer_than_its_cap_is_a_reject_row_and_never_cached(tmp_path):
+    """Reliability #17e: a server ignoring max_tokens sent 3.8 MB answers, which were accepted and cached."""
+    import pyarrow.parquet as pq
+
+    from tasks import seed_distill
+    from tests.context import make_test_context, run_direct
+    from tests.test_rules_teacher import PIPELINE, write_upstream
+
+    huge = "There is effusion. " * 20_000  # 380,000 characters
+    answers = iter([huge])
+
+    def runaway(report: str, entities: list[str]) -> str:
+        return next(answers, None) or rules_responder(report, entities)
+
+    write_upstream(tmp_path)
+    out = tmp_path / "seed_distill"
+    with FakeOpenAIServer(responder=runaway) as server:
+        cfg = seed_distill.Config(teacher="openai", base_url=server.base_url, model="teacher", n_reports=10,
+                                  concurrency=1, max_tokens=64)  # fmt: skip
+        ctx = make_test_context(tmp_path, PIPELINE, stage="seed_distill")
+        run_direct(ctx, cfg)
+        assert server.completions_sent == 3  # a reject, not retried: at temperature 0 it would come again
+        rejects = pq.read_table(out / "distill_rejects.parquet").to_pylist()
+        assert rejects == [{"study_id": "s1", "stage": "seed_distill", "attempts": 1,
+                            "reason": "gave up after 1 attempt(s): answer too long: 380,000 characters, the "
+                                      "limit is 1,024 (16 x max_tokens 64); the endpoint did not stop at "
+                                      "max_tokens"}]  # fmt: skip
+        assert [r["study_id"] for r in pq.read_table(out / "seed_distillations.parquet").to_pylist()] == [
+            "s2",
+            "s4",
+        ]
+        with ResponseCache(out / seed_distill.CACHE_FILE) as cache:
+            assert len(cache) == 2
+            cfg = cfg_for(server, max_tokens=64, max_answer_chars=30)
+            reqs = [ChatRequest("a", prompt="x"), ChatRequest("b", prompt="y")]
+            texts = ["There is no effusion at all.", "There is a small left pleural effusion."]
+            cache.put_many(
+                [
+                    CachedResponse("teacher", r.hash(cfg), t, 1, 1, 0.1, "http")
+                    for r, t in zip(reqs, texts, strict=True)
+                ]
+            )
+            results = run(reqs, cfg, cache)
+    assert [r.content for r in results] == ["There is no effusion at all.", None]
+    assert results[1].error == (
+        "cached answer too long: 39 characters, the limit is 30 (max_answer_chars); the endpoint did not stop "
+        "at max_tokens"
+    )
+    assert server.completions_sent == 3

@@ -16,7 +16,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from models.distill.cache import CachedResponse, ResponseCache
-from models.distill.teacher_http import ChatRequest, ChatResult, ClientConfig, make_openai_client
+from models.distill.teacher_http import (
+    ChatRequest,
+    ChatResult,
+    ClientConfig,
+    answer_too_long,
+    make_openai_client,
+)
 
 MAX_REQUESTS_PER_FILE = 50_000
 TERMINAL = ("completed", "failed", "expired", "cancelled")
@@ -168,6 +174,11 @@ def _results(
         else:
             new = h in paid and h not in counted
             counted.add(h)
+            if (too_long := answer_too_long(hit.content, cfg)) is not None:
+                out.append(
+                    ChatResult(req.key, cfg.model, h, None, attempts=int(new), cached=not new, error=too_long)
+                )
+                continue
             out.append(ChatResult(req.key, cfg.model, h, hit.content, hit.prompt_tokens, hit.completion_tokens,
                                   hit.latency_s, attempts=int(new), cached=not new))  # fmt: skip
     return out

@@ -33,6 +33,10 @@ from models.distill.cache import CachedResponse, ResponseCache
 from models.distill.governance import ApiKey, check_route, redact, resolve_api_key
 from models.distill.prompt import estimate_prompt_tokens, estimate_tokens, prompt_hash
 
+# English text averages about 4 characters a token: 16 leaves room for long words and whitespace, and still
+# stops an answer that ignores max_tokens (3.8 MB answers to max_tokens 256 were seen) at a few kB.
+ANSWER_CHARS_PER_TOKEN = 16
+
 
 def iso_date(value: Any) -> Any:
     """YAML reads an unquoted `2024-10-21` as a date; an API version is that date's ISO string."""
@@ -68,11 +72,34 @@ class ClientConfig(BaseModel):
     max_retry_after_s: float = Field(600.0, ge=0)  # a longer Retry-After is not waited for: reject
     temperature: float = 0.0
     max_tokens: int = Field(256, ge=1)
+    # A longer answer is a reject (never cached): a server that ignores max_tokens can send megabytes a
+    # report. None: ANSWER_CHARS_PER_TOKEN characters per max_tokens token.
+    max_answer_chars: int | None = Field(None, ge=1)
     seed: int = 0  # backoff jitter
 
     @property
     def endpoint_url(self) -> str:
         return (self.azure_endpoint or "") if self.provider == "azure" else self.base_url
+
+    @property
+    def answer_char_limit(self) -> int:
+        return self.max_answer_chars or ANSWER_CHARS_PER_TOKEN * self.max_tokens
+
+
+def answer_too_long(content: str, cfg: ClientConfig) -> str | None:
+    """The reject reason for an answer longer than `cfg.answer_char_limit`, or None."""
+    limit = cfg.answer_char_limit
+    if len(content) <= limit:
+        return None
+    source = (
+        "max_answer_chars"
+        if cfg.max_answer_chars
+        else f"{ANSWER_CHARS_PER_TOKEN} x max_tokens {cfg.max_tokens}"
+    )
+    return (
+        f"answer too long: {len(content):,} characters, the limit is {limit:,} ({source}); "
+        "the endpoint did not stop at max_tokens"
+    )
 
 
 @dataclass(frozen=True)
@@ -227,6 +254,8 @@ class TeacherClient:
         """Answer from the cache, or send with retries; returns a result with `error` set on a reject."""
         h = req.hash(self.cfg)
         if self.cache is not None and (hit := self.cache.get(self.cfg.model, h)) is not None:
+            if (too_long := answer_too_long(hit.content, self.cfg)) is not None:
+                return ChatResult(req.key, self.cfg.model, h, None, cached=True, error=f"cached {too_long}")
             return ChatResult(
                 req.key, self.cfg.model, h, hit.content, hit.prompt_tokens, hit.completion_tokens,
                 hit.latency_s, attempts=0, cached=True,
@@ -327,7 +356,10 @@ class TeacherClient:
             raise RetryableError(f"connection error: {e.__cause__ or e}", fatal_when_exhausted=True) from None
         except (openai.APIResponseValidationError, ValueError) as e:  # json.JSONDecodeError is a ValueError
             raise RetryableError(f"invalid JSON in response: {type(e).__name__}") from None
-        return _extract(resp, chat=req.messages is not None)
+        content, tokens, finish = _extract(resp, chat=req.messages is not None)
+        if (too_long := answer_too_long(content, cfg)) is not None:
+            raise RejectError(too_long)  # at temperature 0 a retry gets the same answer
+        return content, tokens, finish
 
     async def _post(self, req: ChatRequest) -> object:
         """The request through the SDK's generic `post` (same auth, URL rules incl. Azure deployments, error
