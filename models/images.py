@@ -48,16 +48,32 @@ class ImageLoadError(Exception):
         super().__init__(f"{self.path}: {reason}")
 
 
-def load_grayscale(path: str | os.PathLike, fix_polarity: bool = True) -> np.ndarray:
+class ConstantImageError(ImageLoadError):
+    """Every pixel has one value (a blank export, a failed conversion): it decodes, and it shows nothing.
+
+    `value` is in the file's own units (0-255 for 8-bit, stored values after the DICOM LUTs); the size is
+    kept so that a caller can name a more basic problem (too small to be a radiograph) first.
+    """
+
+    def __init__(self, path: str | os.PathLike, value: float, height: int, width: int):
+        super().__init__(path, f"constant image (every pixel = {value:g})")
+        self.value, self.height, self.width = value, height, width
+
+
+def load_grayscale(
+    path: str | os.PathLike, fix_polarity: bool = True, reject_constant: bool = False
+) -> np.ndarray:
     """Decode `path` to a float32 [H, W] array in [0, 1], higher = more attenuating (bone, heart).
 
     `fix_polarity`: a DICOM that obeys its header but looks like a negative chest film is flipped back
     (with a warning naming the file); PNG/JPEG carry no polarity tag and are taken as they are.
+    `reject_constant`: ConstantImageError for an image whose pixels all have one value (an all-black
+    export); without it such an image loads as all zeros (a constant DICOM) or its one grey level.
     """
     path = Path(path)
     _require_file(path)
     if _is_dicom(path):
-        pixels = _load_dicom(path)
+        pixels = _load_dicom(path, reject_constant)
         if fix_polarity and looks_inverted(pixels):
             warnings.warn(
                 f"{path}: looks like a negative after applying its PhotometricInterpretation; flipped",
@@ -65,19 +81,22 @@ def load_grayscale(path: str | os.PathLike, fix_polarity: bool = True) -> np.nda
             )
             pixels = 1.0 - pixels
         return pixels
-    return _load_pil(path)
+    return _load_pil(path, reject_constant)
 
 
 def image_size(path: str | os.PathLike, decode: bool = False) -> tuple[int, int]:
-    """(height, width) of a usable image; raises ImageLoadError for a missing, truncated or non-image file.
+    """(height, width) of a usable image; raises ImageLoadError for a missing, truncated or non-image file,
+    and ConstantImageError for one whose pixels all have one value.
 
     Without `decode` only the header and the format's end marker (JPEG EOI, PNG IEND) are read, which
-    catches files cut short at a fraction of the cost of decoding; with `decode` the pixels are decoded.
+    catches files cut short at a fraction of the cost of decoding; a sequential JPEG is also decoded at 1/8
+    scale (see `_decode_jpeg_to_last_block`), which shows a constant one. A constant PNG, DICOM or
+    progressive JPEG is found only with `decode`, which decodes the pixels.
     """
     path = Path(path)
     _require_file(path)
     if decode:
-        return tuple(load_grayscale(path, fix_polarity=False).shape)  # type: ignore[return-value]
+        return tuple(load_grayscale(path, fix_polarity=False, reject_constant=True).shape)  # type: ignore[return-value]
     if _is_dicom(path):
         return _dicom_header_size(path)
     return _pil_header_size(path)
@@ -133,6 +152,13 @@ def _is_dicom(path: Path) -> bool:
         return f.read(4) == b"DICM"
 
 
+def _require_variation(path: Path, pixels: np.ndarray) -> None:
+    """ConstantImageError when every pixel of `pixels` (the file's own values) is the same."""
+    low, high = float(pixels.min()), float(pixels.max())
+    if low == high:
+        raise ConstantImageError(path, low, pixels.shape[0], pixels.shape[1])
+
+
 def _to_unit_range(pixels: np.ndarray) -> np.ndarray:
     """Min-max scale to [0, 1]; a constant image becomes all zeros rather than NaN."""
     pixels = pixels.astype(np.float32, copy=False)
@@ -157,7 +183,7 @@ def _open_pil(path: Path, source: io.BytesIO | None = None) -> Image.Image:
         raise ImageLoadError(path, f"cannot open image: {err}") from None
 
 
-def _load_pil(path: Path) -> np.ndarray:
+def _load_pil(path: Path, reject_constant: bool = False) -> np.ndarray:
     im = _decode_jpeg_to_last_block(path, reduce=1)
     if im is None:
         im = _open_pil(path)
@@ -167,26 +193,29 @@ def _load_pil(path: Path) -> np.ndarray:
             im = ImageOps.exif_transpose(im)
         except (OSError, SyntaxError, ValueError) as err:
             raise ImageLoadError(path, f"cannot decode {im.format or 'image'} data: {err}") from None
-        return _pil_to_unit_gray(path, im)
+        return _pil_to_unit_gray(path, im, reject_constant)
 
 
-def _pil_to_unit_gray(path: Path, im: Image.Image) -> np.ndarray:
+def _pil_to_unit_gray(path: Path, im: Image.Image, reject_constant: bool = False) -> np.ndarray:
     """8-bit modes are scaled by 255, 16-bit by 65535 (full range kept), float images min-max."""
+    scale: float | None
     if im.mode.startswith("I;16"):
-        return np.asarray(im, dtype=np.float32) / 65535.0
-    if im.mode == "I":
+        pixels, scale = np.asarray(im, dtype=np.float32), 65535.0
+    elif im.mode == "I":
         pixels = np.asarray(im, dtype=np.float32)
         scale = 65535.0 if pixels.max() <= 65535 and pixels.min() >= 0 else None
-        return pixels / scale if scale else _to_unit_range(pixels)
-    if im.mode == "F":
-        return _to_unit_range(np.asarray(im, dtype=np.float32))
-    if im.mode != "L":
-        # RGB(A), LA, palette and 1-bit images: ITU-R 601 luma, alpha ignored.
-        im = im.convert("L")
-    pixels = np.asarray(im, dtype=np.float32) / 255.0
-    if pixels.ndim != 2:
-        raise ImageLoadError(path, f"unexpected pixel array shape {pixels.shape} for mode {im.mode}")
-    return pixels
+    elif im.mode == "F":
+        pixels, scale = np.asarray(im, dtype=np.float32), None
+    else:
+        if im.mode != "L":
+            # RGB(A), LA, palette and 1-bit images: ITU-R 601 luma, alpha ignored.
+            im = im.convert("L")
+        pixels, scale = np.asarray(im, dtype=np.float32), 255.0
+        if pixels.ndim != 2:
+            raise ImageLoadError(path, f"unexpected pixel array shape {pixels.shape} for mode {im.mode}")
+    if reject_constant:
+        _require_variation(path, pixels)
+    return pixels / scale if scale else _to_unit_range(pixels)
 
 
 def _pil_header_size(path: Path) -> tuple[int, int]:
@@ -202,7 +231,10 @@ def _pil_header_size(path: Path) -> tuple[int, int]:
     if fmt == "JPEG":
         im = _decode_jpeg_to_last_block(path, reduce=8)
         if im is not None:
-            im.close()
+            with im:
+                low, high = (im if im.mode == "L" else im.convert("L")).getextrema()
+            if low == high:  # a constant JPEG decodes to the same constant at 1/8 scale
+                raise ConstantImageError(path, low, height, width)
     return height, width
 
 
@@ -290,7 +322,7 @@ def _read_dicom(path: Path, stop_before_pixels: bool = False) -> pydicom.Dataset
         raise ImageLoadError(path, f"cannot read DICOM file: {err}") from None
 
 
-def _load_dicom(path: Path) -> np.ndarray:
+def _load_dicom(path: Path, reject_constant: bool = False) -> np.ndarray:
     """Stored values -> modality LUT (rescale slope/intercept) -> VOI window if any -> [0, 1] -> invert
     MONOCHROME1 so that, as for PNG/JPEG radiographs, higher means more attenuating."""
     ds = _read_dicom(path)
@@ -307,10 +339,14 @@ def _load_dicom(path: Path) -> np.ndarray:
     if pixels.ndim == 3:
         # Colour DICOM (pydicom already converted YBR to RGB): luma as for RGB PNGs.
         pixels = pixels[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        if reject_constant:
+            _require_variation(path, pixels)
         return _to_unit_range(pixels)
     pixels = apply_modality_lut(pixels, ds)
     if "WindowCenter" in ds or "VOILUTSequence" in ds:
         pixels = apply_voi_lut(pixels, ds)
+    if reject_constant:
+        _require_variation(path, np.asarray(pixels))
     pixels = _to_unit_range(np.asarray(pixels))
     if photometric == "MONOCHROME1":
         pixels = 1.0 - pixels

@@ -24,6 +24,7 @@ from pydantic import Field
 
 from data_contracts.reports import Image, Reject, Report
 from models.images import (
+    ConstantImageError,
     ImageLoadError,
     describe_path_error,
     image_size,
@@ -177,13 +178,18 @@ def check_image(image: CandidateImage, decode: bool, cfg: Config) -> tuple[int, 
     `models.images._decode_jpeg_to_last_block`), ~2 CPU-hours once for MIMIC's 377k images, spread over
     `image_workers` threads: less than one training epoch, which decodes every image in full.
     `decode=True` decodes the pixels (the same check, at no extra cost) and also rejects frontal views that
-    look like a negative.
+    look like a negative. Both reject a constant image (every pixel one value: a blank export), the header
+    check only where it decodes (sequential JPEG, as MIMIC-CXR-JPG's), after the size and shape checks.
     """
-    if not decode:
-        height, width = image_size(image.path)
-        check_shape(image, height, width, cfg)
-        return height, width
-    pixels = load_grayscale(image.path)
+    try:
+        if not decode:
+            height, width = image_size(image.path)
+            check_shape(image, height, width, cfg)
+            return height, width
+        pixels = load_grayscale(image.path, reject_constant=True)
+    except ConstantImageError as err:
+        check_shape(image, err.height, err.width, cfg)  # too small or too elongated is the more basic reason
+        raise
     check_shape(image, pixels.shape[0], pixels.shape[1], cfg)
     if image.view.upper() in FRONTAL_VIEWS and looks_inverted(pixels):
         raise ImageLoadError(
@@ -591,7 +597,7 @@ def data_files(config: Any) -> list[Path]:
 
 STAGE = Stage(
     name="extract_reports",
-    version="2",  # 2: size/aspect/truncation image checks, report length cap, path rejects
+    version="3",  # 3: CRLF reports read as LF, constant images rejected; 2: size/aspect/truncation checks
     config=Config,
     run=run,
     summary="MIMIC-CXR reports + MIMIC-CXR-JPG tree and CSVs, or a manifest → one row per study and image",

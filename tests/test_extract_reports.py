@@ -624,7 +624,7 @@ def test_images_too_small_too_elongated_or_cut_short_are_rejected_in_both_check_
     folder.mkdir()
     (folder / "good.jpg").write_bytes(radiograph_jpeg)
     PILImage.new("L", (1, 1), 90).save(folder / "dot.jpg")
-    PILImage.new("L", (5000, 1), 90).save(folder / "line.jpg")
+    PILImage.fromarray(np.linspace(0, 255, 5000).astype(np.uint8)[None, :]).save(folder / "line.jpg")
     PILImage.open(folder / "good.jpg").resize((400, 100)).save(folder / "wide.jpg")
     (folder / "cut.jpg").write_bytes(radiograph_jpeg[: len(radiograph_jpeg) // 3] + b"\xff\xd9")
     with PILImage.open(folder / "cut.jpg") as im:
@@ -659,8 +659,33 @@ def test_images_too_small_too_elongated_or_cut_short_are_rejected_in_both_check_
 
     lenient = Config(min_image_side=1, max_aspect_ratio=5000)
     out = extract(data(source="manifest", manifest=str(manifest)), lenient)
-    assert [i.image_id for i in out.images] == ["s1_good", "s2_dot", "s3_line", "s4_wide"]
-    assert [(i.height, i.width) for i in out.images[1:]] == [(1, 1), (1, 5000), (100, 400)]
+    assert [i.image_id for i in out.images] == ["s1_good", "s3_line", "s4_wide"]
+    assert [(i.height, i.width) for i in out.images[1:]] == [(1, 5000), (100, 400)]
+    assert by_key(out.rejects)["s2_dot"].reason == "study s2: constant image (every pixel = 90)"
+
+
+def test_a_blank_image_is_rejected_as_constant(tmp_path, radiograph_jpeg):
+    """Reliability #17f: an all-black image was accepted as usable. The header check sees it in a sequential
+    JPEG (decoded at 1/8 scale); a PNG is decoded only with data.check_images."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "good.jpg").write_bytes(radiograph_jpeg)
+    PILImage.new("L", (96, 80), 0).save(folder / "black.jpg")
+    PILImage.new("L", (96, 80), 255).save(folder / "white.png")
+    names = ["good.jpg", "black.jpg", "white.png"]
+    rows = [
+        {"study_id": f"s{n}", "image_path": name, "report_text": "FINDINGS: Clear lungs."}
+        for n, name in enumerate(names, start=1)
+    ]
+    manifest = write_manifest(folder, rows)
+    for check_images, kept in ((False, ["s1_good", "s3_white"]), (True, ["s1_good"])):
+        out = extract(data(source="manifest", manifest=str(manifest), check_images=check_images), Config())
+        assert [i.image_id for i in out.images] == kept
+        rejects = by_key(out.rejects)
+        assert rejects["s2_black"].reason == "study s2: constant image (every pixel = 0)"
+        assert rejects["s2_black"].source == str((folder / "black.jpg").resolve())
+        assert rejects["s2"].reason == "no usable image: every image of the study was rejected"
+    assert rejects["s3_white"].reason == "study s3: constant image (every pixel = 255)"
 
 
 def test_real_radiographs_pass_the_default_size_and_shape_checks(tmp_path):

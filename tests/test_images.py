@@ -9,7 +9,7 @@ from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from models.images import ImageLoadError, image_size, load_grayscale, looks_inverted
+from models.images import ConstantImageError, ImageLoadError, image_size, load_grayscale, looks_inverted
 
 from .conftest import REAL_DATA
 
@@ -147,8 +147,9 @@ def test_16bit_rgba_and_jpeg_variants_match_the_8bit_png(tmp_path, nih):
 
 
 def test_image_size_is_height_then_width(tmp_path):
-    Image.fromarray(np.zeros((300, 200), dtype=np.uint8)).save(tmp_path / "tall.png")
-    Image.fromarray(np.zeros((300, 200), dtype=np.uint8)).save(tmp_path / "tall.jpg")
+    ramp = np.tile(np.arange(200, dtype=np.uint8), (300, 1))  # not constant: a constant image is refused
+    Image.fromarray(ramp).save(tmp_path / "tall.png")
+    Image.fromarray(ramp).save(tmp_path / "tall.jpg")
     for name in ("tall.png", "tall.jpg"):
         assert image_size(tmp_path / name) == (300, 200)
         assert image_size(tmp_path / name, decode=True) == (300, 200)
@@ -160,6 +161,31 @@ def test_constant_image_loads_as_zeros_not_nan(tmp_path):
     path = write_dicom(tmp_path / "flat.dcm", np.full((8, 8), 7), "MONOCHROME2")
     pixels = load_grayscale(path)
     assert pixels.shape == (8, 8) and not np.isnan(pixels).any() and float(pixels.max()) == 0.0
+
+
+def test_a_constant_image_is_rejected_naming_its_value_in_the_files_units(tmp_path):
+    """Reliability #17f: an all-black image was taken as a usable radiograph."""
+    Image.new("L", (96, 80), 0).save(tmp_path / "black.jpg")
+    Image.new("L", (96, 80), 0).save(tmp_path / "black.png")
+    Image.fromarray(np.full((80, 96), 65535, dtype=np.uint16)).save(tmp_path / "white16.png")
+    Image.new("RGB", (96, 80), (200, 200, 200)).save(tmp_path / "grey_rgb.png")
+    write_dicom(tmp_path / "flat.dcm", np.full((80, 96), 7), "MONOCHROME2", slope=2.0, intercept=-4.0)
+    expected = {"black.jpg": 0, "black.png": 0, "white16.png": 65535, "grey_rgb.png": 200, "flat.dcm": 10}
+    for name, value in expected.items():
+        with pytest.raises(ConstantImageError) as err:
+            load_grayscale(tmp_path / name, reject_constant=True)
+        assert str(err.value) == f"{tmp_path / name}: constant image (every pixel = {value})"
+        assert (err.value.height, err.value.width) == (80, 96)
+        with pytest.raises(ConstantImageError):
+            image_size(tmp_path / name, decode=True)
+        assert load_grayscale(tmp_path / name).shape == (80, 96)  # other readers still load it
+    with pytest.raises(ConstantImageError, match=r"black.jpg: constant image \(every pixel = 0\)$"):
+        image_size(tmp_path / "black.jpg")  # the header check decodes a sequential JPEG at 1/8 scale
+    assert image_size(tmp_path / "black.png") == (80, 96)  # a PNG's header check decodes nothing
+    one_dot = np.zeros((80, 96), dtype=np.uint8)
+    one_dot[40, 48] = 1
+    Image.fromarray(one_dot).save(tmp_path / "dot.png")
+    assert load_grayscale(tmp_path / "dot.png", reject_constant=True)[40, 48] == pytest.approx(1 / 255)
 
 
 def _truncate(src: Path, dst: Path) -> Path:
