@@ -12,10 +12,17 @@ class PretrainMetric(Row):
 
     `samples_per_s` counts every sample of the step (batch × accumulation × world size) over the step's wall time;
     `sr` is 0 when the SR branch is switched off.
+
+    The `heldout_*` and `reliance_*` columns are set on the steps where the text side's image reliance was
+    measured (the last step, and each epoch's last with `reliance_every_epoch`), null elsewhere and when no
+    held-out pair exists (`models.ecamp.reliance`): masked-token accuracy and mean cross-entropy on the entity and
+    descriptor tokens of held-out pairs, with the paired image and with another pair's image;
+    `reliance_acc` = acc paired − acc mismatched, `reliance_loss` = loss mismatched − loss paired (both > 0
+    when the MLM uses the image).
     """
 
     contract: ClassVar[str] = "pretrain_metrics"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
     step: int
     epoch: int
     mim: float
@@ -26,6 +33,13 @@ class PretrainMetric(Row):
     grad_norm: float
     samples_per_s: float
     step_time_s: float
+    heldout_tokens: int | None = None
+    heldout_acc_paired: float | None = None
+    heldout_acc_mismatched: float | None = None
+    heldout_loss_paired: float | None = None
+    heldout_loss_mismatched: float | None = None
+    reliance_acc: float | None = None
+    reliance_loss: float | None = None
 
 
 class PretrainReject(Row):

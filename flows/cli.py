@@ -333,7 +333,8 @@ def evaluate(
     init: Annotated[
         list[str] | None,
         typer.Option(
-            "--init", help="random | ecamp | mim_only | a checkpoint path (repeatable; default: config)"
+            "--init",
+            help="pixels | random | ecamp | mim_only | a checkpoint path (repeatable; default: config)",
         ),
     ] = None,
     set_: SetOpt = None,

@@ -1,6 +1,7 @@
 """Stage 8, `evaluate`: does pre-training pay off? Encoders × downstream datasets × label fractions × seeds.
 
-Initializations (`inits`): `random`, `ecamp` (this run's `pretrain_ecamp/encoder.safetensors`), `mim_only` (the
+Initializations (`inits`): `pixels` (no encoder: the reference row every encoder must beat, see
+`models.evaluate.baseline`), `random`, `ecamp` (this run's `pretrain_ecamp/encoder.safetensors`), `mim_only` (the
 `pretrain_ecamp__mim_only` ablation row: ECAMP with the text side and SR off) or a path to any timm-loadable
 checkpoint (an ECAMP export, MAE ImageNet weights as `.pth` or safetensors). Datasets: the official split lists
 (`kind: official | siim`), a generic CSV (`generic`, e.g. the fundus sets of Tables 10–11) or a generated
@@ -20,9 +21,10 @@ from pydantic import Field, field_validator
 
 from data_contracts.evaluate import EvalResult
 from models.ecamp.export import timm_kwargs
+from models.evaluate.baseline import PIXELS
 from models.evaluate.classify import Normalization
 from models.evaluate.datasets import DatasetSpec, load_splits
-from models.evaluate.encoders import downstream_vit, export_arch, load_init
+from models.evaluate.encoders import LoadReport, downstream_vit, export_arch, load_init
 from models.evaluate.pixels import decode_split
 from models.evaluate.protocol import (
     PROTOCOLS_OF_TASK,
@@ -49,8 +51,8 @@ class Config(StageConfig):
     """What to evaluate; how each head trains is `protocol` (official recipes by default)."""
 
     inits: list[str] = Field(
-        default_factory=lambda: ["random", "ecamp"],
-        description="random | ecamp | mim_only | a checkpoint path; one table row each",
+        default_factory=lambda: [PIXELS, "random", "ecamp"],
+        description="pixels | random | ecamp | mim_only | a checkpoint path; one table row each",
     )
     datasets: list[DatasetSpec] = Field(default_factory=list)
     protocols: list[str] = Field(default_factory=lambda: list(PROTOCOLS), description="which heads to run")
@@ -86,7 +88,9 @@ class Config(StageConfig):
 
 
 def init_of(entry: str, ctx: StageContext) -> Init:
-    """`random`, a named run-directory encoder, or a path (its file stem names the row)."""
+    """`pixels`, `random`, a named run-directory encoder, or a path (its file stem names the row)."""
+    if entry == PIXELS:
+        return Init(PIXELS, None, pixels=True)
     if entry == "random":
         return Init("random", None)
     if entry in NAMED_INITS:
@@ -102,7 +106,7 @@ def init_of(entry: str, ctx: StageContext) -> Init:
     path = Path(entry).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
-            f"evaluate: init '{entry}' is neither random/ecamp/mim_only nor an existing file"
+            f"evaluate: init '{entry}' is neither pixels/random/ecamp/mim_only nor an existing file"
         )
     generic = path.stem in ("encoder", "model", "checkpoint", "checkpoint-best")  # say whose: run/encoder
     return Init(f"{path.parent.name}/{path.stem}" if generic else path.stem, path.resolve())
@@ -132,10 +136,16 @@ def run(ctx: StageContext, cfg: Config) -> None:
     norm = Normalization(mean=train_cfg.mean, std=train_cfg.std)
     reports = {}
     for init in inits:
+        if init.pixels:
+            reports[init.name] = LoadReport("raw pixels, no encoder", PIXELS)
+            ctx.log.info("init %s: no encoder (the reference row: models on the raw pixels)", init.name)
+            continue
         report = load_init(downstream_vit(arch), init.path)
         reports[init.name] = report
         ctx.log.info("init %s: %s%s", init.name, report.describe(), "".join(f"; {n}" for n in report.notes))
-    cache = FeatureCache(arch, norm)  # frozen features shared by every dataset that reads the same images
+    cache = FeatureCache(
+        arch, norm, cfg.protocol.pixels.size
+    )  # frozen features shared by every dataset that reads the same images
     rows: list[dict[str, Any]] = []
     for spec in cfg.datasets:
         job = prepare(ctx, spec, cfg, arch["img_size"])
@@ -150,7 +160,7 @@ def run(ctx: StageContext, cfg: Config) -> None:
         rows += run_job(job, inits, reports, arch, norm, cfg.protocol, ctx.log.info, cache)
     ctx.write("eval_results", rows, EvalResult)
     paper_names = {s.name: s.paper for s in cfg.datasets if s.paper}
-    table = results_table(rows, paper_names) if rows else "no results\n"
+    table = results_table(rows, paper_names, cfg.protocol.pixels.size) if rows else "no results\n"
     ctx.path(TABLE).write_text("# Downstream evaluation\n\n" + table)
     if rows:
         plot_results(rows, ctx.path(PLOT))
@@ -185,7 +195,7 @@ def dataset_files(config: Any) -> list[Path]:
     """The dataset lists/folders and checkpoint-path inits: outside the run directory, fingerprinted."""
     section = config.evaluate
     paths = [Path(s.path) for s in section.datasets]
-    paths += [Path(e).expanduser() for e in section.inits if e != "random" and e not in NAMED_INITS]
+    paths += [Path(e).expanduser() for e in section.inits if e not in (PIXELS, "random", *NAMED_INITS)]
     return paths
 
 

@@ -4,6 +4,9 @@ Reads `extract_reports/images` and `extract_reports/reports`, and when present `
 (context distillation) and `train_gloria/attention_maps` (context-guided SR windows). Without them it runs the
 matching ablation (original text only; SR on the centre window) and says so with a WARNING, never silently.
 
+The text side's image reliance (`models.ecamp.reliance`) is measured on held-out pairs, the images of
+`heldout_splits` (MIMIC's `validate`), one per study: in the last metrics row, the model card and the log.
+
 Outputs under `<run_dir>/pretrain_ecamp/`: `pretrain_metrics` (one row per optimiser step), `pretrain_rejects`,
 `encoder.safetensors` (timm `VisionTransformer`, strict load; see `models.ecamp.export`), `MODEL_CARD.md`,
 `tokenizer.json`, and `train/checkpoint.pt` (full training state: a failed run resumes from it exactly).
@@ -43,6 +46,7 @@ from models.ecamp.pretrain import (
     run_job,
     write_job,
 )
+from models.ecamp.reliance import heldout_records, reliance_line
 from models.resources import REPO_ROOT
 from models.text.entities import lexicon_from_rows
 from models.text.masking import TextMaskingConfig
@@ -66,11 +70,17 @@ class Config(StageConfig):
     splits: list[str] = Field(
         default_factory=lambda: ["train"], description="image splits used for pre-training"
     )
+    heldout_splits: list[str] = Field(
+        default_factory=lambda: ["validate"],
+        description="image splits of the held-out pairs the text side's image reliance is measured on",
+    )
     nproc: int = Field(1, ge=1, description="processes; > 1 launches torchrun (DDP, one per GPU)")
     image_cache: ImageCacheConfig = Field(default_factory=ImageCacheConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
+        if both := sorted(set(self.splits) & set(self.heldout_splits)):
+            raise ValueError(f"splits {both} are both trained on (splits) and held out (heldout_splits)")
         if self.text.max_len > self.model.max_len:
             raise ValueError(
                 f"text.max_len {self.text.max_len} exceeds model.max_len {self.model.max_len} (position embeddings)"
@@ -118,14 +128,17 @@ def run(ctx: StageContext, cfg: Config) -> None:
     out_dir = ctx.scratch("train")  # checkpoint.pt: a failed attempt resumes from it exactly
     entity_words = sorted(lexicon_from_rows(ctx.read(LEXICON).to_pylist()).forms)
     records = cached_records(ctx, cfg, joined.records)
+    heldout = heldout_pairs(ctx, cfg, images, reports, distilled, attention, seed)
     job = write_job(ctx.scratch("job"), model_cfg, train_cfg, text_cfg, records, tokenizer_path,
                     resolve_device(ctx.config.run.device), entity_words,
-                    data_fingerprint(ctx, tokenizer_path))  # fmt: skip
+                    data_fingerprint(ctx, tokenizer_path), heldout)  # fmt: skip
     if cfg.nproc == 1:
         result = run_job(job.parent, out_dir, log=ctx.log)
         model, metrics = result.model, result.metrics
     else:
         model, metrics = run_torchrun(job.parent, out_dir, cfg.nproc, model_cfg, ctx.log)
+        if "heldout_tokens" in metrics[-1]:
+            ctx.log.info(reliance_line(metrics[-1]))
 
     ctx.write("pretrain_metrics", metrics)
     facts = {
@@ -141,6 +154,24 @@ def run(ctx: StageContext, cfg: Config) -> None:
     export_encoder(model, ctx.path(ENCODER), extra={"facts": facts, "lineage": lineage})
     write_model_card(ctx.path(MODEL_CARD), model_cfg, facts, metrics, lineage)
     ctx.log.info("encoder -> %s (on success)", ctx.stage_dir / ENCODER)
+
+
+def heldout_pairs(
+    ctx: StageContext, cfg: Config, images: Any, reports: Any, distilled: Any, attention: Any, seed: int
+) -> list[PretrainRecord]:
+    """The held-out pairs of the image reliance measure (one image per study), or none with a warning."""
+    if cfg.train.reliance_pairs == 0 or not cfg.model.text_side:
+        return []
+    joined = join_inputs(images, reports, distilled, attention, cfg.heldout_splits, cfg.model)
+    pairs = heldout_records(joined.records, seed, cfg.train.reliance_pairs)
+    if len(pairs) < 2:
+        ctx.log.warning(
+            "%d held-out pairs in splits %s: the text side's image reliance is not measured (it needs 2)",
+            len(pairs), cfg.heldout_splits,
+        )  # fmt: skip
+        return []
+    ctx.log.info("image reliance: measured on %d held-out pairs (splits %s)", len(pairs), cfg.heldout_splits)
+    return pairs
 
 
 def cached_records(ctx: StageContext, cfg: Config, records: list[PretrainRecord]) -> list[PretrainRecord]:
@@ -270,7 +301,7 @@ def ablation_rows(table: str, rows: list[str] | None = None) -> dict[str, list[s
 
 STAGE = Stage(
     name="pretrain_ecamp",
-    version="3",  # 3: checkpoints fingerprinted by records and text masking (an old run dir may hold a stale encoder)
+    version="4",  # 4: pretrain_metrics v2 (image reliance columns); 3: checkpoints fingerprinted by records/masking
     config=Config,
     run=run,
     summary="ECAMP pre-training (MLM + MIM + context-guided SR + MSCF) → a timm-loadable ViT encoder",

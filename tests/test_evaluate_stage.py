@@ -35,7 +35,7 @@ def evaluated(tmp_path_factory):
     datasets = ", ".join(f"{{name: syn-{t[:3]}, kind: synth, task: {t}, path: {corpus}}}"
                          for t in ("classification", "segmentation", "detection"))  # fmt: skip
     overrides = [
-        f"evaluate.inits=[random, {encoder}]",
+        f"evaluate.inits=[pixels, random, {encoder}]",
         f"evaluate.datasets=[{datasets}]",
         "evaluate.fractions=[10, 100]",
         "evaluate.seeds=[0, 1]",
@@ -55,17 +55,24 @@ def test_every_protocol_init_fraction_and_seed_gives_one_row(evaluated):
     assert evaluated["result"].status == "ran"
     rows = pq.read_table(evaluated["run_dir"] / "evaluate" / "eval_results.parquet").to_pylist()
     assert (
-        len(rows) == 4 * 2 * 2 * 2
+        len(rows) == 4 * 3 * 2 * 2
     )  # finetune, linear probe, segmentation, detection x inits x fractions x seeds
     assert {r["task"] for r in rows} == {"finetune", "linear_probe", "segmentation", "detection"}
     assert {(r["task"], r["metric"]) for r in rows} == {
         ("finetune", "auc"), ("linear_probe", "auc"), ("segmentation", "dice"), ("detection", "map")
     }  # fmt: skip
-    assert {r["init"] for r in rows} == {"random", "tiny_ecamp"}
+    assert {r["init"] for r in rows} == {"pixels", "random", "tiny_ecamp"}
     assert all(0.0 <= r["value"] <= 1.0 for r in rows)
     digest = hashlib.sha256(evaluated["encoder"].read_bytes()).hexdigest()
     assert {r["checkpoint_hash"] for r in rows if r["init"] == "tiny_ecamp"} == {digest}
     assert {r["checkpoint_hash"] for r in rows if r["init"] == "random"} == {"random"}
+    assert {r["checkpoint_hash"] for r in rows if r["init"] == "pixels"} == {"pixels"}
+    assert {r["task"] for r in rows if r["init"] == "pixels"} == {
+        "finetune",
+        "linear_probe",
+        "segmentation",
+        "detection",
+    }
     n_train = {(r["dataset"], r["fraction"]) for r in rows}
     sizes = {(r["dataset"], r["fraction"]): r["n_train"] for r in rows}
     assert all(sizes[(d, 10)] < sizes[(d, 100)] for d, _ in n_train)
@@ -76,7 +83,8 @@ def test_the_table_and_plot_are_written_and_the_rerun_is_cached(evaluated):
     table = (stage_dir / "RESULTS.md").read_text()
     assert "### Classification, fine-tuned — AUC (%, mean ± std over seeds)" in table
     assert "| init | syn-cla 10% | syn-cla 100% |" in table
-    assert "| tiny_ecamp |" in table and "| random |" in table
+    assert "| tiny_ecamp |" in table and "| random |" in table and "| pixels |" in table
+    assert "pixels: a linear model on the 32×32 image, no encoder" in table
     assert (stage_dir / "eval_plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = run_stage(get_stage("evaluate"), evaluated["config"], evaluated["run_dir"])
     assert again.status == "cached"

@@ -414,11 +414,16 @@ def test_device_decoding_refuses_what_it_cannot_decode(images, reports, tokenize
 
 
 # ---- the stage -------------------------------------------------------------------------------------------------
-def write_upstream(run_dir, images, reports, with_attention: bool) -> None:
+def write_upstream(run_dir, images, reports, with_attention: bool, validate: int = 0) -> None:
+    """Images 0..n-2 train (the last `validate` of them validate instead), n-1 test, plus an orphan image."""
     n = len(images)
+
+    def split(i: int) -> str:
+        return "test" if i == n - 1 else "validate" if i >= n - 1 - validate else "train"
+
     seed_artifact(run_dir, "extract_reports/images", [
-        Image(image_id=f"i{i}", study_id=f"s{i}", subject_id="p", split="train" if i < n - 1 else "test", path=p,
-              view="PA", height=48, width=40)
+        Image(image_id=f"i{i}", study_id=f"s{i}", subject_id="p", split=split(i), path=p, view="PA", height=48,
+              width=40)
         for i, p in enumerate(images)
     ] + [Image(image_id="orphan", study_id="none", subject_id="p", split="train", path=images[0], view="PA",
                height=48, width=40)])  # fmt: skip
@@ -453,6 +458,10 @@ def test_stage_writes_metrics_encoder_and_says_what_it_fell_back_to(
         run_direct(ctx, config.pretrain_ecamp)
     assert "context distillation OFF" in caplog.text
     assert ("context-guided SR OFF" in caplog.text) is not with_attention
+    assert (
+        "0 held-out pairs in splits ['validate']: the text side's image reliance is not measured"
+        in caplog.text
+    )
     metrics = read_artifact(ctx.stage_dir / "pretrain_metrics.parquet").to_pylist()
     assert [r["step"] for r in metrics] == list(range(1, 7))  # 15 train images // 4 = 3 steps × 2 epochs
     rejects = read_artifact(ctx.stage_dir / "pretrain_rejects.parquet").to_pylist()
@@ -462,6 +471,8 @@ def test_stage_writes_metrics_encoder_and_says_what_it_fell_back_to(
     assert vit.forward_features(torch.zeros(1, 3, 32, 32)).shape == (1, 17, 32)
     card = (ctx.stage_dir / "MODEL_CARD.md").read_text()
     assert f"attention windows: {15 if with_attention else 0}" in card
+    assert "## Image reliance of the text side\n\nNot measured (no held-out pair)." in card
+    assert all(r["reliance_acc"] is None for r in metrics)
     assert (ctx.stage_dir / "tokenizer.json").exists() and (
         ctx.stage_dir / "train" / "checkpoint.pt"
     ).exists()
@@ -472,6 +483,44 @@ def test_stage_writes_metrics_encoder_and_says_what_it_fell_back_to(
         Path(r["path"]).parent == ctx.stage_dir / "image_cache" for r in trained_on
     )  # each image decoded once
     assert all(r["path"].endswith(".npy") and len(r["source_size"]) == 2 for r in trained_on)
+
+
+def test_the_stage_measures_image_reliance_on_held_out_studies(tmp_path, images, reports, caplog):
+    """Issue 23 item 2: held-out pairs (the validate split) give the last metrics row, the card and the log the
+    text side's accuracy and loss with the paired and a mismatched image; the held-out images are not trained on."""
+    write_upstream(tmp_path, images, reports, with_attention=False, validate=4)
+    config = load_config(None, [
+        *(f"pretrain_ecamp.model.{k}={v}" for k, v in MODEL.items()), "pretrain_ecamp.model.vocab_size=400",
+        *GLORIA_AGREES, "pretrain_ecamp.text.max_len=48", "pretrain_ecamp.tokenizer_min_frequency=1",
+        "pretrain_ecamp.train.epochs=2", "pretrain_ecamp.train.batch_size=4", "pretrain_ecamp.train.accum_iter=1",
+        "pretrain_ecamp.train.warmup_epochs=1", "pretrain_ecamp.train.num_workers=0",
+        "pretrain_ecamp.train.reliance_every_epoch=true", "run.device=cpu",
+    ])  # fmt: skip
+    ctx = make_test_context(tmp_path, config, stage="pretrain_ecamp")
+    with caplog.at_level(logging.INFO):
+        run_direct(ctx, config.pretrain_ecamp)
+    assert "image reliance: measured on 4 held-out pairs (splits ['validate'])" in caplog.text
+    metrics = read_artifact(ctx.stage_dir / "pretrain_metrics.parquet").to_pylist()
+    assert [r["step"] for r in metrics] == [1, 2, 3, 4]  # 11 train images // 4 = 2 steps x 2 epochs
+    measured = [r["step"] for r in metrics if r["reliance_acc"] is not None]
+    assert measured == [2, 4]  # every epoch's last step
+    last = metrics[-1]
+    assert last["reliance_acc"] == pytest.approx(last["heldout_acc_paired"] - last["heldout_acc_mismatched"])
+    assert last["reliance_loss"] == pytest.approx(
+        last["heldout_loss_mismatched"] - last["heldout_loss_paired"]
+    )
+    assert last["heldout_tokens"] > 0
+    assert (
+        f"image reliance at step 4 ({last['heldout_tokens']} held-out entity/descriptor tokens)"
+        in caplog.text
+    )
+    card = (ctx.stage_dir / "MODEL_CARD.md").read_text()
+    assert "## Image reliance of the text side" in card
+    assert f"| accuracy | {last['heldout_acc_paired']:.4f} | {last['heldout_acc_mismatched']:.4f} |" in card
+    trained_on = (ctx.stage_dir / "job" / "records.jsonl").read_text()
+    held = [json.loads(line) for line in (ctx.stage_dir / "job" / "heldout.jsonl").read_text().splitlines()]
+    assert sorted(r["image_id"] for r in held) == ["i11", "i12", "i13", "i14"]
+    assert all(f'"{r["image_id"]}"' not in trained_on for r in held)
 
 
 def test_a_finished_checkpoint_is_not_resumed_under_another_masking(tmp_path, images, reports, caplog):

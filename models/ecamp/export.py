@@ -135,10 +135,32 @@ def write_model_card(
             "|---|---|---|",
         ]
         lines += [f"| {k} | {first[k]:.4f} | {last[k]:.4f} |" for k in ("mim", "sr", "mlm", "total")]
+        lines += reliance_lines(losses)
     if lineage:
         lines += lineage_lines(lineage)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def reliance_lines(metrics: list[dict[str, Any]]) -> list[str]:
+    """The card's image reliance of the text side: its last measurement (`models.ecamp.reliance`)."""
+    measured = [m for m in metrics if m.get("heldout_acc_paired") is not None]
+    if not measured:
+        why = "no held-out pair" if not any("heldout_tokens" in m for m in metrics) else "no masked token"
+        return ["", "## Image reliance of the text side", "", f"Not measured ({why})."]
+    m = measured[-1]
+    return [
+        "",
+        "## Image reliance of the text side",
+        "",
+        f"Masked entity and descriptor tokens of held-out pairs ({m['heldout_tokens']} tokens, step {m['step']}), "
+        "predicted with the paired image and with another pair's image (the batch rolled by one):",
+        "",
+        "| | paired | mismatched | reliance |",
+        "|---|---|---|---|",
+        f"| accuracy | {m['heldout_acc_paired']:.4f} | {m['heldout_acc_mismatched']:.4f} | {m['reliance_acc']:+.4f} |",
+        f"| loss | {m['heldout_loss_paired']:.4f} | {m['heldout_loss_mismatched']:.4f} | {m['reliance_loss']:+.4f} |",
+    ]
 
 
 def lineage_lines(lineage: dict[str, Any]) -> list[str]:

@@ -396,6 +396,19 @@ class ECAMP(nn.Module):
         loss = weighted_mlm_loss(logits[None], labels[predicted][None], weights[predicted][None])
         return loss * n / (positions or labels.numel())
 
+    def mlm_logits(
+        self,
+        imgs_lr: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        where: torch.Tensor,
+    ) -> torch.Tensor:
+        """MLM logits [n, V] at the `where` [B, L] positions, the text fused with `imgs_lr` as in training (the
+        encoder masks cfg.mask_ratio of the patches with the global RNG: seed it to compare two images)."""
+        latent, _, _ = self.encoder(imgs_lr, self.cfg.mask_ratio)
+        hidden = self.text(input_ids, attention_mask, latent[:, 1:, :])
+        return self.text.head(hidden[where])
+
     # ---- forward ---------------------------------------------------------------------------------------------
     def forward(
         self,

@@ -55,6 +55,7 @@ from models.checkpoints import (
 )
 from models.devices import resolve_device
 from models.ecamp.model import ECAMP, ECAMPConfig
+from models.ecamp.reliance import HeldOutBatch, heldout_batches, measure_reliance, reliance_line
 from models.images import load_grayscale
 
 LOG = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ LOADER_SETTINGS = (
     "decode",
 )
 JPEG_SUFFIXES = (".jpg", ".jpeg")
+MEASURE_SETTINGS = ("reliance_pairs", "reliance_every_epoch")  # what is measured, not what is trained
 
 
 class PretrainConfig(BaseModel):
@@ -127,6 +129,13 @@ class PretrainConfig(BaseModel):
     sr_window_follows_augmentation: bool = Field(
         True, description="move the SR window with the crop/flip (paper intent); official: static window"
     )
+    # measurement: the text side's image reliance on held-out pairs (models.ecamp.reliance)
+    reliance_pairs: int = Field(
+        512,
+        ge=0,
+        description="held-out pairs the image reliance is measured on (one image per study); 0 = off",
+    )
+    reliance_every_epoch: bool = Field(False, description="measure after every epoch, not only at the end")
 
     @property
     def seed_value(self) -> int:
@@ -632,7 +641,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def fingerprint(model_cfg: ECAMPConfig, cfg: PretrainConfig, data_hash: str) -> dict[str, Any]:
     """What must not change for a checkpoint to be resumable (not the checkpoint cadence or worker count)."""
-    keep = cfg.model_dump(exclude={"ckpt_every", *LOADER_SETTINGS})
+    keep = cfg.model_dump(exclude={"ckpt_every", *LOADER_SETTINGS, *MEASURE_SETTINGS})
     return {"model": model_cfg.model_dump(), "train": keep, "data": data_hash}
 
 
@@ -726,8 +735,12 @@ def train(
     progress: bool = True,
     log: logging.Logger = LOG,
     log_every_s: float = LOG_EVERY_S,
+    heldout: Sequence[HeldOutBatch] = (),
 ) -> TrainResult:
     """Train until the schedule ends (or `stop_after` optimiser steps in total), resuming from out_dir/checkpoint.pt.
+
+    With `heldout` batches (`models.ecamp.reliance`) the last step's metrics row (and each epoch's last with
+    `reliance_every_epoch`) carries the text side's image reliance, measured on rank 0 without gradient.
 
     A progress line goes to `log` at most every `log_every_s` seconds (and at the last step): every step is in
     the metrics, and a run log of one line per step is one nobody reads.
@@ -863,7 +876,11 @@ def train(
                 log.info(progress_line(state.metrics[-1], schedule.total_steps))
                 last_line = time.monotonic()
             stop = stop_after is not None and state.step >= stop_after
-            if state.batch_in_epoch >= micro_per_epoch:
+            epoch_end = state.batch_in_epoch >= micro_per_epoch
+            if info.main and heldout and (done or (epoch_end and cfg.reliance_every_epoch)):
+                state.metrics[-1].update(measure_reliance(model, heldout, info.device, seed))
+                log.info(reliance_line(state.metrics[-1]))
+            if epoch_end:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             if done or stop or state.step % cfg.ckpt_every == 0:
                 checkpoint()
@@ -880,6 +897,7 @@ def train(
 # job folder + torchrun entry
 # --------------------------------------------------------------------------------------------------------------
 JOB_FILE = "job.json"
+HELDOUT_FILE = "heldout.jsonl"  # pairs the image reliance is measured on (models.ecamp.reliance)
 
 
 def write_job(
@@ -892,6 +910,7 @@ def write_job(
     device: str,
     entity_words: Sequence[str],
     data_hash: str,
+    heldout: Sequence[PretrainRecord] = (),
 ) -> Path:
     """Everything a (torchrun) training process needs, as plain files, so the stage can launch it as a command.
 
@@ -905,6 +924,8 @@ def write_job(
             line = json.dumps(vars(rec)) + "\n"
             f.write(line)
             digest.update(line.encode())
+    with (job_dir / HELDOUT_FILE).open("w") as f:  # measured on, never trained on: not in the data hash
+        f.writelines(json.dumps(vars(rec)) + "\n" for rec in heldout)
     text = text_cfg.model_dump(mode="json")
     digest.update(json.dumps([data_hash, text, list(entity_words)], sort_keys=True).encode())
     job = {
@@ -948,6 +969,8 @@ def run_job(
     text_cfg = TextMaskingConfig(**job["text"])
     collate = TextCollator(load_wordpiece(job["tokenizer"]), text_cfg, job["entity_words"])
     dataset = PretrainDataset(read_records(job_dir / "records.jsonl"), model_cfg, cfg)
+    heldout_path = job_dir / HELDOUT_FILE
+    heldout = read_records(heldout_path) if heldout_path.exists() else []
     return train(
         model_cfg,
         cfg,
@@ -958,7 +981,26 @@ def run_job(
         data_hash=job["data_hash"],
         progress=progress,
         log=log or LOG,
+        heldout=heldout_set(heldout, dataset, collate, cfg),
     )
+
+
+def heldout_image(rec: PretrainRecord, dataset: PretrainDataset) -> torch.Tensor:
+    """The held-out image as the model sees it in training, without augmentation: whole, resized, normalised."""
+    gray = decode_gray(rec.path)
+    h, w = gray.shape[-2:]
+    return dataset.image_pair(gray, (0, 0, h, w), False, (h, w))[1]
+
+
+def heldout_set(
+    records: Sequence[PretrainRecord], dataset: PretrainDataset, collate: Any, cfg: PretrainConfig
+) -> list[HeldOutBatch]:
+    """The fixed held-out batches of the image reliance measure (none when off or without records)."""
+    if not records or cfg.reliance_pairs == 0:
+        return []
+    images = [heldout_image(rec, dataset) for rec in records]
+    texts = [(rec.text, rec.distilled) for rec in records]
+    return heldout_batches(images, texts, collate, cfg.seed_value, cfg.batch_size)
 
 
 def main(argv: list[str] | None = None) -> None:

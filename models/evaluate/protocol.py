@@ -3,7 +3,8 @@
 The expensive parts are paid once: each split is decoded once (`pixels`), and a frozen encoder's features
 once per initialization (once per seed for the random init, whose weights are the seed's), so the linear probe,
 segmentation and detection heads train on cached tensors. Fine-tuning alone runs the encoder every step.
-Each run picks its weights on the validation split and reports the test split.
+Each run picks its weights on the validation split and reports the test split. The `pixels` initialization has
+no encoder: its features are the pixels themselves (`models.evaluate.baseline`), cached the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from models.evaluate.baseline import PixelBaseline, downsampled, fit_pixel_classifier, pixel_tokens
 from models.evaluate.classify import (
     Augment,
     Normalization,
@@ -30,7 +32,7 @@ from models.evaluate.classify import (
 from models.evaluate.datasets import Splits
 from models.evaluate.detection import DetectionConfig, DetectionHead, decode, detection_loss
 from models.evaluate.encoders import LoadReport, downstream_vit, load_init
-from models.evaluate.fit import FitConfig, fit
+from models.evaluate.fit import FitConfig, FitResult, fit
 from models.evaluate.metrics import detection_map, mean_dice
 from models.evaluate.pixels import Pixels
 from models.evaluate.segment import SegConfig, predict_masks, train_segmentation
@@ -81,14 +83,17 @@ class ProtocolConfig(BaseModel):
     augment: Augment = Field(default_factory=Augment)
     segmentation: SegSettings = Field(default_factory=SegSettings)
     detection: DetSettings = Field(default_factory=DetSettings)
+    pixels: PixelBaseline = Field(default_factory=PixelBaseline)
 
 
 @dataclass(frozen=True)
 class Init:
-    """One row of the results table: a name and the weights to start from (None: random, drawn from the seed)."""
+    """One row of the results table: a name and the weights to start from (None: random, drawn from the seed);
+    `pixels`: no encoder, the raw pixels are the features (the reference row)."""
 
     name: str
     path: Path | None
+    pixels: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,12 +135,14 @@ def labels_of(splits: Splits, name: str) -> torch.Tensor:
 
 class FeatureCache:
     """Frozen encoders per (initialization, encoder seed) and their features per image list, shared by every
-    dataset and protocol of a stage run. A pre-trained encoder is seed-independent; a random one is the seed's."""
+    dataset and protocol of a stage run. A pre-trained encoder is seed-independent; a random one is the seed's.
+    The `pixels` init's features are the downsampled image (pooled) and its grey patches (tokens)."""
 
-    def __init__(self, arch: dict[str, Any], norm: Normalization):
-        self.arch, self.norm = arch, norm
+    def __init__(self, arch: dict[str, Any], norm: Normalization, pixel_size: int = 32):
+        self.arch, self.norm, self.pixel_size = arch, norm, pixel_size
         self.encoders: dict[tuple[str, int], nn.Module] = {}
         self.store: dict[tuple[str, int, str, bool], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.pixel_scores: dict[tuple, tuple[float, FitResult]] = {}
 
     def encoder(self, init: Init, seed: int) -> nn.Module:
         key = (init.name, seed if init.path is None else 0)
@@ -152,8 +159,35 @@ class FeatureCache:
     def tokens(self, init: Init, seed: int, pixels: Pixels) -> torch.Tensor:
         return self._features(init, seed, pixels, tokens=True)[1]
 
+    def pixel_classifier(
+        self,
+        px: dict[str, Pixels],
+        y: dict[str, torch.Tensor],
+        idx: torch.Tensor,
+        multilabel: bool,
+        n_classes: int,
+        cfg: ProtocolConfig,
+    ) -> tuple[float, FitResult]:
+        """(test score, fit) of the `pixels` row's classifier on the `idx` subset: deterministic and free of any
+        encoder, so fitted once per subset and shared by both classification tables and every seed."""
+        key = (*(px[s].key for s in ("train", "val", "test")), tuple(idx.tolist()), cfg.pixels)
+        if key not in self.pixel_scores:
+            pixels_init = Init("pixels", None, pixels=True)
+            feats = {s: self.pooled(pixels_init, 0, px[s]) for s in ("train", "val", "test")}
+            model, fitted = fit_pixel_classifier((feats["train"][idx], y["train"][idx]), (feats["val"], y["val"]),
+                                                 n_classes, multilabel, cfg.pixels)  # fmt: skip
+            self.pixel_scores[key] = (
+                score(y["test"].numpy(), model.logits(feats["test"]), multilabel),
+                fitted,
+            )
+        return self.pixel_scores[key]
+
     def _features(self, init: Init, seed: int, pixels: Pixels, tokens: bool) -> tuple:
-        key = (init.name, seed if init.path is None else 0, pixels.key, tokens)
+        key = (init.name, seed if init.path is None and not init.pixels else 0, pixels.key, tokens)
+        if key not in self.store and init.pixels:
+            patch = self.arch["patch_size"]
+            kept = pixel_tokens(pixels.images, patch, self.norm.mean, self.norm.std) if tokens else None
+            self.store[key] = (downsampled(pixels.images, self.pixel_size), kept)
         if key not in self.store:
             model = self.encoder(init, seed)
             self.store[key] = frozen_features(model, pixels.images, self.norm, tokens=tokens)
@@ -219,6 +253,8 @@ def run_one(
         multilabel, n_classes = splits.multilabel, len(splits.classes)
         y = {s: labels_of(splits, s) for s in ("train", "val", "test")}
         metric = "auc" if multilabel else "accuracy"
+        if init.pixels:
+            return (metric, *cache.pixel_classifier(px, y, idx, multilabel, n_classes, cfg))
         if protocol == "finetune":
             torch.manual_seed(seed)
             model = downstream_vit(arch, n_classes, cfg.drop_path)

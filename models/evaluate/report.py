@@ -1,7 +1,9 @@
 """The evaluation table (laid out like the paper's Tables 4–6) and the metric-vs-label-fraction plot.
 
 Rows are initializations; columns are dataset × label fraction; a cell is mean ± std over seeds, in percent as
-the paper prints them. Where a dataset is one of the paper's, the paper's ECAMP number stands beside ours.
+the paper prints them. Where a dataset is one of the paper's, the paper's ECAMP number stands beside ours. The
+`pixels` row (no encoder, `models.evaluate.baseline`) is the reference every encoder must beat: the table says
+what it is under each table, and the plot draws it as a dashed grey line.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ TITLES = {
     "detection": "Detection",
 }
 METRIC_NAMES = {"auc": "AUC", "accuracy": "ACC", "dice": "Dice", "map": "mAP"}
+PIXELS = "pixels"  # models.evaluate.baseline.PIXELS (this module stays free of torch)
+PIXELS_NOTE = {
+    "finetune": "a linear model on the {s}×{s} image (no encoder to fine-tune: the linear probe's number)",
+    "linear_probe": "a linear model on the {s}×{s} image, no encoder",
+    "segmentation": "the same head on the raw grey patches, no encoder",
+    "detection": "the same head on the raw grey patches, no encoder",
+}
 
 
 def summarize(
@@ -49,8 +58,11 @@ def _ordered(values: list[str]) -> list[str]:
     return list(dict.fromkeys(values))
 
 
-def results_table(rows: Sequence[dict[str, Any]], paper_names: dict[str, str] | None = None) -> str:
-    """Markdown: one table per (task, metric); `paper_names` maps our dataset name to the paper's key."""
+def results_table(
+    rows: Sequence[dict[str, Any]], paper_names: dict[str, str] | None = None, pixel_size: int = 32
+) -> str:
+    """Markdown: one table per (task, metric); `paper_names` maps our dataset name to the paper's key;
+    `pixel_size` is the side of the image the `pixels` row's classifier reads (said under the table)."""
     stats = summarize(rows)
     paper_names = paper_names or {}
     out: list[str] = []
@@ -77,7 +89,10 @@ def results_table(rows: Sequence[dict[str, Any]], paper_names: dict[str, str] | 
                 "| ECAMP (paper) | " + " | ".join("—" if p is None else f"{p:.1f}" for p in paper) + " |"
             )
         n_seeds = sorted({s[2] for k, s in stats.items() if k[0] == task and k[1] == metric})
-        out += ["", f"seeds per cell: {', '.join(map(str, n_seeds))}", ""]
+        out += ["", f"seeds per cell: {', '.join(map(str, n_seeds))}"]
+        if PIXELS in inits:
+            out.append(f"{PIXELS}: " + PIXELS_NOTE.get(task, "no encoder").format(s=pixel_size))
+        out.append("")
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -94,8 +109,9 @@ def plot_results(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     for ax, (task, metric, dataset) in zip(axes[0], panels, strict=True):
         for init in _ordered([r["init"] for r in rows if (r["task"], r["dataset"]) == (task, dataset)]):
             pts = sorted((k[4], v) for k, v in stats.items() if k[:4] == (task, metric, dataset, init))
+            style = dict(linestyle="--", color="0.45", marker="s") if init == PIXELS else dict(marker="o")
             ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts],
-                        marker="o", capsize=3, label=init)  # fmt: skip
+                        capsize=3, label=init, **style)  # fmt: skip
         ax.set_xscale("log")
         ax.set_xlabel("label fraction (%)")
         ax.set_ylabel(f"{METRIC_NAMES.get(metric, metric)} (%)")
