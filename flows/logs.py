@@ -1,4 +1,5 @@
-"""Every message a stage logs reaches the flow run's logs, not only those written through `ctx.log`."""
+"""Every message a stage logs reaches the flow run's logs, not only those written through `ctx.log`; the
+console shows the errors the CLI prints as one line without their traceback (the run's log keeps it)."""
 
 from __future__ import annotations
 
