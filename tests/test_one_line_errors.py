@@ -386,16 +386,20 @@ def test_a_teacher_where_every_request_fails_is_one_line(console, prefect_server
     "err",
     [
         pytest.param("adapter", id="malformed-adapter-config"),
-        pytest.param("checkpoint", id="checkpoint-error"),
+        pytest.param("empty-pth", id="empty-pth"),
+        pytest.param("resume", id="resume-checkpoint-without-fingerprint"),
         pytest.param("image", id="non-image"),
     ],
 )
 def test_errors_raised_by_a_stage_are_one_line(tmp_path, console, prefect_server, monkeypatch, err):
-    """The error classes the stages raise for a malformed `adapter_config.json` (finetune_student / bulk_distill
-    load the adapter), an unreadable checkpoint (`CheckpointError`, a ValueError: an empty `.pth`, a resume
-    checkpoint without its fingerprint) and a file that is no image, raised from inside a real flow."""
+    """The errors the stages raise for a malformed `adapter_config.json` (finetune_student / bulk_distill load
+    the adapter), an empty `.pth`, a pre-training resume checkpoint without its fingerprint (`CheckpointError`,
+    a ValueError) and a file that is no image, made by their real causes and raised from inside a real flow."""
+    import torch
+
+    from models.checkpoints import CheckpointError, read_state_dict
     from models.distill.student import AdapterLoadError, check_adapter_dir
-    from models.evaluate.encoders import CheckpointError
+    from models.ecamp.pretrain import RESUME_KEYS, read_resume_checkpoint
     from models.images import ImageLoadError, load_grayscale
 
     if err == "adapter":
@@ -407,9 +411,24 @@ def test_errors_raised_by_a_stage_are_one_line(tmp_path, console, prefect_server
             check_adapter_dir(adapter)
         raised = caught.value
         expected = f"cannot load LoRA adapter from {adapter}: adapter_config.json holds a JSON NoneType, not an object"
-    elif err == "checkpoint":
-        raised = CheckpointError(f"{tmp_path}/checkpoint.pt: not a readable torch file (empty file)")
-        expected = str(raised)
+    elif err == "empty-pth":
+        (tmp_path / "init.pth").write_bytes(b"")
+        with pytest.raises(CheckpointError) as caught:
+            read_state_dict(tmp_path / "init.pth")
+        raised = caught.value
+        expected = (
+            f"{tmp_path / 'init.pth'}: not a readable torch file (truncated or another format: empty file)"
+        )
+    elif err == "resume":
+        payload = {k: {} for k in RESUME_KEYS if k != "fingerprint"}
+        torch.save(payload, tmp_path / "checkpoint.pt")
+        with pytest.raises(CheckpointError) as caught:
+            read_resume_checkpoint(tmp_path / "checkpoint.pt")
+        raised = caught.value
+        expected = (
+            f"{tmp_path / 'checkpoint.pt'}: not a pre-training resume checkpoint (no 'fingerprint'); delete it to "
+            "start this training over"
+        )
     else:
         text = tmp_path / "notes.png"
         text.write_text("not an image")
