@@ -84,7 +84,7 @@ def file_infos(run_dir: Path) -> list[ArtifactInfo]:
         try:
             outputs = json.loads(path.read_text())["outputs"]
             found += [
-                ArtifactInfo.from_json(o["info"])
+                ArtifactInfo.from_json(o["info"], str(path))
                 for o in outputs.values()
                 if o["kind"] == "file" and o.get("info")
             ]

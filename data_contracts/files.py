@@ -30,13 +30,21 @@ def _text_hash(value: object) -> str:
 
 
 def stamp(path: Path) -> str:
-    """Relative names, sizes and mtimes of a file or of every file under a folder."""
+    """Relative names, sizes and mtimes of a file or of every file under a folder.
+
+    A symlink that leads nowhere (dangling, or a loop) is stamped by the link itself: an input tree may hold
+    one (the extraction rejects it, naming the file), and the stage's cache key must still be computable."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: does not exist")
     entries = []
     for f in _files(path):
-        st = f.stat()
+        try:
+            st = f.stat()
+        except OSError:
+            if not f.is_symlink():
+                raise
+            st = f.lstat()
         entries.append([f.relative_to(path).as_posix() if f != path else f.name, st.st_size, st.st_mtime_ns])
     return _text_hash(entries)
 

@@ -6,11 +6,12 @@ A file that exists under its final name is complete: writers go through a temp f
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,19 @@ import pyarrow.parquet as pq
 from data_contracts.base import ContractError, Row, contract_by_name, to_table, validate_table
 
 METADATA_KEY = b"ecamp.lineage"
+LINEAGE_TYPES: dict[str, type | tuple[type, ...]] = {"str": str, "int": int, "float": (int, float)}
+
+
+class ArtifactWriteError(OSError):
+    """No space (or quota) left while writing an artifact: one line naming the file; the partial temp file is
+    removed and any previous version of the artifact is intact. Keeps the errno, so it is never retried."""
+
+    def __init__(self, path: Path, err: OSError):
+        super().__init__(
+            f"{os.strerror(err.errno).lower()} writing {path}; the partial file was removed "
+            "and any previous version is intact: free space and rerun"
+        )
+        self.errno = err.errno
 
 
 @dataclass(frozen=True)
@@ -55,10 +69,34 @@ class ArtifactInfo:
     created_at: float
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ArtifactInfo:
-        data = dict(data)
-        data["upstream"] = [Upstream(**u) for u in data["upstream"]]
-        return cls(**data)
+    def from_json(cls, data: Any, source: str = "lineage metadata") -> ArtifactInfo:
+        """The lineage as JSON gives it; a field missing, unknown or of the wrong type (metadata edited by
+        hand or by another tool) is a ContractError naming `source` and the field."""
+        if not isinstance(data, dict):
+            raise ContractError(source, None, f"lineage metadata is a {type(data).__name__}, not a mapping")
+        names = {f.name: f.type for f in fields(cls)}
+        if missing := sorted(set(names) - set(data)):
+            raise ContractError(source, None, f"lineage metadata lacks {missing}")
+        if unknown := sorted(set(data) - set(names)):
+            raise ContractError(source, None, f"lineage metadata has unknown fields {unknown}")
+        for name, kind in names.items():
+            value = data[name]
+            if name == "upstream":
+                good = isinstance(value, list) and all(
+                    isinstance(u, dict)
+                    and set(u) == {"uri", "content_hash"}
+                    and all(isinstance(v, str) for v in u.values())
+                    for u in value
+                )
+            else:
+                good = isinstance(value, LINEAGE_TYPES[kind]) and not isinstance(value, bool)
+            if not good:
+                raise ContractError(
+                    source,
+                    None,
+                    f"lineage field '{name}' holds {value!r:.80} ({type(value).__name__}), not {kind}",
+                )
+        return cls(**{**data, "upstream": [Upstream(**u) for u in data["upstream"]]})
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,6 +148,10 @@ def write_artifact(
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ArtifactWriteError(path, err) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return info
@@ -126,7 +168,11 @@ def read_info(path: Path) -> ArtifactInfo:
         raise ContractError(str(path), None, f"not a readable Parquet file ({err})") from None
     if METADATA_KEY not in metadata:
         raise ContractError(str(path), None, "no ecamp lineage metadata: not written by data_contracts")
-    return ArtifactInfo.from_json(json.loads(metadata[METADATA_KEY]))
+    try:
+        data = json.loads(metadata[METADATA_KEY])
+    except ValueError as err:  # bad JSON or UTF-8
+        raise ContractError(str(path), None, f"lineage metadata is not JSON ({err})") from None
+    return ArtifactInfo.from_json(data, str(path))
 
 
 def read_artifact(path: Path, contract: type[Row] | None = None, verify_hash: bool = False) -> pa.Table:

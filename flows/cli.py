@@ -48,7 +48,7 @@ def _check_config(config: Path, overrides: list[str] | None, stage: str | None =
 
 def _check_run_dir(run_dir: Path | None, cfg) -> Path:
     """The run directory this command will use; one that exists as anything but a folder stops it here."""
-    from tasks.lock import LOCK_FILE, RunDirectoryBusy, run_lock
+    from tasks.lock import LOCK_FILE, RunDirectoryBusy, RunDirectoryInTheWay, run_lock
 
     target = Path(run_dir) if run_dir else Path(cfg.run.run_dir)
     if target.exists() and not target.is_dir():
@@ -56,11 +56,11 @@ def _check_run_dir(run_dir: Path | None, cfg) -> Path:
     busy_probe = (
         target / LOCK_FILE
     )  # another command running stages here: say so before a flow that would fail
-    if busy_probe.is_file():
+    if busy_probe.exists():
         try:
             with run_lock(target):
                 pass
-        except RunDirectoryBusy as err:
+        except (RunDirectoryBusy, RunDirectoryInTheWay) as err:
             _fail(err)
     return target
 
@@ -112,21 +112,39 @@ def _check_stages(until: str | None, force: list[str] | None = None, from_: str 
         _fail(ValueError(f"--force {', '.join(late)}: after --until {until}, so it would not run"))
 
 
-def _run_flow(flow: Callable[..., Any], **kwargs: Any) -> Any:
-    """Run a flow against PREFECT_API_URL or a temporary server that dies with this command; the failures a
-    user can fix (config, inputs, device, disk, diverged training) are one line, not a traceback."""
+def known_errors() -> tuple[type[BaseException], ...]:
+    """The failures a user can fix from their message alone (config, inputs, device, disk, diverged training,
+    a teacher endpoint that refuses): one `error:` line on the CLI, the traceback only in the flow run's log.
+    Anything else is a bug and keeps its traceback."""
+    from data_contracts.io import ArtifactWriteError
     from flows.gpu_pool import GpuPoolError
-    from flows.local_server import LocalServerError, prefect_api
+    from flows.local_server import LocalServerError
     from models.checkpoints import CheckpointWriteError
     from models.devices import DeviceError
+    from models.distill.student import AdapterLoadError
+    from models.distill.teacher_http import TeacherFatalError
+    from models.images import ImageLoadError
     from tasks.lock import RunDirectoryBusy
+    from tasks.seed_distill import TooFewAnswersError
 
+    user_errors = (ValueError, FileNotFoundError, FloatingPointError, ImageLoadError)
+    write_errors = (CheckpointWriteError, ArtifactWriteError)  # OSErrors: a full disk
+    runtime_errors = (LocalServerError, RunDirectoryBusy, GpuPoolError, TeacherFatalError, AdapterLoadError)
+    return (*user_errors, *write_errors, *runtime_errors, TooFewAnswersError, DeviceError)
+
+
+def _run_flow(flow: Callable[..., Any], **kwargs: Any) -> Any:
+    """Run a flow against PREFECT_API_URL or a temporary server that dies with this command; the failures a
+    user can fix (`known_errors`) are one line, not a traceback."""
+    from flows.local_server import prefect_api
+    from flows.logs import console_tracebacks_only_for_bugs
+
+    known = known_errors()
     try:
         with prefect_api(say=lambda line: console.print(line, soft_wrap=True)):
-            return flow(**kwargs)
-    except (ValueError, FileNotFoundError, DeviceError, CheckpointWriteError, FloatingPointError) as err:
-        _fail(err)
-    except (LocalServerError, RunDirectoryBusy, GpuPoolError) as err:  # RuntimeErrors named one by one
+            with console_tracebacks_only_for_bugs(known):
+                return flow(**kwargs)
+    except known as err:
         _fail(err)
 
 
@@ -459,7 +477,7 @@ app.add_typer(catalog_app, name="catalog")
 def catalog_rebuild(run_dir: Annotated[Path, typer.Option("--run-dir", help="run directory")]) -> None:
     """Rebuild catalog.duckdb from the lineage every artifact carries in its own Parquet metadata."""
     from data_contracts.catalog import catalog_path, rebuild
-    from tasks.lock import RunDirectoryBusy, run_lock
+    from tasks.lock import RunDirectoryBusy, RunDirectoryInTheWay, run_lock
 
     if not run_dir.is_dir():
         what = "a file, not a run directory" if run_dir.exists() else "no such run directory"
@@ -467,9 +485,9 @@ def catalog_rebuild(run_dir: Annotated[Path, typer.Option("--run-dir", help="run
     try:
         with run_lock(run_dir):
             n = rebuild(run_dir)
-    except RunDirectoryBusy as err:
+    except (RunDirectoryBusy, RunDirectoryInTheWay) as err:
         _fail(err)
-    console.print(f"rebuilt {catalog_path(run_dir)}: {n} artifacts")
+    console.print(f"rebuilt {catalog_path(run_dir)}: {n} artifacts", soft_wrap=True)
 
 
 def _tree_lines(

@@ -15,10 +15,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import urlsplit
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -30,7 +33,8 @@ SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREF
 
 
 class LocalServerError(RuntimeError):
-    """The temporary Prefect server did not come up."""
+    """The Prefect API cannot be used: the temporary server did not come up, its PREFECT_HOME is not a writable
+    folder, or the server PREFECT_API_URL names does not answer."""
 
 
 def die_with_parent() -> Callable[[], None] | None:
@@ -99,6 +103,39 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
         f"the temporary Prefect server did not answer {url}/health within {timeout_s:g} s "
         f"({STARTUP_TIMEOUT_SETTING}); or set PREFECT_API_URL to a running server"
     )
+
+
+def check_answers(url: str, timeout_s: float = 10.0) -> None:
+    """A configured PREFECT_API_URL must accept a connection: else Prefect's client fails on the first flow
+    with a long traceback. Any HTTP answer counts (a hosted API may want a key for /health)."""
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout_s):
+            return
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as err:  # URLError is an OSError; ValueError: not a URL
+        reason = getattr(err, "reason", err)
+        raise LocalServerError(
+            f"PREFECT_API_URL {url} does not answer ({reason}): start that server, or unset PREFECT_API_URL "
+            "to let the command start a temporary one"
+        ) from None
+
+
+def check_prefect_home() -> None:
+    """The temporary server keeps its database in PREFECT_HOME (default ~/.prefect): a folder this process
+    can write, or one line saying so before the server starts (it would fail with a SQLite traceback)."""
+    from prefect.settings import PREFECT_HOME
+
+    home = Path(PREFECT_HOME.value()).expanduser()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=home):
+            pass
+    except OSError as err:
+        raise LocalServerError(
+            f"PREFECT_HOME {home} is not a writable folder ({err.strerror or err}): set PREFECT_HOME to one, "
+            "or PREFECT_API_URL to a running Prefect server"
+        ) from None
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -187,8 +224,10 @@ def prefect_api(say: Callable[[str], None] = print) -> Iterator[None]:
 
     if configured := os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value():
         check_api_through_proxy(configured)
+        check_answers(configured)
         yield
         return
+    check_prefect_home()
     proc, url = launch_server()
     say(f"temporary Prefect server at {url} (pid {proc.pid}); it stops with this command")
     try:

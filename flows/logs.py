@@ -1,7 +1,9 @@
-"""Every message a stage logs reaches the flow run's logs, not only those written through `ctx.log`."""
+"""Every message a stage logs reaches the flow run's logs, not only those written through `ctx.log`; the
+console shows the errors the CLI prints as one line without their traceback (the run's log keeps it)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,3 +42,36 @@ def forward_stage_logs(run_logger: logging.Logger | logging.LoggerAdapter) -> It
         for lg, level in zip(loggers, levels, strict=True):
             lg.removeHandler(handler)
             lg.setLevel(level)
+
+
+class WithoutTracebackOf(logging.Formatter):
+    """A console formatter that leaves out the traceback of the `known` errors: the CLI says what went wrong
+    in one `error:` line, and the flow run's log (the API handler, which formats the record itself) keeps the
+    traceback. Other errors are bugs and keep theirs on the console too. The record is copied, not changed."""
+
+    def __init__(self, inner: logging.Formatter | None, known: tuple[type[BaseException], ...]):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+        self.known = known
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and isinstance(record.exc_info[1], self.known):
+            record = copy.copy(record)
+            record.exc_info, record.exc_text = None, None
+        return self.inner.format(record)
+
+
+@contextmanager
+def console_tracebacks_only_for_bugs(known: tuple[type[BaseException], ...]) -> Iterator[None]:
+    """While the block runs, Prefect's console handlers (on the root logger) print no traceback of `known`."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+    formatters = [h.formatter for h in handlers]
+    for handler, formatter in zip(handlers, formatters, strict=True):
+        handler.setFormatter(WithoutTracebackOf(formatter, known))
+    try:
+        yield
+    finally:
+        for handler, formatter in zip(handlers, formatters, strict=True):
+            handler.setFormatter(formatter)

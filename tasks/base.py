@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 
 from data_contracts import catalog, files
-from data_contracts.base import Row
+from data_contracts.base import Row, contract_by_name
 from data_contracts.io import (
     ArtifactInfo,
     Lineage,
@@ -34,7 +34,16 @@ from data_contracts.io import (
     read_artifact_and_info,
     write_artifact,
 )
-from tasks.record import OutputRecord, SuccessRecord, current_hash, output_path, read_record, write_record
+from tasks.lock import in_the_way
+from tasks.record import (
+    OutputRecord,
+    SuccessRecord,
+    current_hash,
+    output_path,
+    read_record,
+    record_path,
+    write_record,
+)
 from tasks.stage import Stage, split_ref
 
 T = TypeVar("T")
@@ -136,11 +145,15 @@ class StageContext:
         )
 
     def read(self, ref: str, contract: type[Row] | None = None) -> pa.Table:
-        """Read and validate an upstream Parquet artifact, recording the hash of what was read."""
+        """Read and validate an upstream Parquet artifact, recording the hash of what was read. The contract
+        is the one its success record lists, so a file swapped for another output of its stage is refused
+        naming both contracts, instead of failing later on a missing column."""
         found = self._upstream(ref)
         if found is None:
             raise self._missing(ref)
         path, rec = found
+        if contract is None and rec.info is not None:
+            contract = contract_by_name(rec.info.schema_name)
         table, info = read_artifact_and_info(path, contract)
         actual = rec.content_hash if files.stamp(path) == rec.stamp else content_hash(table)
         written_here = rec.info is None or (info.uri, info.content_hash) == (rec.info.uri, rec.content_hash)
@@ -173,7 +186,13 @@ class StageContext:
     # -- writing ----------------------------------------------------------------------------------------
 
     def begin(self) -> None:
-        """Start an attempt: a clean `.attempt/` folder (a previous failed attempt's partial outputs go)."""
+        """Start an attempt: a clean `.attempt/` folder (a previous failed attempt's partial outputs go).
+
+        A success record path that `commit` could not write (a folder named `_stage.json`) is refused here,
+        before the stage runs: found at commit, the outputs would already have been replaced."""
+        record = record_path(self.run_dir, self.name)
+        if record.is_dir():
+            raise in_the_way(record, "the stage's success record")
         shutil.rmtree(self.attempt_dir, ignore_errors=True)
         self.attempt_dir.mkdir(parents=True)
 

@@ -148,7 +148,18 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override '{item}': expected key.path=value")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), parse_yaml(raw, f"override '{key.strip()}'") if raw.strip() else ""
+
+
+def parse_yaml(text: str, source: str, loader: type[yaml.SafeLoader] = yaml.SafeLoader) -> Any:
+    """YAML text as Python values; invalid or absurdly nested YAML (the parser recurses once per level, so a
+    few hundred `[` exhaust Python's stack) is a ConfigError naming `source`."""
+    try:
+        return yaml.load(text, Loader=loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML ({err})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a pipeline config") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -209,13 +220,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """One YAML file as a mapping, with its `extends` chain merged in (a cycle is an error naming it)."""
     source = str(path)
-    if path.resolve() in seen:
-        raise ConfigError(f"{source}: extends itself through {' -> '.join(map(str, seen))}")
-    text = read_config_text(path)
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML ({err})") from None
+        resolved = path.resolve()
+    except (RuntimeError, OSError) as err:  # Python 3.11 reports a symlink loop as RuntimeError
+        raise ConfigError(f"{source}: cannot resolve the path ({err})") from None
+    if resolved in seen:
+        raise ConfigError(f"{source}: extends itself through {' -> '.join(map(str, seen))}")
+    raw = parse_yaml(read_config_text(path), source, _UniqueKeyLoader) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: top level must be a mapping of sections")
     base = raw.pop("extends", None)
@@ -223,7 +234,7 @@ def read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return raw
     if not isinstance(base, str):
         raise ConfigError(f"{source}: extends must be a path to another config, got {base!r}")
-    return merged(read_raw(path.parent / base, (*seen, path.resolve())), raw)
+    return merged(read_raw(path.parent / base, (*seen, resolved)), raw)
 
 
 def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

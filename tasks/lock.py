@@ -25,6 +25,17 @@ class RunDirectoryBusy(RuntimeError):
     """Another process is running stages in this run directory."""
 
 
+class RunDirectoryInTheWay(ValueError):
+    """Something in the run directory stands where the runner must write a file of its own (a folder named
+    `.lock` or `_stage.json`); nothing was changed, and the message names the path."""
+
+
+def in_the_way(path: Path, what: str) -> RunDirectoryInTheWay:
+    return RunDirectoryInTheWay(
+        f"{path} is a folder, not {what}: move it away and run again (nothing in the run directory was changed)"
+    )
+
+
 _held: dict[str, tuple[int, int]] = {}  # resolved run dir -> (fd, depth), for this process
 _guard = threading.Lock()
 
@@ -40,7 +51,10 @@ def _holder(fd: int) -> str:
 
 def _acquire(run_dir: Path) -> int:
     """Take the flock of `run_dir` (no wait) and write who holds it; RunDirectoryBusy names the holder."""
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except IsADirectoryError:
+        raise in_the_way(run_dir / LOCK_FILE, "the run directory's lock file") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -250,13 +250,17 @@ def run(ctx: StageContext, cfg: Config) -> None:
     check_enough(rows, rejects, len(items))
 
 
+class TooFewAnswersError(RuntimeError):
+    """The teacher answered too few requests for the stage to count as done; says why and what to do."""
+
+
 def check_enough(rows: list[dict], rejects: list[dict], asked: int) -> None:
     """Too few answers is a failed stage, not a success a rerun would skip: failed requests are never
     cached, so the next run sends them again (the answers already paid for come from the cache)."""
     if len(rows) >= min(MIN_DISTILLATIONS, asked):
         return
     reasons = Counter(r["reason"].split(": ", 1)[-1][:120] for r in rejects).most_common(3)
-    raise RuntimeError(
+    raise TooFewAnswersError(
         f"seed_distill: only {len(rows)} of {asked} teacher requests succeeded (at least {MIN_DISTILLATIONS} "
         f"are needed); most common reasons: {reasons}. Fix the cause and run the stage again: failed "
         "requests are retried, answers already received come from the cache"

@@ -258,9 +258,12 @@ def test_a_configured_prefect_api_is_used_as_is(monkeypatch):
     from flows import local_server
 
     monkeypatch.setattr(local_server, "launch_server", lambda: pytest.fail("started a server"))
+    checked = []
+    monkeypatch.setattr(local_server, "check_answers", checked.append)  # port 9 answers nobody
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     with local_server.prefect_api():
         assert os.environ["PREFECT_API_URL"] == "http://127.0.0.1:9/api"
+    assert checked == ["http://127.0.0.1:9/api"]
 
 
 @pytest.mark.parametrize("command", ["run", "stage", "demo", "catalog"])

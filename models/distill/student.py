@@ -478,9 +478,15 @@ def check_adapter_dir(adapter_dir: Path) -> dict:
         config = json.loads((adapter_dir / "adapter_config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterLoadError(adapter_dir, f"adapter_config.json is not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise AdapterLoadError(
+            adapter_dir, f"adapter_config.json holds a JSON {type(config).__name__}, not an object"
+        )
     for key in ("r", "lora_alpha", "target_modules", "peft_type"):
         if key not in config:
             raise AdapterLoadError(adapter_dir, f"adapter_config.json lacks '{key}'")
+    if problem := _adapter_config_problem(config):
+        raise AdapterLoadError(adapter_dir, f"adapter_config.json: {problem}")
     try:
         weights = load_file(adapter_dir / "adapter_model.safetensors")
     except (SafetensorError, OSError, ValueError) as err:
@@ -488,6 +494,23 @@ def check_adapter_dir(adapter_dir: Path) -> dict:
     if not any("lora_" in name for name in weights):
         raise AdapterLoadError(adapter_dir, "adapter_model.safetensors holds no LoRA weights")
     return config
+
+
+def _adapter_config_problem(config: dict) -> str | None:
+    """The first of the keys peft relies on that holds a value of the wrong kind (peft fails on it with a
+    TypeError deep inside), or None."""
+    r, alpha, targets = config["r"], config["lora_alpha"], config["target_modules"]
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        return f"'r' is {r!r}, not a positive integer"
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
+        return f"'lora_alpha' is {alpha!r}, not a number"
+    if not (
+        isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+    ):
+        return f"'target_modules' is {targets!r}, not a module name or a list of them"
+    if config["peft_type"] != "LORA":
+        return f"'peft_type' is {config['peft_type']!r}, not 'LORA'"
+    return None
 
 
 def load_student(

@@ -11,6 +11,7 @@ runs over worker processes with a progress bar.
 from __future__ import annotations
 
 import hashlib
+import logging
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 CACHE_SUFFIX = ".npy"
 CHUNK = 16  # images a worker process takes at a time
+_log = logging.getLogger(__name__)
 
 
 class ImageCacheConfig(BaseModel):
@@ -76,6 +78,32 @@ def cache_one(job: tuple[str, str, int]) -> str:
     return target
 
 
+def entry_problem(path: Path, short_side: int) -> str | None:
+    """Why a cached file is not what `cache_one` writes (None when it is): a uint8 C-order array of the
+    working size its name implies, and nothing after it. Only the header is read (no pixels, no pickle), so
+    a 0-byte, cut-short, object (pickled) or reshaped file is found at the cost of one small read."""
+    try:
+        expected = working_size(*source_size(path.name), short_side)
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(f)
+            header_end = f.tell()
+        size = path.stat().st_size
+    except (OSError, ValueError) as err:  # ValueError: no .npy magic, a bad header, a name without HxW
+        return f"is unreadable ({err})"
+    if dtype != np.uint8 or fortran or shape != expected:
+        order = ", Fortran order" if fortran else ""
+        return f"holds an array of {dtype}{order} and shape {shape}, not uint8 {expected}"
+    if size != header_end + expected[0] * expected[1]:
+        return f"has {size - header_end} bytes of pixels, not {expected[0] * expected[1]}"
+    return None
+
+
 def build_image_cache(
     paths: Sequence[str],
     folder: Path,
@@ -83,8 +111,8 @@ def build_image_cache(
     workers: int = 1,
     progress: Callable[[Iterable, int], Iterable] = lambda it, total: it,
 ) -> dict[str, str]:
-    """source path -> cached .npy path for every distinct image; only the missing ones are decoded (the
-    folder is listed once: no per-image stat at 377,110 images)."""
+    """source path -> cached .npy path for every distinct image; only the missing ones, and the cached ones that
+    are not what `cache_one` writes (`entry_problem`: a header read each), are decoded."""
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(
         f"*{CACHE_SUFFIX}.*.tmp"
@@ -92,6 +120,10 @@ def build_image_cache(
         stale.unlink()
     found = {n.rsplit("_", 1)[0]: n for n in os.listdir(folder) if n.endswith(CACHE_SUFFIX)}
     prefixes = {p: cache_prefix(p, short_side) for p in dict.fromkeys(paths)}
+    for prefix in [x for x in prefixes.values() if x in found]:  # in input order
+        if problem := entry_problem(folder / found[prefix], short_side):
+            _log.warning("image cache: %s %s: decoding its image again", folder / found[prefix], problem)
+            (folder / found.pop(prefix)).unlink()
     cached = {p: str(folder / found[x]) for p, x in prefixes.items() if x in found}
     todo = [(p, str(folder / x), short_side) for p, x in prefixes.items() if x not in found]
     processes = min(workers, len(todo) // CHUNK)  # a few dozen images are not worth starting interpreters

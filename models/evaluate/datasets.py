@@ -14,7 +14,9 @@ would change the split sizes that the paper's numbers are compared against. Wher
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import math
 import os
@@ -26,6 +28,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, model_validator
+
+from models.images import ImageLoadError, image_size
 
 TASKS = ("classification", "segmentation", "detection")
 Task = Literal["classification", "segmentation", "detection"]
@@ -102,13 +106,12 @@ def read_official_classification(
 def _read_list_txt(
     path: Path, root: Path, classes: tuple[str, ...], multilabel: bool
 ) -> Iterator[tuple[int, Sample]]:
-    with path.open(encoding="utf-8-sig") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            labels = _official_labels(path, line_no, fields[1:], classes, multilabel)
-            yield line_no, Sample(image=_image(path, line_no, root, fields[0]), labels=labels)
+    for line_no, line in enumerate(io.StringIO(read_text(path), newline=None), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        labels = _official_labels(path, line_no, fields[1:], classes, multilabel)
+        yield line_no, Sample(image=_image(path, line_no, root, fields[0]), labels=labels)
 
 
 def _official_labels(
@@ -192,8 +195,25 @@ def _read_siim_csv(path: Path, root: Path) -> list[tuple[int, Sample]]:
         if image_id not in first_line:
             first_line[image_id] = line_no
             images[image_id] = _image(path, line_no, root, f"{image_id}.png")
+        _check_rle_extent(path, line_no, rle, images[image_id])
         rles.setdefault(image_id, []).append(rle)
     return [(first_line[i], Sample(image=images[i], rle=_join_rles(parts))) for i, parts in rles.items()]
+
+
+def _check_rle_extent(path: Path, line_no: int, rle: str, image: Path) -> None:
+    """A mask's runs must end inside its image (read from the image's header, for the images with a
+    lesion only): found here, the error names the line; found while decoding, it could name neither."""
+    if rle == "-1":
+        return
+    end = sum(int(t) for t in rle.split())  # each run starts where the previous one ended
+    try:
+        height, width = image_size(image)
+    except ImageLoadError as err:
+        raise DatasetError(path, line_no, f"image {err}") from None
+    if end > height * width:
+        raise DatasetError(
+            path, line_no, f"EncodedPixels run to pixel {end}, outside the {height}x{width} image {image}"
+        )
 
 
 def _check_rle(path: Path, line_no: int, rle: str) -> None:
@@ -698,7 +718,7 @@ def _read_csv(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[s
     missing = [c for c in required if c not in header]
     if missing:
         raise DatasetError(path, 1, f"header lacks {', '.join(missing)} (it has {', '.join(header)})")
-    with path.open(newline="", encoding="utf-8-sig") as handle:
+    with io.StringIO(read_text(path), newline="") as handle:
         reader = csv.reader(handle)
         next(reader)
         for fields in reader:
@@ -714,17 +734,40 @@ def _read_csv(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[s
 def _csv_header(path: Path) -> list[str]:
     if not path.is_file():
         raise DatasetError(path, None, "missing")
-    with path.open(newline="", encoding="utf-8-sig") as handle:
+    with io.StringIO(read_text(path), newline="") as handle:
         header = next(csv.reader(handle), None)
     if not header:
         raise DatasetError(path, 1, "empty file; expected a header line")
     return [h.strip() for h in header]
 
 
+def read_text(path: Path) -> str:
+    """A list or CSV file's text: UTF-8 (a BOM is dropped). Another encoding is a DatasetError naming the file
+    and the line of the first byte that is not UTF-8, so the user knows which file to convert."""
+    data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DatasetError(path, None, "is UTF-16 text; save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DatasetError(
+            path, line, f"not UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start}); save it as UTF-8"
+        ) from None
+
+
 def _image(path: Path, line_no: int, root: Path, relative: str, what: str = "image") -> Path:
-    """Absolute path of a listed file, which must exist."""
+    """Absolute path of a listed file, which must exist under `root`: a list never points outside its image
+    root (`../../etc/hostname`, an absolute path), whatever the list came from. Checked on the path as
+    written, so an image root holding symlinks to the real files still works."""
     if not relative.strip():
         raise DatasetError(path, line_no, f"empty {what} path")
+    base = os.path.normpath(root.absolute())
+    joined = os.path.normpath(os.path.join(base, relative.strip()))
+    if os.path.isabs(relative.strip()) or os.path.commonpath([base, joined]) != base:
+        raise DatasetError(
+            path, line_no, f"{what} path {relative.strip()!r} leads outside the image root {base}"
+        )
     resolved = (root / relative.strip()).absolute()
     if not resolved.is_file():
         raise DatasetError(path, line_no, f"{what} not found: {resolved}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from timm.models.vision_transformer import VisionTransformer
 
 from data_contracts.files import sha256_file
@@ -52,8 +52,11 @@ def export_arch(path: Path) -> dict[str, Any] | None:
     """The timm arguments in an ECAMP export's header, or None for any other file."""
     if path.suffix != ".safetensors":
         return None
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as err:  # a text, empty or cut-short file
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(err).strip()})") from None
     if meta.get("format") != FORMAT:
         return None
     return json.loads(meta["timm_kwargs"])
