@@ -36,10 +36,11 @@ def prepare_inputs(
     config: Any, say: Callable[[str], None], stages: Iterable[str], regenerate: bool = False
 ) -> None:
     """The generated inputs the config asks for and `stages` read: the demo corpus at data.root
-    (extract_reports; `regenerate`: see `ensure_generated`), the synth evaluation sets (evaluate; always as
-    `evaluate.synth` says: they are the config's own, never a user's data)."""
+    (extract_reports, and only when `data.source` is mimic: a manifest run never reads data.root;
+    `regenerate`: see `ensure_generated`), the synth evaluation sets (evaluate; always as `evaluate.synth`
+    says: they are the config's own, never a user's data). Nothing a run will not read is generated."""
     stages = set(stages)
-    if "extract_reports" in stages and config.data.generate:
+    if "extract_reports" in stages and config.data.generate and config.data.source == "mimic":
         if not config.data.root:
             raise ValueError(
                 "data.generate is true but data.root is not set: name the folder to generate into"
