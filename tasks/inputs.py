@@ -18,7 +18,7 @@ def ensure_generated(
     """Generate a corpus at `root` from `synth_cfg` when it is missing. A corpus the generator made from
     another synth config is regenerated when `regenerate` (`ecamp demo`: editing the synth section takes
     effect) and kept otherwise (a pipeline run never replaces data under a user's feet)."""
-    from models.synth.corpus import corpus_marker, generate_corpus
+    from models.synth.corpus import check_replaceable, corpus_marker, generate_corpus
 
     marker = corpus_marker(root)
     if marker is not None and marker.get("config") == synth_cfg.model_dump(mode="json"):
@@ -27,6 +27,9 @@ def ensure_generated(
     if marker is not None and not regenerate:
         say(f"{what} at {root} was generated from another synth config: kept (`ecamp demo` regenerates it)")
         return
+    check_replaceable(
+        root, overwrite=True
+    )  # a user's files or edits: refused before a line says "generating"
     say(f"generating the {what} at {root} ...")
     summary = generate_corpus(synth_cfg, root, overwrite=True)
     say(summary.describe())
