@@ -380,11 +380,11 @@ def _check_evaluate_inputs(cfg, target: Path) -> None:
     """Datasets, checkpoint paths and run-directory encoders `evaluate` needs: one line before any flow starts."""
     from tasks.evaluate import NAMED_INITS, missing_init
     from tasks.registry import get_stage
-    from tasks.runner import input_files, upstream_hashes
+    from tasks.runner import input_paths, upstream_hashes
 
     stage = get_stage("evaluate")
     try:
-        input_files(stage, cfg)
+        input_paths(stage, cfg)
     except FileNotFoundError as err:
         _fail(err)
     written = upstream_hashes(stage, target)

@@ -6,17 +6,34 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
+import types
+from pathlib import Path
+from typing import ClassVar
 
+import numpy as np
 import pytest
+from PIL import Image as PILImage
 from typer.testing import CliRunner
 
 import flows.cli
+from data_contracts.base import Row
+from data_contracts.io import read_artifact
+from data_contracts.reports import Image
+from data_contracts.stamps import stat_stamp
 from flows.cli import app
+from models.ecamp.image_cache import build_image_cache, source_size
 from models.synth.corpus import MARKER, CorpusFolderError, SynthConfig, generate_corpus
+from tasks.base import StageConfig
 from tasks.config import load_config
+from tasks.extract_reports import STAGE as EXTRACT
 from tasks.inputs import prepare_inputs
+from tasks.record import read_record
+from tasks.runner import run_stage
+from tasks.stage import Stage
 
-from .conftest import REPO_ROOT
+from .conftest import REAL_DATA, REPO_ROOT
 
 DEMO = str(REPO_ROOT / "configs" / "demo.yaml")
 EMPTY_RUN_DIR = "error: --run-dir is empty; name a run directory (e.g. runs/default, or . on purpose)\n"
@@ -137,3 +154,126 @@ def test_an_unedited_corpus_is_still_replaced_and_an_old_marker_is_refused(tmp_p
         "it cannot be told apart: refusing to replace it. Move it away or delete it yourself."
     )
     assert len(list((corpus / "files").rglob("s*.txt"))) == 3
+
+
+# ------------------------------------------------------------------------------- 4. changed images are seen
+
+
+class ImageCount(Row):
+    contract: ClassVar[str] = "test_image_count"
+    sizes: str
+
+
+class ReaderConfig(StageConfig):
+    pass
+
+
+def _count_images(ctx, cfg) -> None:
+    images = ctx.read("extract_reports/images").to_pylist()
+    ctx.write("count", [{"sizes": ";".join(f"{r['width']}x{r['height']}" for r in images)}])
+
+
+READER = Stage(
+    name="reader", version="1", config=ReaderConfig, run=_count_images, summary="a stage reading the images",
+    reads=("extract_reports/images",), writes={"count": ImageCount},
+)  # fmt: skip
+
+
+def _radiograph(path: Path, width: int, height: int, seed: int) -> None:
+    """A real radiograph, resized, with a seeded patch of noise: each seed is other content."""
+    pixels = np.asarray(
+        PILImage.open(REAL_DATA / "images" / "00000001_000.png").convert("L").resize((width, height))
+    )
+    noise = np.random.default_rng(seed).integers(0, 255, (16, 16), dtype=np.uint8)
+    pixels = pixels.copy()
+    pixels[:16, :16] = noise
+    PILImage.fromarray(pixels).save(path, quality=90)
+
+
+def _manifest_config(tmp_path: Path):
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = ["study_id,image_path,report_text"]
+    for i in range(3):
+        _radiograph(images / f"{i}.jpg", 256, 256, seed=i)
+        rows.append(f's{i},images/{i}.jpg,"FINDINGS: Lungs are clear. IMPRESSION: No acute process {i}."')
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    config = load_config(
+        None, ["data.source=manifest", f"data.manifest={tmp_path / 'manifest.csv'}", "data.check_images=true",
+               "extract_reports.image_workers=1"],
+    )  # fmt: skip
+    config = types.SimpleNamespace(**{n: getattr(config, n) for n in ("run", "data", "extract_reports")})
+    config.reader = ReaderConfig()
+    return config, sorted(images.iterdir())
+
+
+def _run(config, run_dir: Path) -> dict[str, str]:
+    return {s.name: run_stage(s, config, run_dir).status for s in (EXTRACT, READER)}
+
+
+def test_images_replaced_in_place_rerun_the_stages_that_read_them(tmp_path):
+    """Issue 26 #4: with a manifest, images overwritten by others (another size, other content) left
+    extract_reports cached and `images` at the old 256x256: only the manifest's own stamp was fingerprinted."""
+    config, images = _manifest_config(tmp_path)
+    run_dir = tmp_path / "run"
+    assert _run(config, run_dir) == {"extract_reports": "ran", "reader": "ran"}
+    assert _run(config, run_dir) == {"extract_reports": "cached", "reader": "cached"}
+    table = read_artifact(run_dir / "extract_reports" / "images.parquet", Image)
+    assert table.column("stamp").to_pylist() == [stat_stamp(p) for p in images]  # first seen: a stat only
+    inputs = read_record(run_dir, "extract_reports").parts["inputs"]
+    assert list(inputs) == [
+        (tmp_path / "manifest.csv").as_uri(),
+        (tmp_path / "manifest.csv").as_uri() + "#image_path",
+    ]
+
+    for i, path in enumerate(images):  # every image replaced: another size, other content
+        _radiograph(path, 200, 320, seed=10 + i)
+    assert _run(config, run_dir) == {"extract_reports": "ran", "reader": "ran"}
+    table = read_artifact(run_dir / "extract_reports" / "images.parquet", Image).to_pylist()
+    assert [(r["width"], r["height"]) for r in table] == [(200, 320)] * 3
+    assert [r["stamp"] for r in table] == [
+        f"sha256:{hashlib.sha256(p.read_bytes()).hexdigest()}" for p in images
+    ]
+
+    _radiograph(images[1], 200, 320, seed=99)  # the same size, other content: still seen
+    assert _run(config, run_dir) == {"extract_reports": "ran", "reader": "ran"}
+
+    later = time.time() + 60  # the same bytes written again (a re-copy, a touch): nothing reruns
+    for path in images:
+        path.write_bytes(path.read_bytes())
+        os.utime(path, (later, later))
+    assert _run(config, run_dir) == {"extract_reports": "cached", "reader": "cached"}
+
+
+def test_a_replaced_image_in_a_mimic_tree_carries_its_new_stamp(tmp_path):
+    """The MIMIC tree's images take their stamps from the same table as the fingerprint (the paths agree)."""
+    corpus = tmp_path / "mimic"
+    generate_corpus(SynthConfig(n_studies=3, image_size=64), corpus)
+    config = load_config(None, [f"data.root={corpus}", "extract_reports.image_workers=1"])
+    run_dir = tmp_path / "run"
+    assert run_stage(EXTRACT, config, run_dir).status == "ran"
+    first = read_artifact(run_dir / "extract_reports" / "images.parquet", Image).to_pylist()
+    target = Path(first[0]["path"])
+    _radiograph(target, 96, 80, seed=5)
+    assert run_stage(EXTRACT, config, run_dir).status == "ran"
+    second = {
+        r["path"]: r for r in read_artifact(run_dir / "extract_reports" / "images.parquet", Image).to_pylist()
+    }
+    assert second[str(target)]["stamp"] == f"sha256:{hashlib.sha256(target.read_bytes()).hexdigest()}"
+    assert (second[str(target)]["width"], second[str(target)]["height"]) == (96, 80)
+    assert all(second[r["path"]]["stamp"] == r["stamp"] for r in first[1:])
+
+
+def test_the_image_cache_decodes_a_replaced_image_again_and_drops_its_old_copy(tmp_path):
+    """The pre-training cache was keyed by path only: a replaced image kept training on its old pixels."""
+    source = tmp_path / "a.jpg"
+    _radiograph(source, 256, 256, seed=1)
+    folder = tmp_path / "cache"
+    old = build_image_cache([str(source)], folder, 64, stamps={str(source): "sha256:old"})[str(source)]
+    assert source_size(old) == (256, 256)
+    _radiograph(source, 200, 320, seed=2)
+    again = build_image_cache([str(source)], folder, 64, stamps={str(source): "sha256:old"})[str(source)]
+    assert again == old  # the same stamp: served from the cache, no read
+    new = build_image_cache([str(source)], folder, 64, stamps={str(source): "sha256:new"})[str(source)]
+    assert source_size(new) == (320, 200) and np.load(new).shape == (102, 64)
+    assert sorted(p.name for p in folder.iterdir()) == [Path(new).name]  # the old content's copy is gone
