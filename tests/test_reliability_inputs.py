@@ -21,7 +21,7 @@ import flows.cli
 from data_contracts.base import Row
 from data_contracts.io import read_artifact
 from data_contracts.reports import Image
-from data_contracts.stamps import stat_stamp
+from data_contracts.stamps import STAMPS_FILE, StampTable, stat_stamp
 from flows.cli import app
 from models.ecamp.image_cache import build_image_cache, source_size
 from models.synth.corpus import MARKER, CorpusFolderError, SynthConfig, generate_corpus
@@ -277,3 +277,27 @@ def test_the_image_cache_decodes_a_replaced_image_again_and_drops_its_old_copy(t
     new = build_image_cache([str(source)], folder, 64, stamps={str(source): "sha256:new"})[str(source)]
     assert source_size(new) == (320, 200) and np.load(new).shape == (102, 64)
     assert sorted(p.name for p in folder.iterdir()) == [Path(new).name]  # the old content's copy is gone
+
+
+def test_a_broken_stamp_table_counts_every_file_as_first_seen(tmp_path):
+    """A damaged `_input_stamps.parquet` is a warning, never a crash or a stale stamp: every file is first
+    seen again (its stat), and the table is written anew."""
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"{i}.txt")
+        files[-1].write_text(f"content {i}")
+    table_path = tmp_path / STAMPS_FILE
+    table_path.write_bytes(b"not parquet at all")
+    warnings: list[str] = []
+    table = StampTable(table_path, warnings.append)
+    assert len(warnings) == 1 and warnings[0].startswith(f"{table_path}: unreadable (")
+    assert warnings[0].endswith("): every input file counts as first seen")
+    assert table.stamps([str(f) for f in files]) == [stat_stamp(f) for f in files]
+    table.save()
+    files[0].write_text("other content")
+    again = StampTable(table_path, warnings.append)
+    assert again.stamps([str(f) for f in files] + [str(tmp_path / "gone.txt")]) == [
+        f"sha256:{hashlib.sha256(b'other content').hexdigest()}", stat_stamp(files[1]), stat_stamp(files[2]),
+        "absent",
+    ]  # fmt: skip
+    assert len(warnings) == 1
