@@ -15,7 +15,8 @@ from pathlib import Path
 CHUNK = 1 << 20
 
 
-def _files(path: Path) -> list[Path]:
+def list_files(path: Path) -> list[Path]:
+    """The file itself, or every file under a folder in a stable order (symlinked folders not entered)."""
     if path.is_file():
         return [path]
     out = []
@@ -38,7 +39,7 @@ def stamp(path: Path) -> str:
     if not path.exists():
         raise FileNotFoundError(f"{path}: does not exist")
     entries = []
-    for f in _files(path):
+    for f in list_files(path):
         try:
             st = f.stat()
         except OSError:
@@ -64,4 +65,4 @@ def content_hash(path: Path) -> str:
         raise FileNotFoundError(f"{path}: does not exist")
     if path.is_file():
         return sha256_file(path)
-    return _text_hash([[f.relative_to(path).as_posix(), sha256_file(f)] for f in _files(path)])
+    return _text_hash([[f.relative_to(path).as_posix(), sha256_file(f)] for f in list_files(path)])

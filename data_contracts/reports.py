@@ -24,10 +24,11 @@ class Report(Row):
 
 
 class Image(Row):
-    """One image of a study that has a usable report; `path` is absolute."""
+    """One image of a study that has a usable report; `path` is absolute, `stamp` says which content of it
+    was checked (`data_contracts.stamps`): a replaced image changes this table, so its readers rerun."""
 
     contract: ClassVar[str] = "images"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
     image_id: str
     study_id: str
     subject_id: str
@@ -36,6 +37,7 @@ class Image(Row):
     view: str  # ViewPosition (PA, AP, LATERAL, ...), "" when unknown
     height: int
     width: int
+    stamp: str  # `sha256:<hex>`, or `stat:<size>:<mtime_ns>` until the file first changes
 
 
 class Reject(Row):

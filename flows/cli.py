@@ -18,8 +18,20 @@ console = Console(stderr=True)
 
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 
+
+def _run_dir_arg(value: str) -> Path:
+    """`--run-dir ""` would become Path("."): every artifact, catalog.duckdb and .lock in the working
+    directory. Refused as an empty `run.run_dir` is; `--run-dir .` says so on purpose."""
+    if not value.strip():
+        _fail(ValueError("--run-dir is empty; name a run directory (e.g. runs/default, or . on purpose)"))
+    return Path(value)
+
+
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="pipeline YAML config")]
-RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="run directory (default: run.run_dir)")]
+RunDirOpt = Annotated[
+    Path | None,
+    typer.Option("--run-dir", parser=_run_dir_arg, help="run directory (default: run.run_dir)"),
+]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config field: a.b=value")]
 
 
@@ -213,7 +225,9 @@ def demo(
     _check_run_dir(run_dir, cfg)
     _check_stages(until)
     _preflight(cfg, until=until)
-    ensure_inputs(cfg, regenerate=True)
+    from flows.pipeline import stage_window
+
+    ensure_inputs(cfg, stage_window(None, until)[0], regenerate=True)
     from flows.pipeline import ecamp_pipeline
 
     summaries = _run_flow(
@@ -386,11 +400,11 @@ def _check_evaluate_inputs(cfg, target: Path) -> None:
     from models.checkpoints import CheckpointError, read_state_dict
     from tasks.evaluate import NAMED_INITS, missing_init
     from tasks.registry import get_stage
-    from tasks.runner import input_files, upstream_hashes
+    from tasks.runner import input_paths, upstream_hashes
 
     stage = get_stage("evaluate")
     try:
-        input_files(stage, cfg)
+        input_paths(stage, cfg)
     except FileNotFoundError as err:
         _fail(err)
     written = upstream_hashes(stage, target)
@@ -474,7 +488,9 @@ app.add_typer(catalog_app, name="catalog")
 
 
 @catalog_app.command("rebuild")
-def catalog_rebuild(run_dir: Annotated[Path, typer.Option("--run-dir", help="run directory")]) -> None:
+def catalog_rebuild(
+    run_dir: Annotated[Path, typer.Option("--run-dir", parser=_run_dir_arg, help="run directory")],
+) -> None:
     """Rebuild catalog.duckdb from the lineage every artifact carries in its own Parquet metadata."""
     from data_contracts.catalog import catalog_path, rebuild
     from tasks.lock import RunDirectoryBusy, RunDirectoryInTheWay, run_lock

@@ -93,6 +93,7 @@ class StageContext:
     run_id: str = "local"
     config_hash: str = ""
     inputs: list[Upstream] = field(default_factory=list)
+    input_stamps: dict[str, str] = field(default_factory=dict)  # path -> stamp of every input file read
     outputs: dict[str, ArtifactInfo] = field(default_factory=dict)
     upstream: dict[str, Upstream] = field(default_factory=dict)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from data_contracts.reports import Image, Reject, Report
+from data_contracts.stamps import stat_stamp
 from models.images import (
     ConstantImageError,
     ImageLoadError,
@@ -34,7 +36,7 @@ from models.images import (
 )
 from models.text.sections import extract_findings_impression
 from tasks.base import StageConfig, StageContext
-from tasks.stage import Stage
+from tasks.stage import FileSet, Stage
 
 METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv"
 SPLIT_CSV = "mimic-cxr-2.0.0-split.csv"
@@ -235,8 +237,19 @@ def check_images(
 # --------------------------------------------------------------------------- assembly
 
 
-def assemble(studies: list[CandidateStudy], check_decode: bool, cfg: Config, out: Extraction) -> Extraction:
-    """Parse reports, check images, and keep the studies with a usable report and >= 1 usable image."""
+def assemble(
+    studies: list[CandidateStudy],
+    check_decode: bool,
+    cfg: Config,
+    out: Extraction,
+    stamps: Mapping[str, str] | None = None,
+) -> Extraction:
+    """Parse reports, check images, and keep the studies with a usable report and >= 1 usable image.
+
+    Each image row carries its file's stamp from `stamps` (the runner's, taken for the fingerprint), or its
+    first-seen stamp when it has none there, so a replaced image changes `images` and every stage reading it
+    reruns."""
+    stamps = stamps or {}
     parsed: list[tuple[CandidateStudy, Report]] = []
     for study in studies:
         try:
@@ -263,6 +276,7 @@ def assemble(studies: list[CandidateStudy], check_decode: bool, cfg: Config, out
                     view=image.view,
                     height=result[0],
                     width=result[1],
+                    stamp=stamps.get(str(image.path)) or stat_stamp(image.path),
                 )
             )
         if not kept:
@@ -500,9 +514,7 @@ def list_manifest_studies(
         if wanted and has_view and view.upper() not in wanted:
             out.reject(path, key, f"study {study_id}: view {view!r} not in data.views {sorted(wanted)}")
             continue
-        image = Path(image_path)
-        image = image if image.is_absolute() else path.parent / image
-        image, problem = _resolve_image(image)
+        image, problem = manifest_image(path, image_path)
         if problem:
             out.reject(path, key, f"study {study_id}: image_path {_shorten(image_path)}: {problem}")
             continue
@@ -520,6 +532,22 @@ def list_manifest_studies(
         studies = studies[:max_studies]
     _log.info("manifest %s: %d rows, %d candidate studies", path, len(frame), len(studies))
     return studies
+
+
+def manifest_image(manifest: Path, value: str) -> tuple[Path, str | None]:
+    """The image a manifest row names, as the stage opens it (relative to the resolved manifest's folder),
+    and why it cannot even be looked up, if so."""
+    image = Path(value)
+    return _resolve_image(image if image.is_absolute() else manifest.parent / image)
+
+
+def manifest_images(manifest: Path) -> FileSet:
+    """Every image the manifest names, for the fingerprint: a replaced image reruns the stage."""
+    manifest = Path(manifest).resolve()
+    column = read_manifest_table(manifest)["image_path"]
+    found = (manifest_image(manifest, value.strip()) for value in column if value.strip())
+    paths = dict.fromkeys(str(image) for image, problem in found if problem is None)
+    return FileSet(manifest, "image_path", tuple(paths))
 
 
 def _resolve_image(image: Path) -> tuple[Path, str | None]:
@@ -544,8 +572,9 @@ def _shorten(text: str, keep: int = 80) -> str:
 # --------------------------------------------------------------------------- entry points
 
 
-def extract(data: Any, cfg: Config) -> Extraction:
-    """Run the reader named by `data.source` (a `tasks.config.DataConfig`) and assemble the three tables."""
+def extract(data: Any, cfg: Config, stamps: Mapping[str, str] | None = None) -> Extraction:
+    """Run the reader named by `data.source` (a `tasks.config.DataConfig`) and assemble the three tables;
+    `stamps`: the input files' stamps (see `assemble`)."""
     out = Extraction()
     if data.source == "mimic":
         if not data.root:
@@ -557,14 +586,14 @@ def extract(data: Any, cfg: Config) -> Extraction:
         studies = list_manifest_studies(Path(data.manifest), data.views, data.max_studies, out)
     else:
         raise InputLayoutError(f"data.source {data.source!r} must be 'mimic' or 'manifest'")
-    assemble(studies, data.check_images, cfg, out)
+    assemble(studies, data.check_images, cfg, out, stamps)
     out.reports.sort(key=lambda r: r.study_id)
     out.images.sort(key=lambda i: (i.study_id, i.image_id))
     return out
 
 
 def run(ctx: StageContext, cfg: Config) -> None:
-    result = extract(ctx.config.data, cfg)
+    result = extract(ctx.config.data, cfg, ctx.input_stamps)
     ctx.write("rejects", result.rejects, Reject)
     if not result.reports and not result.rejects:
         source = ctx.config.data.manifest if ctx.config.data.source == "manifest" else ctx.config.data.root
@@ -582,13 +611,16 @@ def run(ctx: StageContext, cfg: Config) -> None:
     )
 
 
-def data_files(config: Any) -> list[Path]:
-    """The input files the `data` section names (for the cache key and lineage); a missing setting is an error."""
+def data_files(config: Any) -> list[Path | FileSet]:
+    """The input files the `data` section names, for the cache key and lineage: the MIMIC tree (every
+    report and image under files/) and CSVs, or the manifest and every image it names. A missing setting is
+    an error."""
     data = config.data
     if data.source == "manifest":
         if not data.manifest:
             raise InputLayoutError("data.source is 'manifest' but data.manifest is not set")
-        return [Path(data.manifest)]
+        manifest = Path(data.manifest)
+        return [manifest, manifest_images(manifest)] if manifest.is_file() else [manifest]
     if not data.root:
         raise InputLayoutError("data.source is 'mimic' but data.root is not set")
     root = Path(data.root)
@@ -597,7 +629,7 @@ def data_files(config: Any) -> list[Path]:
 
 STAGE = Stage(
     name="extract_reports",
-    version="3",  # 3: CRLF reports read as LF, constant images rejected; 2: size/aspect/truncation checks
+    version="4",
     config=Config,
     run=run,
     summary="MIMIC-CXR reports + MIMIC-CXR-JPG tree and CSVs, or a manifest → one row per study and image",

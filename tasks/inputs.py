@@ -18,7 +18,7 @@ def ensure_generated(
     """Generate a corpus at `root` from `synth_cfg` when it is missing. A corpus the generator made from
     another synth config is regenerated when `regenerate` (`ecamp demo`: editing the synth section takes
     effect) and kept otherwise (a pipeline run never replaces data under a user's feet)."""
-    from models.synth.corpus import corpus_marker, generate_corpus
+    from models.synth.corpus import check_replaceable, corpus_marker, generate_corpus
 
     marker = corpus_marker(root)
     if marker is not None and marker.get("config") == synth_cfg.model_dump(mode="json"):
@@ -27,6 +27,9 @@ def ensure_generated(
     if marker is not None and not regenerate:
         say(f"{what} at {root} was generated from another synth config: kept (`ecamp demo` regenerates it)")
         return
+    check_replaceable(
+        root, overwrite=True
+    )  # a user's files or edits: refused before a line says "generating"
     say(f"generating the {what} at {root} ...")
     summary = generate_corpus(synth_cfg, root, overwrite=True)
     say(summary.describe())
@@ -36,10 +39,11 @@ def prepare_inputs(
     config: Any, say: Callable[[str], None], stages: Iterable[str], regenerate: bool = False
 ) -> None:
     """The generated inputs the config asks for and `stages` read: the demo corpus at data.root
-    (extract_reports; `regenerate`: see `ensure_generated`), the synth evaluation sets (evaluate; always as
-    `evaluate.synth` says: they are the config's own, never a user's data)."""
+    (extract_reports, and only when `data.source` is mimic: a manifest run never reads data.root;
+    `regenerate`: see `ensure_generated`), the synth evaluation sets (evaluate; always as `evaluate.synth`
+    says: they are the config's own, never a user's data). Nothing a run will not read is generated."""
     stages = set(stages)
-    if "extract_reports" in stages and config.data.generate:
+    if "extract_reports" in stages and config.data.generate and config.data.source == "mimic":
         if not config.data.root:
             raise ValueError(
                 "data.generate is true but data.root is not set: name the folder to generate into"

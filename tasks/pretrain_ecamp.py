@@ -127,7 +127,8 @@ def run(ctx: StageContext, cfg: Config) -> None:
 
     out_dir = ctx.scratch("train")  # checkpoint.pt: a failed attempt resumes from it exactly
     entity_words = sorted(lexicon_from_rows(ctx.read(LEXICON).to_pylist()).forms)
-    records = cached_records(ctx, cfg, joined.records)
+    stamps = dict(zip(images.column("path").to_pylist(), images.column("stamp").to_pylist(), strict=True))
+    records = cached_records(ctx, cfg, joined.records, stamps)
     heldout = heldout_pairs(ctx, cfg, images, reports, distilled, attention, seed)
     job = write_job(ctx.scratch("job"), model_cfg, train_cfg, text_cfg, records, tokenizer_path,
                     resolve_device(ctx.config.run.device), entity_words,
@@ -174,9 +175,12 @@ def heldout_pairs(
     return pairs
 
 
-def cached_records(ctx: StageContext, cfg: Config, records: list[PretrainRecord]) -> list[PretrainRecord]:
+def cached_records(
+    ctx: StageContext, cfg: Config, records: list[PretrainRecord], stamps: dict[str, str]
+) -> list[PretrainRecord]:
     """The records reading their images from the image cache (built now where missing; kept across attempts
-    in the stage's scratch folder), or as they are when the cache is off."""
+    in the stage's scratch folder; keyed by each image's stamp from `images`, so a replaced image is decoded
+    again), or as they are when the cache is off."""
     cache = cfg.image_cache
     if not cache.enabled:
         return records
@@ -184,7 +188,7 @@ def cached_records(ctx: StageContext, cfg: Config, records: list[PretrainRecord]
     start = time.perf_counter()
     cached = build_image_cache(
         [r.path for r in records], ctx.scratch("image_cache"), short, cache.workers,
-        progress=lambda it, total: ctx.progress(it, total=total, desc="image cache"),
+        progress=lambda it, total: ctx.progress(it, total=total, desc="image cache"), stamps=stamps,
     )  # fmt: skip
     ctx.log.info(
         "image cache: %d images at short side %d (%.1f s)", len(cached), short, time.perf_counter() - start

@@ -1,8 +1,9 @@
 """Run one stage with fingerprint-based skipping; no Prefect here, so it is testable and reusable.
 
 A stage's fingerprint is the hash of: the content hashes of the upstream outputs it declares (as they are
-now on disk, not as their metadata claims), the fingerprints of its input files, its config section and
-the sections it declares, the run seed, and its code version. When the fingerprint equals the one in the
+now on disk, not as their metadata claims), the stamps of every input file it reads (`data_contracts.stamps`:
+a stat, and a content hash where size or mtime moved), its config section and the sections it declares, the
+run seed, and its code version. When the fingerprint equals the one in the
 stage's success record and every output the record lists still has its content, the stage is skipped.
 """
 
@@ -16,11 +17,12 @@ from typing import Any
 
 from data_contracts import files
 from data_contracts.io import ArtifactInfo, Upstream
+from data_contracts.stamps import STAMPS_FILE, StampTable
 from tasks.base import MissingUpstreamError, StageContext
 from tasks.config import section_hash, stable_hash
 from tasks.lock import run_lock
 from tasks.record import current_hash, read_record, verified_outputs
-from tasks.stage import Stage, split_ref
+from tasks.stage import FileSet, Stage, split_ref
 
 
 @dataclass
@@ -32,13 +34,13 @@ class StageResult:
     seconds: float = 0.0
 
 
-def input_files(stage: Stage, config: Any) -> list[Upstream]:
-    """The files outside the run directory the stage reads, with cheap fingerprints, for its cache key and
-    its lineage; a missing one is an error naming it."""
+def input_paths(stage: Stage, config: Any) -> list[Path | FileSet]:
+    """The files and folders outside the run directory the stage reads (and the file sets inputs list); a
+    missing file or folder is an error naming it."""
     if stage.input_files is None:
         return []
-    paths = stage.input_files(config)
-    missing = [str(p) for p in paths if not Path(p).exists()]
+    entries = stage.input_files(config)
+    missing = [str(p) for p in entries if not isinstance(p, FileSet) and not Path(p).exists()]
     if missing:
         hint = (
             f"; set {stage.inputs_hint} (ecamp --set KEY=VALUE, or the deployment's overrides)"
@@ -46,7 +48,33 @@ def input_files(stage: Stage, config: Any) -> list[Upstream]:
             else ""
         )
         raise FileNotFoundError(f"{stage.name}: input not found: {', '.join(missing)}{hint}")
-    return [Upstream(Path(p).resolve().as_uri(), files.stamp(Path(p))) for p in paths]
+    return entries
+
+
+def input_files(
+    stage: Stage, config: Any, run_dir: Path, log: logging.Logger | logging.LoggerAdapter | None = None
+) -> tuple[list[Upstream], dict[str, str]]:
+    """One lineage entry per declared input (a file, a folder, a file set) whose hash covers the stamp of
+    every file in it, for the cache key; and path -> stamp of every file, for the stage (images carry theirs).
+    The stamps are brought up to date against the run directory's table, under the run lock."""
+    warn = (log or logging.getLogger(f"ecamp.{stage.name}")).warning
+    table = StampTable(Path(run_dir) / STAMPS_FILE, warn)
+    upstream: list[Upstream] = []
+    stamps: dict[str, str] = {}
+    for entry in input_paths(stage, config):
+        if isinstance(entry, FileSet):
+            uri = f"{Path(entry.listed_in).resolve().as_uri()}#{entry.name}"
+            paths = names = list(entry.paths)
+        else:
+            root = Path(entry).resolve()
+            found = files.list_files(root)
+            uri, paths = root.as_uri(), [str(f) for f in found]
+            names = [f.relative_to(root).as_posix() if f != root else f.name for f in found]
+        current = table.stamps(paths)
+        stamps.update(zip(paths, current, strict=True))
+        upstream.append(Upstream(uri, stable_hash([list(pair) for pair in zip(names, current, strict=True)])))
+    table.save()
+    return upstream, stamps
 
 
 def upstream_hashes(stage: Stage, run_dir: Path) -> dict[str, str | None]:
@@ -117,9 +145,8 @@ def current_result(stage: Stage, config: Any, run_dir: Path, name: str | None = 
     """The stage's last success when `run_stage` would skip it (same fingerprint, outputs intact), else None:
     lets the pipeline skip a GPU stage without starting a run on the GPU pool."""
     with run_lock(run_dir):
-        fingerprint, _ = stage_fingerprint(
-            stage, config, upstream_hashes(stage, run_dir), input_files(stage, config)
-        )
+        inputs, _ = input_files(stage, config, run_dir)
+        fingerprint, _ = stage_fingerprint(stage, config, upstream_hashes(stage, run_dir), inputs)
         return cached_result(name or stage.name, run_dir, fingerprint)
 
 
@@ -151,7 +178,7 @@ def run_stage(
     if stage.preflight is not None:
         stage.preflight(config)
     with run_lock(run_dir):
-        inputs = input_files(stage, config)
+        inputs, stamps = input_files(stage, config, run_dir, log)
         upstream = upstream_hashes(stage, run_dir)
         fingerprint, parts = stage_fingerprint(stage, config, upstream, inputs)
         if not force and (cached := cached_result(name, run_dir, fingerprint)):
@@ -167,6 +194,7 @@ def run_stage(
             run_id=run_id,
             config_hash=stable_hash(parts["config"]),
             inputs=inputs,
+            input_stamps=stamps,
         )
         _set_threads(config)
         log.info("%s: running (fingerprint %s)", name, fingerprint)

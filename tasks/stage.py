@@ -36,6 +36,17 @@ def base_stage(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class FileSet:
+    """Files that one input lists (the images a manifest names), wherever they are. They enter the
+    fingerprint file by file, by their stamps (`data_contracts.stamps`), as one lineage entry
+    `<listed_in>#<name>`; a missing one is not an error (the stage rejects its row, naming it)."""
+
+    listed_in: Path
+    name: str
+    paths: tuple[str, ...]  # absolute, exactly as the stage will open them
+
+
+@dataclass(frozen=True)
 class Stage:
     """One pipeline stage.
 
@@ -43,8 +54,9 @@ class Stage:
     fingerprint. `optional` lists the reads the stage can run without (it logs a warning saying what it does
     instead) and the file outputs only some configurations write. `writes`: its Parquet outputs and their row contracts. `files`: its other outputs (weights,
     adapters, tokenizers, plot folders), hashed and verified like the Parquet ones. `sections`: config
-    sections it reads besides its own and `run`. `input_files`: files outside the run directory it reads
-    (the MIMIC tree, a lesion-box CSV, an entity list), given the whole config; their fingerprints enter the
+    sections it reads besides its own and `run`. `input_files`: files and folders outside the run directory
+    it reads (the MIMIC tree, a manifest, a lesion-box CSV, an entity list), and `FileSet`s of the files an
+    input lists (a manifest's images), given the whole config; the stamps of every file in them enter the
     cache key and the lineage. `preflight`: checks of the whole config that must hold before the stage (and,
     from the CLI, before the whole run) starts, e.g. that pre-training's initialization is chosen and exists.
     `inputs_hint`: which config keys name the input files, said when one is missing. `gpu`: the stage trains or
@@ -62,7 +74,7 @@ class Stage:
     writes: Mapping[str, type[Row]] = field(default_factory=dict)
     files: tuple[str, ...] = ()
     sections: tuple[str, ...] = ()
-    input_files: Callable[[Any], list[Path]] | None = None
+    input_files: Callable[[Any], list[Path | FileSet]] | None = None
     preflight: Callable[[Any], None] | None = None
     inputs_hint: str = ""
     gpu: bool = False

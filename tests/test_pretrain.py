@@ -18,6 +18,7 @@ from PIL import Image as PILImage
 from data_contracts.gloria import AttentionMap
 from data_contracts.io import read_artifact
 from data_contracts.reports import Image, Report
+from data_contracts.stamps import stat_stamp
 from models.checkpoints import CheckpointWriteError, save_atomic
 from models.devices import DeviceError
 from models.ecamp.export import export_encoder, load_timm_encoder
@@ -423,10 +424,10 @@ def write_upstream(run_dir, images, reports, with_attention: bool, validate: int
 
     seed_artifact(run_dir, "extract_reports/images", [
         Image(image_id=f"i{i}", study_id=f"s{i}", subject_id="p", split=split(i), path=p, view="PA", height=48,
-              width=40)
+              width=40, stamp=stat_stamp(p))
         for i, p in enumerate(images)
     ] + [Image(image_id="orphan", study_id="none", subject_id="p", split="train", path=images[0], view="PA",
-               height=48, width=40)])  # fmt: skip
+               height=48, width=40, stamp=stat_stamp(images[0]))])  # fmt: skip
     seed_artifact(run_dir, "extract_reports/reports", [
         Report(study_id=f"s{i}", subject_id="p", split="train", findings=reports[i], impression="",
                text=reports[i], source_path="x")

@@ -6,6 +6,10 @@ it once, shrinks it so that its short side is `short_side` (by default twice the
 a fifth of the image is resized down, not up) and stores it as `.npy`, which `decode_gray` memory-maps. Smaller
 images are kept at their size. Building is resumable (one atomic file per image, existing ones skipped) and
 runs over worker processes with a progress bar.
+
+A cached file is named after its source's path and stamp (`data_contracts.stamps`: the one `images` carries),
+so an image replaced in place is decoded again, never served from the old pixels, and the cached copy of
+its old content is removed; listing the folder once is all it takes (no per-image stat or read).
 """
 
 from __future__ import annotations
@@ -14,13 +18,15 @@ import hashlib
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
+
+from data_contracts.stamps import stat_stamp
 
 CACHE_SUFFIX = ".npy"
 CHUNK = 16  # images a worker process takes at a time
@@ -39,10 +45,18 @@ class ImageCacheConfig(BaseModel):
     workers: int = Field(8, ge=1, description="processes decoding images while the cache is built")
 
 
-def cache_prefix(path: str, short_side: int) -> str:
-    """The start of the cached file's name for `path` at `short_side` (a hash of the path: never a collision);
+def cache_prefix(path: str, stamp: str, short_side: int) -> str:
+    """The start of the cached file's name for `path` with content `stamp` at `short_side`:
+    `<hash of the path>-<hash of the stamp>_<short_side>` (hashes: never a collision, any path is a name);
     the original's size follows it, `<prefix>_<H>x<W>.npy`, so the cache itself says what it was made from."""
-    return f"{hashlib.sha256(path.encode()).hexdigest()[:24]}_{short_side}"
+    path_key = hashlib.sha256(path.encode()).hexdigest()[:24]
+    return f"{path_key}-{hashlib.sha256(stamp.encode()).hexdigest()[:12]}_{short_side}"
+
+
+def _source_key(prefix: str) -> str:
+    """The part of a prefix that names the source and the size, not its content: `<path hash>_<short_side>`."""
+    head, short_side = prefix.rsplit("_", 1)
+    return f"{head.split('-', 1)[0]}_{short_side}"
 
 
 def source_size(cached: str) -> tuple[int, int]:
@@ -110,16 +124,25 @@ def build_image_cache(
     short_side: int,
     workers: int = 1,
     progress: Callable[[Iterable, int], Iterable] = lambda it, total: it,
+    stamps: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """source path -> cached .npy path for every distinct image; only the missing ones, and the cached ones that
-    are not what `cache_one` writes (`entry_problem`: a header read each), are decoded."""
+    are not what `cache_one` writes (`entry_problem`: a header read each), are decoded. `stamps`: each source's
+    stamp (the `images` table's); a source without one is stat'ed for its first-seen stamp. A cached copy of
+    another content of the same source at this size is removed."""
+    stamps = stamps or {}
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(
         f"*{CACHE_SUFFIX}.*.tmp"
     ):  # a killed build's partial file (one builder: the run lock)
         stale.unlink()
     found = {n.rsplit("_", 1)[0]: n for n in os.listdir(folder) if n.endswith(CACHE_SUFFIX)}
-    prefixes = {p: cache_prefix(p, short_side) for p in dict.fromkeys(paths)}
+    prefixes = {p: cache_prefix(p, stamps.get(p) or stat_stamp(p), short_side) for p in dict.fromkeys(paths)}
+    wanted = {_source_key(x): x for x in prefixes.values()}
+    for prefix, name in list(found.items()):
+        if wanted.get(_source_key(prefix), prefix) != prefix:  # the same image at this size, replaced since
+            (folder / name).unlink()
+            del found[prefix]
     for prefix in [x for x in prefixes.values() if x in found]:  # in input order
         if problem := entry_problem(folder / found[prefix], short_side):
             _log.warning("image cache: %s %s: decoding its image again", folder / found[prefix], problem)
