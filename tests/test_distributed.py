@@ -2,7 +2,8 @@
 
 Two processes with batch 2 train on the micro-batches one process with batch 2 and accumulation 2 trains on, so
 every step's losses and gradient norm are the same up to float summation order (DDP averages the two ranks'
-gradients; one process adds two micro-batches' gradients). Stated tolerance: 1e-5 relative. A rank killed
+gradients; one process adds two micro-batches' gradients, each halved). Stated tolerance: 1e-5 relative; measured:
+bit-identical, since halving is exact and a sum of two commutes (more ranks would round differently). A rank killed
 mid-epoch resumes exactly (same values as the uninterrupted run), and two "nodes" on 127.0.0.1 joined by
 torchrun's c10d rendezvous train exactly like two processes on one node.
 """
@@ -30,7 +31,7 @@ from tests.context import make_test_context, run_direct
 from tests.test_pretrain import GLORIA_AGREES, MODEL, write_upstream
 
 images, reports = test_pretrain.images, test_pretrain.reports  # the tiny corpus's fixtures
-REL = 1e-5  # per-step losses and gradient norm, 2 processes vs 1 (measured: at most ~1e-7 relative)
+REL = 1e-5  # per-step losses and gradient norm, 2 processes vs 1 (measured: 0, bit-identical, see the docstring)
 COMPARED = ("mim", "sr", "mlm", "total", "grad_norm", "lr")
 TRAIN = dict(epochs=4, warmup_epochs=0.5, lr=1e-3, num_workers=0, seed=7, ckpt_every=1)
 STEPS = 12  # 15 training images // global batch 4 = 3 steps per epoch, 4 epochs
@@ -128,7 +129,8 @@ def test_the_stage_with_nproc_2_trains_under_torchrun_like_one_process(stage, tm
     assert two == metrics(stage / "train")  # what rank 0 of the torchrun wrote
     one = run_job(one_process_job(stage, tmp_path / "one_job"), tmp_path / "one", progress=False).metrics
     assert_same_steps(two, one, REL)
-    assert sum(m["mim"] for m in one[-4:]) < 0.9 * sum(m["mim"] for m in one[:4])  # it trained (measured 0.75)
+    first, last = (sum(m["mim"] for m in part) for part in (one[:4], one[-4:]))
+    assert last < 0.9 * first  # it trained (measured 0.74)
     assert load_timm_encoder(stage / "encoder.safetensors").forward_features(torch.zeros(1, 3, 32, 32)).shape == (
         1, 17, 32,
     )  # fmt: skip
