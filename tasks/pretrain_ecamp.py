@@ -295,7 +295,7 @@ def ablation_rows(table: str, rows: list[str] | None = None) -> dict[str, list[s
 
 STAGE = Stage(
     name="pretrain_ecamp",
-    version="3",  # 3: checkpoints fingerprinted by records and text masking (an old run dir may hold a stale encoder)
+    version="4",  # 4: the model's draws seeded per micro-batch (DDP = one process): other losses, same input
     config=Config,
     run=run,
     summary="ECAMP pre-training (MLM + MIM + context-guided SR + MSCF) → a timm-loadable ViT encoder",
