@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/pretrain.py                 # demo, vitb_width, paper (each in its own process)
     .venv/bin/python bench/pretrain.py --only paper --steps 3
+    .venv/bin/python bench/pretrain.py --only paper --steps 3 --threads 1 --amp bf16   # bf16 autocast on CPU
 
 One optimiser step = forward (MIM + SR + MSCF/MLM) + backward + AdamW, on synthetic tensors of the real shapes
 (the MLM labels/weights come from the real text collator on IU X-ray reports, so ~the paper's share of positions
@@ -36,12 +37,12 @@ SIZES = {
 }  # fmt: skip
 
 
-def bench_size(name: str, steps: int, threads: int) -> dict:
+def bench_size(name: str, steps: int, threads: int, amp: str = "off") -> dict:
     import numpy as np
     import torch
 
     from models.ecamp.model import ECAMP, ECAMPConfig
-    from models.ecamp.pretrain import param_groups
+    from models.ecamp.pretrain import autocast_for, param_groups
     from models.text.masking import TextCollator, TextMaskingConfig
     from models.text.wordpiece import train_wordpiece
     from tests.real_data import iu_xray_texts
@@ -71,7 +72,8 @@ def bench_size(name: str, steps: int, threads: int) -> dict:
     for i in range(steps + 1):  # the first step (allocations, lazy init) is not timed
         b = make_batch(i)
         t0, c0 = time.perf_counter(), time.process_time()
-        losses = model(**b)
+        with autocast_for(amp, torch.device("cpu")):
+            losses = model(**b)
         losses["total"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -83,6 +85,7 @@ def bench_size(name: str, steps: int, threads: int) -> dict:
         "size": name,
         "batch": batch,
         "threads": threads,
+        "amp": amp,
         "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
         "step_s_median": round(step, 3),
         "step_s_min": round(min(times), 3),
@@ -122,9 +125,14 @@ def main() -> None:
     parser.add_argument("--only", choices=[*SIZES, "data"], help="run one size in this process")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per size (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the target CPU has 2 cores)")
+    parser.add_argument("--amp", choices=["off", "bf16"], default="off", help="bf16 autocast (--only runs)")
     args = parser.parse_args()
     if args.only:
-        out = bench_data(30) if args.only == "data" else bench_size(args.only, args.steps, args.threads)
+        out = (
+            bench_data(30)
+            if args.only == "data"
+            else bench_size(args.only, args.steps, args.threads, args.amp)
+        )
         print(json.dumps(out))
         return
     print(f"load average before: {os.getloadavg()}")

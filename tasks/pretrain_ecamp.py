@@ -10,7 +10,8 @@ The text side's image reliance (`models.ecamp.reliance`) is measured on held-out
 Outputs under `<run_dir>/pretrain_ecamp/`: `pretrain_metrics` (one row per optimiser step), `pretrain_rejects`,
 `encoder.safetensors` (timm `VisionTransformer`, strict load; see `models.ecamp.export`), `MODEL_CARD.md`,
 `tokenizer.json`, and `train/checkpoint.pt` (full training state: a failed run resumes from it exactly).
-With `nproc > 1` training runs under `torchrun` (DDP), one process per GPU.
+With `nproc > 1` training runs under `torchrun` (DDP), one process per GPU; with `nnodes > 1` this stage's torchrun
+is one node of a c10d rendezvous at `rdzv_endpoint`, which the other nodes join with the command it logs (README).
 
 Ablations (Tables 7–9): `ecamp ablate --table 7 -c CONFIG --run-dir DIR` pre-trains one encoder per row
 into `<run_dir>/pretrain_ecamp__<row>/`, reusing the upstream artifacts of DIR.
@@ -74,13 +75,21 @@ class Config(StageConfig):
         default_factory=lambda: ["validate"],
         description="image splits of the held-out pairs the text side's image reliance is measured on",
     )
-    nproc: int = Field(1, ge=1, description="processes; > 1 launches torchrun (DDP, one per GPU)")
+    nproc: int = Field(1, ge=1, description="processes per node; > 1 launches torchrun (DDP, one per GPU)")
+    nnodes: int = Field(1, ge=1, description="machines; > 1 meets the other nodes' torchrun at rdzv_endpoint")
+    rdzv_endpoint: str | None = Field(
+        None, description="HOST:PORT of torchrun's c10d rendezvous when nnodes > 1 (a free port on one node)"
+    )
     image_cache: ImageCacheConfig = Field(default_factory=ImageCacheConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         if both := sorted(set(self.splits) & set(self.heldout_splits)):
             raise ValueError(f"splits {both} are both trained on (splits) and held out (heldout_splits)")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(
+                f"nnodes {self.nnodes} needs rdzv_endpoint (HOST:PORT every node reaches, e.g. node0:29400)"
+            )
         if self.text.max_len > self.model.max_len:
             raise ValueError(
                 f"text.max_len {self.text.max_len} exceeds model.max_len {self.model.max_len} (position embeddings)"
@@ -133,11 +142,15 @@ def run(ctx: StageContext, cfg: Config) -> None:
     job = write_job(ctx.scratch("job"), model_cfg, train_cfg, text_cfg, records, tokenizer_path,
                     resolve_device(ctx.config.run.device), entity_words,
                     data_fingerprint(ctx, tokenizer_path), heldout)  # fmt: skip
-    if cfg.nproc == 1:
+    if cfg.nproc == 1 and cfg.nnodes == 1:
         result = run_job(job.parent, out_dir, log=ctx.log)
         model, metrics = result.model, result.metrics
     else:
-        model, metrics = run_torchrun(job.parent, out_dir, cfg.nproc, model_cfg, ctx.log)
+        cmd = torchrun_command(job.parent, out_dir, cfg.nproc, cfg.nnodes, cfg.rdzv_endpoint, ctx.name)
+        if cfg.nnodes > 1:
+            ctx.log.info("on each of the other %d nodes (run directory on shared storage), run: %s",
+                         cfg.nnodes - 1, " ".join(cmd))  # fmt: skip
+        model, metrics = run_torchrun(cmd, out_dir, model_cfg, ctx.log)
         if "heldout_tokens" in metrics[-1]:
             ctx.log.info(reliance_line(metrics[-1]))
 
@@ -148,7 +161,7 @@ def run(ctx: StageContext, cfg: Config) -> None:
         "attention windows": joined.n_attention,
         "text composition": text_cfg.text_composition,
         "optimiser steps": len(metrics),
-        "effective batch": train_cfg.batch_size * train_cfg.accum_iter * cfg.nproc,
+        "effective batch": train_cfg.batch_size * train_cfg.accum_iter * cfg.nproc * cfg.nnodes,
         "seed": seed,
     }
     lineage = ctx.lineage_facts()  # run id and the hashes of every artifact read: in the header and the card
@@ -238,12 +251,24 @@ def data_fingerprint(ctx: StageContext, tokenizer_path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def torchrun_command(
+    job_dir: Path, out_dir: Path, nproc: int, nnodes: int, rdzv_endpoint: str | None, rdzv_id: str
+) -> list[str]:
+    """The torchrun command of one node: standalone on one machine, else a c10d rendezvous every node joins with
+    this same command (torchrun assigns the node ranks in the order they arrive)."""
+    if nnodes == 1:
+        launch = ["--standalone", f"--nproc-per-node={nproc}"]
+    else:
+        launch = [f"--nnodes={nnodes}", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+                  f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]  # fmt: skip
+    return [sys.executable, "-m", "torch.distributed.run", *launch,
+            "-m", "models.ecamp.pretrain", "--job", str(job_dir), "--out", str(out_dir)]  # fmt: skip
+
+
 def run_torchrun(
-    job_dir: Path, out_dir: Path, nproc: int, model_cfg: ECAMPConfig, log: logging.Logger
+    cmd: list[str], out_dir: Path, model_cfg: ECAMPConfig, log: logging.Logger
 ) -> tuple[ECAMP, list[dict[str, float]]]:
-    """Train under torchrun (one process per GPU) and read back the model and the metrics rank 0 wrote."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "models.ecamp.pretrain", "--job", str(job_dir), "--out", str(out_dir)]  # fmt: skip
+    """Train under torchrun and read back the model and the metrics rank 0 wrote (into `out_dir`, shared)."""
     log.info("launching: %s", " ".join(cmd))
     path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": path})
@@ -305,7 +330,7 @@ def ablation_rows(table: str, rows: list[str] | None = None) -> dict[str, list[s
 
 STAGE = Stage(
     name="pretrain_ecamp",
-    version="4",  # 4: pretrain_metrics v2 (image reliance columns); 3: checkpoints fingerprinted by records/masking
+    version="5",
     config=Config,
     run=run,
     summary="ECAMP pre-training (MLM + MIM + context-guided SR + MSCF) → a timm-loadable ViT encoder",

@@ -340,7 +340,7 @@ def test_persistent_workers_draw_each_epochs_augmentation(images, reports, token
         for key in ("mim", "sr", "mlm", "total", "grad_norm"):
             assert a[key] == pytest.approx(b[key], abs=1e-6, rel=0), (a["step"], key)
     sampler = ResumableSampler(
-        PretrainDataset(records(images, reports), mcfg, PretrainConfig()), 1, 0, seed=5
+        PretrainDataset(records(images, reports), mcfg, PretrainConfig()), 1, 0, seed=5, batch_size=4
     )
     sampler.set_epoch(2)
     assert {epoch for epoch, _ in sampler} == {2} and sorted(i for _, i in sampler) == list(range(16))

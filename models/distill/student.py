@@ -15,6 +15,7 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
@@ -121,6 +122,11 @@ class TrainSettings(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     log_every: int = Field(1, ge=1, description="optimizer steps between progress log lines")
+    amp: Literal["auto", "bf16", "off"] = Field(
+        "auto",
+        description="bf16 autocast on the training device (CUDA or CPU); auto = bf16 on CUDA, fp32 on CPU (a CPU "
+        "without AVX512-BF16/AMX runs bf16 slower than fp32)",
+    )
 
 
 @dataclass
@@ -377,7 +383,7 @@ def train_student(
     progress=None,
     seed: int = 0,
 ) -> TrainResult:
-    """AdamW on the trainable (LoRA) parameters; bf16 autocast on CUDA only; one loss point per optimizer step.
+    """AdamW on the trainable (LoRA) parameters; bf16 autocast per `settings.amp`; one loss point per optimizer step.
 
     The loss of an optimizer step is the mean over its answer tokens (token-weighted across accumulated batches),
     so long answers count as much per token as short ones.
@@ -396,7 +402,8 @@ def train_student(
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, round(settings.warmup_ratio * total_steps), total_steps
     )
-    use_bf16 = device.startswith("cuda")
+    device_type = torch.device(device).type
+    use_bf16 = settings.amp == "bf16" or (settings.amp == "auto" and device_type == "cuda")
     trainable, total = count_params(model)
     result = TrainResult(trainable_params=trainable, total_params=total)
     start = time.perf_counter()
@@ -414,7 +421,7 @@ def train_student(
         n_tokens = sum(int((p["labels"][:, 1:] != IGNORE_INDEX).sum()) for p in pending)
         for batch in pending:
             batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss_sum = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]),

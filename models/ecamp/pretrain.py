@@ -10,7 +10,11 @@ That needs every random draw to be a function of where the run is, not of how it
 - augmentation draws are seeded per sample from (seed, epoch, index), so they do not depend on worker processes;
 - text masking draws are seeded per batch from (seed, epoch, sample indices);
 - the sampler permutation is seeded from (seed, epoch) and can start part-way into an epoch;
-- the model's own draws (patch masking, dropout) use the global torch RNG, saved and restored with the checkpoint.
+- the model's own draws (patch masking, dropout) are seeded per micro-batch from (seed, epoch, sample indices).
+
+The same holds across world sizes: W processes with batch b and accumulation a make the same micro-batches as
+one process with batch b and accumulation a·W (the sampler hands rank r every W-th micro-batch of the one-process
+order), so every micro-batch's masks, losses and gradients are the same, and DDP's average is the same step.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from PIL import Image as PILImage
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
@@ -97,7 +101,11 @@ class PretrainConfig(BaseModel):
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float | None = Field(None, gt=0)
-    amp: Literal["bf16", "off"] = Field("bf16", description="bf16 autocast, on CUDA only")
+    amp: Literal["auto", "bf16", "off"] = Field(
+        "auto",
+        description="bf16 autocast on the training device (CUDA or CPU); auto = bf16 on CUDA, fp32 on CPU (a CPU "
+        "without AVX512-BF16/AMX runs bf16 slower than fp32)",
+    )
     ckpt_every: int = Field(1000, ge=1, description="optimiser steps between checkpoints (and at the end)")
     seed: int | None = Field(None, description="None: the caller's seed (the stage uses run.seed), else 0")
     # data loading: none of these changes a batch (every draw is seeded by seed, epoch and sample index)
@@ -429,6 +437,7 @@ class PretrainCollator:
         encoded = "jpeg" in samples[0]
         stacked = ("crop", "window") if encoded else ("imgs_lr", "imgs_hr", "window")
         batch: dict[str, Any] = {k: torch.stack([s[k] for s in samples]) for k in stacked}
+        batch["index"] = torch.tensor(indices)  # the model's draws are seeded by them (see `train`)
         if encoded:  # one tensor, not one per image: each tensor a worker sends costs a shared-memory handle
             batch["jpeg"] = torch.cat([s["jpeg"] for s in samples])
             batch["jpeg_sizes"] = torch.tensor([len(s["jpeg"]) for s in samples])
@@ -436,22 +445,43 @@ class PretrainCollator:
         return batch
 
 
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler (seeded per epoch) that can start `start` samples into this rank's share of an epoch."""
+class ResumableSampler(Sampler):
+    """This rank's share of an epoch's permutation (seeded by seed + epoch), whole micro-batches at a time, able to
+    start `start` samples into the share.
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
-        super().__init__(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
-        )
-        self.start = 0
+    The permutation cut into micro-batches of `batch_size` is the one-process order; rank r of W takes micro-batches
+    r, r + W, r + 2W, ... So the micro-batches W ranks train on together are those one process would train on with
+    W times the accumulation: same samples, same text masks, same losses (torch's DistributedSampler deals single
+    samples round-robin instead, which mixes every micro-batch across ranks). Samples that fill no micro-batch on
+    every rank are left out of the epoch, as DataLoader(drop_last=True) leaves out a last short batch."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, batch_size: int):
+        self.n, self.num_replicas, self.rank = len(dataset), num_replicas, rank
+        self.seed, self.batch_size = seed, batch_size
+        self.batches = self.n // (batch_size * num_replicas)  # micro-batches per rank and epoch
+        self.epoch = self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def shard(self) -> list[int]:
+        """This rank's sample indices of the current epoch, in training order."""
+        order = torch.randperm(
+            self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)
+        ).tolist()
+        b, w = self.batch_size, self.num_replicas
+        return [
+            i
+            for k in range(self.batches)
+            for i in order[(k * w + self.rank) * b : (k * w + self.rank + 1) * b]
+        ]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         """(epoch, index) pairs: the epoch travels with the index to the (possibly persistent) workers."""
-        indices = list(super().__iter__())
-        return iter([(self.epoch, i) for i in indices[self.start :]])
+        return iter([(self.epoch, i) for i in self.shard()[self.start :]])
 
     def __len__(self) -> int:
-        return self.num_samples - self.start
+        return self.batches * self.batch_size - self.start
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -707,6 +737,12 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------------------------------
+def autocast_for(amp: str, device: torch.device) -> torch.autocast:
+    """bf16 autocast on the device's type (torch.autocast("cpu") on CPU), on when `amp` asks for it."""
+    on = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
 def loader_options(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
     """DataLoader keyword arguments from the config (workers, pinning, persistence, prefetch, timeout)."""
     options: dict[str, Any] = {
@@ -752,9 +788,9 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed = cfg.seed_value
-    random.seed(seed + info.rank)
-    np.random.seed((seed + info.rank) % 2**32)
-    torch.manual_seed(seed + info.rank)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # every rank builds the same initial model
 
     model = ECAMP(model_cfg)
     if cfg.init_checkpoint not in (None, RANDOM_INIT):
@@ -789,7 +825,7 @@ def train(
         if info.world > 1
         else model
     )
-    sampler = ResumableSampler(dataset, info.world, info.rank, seed)
+    sampler = ResumableSampler(dataset, info.world, info.rank, seed, cfg.batch_size)
     loader = DataLoader(
         dataset,
         batch_size=cfg.batch_size,
@@ -799,11 +835,7 @@ def train(
         generator=torch.Generator().manual_seed(seed),  # keeps iterator creation off the global RNG
         **loader_options(cfg, info.device),
     )
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if cfg.amp == "bf16" and info.device.type == "cuda"
-        else nullcontext()
-    )
+    autocast = autocast_for(cfg.amp, info.device)
 
     def checkpoint() -> None:
         rngs = gather_objects(rng_state(), info)
@@ -835,6 +867,8 @@ def train(
         sampler.start = state.batch_in_epoch * cfg.batch_size
         sums, t0 = torch.zeros(len(LOSSES), device=info.device), time.perf_counter()
         for batch in loader:
+            # patch masking and dropout: a function of the micro-batch, whichever rank or run draws them
+            torch.manual_seed(sample_seed(seed, state.epoch, *batch.pop("index").tolist()))
             batch = dataset.to_device(batch, info.device)
             last_micro = (state.batch_in_epoch + 1) % cfg.accum_iter == 0
             sync = ddp.no_sync() if (info.world > 1 and not last_micro) else nullcontext()

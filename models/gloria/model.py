@@ -406,7 +406,7 @@ def local_loss(
     keep = focus.any(dim=1)
     n = int(keep.sum())
     if n == 0:
-        return regions.sum() * 0.0  # nothing affirmed in this batch: no local term, graph kept for DDP
+        return regions.sum() * 0.0  # nothing affirmed in this batch: no local term, a zero kept in the graph
     sims = local_similarities(regions, words[keep], focus[keep], cfg)  # [B_img, n_txt]
     cols = torch.nonzero(keep).squeeze(1)
     text_to_image = F.cross_entropy(sims.T, cols)

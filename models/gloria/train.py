@@ -1,4 +1,9 @@
-"""Training and inference loops for GLoRIA: data, crops, Adam(W) + warm-up/cosine, bf16 on CUDA, DDP, checkpoint/resume.
+"""Training and inference loops for GLoRIA: data, crops, Adam(W) + warm-up/cosine, bf16 autocast, checkpoint/resume.
+
+One process: GLoRIA's global and local losses contrast each image with every report of its batch, so a batch
+sharded over DDP ranks would train on smaller contrastive batches than one process (each rank's loss sees only its
+share) unless the features were gathered across ranks; GLoRIA is the small model of the pipeline, trained on one
+device.
 
 Images are pre-decoded once into a uint8 [N, S, S] array (a memmap at scale) of the square-padded radiograph,
 so training epochs and attention extraction never decode files again. Training sees random crops (`crop`,
@@ -17,13 +22,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from models.checkpoints import CheckpointError, load_torch_file, save_atomic
 from models.gloria.attention import entity_positions, to_grid
@@ -57,6 +60,11 @@ class TrainConfig(BaseModel):
     warmup_epochs: float = Field(1.0, ge=0)
     grad_clip: float = Field(0.25, gt=0)
     num_workers: int = Field(0, ge=0, description="DataLoader workers")
+    amp: Literal["auto", "bf16", "off"] = Field(
+        "auto",
+        description="bf16 autocast on the training device (CUDA or CPU); auto = bf16 on CUDA, fp32 on CPU (a CPU "
+        "without AVX512-BF16/AMX runs bf16 slower than fp32)",
+    )
     local_words: Literal["all", "affirmed"] = Field(
         "all",
         description="words in the local loss: all (paper) or only those naming an affirmed finding "
@@ -140,14 +148,6 @@ def affirmed_words(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def is_main_process() -> bool:
-    return not is_distributed() or dist.get_rank() == 0
-
-
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """LR multiplier: linear warm-up from 1/warmup to 1, then cosine decay to 0 at `total_steps`."""
 
@@ -201,8 +201,7 @@ def train_gloria(
     """Train `model` in place and return one loss row per optimiser step (epoch, step, lr, loss, ...).
 
     With `checkpoint`, the full state (model, optimiser, schedule, RNG, loss history) is saved after each
-    epoch and a run that finds it resumes after the last finished epoch. Under `torchrun` (an initialised
-    process group) the model is wrapped in DDP and the data sharded; only rank 0 writes the checkpoint.
+    epoch and a run that finds it resumes after the last finished epoch.
     `entities[i]` are the findings affirmed by report i (`forms`: see `entity_positions`); with
     `cfg.local_words="affirmed"` (which requires them) the local loss uses only their words (`affirmed_words`);
     "all" is the official all-word loss.
@@ -212,16 +211,12 @@ def train_gloria(
     where = torch.device(device)
     torch.manual_seed(seed)
     model.to(where).train()
-    net: torch.nn.Module = model
-    if is_distributed():
-        net = DistributedDataParallel(model, device_ids=[where.index] if where.type == "cuda" else None)
     if cfg.local_words == "affirmed" and entities is None:
         raise ValueError("local_words='affirmed' needs the affirmed entities of every pair (entities=...)")
     if entities is not None and len(entities) != len(data):
         raise ValueError(f"{len(entities)} entity lists for {len(data)} pairs")
-    sampler = DistributedSampler(data, seed=seed, drop_last=True) if is_distributed() else None
     batch = min(cfg.batch_size, len(data))
-    steps_per_epoch = (len(sampler) if sampler else len(data)) // batch
+    steps_per_epoch = len(data) // batch
     total = cfg.epochs * steps_per_epoch
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -240,13 +235,9 @@ def train_gloria(
         rows, start = state["losses"], state["epoch"] + 1
         log.info("resuming GLoRIA training from %s after epoch %d", checkpoint, state["epoch"])
     collate = make_collate(tokenizer, model.cfg.max_tokens)
-    use_bf16 = where.type == "cuda"
+    use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and where.type == "cuda")
     for epoch in range(start, cfg.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-            loader_sampler = sampler
-        else:
-            loader_sampler = RandomSampler(data, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        loader_sampler = RandomSampler(data, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         loader = DataLoader(
             data, batch_size=batch, sampler=loader_sampler, drop_last=True, collate_fn=collate,
             num_workers=cfg.num_workers,
@@ -257,7 +248,7 @@ def train_gloria(
                 images = random_crops(images, cfg.crop, crops)
             images, text = images.to(where, non_blocking=True), text.to(where)
             with torch.autocast(where.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out = net(images, text)
+                out = model(images, text)
             focus = None
             if cfg.local_words == "affirmed":
                 batch_entities = [entities[i] for i in index.tolist()]
@@ -276,7 +267,7 @@ def train_gloria(
                 raise FloatingPointError(
                     f"GLoRIA loss is {rows[-1]['loss']} at epoch {epoch}, step {rows[-1]['step']}"
                 )
-        if checkpoint is not None and is_main_process():
+        if checkpoint is not None:
             save_checkpoint(
                 checkpoint,
                 {
