@@ -7,7 +7,7 @@ segmentation protocol on demo-seg: random / mim_only / ecamp x fractions 1, 10 x
 demo_data/downstream). Results: bench/RESULTS.md "evaluate".
 
 Reuses the evaluate stage's own pieces (load_config -> ProtocolConfig, load_splits, decode_split, FeatureCache,
-run_job -> run_one -> train_segmentation -> fit) so the baseline reproduces the stage. Each variant changes one
+run_job -> run_group -> train_segmentation -> fit) so the baseline reproduces the stage. Each variant changes one
 thing against the baseline:
 
   baseline   the stage as configured (tokens = last block output; downstream_vit's final norm is Identity;

@@ -125,8 +125,8 @@ def test_the_linear_probe_trains_only_the_head_on_cached_features(export):
     pooled, tokens = frozen_features(model, images, Normalization())
     val_pooled, _ = frozen_features(model, val_images, Normalization())
     assert pooled.shape == (64, 32) and tokens.shape == (64, 16, 32)
-    head, result = linear_probe((pooled, labels), (val_pooled, val_labels), 1, True,
-                                FitConfig(epochs=30, batch_size=64, lr=0.5, clip_grad=None), seed=0)  # fmt: skip
+    (head,), (result,) = linear_probe(([pooled], labels), ([val_pooled], val_labels), 1, True,
+                                      FitConfig(epochs=30, batch_size=64, lr=0.5, clip_grad=None), seeds=[0])  # fmt: skip
     assert result.losses[-1] < result.losses[0]
     assert result.best_score > 0.8
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the encoder never moved
@@ -146,7 +146,9 @@ def test_the_segmentation_head_needs_one_block_per_doubling_and_its_loss_falls()
             masks[i, :, 16:] = True
     cfg = SegConfig(channels=(16, 8, 8))
     fit = FitConfig(optimizer="adamw", lr=5e-3, weight_decay=0.05, epochs=15, batch_size=8)
-    head, result = train_segmentation((tokens, masks), (tokens[:8], masks[:8]), 4, 32, cfg, fit, seed=0)
+    (head,), (result,) = train_segmentation(
+        ([tokens], masks), ([tokens[:8]], masks[:8]), 4, 32, cfg, fit, seeds=[0]
+    )
     assert head(tokens[:2]).shape == (2, 32, 32)
     assert result.losses[-1] < 0.6 * result.losses[0], result.losses
     assert result.best_score > 0.6
@@ -221,7 +223,7 @@ def test_with_token_norm_the_head_trains_alike_on_tokens_of_any_scale(token_norm
     cfg = SegConfig(channels=(16, 8, 8), token_norm=token_norm)
     fit = FitConfig(optimizer="adamw", lr=5e-3, weight_decay=0.05, epochs=12, batch_size=8)
     runs = [
-        train_segmentation((t, masks), (t[:8], masks[:8]), 4, 32, cfg, fit, seed=0)[1]
+        train_segmentation(([t], masks), ([t[:8]], masks[:8]), 4, 32, cfg, fit, seeds=[0])[1][0]
         for t in (tokens, shifted)
     ]
     same = torch.allclose(torch.tensor(runs[0].losses), torch.tensor(runs[1].losses), rtol=1e-3, atol=1e-4)

@@ -10,6 +10,7 @@ head changes, trains on pooled features extracted once: seconds instead of hours
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -106,14 +107,17 @@ def finetune(
     images, labels = train
     val_labels = val[1].numpy()
 
-    def batch_loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def batch_loss(members: list[int], batches: list[torch.Tensor], gens: list[torch.Generator]) -> list:
+        (idx,), (gen,) = batches, gens
         x = normalize(augment(images[idx], aug, gen), norm.mean, norm.std)
-        return classification_loss(model(x), labels[idx], multilabel)
+        return [classification_loss(model(x), labels[idx], multilabel)]
 
-    def validate() -> float:
-        return score(val_labels, predict(model, val[0], norm), multilabel)
+    def validate(members: list[int]) -> list[float]:
+        return [score(val_labels, predict(model, val[0], norm), multilabel)]
 
-    return fit(model, batch_loss, validate, len(images), fit_cfg, seed, desc)
+    # A group of one: the ViT's arithmetic is the cost, which training seeds together does not lower on CPU
+    # (bench/eval_batched.py), while holding every member's weights and activations at once would.
+    return fit([model], batch_loss, validate, len(images), fit_cfg, [seed], desc)[0]
 
 
 @torch.inference_mode()
@@ -136,28 +140,38 @@ def frozen_features(
 
 
 def linear_probe(
-    features: tuple[torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor],
+    train: tuple[Sequence[torch.Tensor], torch.Tensor],
+    val: tuple[Sequence[torch.Tensor], torch.Tensor],
     num_classes: int,
     multilabel: bool,
     fit_cfg: FitConfig,
-    seed: int,
+    seeds: Sequence[int],
     head_std: float = 2e-5,
     desc: str = "linear probe",
-) -> tuple[nn.Linear, FitResult]:
-    """Train only `Linear(D, C)` on cached pooled features (nothing before it can change)."""
-    feats, labels = features
-    torch.manual_seed(seed)
-    head = nn.Linear(feats.shape[1], num_classes)
-    nn.init.trunc_normal_(head.weight, std=head_std)
-    nn.init.zeros_(head.bias)
-    val_labels = val[1].numpy()
+    names: Sequence[str] | None = None,
+) -> tuple[list[nn.Linear], list[FitResult]]:
+    """Train `Linear(D, C)` heads on cached pooled features (nothing before them can change), one per member:
+    member g reads features `train[0][g]` / `val[0][g]` (its encoder's) and starts from `seeds[g]`. The labels
+    are shared. The heads train as one group: a step of one is microseconds, so the loop is the cost."""
+    feats, labels = train
+    heads = []
+    for f, seed in zip(feats, seeds, strict=True):
+        torch.manual_seed(seed)
+        head = nn.Linear(f.shape[1], num_classes)
+        nn.init.trunc_normal_(head.weight, std=head_std)
+        nn.init.zeros_(head.bias)
+        heads.append(head)
+    val_feats, val_labels = val[0], val[1].numpy()
 
-    def batch_loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        return classification_loss(head(feats[idx]), labels[idx], multilabel)
+    def batch_loss(members: list[int], batches: list[torch.Tensor], gens: list[torch.Generator]) -> list:
+        return [
+            classification_loss(heads[g](feats[g][idx]), labels[idx], multilabel)
+            for g, idx in zip(members, batches, strict=True)
+        ]
 
-    def validate() -> float:
+    def validate(members: list[int]) -> list[float]:
         with torch.inference_mode():
-            return score(val_labels, head(val[0]).numpy(), multilabel)
+            return [score(val_labels, heads[g](val_feats[g]).numpy(), multilabel) for g in members]
 
-    return head, fit(head, batch_loss, validate, len(feats), fit_cfg, seed, desc)
+    n = len(labels)
+    return heads, fit(heads, batch_loss, validate, n, fit_cfg, seeds, desc, names)

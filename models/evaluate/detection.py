@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
-from torchvision.ops import box_iou, clip_boxes_to_image, nms
+from torchvision.ops import clip_boxes_to_image, nms
 
 from models.evaluate.tokens import DenseHeadConfig, token_norm
 
@@ -249,12 +249,27 @@ def _decode_level(out: torch.Tensor, anchors: torch.Tensor, img_size: int) -> to
 
 
 def _ignored(pred: torch.Tensor, boxes: list[torch.Tensor], ignore_iou: float) -> torch.Tensor:
-    """[B, A, S, S] bool: predicted boxes already overlapping a truth, not punished as background (YOLOv3)."""
-    mask = torch.zeros(pred.shape[:-1], dtype=torch.bool, device=pred.device)
-    for b, truth in enumerate(boxes):
-        if len(truth):
-            mask[b] = box_iou(pred[b].reshape(-1, 4), truth).amax(1).view(pred.shape[1:-1]) > ignore_iou
-    return mask
+    """[B, A, S, S] bool: predicted boxes already overlapping a truth, not punished as background (YOLOv3).
+
+    One batched IoU over the truths padded to the longest list (torchvision's `box_iou`, per image), so the
+    cost of a step does not grow with a Python loop over its images."""
+    most = max((len(t) for t in boxes), default=0)
+    if most == 0:
+        return torch.zeros(pred.shape[:-1], dtype=torch.bool, device=pred.device)
+    truth = pred.new_zeros(len(boxes), most, 4)
+    real = torch.zeros(len(boxes), most, dtype=torch.bool, device=pred.device)
+    for b, t in enumerate(boxes):
+        truth[b, : len(t)], real[b, : len(t)] = t, True
+    flat = pred.reshape(len(boxes), -1, 4)  # [B, P, 4]
+    area_p = (flat[..., 2] - flat[..., 0]) * (flat[..., 3] - flat[..., 1])
+    area_t = (truth[..., 2] - truth[..., 0]) * (truth[..., 3] - truth[..., 1])
+    lt = torch.max(flat[:, :, None, :2], truth[:, None, :, :2])
+    rb = torch.min(flat[:, :, None, 2:], truth[:, None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    iou = inter / (area_p[:, :, None] + area_t[:, None, :] - inter)  # [B, P, M], as box_iou per image
+    iou = iou.masked_fill(~real[:, None, :], -1.0)
+    return (iou.amax(2) > ignore_iou).view(pred.shape[:-1])
 
 
 def detection_loss(

@@ -2,14 +2,17 @@
 
 A task supplies the loss of a batch of training indices and a validation score; the loop owns the optimiser,
 the schedule, the seeded batch order, early stopping and keeping the best weights (the model is chosen on
-validation and reported on test, as the official scripts do). Progress is a tqdm bar per run.
+validation and reported on test, as the official scripts do). It trains a group of independent heads at once
+(the seeds and initializations of one label fraction): each member keeps its own generator, clip, best
+weights and stopping, so a head trains the same alone (a group of one) as in a group; the group shares the
+loop, the optimiser step and one loss call per step. Progress is a tqdm bar per group.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -49,6 +52,13 @@ class FitResult:
     losses: list[float] = field(default_factory=list)
 
 
+# batch_loss(members, batches, generators) -> one scalar loss per member: the training indices of each listed
+# member's batch and its generator (augmentation draws from it, as the batch order does)
+BatchLoss = Callable[[list[int], list[torch.Tensor], list[torch.Generator]], Sequence[torch.Tensor]]
+# validate(members) -> the validation score of each listed member (higher is better)
+Validate = Callable[[list[int]], Sequence[float]]
+
+
 def lr_factor(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -75,61 +85,84 @@ def validation_due(epoch: int, epochs: int, validations: int | None) -> bool:
 
 
 def fit(
-    model: nn.Module,
-    batch_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
-    validate: Callable[[], float],
+    models: Sequence[nn.Module],
+    batch_loss: BatchLoss,
+    validate: Validate,
     n: int,
     cfg: FitConfig,
-    seed: int,
+    seeds: Sequence[int],
     desc: str = "fit",
-) -> FitResult:
-    """Train the trainable parameters of `model` on `n` samples; leave it holding its best-validation weights."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    names: Sequence[str] | None = None,
+) -> list[FitResult]:
+    """Train the trainable parameters of each of `models` on `n` samples, as one group, and leave each holding
+    its best-validation weights.
+
+    The members are independent runs that share a schedule: member g draws its batch order (and whatever
+    `batch_loss` draws, e.g. augmentation) from its own generator seeded with `seeds[g]`, has its gradient
+    clipped on its own, and is chosen and stopped on its own validation score. A member's run is therefore the
+    same alone as in any group; together they pay the loop, the optimiser step and the validation once, and
+    `batch_loss` can compute every member's loss in one call. A member that stops early is left out of the
+    remaining steps (its parameters get no gradient, so the optimiser leaves them as they are).
+    """
     if n == 0:
         raise ValueError(f"{desc}: no training samples")
-    gen = torch.Generator().manual_seed(seed)
-    optimizer = make_optimizer(params, cfg)
+    if len(models) != len(seeds) or not models:
+        raise ValueError(f"{desc}: {len(models)} models but {len(seeds)} seeds")
+    names = list(names) if names is not None else [f"seed {s}" for s in seeds]
+    params = [[p for p in m.parameters() if p.requires_grad] for m in models]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    optimizer = make_optimizer([p for group in params for p in group], cfg)
     epochs = epochs_for(n, cfg)
     per_epoch = math.ceil(n / cfg.batch_size)
     total, warmup = epochs * per_epoch, round(cfg.warmup_epochs * per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
-    best = FitResult(-math.inf, -1, 0)
-    best_state = copy.deepcopy(model.state_dict())
-    stale = 0
+    results = [FitResult(-math.inf, -1, 0) for _ in models]
+    best_states = [copy.deepcopy(m.state_dict()) for m in models]
+    stale = [0] * len(models)
+    active = list(range(len(models)))
     bar = tqdm(range(epochs), desc=desc, mininterval=2.0, leave=False, dynamic_ncols=True)
     for epoch in bar:
-        model.train()
-        order = torch.randperm(n, generator=gen)
-        running = 0.0
+        for g in active:
+            models[g].train()
+        orders = [torch.randperm(n, generator=gens[g]) for g in active]
+        running = [0.0] * len(active)
         for i in range(per_epoch):
-            loss = batch_loss(order[i * cfg.batch_size : (i + 1) * cfg.batch_size], gen)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"{desc}: non-finite loss at epoch {epoch}, batch {i} (lower the lr)"
-                )
+            batches = [order[i * cfg.batch_size : (i + 1) * cfg.batch_size] for order in orders]
+            losses = batch_loss(active, batches, [gens[g] for g in active])
+            for g, loss in zip(active, losses, strict=True):
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"{desc} ({names[g]}): non-finite loss at epoch {epoch}, batch {i} (lower the lr)"
+                    )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.stack(list(losses)).sum().backward()
             if cfg.clip_grad is not None:
-                nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+                for g in active:
+                    nn.utils.clip_grad_norm_(params[g], cfg.clip_grad)
             optimizer.step()
             scheduler.step()
-            running += float(loss.detach())
-        best.losses.append(running / per_epoch)
-        best.epochs_run = epoch + 1
+            for k, loss in enumerate(losses):
+                running[k] += float(loss.detach())
+        for k, g in enumerate(active):
+            results[g].losses.append(running[k] / per_epoch)
+            results[g].epochs_run = epoch + 1
         if not validation_due(epoch, epochs, cfg.validations):
             continue
-        model.eval()
-        score = validate()
-        if score > best.best_score:
-            best.best_score, best.best_epoch, stale = score, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-        bar.set_postfix(
-            loss=f"{best.losses[-1]:.4f}", val=f"{score:.4f}", best=f"{best.best_score:.4f}", refresh=False
-        )
-        if stale >= cfg.patience:
+        for g in active:
+            models[g].eval()
+        scores = validate(active)
+        for g, score in zip(list(active), scores, strict=True):
+            if score > results[g].best_score:
+                results[g].best_score, results[g].best_epoch, stale[g] = score, epoch, 0
+                best_states[g] = copy.deepcopy(models[g].state_dict())
+            else:
+                stale[g] += 1
+            if stale[g] >= cfg.patience:
+                active.remove(g)
+        bar.set_postfix(best=" ".join(f"{r.best_score:.3f}" for r in results), refresh=False)
+        if not active:
             break
-    model.load_state_dict(best_state)
-    model.eval()
-    return best
+    for model, state in zip(models, best_states, strict=True):
+        model.load_state_dict(state)
+        model.eval()
+    return results

@@ -2,14 +2,16 @@
 
 The expensive parts are paid once: each split is decoded once (`pixels`), and a frozen encoder's features
 once per initialization (once per seed for the random init, whose weights are the seed's), so the linear probe,
-segmentation and detection heads train on cached tensors. Fine-tuning alone runs the encoder every step.
-Each run picks its weights on the validation split and reports the test split. The `pixels` initialization has
-no encoder: its features are the pixels themselves (`models.evaluate.baseline`), cached the same way.
+segmentation and detection heads train on cached tensors; the heads of one label fraction (every
+initialization and seed) train as one group (`fit`). Fine-tuning alone runs the encoder every step, one run
+at a time. Each run picks its weights on the validation split and reports the test split. The `pixels`
+initialization has no encoder: its features are the pixels themselves (`models.evaluate.baseline`), cached
+the same way; its classifier is a scikit-learn model fitted once per label subset, so it is a group of its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -194,6 +196,20 @@ class FeatureCache:
         return self.store[key]
 
 
+def groups_of(protocol: str, inits: list[Init], seeds: tuple[int, ...]) -> list[list[tuple[Init, int]]]:
+    """The runs of one label fraction that train together. The frozen-feature heads: every (init, seed) as one
+    group (they share the cached features and the step count; a step of one head is mostly loop overhead on a
+    CPU). Fine-tuning: one run per group (the ViT's arithmetic is the cost, and a group holds every member's
+    weights and activations at once)."""
+    members = [(init, seed) for init in inits for seed in seeds]
+    if protocol == "finetune":
+        return [[m] for m in members]
+    if protocol == "linear_probe":  # the pixels row's classifier is no head: each of its runs alone
+        heads = [m for m in members if not m[0].pixels]
+        return [[m] for m in members if m[0].pixels] + ([heads] if heads else [])
+    return [members]
+
+
 def run_job(
     job: Job,
     inits: list[Init],
@@ -204,21 +220,24 @@ def run_job(
     log: Log,
     cache: FeatureCache,
 ) -> Iterator[dict[str, Any]]:
-    """Result rows of every (protocol, init, fraction, seed) of `job`, one at a time (the stage writes them)."""
+    """Result rows of every (protocol, init, fraction, seed) of `job`, in that order, a protocol at a time (the
+    stage writes them); within a protocol the runs of one fraction train as groups (`groups_of`)."""
     grid = arch["img_size"] // arch["patch_size"]
     for protocol in job.protocols:
-        for init in inits:
-            for fraction in job.fractions:
-                idx = torch.tensor(job.splits.fractions[fraction], dtype=torch.long)
-                for seed in job.seeds:
-                    desc = f"{job.splits.name} {protocol} {init.name} {fraction}% s{seed}"
-                    metric, value, fitted = run_one(
-                        job, protocol, init, idx, seed, cache, arch, grid, norm, cfg, desc
-                    )
+        rows: dict[tuple[str, int, int], dict[str, Any]] = {}
+        for fraction in job.fractions:
+            idx = torch.tensor(job.splits.fractions[fraction], dtype=torch.long)
+            for group in groups_of(protocol, inits, job.seeds):
+                desc = f"{job.splits.name} {protocol} {fraction}%"
+                if len(group) == 1:
+                    desc += f" {group[0][0].name} s{group[0][1]}"
+                results = run_group(job, protocol, group, idx, cache, arch, grid, norm, cfg, desc)
+                for (init, seed), (metric, value, fitted) in zip(group, results, strict=True):
                     log(
-                        f"{desc}: {metric} {value:.4f} (best epoch {fitted.best_epoch + 1}/{fitted.epochs_run})"
+                        f"{job.splits.name} {protocol} {init.name} {fraction}% s{seed}: {metric} {value:.4f} "
+                        f"(best epoch {fitted.best_epoch + 1}/{fitted.epochs_run})"
                     )
-                    yield {
+                    rows[(init.name, fraction, seed)] = {
                         "task": protocol,
                         "dataset": job.splits.name,
                         "fraction": fraction,
@@ -232,30 +251,41 @@ def run_job(
                         "best_epoch": fitted.best_epoch + 1,
                         "epochs_run": fitted.epochs_run,
                     }
+        for init in inits:
+            for fraction in job.fractions:
+                for seed in job.seeds:
+                    yield rows[(init.name, fraction, seed)]
 
 
-def run_one(
+def run_group(
     job: Job,
     protocol: str,
-    init: Init,
+    members: list[tuple[Init, int]],
     idx: torch.Tensor,
-    seed: int,
     cache: FeatureCache,
     arch: dict[str, Any],
     grid: int,
     norm: Normalization,
     cfg: ProtocolConfig,
     desc: str,
-) -> tuple[str, float, Any]:
-    """Train one head on the `idx` subset of train, choose on val, score on test: (metric, value, FitResult)."""
+) -> list[tuple[str, float, Any]]:
+    """Train one head per (init, seed) member on the `idx` subset of train, choose each on val, score it on
+    test: (metric, value, FitResult) per member."""
     splits, px = job.splits, job.pixels
+    seeds = [seed for _, seed in members]
+    names = [f"{init.name} s{seed}" for init, seed in members]
     if protocol in ("finetune", "linear_probe"):
         multilabel, n_classes = splits.multilabel, len(splits.classes)
         y = {s: labels_of(splits, s) for s in ("train", "val", "test")}
         metric = "auc" if multilabel else "accuracy"
-        if init.pixels:
-            return (metric, *cache.pixel_classifier(px, y, idx, multilabel, n_classes, cfg))
+        if members[0][0].pixels:
+            return [(metric, *cache.pixel_classifier(px, y, idx, multilabel, n_classes, cfg))]
         if protocol == "finetune":
+            if len(members) != 1:
+                raise ValueError(
+                    f"{desc}: fine-tuning trains one run at a time, got a group of {len(members)}"
+                )
+            ((init, seed),) = members
             torch.manual_seed(seed)
             model = downstream_vit(arch, n_classes, cfg.drop_path)
             load_init(model, init.path)
@@ -263,30 +293,40 @@ def run_one(
             init_head(model, cfg.head_init_std)
             train = (px["train"].images[idx], y["train"][idx])
             fitted = finetune(model, train, (px["val"].images, y["val"]), multilabel, cfg.finetune, cfg.augment, norm, seed, desc)  # fmt: skip
-            return (
-                metric,
-                score(y["test"].numpy(), predict(model, px["test"].images, norm), multilabel),
-                fitted,
-            )
-        feats = {s: cache.pooled(init, seed, px[s]) for s in ("train", "val", "test")}
-        head, fitted = linear_probe((feats["train"][idx], y["train"][idx]), (feats["val"], y["val"]), n_classes,
-                                    multilabel, cfg.linear_probe, seed, cfg.head_init_std, desc)  # fmt: skip
+            return [(metric, score(y["test"].numpy(), predict(model, px["test"].images, norm), multilabel), fitted)]  # fmt: skip
+        feats = {
+            s: [cache.pooled(init, seed, px[s]) for init, seed in members] for s in ("train", "val", "test")
+        }
+        heads, fits = linear_probe(([f[idx] for f in feats["train"]], y["train"][idx]), (feats["val"], y["val"]),
+                                   n_classes, multilabel, cfg.linear_probe, seeds, cfg.head_init_std, desc, names)  # fmt: skip
         with torch.inference_mode():
-            return metric, score(y["test"].numpy(), head(feats["test"]).numpy(), multilabel), fitted
-    tokens = {s: cache.tokens(init, seed, px[s]) for s in ("train", "val", "test")}
+            test = y["test"].numpy()
+            return [
+                (metric, score(test, head(f).numpy(), multilabel), fitted)
+                for head, f, fitted in zip(heads, feats["test"], fits, strict=True)
+            ]
+    tokens = {
+        s: [cache.tokens(init, seed, px[s]) for init, seed in members] for s in ("train", "val", "test")
+    }
     if protocol == "segmentation":
         masks = {s: px[s].masks for s in ("train", "val", "test")}
-        head, fitted = train_segmentation((tokens["train"][idx], masks["train"][idx]), (tokens["val"], masks["val"]),
-                                          grid, arch["img_size"], cfg.segmentation.head, cfg.segmentation.fit, seed,
-                                          desc)  # fmt: skip
-        return "dice", mean_dice(predict_masks(head, tokens["test"]), masks["test"].numpy(), cfg.segmentation.head.threshold), fitted  # fmt: skip
+        heads, fits = train_segmentation(([t[idx] for t in tokens["train"]], masks["train"][idx]),
+                                         (tokens["val"], masks["val"]), grid, arch["img_size"],
+                                         cfg.segmentation.head, cfg.segmentation.fit, seeds, desc, names)  # fmt: skip
+        threshold = cfg.segmentation.head.threshold
+        return [
+            ("dice", mean_dice(predict_masks(head, t), masks["test"].numpy(), threshold), fitted)
+            for head, t, fitted in zip(heads, tokens["test"], fits, strict=True)
+        ]
     if protocol == "detection":
-        head, fitted = train_detection(tokens, px, idx, grid, arch["img_size"], cfg.detection, seed, desc)
-        return (
-            "map",
-            detection_scores(head, tokens["test"], px["test"].boxes, arch["img_size"], cfg.detection),
-            fitted,
+        heads, fits = train_detection(
+            tokens, px, idx, grid, arch["img_size"], cfg.detection, seeds, desc, names
         )
+        test_boxes = px["test"].boxes
+        return [
+            ("map", detection_scores(head, t, test_boxes, arch["img_size"], cfg.detection), fitted)
+            for head, t, fitted in zip(heads, tokens["test"], fits, strict=True)
+        ]
     raise ValueError(
         f"unknown protocol '{protocol}' (protocols: finetune, linear_probe, segmentation, detection)"
     )
@@ -311,27 +351,37 @@ def detection_scores(
 
 
 def train_detection(
-    tokens: dict[str, torch.Tensor],
+    tokens: dict[str, list[torch.Tensor]],
     px: dict[str, Pixels],
     idx: torch.Tensor,
     grid: int,
     img_size: int,
     settings: DetSettings,
-    seed: int,
+    seeds: Sequence[int],
     desc: str,
-) -> tuple[DetectionHead, Any]:
-    """Train the YOLO head on cached tokens of the `idx` subset; chosen on validation mAP."""
-    torch.manual_seed(seed)
-    head = DetectionHead(tokens["train"].shape[-1], grid, img_size, settings.head)
-    train_tokens = tokens["train"][idx]
+    names: Sequence[str] | None = None,
+) -> tuple[list[DetectionHead], list[Any]]:
+    """Train one YOLO head per member on its cached tokens (`tokens[split][g]`) of the `idx` subset, starting
+    from `seeds[g]`; each chosen on validation mAP."""
+    heads = []
+    for t, seed in zip(tokens["train"], seeds, strict=True):
+        torch.manual_seed(seed)
+        heads.append(DetectionHead(t.shape[-1], grid, img_size, settings.head))
+    train_tokens = [t[idx] for t in tokens["train"]]
     train_boxes = [px["train"].boxes[i] for i in idx.tolist()]
 
-    def batch_loss(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        if len(batch) == 1:  # BatchNorm in the head needs two samples in training mode
-            batch = batch.repeat(2)
-        return detection_loss(head(train_tokens[batch]), [train_boxes[i] for i in batch.tolist()], img_size, settings.head)  # fmt: skip
+    def batch_loss(members: list[int], batches: list[torch.Tensor], gens: list[torch.Generator]) -> list:
+        losses = []
+        for g, batch in zip(members, batches, strict=True):
+            if len(batch) == 1:  # BatchNorm in the head needs two samples in training mode
+                batch = batch.repeat(2)
+            outputs = heads[g](train_tokens[g][batch])
+            losses.append(detection_loss(outputs, [train_boxes[i] for i in batch.tolist()], img_size, settings.head))  # fmt: skip
+        return losses
 
-    def validate() -> float:
-        return detection_scores(head, tokens["val"], px["val"].boxes, img_size, settings)
+    def validate(members: list[int]) -> list[float]:
+        return [
+            detection_scores(heads[g], tokens["val"][g], px["val"].boxes, img_size, settings) for g in members
+        ]
 
-    return head, fit(head, batch_loss, validate, len(train_tokens), settings.fit, seed, desc)
+    return heads, fit(heads, batch_loss, validate, len(idx), settings.fit, seeds, desc, names)

@@ -9,6 +9,7 @@ patch needs fewer blocks (log2 of the patch size), so `channels` must have that 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -75,26 +76,34 @@ def predict_masks(head: SegHead, tokens: torch.Tensor, batch: int = 128) -> np.n
 
 
 def train_segmentation(
-    train: tuple[torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor],
+    train: tuple[Sequence[torch.Tensor], torch.Tensor],
+    val: tuple[Sequence[torch.Tensor], torch.Tensor],
     grid: int,
     img_size: int,
     cfg: SegConfig,
     fit_cfg: FitConfig,
-    seed: int,
+    seeds: Sequence[int],
     desc: str = "segmentation",
-) -> tuple[SegHead, FitResult]:
-    """Train a SegHead on (cached tokens, bool masks); chosen on validation Dice."""
+    names: Sequence[str] | None = None,
+) -> tuple[list[SegHead], list[FitResult]]:
+    """Train one SegHead per member on (its cached tokens, the shared bool masks); each chosen on validation
+    Dice. Member g reads `train[0][g]` / `val[0][g]` (its encoder's tokens) and starts from `seeds[g]`."""
     tokens, masks = train
-    torch.manual_seed(seed)
-    head = SegHead(tokens.shape[-1], grid, img_size, cfg)
+    heads = []
+    for t, seed in zip(tokens, seeds, strict=True):
+        torch.manual_seed(seed)
+        heads.append(SegHead(t.shape[-1], grid, img_size, cfg))
+    val_tokens, val_masks = val[0], val[1].numpy()
 
-    def batch_loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        if len(idx) == 1:  # BatchNorm needs two samples in training mode
-            idx = idx.repeat(2)
-        return seg_loss(head(tokens[idx]), masks[idx], cfg)
+    def batch_loss(members: list[int], batches: list[torch.Tensor], gens: list[torch.Generator]) -> list:
+        losses = []
+        for g, idx in zip(members, batches, strict=True):
+            if len(idx) == 1:  # BatchNorm needs two samples in training mode
+                idx = idx.repeat(2)
+            losses.append(seg_loss(heads[g](tokens[g][idx]), masks[idx], cfg))
+        return losses
 
-    def validate() -> float:
-        return mean_dice(predict_masks(head, val[0]), val[1].numpy(), cfg.threshold)
+    def validate(members: list[int]) -> list[float]:
+        return [mean_dice(predict_masks(heads[g], val_tokens[g]), val_masks, cfg.threshold) for g in members]
 
-    return head, fit(head, batch_loss, validate, len(tokens), fit_cfg, seed, desc)
+    return heads, fit(heads, batch_loss, validate, len(masks), fit_cfg, seeds, desc, names)
