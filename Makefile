@@ -1,11 +1,12 @@
-# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv when it is missing.
+# On a fresh machine: `make demo`, `make test` (the fast suite) and `make test-all` (everything; what CI runs).
+# Each creates .venv when it is missing.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test test-all lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +18,10 @@ demo: $(STAMP)
 	$(VENV)/bin/ecamp demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .

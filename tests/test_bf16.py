@@ -57,6 +57,7 @@ def test_autocast_follows_amp_on_cpu():
             assert torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype == torch.float32
 
 
+@pytest.mark.slow  # a paper-shape model
 def test_paper_shape_ecamp_trains_two_steps_in_bf16_on_cpu_and_exports_a_timm_encoder(
     images, reports, tmp_path
 ):
@@ -77,6 +78,7 @@ def test_paper_shape_ecamp_trains_two_steps_in_bf16_on_cpu_and_exports_a_timm_en
     assert vit.forward_features(torch.zeros(1, 3, 224, 224)).shape == (1, 197, 768)
 
 
+@pytest.mark.slow  # a paper-shape model
 def test_paper_shape_gloria_trains_two_steps_in_bf16_on_cpu(reports):
     tokenizer = train_wordpiece(reports, vocab_size=400, min_frequency=1)
     mcfg = GloriaConfig(image_checkpoint="random", text_checkpoint="random")  # ResNet-50 at 299, BERT-base

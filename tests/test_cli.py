@@ -186,6 +186,7 @@ def answers(url: str) -> bool:
         return False
 
 
+@pytest.mark.slow  # a real Prefect server in a killed CLI process
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killing_the_cli_stops_its_temporary_prefect_server(tmp_path, sig):
@@ -218,7 +219,9 @@ def test_killing_the_cli_stops_its_temporary_prefect_server(tmp_path, sig):
                 server.update(url=found[1], pid=found[2])
             return found is not None
 
-        wait_until(announced, 60, "the CLI to start its server")
+        wait_until(
+            announced, 180, "the CLI to start its server"
+        )  # imports and preflight, on a loaded machine
         os.kill(cli.pid, signal.SIGSTOP)  # hold the CLI in its startup wait: the kill lands mid-command
         wait_until(lambda: answers(server["url"] + "/health"), 120, "the server to answer")
         os.kill(cli.pid, sig)
@@ -321,6 +324,7 @@ def test_a_busy_run_dir_is_one_line_naming_the_holder_before_any_flow(tmp_path, 
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
 
 
+@pytest.mark.slow  # the paper config through a real Prefect server
 def test_the_paper_config_without_its_mae_weights_stops_before_any_work(tmp_path):
     paper = str(REPO_ROOT / "configs" / "paper.yaml")
     run_dir = tmp_path / "run"

@@ -70,6 +70,7 @@ def run_until_pretrain(run_dir: Path, overrides: list[str]) -> dict[str, str]:
     return {n: run_stage(get_stage(n), config, run_dir).status for n in names}
 
 
+@pytest.mark.slow  # whole pipelines through a real Prefect server
 def test_a_different_entity_list_reaches_gloria_and_pretraining(small_corpus, tmp_path):
     """Item 4: match_entities writes the lexicon it used; GLoRIA and the MLM masking read it from there."""
     run_dir = tmp_path / "run"
@@ -91,6 +92,7 @@ def test_a_different_entity_list_reaches_gloria_and_pretraining(small_corpus, tm
     assert gloria == read_record(run_dir, "match_entities").outputs["lexicon"].content_hash
 
 
+@pytest.mark.slow  # whole pipelines through a real Prefect server
 def test_the_encoder_carries_its_lineage_and_ecamp_lineage_answers_for_model_files(small_corpus, tmp_path):
     """Deployments issue 4: model files are cataloged like Parquet outputs; the export names what made it."""
     from models.ecamp.export import read_metadata
@@ -123,6 +125,7 @@ def test_the_encoder_carries_its_lineage_and_ecamp_lineage_answers_for_model_fil
     assert weights.exit_code == 0 and "train_gloria/gloria.safetensors" in weights.output, weights.output
 
 
+@pytest.mark.slow  # whole pipelines through a real Prefect server
 @pytest.mark.usefixtures("prefect_server")
 def test_the_paper_config_smoke_runs_pretraining_through_the_image_cache(small_corpus, tmp_path):
     """Issue 12 acceptance: configs/paper.yaml's pre-training path (all views, paper text settings, the image
@@ -145,6 +148,7 @@ def test_the_paper_config_smoke_runs_pretraining_through_the_image_cache(small_c
     assert (stage_dir / "encoder.safetensors").stat().st_size > 0
 
 
+@pytest.mark.slow  # whole pipelines through a real Prefect server
 @pytest.mark.usefixtures("prefect_server")
 def test_ablate_runs_a_row_end_to_end_and_caches_it(small_corpus, tmp_path):
     """Item 2: `ecamp ablate` through the CLI on a finished run; a second call skips the row."""

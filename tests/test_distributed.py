@@ -30,6 +30,8 @@ from tests import test_pretrain
 from tests.context import make_test_context, run_direct
 from tests.test_pretrain import GLORIA_AGREES, MODEL, write_upstream
 
+pytestmark = pytest.mark.slow  # torchrun launches
+
 images, reports = test_pretrain.images, test_pretrain.reports  # the tiny corpus's fixtures
 REL = 1e-5  # per-step losses and gradient norm, 2 processes vs 1 (measured: 0, bit-identical, see the docstring)
 COMPARED = ("mim", "sr", "mlm", "total", "grad_norm", "lr")

@@ -11,6 +11,8 @@ from tasks.registry import stage_names
 
 from .conftest import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # whole pipelines through a real Prefect server
+
 DEMO = str(REPO_ROOT / "configs" / "demo.yaml")
 
 

@@ -131,6 +131,7 @@ def test_a_configured_prefect_api_the_proxy_cannot_relay_names_the_variable(prox
     assert local_server.proxy_variable("http://127.0.0.1:9/api") is None
 
 
+@pytest.mark.slow  # a whole stage through a real Prefect server
 def test_the_temporary_prefect_server_is_reached_directly_under_a_proxy(proxied, monkeypatch, tmp_path):
     """A real stage through a real temporary Prefect server, with every proxy variable set to the sink."""
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
