@@ -11,18 +11,25 @@ import pytest
 
 from models.distill.teacher_http import ClientConfig
 from tasks.config import MAX_CONFIG_BYTES, ConfigError, load_config, section_hash
-from tasks.registry import stage_names
+from tasks.registry import get_stage, stage_names
 
 from .conftest import REPO_ROOT
 
 
 def test_demo_and_paper_configs_load_with_a_section_per_stage():
+    import yaml
+
     for name in ("demo", "paper"):
-        cfg = load_config(REPO_ROOT / "configs" / f"{name}.yaml")
+        path = REPO_ROOT / "configs" / f"{name}.yaml"
+        cfg, raw = load_config(path), yaml.safe_load(path.read_text())
         for stage in stage_names():
-            assert getattr(cfg, stage) is not None
+            assert isinstance(getattr(cfg, stage), get_stage(stage).config), (name, stage)
+            assert stage in raw, (
+                f"{name}.yaml has no {stage} section"
+            )  # every stage is configured in the file
     demo = load_config(REPO_ROOT / "configs" / "demo.yaml")
     assert demo.data.source == "mimic" and demo.run.run_dir == "runs/demo"
+    assert demo.pretrain_ecamp.model.img_size == 64 and load_config(None).pretrain_ecamp.model.img_size == 224
 
 
 def test_overrides_parse_yaml_values_and_nest():

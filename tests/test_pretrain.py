@@ -545,10 +545,15 @@ def test_a_finished_checkpoint_is_not_resumed_under_another_masking(tmp_path, im
 
 
 def test_ablation_rows_are_valid_overrides():
+    import yaml
+
     for table, rows in pretrain_ecamp.ABLATIONS.items():
         for row, overrides in rows.items():
-            section = load_config(None, overrides).pretrain_ecamp
-            assert section is not None, (table, row)
+            section = load_config(None, overrides).pretrain_ecamp.model_dump()
+            for override in overrides:  # each override reaches the field it names
+                key, value = override.removeprefix("pretrain_ecamp.").split("=", 1)
+                group, field = key.split(".")
+                assert section[group][field] == yaml.safe_load(value), (table, row, override)
     t7 = pretrain_ecamp.ABLATIONS["7"]
     base = load_config(None, t7["base"]).pretrain_ecamp
     assert base.text.text_composition == "origin" and not base.text.descriptor_masking
