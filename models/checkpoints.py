@@ -131,6 +131,16 @@ def load_torch_file(path: str | Path, remedy: str | None = None) -> Any:
         ) from None
 
 
+def read_resume_file(path: str | Path, keys: tuple[str, ...], what: str, remedy: str) -> dict[str, Any]:
+    """A trainer's own resume file, read without running code: a dict holding every one of `keys`, else a
+    CheckpointError naming the file, `what` it is not, the keys it lacks and the `remedy`."""
+    payload = load_torch_file(path, remedy=remedy)
+    missing = [k for k in keys if k not in payload] if isinstance(payload, dict) else list(keys)
+    if missing:
+        raise CheckpointError(f"{path}: not a {what} (no {', '.join(repr(k) for k in missing)}); {remedy}")
+    return payload
+
+
 def first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else ""

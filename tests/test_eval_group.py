@@ -11,6 +11,7 @@ from models.evaluate.classify import linear_probe
 from models.evaluate.detection import _ignored
 from models.evaluate.fit import FitConfig, fit
 from models.evaluate.segment import SegConfig, train_segmentation
+from tests.test_eval_heads import lesion_tokens
 
 torch.set_num_threads(1)
 
@@ -70,20 +71,10 @@ def test_a_member_trains_the_same_alone_and_in_a_group_even_when_another_stops_e
         assert torch.equal(alone_model.weight, group_models[g].weight)
 
 
-def _lesion_tokens(seed: int, n: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randn(n, 16, 16, generator=g)
-    masks = torch.zeros(n, 32, 32, dtype=torch.bool)
-    left = tokens[:, 0, 0] > 0
-    masks[left, :, :16] = True
-    masks[~left, :, 16:] = True
-    return tokens, masks
-
-
 def test_segmentation_heads_of_one_fraction_train_together_as_they_do_one_by_one():
     """Two encoders' tokens (a random one and a 5x larger one) x two seeds, the shared masks: the group of four
     gives every member's losses, chosen score and weights exactly as its run alone."""
-    tokens, masks = _lesion_tokens(0)
+    tokens, masks = lesion_tokens(0, n=24)
     members = [(tokens, 0), (tokens, 1), (tokens * 5 + 1, 0), (tokens * 5 + 1, 1)]
     cfg = SegConfig(channels=(8, 8, 8), token_norm=True)
     fit_cfg = FitConfig(optimizer="adamw", lr=5e-3, weight_decay=0.05, epochs=6, batch_size=8, validations=3)

@@ -201,9 +201,9 @@ def test_normalize_gives_the_pre_training_statistics_and_leaves_its_input_alone(
     assert torch.allclose(normalize(as_float, mean=0.2, std=0.5), x) and torch.equal(as_float, pixels.float())
 
 
-def _lesion_tokens(n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def lesion_tokens(seed: int = 0, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens whose first feature's sign says whether the lesion is the left or the right half."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     tokens = torch.randn(n, 16, 16, generator=g)
     masks = torch.zeros(n, 32, 32, dtype=torch.bool)
     left = tokens[:, 0, 0] > 0
@@ -217,7 +217,7 @@ def test_with_token_norm_the_head_trains_alike_on_tokens_of_any_scale(token_norm
     """A pre-trained encoder's tokens may sit at 5x a random one's scale, with large offsets: with token_norm
     the head's whole training (losses, chosen validation score) is the same for tokens and 20·tokens + 5, so
     a fixed step budget treats every encoder alike; without it (the official head) training differs."""
-    tokens, masks = _lesion_tokens()
+    tokens, masks = lesion_tokens()
     scale = torch.linspace(5, 40, 16)  # per channel
     shifted = tokens * scale + 5.0
     cfg = SegConfig(channels=(16, 8, 8), token_norm=token_norm)
@@ -236,7 +236,7 @@ def test_with_token_norm_the_head_trains_alike_on_tokens_of_any_scale(token_norm
 def test_token_norm_standardises_each_channel_and_is_off_by_default():
     assert isinstance(SegHead(16, 4, 32, SegConfig(channels=(16, 8, 8))).token_norm, torch.nn.Identity)
     head = SegHead(16, 4, 32, SegConfig(channels=(16, 8, 8), token_norm=True)).train()
-    tokens = _lesion_tokens()[0] * torch.linspace(5, 40, 16) + 3.0
+    tokens = lesion_tokens()[0] * torch.linspace(5, 40, 16) + 3.0
     normed = head.token_norm(tokens).reshape(-1, 16)
     torch.testing.assert_close(normed.mean(0), torch.zeros(16), atol=1e-5, rtol=0)
     torch.testing.assert_close(normed.std(0, unbiased=False), torch.ones(16), atol=1e-3, rtol=0)

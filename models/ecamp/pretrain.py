@@ -52,8 +52,8 @@ from tqdm.auto import tqdm
 from models.checkpoints import (
     CheckpointError,
     describe_names,
-    load_torch_file,
     non_finite,
+    read_resume_file,
     read_state_dict,
     save_atomic,
 )
@@ -691,14 +691,9 @@ RESUME_KEYS = ("model", "optimizer", "scheduler", "state", "rng", "fingerprint",
 
 def read_resume_checkpoint(path: Path) -> dict[str, Any]:
     """A resume checkpoint this trainer wrote, read without running code; anything else is a CheckpointError."""
-    remedy = "delete it to start this training over"
-    payload = load_torch_file(path, remedy=remedy)
-    missing = [k for k in RESUME_KEYS if k not in payload] if isinstance(payload, dict) else list(RESUME_KEYS)
-    if missing:
-        raise CheckpointError(
-            f"{path}: not a pre-training resume checkpoint (no {', '.join(repr(k) for k in missing)}); {remedy}"
-        )
-    return payload
+    return read_resume_file(
+        path, RESUME_KEYS, "pre-training resume checkpoint", "delete it to start this training over"
+    )
 
 
 def check_finite_step(losses: dict[str, float], grad_norm: float, epoch: int, step: int) -> None:

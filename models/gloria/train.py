@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from models.checkpoints import CheckpointError, load_torch_file, save_atomic
+from models.checkpoints import read_resume_file, save_atomic
 from models.gloria.attention import entity_positions, to_grid
 from models.gloria.model import Gloria, TextBatch, encode_texts
 
@@ -171,14 +171,9 @@ RESUME_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch", "losses", "tra
 
 def read_resume_state(path: Path) -> dict:
     """A resume file this trainer wrote, read without running code (weights_only); else a CheckpointError."""
-    remedy = "delete it to start GLoRIA training over"
-    state = load_torch_file(path, remedy=remedy)
-    missing = [k for k in RESUME_KEYS if k not in state] if isinstance(state, dict) else list(RESUME_KEYS)
-    if missing:
-        raise CheckpointError(
-            f"{path}: not a GLoRIA resume checkpoint (no {', '.join(repr(k) for k in missing)}); {remedy}"
-        )
-    return state
+    return read_resume_file(
+        path, RESUME_KEYS, "GLoRIA resume checkpoint", "delete it to start GLoRIA training over"
+    )
 
 
 def resume_key(cfg: TrainConfig, seed: int) -> dict:
