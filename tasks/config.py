@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
+from models.seeds import Seed
 from tasks.base import StageConfig
 from tasks.registry import stages
 
@@ -26,7 +27,7 @@ class ConfigError(ValueError):
 
 
 class RunConfig(StageConfig):
-    seed: int = 0
+    seed: Seed = 0
     run_dir: str = "runs/default"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = Field(
