@@ -161,3 +161,24 @@ def test_a_stage_folder_or_attempt_folder_that_is_not_a_folder_is_refused_and_ke
     )
     assert (folder_bytes(folder) if folder.is_dir() else folder.read_bytes()) == before
     assert list(elsewhere.iterdir()) == []
+
+
+def test_python_m_flows_pipeline_is_the_ecamp_command_line(tmp_path):
+    """`python -m flows.pipeline` imported the flows and exited 0 having run nothing, whatever its arguments."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    run = [sys.executable, "-m", "flows.pipeline"]
+    helped = subprocess.run(
+        [*run, "--help"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+    )
+    assert helped.returncode == 0 and "catalog" in helped.stdout and "evaluate" in helped.stdout
+    failed = subprocess.run(
+        [*run, "run", "-c", "nosuch.yaml"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+    )
+    assert (failed.returncode, failed.stderr) == (2, "error: nosuch.yaml: config file not found\n")
+    assert list(tmp_path.iterdir()) == []
