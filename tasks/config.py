@@ -30,8 +30,8 @@ class RunConfig(StageConfig):
     seed: Seed = 0
     run_dir: str = "runs/default"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_threads: int | None = Field(
-        None, ge=1, description="torch threads on CPU; None keeps torch's default"
+    num_threads: int | None = Field(  # bounded: 100,000 threads exhaust memory and hang the command
+        None, ge=1, le=1024, description="torch threads on CPU; None keeps torch's default"
     )
     gpu_pool: str | None = Field(
         None,

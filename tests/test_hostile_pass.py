@@ -45,11 +45,15 @@ def console(monkeypatch) -> io.StringIO:
             "pretrain_ecamp.train.seed=-2",
             "pretrain_ecamp.train.seed: Input should be greater than or equal to 0",
         ),
+        (
+            "run.num_threads=100000",
+            "run.num_threads: Input should be less than or equal to 1024 (got 100000)",
+        ),
     ],
 )
-def test_a_seed_outside_0_to_2_pow_32_is_a_config_error_naming_its_key(override, message):
-    """Were accepted, then failed minutes in (numpy: "expected non-negative integer", torch: "Overflow when
-    unpacking long long") with no setting named."""
+def test_a_bad_seed_or_thread_count_is_a_config_error_naming_its_key(override, message):
+    """Seeds were accepted, then failed minutes in (numpy: "expected non-negative integer", torch: "Overflow
+    when unpacking long long") naming no setting; 100,000 torch threads exhausted memory and hung the command."""
     with pytest.raises(ConfigError) as err:
         load_config(DEMO, [override])
     assert message in str(err.value)
