@@ -27,6 +27,13 @@ def _run_dir_arg(value: str) -> Path:
     return Path(value)
 
 
+def _out_arg(value: str) -> Path:
+    """`--out ""` would become Path("."): refused, like `--run-dir ""`; `--out .` is the working directory."""
+    if not value.strip():
+        _fail(ValueError("--out is empty; name the folder to write the corpus to (or . on purpose)"))
+    return Path(value).absolute()
+
+
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="pipeline YAML config")]
 RunDirOpt = Annotated[
     Path | None,
@@ -175,7 +182,9 @@ def _print_summaries(summaries: list[dict]) -> None:
 
 @app.command()
 def synth(
-    out: Annotated[Path, typer.Option("--out", help="folder to write the MIMIC-layout corpus to")],
+    out: Annotated[
+        Path, typer.Option("--out", parser=_out_arg, help="folder to write the MIMIC-layout corpus to")
+    ],
     n: Annotated[int | None, typer.Option("--n", help="number of studies")] = None,
     config: Annotated[
         Path,
@@ -398,7 +407,7 @@ def evaluate(
 def _check_evaluate_inputs(cfg, target: Path) -> None:
     """Datasets, checkpoint paths and run-directory encoders `evaluate` needs: one line before any flow starts."""
     from models.checkpoints import CheckpointError, read_state_dict
-    from tasks.evaluate import NAMED_INITS, missing_init
+    from tasks.evaluate import NAMED_INITS, checkpoint_inits, missing_init
     from tasks.registry import get_stage
     from tasks.runner import input_paths, upstream_hashes
 
@@ -411,11 +420,11 @@ def _check_evaluate_inputs(cfg, target: Path) -> None:
     for init in cfg.evaluate.inits:
         if init in NAMED_INITS and written[NAMED_INITS[init]] is None:
             _fail(FileNotFoundError(missing_init(init, str(target))))
-        elif init != "random" and init not in NAMED_INITS:
-            try:  # a file that is no state dict, or that would run code, is refused before any flow
-                read_state_dict(Path(init).expanduser())
-            except CheckpointError as err:
-                _fail(err)
+    for init in checkpoint_inits(cfg.evaluate.inits):
+        try:  # a file that is no state dict, or that would run code, is refused before any flow
+            read_state_dict(Path(init).expanduser())
+        except (CheckpointError, FileNotFoundError) as err:
+            _fail(err)
 
 
 @app.command()
@@ -440,7 +449,13 @@ def _run_dir_of(run_dir: Path | None, config: Path) -> Path:
 def _print_table(path: Path) -> None:
     if not path.is_file():
         _fail(FileNotFoundError(f"{path}: no evaluation table; run `ecamp evaluate` (or the pipeline) first"))
-    typer.echo(path.read_text())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:  # the stage writes UTF-8 Markdown: this file was replaced
+        _fail(
+            ValueError(f"{path}: not the evaluation table (not UTF-8 text: {err.reason} at byte {err.start})")
+        )
+    typer.echo(text)
 
 
 def _label(uri: str, info) -> str:

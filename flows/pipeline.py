@@ -302,3 +302,9 @@ def ecamp_ablations(
         ablation_row_task(table, row, config_path, overrides, target, force=force).result()
         for row in ablation_rows(table, rows)
     ]
+
+
+if __name__ == "__main__":  # `python -m flows.pipeline ...`: the `ecamp` commands, rather than a silent no-op
+    from flows.cli import app
+
+    app()

@@ -154,6 +154,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     state dict raises CheckpointError naming it.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a weights file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":

@@ -194,6 +194,11 @@ class StageContext:
         record = record_path(self.run_dir, self.name)
         if record.is_dir():
             raise in_the_way(record, "the stage's success record")
+        if self.stage_dir.exists() and not self.stage_dir.is_dir():
+            raise in_the_way(self.stage_dir, "the stage's folder", found="a file")
+        if self.attempt_dir.is_symlink() or (self.attempt_dir.exists() and not self.attempt_dir.is_dir()):
+            # a link would put the attempt's outputs wherever it points, outside the run directory
+            raise in_the_way(self.attempt_dir, "the stage's attempt folder", found="a file or a link")
         shutil.rmtree(self.attempt_dir, ignore_errors=True)
         self.attempt_dir.mkdir(parents=True)
 

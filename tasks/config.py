@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
+from models.seeds import Seed
 from tasks.base import StageConfig
 from tasks.registry import stages
 
@@ -26,11 +27,11 @@ class ConfigError(ValueError):
 
 
 class RunConfig(StageConfig):
-    seed: int = 0
+    seed: Seed = 0
     run_dir: str = "runs/default"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_threads: int | None = Field(
-        None, ge=1, description="torch threads on CPU; None keeps torch's default"
+    num_threads: int | None = Field(  # bounded: 100,000 threads exhaust memory and hang the command
+        None, ge=1, le=1024, description="torch threads on CPU; None keeps torch's default"
     )
     gpu_pool: str | None = Field(
         None,

@@ -36,6 +36,7 @@ from models.evaluate.protocol import (
     run_job,
 )
 from models.evaluate.report import plot_results, results_table
+from models.seeds import Seed
 from models.synth.corpus import SynthConfig
 from tasks.base import StageConfig, StageContext
 from tasks.stage import Stage, variant_name
@@ -55,9 +56,14 @@ class Config(StageConfig):
         description="pixels | random | ecamp | mim_only | a checkpoint path; one table row each",
     )
     datasets: list[DatasetSpec] = Field(default_factory=list)
-    protocols: list[str] = Field(default_factory=lambda: list(PROTOCOLS), description="which heads to run")
-    fractions: list[int] = Field(default_factory=lambda: [1, 10, 100], description="label percent of train")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    # an empty list would evaluate nothing and replace the last results with an empty table
+    protocols: list[str] = Field(
+        default_factory=lambda: list(PROTOCOLS), min_length=1, description="which heads to run"
+    )
+    fractions: list[int] = Field(
+        default_factory=lambda: [1, 10, 100], min_length=1, description="label percent of train"
+    )
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
     decode_workers: int = Field(2, ge=1, description="threads decoding images (once per split)")
     synth: SynthConfig | None = Field(
@@ -195,8 +201,13 @@ def dataset_files(config: Any) -> list[Path]:
     """The dataset lists/folders and checkpoint-path inits: outside the run directory, fingerprinted."""
     section = config.evaluate
     paths = [Path(s.path) for s in section.datasets]
-    paths += [Path(e).expanduser() for e in section.inits if e not in (PIXELS, "random", *NAMED_INITS)]
+    paths += [Path(e).expanduser() for e in checkpoint_inits(section.inits)]
     return paths
+
+
+def checkpoint_inits(inits: list[str]) -> list[str]:
+    """The inits that name a checkpoint file: every entry but pixels, random and the run's named encoders."""
+    return [e for e in inits if e not in (PIXELS, "random", *NAMED_INITS)]
 
 
 STAGE = Stage(

@@ -30,9 +30,21 @@ class RunDirectoryInTheWay(ValueError):
     `.lock` or `_stage.json`); nothing was changed, and the message names the path."""
 
 
-def in_the_way(path: Path, what: str) -> RunDirectoryInTheWay:
+class RunDirectoryNotWritable(RunDirectoryInTheWay):
+    """The run directory or its lock file cannot be created or opened (a read-only file system, no write
+    permission): the commands that take the lock catch it as they catch a folder in the way."""
+
+
+def in_the_way(path: Path, what: str, found: str = "a folder") -> RunDirectoryInTheWay:
     return RunDirectoryInTheWay(
-        f"{path} is a folder, not {what}: move it away and run again (nothing in the run directory was changed)"
+        f"{path} is {found}, not {what}: move it away and run again (nothing in the run directory was changed)"
+    )
+
+
+def not_writable(path: Path, err: OSError) -> RunDirectoryNotWritable:
+    return RunDirectoryNotWritable(
+        f"cannot create {path} ({err.strerror or err}): the run directory must be writable; "
+        "choose another --run-dir or fix its permissions"
     )
 
 
@@ -55,6 +67,8 @@ def _acquire(run_dir: Path) -> int:
         fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except IsADirectoryError:
         raise in_the_way(run_dir / LOCK_FILE, "the run directory's lock file") from None
+    except OSError as err:
+        raise not_writable(run_dir / LOCK_FILE, err) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -79,7 +93,10 @@ def _release(fd: int) -> None:
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold the run directory's lock, or fail at once naming the holder's pid and start time."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise not_writable(run_dir, err) from None
     key = str(run_dir.resolve())
     with _guard:
         if key in _held:

@@ -61,6 +61,7 @@ from models.devices import resolve_device
 from models.ecamp.model import ECAMP, ECAMPConfig
 from models.ecamp.reliance import HeldOutBatch, heldout_batches, measure_reliance, reliance_line
 from models.images import load_grayscale
+from models.seeds import Seed
 
 LOG = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -107,7 +108,7 @@ class PretrainConfig(BaseModel):
         "without AVX512-BF16/AMX runs bf16 slower than fp32)",
     )
     ckpt_every: int = Field(1000, ge=1, description="optimiser steps between checkpoints (and at the end)")
-    seed: int | None = Field(None, description="None: the caller's seed (the stage uses run.seed), else 0")
+    seed: Seed | None = Field(None, description="None: the caller's seed (the stage uses run.seed), else 0")
     # data loading: none of these changes a batch (every draw is seeded by seed, epoch and sample index)
     num_workers: int = Field(8, ge=0, description="DataLoader worker processes decoding and augmenting")
     pin_memory: bool | None = Field(None, description="page-locked batches (faster copies); None = on CUDA")

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from data_contracts.files import sha256_file
 from models.resources import DEFAULT_ENTITY_LIST
+from models.seeds import Seed
 from models.synth.findings import FINDING_CLASSES, Finding, sample_findings
 from models.synth.images import Anatomy, render_frontal, render_lateral, sample_anatomy
 from models.synth.reports import (
@@ -67,7 +68,7 @@ class SynthConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    seed: int = 0
+    seed: Seed = 0
     n_studies: int = Field(200, ge=1)
     max_studies_per_subject: int = Field(3, ge=1)
     image_size: int = Field(256, ge=64, le=2048)
