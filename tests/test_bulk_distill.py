@@ -3,6 +3,7 @@ and the finetune_student stage end to end on a tiny base feeding bulk_distill's 
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pyarrow.parquet as pq
@@ -248,6 +249,8 @@ def test_finetune_student_stage_then_bulk_with_the_transformers_backend(tmp_path
     stage = tmp_path / "finetune_student"
     assert (stage / "adapter" / "adapter_model.safetensors").is_file()
     assert (stage / "base_model" / "config.json").is_file()
+    adapter_config = json.loads((stage / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str((stage / "base_model").resolve())  # not .attempt/
     evals = {r["system"]: r for r in pq.read_table(stage / "student_eval.parquet").to_pylist()}
     assert set(evals) == {"student", "student_greedy", "all_absent"}
     assert evals["student"]["coverage"] == 1.0  # entity-complete: a sentence for every requested entity

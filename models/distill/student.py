@@ -460,12 +460,22 @@ def train_student(
 # --------------------------------------------------------------------------------------------------------------
 # Adapter save / load
 # --------------------------------------------------------------------------------------------------------------
-def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors and the tokenizer (vLLM's --lora-modules layout)."""
+def save_adapter(
+    model: PeftModel, tokenizer: PreTrainedTokenizerFast, out_dir: Path, base_model: str | Path | None = None
+) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors and the tokenizer (vLLM's --lora-modules layout).
+
+    `base_model`: where the base will be once the caller's outputs are in place, written as the config's
+    `base_model_name_or_path` (peft records the folder it was loaded from, which may be a temporary one)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    if base_model is not None:
+        config_path = out_dir / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = str(base_model)
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir
 
 
