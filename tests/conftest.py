@@ -29,6 +29,22 @@ def _one_thread():
     yield
 
 
+@pytest.fixture
+def console(monkeypatch):
+    """What Prefect's console handlers print during the test (they write to the stream they were made with), as
+    an io.StringIO: the one-line-error tests read it beside the CLI's own output."""
+    import io
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    buffer = io.StringIO()
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            monkeypatch.setattr(handler.console, "file", buffer)
+    return buffer
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """A real Prefect API (temporary SQLite DB + server subprocess) for the flow tests; stopped at the end."""

@@ -6,7 +6,6 @@ replaced a traceback, a mid-run crash naming no setting, or results silently rep
 
 from __future__ import annotations
 
-import io
 import shutil
 
 import pytest
@@ -15,21 +14,6 @@ from typer.testing import CliRunner
 from flows.cli import app
 from tasks.config import ConfigError, load_config
 from tests.test_one_line_errors import DEMO, extracted, folder_bytes, one_line_error, stage_argv
-
-
-@pytest.fixture
-def console(monkeypatch) -> io.StringIO:
-    """What Prefect's console handlers print during the test, as in tests/test_one_line_errors.py."""
-    import logging
-
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    buffer = io.StringIO()
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, PrefectConsoleHandler):
-            monkeypatch.setattr(handler.console, "file", buffer)
-    return buffer
-
 
 # ------------------------------------------------------------------------------------------ config at load
 

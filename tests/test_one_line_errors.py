@@ -27,20 +27,6 @@ DEMO = str(REPO_ROOT / "configs" / "demo.yaml")
 PANEL = ("╭", "╰", "│")  # rich's traceback box
 
 
-@pytest.fixture
-def console(monkeypatch) -> io.StringIO:
-    """What Prefect's console handlers print during the test (they write to the stream they were made with)."""
-    import logging
-
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    buffer = io.StringIO()
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, PrefectConsoleHandler):
-            monkeypatch.setattr(handler.console, "file", buffer)
-    return buffer
-
-
 def shown(result, console: io.StringIO) -> str:
     return result.output + console.getvalue()
 
