@@ -313,8 +313,9 @@ def run(ctx: StageContext, cfg: Config) -> None:
         result.trainable_params, result.total_params, len(examples), result.seconds,
         result.curve[0].loss, result.curve[-1].loss,
     )  # fmt: skip
-    final_base = ctx.stage_dir / TINY_BASE_DIR if cfg.base_model == "tiny" else base_path  # after promotion
-    adapter_dir = save_adapter(student, tokenizer, ctx.path(ADAPTER_DIR), final_base.resolve())
+    # where the base is once the stage's outputs are promoted (a hub id or a user's path stays as given)
+    final_base = (ctx.stage_dir / TINY_BASE_DIR).resolve() if cfg.base_model == "tiny" else cfg.base_model
+    adapter_dir = save_adapter(student, tokenizer, ctx.path(ADAPTER_DIR), final_base)
 
     backend = TransformersBackend(student, tokenizer, cfg.generation)
     prompts, requested = [r["prompt"] for r in held_rows], [r["entities"] for r in held_rows]
