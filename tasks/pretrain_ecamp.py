@@ -303,6 +303,7 @@ ABLATIONS: dict[str, dict[str, list[str]]] = {
         "mim_only": _CD_OFF
         + _SR_OFF
         + [f"{_T}model.text_side=false"],  # not a paper row: evaluate's baseline
+        "mim_sr": _CD_OFF + [f"{_T}model.text_side=false"],  # not a paper row: ECAMP without its text side
     },
     "8": {  # text composition (entity selection rows need other entity lists upstream: match_entities)
         "origin_alone": _CD_OFF,

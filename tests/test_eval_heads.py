@@ -16,9 +16,12 @@ from models.evaluate.classify import (
     frozen_features,
     init_head,
     linear_probe,
+    predict,
+    probe_the_head,
+    score,
 )
 from models.evaluate.encoders import CheckpointError, downstream_vit, export_arch, load_init
-from models.evaluate.fit import FitConfig
+from models.evaluate.fit import FitConfig, param_groups
 from models.evaluate.pixels import normalize
 from models.evaluate.segment import SegConfig, SegHead, train_segmentation
 from models.resources import CONFIG_DIR
@@ -241,3 +244,43 @@ def test_token_norm_standardises_each_channel_and_is_off_by_default():
     torch.testing.assert_close(normed.mean(0), torch.zeros(16), atol=1e-5, rtol=0)
     torch.testing.assert_close(normed.std(0, unbiased=False), torch.ones(16), atol=1e-3, rtol=0)
     assert not any(p.requires_grad for p in head.token_norm.parameters())  # no affine: nothing to learn
+
+
+def test_layer_decay_gives_each_depth_of_the_vit_its_lr_and_the_head_the_full_lr():
+    model = downstream_vit(
+        {"img_size": 16, "patch_size": 8, "embed_dim": 16, "depth": 2, "num_heads": 2}, num_classes=3
+    )
+    cfg = FitConfig(lr=1.0, layer_decay=0.5)
+    lr_of = {id(p): g["lr"] for g in param_groups(model, cfg) for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert lr_of[id(names["patch_embed.proj.weight"])] == 0.125  # 0.5^(2 + 1)
+    assert lr_of[id(names["blocks.0.attn.qkv.weight"])] == 0.25
+    assert lr_of[id(names["blocks.1.mlp.fc2.bias"])] == 0.5
+    assert lr_of[id(names["head.weight"])] == lr_of[id(names["fc_norm.weight"])] == 1.0
+    assert len(lr_of) == sum(1 for p in model.parameters() if p.requires_grad)
+    # the default is one lr for every parameter (the official recipe)
+    assert {g["lr"] for g in param_groups(model, FitConfig(lr=1.0))} == {1.0}
+
+
+def test_lp_ft_starts_fine_tuning_from_the_linear_probe_on_the_models_own_features(export):
+    torch.manual_seed(0)
+    model = downstream_vit(export_arch(export), num_classes=1, drop_path=0.1)
+    load_init(model, export)
+    init_head(model)
+    blocks_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
+    (train_x, train_y), (val_x, val_y) = separable_images(64, 0), separable_images(32, 1)
+    probe_cfg = FitConfig(epochs=30, batch_size=64, lr=0.5, clip_grad=None)
+    fresh_score = score(val_y.numpy(), predict(model, val_x, Normalization()), True)
+    fitted = probe_the_head(
+        model, (train_x, train_y), (val_x, val_y), True, probe_cfg, Normalization(), seed=0
+    )
+    # only the head changed, and the model now scores what the probe scored on validation
+    assert all(torch.equal(blocks_before[k], v) for k, v in model.state_dict().items() if k in blocks_before)
+    probed_score = score(val_y.numpy(), predict(model, val_x, Normalization()), True)
+    assert probed_score == pytest.approx(fitted.best_score, abs=1e-6)
+    assert probed_score > 0.8 > fresh_score
+    # the same probe as the linear-probe protocol fits on the same features
+    pooled = frozen_features(model, train_x, Normalization(), tokens=False)[0]
+    val_pooled = frozen_features(model, val_x, Normalization(), tokens=False)[0]
+    (head,), _ = linear_probe(([pooled], train_y), ([val_pooled], val_y), 1, True, probe_cfg, seeds=[0])
+    assert torch.allclose(head.weight, model.head.weight) and torch.allclose(head.bias, model.head.bias)

@@ -558,6 +558,8 @@ def test_ablation_rows_are_valid_overrides():
     base = load_config(None, t7["base"]).pretrain_ecamp
     assert base.text.text_composition == "origin" and not base.text.descriptor_masking
     assert not base.text.rebalance and not base.model.sr
+    mim_sr = load_config(None, t7["mim_sr"]).pretrain_ecamp.model  # ECAMP's image side alone: SR kept
+    assert mim_sr.sr and not mim_sr.text_side
     assert (
         load_config(None, pretrain_ecamp.ABLATIONS["9"]["lambda_0.25"]).pretrain_ecamp.text.lambda_neg == 0.25
     )

@@ -139,6 +139,32 @@ def frozen_features(
     return torch.cat(pooled), torch.cat(kept) if tokens else None
 
 
+def probe_the_head(
+    model: VisionTransformer,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    multilabel: bool,
+    probe_cfg: FitConfig,
+    norm: Normalization,
+    seed: int,
+    head_std: float = 2e-5,
+    desc: str = "probe the head",
+) -> FitResult:
+    """LP-FT (Kumar et al., 2022): set `model.head` to a linear probe trained on the model's own frozen features.
+
+    Fine-tuning from a fresh head spends its first steps fitting the head while the head's large gradients run
+    through every block; from the probe's head the blocks adapt a classifier that already works. With few
+    fine-tuning steps, as on a CPU, this decides whether fine-tuning keeps up with the probe at all.
+    """
+    features = {s: frozen_features(model, images, norm, tokens=False)[0] for s, images in (("t", train[0]), ("v", val[0]))}  # fmt: skip
+    heads, fits = linear_probe(([features["t"]], train[1]), ([features["v"]], val[1]), model.head.out_features,
+                               multilabel, probe_cfg, [seed], head_std, desc)  # fmt: skip
+    with torch.no_grad():
+        model.head.weight.copy_(heads[0].weight)
+        model.head.bias.copy_(heads[0].bias)
+    return fits[0]
+
+
 def linear_probe(
     train: tuple[Sequence[torch.Tensor], torch.Tensor],
     val: tuple[Sequence[torch.Tensor], torch.Tensor],

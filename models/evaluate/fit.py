@@ -42,6 +42,19 @@ class FitConfig(BaseModel):
         ge=1,
         description="validate at most this often, evenly spaced (null: after every epoch, official)",
     )
+    layer_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="ViT fine-tuning: block i of D trains at lr·decay^(D−i), the embeddings at lr·decay^(D+1), "
+        "the head at lr (MAE/BEiT; 1.0 = one lr for all, the official recipe)",
+    )
+    head_lr: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="ViT fine-tuning: the lr of what sits above the blocks (fc_norm, head); null = lr",
+    )
 
 
 @dataclass
@@ -65,10 +78,41 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min((step - warmup) / max(1, total - warmup), 1.0)))
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: FitConfig) -> torch.optim.Optimizer:
+def layer_depth(name: str, depth: int) -> int:
+    """A ViT parameter's depth for layer decay: 0 for the embeddings, i + 1 for block i, depth + 1 above the
+    blocks (final norms, head). Parameters of a model without `blocks` are all at the top."""
+    if name.startswith(("patch_embed.", "cls_token", "pos_embed", "reg_token")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups(model: nn.Module, cfg: FitConfig) -> list[dict]:
+    """The trainable parameters of `model`, grouped by learning rate (one group without layer decay).
+
+    Layer decay keeps what pre-training put in the lower blocks while the head and the top blocks adapt: with
+    one lr, the first steps of a freshly initialised head send large gradients through every block.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    blocks = getattr(model, "blocks", None)
+    if (cfg.layer_decay == 1.0 and cfg.head_lr is None) or blocks is None:
+        return [{"params": [p for _, p in named], "lr": cfg.lr}]
+    depth = len(blocks)
+    groups: dict[int, list[nn.Parameter]] = {}
+    for name, p in named:
+        groups.setdefault(layer_depth(name, depth), []).append(p)
+    top = cfg.head_lr if cfg.head_lr is not None else cfg.lr
+    return [
+        {"params": ps, "lr": top if d == depth + 1 else cfg.lr * cfg.layer_decay ** (depth + 1 - d)}
+        for d, ps in sorted(groups.items())
+    ]
+
+
+def make_optimizer(groups: list[dict], cfg: FitConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def epochs_for(n: int, cfg: FitConfig) -> int:
@@ -111,7 +155,7 @@ def fit(
     names = list(names) if names is not None else [f"seed {s}" for s in seeds]
     params = [[p for p in m.parameters() if p.requires_grad] for m in models]
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    optimizer = make_optimizer([p for group in params for p in group], cfg)
+    optimizer = make_optimizer([group for m in models for group in param_groups(m, cfg)], cfg)
     epochs = epochs_for(n, cfg)
     per_epoch = math.ceil(n / cfg.batch_size)
     total, warmup = epochs * per_epoch, round(cfg.warmup_epochs * per_epoch)

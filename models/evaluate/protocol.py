@@ -29,6 +29,7 @@ from models.evaluate.classify import (
     init_head,
     linear_probe,
     predict,
+    probe_the_head,
     score,
 )
 from models.evaluate.datasets import Splits
@@ -79,6 +80,11 @@ class ProtocolConfig(BaseModel):
     finetune: FitConfig = Field(default_factory=FitConfig)
     linear_probe: FitConfig = Field(
         default_factory=lambda: FitConfig(epochs=100, batch_size=256, lr=0.1, clip_grad=None)
+    )
+    finetune_head: Literal["fresh", "linear_probe"] = Field(
+        "fresh",
+        description="the head fine-tuning starts from: fresh (official) or a linear probe on the frozen features "
+        "fitted first with the linear_probe settings (LP-FT)",
     )
     drop_path: float = Field(0.1, ge=0, lt=1)
     head_init_std: float = Field(2e-5, gt=0)
@@ -292,6 +298,8 @@ def run_group(
             torch.manual_seed(seed)
             init_head(model, cfg.head_init_std)
             train = (px["train"].images[idx], y["train"][idx])
+            if cfg.finetune_head == "linear_probe":
+                probe_the_head(model, train, (px["val"].images, y["val"]), multilabel, cfg.linear_probe, norm, seed, cfg.head_init_std, desc)  # fmt: skip
             fitted = finetune(model, train, (px["val"].images, y["val"]), multilabel, cfg.finetune, cfg.augment, norm, seed, desc)  # fmt: skip
             return [(metric, score(y["test"].numpy(), predict(model, px["test"].images, norm), multilabel), fitted)]  # fmt: skip
         feats = {
