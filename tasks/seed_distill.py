@@ -71,6 +71,9 @@ class Config(StageConfig):
     tpm: float | None = Field(90_000, gt=0)
     max_retries: int = Field(6, ge=0)
     timeout_s: float = Field(60.0, gt=0)
+    max_retry_after_s: float = Field(
+        600.0, ge=0, description="a longer Retry-After is not waited for: the request ends as a reject"
+    )
     max_tokens: int = Field(256, ge=1)
     max_answer_chars: int | None = Field(
         None, ge=1, description="longer answers are rejects (None: 16 characters per max_tokens token)"
@@ -89,7 +92,7 @@ class Config(StageConfig):
             api_key_env=self.api_key_env, send_key_to_local=self.send_key_to_local,
             external_endpoint_ack=self.external_endpoint_ack, proxy=self.proxy,
             concurrency=self.concurrency, rpm=self.rpm, tpm=self.tpm, max_retries=self.max_retries,
-            timeout_s=self.timeout_s, max_tokens=self.max_tokens, max_answer_chars=self.max_answer_chars,
+            timeout_s=self.timeout_s, max_retry_after_s=self.max_retry_after_s, max_tokens=self.max_tokens, max_answer_chars=self.max_answer_chars,
             temperature=0.0,
         )  # fmt: skip
 

@@ -216,3 +216,13 @@ def test_a_profile_extends_the_paper_config_changing_only_what_it_names(tmp_path
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(ConfigError, match=r"a.yaml: extends itself through .*a.yaml -> .*b.yaml"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_every_client_setting_the_distillation_doc_names_can_be_set_and_reaches_the_client():
+    doc = (REPO_ROOT / "docs" / "distillation.md").read_text()
+    assert "`max_retry_after_s`" in doc
+    seed = load_config(REPO_ROOT / "configs" / "paper.yaml", ["seed_distill.max_retry_after_s=30"]).seed_distill
+    assert seed.client_config().max_retry_after_s == 30.0
+    names = set(re.findall(r"`([a-z_]+)`", doc)) & set(ClientConfig.model_fields)
+    missing = sorted(n for n in names if n not in type(seed).model_fields and n != "temperature")
+    assert not missing, f"docs/distillation.md names client settings seed_distill does not take: {missing}"
