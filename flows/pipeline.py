@@ -177,11 +177,15 @@ def ecamp_pipeline(
     overrides: list[str] | None = None,
     force: list[str] | None = None,
     from_stage: str | None = None,
+    gpu_pool: str | None = None,
 ) -> list[dict[str, Any]]:
     """Every registered stage in order; finished stages with unchanged inputs and config are skipped.
 
     `from_stage` resumes: the stages before it are taken as they are in the run directory (not checked
-    against the config, not recomputed), it and every later stage are recomputed."""
+    against the config, not recomputed), it and every later stage are recomputed. `gpu_pool` is
+    `run.gpu_pool` kept apart from `overrides`, so that a run's own overrides never drop the deployment's GPU
+    routing (an explicit `run.gpu_pool=` in `overrides` still wins)."""
+    overrides = with_gpu_pool(gpu_pool, overrides)
     config = load_config(config_path, overrides)
     names, first = stage_window(from_stage, until)
     preflight(config, names[first:])
@@ -216,6 +220,13 @@ def ecamp_pipeline(
             summaries.append(state.result())  # a failed stage fails the flow here, with its error
     publish_lineage(Path(target), summaries)
     return summaries
+
+
+def with_gpu_pool(gpu_pool: str | None, overrides: list[str] | None) -> list[str] | None:
+    """`run.gpu_pool=<pool>` ahead of the user's overrides (a later override of the same key wins)."""
+    if not gpu_pool:
+        return overrides
+    return [f"run.gpu_pool={gpu_pool}", *(overrides or [])]
 
 
 def ablations_for(stage: str, config: Any) -> list[str]:

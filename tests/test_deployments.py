@@ -188,7 +188,8 @@ def pipeline(deployed, tmp_path_factory):
     env = deployed.env
     first = shell(README_COMMANDS["full"], params, env, timeout=900)
     after_first = finished(run_dir)
-    broken = ["-p", "overrides=" + json.dumps(["run.gpu_pool=ecamp-gpu", BROKEN])]
+    # the run's own overrides, without run.gpu_pool: the deployment's gpu_pool parameter must still route
+    broken = ["-p", "overrides=" + json.dumps([BROKEN])]
     failed = shell(README_COMMANDS["full"], params + broken, env, timeout=600, check=False)
     after_failure = finished(run_dir)
     time.sleep(1.1)  # record timestamps are compared below
