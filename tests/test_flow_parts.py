@@ -228,3 +228,18 @@ def test_the_deployments_gpu_routing_survives_a_runs_own_overrides():
     )
     assert explicit.run.gpu_pool == "other"
     assert with_gpu_pool(None, ["a.b=1"]) == ["a.b=1"] and with_gpu_pool("", None) is None
+
+
+def test_the_flows_stage_parameter_type_lists_the_registry_in_order_and_every_parameter_is_described():
+    from typing import get_args
+
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.pipeline import StageName, ecamp_ablations, ecamp_pipeline, ecamp_stage
+    from tasks.registry import stage_names
+
+    assert list(get_args(StageName)) == list(stage_names())
+    for flow in (ecamp_pipeline, ecamp_stage, ecamp_ablations):
+        props = parameter_schema(flow.fn).model_dump()["properties"]
+        assert all(spec.get("description") for spec in props.values()), flow.name
+    assert parameter_schema(ecamp_stage.fn).model_dump()["properties"]["stage"]["enum"] == list(stage_names())
