@@ -9,7 +9,7 @@ cached stage ends in a Completed state named `Cached`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -28,6 +28,19 @@ from tasks.lock import run_lock
 from tasks.registry import get_stage, stage_names
 from tasks.runner import current_result, reused_result, run_stage
 from tasks.stage import Stage, split_ref, variant_name
+
+# The stages in pipeline order (tasks.registry, checked by a test): typed so that the deployments' parameter forms
+# offer a choice and the server refuses an unknown name before a run exists.
+StageName = Literal[
+    "extract_reports",
+    "match_entities",
+    "seed_distill",
+    "finetune_student",
+    "bulk_distill",
+    "train_gloria",
+    "pretrain_ecamp",
+    "evaluate",
+]
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
@@ -173,15 +186,26 @@ def gpu_handoff(
 def ecamp_pipeline(
     config_path: str = "configs/demo.yaml",
     run_dir: str | None = None,
-    until: str | None = None,
+    until: StageName | None = None,
     overrides: list[str] | None = None,
-    force: list[str] | None = None,
-    from_stage: str | None = None,
+    force: list[StageName] | None = None,
+    from_stage: StageName | None = None,
+    gpu_pool: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Every registered stage in order; finished stages with unchanged inputs and config are skipped.
+    """Every stage in order; finished stages with unchanged inputs and config are skipped.
 
-    `from_stage` resumes: the stages before it are taken as they are in the run directory (not checked
-    against the config, not recomputed), it and every later stage are recomputed."""
+    Args:
+        config_path: Pipeline YAML config, relative to the checkout (configs/demo.yaml, configs/paper.yaml).
+        run_dir: Run directory; empty = the config's run.run_dir. Must be on storage every worker sees.
+        until: Last stage to run; empty = all eight.
+        overrides: Config fields to change, each "section.field=value" (e.g. "data.root=/data/mimic-cxr").
+        force: Stages to recompute even when their inputs and config are unchanged.
+        from_stage: Resume: earlier stages are taken as they are in the run directory, this one and every later
+            one are recomputed.
+        gpu_pool: Work pool of the GPU stages (run.gpu_pool), kept apart from overrides so that a run's own
+            overrides keep it; empty = every stage in this flow run's process.
+    """
+    overrides = with_gpu_pool(gpu_pool, overrides)
     config = load_config(config_path, overrides)
     names, first = stage_window(from_stage, until)
     preflight(config, names[first:])
@@ -216,6 +240,13 @@ def ecamp_pipeline(
             summaries.append(state.result())  # a failed stage fails the flow here, with its error
     publish_lineage(Path(target), summaries)
     return summaries
+
+
+def with_gpu_pool(gpu_pool: str | None, overrides: list[str] | None) -> list[str] | None:
+    """`run.gpu_pool=<pool>` ahead of the user's overrides (a later override of the same key wins)."""
+    if not gpu_pool:
+        return overrides
+    return [f"run.gpu_pool={gpu_pool}", *(overrides or [])]
 
 
 def ablations_for(stage: str, config: Any) -> list[str]:
@@ -259,15 +290,24 @@ def ablation_row_task(
 
 @flow(name="ecamp-stage")
 def ecamp_stage(
-    stage: str,
+    stage: StageName,
     config_path: str = "configs/demo.yaml",
     run_dir: str | None = None,
     overrides: list[str] | None = None,
     force: bool = False,
     name: str | None = None,
 ) -> dict[str, Any]:
-    """Exactly one stage, reading its upstream artifacts from the run directory (e.g. to rerun a failed one,
-    or a GPU stage the pipeline hands to the GPU pool). `name`: an ablation row's folder."""
+    """Exactly one stage, reading its upstream artifacts from the run directory (e.g. to rerun a failed one, or a
+    GPU stage the pipeline hands to the GPU pool).
+
+    Args:
+        stage: The stage to run.
+        config_path: Pipeline YAML config, relative to the checkout.
+        run_dir: Run directory; empty = the config's run.run_dir.
+        overrides: Config fields to change, each "section.field=value".
+        force: Recompute even when inputs and config are unchanged.
+        name: Folder of an ablation row (pretrain_ecamp__<row>) instead of the stage's own.
+    """
     config = load_config(config_path, overrides)
     declared = get_stage(stage)
     preflight(config, [stage])
@@ -285,14 +325,23 @@ def ecamp_stage(
 
 @flow(name="ecamp-ablations")
 def ecamp_ablations(
-    table: str,
+    table: Literal["7", "8", "9"],
     config_path: str = "configs/demo.yaml",
     run_dir: str | None = None,
     rows: list[str] | None = None,
     overrides: list[str] | None = None,
     force: bool = False,
 ) -> list[dict[str, Any]]:
-    """Pre-train one encoder per row of a paper ablation table (7, 8 or 9) on the run's upstream artifacts."""
+    """Pre-train one encoder per row of a paper ablation table on the run's upstream artifacts.
+
+    Args:
+        table: Paper table: 7 (components), 8 (text composition) or 9 (lambda_neg).
+        config_path: Pipeline YAML config, relative to the checkout.
+        run_dir: Run directory; empty = the config's run.run_dir.
+        rows: Rows to run; empty = every row of the table.
+        overrides: Config fields to change, each "section.field=value".
+        force: Recompute rows even when cached.
+    """
     from tasks.pretrain_ecamp import ablation_rows
 
     target = resolve_run_dir(

@@ -221,7 +221,9 @@ def test_a_profile_extends_the_paper_config_changing_only_what_it_names(tmp_path
 def test_every_client_setting_the_distillation_doc_names_can_be_set_and_reaches_the_client():
     doc = (REPO_ROOT / "docs" / "distillation.md").read_text()
     assert "`max_retry_after_s`" in doc
-    seed = load_config(REPO_ROOT / "configs" / "paper.yaml", ["seed_distill.max_retry_after_s=30"]).seed_distill
+    seed = load_config(
+        REPO_ROOT / "configs" / "paper.yaml", ["seed_distill.max_retry_after_s=30"]
+    ).seed_distill
     assert seed.client_config().max_retry_after_s == 30.0
     names = set(re.findall(r"`([a-z_]+)`", doc)) & set(ClientConfig.model_fields)
     missing = sorted(n for n in names if n not in type(seed).model_fields and n != "temperature")

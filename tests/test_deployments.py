@@ -188,7 +188,8 @@ def pipeline(deployed, tmp_path_factory):
     env = deployed.env
     first = shell(README_COMMANDS["full"], params, env, timeout=900)
     after_first = finished(run_dir)
-    broken = ["-p", "overrides=" + json.dumps(["run.gpu_pool=ecamp-gpu", BROKEN])]
+    # the run's own overrides, without run.gpu_pool: the deployment's gpu_pool parameter must still route
+    broken = ["-p", "overrides=" + json.dumps([BROKEN])]
     failed = shell(README_COMMANDS["full"], params + broken, env, timeout=600, check=False)
     after_failure = finished(run_dir)
     time.sleep(1.1)  # record timestamps are compared below
@@ -497,3 +498,35 @@ def test_the_paper_deployment_says_what_to_set(pipeline):
         run = flow_runs(client, deployment="paper")[-1]
     logs = logs_of(run.id)
     assert "extract_reports: input not found: /data/mimic-cxr/files" in logs and "; set data.root" in logs
+
+
+def test_the_parameter_forms_are_typed_and_described_and_a_bad_stage_is_refused_before_a_run(deployed):
+    from prefect.client.orchestration import get_client
+
+    stage_enum = list(stage_names())
+    with get_client(sync_client=True) as client:
+        schemas = {
+            name: client.read_deployment_by_name(name).parameter_openapi_schema
+            for name in (
+                "ecamp-pipeline/full",
+                "ecamp-pipeline/paper",
+                "ecamp-stage/stage",
+                "ecamp-stage/stage-gpu",
+            )
+        }
+        runs_before = len(flow_runs(client))
+    for name, schema in schemas.items():
+        for param, spec in schema["properties"].items():
+            assert spec.get("description"), f"{name}: parameter {param} has no description"
+    full = schemas["ecamp-pipeline/full"]["properties"]
+    for param in ("until", "from_stage"):
+        assert full[param]["anyOf"][0]["enum"] == stage_enum, param
+    assert full["force"]["anyOf"][0]["items"]["enum"] == stage_enum
+    assert full["overrides"]["anyOf"][0] == {"items": {"type": "string"}, "type": "array"}
+    assert schemas["ecamp-stage/stage"]["properties"]["stage"]["enum"] == stage_enum
+    bad = shell(
+        "prefect deployment run 'ecamp-stage/stage'", ["-p", "stage=nosuch"], deployed.env, check=False
+    )
+    assert bad.returncode != 0 and "nosuch" in bad.stdout + bad.stderr, bad.stdout + bad.stderr
+    with get_client(sync_client=True) as client:
+        assert len(flow_runs(client)) == runs_before  # refused at creation: no run exists

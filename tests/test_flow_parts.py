@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from flows.gpu_pool import GpuHandoff, GpuPoolError, check_deployment, wait_for_pickup
-from flows.pipeline import stage_options
+from flows.pipeline import gpu_handoff, stage_options, with_gpu_pool
 from flows.retry import is_transient, transient_failure
 from tasks.config import load_config
 from tasks.lock import RunDirectoryBusy, handed_over, run_lock
@@ -201,3 +201,45 @@ def test_a_missing_corpus_says_which_setting_to_change(tmp_path):
         "(ecamp --set KEY=VALUE, or the deployment's overrides)"
     )
     assert not Path(tmp_path / "run" / "extract_reports").exists()
+
+
+def test_the_deployments_gpu_routing_survives_a_runs_own_overrides():
+    import yaml
+
+    deployments = {
+        d["name"]: d for d in yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())["deployments"]
+    }
+    for name in ("full", "paper"):
+        params = deployments[name]["parameters"]
+        assert params["gpu_pool"] == "ecamp-gpu", name
+        assert not any("gpu_pool" in o for o in params.get("overrides", [])), name
+    # what `prefect deployment run 'ecamp-pipeline/full' -p 'overrides=[...]'` hands the flow
+    overrides = with_gpu_pool("ecamp-gpu", ["match_entities.plot_top_n=20"])
+    config = load_config(REPO_ROOT / "configs" / "demo.yaml", overrides)
+    assert config.run.gpu_pool == "ecamp-gpu" and config.match_entities.plot_top_n == 20
+    handoff = gpu_handoff(
+        get_stage("pretrain_ecamp"), config, "configs/demo.yaml", overrides, "runs/x", False
+    )
+    assert handoff is not None and handoff.pool == "ecamp-gpu"
+    assert handoff.parameters["overrides"] == ["run.gpu_pool=ecamp-gpu", "match_entities.plot_top_n=20"]
+    # an explicit override of the pool still wins; no gpu_pool keeps the caller's overrides as they are
+    explicit = load_config(
+        REPO_ROOT / "configs" / "demo.yaml", with_gpu_pool("ecamp-gpu", ["run.gpu_pool=other"])
+    )
+    assert explicit.run.gpu_pool == "other"
+    assert with_gpu_pool(None, ["a.b=1"]) == ["a.b=1"] and with_gpu_pool("", None) is None
+
+
+def test_the_flows_stage_parameter_type_lists_the_registry_in_order_and_every_parameter_is_described():
+    from typing import get_args
+
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.pipeline import StageName, ecamp_ablations, ecamp_pipeline, ecamp_stage
+    from tasks.registry import stage_names
+
+    assert list(get_args(StageName)) == list(stage_names())
+    for flow in (ecamp_pipeline, ecamp_stage, ecamp_ablations):
+        props = parameter_schema(flow.fn).model_dump()["properties"]
+        assert all(spec.get("description") for spec in props.values()), flow.name
+    assert parameter_schema(ecamp_stage.fn).model_dump()["properties"]["stage"]["enum"] == list(stage_names())

@@ -322,3 +322,10 @@ def test_generator_never_removes_a_folder_it_did_not_write(tmp_path):
         generate_corpus(small, ours, overwrite=True)
     assert (ours / "files" / "my_notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "mimic"]
+
+
+def test_a_corpus_size_beyond_the_bound_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match="n_studies") as err:
+        SynthConfig(n_studies=1_000_001)
+    assert "less than or equal to 1000000" in str(err.value)
+    assert SynthConfig(n_studies=1_000_000).n_studies == 1_000_000
