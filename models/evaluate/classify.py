@@ -156,9 +156,19 @@ def probe_the_head(
     through every block; from the probe's head the blocks adapt a classifier that already works. With few
     fine-tuning steps, as on a CPU, this decides whether fine-tuning keeps up with the probe at all.
     """
-    features = {s: frozen_features(model, images, norm, tokens=False)[0] for s, images in (("t", train[0]), ("v", val[0]))}  # fmt: skip
-    heads, fits = linear_probe(([features["t"]], train[1]), ([features["v"]], val[1]), model.head.out_features,
-                               multilabel, probe_cfg, [seed], head_std, desc)  # fmt: skip
+    train_features = frozen_features(model, train[0], norm, tokens=False)[0]
+    val_features = frozen_features(model, val[0], norm, tokens=False)[0]
+    n_classes = model.head.out_features
+    heads, fits = linear_probe(
+        ([train_features], train[1]),
+        ([val_features], val[1]),
+        n_classes,
+        multilabel,
+        probe_cfg,
+        [seed],
+        head_std,
+        desc,
+    )
     with torch.no_grad():
         model.head.weight.copy_(heads[0].weight)
         model.head.bias.copy_(heads[0].bias)

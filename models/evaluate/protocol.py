@@ -298,10 +298,14 @@ def run_group(
             torch.manual_seed(seed)
             init_head(model, cfg.head_init_std)
             train = (px["train"].images[idx], y["train"][idx])
+            val = (px["val"].images, y["val"])
             if cfg.finetune_head == "linear_probe":
-                probe_the_head(model, train, (px["val"].images, y["val"]), multilabel, cfg.linear_probe, norm, seed, cfg.head_init_std, desc)  # fmt: skip
-            fitted = finetune(model, train, (px["val"].images, y["val"]), multilabel, cfg.finetune, cfg.augment, norm, seed, desc)  # fmt: skip
-            return [(metric, score(y["test"].numpy(), predict(model, px["test"].images, norm), multilabel), fitted)]  # fmt: skip
+                probe_the_head(
+                    model, train, val, multilabel, cfg.linear_probe, norm, seed, cfg.head_init_std, desc
+                )
+            fitted = finetune(model, train, val, multilabel, cfg.finetune, cfg.augment, norm, seed, desc)
+            test_score = score(y["test"].numpy(), predict(model, px["test"].images, norm), multilabel)
+            return [(metric, test_score, fitted)]
         feats = {
             s: [cache.pooled(init, seed, px[s]) for init, seed in members] for s in ("train", "val", "test")
         }
