@@ -84,6 +84,9 @@ class FakeOpenAIServer:
         self.redirect_to: str | None = None  # answer every request with 307 to this base URL
         self.in_flight = 0
         self.max_in_flight = 0  # the most completion requests served at the same time
+        self.arrivals: list[
+            float
+        ] = []  # time.monotonic() of each completion request, as the provider sees it
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, dict] = {}
         self.batch_polls_until_done = batch_polls_until_done
@@ -170,6 +173,7 @@ class FakeOpenAIServer:
 
     def _completion(self, h: BaseHTTPRequestHandler, body: dict, chat: bool) -> None:
         with self._lock:
+            self.arrivals.append(time.monotonic())
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:

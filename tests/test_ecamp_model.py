@@ -253,14 +253,22 @@ def test_config_errors_name_the_problem():
         tiny(text_heads=3)
 
 
-def test_paper_config_sizes():
+def test_the_default_config_builds_the_official_vit_b16_encoder_and_6_layer_bert():
+    """The built model, not the config's literals: its encoder has exactly the tensors of timm's ViT-B/16 (what
+    the official code loads MAE ImageNet weights into), and its text side the official 6-layer, 768-wide BERT."""
+    import timm
+
     cfg = ECAMPConfig()
-    assert (cfg.grid_size, cfg.hr_size) == (14, 448)
-    bert = cfg.bert_config()
-    assert (bert.num_hidden_layers, bert.hidden_size, bert.num_attention_heads, bert.intermediate_size) == (
-        6, 768, 6, 1536,
-    )  # fmt: skip
-    assert (bert.vocab_size, bert.max_position_embeddings) == (30000, 256)
+    model = ECAMP(cfg)
+    official = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+    ours = {k: tuple(v.shape) for k, v in model.encoder.state_dict().items()}
+    assert ours == {k: tuple(v.shape) for k, v in official.state_dict().items()}
+    layers = model.text.encoder.layer
+    assert len(layers) == 6 and layers[0].intermediate.dense.weight.shape == (1536, 768)
+    assert layers[0].attention.self.num_attention_heads == 6
+    assert model.text.embeddings.word_embeddings.weight.shape == (30000, 768)
+    assert model.text.embeddings.position_embeddings.weight.shape == (256, 768)
+    assert cfg.hr_size == 2 * cfg.img_size == 448  # SR up-samples the 224 reconstruction x2
 
 
 def test_export_loads_into_timm_strictly_and_matches_the_encoder(tmp_path):

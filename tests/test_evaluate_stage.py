@@ -128,13 +128,39 @@ def test_table_cells_are_mean_and_std_over_seeds_with_the_paper_beside():
     assert "ECAMP (paper)" not in results_table(rows)  # not a paper dataset: no paper row
 
 
-def test_plot_has_one_panel_per_task_and_dataset(tmp_path):
-    rows = [{"task": t, "metric": "dice", "dataset": "d", "init": i, "fraction": f, "seed": 0, "value": 0.5}
-            for t in ("segmentation",) for i in ("random", "ecamp") for f in (1, 10, 100)]  # fmt: skip
-    path = plot_results(rows, tmp_path / "p.png")
+def test_plot_has_one_panel_per_task_and_dataset_and_one_line_per_init(tmp_path):
+    import numpy as np
     from PIL import Image
 
-    assert Image.open(path).size == (420, 360)
+    def rows_of(inits):
+        return [
+            {
+                "task": t,
+                "metric": m,
+                "dataset": d,
+                "init": i,
+                "fraction": f,
+                "seed": 0,
+                "value": 0.5 + 0.1 * k,
+            }
+            for t, m, d in (("segmentation", "dice", "seg"), ("detection", "map", "det"))
+            for k, i in enumerate(inits)
+            for f in (1, 10, 100)
+        ]
+
+    def count(path, colour):
+        pixels = np.asarray(Image.open(path).convert("RGB"))
+        return int((pixels == colour).all(axis=-1).sum())
+
+    blue, orange, grey = (31, 119, 180), (255, 127, 14), (115, 115, 115)  # tab:blue, tab:orange, pixels' 0.45
+    with_pixels = plot_results(rows_of(["random", "ecamp", "pixels"]), tmp_path / "a.png")
+    assert Image.open(with_pixels).size == (840, 360)  # two panels of 4.2 x 3.6 inches at 100 dpi
+    without = plot_results(rows_of(["random", "ecamp"]), tmp_path / "b.png")
+    assert (
+        min(count(p, c) for p in (with_pixels, without) for c in (blue, orange)) > 100
+    )  # a line per encoder
+    # the pixels reference row is its own dashed grey line (text anti-aliasing alone leaves a few such pixels)
+    assert count(with_pixels, grey) > 10 * max(count(without, grey), 10)
 
 
 def test_evaluate_cli_names_a_missing_dataset_or_encoder_in_one_line_before_any_flow(tmp_path):
