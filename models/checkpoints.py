@@ -83,13 +83,55 @@ def disk_full_message(path: Path, err: BaseException) -> str:
 
 
 def convert_command(path: Path) -> str:
-    """A one-line command that turns a torch file the user trusts into safetensors, which hold no code."""
-    out = path.with_suffix(".safetensors")
-    return (
-        f"python -c \"import torch, safetensors.torch as st; p = torch.load('{path}', weights_only=False); "
-        "p = p.get('model', p.get('state_dict', p)); "
-        f"st.save_file({{k: v.detach().clone().contiguous() for k, v in p.items() if torch.is_tensor(v)}}, '{out}')\""
-    )
+    """The one-line command that writes a torch file's tensors to safetensors, which hold no code."""
+    return f"python -m models.checkpoints convert '{path}'"
+
+
+class Inert:
+    """Stands in for a global that torch's weights-only unpickler does not know, so that a file's tensors can be
+    read without constructing or calling anything else the file names."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def load_as_data(path: Path) -> Any:
+    """A torch file's contents with every global outside torch's weights-only safelist replaced by `Inert`.
+
+    Still `weights_only=True`: torch keeps refusing the globals of modules that run code (`os`, `posix`,
+    `subprocess`, ...), which no stand-in may replace, so a file that calls them stays unreadable.
+    """
+    unknown = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    stand_ins = [(type("Inert", (Inert,), {}), name) for name in unknown]
+    with torch.serialization.safe_globals([*TRUSTED_GLOBALS, *stand_ins]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def convert_to_safetensors(path: Path, out: Path) -> int:
+    """Write the tensors of `path` (`{"model": ...}`, `{"state_dict": ...}` or a flat dict) to `out`, reading the
+    file as data only (`load_as_data`); the number of tensors written."""
+    from safetensors.torch import save_file
+
+    try:
+        payload = load_as_data(path)
+    except pickle.UnpicklingError as err:
+        name = refused_global(str(err)) or first_line(err)
+        raise CheckpointError(
+            f"{path}: cannot be converted: it calls '{name}', which runs code; do not use this file"
+        ) from None
+    except (EOFError, RuntimeError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable torch file ({first_line(err)})") from None
+    state = payload.get("model", payload.get("state_dict", payload)) if isinstance(payload, dict) else None
+    tensors = {k: v.detach().clone().contiguous() for k, v in (state or {}).items() if torch.is_tensor(v)}
+    if not tensors:
+        raise CheckpointError(
+            f"{path}: no tensors under 'model', 'state_dict' or the top level: nothing to convert"
+        )
+    save_file(tensors, str(out))
+    return len(tensors)
 
 
 def refused_global(message: str) -> str | None:
@@ -102,7 +144,7 @@ def load_torch_file(path: str | Path, remedy: str | None = None) -> Any:
     """A torch file's contents, read without running code (`weights_only=True` + `TRUSTED_GLOBALS`).
 
     A file that needs any other global gets a CheckpointError naming the file, the refused global and the
-    command that converts a trusted file to safetensors (or `remedy`, for a resume file, which is no weights
+    command that converts its tensors to safetensors as data (or `remedy`, for a resume file, which is no weights
     file); there is deliberately no switch to load it anyway. An empty, truncated or non-torch file is a
     CheckpointError too, not torch's internal message.
     """
@@ -115,8 +157,8 @@ def load_torch_file(path: str | Path, remedy: str | None = None) -> Any:
         if name is None:
             raise CheckpointError(f"{path}: not a readable torch file ({first_line(err)})") from None
         remedy = remedy or (
-            f"if you trust the file, convert it once to safetensors and use that file instead: "
-            f"{convert_command(path)}"
+            "convert it once to safetensors (its tensors are read as data; nothing it names is run) and use "
+            f"that file instead: {convert_command(path)}"
         )
         raise CheckpointError(
             f"{path}: refused to load: it needs the Python global '{name}', which weights do not need and "
@@ -179,3 +221,27 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(err)})") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse as ap
+
+    parser = ap.ArgumentParser(
+        prog="python -m models.checkpoints",
+        description="Convert a torch weights file to safetensors, reading it as data (no code in it runs).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    convert = sub.add_parser("convert", help="write the tensors of a .pth/.pt file to a .safetensors file")
+    convert.add_argument("path", type=Path)
+    convert.add_argument("--out", type=Path, default=None, help="default: the same name with .safetensors")
+    args = parser.parse_args(argv)
+    out = args.out or args.path.with_suffix(".safetensors")
+    try:
+        n = convert_to_safetensors(args.path, out)
+    except (CheckpointError, OSError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"wrote {out} ({n} tensors)")
+
+
+if __name__ == "__main__":
+    main()

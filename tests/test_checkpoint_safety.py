@@ -98,7 +98,9 @@ def test_an_init_checkpoint_that_would_run_code_is_refused(tmp_path, pre):
     with pytest.raises(CheckpointError) as raised:
         load_partial(ECAMP(ECAMPConfig(**{**MODEL, "vocab_size": 50})), path)
     assert_refused(raised.value, path)
-    assert "convert it once to safetensors" in str(raised.value) and "weights_only=False" in str(raised.value)
+    assert "convert it once to safetensors" in str(raised.value) and "weights_only=False" not in str(
+        raised.value
+    )
     cfg, mcfg = tiny_train_cfg(init_checkpoint=str(path)), model_cfg(pre.tokenizer)
     with pytest.raises(CheckpointError, match="refused to load"):
         train(mcfg, cfg, pre.dataset(cfg), collator(pre.tokenizer),
@@ -107,7 +109,8 @@ def test_an_init_checkpoint_that_would_run_code_is_refused(tmp_path, pre):
 
 
 def test_the_conversion_command_in_the_message_makes_a_file_that_loads(tmp_path):
-    """The one-liner the error offers works on a trusted MAE file (the user's explicit choice, outside ecamp)."""
+    """The one-liner the error offers turns an MAE-style file with an unknown global (a PosixPath) into
+    safetensors with the same tensors, reading it as data."""
     state = {"blocks.0.attn.qkv.weight": torch.randn(6, 2), "pos_embed": torch.randn(1, 3, 2)}
     torch.save({"model": state, "args": argparse.Namespace(lr=1.5e-4), "epoch": torch.tensor(3)},
                tmp_path / "trusted.pth")  # fmt: skip
@@ -115,13 +118,32 @@ def test_the_conversion_command_in_the_message_makes_a_file_that_loads(tmp_path)
     with pytest.raises(CheckpointError) as raised:
         read_state_dict(tmp_path / "other.pth")
     command = str(raised.value).split("use that file instead: ", 1)[1]
-    assert command.startswith("python -c ")
+    assert command.startswith("python -m models.checkpoints convert ")
     command = command.replace("python", shlex.quote(sys.executable), 1)
     subprocess.run(
         command, shell=True, check=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     )
     converted = read_state_dict(tmp_path / "other.safetensors")
     assert converted.keys() == state.keys() and all(torch.equal(converted[k], state[k]) for k in state)
+
+
+def test_the_conversion_reads_as_data_and_refuses_a_file_that_calls_code(tmp_path):
+    """The converter never unpickles freely: globals torch does not know become inert stand-ins, and a file that
+    calls os.system stays refused, its command never run."""
+    from models.checkpoints import convert_to_safetensors, main
+
+    marker = tmp_path / "pwned"
+    evil = evil_file(tmp_path / "evil.pth", marker)
+    with pytest.raises(CheckpointError) as raised:
+        convert_to_safetensors(evil, tmp_path / "evil.safetensors")
+    assert (
+        str(raised.value)
+        == f"{evil}: cannot be converted: it calls 'posix.system', which runs code; do not use this file"
+    )
+    assert not marker.exists() and not (tmp_path / "evil.safetensors").exists()
+    with pytest.raises(SystemExit, match="cannot be converted"):
+        main(["convert", str(evil)])
+    assert not marker.exists()
 
 
 def test_evaluate_init_that_would_run_code_is_one_line_before_any_flow(tmp_path):
@@ -263,4 +285,4 @@ def test_no_torch_load_in_the_code_allows_pickles():
         ["grep", "-rn", "--include=*.py", "weights_only=False", "models", "tasks", "flows", "data_contracts"],
         cwd=REPO_ROOT, capture_output=True, text=True, check=False,
     )  # fmt: skip
-    assert [line for line in found.stdout.splitlines() if "python -c" not in line] == []
+    assert found.stdout == ""
