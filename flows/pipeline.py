@@ -25,22 +25,14 @@ from flows.retry import transient_failure
 from tasks.config import config_from_dict, load_config
 from tasks.inputs import prepare_inputs
 from tasks.lock import run_lock
-from tasks.registry import get_stage, stage_names
+from tasks.registry import STAGE_MODULES, get_stage, stage_names
 from tasks.runner import current_result, reused_result, run_stage
 from tasks.stage import Stage, split_ref, variant_name
 
-# The stages in pipeline order (tasks.registry, checked by a test): typed so that the deployments' parameter forms
-# offer a choice and the server refuses an unknown name before a run exists.
-StageName = Literal[
-    "extract_reports",
-    "match_entities",
-    "seed_distill",
-    "finetune_student",
-    "bulk_distill",
-    "train_gloria",
-    "pretrain_ecamp",
-    "evaluate",
-]
+# The stage names in pipeline order, read from tasks.registry's module list (each stage is named after its module,
+# checked by a test) without importing the stages: typed so that the deployments' parameter forms offer a choice
+# and the server refuses an unknown name before a run exists.
+StageName = Literal[tuple(module.rsplit(".", 1)[1] for module in STAGE_MODULES)]
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
