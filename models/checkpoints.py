@@ -110,6 +110,14 @@ def load_as_data(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def state_of(payload: Any) -> Any:
+    """Where a torch file keeps its weights: MAE's `{"model": ...}`, our `{"state_dict": ...}`, or the file's
+    top-level dict itself; None for a payload that is no dict."""
+    if not isinstance(payload, dict):
+        return None
+    return payload.get("model", payload.get("state_dict", payload))
+
+
 def convert_to_safetensors(path: Path, out: Path) -> int:
     """Write the tensors of `path` (`{"model": ...}`, `{"state_dict": ...}` or a flat dict) to `out`, reading the
     file as data only (`load_as_data`); the number of tensors written."""
@@ -124,8 +132,9 @@ def convert_to_safetensors(path: Path, out: Path) -> int:
         ) from None
     except (EOFError, RuntimeError, KeyError, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable torch file ({first_line(err)})") from None
-    state = payload.get("model", payload.get("state_dict", payload)) if isinstance(payload, dict) else None
-    tensors = {k: v.detach().clone().contiguous() for k, v in (state or {}).items() if torch.is_tensor(v)}
+    state = state_of(payload)
+    items = state.items() if isinstance(state, dict) else ()
+    tensors = {k: v.detach().clone().contiguous() for k, v in items if torch.is_tensor(v)}
     if not tensors:
         raise CheckpointError(
             f"{path}: no tensors under 'model', 'state_dict' or the top level: nothing to convert"
@@ -203,10 +212,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         state = read_safetensors(path)
     else:
-        payload = load_torch_file(path)
-        state = (
-            payload.get("model", payload.get("state_dict", payload)) if isinstance(payload, dict) else None
-        )
+        state = state_of(load_torch_file(path))
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f"{path}: not a state dict (nor a dict with 'model' / 'state_dict' of tensors)")
     return {k.removeprefix("module."): v for k, v in state.items()}
