@@ -14,6 +14,8 @@
    torchvision.io.decode_jpeg on the GPU (batched) vs on one CPU core: images/s of each; then the training data
    path with `pretrain_ecamp.train.decode: device` (bytes read in the process, decode + crop + resize on the GPU):
    its images/s and its largest pixel difference (in [0, 1] grey levels) from the worker path's CPU decoding.
+4. vllm: bulk distillation's reports/s and generated tokens/s, vLLM + LoRA at a chosen concurrency next to the
+   in-process transformers backend (bench/bulk_throughput.py with Vicuna-7B's shape; needs `make serve-env`).
 
 Prints one JSON line per part; copy them to bench/RESULTS.md ("gpu").
 """
@@ -290,7 +292,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--only", choices=["train", "ddp", "jpeg", "ddp-worker"])
+    parser.add_argument("--only", choices=["train", "ddp", "jpeg", "vllm", "ddp-worker"])
     parser.add_argument(
         "--batch", type=int, default=128, help="images per GPU (paper: 256 per GPU x accum 8)"
     )
@@ -320,6 +322,20 @@ def main() -> None:
         print(json.dumps(bench_ddp(args, single)), flush=True)
     if args.only in (None, "jpeg"):
         print(json.dumps(bench_jpeg(args)), flush=True)
+    if args.only in (None, "vllm"):
+        bench_vllm(args)
+
+
+def bench_vllm(args: argparse.Namespace) -> None:
+    """Part 4: bulk distillation throughput, vLLM + LoRA against the in-process backend (bench/bulk_throughput.py;
+    Vicuna-7B's shape on a GPU). Needs the serving environment, which a machine without internet cannot install."""
+    serve = ROOT / ".venv-vllm" / "bin" / "python"
+    if not serve.exists():
+        print(json.dumps({"part": "vllm", "skipped": f"no serving environment at {serve} (make serve-env)"}))
+        return
+    shape = ["--reports", "8", "--max-new", "16"] if args.smoke else ["--shape", "vicuna7b", "--reports", "512",
+                                                                      "--concurrency", "128", "--batch", "64"]  # fmt: skip
+    subprocess.run([sys.executable, str(ROOT / "bench" / "bulk_throughput.py"), *shape], check=True)
 
 
 if __name__ == "__main__":
