@@ -4,7 +4,7 @@
     .venv/bin/python bench/bulk_throughput.py --reports 512 --concurrency 64 --shape vicuna7b   # on a GPU
 
 The student is a Llama built from `LlamaConfig` with random weights (no download) and a LoRA adapter: the demo's
-tiny shape (configs/demo.yaml `finetune_student.tiny`, head_dim 64) or Vicuna-7B's shape. Random weights do not
+tiny shape (configs/demo.yaml `finetune_student.base.dims`, head_dim 64) or Vicuna-7B's shape. Random weights do not
 stop early, so every answer runs to `--max-new` tokens: both backends do the same work per report. The prompts
 are the Table 2 prompts of real IU X-ray reports (tests/data/real), cut to `--max-prompt` tokens as in
 training. vLLM runs from the serving environment (`make serve-env`), fp32 on CPU and bf16 on a GPU.
@@ -76,7 +76,7 @@ def build_student(
     dims = (
         VICUNA_7B
         if shape == "vicuna7b"
-        else load_config(ROOT / "configs" / "demo.yaml").finetune_student.tiny
+        else load_config(ROOT / "configs" / "demo.yaml").finetune_student.base.dims
     )
     base = build_tiny_base(texts, dims, folder / "base", seed=0, max_positions=max_positions)
     model, tokenizer = load_base(base)

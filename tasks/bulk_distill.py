@@ -19,9 +19,9 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
@@ -62,15 +62,22 @@ QC_KINDS = (
 TeacherFn = Callable[[Sequence[DistillItem]], list[str | None]]
 
 
-class Config(StageConfig):
-    shard_size: int = Field(2000, ge=1, description="reports per shard (the unit of resume)")
-    backend: Literal["transformers", "openai"] = "openai"
-    gen_batch: int = Field(16, ge=1, description="transformers backend: prompts per generate() call")
-    retry_budget: int = Field(1000, ge=0, description="student answers failing QC that may go to the teacher")
-    retry_on: list[str] = Field(
-        default_factory=lambda: list(QC_KINDS), description="QC flag kinds that trigger it"
-    )
-    # openai backend: an OpenAI-compatible server serving the adapter as model `served_model`.
+class InProcessBackend(BaseModel):
+    """The student generates in this process (transformers + peft, batched greedy): CPU demo, tests, small runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["transformers"] = "transformers"
+    gen_batch: int = Field(16, ge=1, description="prompts per generate() call")
+
+
+class ServerBackend(BaseModel):
+    """An OpenAI-compatible server serves the adapter as model `served_model`: vLLM started here from the serving
+    environment (`start_server`), or a server you started (`base_url`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["openai"] = "openai"
     base_url: str = "http://127.0.0.1:8000/v1"
     served_model: str = "student"
     api_key_env: str = "VLLM_API_KEY"
@@ -99,6 +106,28 @@ class Config(StageConfig):
         default_factory=dict,
         description="added to the server's environment; the CPU build wants VLLM_CPU_KVCACHE_SPACE (GiB)",
     )
+
+
+Backend = Annotated[InProcessBackend | ServerBackend, Field(discriminator="kind")]
+
+
+class Config(StageConfig):
+    shard_size: int = Field(2000, ge=1, description="reports per shard (the unit of resume)")
+    backend: Backend = Field(
+        default_factory=ServerBackend,
+        description="where the student generates: {kind: transformers, ...} or {kind: openai, ...}; a setting of "
+        "the other kind is refused (`backend: transformers` alone means that kind with its defaults)",
+    )
+    retry_budget: int = Field(1000, ge=0, description="student answers failing QC that may go to the teacher")
+    retry_on: list[str] = Field(
+        default_factory=lambda: list(QC_KINDS), description="QC flag kinds that trigger it"
+    )
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def kind_alone(cls, value: Any) -> Any:
+        """`backend: transformers` (or `--set bulk_distill.backend=openai`): that kind with its defaults."""
+        return {"kind": value} if isinstance(value, str) else value
 
 
 # ------------------------------------------------------------------------------------------- items
@@ -230,7 +259,7 @@ def run_shards(
     """Process the unfinished shards (each written atomically), then return the rows of all shards."""
     shards = shard_plan([it.study_id for it in todo], cfg.shard_size)
     identity = {"student": student_model, "teacher": teacher_model, "retry_budget": cfg.retry_budget,
-                "retry_on": sorted(cfg.retry_on), "backend": cfg.backend}  # fmt: skip
+                "retry_on": sorted(cfg.retry_on), "backend": cfg.backend.kind}  # fmt: skip
     prepare_shard_dir(shard_dir, plan_key(shards, identity), len(shards))
     by_id = {it.study_id: it for it in todo}
     done = {i for i in range(len(shards)) if shard_path(shard_dir, i).exists()}
@@ -314,33 +343,34 @@ def student_backend(ctx: StageContext, cfg: Config, model_row: dict, stack: Exit
     adapter_dir = ctx.read_path(f"finetune_student/{ADAPTER}")
     tiny = f"finetune_student/{TINY_BASE}"
     base = ctx.read_path(tiny) if ctx.has(tiny) else Path(model_row["base_model"])
-    if cfg.backend == "transformers":
+    backend = cfg.backend
+    if isinstance(backend, InProcessBackend):
         model, tokenizer = load_student(base, adapter_dir, resolve_device(ctx.config.run.device))
         settings = GenerationSettings(
-            batch_size=cfg.gen_batch,
+            batch_size=backend.gen_batch,
             max_new_tokens=model_row["max_new_tokens"],
             max_prompt=model_row["max_prompt"],
         )
         return TransformersBackend(model, tokenizer, settings)
-    base_url, send_key = cfg.base_url, cfg.send_key_to_local
-    if cfg.start_server:
+    base_url, send_key = backend.base_url, backend.send_key_to_local
+    if backend.start_server:
         vllm = VllmSettings(
-            python=cfg.vllm_python,
-            port=cfg.vllm_port,
-            max_lora_rank=cfg.vllm_max_lora_rank,
-            max_model_len=cfg.vllm_max_model_len,
-            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-            dtype=cfg.vllm_dtype,
-            env=tuple(sorted(cfg.vllm_env.items())),
+            python=backend.vllm_python,
+            port=backend.vllm_port,
+            max_lora_rank=backend.vllm_max_lora_rank,
+            max_model_len=backend.vllm_max_model_len,
+            gpu_memory_utilization=backend.vllm_gpu_memory_utilization,
+            dtype=backend.vllm_dtype,
+            env=tuple(sorted(backend.vllm_env.items())),
         )
         server = stack.enter_context(
             start_vllm_server(base, adapter_dir, vllm, ctx.scratch("vllm_server.log"))
         )
         base_url, send_key = server.base_url, True  # our own child process, which reads VLLM_API_KEY too
     client_cfg = ClientConfig(
-        base_url=base_url, model=cfg.served_model, api_key_env=cfg.api_key_env, send_key_to_local=send_key,
-        concurrency=cfg.concurrency, max_retries=cfg.max_retries,
-        rpm=None, tpm=None, timeout_s=cfg.timeout_s, max_tokens=model_row["max_new_tokens"], temperature=0.0,
+        base_url=base_url, model=backend.served_model, api_key_env=backend.api_key_env, send_key_to_local=send_key,
+        concurrency=backend.concurrency, max_retries=backend.max_retries,
+        rpm=None, tpm=None, timeout_s=backend.timeout_s, max_tokens=model_row["max_new_tokens"], temperature=0.0,
     )  # fmt: skip
     cache = stack.enter_context(ResponseCache(ctx.scratch(STUDENT_CACHE_FILE)))
     tokenizer = AutoTokenizer.from_pretrained(base)  # the one the in-process backend and training cut with
@@ -370,7 +400,7 @@ def run(
     reprompt_rounds = model_row["reprompt_rounds"] if model_row["decoding"] == "entity_complete" else None
     if reprompt_rounds is not None:
         student_model += f"+entity_complete{reprompt_rounds}"  # in the shard plan key: a change redoes shards
-        if backend is None and cfg.backend != "transformers":
+        if backend is None and cfg.backend.kind != "transformers":
             ctx.log.warning("entity_complete: a server gives no prompt log-probabilities, so entities still "
                             "missing after re-prompting stay missing; QC re-sends such answers to the teacher "
                             "(retry_budget)")  # fmt: skip

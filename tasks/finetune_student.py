@@ -15,9 +15,9 @@ import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from data_contracts.files import sha256_file
 from data_contracts.student import StudentEval, StudentLoss, StudentModel
@@ -46,9 +46,32 @@ ADAPTER_DIR = "adapter"
 TINY_BASE_DIR = "base_model"
 
 
+class PretrainedBase(BaseModel):
+    """A base LM on disk (the paper: Vicuna-7B v1.5); nothing is downloaded at run time."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["pretrained"] = "pretrained"
+    path: str = Field("models/vicuna-7b-v1.5", description="local HF directory of the base LM")
+
+
+class TinyBase(BaseModel):
+    """A tiny Llama built here from `LlamaConfig`, with a BPE tokenizer trained on the corpus (demo, tests)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["tiny"] = "tiny"
+    dims: TinyDims = Field(default_factory=TinyDims)
+    warmup: WarmupSettings = Field(
+        default_factory=WarmupSettings,
+        description="causal-LM warm-up of the tiny base on training report texts",
+    )
+
+
 class Config(StageConfig):
-    base_model: str = Field(
-        "models/vicuna-7b-v1.5", description='local HF directory of the base LM, or "tiny" to build one here'
+    base: Annotated[PretrainedBase | TinyBase, Field(discriminator="kind")] = Field(
+        default_factory=PretrainedBase,
+        description="the LM the adapter is trained on: {kind: pretrained, path: ...} or {kind: tiny, dims, warmup}",
     )
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
@@ -76,11 +99,6 @@ class Config(StageConfig):
         le=1,
         description="fail the stage when the student's held-out polarity agreement is lower, so bulk_distill "
         "never distils the corpus with it (None: only a warning when it is below the all-absent baseline)",
-    )
-    tiny: TinyDims = Field(default_factory=TinyDims, description='the base built when base_model is "tiny"')
-    tiny_warmup: WarmupSettings = Field(
-        default_factory=WarmupSettings,
-        description="causal-LM warm-up of the tiny base on training report texts",
     )
 
     def max_positions(self) -> int:
@@ -255,19 +273,20 @@ def run(ctx: StageContext, cfg: Config) -> None:
     train_rows = [r for r in rows if r["study_id"] in train_ids]
     held_rows = sorted((r for r in rows if r["study_id"] in held_ids), key=lambda r: r["study_id"])
 
-    if cfg.base_model == "tiny":
+    tiny = isinstance(cfg.base, TinyBase)
+    if isinstance(cfg.base, TinyBase):
         texts = [train_rows[0]["prompt"]] + [r["report"] for r in rows] + [r["answer"] for r in train_rows]
-        base_path = build_tiny_base(texts, cfg.tiny, ctx.path(TINY_BASE_DIR), seed, cfg.max_positions())
-        if cfg.tiny_warmup.epochs > 0:  # stands in for Vicuna's language pre-training; report texts only
+        base_path = build_tiny_base(texts, cfg.base.dims, ctx.path(TINY_BASE_DIR), seed, cfg.max_positions())
+        if cfg.base.warmup.epochs > 0:  # stands in for Vicuna's language pre-training; report texts only
             warm = warm_up_base(
-                base_path, [r["report"] for r in train_rows], cfg.tiny_warmup, cfg.generation.max_prompt, seed
+                base_path, [r["report"] for r in train_rows], cfg.base.warmup, cfg.generation.max_prompt, seed
             )
             ctx.log.info(
                 "warmed up the tiny base on %d training reports in %.1f s: LM loss %.3f",
                 len(train_rows), warm.seconds, warm.curve[-1].loss,
             )  # fmt: skip
     else:
-        base_path = Path(cfg.base_model)
+        base_path = Path(cfg.base.path)
     model, tokenizer = load_base(base_path, device)
 
     extra = entity_subset_rows(train_rows, cfg.entity_subset_copies, finder, seed)
@@ -314,7 +333,7 @@ def run(ctx: StageContext, cfg: Config) -> None:
         result.curve[0].loss, result.curve[-1].loss,
     )  # fmt: skip
     # where the base is once the stage's outputs are promoted (a hub id or a user's path stays as given)
-    final_base = (ctx.stage_dir / TINY_BASE_DIR).resolve() if cfg.base_model == "tiny" else cfg.base_model
+    final_base = (ctx.stage_dir / TINY_BASE_DIR).resolve() if tiny else cfg.base.path
     adapter_dir = save_adapter(student, tokenizer, ctx.path(ADAPTER_DIR), final_base)
 
     backend = TransformersBackend(student, tokenizer, cfg.generation)
@@ -355,7 +374,7 @@ def run(ctx: StageContext, cfg: Config) -> None:
             {
                 "adapter_dir": run_relative(ctx.stage_dir / ADAPTER_DIR, ctx.run_dir),
                 "base_model": run_relative(ctx.stage_dir / TINY_BASE_DIR, ctx.run_dir)
-                if cfg.base_model == "tiny"
+                if tiny
                 else str(base_path),
                 "adapter_sha256": sha256_file(adapter_dir / "adapter_model.safetensors"),
                 "lora_r": cfg.lora.r,

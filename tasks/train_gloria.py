@@ -37,7 +37,6 @@ from models.gloria.attention import (
     localization,
     random_localization,
     rasterize_boxes,
-    remove_prior,
     save_overlay,
 )
 from models.gloria.model import (
@@ -92,7 +91,6 @@ class Config(StageConfig):
     grid: int = Field(14, ge=1, description="ViT patch grid of pretrain_ecamp (224/16)")
     window_k: int = Field(12, ge=1, description="SR window side in grid cells (official 12 -> 9 placements)")
     fallback: Literal["centre", "random"] = "centre"
-    prior_correction: bool = Field(False, description="divide maps by the corpus-mean map (see remove_prior)")
     word_prior_images: int = Field(
         0,
         ge=0,
@@ -323,8 +321,6 @@ def run(ctx: StageContext, cfg: Config) -> None:
         model, all_data, tokenizer, wanted, cfg.grid, cfg.attention_batch, cfg.model.max_tokens, device, forms,
         cfg.word_prior_images, seed,
     )  # fmt: skip
-    if cfg.prior_correction:
-        attn.grid_maps = remove_prior(attn.grid_maps)
     windows = fallback_windows(len(rows), cfg.grid, cfg.window_k, cfg.fallback, seed)
     best_r, best_c = best_windows(torch.from_numpy(attn.grid_maps), cfg.window_k)
     found = attn.entity_found

@@ -79,12 +79,14 @@ def tiny_pipeline_config(folder: Path) -> Path:
         "finetune_student": {
             "train": {"epochs": 1, "max_len": 256},
             "generation": {"max_new_tokens": 96},
-            "tiny": {
-                "vocab_size": 400,
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
+            "base": {
+                "dims": {
+                    "vocab_size": 400,
+                    "hidden_size": 32,
+                    "intermediate_size": 64,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 2,
+                },
             },
             "lora": {"r": 8, "alpha": 16},
             "reprompt_rounds": 0,

@@ -7,6 +7,7 @@ import json
 from types import SimpleNamespace
 
 import pyarrow.parquet as pq
+import pydantic
 import pytest
 import torch
 
@@ -15,9 +16,11 @@ import tasks.finetune_student as ft
 from models.distill import parse, rules_teacher
 from models.distill.rules_teacher import mentions_by_study
 from models.text.entities import EntityMatcher, build_lexicon
+from tasks.config import load_config
 from tasks.seed_distill import Config as SeedConfig
 from tests.context import make_test_context, run_direct, seed_artifact
 from tests.fake_openai_server import report_from_prompt
+from tests.real_data import REPO_ROOT
 
 torch.set_num_threads(1)
 
@@ -217,6 +220,40 @@ def test_retry_budget_is_shared_across_a_resumed_run(tmp_path):
     assert rows["s09"]["source"] == "student" and rows["s09"]["flags"]  # none left after the resume
 
 
+def test_a_setting_of_the_other_backend_is_refused_naming_it(tmp_path):
+    """One sub-config per backend: under transformers, a server setting is an error, not silently ignored."""
+    from tasks.config import ConfigError
+
+    with pytest.raises(pydantic.ValidationError, match=r"backend\.transformers\.vllm_port\s+Extra inputs"):
+        bulk.Config(backend={"kind": "transformers", "vllm_port": 9000})
+    with pytest.raises(pydantic.ValidationError, match=r"backend\.openai\.gen_batch\s+Extra inputs"):
+        bulk.Config(backend={"kind": "openai", "gen_batch": 4})
+    assert bulk.Config(backend="transformers").backend == bulk.InProcessBackend()
+    config = tmp_path / "c.yaml"
+    config.write_text("bulk_distill:\n  backend: {kind: transformers, concurrency: 8}\n")
+    with pytest.raises(ConfigError, match=r"bulk_distill\.backend\.transformers\.concurrency"):
+        load_config(config)
+    demo = load_config(REPO_ROOT / "configs" / "demo.yaml").bulk_distill.backend
+    paper = load_config(REPO_ROOT / "configs" / "paper.yaml").bulk_distill.backend
+    assert (demo.kind, demo.gen_batch) == ("transformers", 16)
+    assert (paper.kind, paper.vllm_max_lora_rank, paper.concurrency) == ("openai", 16, 256)
+
+
+def test_the_students_base_is_one_explicit_kind():
+    """finetune_student.base: a pretrained path or a tiny Llama's dims, never a magic path string."""
+    with pytest.raises(pydantic.ValidationError, match=r"base\.pretrained\.dims\s+Extra inputs"):
+        ft.Config(base={"kind": "pretrained", "dims": {"hidden_size": 64}})
+    with pytest.raises(pydantic.ValidationError, match=r"base\.tiny\.path\s+Extra inputs"):
+        ft.Config(base={"kind": "tiny", "path": "tiny"})
+    with pytest.raises(
+        pydantic.ValidationError, match=r"does not match any of the expected tags: 'pretrained', 'tiny'"
+    ):
+        ft.Config(base={"kind": "vicuna"})
+    assert ft.Config().base == ft.PretrainedBase(path="models/vicuna-7b-v1.5")
+    demo = load_config(REPO_ROOT / "configs" / "demo.yaml").finetune_student.base
+    assert (demo.kind, demo.dims.hidden_size, demo.dims.num_attention_heads) == ("tiny", 64, 1)
+
+
 def test_a_new_adapter_discards_old_shards(tmp_path):
     write_upstream(tmp_path)
     write_student(tmp_path, sha="a" * 64)
@@ -239,12 +276,12 @@ def test_finetune_student_stage_then_bulk_with_the_transformers_backend(tmp_path
     write_upstream(tmp_path, teacher_text)
     ctx = make_test_context(tmp_path, config(), "finetune_student")
     ft_cfg = ft.Config(
-        base_model="tiny", held_out=0.34, decoding="entity_complete",
+        held_out=0.34, decoding="entity_complete",
         lora={"r": 8, "alpha": 16, "dropout": 0.0},
         train={"lr": 1e-2, "epochs": 4, "batch_size": 1, "grad_accum": 1, "max_len": 160},
         generation={"max_prompt": 96, "max_new_tokens": 12, "batch_size": 2},
-        tiny={"vocab_size": 400, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-              "num_attention_heads": 2},
+        base={"kind": "tiny", "dims": {"vocab_size": 400, "hidden_size": 32, "intermediate_size": 64,
+                                       "num_hidden_layers": 1, "num_attention_heads": 2}},
     )  # fmt: skip
     run_direct(ctx, ft_cfg)
     stage = tmp_path / "finetune_student"
@@ -266,7 +303,8 @@ def test_finetune_student_stage_then_bulk_with_the_transformers_backend(tmp_path
     assert model["adapter_dir"] == "finetune_student/adapter" and model["n_train"] == 2
 
     run_direct(
-        bulk_ctx(tmp_path), bulk.Config(backend="transformers", shard_size=3, retry_budget=0, gen_batch=2)
+        bulk_ctx(tmp_path),
+        bulk.Config(backend={"kind": "transformers", "gen_batch": 2}, shard_size=3, retry_budget=0),
     )
     rows = read_distilled(tmp_path)
     assert sorted(rows) == sorted(TEXTS)

@@ -21,7 +21,6 @@ from models.gloria.attention import (
     matches_entity,
     random_localization,
     rasterize_boxes,
-    remove_prior,
     to_grid,
     window_sums,
 )
@@ -438,17 +437,11 @@ def test_fallback_windows():
         fallback_windows(1, 8, 4, "corner", 0)  # type: ignore[arg-type]
 
 
-def test_remove_prior_keeps_what_is_specific_to_each_image():
-    shared = np.zeros((8, 8), np.float32)
-    shared[0, 0] = 10.0  # a hot spot every map has
-    maps = np.stack([shared.copy() for _ in range(4)]) + 0.1
-    for i in range(4):
-        maps[i, 3 + i, 5] += 2.0  # each image's own evidence
-    maps /= maps.sum(axis=(1, 2), keepdims=True)
-    assert (argmax_cells(maps) == 0).all()
-    fixed = remove_prior(maps)
-    assert np.allclose(fixed.sum(axis=(1, 2)), 1.0, atol=1e-6)
-    assert argmax_cells(fixed).tolist() == [[3 + i, 5] for i in range(4)]
+def test_argmax_cells_gives_each_maps_peak_row_and_column():
+    maps = np.full((3, 8, 8), 0.01, np.float32)
+    for i, (r, c) in enumerate([(0, 7), (5, 2), (7, 0)]):
+        maps[i, r, c] = 1.0
+    assert argmax_cells(maps).tolist() == [[0, 7], [5, 2], [7, 0]]
 
 
 def test_to_grid_resamples_and_keeps_peak_location():
@@ -505,7 +498,6 @@ STAGE_CFG = {
     "window_k": 4,
     "attention_batch": 16,
     "n_pictures": 2,
-    "prior_correction": True,
 }  # fmt: skip  (dotted keys: the `--set train_gloria.<key>` paths)
 
 

