@@ -35,13 +35,13 @@ from models.ecamp.pretrain import (
     join_inputs,
     load_partial,
     loader_options,
-    lr_factor,
     main,
     make_schedule,
     param_groups,
     save_checkpoint,
     train,
 )
+from models.engine.schedule import lr_factor
 from models.images import load_grayscale
 from models.resources import DEFAULT_ENTITY_LIST
 from models.text.entities import lexicon_rows, load_entity_list
@@ -114,6 +114,15 @@ def test_lr_warmup_then_cosine():
     assert lr_factor(8, 4, 12, 0.0) == pytest.approx(0.5)
     assert lr_factor(12, 4, 12, 0.1) == pytest.approx(0.1)
     assert lr_factor(20, 4, 12, 0.1) == pytest.approx(0.1)  # flat after the cosine
+
+
+def test_every_trainer_uses_the_one_warmup_cosine_schedule():
+    """Pre-training, GLoRIA and the downstream heads share models.engine.schedule: no module keeps its own."""
+    root = Path(__file__).resolve().parent.parent / "models"
+    own = [p for p in root.rglob("*.py") if "math.cos(" in p.read_text() and p.name != "schedule.py"]
+    assert not own, f"a cosine schedule outside models/engine/schedule.py: {own}"
+    for trainer in ("ecamp/pretrain.py", "gloria/train.py", "evaluate/fit.py"):
+        assert "warmup_cosine(optimizer" in (root / trainer).read_text(), trainer
 
 
 def test_the_default_lr_is_the_papers_absolute_one_and_the_mae_rule_is_opt_in():

@@ -60,6 +60,7 @@ from models.checkpoints import (
 from models.devices import resolve_device
 from models.ecamp.model import ECAMP, ECAMPConfig
 from models.ecamp.reliance import HeldOutBatch, heldout_batches, measure_reliance, reliance_line
+from models.engine.schedule import warmup_cosine
 from models.images import load_grayscale
 from models.seeds import Seed
 
@@ -498,16 +499,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_factor(step: int, warmup: int, cosine: int, min_ratio: float) -> float:
-    """Linear warm-up over `warmup` steps, then half-cosine to min_ratio at step `cosine` (flat after)."""
-    if step < warmup:
-        return step / warmup
-    if cosine <= warmup:
-        return 1.0
-    progress = min((step - warmup) / (cosine - warmup), 1.0)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 @dataclass
 class Schedule:
     steps_per_epoch: int
@@ -795,9 +786,7 @@ def train(
     schedule = make_schedule(cfg, len(dataset), info.world)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=schedule.base_lr, betas=cfg.betas)
     min_ratio = cfg.min_lr / schedule.base_lr
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, schedule.warmup_steps, schedule.cosine_steps, min_ratio)
-    )
+    scheduler = warmup_cosine(optimizer, schedule.warmup_steps, schedule.cosine_steps, min_ratio)
 
     state, resumed_from = TrainState(), None
     ckpt_path = out_dir / CHECKPOINT

@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
 
+from models.engine.schedule import warmup_cosine
+
 
 class FitConfig(BaseModel):
     """Optimiser and schedule of one downstream run."""
@@ -70,12 +72,6 @@ class FitResult:
 BatchLoss = Callable[[list[int], list[torch.Tensor], list[torch.Generator]], Sequence[torch.Tensor]]
 # validate(members) -> the validation score of each listed member (higher is better)
 Validate = Callable[[list[int]], Sequence[float]]
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * min((step - warmup) / max(1, total - warmup), 1.0)))
 
 
 def layer_depth(name: str, depth: int) -> int:
@@ -159,7 +155,7 @@ def fit(
     epochs = epochs_for(n, cfg)
     per_epoch = math.ceil(n / cfg.batch_size)
     total, warmup = epochs * per_epoch, round(cfg.warmup_epochs * per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
+    scheduler = warmup_cosine(optimizer, warmup, total)
     results = [FitResult(-math.inf, -1, 0) for _ in models]
     best_states = [copy.deepcopy(m.state_dict()) for m in models]
     stale = [0] * len(models)

@@ -29,6 +29,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from models.checkpoints import read_resume_file, save_atomic
+from models.engine.schedule import warmup_cosine
 from models.gloria.attention import entity_positions, to_grid
 from models.gloria.model import Gloria, TextBatch, encode_texts
 
@@ -148,18 +149,6 @@ def affirmed_words(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up from 1/warmup to 1, then cosine decay to 0 at `total_steps`."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
-
-
 def save_checkpoint(path: Path, state: dict) -> None:
     """Atomic write (temp file + rename) so an interrupted save never leaves a broken checkpoint; a full disk
     is a one-line `CheckpointWriteError` and no temp file is left behind."""
@@ -214,9 +203,7 @@ def train_gloria(
     steps_per_epoch = len(data) // batch
     total = cfg.epochs * steps_per_epoch
     optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(max(1, round(cfg.warmup_epochs * steps_per_epoch)), total)
-    )
+    scheduler = warmup_cosine(optimizer, round(cfg.warmup_epochs * steps_per_epoch), total)
     rows: list[dict] = []
     start = 0
     if checkpoint is not None and checkpoint.exists():
