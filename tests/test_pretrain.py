@@ -108,8 +108,9 @@ def collator(tokenizer):
 
 # ---- schedule and optimiser ------------------------------------------------------------------------------------
 def test_lr_warmup_then_cosine():
-    assert lr_factor(0, 4, 12, 0.0) == 0.0
-    assert lr_factor(2, 4, 12, 0.0) == 0.5
+    assert lr_factor(0, 4, 12, 0.0) == 0.25  # no step at lr 0
+    assert lr_factor(2, 4, 12, 0.0) == 0.75
+    assert lr_factor(3, 4, 12, 0.0) == 1.0
     assert lr_factor(4, 4, 12, 0.0) == 1.0
     assert lr_factor(8, 4, 12, 0.0) == pytest.approx(0.5)
     assert lr_factor(12, 4, 12, 0.1) == pytest.approx(0.1)
@@ -253,7 +254,9 @@ def test_all_three_losses_fall(images, reports, tokenizer, tmp_path):
         first, last = np.mean([r[key] for r in m[:5]]), np.mean([r[key] for r in m[-5:]])
         assert last < most * first, (key, first, last)
     assert all(math.isfinite(r["grad_norm"]) and r["samples_per_s"] > 0 for r in m)
-    assert m[0]["lr"] == 0.0 and max(r["lr"] for r in m) == pytest.approx(5e-3, rel=0.05)
+    # warm-up over the first epoch's 2 steps: (s + 1) / 2 of the lr, then the cosine
+    assert m[0]["lr"] == pytest.approx(2.5e-3) and m[1]["lr"] == pytest.approx(5e-3)
+    assert max(r["lr"] for r in m) == pytest.approx(5e-3)
 
 
 def test_stopped_and_resumed_run_equals_an_uninterrupted_one(images, reports, tokenizer, tmp_path, caplog):

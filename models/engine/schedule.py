@@ -1,7 +1,9 @@
 """The learning-rate schedule every trainer uses: linear warm-up, then half-cosine down to a floor.
 
-One formula for pre-training, GLoRIA and the downstream heads: MAE's (and so the official ECAMP code's), where
-the multiplier is step / warmup during warm-up, so the first step runs at lr 0 and step `warmup` at the full lr.
+One formula for pre-training, GLoRIA and the downstream heads. During warm-up the multiplier of step s (0-based)
+is (s + 1) / warmup, so no step runs at lr 0 and step warmup − 1 runs at the full lr. (MAE's per-iteration rule,
+which the official ECAMP code uses, is s / warmup: its first step changes nothing, and a short run that validates
+after it can keep its untrained initialisation as "best".)
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ def lr_factor(step: int, warmup: int, cosine_end: int, min_ratio: float = 0.0) -
     """The lr multiplier at optimiser step `step` (0-based): linear warm-up over `warmup` steps, then half-cosine
     from 1 to `min_ratio` at step `cosine_end`, flat after it (a schedule shorter than the run keeps its floor)."""
     if step < warmup:
-        return step / warmup
+        return (step + 1) / warmup
     if cosine_end <= warmup:
         return 1.0
     progress = min((step - warmup) / (cosine_end - warmup), 1.0)
