@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
+import pydantic
 import pytest
 import torch
 
@@ -534,12 +535,14 @@ def upstream_run(small_corpus, tmp_path_factory):
     return run_dir, config, len(images), sum(r["split"] == "train" for r in images)
 
 
-def run_gloria_stage(run_dir, config, **overrides):
+def run_gloria_stage(run_dir, config, drop=frozenset(), **overrides):
+    """The stage on the tiny settings, `overrides` added and the keys in `drop` left at their defaults."""
     from tasks import train_gloria
     from tests.context import make_test_context, run_direct
 
     ctx = make_test_context(run_dir, config, "train_gloria")
-    return run_direct(ctx, train_gloria.Config(**nested(STAGE_CFG | overrides)))
+    settings = {k: v for k, v in (STAGE_CFG | overrides).items() if k not in drop}
+    return run_direct(ctx, train_gloria.Config(**nested(settings)))
 
 
 def test_stage_writes_maps_windows_losses_localization_and_rejects(upstream_run):
@@ -704,7 +707,13 @@ def test_the_stage_trains_from_the_official_initializations_and_saves_a_rebuilda
     run_dir = tmp_path / "run"
     shutil.copytree(source, run_dir, ignore=shutil.ignore_patterns("train_gloria"))
     weights, bert = pretrained_folders
-    run_gloria_stage(run_dir, config, **{
+    text_dims = {
+        f"model.{k}" for k in ("vocab_size", "text_hidden", "text_layers", "text_heads", "text_intermediate")
+    }
+    with pytest.raises(pydantic.ValidationError, match=r"text_heads, text_hidden, text_intermediate, text_layers, "
+                       r"vocab_size: set by text_checkpoint's config.json .*text_checkpoint: random"):  # fmt: skip
+        run_gloria_stage(run_dir, config, **{"model.text_checkpoint": str(bert)})
+    run_gloria_stage(run_dir, config, drop=text_dims, **{
         "model.encoder": "resnet50", "model.image_size": 64, "model.image_checkpoint": str(weights),
         "model.text_checkpoint": str(bert), "train.epochs": 1,
     })  # fmt: skip

@@ -23,13 +23,16 @@ from typing import Literal, NamedTuple
 import timm
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import Tokenizer
 from tokenizers.implementations import BertWordPieceTokenizer
 from torch import nn
 from transformers import BertConfig, BertModel
 
 SPECIAL_WORDS = frozenset({"[CLS]", "[SEP]", "[PAD]", "[MASK]"})
+
+
+TEXT_DIMS = frozenset({"vocab_size", "text_hidden", "text_layers", "text_heads", "text_intermediate"})
 
 
 class GloriaConfig(BaseModel):
@@ -76,6 +79,21 @@ class GloriaConfig(BaseModel):
     )
     local_weight: float = Field(1.0, ge=0)
     global_weight: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def text_dims_come_from_the_checkpoint(self) -> GloriaConfig:
+        """With a BERT folder as text_checkpoint, its config.json fixes the text encoder's sizes: a size set here
+        to anything but its default would be silently overridden, so it is refused. (Compared with the defaults,
+        not with what was set: a config file is merged over every default before it is validated.)"""
+        fields = type(self).model_fields
+        changed = [k for k in TEXT_DIMS if getattr(self, k) != fields[k].default]
+        overridden = sorted(changed) if chosen(self.text_checkpoint) else []
+        if overridden:
+            raise ValueError(
+                f"{', '.join(overridden)}: set by text_checkpoint's config.json ({self.text_checkpoint}); remove "
+                "them, or set text_checkpoint: random to build the text encoder from them"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------------------------------------------
