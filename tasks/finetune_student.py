@@ -274,7 +274,7 @@ def run(ctx: StageContext, cfg: Config) -> None:
     held_rows = sorted((r for r in rows if r["study_id"] in held_ids), key=lambda r: r["study_id"])
 
     tiny = isinstance(cfg.base, TinyBase)
-    if isinstance(cfg.base, TinyBase):
+    if tiny:
         texts = [train_rows[0]["prompt"]] + [r["report"] for r in rows] + [r["answer"] for r in train_rows]
         base_path = build_tiny_base(texts, cfg.base.dims, ctx.path(TINY_BASE_DIR), seed, cfg.max_positions())
         if cfg.base.warmup.epochs > 0:  # stands in for Vicuna's language pre-training; report texts only

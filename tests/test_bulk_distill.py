@@ -224,8 +224,10 @@ def test_a_setting_of_the_other_backend_is_refused_naming_it(tmp_path):
     """One sub-config per backend: under transformers, a server setting is an error, not silently ignored."""
     from tasks.config import ConfigError
 
-    with pytest.raises(pydantic.ValidationError, match=r"backend\.transformers\.vllm_port\s+Extra inputs"):
-        bulk.Config(backend={"kind": "transformers", "vllm_port": 9000})
+    with pytest.raises(pydantic.ValidationError, match=r"backend\.transformers\.vllm\s+Extra inputs"):
+        bulk.Config(backend={"kind": "transformers", "vllm": {"port": 9000}})
+    with pytest.raises(pydantic.ValidationError, match=r"backend\.openai\.vllm\.prot\s+Extra inputs"):
+        bulk.Config(backend={"kind": "openai", "vllm": {"prot": 9000}})
     with pytest.raises(pydantic.ValidationError, match=r"backend\.openai\.gen_batch\s+Extra inputs"):
         bulk.Config(backend={"kind": "openai", "gen_batch": 4})
     assert bulk.Config(backend="transformers").backend == bulk.InProcessBackend()
@@ -236,7 +238,12 @@ def test_a_setting_of_the_other_backend_is_refused_naming_it(tmp_path):
     demo = load_config(REPO_ROOT / "configs" / "demo.yaml").bulk_distill.backend
     paper = load_config(REPO_ROOT / "configs" / "paper.yaml").bulk_distill.backend
     assert (demo.kind, demo.gen_batch) == ("transformers", 16)
-    assert (paper.kind, paper.vllm_max_lora_rank, paper.concurrency) == ("openai", 16, 256)
+    assert (paper.kind, paper.vllm.max_lora_rank, paper.vllm.max_model_len, paper.concurrency) == (
+        "openai",
+        16,
+        4096,
+        256,
+    )
 
 
 def test_the_students_base_is_one_explicit_kind():

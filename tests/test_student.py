@@ -399,7 +399,7 @@ HTTPServer(("127.0.0.1", port), H).serve_forever()
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     settings = VllmSettings(python=fake_vllm(tmp_path, serve), port=port, startup_timeout_s=30,
-                            env=(("VLLM_CPU_KVCACHE_SPACE", "1"),))  # fmt: skip
+                            env={"VLLM_CPU_KVCACHE_SPACE": "1"})  # fmt: skip
     cmd = vllm_command("/models/vicuna", tmp_path / "adapter", settings)
     assert cmd[cmd.index("--lora-modules") + 1] == f"student={tmp_path / 'adapter'}"
     with start_vllm_server("/models/vicuna", tmp_path / "adapter", settings, tmp_path / "log.txt") as server:
@@ -419,7 +419,7 @@ def test_a_missing_serving_environment_names_the_setting_and_the_make_target(tmp
     settings = VllmSettings(python=str(tmp_path / "nowhere" / "python"))
     with pytest.raises(
         FileNotFoundError,
-        match=r"bulk_distill.backend.vllm_python: .*nowhere/python does not exist.*make serve-env",
+        match=r"bulk_distill.backend.vllm.python: .*nowhere/python does not exist.*make serve-env",
     ):
         start_vllm_server("/m", tmp_path / "a", settings, tmp_path / "log.txt")
     assert not (tmp_path / "log.txt").exists()

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -101,7 +102,7 @@ def student_prompts(run_dir: Path) -> list[str]:
 
 def server_settings(port: int, max_prompt: int, max_new: int) -> VllmSettings:
     return VllmSettings(python=str(SERVE_PYTHON), port=port, dtype="float32", max_lora_rank=64,
-                        max_model_len=max_prompt + max_new, env=tuple(KV_CACHE.items()), startup_timeout_s=600)  # fmt: skip
+                        max_model_len=max_prompt + max_new, env=KV_CACHE, startup_timeout_s=600)  # fmt: skip
 
 
 def test_vllm_and_lora_answer_as_transformers_and_peft_token_for_token(student_run, tmp_path):
@@ -127,21 +128,20 @@ def test_vllm_and_lora_answer_as_transformers_and_peft_token_for_token(student_r
 
 
 def ft_model_row(run_dir: Path) -> dict:
-    import pyarrow.parquet as pq
-
     return pq.read_table(run_dir / "finetune_student" / "student_model.parquet").to_pylist()[0]
 
 
 def vllm_config(run_dir: Path, port: int, **overrides) -> bulk.Config:
     row = ft_model_row(run_dir)
-    server = dict(kind="openai", start_server=True, vllm_python=str(SERVE_PYTHON), vllm_port=port,
-                  vllm_dtype="float32", vllm_max_lora_rank=64, vllm_env=KV_CACHE, max_retries=1,
-                  vllm_max_model_len=row["max_prompt"] + row["max_new_tokens"])  # fmt: skip
+    vllm = server_settings(port, row["max_prompt"], row["max_new_tokens"])
+    server = dict(kind="openai", start_server=True, vllm=vllm, max_retries=1)
     return bulk.Config(backend=server, **{"shard_size": 8, "retry_budget": 4, **overrides})
 
 
-def transformers_rows(student_run: Path, tmp_path: Path) -> dict[str, dict]:
-    run_dir = tmp_path / "transformers"
+@pytest.fixture(scope="module")
+def transformers_rows(student_run: Path, tmp_path_factory) -> dict[str, dict]:
+    """The stage's distilled reports with the in-process backend: what the server runs must reproduce."""
+    run_dir = tmp_path_factory.mktemp("transformers") / "run"
     shutil.copytree(student_run, run_dir)
     cfg = bulk.Config(backend={"kind": "transformers", "gen_batch": 8}, shard_size=8, retry_budget=4)
     run_direct(make_test_context(run_dir, config(), "bulk_distill"), cfg)
@@ -151,63 +151,61 @@ def transformers_rows(student_run: Path, tmp_path: Path) -> dict[str, dict]:
 COMPARED = ("distilled_text", "raw_response", "flags", "source", "model", "entities")
 
 
-def same_rows(a: dict[str, dict], b: dict[str, dict]) -> list[str]:
+def differing_rows(a: dict[str, dict], b: dict[str, dict]) -> list[str]:
     """Study ids whose distillation differs between two runs, in the columns a backend decides."""
     assert sorted(a) == sorted(b)
     return [s for s in a if any(a[s][k] != b[s][k] for k in COMPARED)]
 
 
-def test_the_bulk_stage_through_vllm_gives_the_transformers_backends_distilled_reports(student_run, tmp_path):
-    expected = transformers_rows(student_run, tmp_path)
+def test_the_bulk_stage_through_vllm_gives_the_transformers_backends_distilled_reports(
+    student_run, transformers_rows, tmp_path
+):
     run_dir = tmp_path / "vllm"
     shutil.copytree(student_run, run_dir)
-    torch.manual_seed(0)
     run_direct(make_test_context(run_dir, config(), "bulk_distill"), vllm_config(run_dir, free_port()))
     got = read_distilled(run_dir)
     assert sum(r["source"] == "student" for r in got.values()) > N_STUDENT // 2
-    assert not same_rows(expected, got)
+    assert not differing_rows(transformers_rows, got)
     log = (run_dir / "bulk_distill" / "vllm_server.log").read_text()
     assert "student" in log  # the adapter was registered under the served name
 
 
-def processes() -> dict[int, tuple[int, int, list[bytes]]]:
-    """pid -> (parent pid, process group, command line) of every process (from /proc: no psutil dependency)."""
+def process_groups() -> dict[int, tuple[int, list[bytes]]]:
+    """pid -> (process group, command line) of every process (from /proc: no psutil dependency)."""
     found = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                found[int(entry.name)] = (
-                    int(stat[1]),
-                    int(stat[2]),
-                    (entry / "cmdline").read_bytes().split(b"\0"),
-                )
-            except (OSError, IndexError, ValueError):
-                continue
+        try:
+            group = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2])
+            found[int(entry.name)] = (group, (entry / "cmdline").read_bytes().split(b"\0"))
+        except (OSError, IndexError, ValueError):  # not a process, or gone meanwhile
+            continue
     return found
 
 
 def server_on(port: int) -> tuple[int, set[int]]:
     """(pid, process group members) of the vLLM API server started with `--port port`; (0, {}) if none."""
-    table = processes()
-    for pid, (_, group, args) in table.items():
+    table = process_groups()
+    for pid, (group, args) in table.items():
         if b"--port" in args and args[args.index(b"--port") + 1] == str(port).encode():
-            return pid, {p for p, (_, g, _) in table.items() if g == group}
+            return pid, {p for p, (g, _) in table.items() if g == group}
     return 0, set()
 
 
 def alive(pids: set[int]) -> set[int]:
-    return {
-        p
-        for p in pids
-        if Path(f"/proc/{p}").exists() and b"zombie" not in Path(f"/proc/{p}/status").read_bytes().lower()
-    }
+    """The processes of `pids` still running (a zombie has exited)."""
+    running = set()
+    for pid in pids:
+        try:
+            if "State:\tZ" not in Path(f"/proc/{pid}/status").read_text():
+                running.add(pid)
+        except OSError:
+            continue
+    return running
 
 
 def test_a_server_killed_mid_stage_keeps_the_finished_shards_and_the_rerun_resumes(
-    student_run, tmp_path, caplog
+    student_run, transformers_rows, tmp_path, caplog
 ):
-    expected = transformers_rows(student_run, tmp_path)
     run_dir = tmp_path / "vllm"
     shutil.copytree(student_run, run_dir)
     shard_dir = run_dir / "bulk_distill" / bulk.SHARD_DIR
@@ -243,4 +241,4 @@ def test_a_server_killed_mid_stage_keeps_the_finished_shards_and_the_rerun_resum
             vllm_config(run_dir, free_port(), shard_size=4),
         )
     assert f"resuming: {len(kept)} of {N_STUDENT // 4} shards already done" in caplog.text
-    assert not same_rows(expected, read_distilled(run_dir))
+    assert not differing_rows(transformers_rows, read_distilled(run_dir))

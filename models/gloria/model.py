@@ -85,9 +85,10 @@ class GloriaConfig(BaseModel):
         """With a BERT folder as text_checkpoint, its config.json fixes the text encoder's sizes: a size set here
         to anything but its default would be silently overridden, so it is refused. (Compared with the defaults,
         not with what was set: a config file is merged over every default before it is validated.)"""
+        if not chosen(self.text_checkpoint):
+            return self
         fields = type(self).model_fields
-        changed = [k for k in TEXT_DIMS if getattr(self, k) != fields[k].default]
-        overridden = sorted(changed) if chosen(self.text_checkpoint) else []
+        overridden = sorted(k for k in TEXT_DIMS if getattr(self, k) != fields[k].default)
         if overridden:
             raise ValueError(
                 f"{', '.join(overridden)}: set by text_checkpoint's config.json ({self.text_checkpoint}); remove "
