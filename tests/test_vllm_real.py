@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 import tasks.bulk_distill as bulk
 from models.distill.generate import (
