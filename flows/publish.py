@@ -1,10 +1,10 @@
 """What a run shows in the open-source Prefect UI and event feed: manifests, lineage, plots, asset events.
 
-The OSS UI has no asset graph (PREFECT.md §1), so lineage is made visible through what it does show: one
-table artifact per stage and run (its manifest), one Markdown artifact per pipeline run drawing the chain
-from input files to the encoder and its evaluation, plots embedded inline, and asset materialization events
-that `/api/events/filter` returns. Everything here is read from the stages' success records, the one
-source of truth for what an output is and what it was made from.
+The open-source UI has no asset graph (Prefect Cloud has one), so lineage is made visible through what it
+does show: one table artifact per stage and run (its manifest), one Markdown artifact per pipeline run
+drawing the chain from input files to the encoder and its evaluation, plots embedded inline, and asset
+materialization events that `/api/events/filter` returns. Everything here is read from the stages' success
+records, the one source of truth for what an output is and what it was made from.
 """
 
 from __future__ import annotations
