@@ -69,8 +69,17 @@ class UndeclaredError(KeyError):
         return str(self.args[0])
 
 
+def setting(config: Any, key: str) -> Any:
+    """The value at a dotted key (`pretrain_ecamp.model.grid_size`; a section is a key too)."""
+    node: Any = config
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
 class ConfigView:
-    """The pipeline config as a stage may see it: `run`, its own section and the sections it declares."""
+    """The pipeline config as a stage may see it: `run`, its own section and the sections it declares, and the
+    single settings of other stages it declares by dotted key (read with `setting`)."""
 
     def __init__(self, config: Any, allowed: Iterable[str], stage: str):
         self._config, self._allowed, self._stage = config, frozenset(allowed), stage
@@ -80,6 +89,14 @@ class ConfigView:
             return getattr(self._config, name)
         raise UndeclaredError(
             f"stage '{self._stage}' reads config section '{name}' without declaring it in its Stage.sections"
+        )
+
+    def setting(self, key: str) -> Any:
+        """One setting by dotted key, e.g. `pretrain_ecamp.model.grid_size`: declared itself or in a section."""
+        if key in self._allowed or key.split(".", 1)[0] in self._allowed:
+            return setting(self._config, key)
+        raise UndeclaredError(
+            f"stage '{self._stage}' reads setting '{key}' without declaring it in its Stage.sections"
         )
 
 

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from models.seeds import Seed
-from tasks.base import StageConfig
+from tasks.base import StageConfig, setting
 from tasks.registry import stages
 
 MAX_CONFIG_BYTES = 1 << 20  # a pipeline config is a few KiB; more is the wrong file (or /dev/zero)
@@ -71,45 +71,6 @@ class DataConfig(StageConfig):
         False,
         description="data.root is the demo generator's corpus: made from the synth section when absent",
     )
-
-
-# Settings two stages each declare that must hold the same value: (key, key, why). A mismatch is a ConfigError
-# naming both, because either stage alone would run "fine".
-AGREEMENTS: tuple[tuple[str, str, str], ...] = (
-    (
-        "train_gloria.grid",
-        "pretrain_ecamp.model.grid_size",
-        "GLoRIA's SR windows are placed on the ViT patch grid (model.img_size / model.patch_size)",
-    ),
-    (
-        "train_gloria.window_k",
-        "pretrain_ecamp.model.sr_window",
-        "the SR window found by GLoRIA and the centre fallback of pre-training have one size",
-    ),
-    (
-        "match_entities.matcher.beta",
-        "pretrain_ecamp.text.beta",
-        "the descriptor words the MLM re-weights are those match_entities found before each entity",
-    ),
-)
-
-
-def _lookup(config: BaseModel, key: str) -> Any:
-    node: Any = config
-    for part in key.split("."):
-        node = getattr(node, part)
-    return node
-
-
-def check_agreements(config: BaseModel, source: str) -> None:
-    """Refuse a config whose cross-stage settings (AGREEMENTS) disagree, naming both keys and values."""
-    problems = []
-    for left, right, why in AGREEMENTS:
-        a, b = _lookup(config, left), _lookup(config, right)
-        if a != b:
-            problems.append(f"{source}: {left} = {a!r} but {right} = {b!r}: they must agree ({why})")
-    if problems:
-        raise ConfigError("\n".join(problems))
 
 
 @cache
@@ -247,12 +208,11 @@ def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> BaseModel:
-    """Validate a raw config mapping, then the cross-stage AGREEMENTS; errors name `source`."""
+    """Validate a raw config mapping; errors name `source`."""
     try:
         config = pipeline_config_model().model_validate(data)
     except ValidationError as err:
         raise _explain(err, source) from None
-    check_agreements(config, source)
     return config
 
 
@@ -262,5 +222,7 @@ def stable_hash(value: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def section_hash(config: BaseModel, section: str) -> str:
-    return stable_hash(getattr(config, section).model_dump(mode="json"))
+def section_hash(config: BaseModel, key: str) -> str:
+    """Hash of a section, or of one setting by its dotted key (a stage reading another stage's setting)."""
+    value = setting(config, key)
+    return stable_hash(value.model_dump(mode="json") if isinstance(value, BaseModel) else value)

@@ -26,6 +26,7 @@ from tasks.base import StageConfig, StageContext
 from tasks.stage import Stage
 
 ENTITY_LISTS = "entity_lists"  # Table 8's derived lists, as files a later run can point entity_list at
+BETA = "pretrain_ecamp.text.beta"  # descriptor words before an entity: the ones the MLM masks, one setting
 
 
 class Config(StageConfig):
@@ -120,7 +121,7 @@ def write_derived_lists(ctx: StageContext, cfg: Config, entities: pa.Table, sour
 def run(ctx: StageContext, cfg: Config) -> None:
     lexicon = load_entity_list(resolve_entity_list(cfg.entity_list))
     ctx.write("lexicon", lexicon_rows(lexicon))
-    matcher = EntityMatcher(lexicon, cfg.matcher)
+    matcher = EntityMatcher(lexicon, cfg.matcher, beta=ctx.config.setting(BETA))
     reports = ctx.read("extract_reports/reports", Report)
     study_ids = reports.column("study_id").to_pylist()
     mentions = matcher.match(study_ids, reports.column("text").to_pylist())
@@ -164,6 +165,7 @@ STAGE = Stage(
         "entity_summary": EntitySummary,
     },
     files=("fig2a_entities.png", "fig2b_descriptors.png", ENTITY_LISTS),
+    sections=(BETA,),
     input_files=lambda config: [resolve_entity_list(config.match_entities.entity_list)],
     inputs_hint="match_entities.entity_list",
 )

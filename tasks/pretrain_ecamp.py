@@ -82,6 +82,25 @@ class Config(StageConfig):
     )
     image_cache: ImageCacheConfig = Field(default_factory=ImageCacheConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_text_length(cls, data: Any) -> Any:
+        """The text length is one setting, `text.max_len`: the collator pads every batch to it, and the model's
+        position table has exactly that many rows (`model.max_len` follows it; setting it is refused)."""
+        model = data.get("model") if isinstance(data, dict) else None
+        if isinstance(model, dict) and "max_len" in model:
+            raise ValueError(
+                "model.max_len follows text.max_len (the position table has one row per padded token): "
+                "set pretrain_ecamp.text.max_len only"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _model_reads_the_text_length(self) -> Config:
+        if self.model.max_len != self.text.max_len:
+            self.model = ECAMPConfig.model_validate({**self.model.model_dump(), "max_len": self.text.max_len})
+        return self
+
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         if both := sorted(set(self.splits) & set(self.heldout_splits)):
@@ -89,10 +108,6 @@ class Config(StageConfig):
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ValueError(
                 f"nnodes {self.nnodes} needs rdzv_endpoint (HOST:PORT every node reaches, e.g. node0:29400)"
-            )
-        if self.text.max_len > self.model.max_len:
-            raise ValueError(
-                f"text.max_len {self.text.max_len} exceeds model.max_len {self.model.max_len} (position embeddings)"
             )
         if self.train.decode == "device" and self.image_cache.enabled:
             raise ValueError(

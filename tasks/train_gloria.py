@@ -18,7 +18,7 @@ import shutil
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -88,8 +88,6 @@ class Config(StageConfig):
     model: GloriaConfig = Field(default_factory=GloriaConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     decode_workers: int = Field(8, ge=1, description="threads decoding images into the square array")
-    grid: int = Field(14, ge=1, description="ViT patch grid of pretrain_ecamp (224/16)")
-    window_k: int = Field(12, ge=1, description="SR window side in grid cells (official 12 -> 9 placements)")
     fallback: Literal["centre", "random"] = "centre"
     word_prior_images: int = Field(
         0,
@@ -278,9 +276,19 @@ def train_or_load(
 # --------------------------------------------------------------------------------------------------------------
 
 
+class WindowGeometry(NamedTuple):
+    """Where the SR windows live: pre-training's ViT patch grid and its window side, both in grid cells. They are
+    pretrain_ecamp's settings (`model.grid_size`, `model.sr_window`), read here, so they exist once."""
+
+    grid: int
+    k: int
+
+
+GRID, WINDOW = "pretrain_ecamp.model.grid_size", "pretrain_ecamp.model.sr_window"
+
+
 def run(ctx: StageContext, cfg: Config) -> None:
-    if cfg.window_k > cfg.grid:
-        raise ValueError(f"train_gloria.window_k={cfg.window_k} is larger than train_gloria.grid={cfg.grid}")
+    geo = WindowGeometry(ctx.config.setting(GRID), ctx.config.setting(WINDOW))
     seed, device = ctx.config.run.seed, resolve_device(ctx.config.run.device)
     texts, source = report_texts(ctx, cfg)
     positives = positive_entities(ctx, cfg.ignore_entities)
@@ -318,11 +326,11 @@ def run(ctx: StageContext, cfg: Config) -> None:
     all_data = ImageTextData(pixels, [r["text"] for r in rows])
     wanted = [positives.get(r["study_id"], []) for r in rows]
     attn = extract_attention(
-        model, all_data, tokenizer, wanted, cfg.grid, cfg.attention_batch, cfg.model.max_tokens, device, forms,
+        model, all_data, tokenizer, wanted, geo.grid, cfg.attention_batch, cfg.model.max_tokens, device, forms,
         cfg.word_prior_images, seed,
     )  # fmt: skip
-    windows = fallback_windows(len(rows), cfg.grid, cfg.window_k, cfg.fallback, seed)
-    best_r, best_c = best_windows(torch.from_numpy(attn.grid_maps), cfg.window_k)
+    windows = fallback_windows(len(rows), geo.grid, geo.k, cfg.fallback, seed)
+    best_r, best_c = best_windows(torch.from_numpy(attn.grid_maps), geo.k)
     found = attn.entity_found
     windows[found] = np.stack([best_r.numpy(), best_c.numpy()], axis=1)[found]
     ctx.write(
@@ -333,10 +341,10 @@ def run(ctx: StageContext, cfg: Config) -> None:
                 "study_id": r["study_id"],
                 "entities": attn.entities[i],
                 "attention": attn.grid_maps[i].ravel().tolist(),
-                "grid": cfg.grid,
+                "grid": geo.grid,
                 "window_row": int(windows[i, 0]),
                 "window_col": int(windows[i, 1]),
-                "window_size": cfg.window_k,
+                "window_size": geo.k,
                 "fallback": "none" if found[i] else cfg.fallback,
             }  # fmt: skip
             for i, r in enumerate(rows)
@@ -346,27 +354,27 @@ def run(ctx: StageContext, cfg: Config) -> None:
                  len(rows), int(found.sum()), cfg.fallback)  # fmt: skip
     boxes = read_lesion_boxes(lesion_box_file(ctx.config))
     scored = [i for i, r in enumerate(rows) if r["image_id"] in boxes]
-    write_localization(ctx, cfg, rows, scored, boxes, attn.grid_maps, windows)
-    draw_pictures(ctx, cfg, rows, pixels, attn, windows, found, texts, boxes)
+    write_localization(ctx, geo, rows, scored, boxes, attn.grid_maps, windows)
+    draw_pictures(ctx, cfg, geo, rows, pixels, attn, windows, found, texts, boxes)
 
 
-def write_localization(ctx, cfg, rows, scored, boxes, grid_maps, windows) -> None:  # noqa: ANN001
+def write_localization(ctx, geo, rows, scored, boxes, grid_maps, windows) -> None:  # noqa: ANN001
     """Pointing rate and window overlap on images with known lesions, GLoRIA vs the exact random expectation
     (no rows without a lesion box file)."""
     if not scored:
         ctx.write("localization", [])
         return
-    size = cfg.grid * 16
+    size = geo.grid * 16
     lesions = np.stack(
         [
             rasterize_boxes(unit_boxes(boxes[rows[i]["image_id"]], rows[i]["height"], rows[i]["width"]), size)
             for i in scored
         ]
     )
-    gloria = localization(argmax_cells(grid_maps[scored]), windows[scored], cfg.window_k, cfg.grid, lesions)
-    rand = random_localization(cfg.grid, cfg.window_k, lesions)
+    gloria = localization(argmax_cells(grid_maps[scored]), windows[scored], geo.k, geo.grid, lesions)
+    rand = random_localization(geo.grid, geo.k, lesions)
     out = [
-        {"method": name, "grid": cfg.grid, "window_size": cfg.window_k} | score._asdict()
+        {"method": name, "grid": geo.grid, "window_size": geo.k} | score._asdict()
         for name, score in (("gloria", gloria), ("random", rand))
     ]
     ctx.write("localization", out)
@@ -376,7 +384,7 @@ def write_localization(ctx, cfg, rows, scored, boxes, grid_maps, windows) -> Non
     )  # fmt: skip
 
 
-def draw_pictures(ctx, cfg, rows, pixels, attn, windows, found, texts, boxes) -> None:  # noqa: ANN001
+def draw_pictures(ctx, cfg, geo, rows, pixels, attn, windows, found, texts, boxes) -> None:  # noqa: ANN001
     """Fig. 6-style overlays for the first `n_pictures` images (by image_id) that have a positive entity."""
     order = sorted(
         (i for i in range(len(rows)) if found[i]),
@@ -392,7 +400,7 @@ def draw_pictures(ctx, cfg, rows, pixels, attn, windows, found, texts, boxes) ->
         lesion = unit_boxes(boxes.get(row["image_id"], []), row["height"], row["width"])
         save_overlay(
             folder / f"{safe_stem(row['image_id'])}.png", pixels[i] / 255.0, attn.grid_maps[i],
-            (int(windows[i, 0]), int(windows[i, 1]), cfg.window_k), f"{printable(row['image_id'])[:18]}: {', '.join(entities)}",
+            (int(windows[i, 0]), int(windows[i, 1]), geo.k), f"{printable(row['image_id'])[:18]}: {', '.join(entities)}",
             shown, lesion,
         )  # fmt: skip
 
@@ -412,7 +420,7 @@ STAGE = Stage(
         "localization": Localization,
     },
     files=(WEIGHTS, MODEL_CONFIG, TOKENIZER, PICTURES),
-    sections=("data",),
+    sections=("data", GRID, WINDOW),
     input_files=lambda config: [p for p in [lesion_box_file(config)] if p is not None],
     inputs_hint="train_gloria.lesion_boxes",
     preflight=lambda config: check_initializations(config.train_gloria.model),

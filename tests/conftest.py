@@ -109,7 +109,6 @@ def tiny_pipeline_config(folder: Path) -> Path:
                 "text_layers": 1,
                 "text_heads": 2,
                 "text_ffn": 64,
-                "max_len": 48,
             },
             "text": {"max_len": 48},
             "tokenizer_min_frequency": 1,
@@ -125,8 +124,6 @@ def tiny_pipeline_config(folder: Path) -> Path:
                 "max_tokens": 32,
             },
             "train": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0},
-            "grid": 4,
-            "window_k": 2,
             "word_prior_images": 16,
             "n_pictures": 2,
         },  # fmt: skip

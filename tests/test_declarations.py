@@ -20,16 +20,15 @@ from tasks.registry import STAGE_MODULES, stage_table, stages
 from tasks.stage import base_stage
 from tests.conftest import REPO_ROOT
 from tests.test_gloria import STAGE_CFG
-from tests.test_pretrain import GLORIA_AGREES, MODEL
+from tests.test_pretrain import MODEL_SETTINGS
 
 DEMO = str(REPO_ROOT / "configs" / "demo.yaml")
 TINY_PRETRAIN = [
-    *(f"pretrain_ecamp.model.{k}={v}" for k, v in MODEL.items()),
+    *MODEL_SETTINGS,
     "pretrain_ecamp.model.vocab_size=400", "pretrain_ecamp.text.max_len=48",
     "pretrain_ecamp.tokenizer_min_frequency=1", "pretrain_ecamp.train.epochs=1",
     "pretrain_ecamp.train.batch_size=8", "pretrain_ecamp.train.accum_iter=1",
     "pretrain_ecamp.train.warmup_epochs=0", "pretrain_ecamp.train.num_workers=0",
-    *GLORIA_AGREES,  # after TINY_GLORIA's grid: the tiny pre-training model's grid wins
 ]  # fmt: skip
 TINY_GLORIA = [f"train_gloria.{k}={v}" for k, v in (STAGE_CFG | {"train.epochs": 1}).items()]
 

@@ -28,7 +28,7 @@ from tasks import pretrain_ecamp
 from tasks.config import load_config
 from tests import test_pretrain
 from tests.context import make_test_context, run_direct
-from tests.test_pretrain import GLORIA_AGREES, MODEL, write_upstream
+from tests.test_pretrain import MODEL_SETTINGS, write_upstream
 
 pytestmark = pytest.mark.slow  # torchrun launches
 
@@ -77,8 +77,8 @@ def stage(tmp_path_factory, images, reports) -> Path:
     run_dir = tmp_path_factory.mktemp("run")
     write_upstream(run_dir, images, reports, with_attention=True)
     config = load_config(None, [
-        *(f"pretrain_ecamp.model.{k}={v}" for k, v in MODEL.items()), "pretrain_ecamp.model.vocab_size=400",
-        *GLORIA_AGREES, "pretrain_ecamp.text.max_len=48", "pretrain_ecamp.tokenizer_min_frequency=1",
+        *MODEL_SETTINGS, "pretrain_ecamp.model.vocab_size=400",
+        "pretrain_ecamp.text.max_len=48", "pretrain_ecamp.tokenizer_min_frequency=1",
         *(f"pretrain_ecamp.train.{k}={v}" for k, v in TRAIN.items()), "pretrain_ecamp.train.batch_size=2",
         "pretrain_ecamp.train.accum_iter=1", "pretrain_ecamp.nproc=2", "run.device=cpu",
     ])  # fmt: skip

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,6 +27,7 @@ from models.text.entities import (
     write_entity_list,
 )
 from models.text.negation import Cue, default_cues, negating_phrases, non_negating_phrases
+from tasks.config import load_config
 from tasks.match_entities import STAGE, Config, resolve_entity_list
 from tests.context import make_test_context, run_direct, seed_artifact
 from tests.real_data import REPO_ROOT, iu_xray_texts
@@ -260,9 +260,9 @@ def test_descriptors_never_cross_the_sentence_start(matcher):
 def test_descriptors_strip_punctuation_and_follow_beta():
     lexicon = load_entity_list(TABLE1)
     text = "Lungs: (small, left) - effusion; no consolidation."
-    three = EntityMatcher(lexicon, MatcherConfig(beta=3)).match(["x"], [text]).to_pylist()
+    three = EntityMatcher(lexicon, beta=3).match(["x"], [text]).to_pylist()
     assert [m["descriptors"] for m in three] == [["lungs", "small", "left"], ["left", "effusion", "no"]]
-    zero = EntityMatcher(lexicon, MatcherConfig(beta=0)).match(["x"], [text]).to_pylist()
+    zero = EntityMatcher(lexicon, beta=0).match(["x"], [text]).to_pylist()
     assert [m["descriptors"] for m in zero] == [[], []]
     long_words = "A " + "verylongwordthatfillsthewindow " * 3 + "effusion."
     (m,) = EntityMatcher(lexicon).match(["x"], [long_words]).to_pylist()
@@ -452,15 +452,17 @@ def test_stage_writes_mentions_stats_and_fig2_pngs(tmp_path):
         for i, t in enumerate(texts)
     ]
     seed_artifact(tmp_path, "extract_reports/reports", reports)
-    ctx = make_test_context(tmp_path, config=SimpleNamespace(), stage=STAGE.name)  # it reads no other section
-    run_direct(ctx, Config())
-    mentions = read_artifact(tmp_path / STAGE.name / "entity_mentions.parquet", EntityMention)
-    assert mentions.num_rows == 8
-    last = mentions.filter(pc.equal(mentions.column("study_id"), "s4")).to_pylist()
-    assert [(m["entity"], m["polarity"], m["descriptors"]) for m in last] == [
-        ("effusion", "uncertain", ["possible", "small"]),
-        ("pneumothorax", "negative", ["effusion", "no"]),
-    ]
+    for beta, descriptors in ((1, (["small"], ["no"])), (2, (["possible", "small"], ["effusion", "no"]))):
+        # β is pre-training's setting, read from there (the descriptors counted are the ones the MLM masks)
+        config = load_config(None, [f"pretrain_ecamp.text.beta={beta}"])
+        run_direct(make_test_context(tmp_path, config=config, stage=STAGE.name), Config())
+        mentions = read_artifact(tmp_path / STAGE.name / "entity_mentions.parquet", EntityMention)
+        assert mentions.num_rows == 8
+        last = mentions.filter(pc.equal(mentions.column("study_id"), "s4")).to_pylist()
+        assert [(m["entity"], m["polarity"], m["descriptors"]) for m in last] == [
+            ("effusion", "uncertain", descriptors[0]),
+            ("pneumothorax", "negative", descriptors[1]),
+        ]
     summary = read_artifact(tmp_path / STAGE.name / "entity_summary.parquet").to_pylist()[0]
     assert (summary["n_reports"], summary["n_mentions"], summary["n_negative"]) == (5, 8, 4)
     for name in ("fig2a_entities.png", "fig2b_descriptors.png"):

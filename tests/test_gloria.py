@@ -495,8 +495,6 @@ STAGE_CFG = {
     "train.batch_size": 8,
     "train.num_workers": 0,
     "decode_workers": 2,
-    "grid": 8,
-    "window_k": 4,
     "attention_batch": 16,
     "n_pictures": 2,
 }  # fmt: skip  (dotted keys: the `--set train_gloria.<key>` paths)
@@ -615,8 +613,6 @@ def test_stage_text_source_rules(upstream_run, caplog):
     run_dir, config, _, _ = upstream_run
     with pytest.raises(MissingUpstreamError, match="needs 'bulk_distill/distilled_reports'"):
         run_gloria_stage(run_dir, config, text_source="distilled")
-    with pytest.raises(ValueError, match="window_k=9 is larger than train_gloria.grid=8"):
-        run_gloria_stage(run_dir, config, window_k=9)
     with caplog.at_level("WARNING"):
         run_gloria_stage(run_dir, config, text_source="auto", n_pictures=0, **{"train.epochs": 1})
     assert any("ORIGINAL reports" in r.getMessage() for r in caplog.records)

@@ -57,9 +57,11 @@ MODEL = dict(
     decoder_depth=1, decoder_num_heads=2, sr_window=2, text_hidden=32, text_layers=1, text_heads=2,
     text_ffn=64, max_len=48,
 )  # fmt: skip
-# train_gloria's window geometry must agree with this model's (tasks/config.py AGREEMENTS)
-GLORIA_AGREES = [f"train_gloria.grid={MODEL['img_size'] // MODEL['patch_size']}",
-                 f"train_gloria.window_k={MODEL['sr_window']}"]  # fmt: skip
+# MODEL as `--set` overrides of the stage; its position table follows text.max_len (one setting)
+MODEL_SETTINGS = [
+    *(f"pretrain_ecamp.model.{k}={v}" for k, v in MODEL.items() if k != "max_len"),
+    f"pretrain_ecamp.text.max_len={MODEL['max_len']}",
+]
 DISTILLED = "There is no pleural effusion. There is mild cardiomegaly."
 
 
@@ -460,8 +462,7 @@ def test_stage_writes_metrics_encoder_and_says_what_it_fell_back_to(
 ):
     write_upstream(tmp_path, images, reports, with_attention)
     config = load_config(None, [
-        *(f"pretrain_ecamp.model.{k}={v}" for k, v in MODEL.items()), "pretrain_ecamp.model.vocab_size=400",
-        *GLORIA_AGREES,
+        *MODEL_SETTINGS, "pretrain_ecamp.model.vocab_size=400",
         "pretrain_ecamp.text.max_len=48", "pretrain_ecamp.tokenizer_min_frequency=1",
         "pretrain_ecamp.train.epochs=2", "pretrain_ecamp.train.batch_size=4", "pretrain_ecamp.train.accum_iter=1",
         "pretrain_ecamp.train.warmup_epochs=1", "pretrain_ecamp.train.num_workers=0", "run.device=cpu",
@@ -503,8 +504,8 @@ def test_the_stage_measures_image_reliance_on_held_out_studies(tmp_path, images,
     text side's accuracy and loss with the paired and a mismatched image; the held-out images are not trained on."""
     write_upstream(tmp_path, images, reports, with_attention=False, validate=4)
     config = load_config(None, [
-        *(f"pretrain_ecamp.model.{k}={v}" for k, v in MODEL.items()), "pretrain_ecamp.model.vocab_size=400",
-        *GLORIA_AGREES, "pretrain_ecamp.text.max_len=48", "pretrain_ecamp.tokenizer_min_frequency=1",
+        *MODEL_SETTINGS, "pretrain_ecamp.model.vocab_size=400",
+        "pretrain_ecamp.text.max_len=48", "pretrain_ecamp.tokenizer_min_frequency=1",
         "pretrain_ecamp.train.epochs=2", "pretrain_ecamp.train.batch_size=4", "pretrain_ecamp.train.accum_iter=1",
         "pretrain_ecamp.train.warmup_epochs=1", "pretrain_ecamp.train.num_workers=0",
         "pretrain_ecamp.train.reliance_every_epoch=true", "run.device=cpu",
@@ -541,8 +542,8 @@ def test_a_finished_checkpoint_is_not_resumed_under_another_masking(tmp_path, im
     text side's settings (here Eq. 3's λ_neg) are part of what a checkpoint was made on."""
     write_upstream(tmp_path, images, reports, with_attention=False)
     base = [
-        *(f"pretrain_ecamp.model.{k}={v}" for k, v in MODEL.items()), "pretrain_ecamp.model.vocab_size=400",
-        *GLORIA_AGREES, "pretrain_ecamp.text.max_len=48", "pretrain_ecamp.tokenizer_min_frequency=1",
+        *MODEL_SETTINGS, "pretrain_ecamp.model.vocab_size=400",
+        "pretrain_ecamp.text.max_len=48", "pretrain_ecamp.tokenizer_min_frequency=1",
         "pretrain_ecamp.train.epochs=1", "pretrain_ecamp.train.batch_size=4", "pretrain_ecamp.train.accum_iter=1",
         "pretrain_ecamp.train.warmup_epochs=0", "pretrain_ecamp.train.num_workers=0", "run.device=cpu",
     ]  # fmt: skip
@@ -604,8 +605,7 @@ def test_an_infinite_lr_stops_at_the_first_non_finite_loss(images, reports, toke
 def test_the_stage_exports_no_encoder_when_the_loss_goes_non_finite(tmp_path, images, reports):
     write_upstream(tmp_path, images, reports, with_attention=False)
     config = load_config(None, [
-        *(f"pretrain_ecamp.model.{k}={v}" for k, v in MODEL.items()), "pretrain_ecamp.model.vocab_size=400",
-        *GLORIA_AGREES,
+        *MODEL_SETTINGS, "pretrain_ecamp.model.vocab_size=400",
         "pretrain_ecamp.text.max_len=48", "pretrain_ecamp.tokenizer_min_frequency=1",
         "pretrain_ecamp.train.epochs=2", "pretrain_ecamp.train.batch_size=4", "pretrain_ecamp.train.accum_iter=1",
         "pretrain_ecamp.train.num_workers=0", "pretrain_ecamp.train.lr=.inf", "run.device=cpu",

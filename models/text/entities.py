@@ -218,11 +218,12 @@ def trie_pattern(phrases: Iterable[str]) -> str:
 
 
 class MatcherConfig(BaseModel):
-    """The matcher's settings; `match_entities` nests it as its `matcher` section. Cues are code, not config."""
+    """The matcher's settings; `match_entities` nests it as its `matcher` section. Cues are code, not config.
+    β, the descriptor words before each entity, is the matcher's argument: in the pipeline it is pre-training's
+    `pretrain_ecamp.text.beta`, so the descriptors counted here are the ones the MLM masks."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    beta: int = Field(2, ge=0, description="descriptor words before each entity (paper: 2)")
     post_window: int = Field(
         6, ge=0, description="most words between an entity and a cue after it (resolved, ...)"
     )
@@ -456,10 +457,17 @@ class EntityMatcher:
     """
 
     def __init__(
-        self, lexicon: EntityLexicon, config: MatcherConfig | None = None, cues: Sequence[Cue] | None = None
+        self,
+        lexicon: EntityLexicon,
+        config: MatcherConfig | None = None,
+        cues: Sequence[Cue] | None = None,
+        beta: int = 2,
     ):
+        if beta < 0:
+            raise ValueError(f"beta (descriptor words before an entity) must be >= 0, got {beta}")
         self.lexicon = lexicon
         self.config = config or MatcherConfig()
+        self.beta = beta
         # target id: 0..E-1 entities (by canonical index), E.. cues
         entity_index = {e: i for i, e in enumerate(lexicon.entities)}
         targets: dict[str, int] = {form: entity_index[e] for form, e in lexicon.forms.items()}
@@ -600,7 +608,7 @@ class EntityMatcher:
         words, so nothing loops over mentions in Python (except for non-ASCII batches and glued prefixes).
         A word glued to the entity ("non-" in "non-calcified") counts as the closest descriptor.
         """
-        c, beta, m_start = b.chars, self.config.beta, b.m_start
+        c, beta, m_start = b.chars, self.beta, b.m_start
         n = len(m_start)
         if beta == 0 or n == 0:
             return m_start.copy(), pa.ListArray.from_arrays(

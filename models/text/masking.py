@@ -61,7 +61,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 
 from models.resources import DEFAULT_ENTITY_LIST
-from models.text.entities import EntityLexicon, EntityMatcher, MatcherConfig, load_entity_list
+from models.text.entities import EntityLexicon, EntityMatcher, load_entity_list
 from models.text.negation import negating_phrases, non_negating_phrases
 from models.text.wordpiece import (
     CLS,
@@ -409,7 +409,7 @@ def negation_matcher(entity_words: Sequence[str], beta: int) -> EntityMatcher:
     """The entity matcher of stage 2 over the pre-training's entity words (each form its own entity: only the
     polarity and the descriptor span of a mention matter here)."""
     forms = sorted(set(entity_words))
-    return EntityMatcher(EntityLexicon(tuple(forms), {f: f for f in forms}), MatcherConfig(beta=beta))
+    return EntityMatcher(EntityLexicon(tuple(forms), {f: f for f in forms}), beta=beta)
 
 
 def negated_descriptor_pieces(
