@@ -3,7 +3,8 @@
 Skipping finished stages is the runner's job (fingerprints of upstream hashes + config + code), not
 Prefect's result cache: it needs no result storage shared between workers and survives a new server. Each
 stage task receives exactly its upstream stages' results, so the run graph draws the real data lineage; a
-cached stage ends in a Completed state named `Cached`.
+cached stage ends in a Completed state named `Cached`, and a stage before a resume's `from_stage` (taken as
+it is, not compared) in one named `Taken`.
 """
 
 from __future__ import annotations
@@ -77,6 +78,12 @@ def stage_task(
     }
     if result.status == "cached":
         return Completed(name="Cached", data=summary, message=f"fingerprint {result.fingerprint} unchanged")
+    if result.status == "taken":
+        return Completed(
+            name="Taken",
+            data=summary,
+            message="taken as it is for a resume from a later stage: outputs intact, inputs and config not compared",
+        )
     return summary
 
 

@@ -82,21 +82,16 @@ class Config(StageConfig):
     )
     image_cache: ImageCacheConfig = Field(default_factory=ImageCacheConfig)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _one_text_length(cls, data: Any) -> Any:
-        """The text length is one setting, `text.max_len`: the collator pads every batch to it, and the model's
-        position table has exactly that many rows (`model.max_len` follows it; setting it is refused)."""
-        model = data.get("model") if isinstance(data, dict) else None
-        if isinstance(model, dict) and "max_len" in model:
-            raise ValueError(
-                "model.max_len follows text.max_len (the position table has one row per padded token): "
-                "set pretrain_ecamp.text.max_len only"
-            )
-        return data
-
     @model_validator(mode="after")
     def _model_reads_the_text_length(self) -> Config:
+        """The text length is one setting, `text.max_len`: the collator pads every batch to it, and the model's
+        position table has exactly that many rows. `model.max_len` follows it; a different value is refused
+        (an equal one is what a dumped config carries back)."""
+        if "max_len" in self.model.model_fields_set and self.model.max_len != self.text.max_len:
+            raise ValueError(
+                f"model.max_len {self.model.max_len} differs from text.max_len {self.text.max_len}: the position "
+                "table follows text.max_len, set pretrain_ecamp.text.max_len only"
+            )
         if self.model.max_len != self.text.max_len:
             self.model = ECAMPConfig.model_validate({**self.model.model_dump(), "max_len": self.text.max_len})
         return self
@@ -180,7 +175,10 @@ def run(ctx: StageContext, cfg: Config) -> None:
         "seed": seed,
     }
     lineage = ctx.lineage_facts()  # run id and the hashes of every artifact read: in the header and the card
-    export_encoder(model, ctx.path(ENCODER), extra={"facts": facts, "lineage": lineage})
+    # The header leaves out the run id, so the same weights from the same inputs are the same file: a resumed or
+    # re-exported stage keeps its content hash and does not rerun evaluate. The card and the record keep it.
+    header = {k: v for k, v in lineage.items() if k != "run_id"}
+    export_encoder(model, ctx.path(ENCODER), extra={"facts": facts, "lineage": header})
     write_model_card(ctx.path(MODEL_CARD), model_cfg, facts, metrics, lineage)
     ctx.log.info("encoder -> %s (on success)", ctx.stage_dir / ENCODER)
 

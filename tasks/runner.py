@@ -28,7 +28,7 @@ from tasks.stage import FileSet, Stage, split_ref
 @dataclass
 class StageResult:
     stage: str
-    status: str  # "ran" | "cached"
+    status: str  # "ran" | "cached" (fingerprint unchanged) | "taken" (a resume's earlier stage, not compared)
     fingerprint: str
     outputs: dict[str, ArtifactInfo] = field(default_factory=dict)
     seconds: float = 0.0
@@ -138,7 +138,7 @@ def reused_result(name: str, run_dir: Path) -> StageResult:
             f"{name}'s outputs in {run_dir} changed or went missing since it succeeded: run it again"
         )
     outputs = record.artifact_infos()
-    return StageResult(name, "cached", record.fingerprint, outputs)
+    return StageResult(name, "taken", record.fingerprint, outputs)
 
 
 def current_result(stage: Stage, config: Any, run_dir: Path, name: str | None = None) -> StageResult | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from models.distill.teacher_http import ClientConfig
-from tasks.config import MAX_CONFIG_BYTES, ConfigError, load_config, section_hash
+from tasks.config import MAX_CONFIG_BYTES, ConfigError, config_from_dict, load_config, section_hash
 from tasks.registry import get_stage, stage_names
 
 from .conftest import REPO_ROOT
@@ -160,10 +160,13 @@ def test_a_setting_two_stages_use_exists_once_and_the_reader_fingerprints_just_t
         with pytest.raises(ConfigError, match=re.escape(key.split("=")[0]) + ": unknown key"):
             load_config(demo, [key])
     with pytest.raises(
-        ConfigError, match="model.max_len follows text.max_len .* set pretrain_ecamp.text.max_len only"
+        ConfigError,
+        match="model.max_len 64 differs from text.max_len 96: .*set pretrain_ecamp.text.max_len only",
     ):
         load_config(demo, ["pretrain_ecamp.model.max_len=64"])
-    assert load_config(demo, ["pretrain_ecamp.text.max_len=64"]).pretrain_ecamp.model.max_len == 64
+    longer = load_config(demo, ["pretrain_ecamp.text.max_len=128"])
+    assert longer.pretrain_ecamp.model.max_len == 128
+    assert config_from_dict(longer.model_dump(mode="json")) == longer  # what the flows pass on loads back
 
     def fingerprint(stage: str, *overrides: str) -> str:
         return stage_fingerprint(get_stage(stage), load_config(demo, list(overrides)), {}, [])[0]

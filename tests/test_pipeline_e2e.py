@@ -186,7 +186,7 @@ def test_run_from_a_stage_takes_earlier_stages_as_they_are_and_recomputes_the_re
     assert result.exit_code == 0, result.output
     assert read_record(run_dir, "extract_reports").finished_at == before["extract_reports"]
     assert read_record(run_dir, "match_entities").finished_at > before["match_entities"]
-    assert "extract_reports    cached" in result.output and "match_entities     ran" in result.output
+    assert "extract_reports    taken" in result.output and "match_entities     ran" in result.output
 
     empty = CliRunner().invoke(
         app, [*args[:3], "--run-dir", str(tmp_path / "new"), "--from", "match_entities"]

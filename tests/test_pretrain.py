@@ -547,14 +547,20 @@ def test_a_finished_checkpoint_is_not_resumed_under_another_masking(tmp_path, im
         "pretrain_ecamp.train.epochs=1", "pretrain_ecamp.train.batch_size=4", "pretrain_ecamp.train.accum_iter=1",
         "pretrain_ecamp.train.warmup_epochs=0", "pretrain_ecamp.train.num_workers=0", "run.device=cpu",
     ]  # fmt: skip
+    encoder = tmp_path / "pretrain_ecamp" / "encoder.safetensors"
     for lambda_neg, expected in ((0.05, "resumed from"), (0.25, "starting from scratch")):
         run_direct(make_test_context(tmp_path, config := load_config(None, base), stage="pretrain_ecamp"),
                    config.pretrain_ecamp)  # fmt: skip
+        first = encoder.read_bytes()
         caplog.clear()
         again = load_config(None, [*base, f"pretrain_ecamp.text.lambda_neg={lambda_neg}"])
+        ctx = make_test_context(tmp_path, again, stage="pretrain_ecamp")
+        ctx.run_id = "another-flow-run"
         with caplog.at_level(logging.INFO):
-            run_direct(make_test_context(tmp_path, again, stage="pretrain_ecamp"), again.pretrain_ecamp)
+            run_direct(ctx, again.pretrain_ecamp)
         assert expected in caplog.text, (lambda_neg, caplog.text)
+        # issue 27 item 7: the same weights re-exported by another run are the same file, so evaluate stays cached
+        assert (encoder.read_bytes() == first) is (lambda_neg == 0.05)
 
 
 def test_ablation_rows_are_valid_overrides():

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from timm.models.vision_transformer import VisionTransformer
 
 from models.checkpoints import describe_names, non_finite
@@ -64,12 +64,29 @@ def export_encoder(model: ECAMP, path: str | Path, extra: dict[str, Any] | None 
     }
     tmp = path.with_suffix(".tmp")
     try:
-        save_file(state, str(tmp), metadata=metadata)
+        tmp.write_bytes(with_sorted_metadata(save(state, metadata=metadata)))
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk must not leave a partial file next to the export
         raise
     return path
+
+
+def with_sorted_metadata(blob: bytes) -> bytes:
+    """The same safetensors file with its `__metadata__` keys in sorted order.
+
+    safetensors writes the metadata from a hash map, so two saves of the same weights and header differ in key
+    order, and so in file hash; a downstream stage would then rerun for an identical encoder. Tensor entries and
+    offsets are kept as written (they are already in a fixed order), and the header is padded to 8 bytes as
+    safetensors pads it.
+    """
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + blob[8 + size :]
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
