@@ -99,18 +99,16 @@ def _check_upstream(stage_name: str, run_dir: Path, name: str | None = None) -> 
 def _preflight(cfg, names: list[str] | None = None, until: str | None = None) -> None:
     """Each stage's own checks of the config (e.g. pre-training's initialization), before the run starts:
     `names`, or every stage up to `until`."""
-    from tasks.registry import get_stage, stage_names
+    from tasks.registry import stage_names
+    from tasks.runner import PreflightError, preflight
 
     if names is None:
         names = stage_names()
         names = names[: names.index(until) + 1] if until else names
-    for name in names:
-        stage = get_stage(name)
-        if stage.preflight is not None:
-            try:
-                stage.preflight(cfg)
-            except (ValueError, FileNotFoundError) as err:
-                _fail(err)
+    try:
+        preflight(cfg, names)
+    except PreflightError as err:
+        _fail(err)
 
 
 def _check_stages(until: str | None, force: list[str] | None = None, from_: str | None = None) -> None:
@@ -131,32 +129,11 @@ def _check_stages(until: str | None, force: list[str] | None = None, from_: str 
         _fail(ValueError(f"--force {', '.join(late)}: after --until {until}, so it would not run"))
 
 
-def known_errors() -> tuple[type[BaseException], ...]:
-    """The failures a user can fix from their message alone (config, inputs, device, disk, diverged training,
-    a teacher endpoint that refuses): one `error:` line on the CLI, the traceback only in the flow run's log.
-    Anything else is a bug and keeps its traceback."""
-    from data_contracts.io import ArtifactWriteError
-    from flows.gpu_pool import GpuPoolError
-    from flows.local_server import LocalServerError
-    from models.checkpoints import CheckpointWriteError
-    from models.devices import DeviceError
-    from models.distill.student import AdapterLoadError
-    from models.distill.teacher_http import TeacherFatalError
-    from models.images import ImageLoadError
-    from tasks.lock import RunDirectoryBusy
-    from tasks.seed_distill import TooFewAnswersError
-
-    user_errors = (ValueError, FileNotFoundError, FloatingPointError, ImageLoadError)
-    write_errors = (CheckpointWriteError, ArtifactWriteError)  # OSErrors: a full disk
-    runtime_errors = (LocalServerError, RunDirectoryBusy, GpuPoolError, TeacherFatalError, AdapterLoadError)
-    return (*user_errors, *write_errors, *runtime_errors, TooFewAnswersError, DeviceError)
-
-
 def _run_flow(flow: Callable[..., Any], **kwargs: Any) -> Any:
     """Run a flow against PREFECT_API_URL or a temporary server that dies with this command; the failures a
     user can fix (`known_errors`) are one line, not a traceback."""
     from flows.local_server import prefect_api
-    from flows.logs import console_tracebacks_only_for_bugs
+    from flows.logs import console_tracebacks_only_for_bugs, known_errors
 
     known = known_errors()
     try:

@@ -1,5 +1,6 @@
-"""Every message a stage logs reaches the flow run's logs, not only those written through `ctx.log`; the
-console shows the errors the CLI prints as one line without their traceback (the run's log keeps it)."""
+"""Every message a stage logs reaches the flow run's logs, not only those written through `ctx.log`; an error a
+user can fix is one line, on the console and in the run: its message at ERROR, its traceback at DEBUG only
+(`PREFECT_LOGGING_LEVEL=DEBUG` shows it), and the run's state message is the cause. A bug keeps its traceback."""
 
 from __future__ import annotations
 
@@ -7,8 +8,55 @@ import copy
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 STAGE_LOGGERS = ("tasks", "models", "data_contracts", "ecamp")  # the loggers our modules name
+
+
+def known_errors() -> tuple[type[BaseException], ...]:
+    """The failures a user can fix from their message alone (config, inputs, device, disk, diverged training,
+    a teacher endpoint that refuses): one `error:` line on the CLI, the traceback only in the flow run's log.
+    Anything else is a bug and keeps its traceback."""
+    from data_contracts.io import ArtifactWriteError
+    from flows.gpu_pool import GpuPoolError
+    from flows.local_server import LocalServerError
+    from models.checkpoints import CheckpointWriteError
+    from models.devices import DeviceError
+    from models.distill.student import AdapterLoadError
+    from models.distill.teacher_http import TeacherFatalError
+    from models.images import ImageLoadError
+    from tasks.lock import RunDirectoryBusy
+    from tasks.seed_distill import TooFewAnswersError
+
+    user_errors = (ValueError, FileNotFoundError, FloatingPointError, ImageLoadError)
+    write_errors = (CheckpointWriteError, ArtifactWriteError)  # OSErrors: a full disk
+    runtime_errors = (LocalServerError, RunDirectoryBusy, GpuPoolError, TeacherFatalError, AdapterLoadError)
+    return (*user_errors, *write_errors, *runtime_errors, TooFewAnswersError, DeviceError)
+
+
+def one_line(err: BaseException) -> str:
+    """The message of `err` on one line (a preflight lists its problems one per line), for a state message."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip()) or type(err).__name__
+
+
+def failed_in_one_line(
+    logger: logging.Logger | logging.LoggerAdapter, err: BaseException, where: str | None = None
+) -> Any:
+    """The Failed state a task or flow returns for a known error instead of raising it: Prefect would log the
+    error with its whole traceback (~170 lines through a pipeline and its GPU sub-run). Here: each line of the
+    message at ERROR, the traceback at DEBUG, the one-line cause as the state message. The error travels as
+    the state's data, so `state.result()` (the CLI, the calling flow) raises it as it was. `where`: the stage
+    that failed, put ahead of a message that does not name it."""
+    from prefect.states import Failed
+
+    for line in str(err).splitlines() or [type(err).__name__]:
+        logger.error("%s", line)
+    logger.debug("traceback of the error above", exc_info=err)
+    message = one_line(err)
+    if where and not message.startswith(where):
+        message = f"{where}: {message}"
+    return Failed(data=err, message=message)
 
 
 class ToRunLogger(logging.Handler):

@@ -20,14 +20,14 @@ from prefect.tasks import exponential_backoff
 from prefect.utilities.annotations import quote
 
 from flows.gpu_pool import GpuHandoff, run_on_gpu_pool
-from flows.logs import forward_stage_logs
+from flows.logs import failed_in_one_line, forward_stage_logs, known_errors
 from flows.publish import publish_lineage, publish_stage
-from flows.retry import transient_failure
+from flows.retry import is_transient, transient_failure
 from tasks.config import config_from_dict, load_config
 from tasks.inputs import prepare_inputs
 from tasks.lock import run_lock
 from tasks.registry import STAGE_MODULES, get_stage, stage_names
-from tasks.runner import current_result, reused_result, run_stage
+from tasks.runner import current_result, preflight, reused_result, run_stage
 from tasks.stage import Stage, split_ref, variant_name
 
 # The stage names in pipeline order, read from tasks.registry's module list (each stage is named after its module,
@@ -53,7 +53,25 @@ def stage_task(
     pass every other argument quoted: Prefect links an argument to any earlier task whose result holds the
     same object (a stage name string in a summary), which drew edges the data does not have."""
     logger = get_run_logger()
-    name = name or stage
+    try:
+        return one_stage(logger, stage, config_data, run_dir, force, name or stage, reuse, handoff)
+    except known_errors() as err:
+        if is_transient(err):
+            raise  # Prefect retries it (stage_options)
+        return failed_in_one_line(logger, err, where=name or stage)
+
+
+def one_stage(
+    logger: Any,
+    stage: str,
+    config_data: dict[str, Any],
+    run_dir: str,
+    force: bool,
+    name: str,
+    reuse: bool,
+    handoff: GpuHandoff | None,
+) -> dict[str, Any] | State:
+    """The body of `stage_task`: its summary, in a state named `Cached` or `Taken` when it did not run."""
     with forward_stage_logs(logger):
         config = config_from_dict(config_data)
         handed = False
@@ -135,14 +153,6 @@ def stage_window(from_stage: str | None, until: str | None) -> tuple[list[str], 
     return names[: last + 1], first
 
 
-def preflight(config: Any, names: list[str]) -> None:
-    """Each stage's own checks of the config, before the first stage starts (a deployment run has no CLI)."""
-    for name in names:
-        stage = get_stage(name)
-        if stage.preflight is not None:
-            stage.preflight(config)
-
-
 def upstream_of(stage: Stage, states: dict[str, State]) -> dict[str, State]:
     """The states of the stages `stage` reads from (run graph edges), among those this flow run has.
 
@@ -204,41 +214,47 @@ def ecamp_pipeline(
         gpu_pool: Work pool of the GPU stages (run.gpu_pool), kept apart from overrides so that a run's own
             overrides keep it; empty = every stage in this flow run's process.
     """
-    overrides = with_gpu_pool(gpu_pool, overrides)
-    config = load_config(config_path, overrides)
-    names, first = stage_window(from_stage, until)
-    preflight(config, names[first:])
-    data = config.model_dump(mode="json")
-    prepare_inputs_task(quote(data), quote(names[first:]))
-    target = resolve_run_dir(config, run_dir)
-    states: dict[str, State] = {}
-    summaries = []
-    with run_lock(Path(target)):  # held across stages: no other run slips in between two of them
-        for i, name in enumerate(names):
-            stage = get_stage(name)
-            reuse = i < first
-            forced = name in (force or []) or (from_stage is not None and not reuse)
-            for row in ablations_for(name, config):  # e.g. the MIM-only encoder that `evaluate` compares
-                state = ablation_row_task(
-                    "7", row, config_path, overrides, target, force=forced, reuse=reuse, states=states
+    current = None  # the stage a failure comes from, for the run's state message
+    try:
+        overrides = with_gpu_pool(gpu_pool, overrides)
+        config = load_config(config_path, overrides)
+        names, first = stage_window(from_stage, until)
+        preflight(config, names[first:])
+        data = config.model_dump(mode="json")
+        prepare_inputs_task(quote(data), quote(names[first:]))
+        target = resolve_run_dir(config, run_dir)
+        states: dict[str, State] = {}
+        summaries = []
+        with run_lock(Path(target)):  # held across stages: no other run slips in between two of them
+            for i, name in enumerate(names):
+                current, stage = name, get_stage(name)
+                reuse = i < first
+                forced = name in (force or []) or (from_stage is not None and not reuse)
+                for row in ablations_for(name, config):  # e.g. the MIM-only encoder that `evaluate` compares
+                    state = ablation_row_task(
+                        "7", row, config_path, overrides, target, force=forced, reuse=reuse, states=states
+                    )
+                    states[state.result()["stage"]] = state
+                    summaries.append(state.result())
+                handoff = (
+                    None if reuse else gpu_handoff(stage, config, config_path, overrides, target, forced)
                 )
-                states[state.result()["stage"]] = state
-                summaries.append(state.result())
-            handoff = None if reuse else gpu_handoff(stage, config, config_path, overrides, target, forced)
-            state = stage_task.with_options(**stage_options(stage, name))(
-                quote(name),
-                quote(data),
-                quote(target),
-                upstream_of(stage, states),
-                force=forced,
-                reuse=reuse,
-                handoff=quote(handoff),
-                return_state=True,
-            )
-            states[name] = state
-            summaries.append(state.result())  # a failed stage fails the flow here, with its error
-    publish_lineage(Path(target), summaries)
-    return summaries
+                state = stage_task.with_options(**stage_options(stage, name))(
+                    quote(name),
+                    quote(data),
+                    quote(target),
+                    upstream_of(stage, states),
+                    force=forced,
+                    reuse=reuse,
+                    handoff=quote(handoff),
+                    return_state=True,
+                )
+                states[name] = state
+                summaries.append(state.result())  # a failed stage fails the flow here, with its error
+        publish_lineage(Path(target), summaries)
+        return summaries
+    except known_errors() as err:
+        return failed_in_one_line(get_run_logger(), err, where=current)
 
 
 def with_gpu_pool(gpu_pool: str | None, overrides: list[str] | None) -> list[str] | None:
@@ -307,19 +323,22 @@ def ecamp_stage(
         force: Recompute even when inputs and config are unchanged.
         name: Folder of an ablation row (pretrain_ecamp__<row>) instead of the stage's own.
     """
-    config = load_config(config_path, overrides)
-    declared = get_stage(stage)
-    preflight(config, [stage])
-    run = stage_task.with_options(**stage_options(declared, name or stage))
-    state = run(
-        stage,
-        quote(config.model_dump(mode="json")),
-        resolve_run_dir(config, run_dir),
-        force=force,
-        name=name,
-        return_state=True,
-    )
-    return state.result()
+    try:
+        config = load_config(config_path, overrides)
+        declared = get_stage(stage)
+        preflight(config, [stage])
+        run = stage_task.with_options(**stage_options(declared, name or stage))
+        state = run(
+            stage,
+            quote(config.model_dump(mode="json")),
+            resolve_run_dir(config, run_dir),
+            force=force,
+            name=name,
+            return_state=True,
+        )
+        return state.result()
+    except known_errors() as err:
+        return failed_in_one_line(get_run_logger(), err, where=name or stage)
 
 
 @flow(name="ecamp-ablations")
@@ -341,15 +360,18 @@ def ecamp_ablations(
         overrides: Config fields to change, each "section.field=value".
         force: Recompute rows even when cached.
     """
-    from tasks.pretrain_ecamp import ablation_rows
+    try:
+        from tasks.pretrain_ecamp import ablation_rows
 
-    target = resolve_run_dir(
-        load_config(config_path, overrides), run_dir
-    )  # rows change pretrain_ecamp.* only
-    return [
-        ablation_row_task(table, row, config_path, overrides, target, force=force).result()
-        for row in ablation_rows(table, rows)
-    ]
+        target = resolve_run_dir(
+            load_config(config_path, overrides), run_dir
+        )  # rows change pretrain_ecamp.* only
+        return [
+            ablation_row_task(table, row, config_path, overrides, target, force=force).result()
+            for row in ablation_rows(table, rows)
+        ]
+    except known_errors() as err:
+        return failed_in_one_line(get_run_logger(), err)
 
 
 if __name__ == "__main__":  # `python -m flows.pipeline ...`: the `ecamp` commands, rather than a silent no-op

@@ -35,6 +35,22 @@ def ensure_generated(
     say(summary.describe())
 
 
+def generated_roots(config: Any, stages: Iterable[str]) -> list[Path]:
+    """The folders `prepare_inputs` makes when absent for `stages`: a missing one is not a missing input."""
+    stages = set(stages)
+    roots = []
+    if (
+        "extract_reports" in stages
+        and config.data.generate
+        and config.data.source == "mimic"
+        and config.data.root
+    ):
+        roots.append(Path(config.data.root))
+    if "evaluate" in stages and config.evaluate.synth is not None:
+        roots += [Path(s.path) for s in config.evaluate.datasets if s.kind == "synth"]
+    return roots
+
+
 def prepare_inputs(
     config: Any, say: Callable[[str], None], stages: Iterable[str], regenerate: bool = False
 ) -> None:

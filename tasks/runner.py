@@ -42,13 +42,57 @@ def input_paths(stage: Stage, config: Any) -> list[Path | FileSet]:
     entries = stage.input_files(config)
     missing = [str(p) for p in entries if not isinstance(p, FileSet) and not Path(p).exists()]
     if missing:
-        hint = (
-            f"; set {stage.inputs_hint} (ecamp --set KEY=VALUE, or the deployment's overrides)"
-            if stage.inputs_hint
-            else ""
-        )
-        raise FileNotFoundError(f"{stage.name}: input not found: {', '.join(missing)}{hint}")
+        raise FileNotFoundError(missing_inputs(stage, missing))
     return entries
+
+
+def missing_inputs(stage: Stage, missing: list[str]) -> str:
+    hint = (
+        f"; set {stage.inputs_hint} (ecamp --set KEY=VALUE, or the deployment's overrides)"
+        if stage.inputs_hint
+        else ""
+    )
+    return f"{stage.name}: input not found: {', '.join(missing)}{hint}"
+
+
+class PreflightError(ValueError):
+    """Everything a config lacks before a run starts, one problem per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        head = f"{len(problems)} problems before any stage ran:\n" if len(problems) > 1 else ""
+        super().__init__(head + "\n".join(problems))
+
+
+def preflight(config: Any, names: list[str]) -> None:
+    """Every problem of the config for the stages `names`, all at once, before the first of them starts: each
+    stage's own checks (an initial weight file that is missing) and its input files that are missing, except
+    the folders `prepare_inputs` will generate. A user fixes them in one go instead of one per attempt."""
+    from tasks.inputs import generated_roots
+    from tasks.registry import get_stage
+
+    made = generated_roots(config, names)
+    problems: list[str] = []
+    for name in names:
+        stage = get_stage(name)
+        if stage.preflight is not None:
+            try:
+                stage.preflight(config)
+            except (ValueError, FileNotFoundError) as err:
+                problems.append(str(err))
+        try:
+            entries = stage.input_files(config) if stage.input_files is not None else []
+        except (ValueError, FileNotFoundError) as err:
+            problems.append(str(err))
+            continue
+        paths = [Path(p) for p in entries if not isinstance(p, FileSet)]
+        missing = [
+            str(p) for p in paths if not p.exists() and not any(p == r or r in p.parents for r in made)
+        ]
+        if missing:
+            problems.append(missing_inputs(stage, missing))
+    if problems:
+        raise PreflightError(problems)
 
 
 def input_files(

@@ -328,7 +328,12 @@ def test_a_busy_run_dir_is_one_line_naming_the_holder_before_any_flow(tmp_path, 
 def test_the_paper_config_without_its_mae_weights_stops_before_any_work(tmp_path):
     paper = str(REPO_ROOT / "configs" / "paper.yaml")
     run_dir = tmp_path / "run"
-    gloria_random = ["--set", "train_gloria.model.image_checkpoint=random", "--set", "train_gloria.model.text_checkpoint=random"]  # fmt: skip
+    gloria_random = [
+        "--set",
+        "train_gloria.model.image_checkpoint=random",
+        "--set",
+        "train_gloria.model.text_checkpoint=random",
+    ]
     for argv in (
         ["run", "-c", paper, *gloria_random],
         ["stage", "pretrain_ecamp", "-c", paper],
@@ -336,34 +341,66 @@ def test_the_paper_config_without_its_mae_weights_stops_before_any_work(tmp_path
     ):
         result = CliRunner().invoke(app, [*argv, "--run-dir", str(run_dir)])
         assert result.exit_code == 2, argv
-        assert result.output.startswith(
-            "error: pretrain_ecamp.train.init_checkpoint /models/mae/mae_pretrain_vit_base.pth not found: the "
+        assert (
+            "pretrain_ecamp.train.init_checkpoint /models/mae/mae_pretrain_vit_base.pth not found: the "
             "official runs start from MAE ImageNet ViT-B: download https://dl.fbaipublicfiles.com/mae/pretrain/"
-        ), argv
+        ) in result.output, argv
+        assert result.output.startswith("error: "), argv
     assert not run_dir.exists()
     # stages before pre-training do not need the weights: the paper config reaches its (missing) MIMIC tree
-    result = CliRunner().invoke(app, ["run", "-c", paper, "--run-dir", str(run_dir), "--until", "match_entities",
-                                      "--set", f"data.root={tmp_path / 'mimic'}"])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "-c",
+            paper,
+            "--run-dir",
+            str(run_dir),
+            "--until",
+            "match_entities",
+            "--set",
+            f"data.root={tmp_path / 'mimic'}",
+        ],
+    )
     assert result.exit_code == 2 and "init_checkpoint" not in result.output
     assert str(tmp_path / "mimic") in result.output.splitlines()[-1]
 
 
 def test_the_paper_config_without_gloria_s_resnet_and_clinical_bert_stops_before_any_work(tmp_path):
-    """Issue 12 point 7: GLoRIA starts from ImageNet ResNet-50 and Bio_ClinicalBERT, or random by choice."""
+    """Issue 12 point 7: GLoRIA starts from ImageNet ResNet-50 and Bio_ClinicalBERT, or random by choice. Issue 27
+    point 9: every missing weight file and input is named in the first attempt, not one per attempt."""
     paper = str(REPO_ROOT / "configs" / "paper.yaml")
     common = ["-c", paper, "--run-dir", str(tmp_path / "run")]
-    for argv in (["run", *common], ["stage", "train_gloria", *common]):
-        result = CliRunner().invoke(app, argv)
-        assert result.exit_code == 2 and result.output.startswith(
-            "error: train_gloria.model.image_checkpoint /models/gloria/resnet50-0676ba61.pth not found: official "
-            "GLoRIA starts from ImageNet ResNet-50 weights: download https://download.pytorch.org/models/"
-        ), result.output
+    image = (
+        "train_gloria.model.image_checkpoint /models/gloria/resnet50-0676ba61.pth not found: official GLoRIA starts "
+        "from ImageNet ResNet-50 weights: download https://download.pytorch.org/models/"
+    )
+    text = (
+        "train_gloria.model.text_checkpoint /models/gloria/Bio_ClinicalBERT not found: official GLoRIA starts from "
+        "Bio_ClinicalBERT: download https://huggingface.co/emilyalsentzer/Bio_ClinicalBERT"
+    )
+    mae = "pretrain_ecamp.train.init_checkpoint /models/mae/mae_pretrain_vit_base.pth not found"
+    data = "extract_reports: input not found: /data/mimic-cxr/files; set data.root"
+    downstream = "evaluate: input not found: /data/downstream/ChestX-ray14, /data/downstream/CheXpert"
+    result = CliRunner().invoke(app, ["run", *common])
+    assert result.exit_code == 2 and result.output.startswith("error: 4 problems before any stage ran:\n")
+    lines = result.output.splitlines()[1:]
+    assert [
+        next(i for i, line in enumerate(lines) if part in line)
+        for part in (data, image, text, mae, downstream)
+    ] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ], result.output  # in stage order, one per line
+    result = CliRunner().invoke(app, ["stage", "train_gloria", *common])
+    assert result.exit_code == 2 and result.output.startswith(f"error: {image}"), result.output
+    assert text in result.output  # both of GLoRIA's weights at once
     image_random = ["--set", "train_gloria.model.image_checkpoint=random"]
     result = CliRunner().invoke(app, ["stage", "train_gloria", *common, *image_random])
-    assert result.exit_code == 2 and result.output.startswith(
-        "error: train_gloria.model.text_checkpoint /models/gloria/Bio_ClinicalBERT not found: official GLoRIA "
-        "starts from Bio_ClinicalBERT: download https://huggingface.co/emilyalsentzer/Bio_ClinicalBERT"
-    ), result.output
+    assert result.exit_code == 2 and result.output.startswith(f"error: {text}"), result.output
     unset = ["--set", "train_gloria.model.text_checkpoint=null"]
     result = CliRunner().invoke(app, ["stage", "train_gloria", *common, *image_random, *unset])
     assert result.exit_code == 2 and "error: train_gloria.model.text_checkpoint is not set:" in result.output

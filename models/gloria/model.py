@@ -125,17 +125,24 @@ def check_initializations(cfg: GloriaConfig, key: str = "train_gloria.model") ->
     has no published weights to start from."""
     if cfg.encoder != "resnet50":
         return
+    unset, missing = [], []  # both weights at once: a user fixes them in one go
     for field, what, url, found in (
         ("image_checkpoint", "ImageNet ResNet-50 weights", RESNET50_URL, Path.is_file),
         ("text_checkpoint", "Bio_ClinicalBERT", CLINICAL_BERT_URL, is_bert_folder),
     ):
         value = getattr(cfg, field)
-        how = (f"official GLoRIA starts from {what}: download {url} and set {key}.{field}=<its path>, or set "
-               f"{key}.{field}={RANDOM_INIT} to train from random weights")  # fmt: skip
+        how = (
+            f"official GLoRIA starts from {what}: download {url} and set {key}.{field}=<its path>, or set "
+            f"{key}.{field}={RANDOM_INIT} to train from random weights"
+        )
         if value is None:
-            raise ValueError(f"{key}.{field} is not set: {how}")
-        if chosen(value) and not found(Path(value)):
-            raise FileNotFoundError(f"{key}.{field} {value} not found: {how}")
+            unset.append(f"{key}.{field} is not set: {how}")
+        elif chosen(value) and not found(Path(value)):
+            missing.append(f"{key}.{field} {value} not found: {how}")
+    if missing:
+        raise FileNotFoundError("\n".join(missing + unset))
+    if unset:
+        raise ValueError("\n".join(unset))
 
 
 def load_bert_tokenizer(folder: str | Path) -> Tokenizer:
