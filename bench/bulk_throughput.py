@@ -50,8 +50,9 @@ from models.text.entities import EntityMatcher, load_entity_list  # noqa: E402
 from tasks.config import load_config  # noqa: E402
 from tests.real_data import iu_xray_texts  # noqa: E402
 
-VICUNA_7B = TinyDims(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                     num_attention_heads=32)  # fmt: skip
+VICUNA_7B = TinyDims(
+    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32
+)
 
 
 def prompts_of(n: int) -> list[str]:
@@ -116,28 +117,60 @@ def main() -> None:
             answers = TransformersBackend(model, tokenizer, settings).generate(prompts)
             s = time.perf_counter() - t0
             tokens = generated_tokens(tokenizer, answers)
-            print(json.dumps({"backend": "transformers", "batch": args.batch, **common, "seconds": round(s, 1),
-                              "reports_per_s": round(len(prompts) / s, 2), "tokens_per_s": round(tokens / s, 1)}))  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "backend": "transformers",
+                        "batch": args.batch,
+                        **common,
+                        "seconds": round(s, 1),
+                        "reports_per_s": round(len(prompts) / s, 2),
+                        "tokens_per_s": round(tokens / s, 1),
+                    }
+                )
+            )
         del model
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        vllm = VllmSettings(port=port, dtype="bfloat16" if cuda else "float32", max_lora_rank=args.rank,
-                            max_model_len=args.max_prompt + args.max_new,
-                            env={} if cuda else {"VLLM_CPU_KVCACHE_SPACE": "1"})  # fmt: skip
+        vllm = VllmSettings(
+            port=port,
+            dtype="bfloat16" if cuda else "float32",
+            max_lora_rank=args.rank,
+            max_model_len=args.max_prompt + args.max_new,
+            env={} if cuda else {"VLLM_CPU_KVCACHE_SPACE": "1"},
+        )
         t0 = time.perf_counter()
         with start_vllm_server(base, adapter, vllm, Path(tmp) / "vllm.log") as server:
             startup = time.perf_counter() - t0
-            client = ClientConfig(base_url=server.base_url, model="student", api_key_env="ECAMP_BENCH_NO_KEY",
-                                  rpm=None, tpm=None, concurrency=args.concurrency, max_tokens=args.max_new,
-                                  temperature=0.0, max_retries=1)  # fmt: skip
+            client = ClientConfig(
+                base_url=server.base_url,
+                model="student",
+                api_key_env="ECAMP_BENCH_NO_KEY",
+                rpm=None,
+                tpm=None,
+                concurrency=args.concurrency,
+                max_tokens=args.max_new,
+                temperature=0.0,
+                max_retries=1,
+            )
             t0 = time.perf_counter()
             answers = OpenAIBackend(client, None, tokenizer, args.max_prompt).generate(prompts)
             s = time.perf_counter() - t0
         tokens = generated_tokens(tokenizer, answers)
-        print(json.dumps({"backend": "vllm", "concurrency": args.concurrency, **common, "startup_s": round(startup, 1),
-                          "seconds": round(s, 1), "reports_per_s": round(len(prompts) / s, 2),
-                          "tokens_per_s": round(tokens / s, 1)}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "backend": "vllm",
+                    "concurrency": args.concurrency,
+                    **common,
+                    "startup_s": round(startup, 1),
+                    "seconds": round(s, 1),
+                    "reports_per_s": round(len(prompts) / s, 2),
+                    "tokens_per_s": round(tokens / s, 1),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -54,16 +54,21 @@ def main() -> None:
     model, train = ECAMPConfig(), PretrainConfig()  # the paper's sizes: 224 input, 448 SR
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_jpegs(Path(tmp), mimic_size_jpegs(args.images))
-        plain = PretrainDataset([PretrainRecord(str(i), str(i), p, "t", None, WINDOW) for i, p in enumerate(paths)],
-                                model, train)  # fmt: skip
+        plain = PretrainDataset(
+            [PretrainRecord(str(i), str(i), p, "t", None, WINDOW) for i, p in enumerate(paths)], model, train
+        )
         before, reference = samples_per_cpu_second(plain, args.epochs)
         start = time.process_time()
         cached = build_image_cache(paths, Path(tmp) / "cache", 2 * model.hr_size, workers=1)
         cache_s = (time.process_time() - start) / len(paths)
         fast = PretrainDataset(
-            [PretrainRecord(str(i), str(i), cached[p], "t", None, WINDOW, source_size(cached[p]))
-             for i, p in enumerate(paths)], model, train,
-        )  # fmt: skip
+            [
+                PretrainRecord(str(i), str(i), cached[p], "t", None, WINDOW, source_size(cached[p]))
+                for i, p in enumerate(paths)
+            ],
+            model,
+            train,
+        )
         after, samples = samples_per_cpu_second(fast, args.epochs)
     diff = torch.stack([(a - b).abs().mean() for a, b in zip(reference, samples, strict=True)]) * train.std
     hours = {rate: PAPER_IMAGES * PAPER_EPOCHS / (rate * args.cores) / 3600 for rate in (before, after)}
@@ -71,10 +76,14 @@ def main() -> None:
     print(f"uncached (decode every epoch)   : {before:8.1f} samples/s per core")
     print(f"cached (short side 896, .npy)   : {after:8.1f} samples/s per core   {after / before:5.1f}x")
     print(f"cache build, once per image     : {cache_s * 1000:8.1f} ms CPU")
-    print(f"cached vs uncached, same seed   : mean |diff| {float(diff.mean()):.4f} (max {float(diff.max()):.4f}) of [0, 1]")  # fmt: skip
-    print(f"paper, {PAPER_IMAGES:,} images x {PAPER_EPOCHS} epochs on {args.cores} cores: "
-          f"{hours[before]:.0f} h uncached, {hours[after]:.0f} h cached "
-          f"+ {PAPER_IMAGES * cache_s / args.cores / 3600:.1f} h to build the cache")  # fmt: skip
+    print(
+        f"cached vs uncached, same seed   : mean |diff| {float(diff.mean()):.4f} (max {float(diff.max()):.4f}) of [0, 1]"
+    )
+    print(
+        f"paper, {PAPER_IMAGES:,} images x {PAPER_EPOCHS} epochs on {args.cores} cores: "
+        f"{hours[before]:.0f} h uncached, {hours[after]:.0f} h cached "
+        f"+ {PAPER_IMAGES * cache_s / args.cores / 3600:.1f} h to build the cache"
+    )
 
 
 if __name__ == "__main__":

@@ -162,8 +162,9 @@ def main() -> None:
         values = {}
         for _ in range(args.repeats):
             for together in (False, True):
-                wall, cpu, values[together] = run_cell(job, protocol, members, idx, cache, arch, norm,
-                                                       cfg.evaluate.protocol, together)  # fmt: skip
+                wall, cpu, values[together] = run_cell(
+                    job, protocol, members, idx, cache, arch, norm, cfg.evaluate.protocol, together
+                )
                 walls[together].append(wall)
                 cpus[together].append(cpu)
         one, grouped = statistics.median(walls[False]), statistics.median(walls[True])

@@ -25,9 +25,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MIMIC_IMAGES = 377_110
 DEMO_MODEL = dict(
-    encoder="small", image_size=64, small_width=8, embed_dim=32, text_hidden=32, text_layers=1, text_heads=2,
-    text_intermediate=64, max_tokens=48, softmax="single", scores="cosine",
-)  # fmt: skip
+    encoder="small",
+    image_size=64,
+    small_width=8,
+    embed_dim=32,
+    text_hidden=32,
+    text_layers=1,
+    text_heads=2,
+    text_intermediate=64,
+    max_tokens=48,
+    softmax="single",
+    scores="cosine",
+)
 DEMO_POSITIVES = ["effusion", "opacity", "cardiomegaly"]  # affirmed-word local loss and the attention maps
 
 
@@ -70,10 +79,15 @@ def bench_demo(epochs: int) -> dict:
         lambda: extract_attention(model, data, tokenizer, positives, 8, 32, 48, word_prior_images=200)
     )
     return {
-        "size": "demo", "train_images_per_cpu_s": n_train / cpu, "train_images_per_wall_s": n_train / wall,
-        "train_cpu_s": cpu, "train_steps": len(rows), "attention_images_per_cpu_s": 200 / a_cpu,
-        "attention_images_per_wall_s": 200 / a_wall, "peak_rss_mb": peak_rss_mb(),
-    }  # fmt: skip
+        "size": "demo",
+        "train_images_per_cpu_s": n_train / cpu,
+        "train_images_per_wall_s": n_train / wall,
+        "train_cpu_s": cpu,
+        "train_steps": len(rows),
+        "attention_images_per_cpu_s": 200 / a_cpu,
+        "attention_images_per_wall_s": 200 / a_wall,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def bench_paper(batch: int, size: int, steps: int) -> dict:
@@ -105,11 +119,16 @@ def bench_paper(batch: int, size: int, steps: int) -> dict:
         cpu, wall = cpu + c, wall + w
     per_image = cpu / (steps * batch)
     return {
-        "size": f"paper_{size}px_batch{batch}", "step_cpu_s": cpu / steps, "step_wall_s": wall / steps,
-        "cpu_s_per_image": per_image, "projected_step_cpu_s_at_batch48": per_image * 48,
-        "projected_epoch_cpu_h_377k": per_image * MIMIC_IMAGES / 3600, "tokens": int(text.input_ids.shape[1]),
-        "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "peak_rss_mb": peak_rss_mb(),
-    }  # fmt: skip
+        "size": f"paper_{size}px_batch{batch}",
+        "step_cpu_s": cpu / steps,
+        "step_wall_s": wall / steps,
+        "cpu_s_per_image": per_image,
+        "projected_step_cpu_s_at_batch48": per_image * 48,
+        "projected_epoch_cpu_h_377k": per_image * MIMIC_IMAGES / 3600,
+        "tokens": int(text.input_ids.shape[1]),
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def peak_rss_mb() -> float:
@@ -133,8 +152,20 @@ def main() -> None:
         print(json.dumps(bench_paper(args.batch, args.size, args.steps)))
         return
     for which in ("demo", "paper"):
-        cmd = [sys.executable, __file__, "--only", which, "--epochs", str(args.epochs), "--batch", str(args.batch),
-               "--size", str(args.size), "--steps", str(args.steps)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--only",
+            which,
+            "--epochs",
+            str(args.epochs),
+            "--batch",
+            str(args.batch),
+            "--size",
+            str(args.size),
+            "--steps",
+            str(args.steps),
+        ]
         out = (
             subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
             .stdout.strip()

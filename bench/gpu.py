@@ -40,9 +40,24 @@ sys.path.insert(0, str(ROOT))
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched as substrings of torch.cuda.get_device_name().
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0}
-DEMO_MODEL = dict(img_size=64, hr_size=128, patch_size=8, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=64,
-                  decoder_depth=2, decoder_num_heads=4, sr_window=4, vocab_size=1000, text_hidden=64,
-                  text_layers=2, text_heads=4, text_ffn=128, max_len=96)  # fmt: skip
+DEMO_MODEL = dict(
+    img_size=64,
+    hr_size=128,
+    patch_size=8,
+    embed_dim=64,
+    depth=2,
+    num_heads=4,
+    decoder_embed_dim=64,
+    decoder_depth=2,
+    decoder_num_heads=4,
+    sr_window=4,
+    vocab_size=1000,
+    text_hidden=64,
+    text_layers=2,
+    text_heads=4,
+    text_ffn=128,
+    max_len=96,
+)
 
 
 def model_config(smoke: bool) -> Any:
@@ -181,15 +196,36 @@ def ddp_worker(args: argparse.Namespace) -> None:
     step = torch.tensor(result["step_s"], device=device)
     dist.all_reduce(step, op=dist.ReduceOp.MAX)  # the node is as fast as its slowest rank
     if rank == 0:
-        print(json.dumps({"part": "ddp", "world": world, "batch_per_rank": args.batch,
-                          "step_s": round(float(step), 4), "images_per_s": round(world * args.batch / float(step), 1)}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "part": "ddp",
+                    "world": world,
+                    "batch_per_rank": args.batch,
+                    "step_s": round(float(step), 4),
+                    "images_per_s": round(world * args.batch / float(step), 1),
+                }
+            )
+        )
     dist.destroy_process_group()
 
 
 def bench_ddp(args: argparse.Namespace, single_images_per_s: float | None) -> dict[str, Any]:
     nproc = torch.cuda.device_count() if (torch.cuda.is_available() and not args.smoke) else 1
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
-           "--only", "ddp-worker", "--batch", str(args.batch), "--steps", str(args.steps)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        __file__,
+        "--only",
+        "ddp-worker",
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+    ]
     cmd += ["--smoke"] if args.smoke else []
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800)
     if done.returncode != 0:
@@ -243,8 +279,12 @@ def bench_jpeg(args: argparse.Namespace) -> dict[str, Any]:
     for d in data:
         decode_jpeg(d, mode=ImageReadMode.GRAY)
     cpu_rate = len(data) / (time.perf_counter() - t0)
-    result: dict[str, Any] = {"part": "jpeg", "size": "3000x2500", "images": len(data),
-                              "cpu_1core_images_per_s": round(cpu_rate, 1)}  # fmt: skip
+    result: dict[str, Any] = {
+        "part": "jpeg",
+        "size": "3000x2500",
+        "images": len(data),
+        "cpu_1core_images_per_s": round(cpu_rate, 1),
+    }
     if torch.cuda.is_available() and not args.smoke:
         decode_jpeg(data[:4], device="cuda", mode=ImageReadMode.GRAY)  # warm-up (nvjpeg handles)
         torch.cuda.synchronize()
@@ -267,8 +307,10 @@ def device_decode_path(args: argparse.Namespace, jpegs: list[bytes]) -> dict[str
     device = torch.device("cpu" if args.smoke else "cuda")
     model = model_config(args.smoke)
     with tempfile.TemporaryDirectory() as folder:
-        recs = [PretrainRecord(str(i), str(i), path, "t", None, (0.25, 0.25, 0.75, 0.75))
-                for i, path in enumerate(write_jpegs(Path(folder), jpegs))]  # fmt: skip
+        recs = [
+            PretrainRecord(str(i), str(i), path, "t", None, (0.25, 0.25, 0.75, 0.75))
+            for i, path in enumerate(write_jpegs(Path(folder), jpegs))
+        ]
         collate = PretrainCollator(lambda texts, rng: {}, seed=0)
         on_device = PretrainDataset(recs, model, PretrainConfig(decode="device"))
         in_worker = PretrainDataset(recs, model, PretrainConfig(decode="worker"))
@@ -333,8 +375,11 @@ def bench_vllm(args: argparse.Namespace) -> None:
     if not serve.exists():
         print(json.dumps({"part": "vllm", "skipped": f"no serving environment at {serve} (make serve-env)"}))
         return
-    shape = ["--reports", "8", "--max-new", "16"] if args.smoke else ["--shape", "vicuna7b", "--reports", "512",
-                                                                      "--concurrency", "128", "--batch", "64"]  # fmt: skip
+    shape = (
+        ["--reports", "8", "--max-new", "16"]
+        if args.smoke
+        else ["--shape", "vicuna7b", "--reports", "512", "--concurrency", "128", "--batch", "64"]
+    )
     subprocess.run([sys.executable, str(ROOT / "bench" / "bulk_throughput.py"), *shape], check=True)
 
 

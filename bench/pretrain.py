@@ -26,15 +26,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 SIZES = {
-    "demo": dict(batch=16, model=dict(
-        img_size=64, hr_size=128, patch_size=8, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=64,
-        decoder_depth=2, decoder_num_heads=4, sr_window=4, vocab_size=1000, text_hidden=64, text_layers=2,
-        text_heads=4, text_ffn=128, max_len=128)),
+    "demo": dict(
+        batch=16,
+        model=dict(
+            img_size=64,
+            hr_size=128,
+            patch_size=8,
+            embed_dim=64,
+            depth=2,
+            num_heads=4,
+            decoder_embed_dim=64,
+            decoder_depth=2,
+            decoder_num_heads=4,
+            sr_window=4,
+            vocab_size=1000,
+            text_hidden=64,
+            text_layers=2,
+            text_heads=4,
+            text_ffn=128,
+            max_len=128,
+        ),
+    ),
     # ViT-B width (768, 12 heads) but shallow, with a 2-layer 768-wide BERT: the per-layer cost at paper width
     "vitb_width": dict(batch=8, model=dict(depth=4, decoder_depth=2, text_layers=2)),
     # the paper model: ViT-B/16 at 224, SR at 448, decoder 512/4/16, BERT 6 × 768, 30k vocab, 256 tokens
     "paper": dict(batch=4, model=dict()),
-}  # fmt: skip
+}
 
 
 def bench_size(name: str, steps: int, threads: int, amp: str = "off") -> dict:

@@ -55,9 +55,20 @@ def die_with_parent() -> Callable[[], None] | None:
 def server_command(fd: int) -> list[str]:
     """Prefect's own temporary-server command, serving on a socket bound by the caller (no race for the port)."""
     return [
-        sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--fd", str(fd),
-        "--log-level", "error", "--lifespan", "on", "--timeout-graceful-shutdown", "5",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "prefect.server.api.server:create_app",
+        "--fd",
+        str(fd),
+        "--log-level",
+        "error",
+        "--lifespan",
+        "on",
+        "--timeout-graceful-shutdown",
+        "5",
+    ]
 
 
 def launch_server() -> tuple[subprocess.Popen, str]:

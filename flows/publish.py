@@ -175,10 +175,16 @@ def label(uri: str, run_dir: Path) -> str:
 
 # The artifacts that carry the method from the reports to the encoder's evaluation, in pipeline order.
 CHAIN = (
-    "extract_reports/reports", "match_entities/entity_mentions", "seed_distill/seed_distillations",
-    "finetune_student/adapter", "bulk_distill/distilled_reports", "train_gloria/gloria.safetensors",
-    "train_gloria/attention_maps", "pretrain_ecamp/encoder.safetensors", "evaluate/eval_results",
-)  # fmt: skip
+    "extract_reports/reports",
+    "match_entities/entity_mentions",
+    "seed_distill/seed_distillations",
+    "finetune_student/adapter",
+    "bulk_distill/distilled_reports",
+    "train_gloria/gloria.safetensors",
+    "train_gloria/attention_maps",
+    "pretrain_ecamp/encoder.safetensors",
+    "evaluate/eval_results",
+)
 
 
 def chain_table(run_dir: Path) -> list[str]:

@@ -179,8 +179,11 @@ class StageContext:
             self.log.warning(
                 "%s is a copy of %s (run %s), not the file its stage wrote here: lineage records it as "
                 "read from %s with the hash of its content",
-                path, info.uri, info.run_id, path,
-            )  # fmt: skip
+                path,
+                info.uri,
+                info.run_id,
+                path,
+            )
         elif actual != rec.content_hash:
             self.log.warning("%s changed after its stage wrote it: recording the hash of what was read", path)
         # The path read, not the one in the file's metadata: a file copied in from another run directory

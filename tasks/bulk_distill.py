@@ -182,10 +182,15 @@ def distilled_row(
 ) -> dict:
     parsed = parse.parse_response(text, finder)
     return {
-        "study_id": item.study_id, "distilled_text": parse.distilled_text(parsed), "source": source,
-        "model": model, "entities": item.entities, "raw_response": text,
-        "flags": parse.qc_flags(parsed, item.entities, item.polarities), "shard": shard,
-    }  # fmt: skip
+        "study_id": item.study_id,
+        "distilled_text": parse.distilled_text(parsed),
+        "source": source,
+        "model": model,
+        "entities": item.entities,
+        "raw_response": text,
+        "flags": parse.qc_flags(parsed, item.entities, item.polarities),
+        "shard": shard,
+    }
 
 
 def distill_shard(
@@ -243,8 +248,13 @@ def run_shards(
 ) -> list[dict]:
     """Process the unfinished shards (each written atomically), then return the rows of all shards."""
     shards = shard_plan([it.study_id for it in todo], cfg.shard_size)
-    identity = {"student": student_model, "teacher": teacher_model, "retry_budget": cfg.retry_budget,
-                "retry_on": sorted(cfg.retry_on), "backend": cfg.backend.kind}  # fmt: skip
+    identity = {
+        "student": student_model,
+        "teacher": teacher_model,
+        "retry_budget": cfg.retry_budget,
+        "retry_on": sorted(cfg.retry_on),
+        "backend": cfg.backend.kind,
+    }
     prepare_shard_dir(shard_dir, plan_key(shards, identity), len(shards))
     by_id = {it.study_id: it for it in todo}
     done = {i for i in range(len(shards)) if shard_path(shard_dir, i).exists()}
@@ -259,15 +269,27 @@ def run_shards(
     pending = [i for i in range(len(shards)) if i not in done]
     backend = backend_factory() if pending else None
     bar = tqdm(
-        total=len(todo), initial=sum(len(shards[i]) for i in done), unit="report", desc="bulk_distill",
-        mininterval=1.0, dynamic_ncols=True,
-    )  # fmt: skip
+        total=len(todo),
+        initial=sum(len(shards[i]) for i in done),
+        unit="report",
+        desc="bulk_distill",
+        mininterval=1.0,
+        dynamic_ncols=True,
+    )
     with bar:
         for i in pending:
             rows = distill_shard(
-                [by_id[s] for s in shards[i]], i, backend, teacher, max(0, cfg.retry_budget - used),
-                cfg, student_model, teacher_model, finder, reprompt_rounds,
-            )  # fmt: skip
+                [by_id[s] for s in shards[i]],
+                i,
+                backend,
+                teacher,
+                max(0, cfg.retry_budget - used),
+                cfg,
+                student_model,
+                teacher_model,
+                finder,
+                reprompt_rounds,
+            )
             write_artifact(shard_path(shard_dir, i), rows, DistilledReport, lineage)
             used += sum(r["source"] == "teacher_retry" for r in rows)
             finished_rows[i] = rows
@@ -283,15 +305,31 @@ def merge_rows(
 ) -> list[dict]:
     """Teacher rows + student shard rows + entity-less reports; each report exactly once or an error."""
     rows = [
-        {"study_id": sid, "distilled_text": s["distilled_text"], "source": "teacher", "model": s["model"],
-         "entities": s["entities"], "raw_response": s["raw_response"], "flags": s["flags"], "shard": -1}
+        {
+            "study_id": sid,
+            "distilled_text": s["distilled_text"],
+            "source": "teacher",
+            "model": s["model"],
+            "entities": s["entities"],
+            "raw_response": s["raw_response"],
+            "flags": s["flags"],
+            "shard": -1,
+        }
         for sid, s in seeds.items()
-    ]  # fmt: skip
+    ]
     rows += [
-        {"study_id": sid, "distilled_text": "", "source": "none", "model": "", "entities": [],
-         "raw_response": "", "flags": [], "shard": -1}
+        {
+            "study_id": sid,
+            "distilled_text": "",
+            "source": "none",
+            "model": "",
+            "entities": [],
+            "raw_response": "",
+            "flags": [],
+            "shard": -1,
+        }
         for sid in empty
-    ]  # fmt: skip
+    ]
     rows += shard_rows
     counts: dict[str, int] = defaultdict(int)
     for r in rows:
@@ -344,10 +382,18 @@ def student_backend(ctx: StageContext, cfg: Config, model_row: dict, stack: Exit
         )
         base_url, send_key = server.base_url, True  # our own child process, which reads VLLM_API_KEY too
     client_cfg = ClientConfig(
-        base_url=base_url, model=backend.served_model, api_key_env=backend.api_key_env, send_key_to_local=send_key,
-        concurrency=backend.concurrency, max_retries=backend.max_retries,
-        rpm=None, tpm=None, timeout_s=backend.timeout_s, max_tokens=model_row["max_new_tokens"], temperature=0.0,
-    )  # fmt: skip
+        base_url=base_url,
+        model=backend.served_model,
+        api_key_env=backend.api_key_env,
+        send_key_to_local=send_key,
+        concurrency=backend.concurrency,
+        max_retries=backend.max_retries,
+        rpm=None,
+        tpm=None,
+        timeout_s=backend.timeout_s,
+        max_tokens=model_row["max_new_tokens"],
+        temperature=0.0,
+    )
     cache = stack.enter_context(ResponseCache(ctx.scratch(STUDENT_CACHE_FILE)))
     tokenizer = AutoTokenizer.from_pretrained(base)  # the one the in-process backend and training cut with
     return OpenAIBackend(client_cfg, cache, tokenizer, model_row["max_prompt"])
@@ -368,20 +414,35 @@ def run(
     model_row = ctx.read("finetune_student/student_model").to_pylist()[0]
     evals = {r["system"]: r for r in ctx.read("finetune_student/student_eval").to_pylist()}
     if "student" in evals:
-        ctx.log.info("student held-out polarity agreement %.3f (all-absent baseline %.3f)",
-                     evals["student"]["polarity_acc"], evals.get("all_absent", {}).get("polarity_acc", float("nan")))  # fmt: skip
-    ctx.log.info("%d reports: %d teacher, %d student, %d without entities", len(todo) + len(seeds) + len(empty),
-                 len(seeds), len(todo), len(empty))  # fmt: skip
+        ctx.log.info(
+            "student held-out polarity agreement %.3f (all-absent baseline %.3f)",
+            evals["student"]["polarity_acc"],
+            evals.get("all_absent", {}).get("polarity_acc", float("nan")),
+        )
+    ctx.log.info(
+        "%d reports: %d teacher, %d student, %d without entities",
+        len(todo) + len(seeds) + len(empty),
+        len(seeds),
+        len(todo),
+        len(empty),
+    )
     student_model = f"student:{model_row['adapter_sha256'][:12]}"
     reprompt_rounds = model_row["reprompt_rounds"] if model_row["decoding"] == "entity_complete" else None
     if reprompt_rounds is not None:
         student_model += f"+entity_complete{reprompt_rounds}"  # in the shard plan key: a change redoes shards
         if backend is None and cfg.backend.kind != "transformers":
-            ctx.log.warning("entity_complete: a server gives no prompt log-probabilities, so entities still "
-                            "missing after re-prompting stay missing; QC re-sends such answers to the teacher "
-                            "(retry_budget)")  # fmt: skip
-    lineage = Lineage(stage=ctx.name, run_id=ctx.run_id, config_hash=ctx.config_hash,
-                      code_version=ctx.code_version, upstream=[*ctx.inputs, *ctx.upstream.values()])  # fmt: skip
+            ctx.log.warning(
+                "entity_complete: a server gives no prompt log-probabilities, so entities still "
+                "missing after re-prompting stay missing; QC re-sends such answers to the teacher "
+                "(retry_budget)"
+            )
+    lineage = Lineage(
+        stage=ctx.name,
+        run_id=ctx.run_id,
+        config_hash=ctx.config_hash,
+        code_version=ctx.code_version,
+        upstream=[*ctx.inputs, *ctx.upstream.values()],
+    )
     with ExitStack() as stack:
         teacher_model = "injected"
         if teacher is None:
@@ -392,9 +453,18 @@ def run(
             else (lambda: student_backend(ctx, cfg, model_row, stack))
         )
         shard_rows = run_shards(
-            todo, ctx.scratch(SHARD_DIR), cfg, factory, teacher, student_model, teacher_model, finder,
-            lineage, ctx.log, reprompt_rounds,
-        )  # fmt: skip
+            todo,
+            ctx.scratch(SHARD_DIR),
+            cfg,
+            factory,
+            teacher,
+            student_model,
+            teacher_model,
+            finder,
+            lineage,
+            ctx.log,
+            reprompt_rounds,
+        )
     expected = {it.study_id for it in todo} | set(seeds) | set(empty)
     rows = merge_rows(shard_rows, seeds, empty, expected)
     by_source: dict[str, int] = defaultdict(int)

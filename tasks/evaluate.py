@@ -185,9 +185,14 @@ def prepare(ctx: StageContext, spec: DatasetSpec, cfg: Config, size: int) -> Job
             raise ValueError(f"{spec.name}: the {name} split is empty")
     ctx.log.info(
         "%s (%s, %d classes): train %d / val %d / test %d; subsets %s",
-        spec.name, splits.task, len(splits.classes), len(splits.train), len(splits.val), len(splits.test),
+        spec.name,
+        splits.task,
+        len(splits.classes),
+        len(splits.train),
+        len(splits.val),
+        len(splits.test),
         {f: len(splits.fractions[f]) for f in cfg.fractions},
-    )  # fmt: skip
+    )
     pixels = {
         s: decode_split(getattr(splits, s), size, splits.task, cfg.decode_workers)
         for s in ("train", "val", "test")

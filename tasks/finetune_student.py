@@ -138,8 +138,15 @@ def entity_subset_rows(
             named = {e for i in chosen for e in sentences[i][1]}
             entities = [e for e in r["entities"] if e in named]
             answer = "\n".join(sentences[i][0] for i in chosen)
-            out.append(r | {"study_id": f"{r['study_id']}#subset{c}", "entities": entities, "answer": answer,
-                            "prompt": student_prompt(r["report"], entities)})  # fmt: skip
+            out.append(
+                r
+                | {
+                    "study_id": f"{r['study_id']}#subset{c}",
+                    "entities": entities,
+                    "answer": answer,
+                    "prompt": student_prompt(r["report"], entities),
+                }
+            )
     return out
 
 
@@ -226,8 +233,10 @@ def check_student(
     pairs = by_system["student"]["n_entities"]
     log.info(
         "held-out polarity agreement: student %.3f, all-absent baseline %.3f (%d entities)",
-        student, baseline, pairs,
-    )  # fmt: skip
+        student,
+        baseline,
+        pairs,
+    )
     if min_agreement is not None and student < min_agreement:
         raise StudentTooWeakError(
             f"finetune_student: the student's held-out polarity agreement {student:.3f} is below "
@@ -240,8 +249,10 @@ def check_student(
             "the student's held-out polarity agreement %.3f is below the all-absent baseline %.3f (%d "
             "entities): answering every entity 'absent' would do better, and bulk_distill will distil the "
             "corpus with this student; set finetune_student.min_agreement to stop here",
-            student, baseline, pairs,
-        )  # fmt: skip
+            student,
+            baseline,
+            pairs,
+        )
 
 
 # ------------------------------------------------------------------------------------------- stage
@@ -283,8 +294,10 @@ def run(ctx: StageContext, cfg: Config) -> None:
             )
             ctx.log.info(
                 "warmed up the tiny base on %d training reports in %.1f s: LM loss %.3f",
-                len(train_rows), warm.seconds, warm.curve[-1].loss,
-            )  # fmt: skip
+                len(train_rows),
+                warm.seconds,
+                warm.curve[-1].loss,
+            )
     else:
         base_path = Path(cfg.base.path)
     model, tokenizer = load_base(base_path, device)
@@ -329,9 +342,13 @@ def run(ctx: StageContext, cfg: Config) -> None:
     )
     ctx.log.info(
         "trained %d/%d params on %d examples in %.1f s: loss %.3f -> %.3f",
-        result.trainable_params, result.total_params, len(examples), result.seconds,
-        result.curve[0].loss, result.curve[-1].loss,
-    )  # fmt: skip
+        result.trainable_params,
+        result.total_params,
+        len(examples),
+        result.seconds,
+        result.curve[0].loss,
+        result.curve[-1].loss,
+    )
     # where the base is once the stage's outputs are promoted (a hub id or a user's path stays as given)
     final_base = (ctx.stage_dir / TINY_BASE_DIR).resolve() if tiny else cfg.base.path
     adapter_dir = save_adapter(student, tokenizer, ctx.path(ADAPTER_DIR), final_base)
@@ -342,8 +359,13 @@ def run(ctx: StageContext, cfg: Config) -> None:
     t0 = time.perf_counter()
     outputs = backend.generate(prompts)
     greedy_rate = len(held_rows) / max(time.perf_counter() - t0, 1e-9)
-    evals = [{"system": "student_greedy", **agreement(requested, teacher, outputs, finder),
-              "reports_per_s": greedy_rate}]  # fmt: skip
+    evals = [
+        {
+            "system": "student_greedy",
+            **agreement(requested, teacher, outputs, finder),
+            "reports_per_s": greedy_rate,
+        }
+    ]
     if cfg.decoding == "entity_complete":
         complete = EntityCompletion(
             student_prompt, backend.generate, backend.answer_logprobs, cfg.reprompt_rounds

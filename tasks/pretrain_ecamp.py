@@ -149,17 +149,29 @@ def run(ctx: StageContext, cfg: Config) -> None:
     stamps = dict(zip(images.column("path").to_pylist(), images.column("stamp").to_pylist(), strict=True))
     records = cached_records(ctx, cfg, joined.records, stamps)
     heldout = heldout_pairs(ctx, cfg, images, reports, distilled, attention, seed)
-    job = write_job(ctx.scratch("job"), model_cfg, train_cfg, text_cfg, records, tokenizer_path,
-                    resolve_device(ctx.config.run.device), entity_words,
-                    data_fingerprint(ctx, tokenizer_path), heldout)  # fmt: skip
+    job = write_job(
+        ctx.scratch("job"),
+        model_cfg,
+        train_cfg,
+        text_cfg,
+        records,
+        tokenizer_path,
+        resolve_device(ctx.config.run.device),
+        entity_words,
+        data_fingerprint(ctx, tokenizer_path),
+        heldout,
+    )
     if cfg.nproc == 1 and cfg.nnodes == 1:
         result = run_job(job.parent, out_dir, log=ctx.log)
         model, metrics = result.model, result.metrics
     else:
         cmd = torchrun_command(job.parent, out_dir, cfg.nproc, cfg.nnodes, cfg.rdzv_endpoint, ctx.name)
         if cfg.nnodes > 1:
-            ctx.log.info("on each of the other %d nodes (run directory on shared storage), run: %s",
-                         cfg.nnodes - 1, " ".join(cmd))  # fmt: skip
+            ctx.log.info(
+                "on each of the other %d nodes (run directory on shared storage), run: %s",
+                cfg.nnodes - 1,
+                " ".join(cmd),
+            )
         model, metrics = run_torchrun(cmd, out_dir, model_cfg, ctx.log)
         if "heldout_tokens" in metrics[-1]:
             ctx.log.info(reliance_line(metrics[-1]))
@@ -194,8 +206,9 @@ def heldout_pairs(
     if len(pairs) < 2:
         ctx.log.warning(
             "%d held-out pairs in splits %s: the text side's image reliance is not measured (it needs 2)",
-            len(pairs), cfg.heldout_splits,
-        )  # fmt: skip
+            len(pairs),
+            cfg.heldout_splits,
+        )
         return []
     ctx.log.info("image reliance: measured on %d held-out pairs (splits %s)", len(pairs), cfg.heldout_splits)
     return pairs
@@ -213,9 +226,13 @@ def cached_records(
     short = cache.short_side or 2 * cfg.model.hr_size
     start = time.perf_counter()
     cached = build_image_cache(
-        [r.path for r in records], ctx.scratch("image_cache"), short, cache.workers,
-        progress=lambda it, total: ctx.progress(it, total=total, desc="image cache"), stamps=stamps,
-    )  # fmt: skip
+        [r.path for r in records],
+        ctx.scratch("image_cache"),
+        short,
+        cache.workers,
+        progress=lambda it, total: ctx.progress(it, total=total, desc="image cache"),
+        stamps=stamps,
+    )
     ctx.log.info(
         "image cache: %d images at short side %d (%.1f s)", len(cached), short, time.perf_counter() - start
     )
@@ -249,8 +266,12 @@ def sr_inputs(ctx: StageContext, cfg: Config) -> Any:
         k, grid = cfg.model.sr_window, cfg.model.grid_size
         ctx.log.warning(
             "%s not found: context-guided SR OFF, SR loss on the centre %dx%d window of the %dx%d grid",
-            ATTENTION, k, k, grid, grid,
-        )  # fmt: skip
+            ATTENTION,
+            k,
+            k,
+            grid,
+            grid,
+        )
         return None
     return ctx.read(ATTENTION)
 
@@ -272,10 +293,25 @@ def torchrun_command(
     if nnodes == 1:
         launch = ["--standalone", f"--nproc-per-node={nproc}"]
     else:
-        launch = [f"--nnodes={nnodes}", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
-                  f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]  # fmt: skip
-    return [sys.executable, "-m", "torch.distributed.run", *launch,
-            "-m", "models.ecamp.pretrain", "--job", str(job_dir), "--out", str(out_dir)]  # fmt: skip
+        launch = [
+            f"--nnodes={nnodes}",
+            f"--nproc-per-node={nproc}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={rdzv_endpoint}",
+            f"--rdzv-id={rdzv_id}",
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *launch,
+        "-m",
+        "models.ecamp.pretrain",
+        "--job",
+        str(job_dir),
+        "--out",
+        str(out_dir),
+    ]
 
 
 def run_torchrun(

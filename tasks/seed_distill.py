@@ -87,14 +87,25 @@ class Config(StageConfig):
 
     def client_config(self) -> ClientConfig:
         return ClientConfig(
-            provider=self.provider, base_url=self.base_url, model=self.model,
-            azure_endpoint=self.azure_endpoint, azure_api_version=self.azure_api_version,
-            api_key_env=self.api_key_env, send_key_to_local=self.send_key_to_local,
-            external_endpoint_ack=self.external_endpoint_ack, proxy=self.proxy,
-            concurrency=self.concurrency, rpm=self.rpm, tpm=self.tpm, max_retries=self.max_retries,
-            timeout_s=self.timeout_s, max_retry_after_s=self.max_retry_after_s, max_tokens=self.max_tokens, max_answer_chars=self.max_answer_chars,
+            provider=self.provider,
+            base_url=self.base_url,
+            model=self.model,
+            azure_endpoint=self.azure_endpoint,
+            azure_api_version=self.azure_api_version,
+            api_key_env=self.api_key_env,
+            send_key_to_local=self.send_key_to_local,
+            external_endpoint_ack=self.external_endpoint_ack,
+            proxy=self.proxy,
+            concurrency=self.concurrency,
+            rpm=self.rpm,
+            tpm=self.tpm,
+            max_retries=self.max_retries,
+            timeout_s=self.timeout_s,
+            max_retry_after_s=self.max_retry_after_s,
+            max_tokens=self.max_tokens,
+            max_answer_chars=self.max_answer_chars,
             temperature=0.0,
-        )  # fmt: skip
+        )
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -120,8 +131,12 @@ def http_results(ctx: StageContext, cfg: Config, items: list[DistillItem]) -> li
     upper = sum(r.cost_tokens(client_cfg) for r in requests)
     ctx.log.info(
         "teacher %s at %s: %d requests, at most ~%d tokens (<= $%.2f before cache hits)",
-        cfg.model, client_cfg.endpoint_url, len(requests), upper, upper / 1000 * cfg.price_completion_per_1k,
-    )  # fmt: skip
+        cfg.model,
+        client_cfg.endpoint_url,
+        len(requests),
+        upper,
+        upper / 1000 * cfg.price_completion_per_1k,
+    )
     with ResponseCache(ctx.scratch(CACHE_FILE)) as cache:
         if cfg.batch_api:
             return run_sync(
@@ -132,7 +147,7 @@ def http_results(ctx: StageContext, cfg: Config, items: list[DistillItem]) -> li
                     ctx.scratch(BATCH_STATE_FILE),
                     poll_interval_s=cfg.batch_poll_s,
                     log=ctx.log.info,
-                )  # fmt: skip
+                )
             )
         done = [0]
 
@@ -153,13 +168,23 @@ def distillation_row(it: DistillItem, result: ChatResult, finder: parse.EntityFi
     if result.finish_reason == "length":
         flags.append("truncated_response")
     return {
-        "study_id": it.study_id, "model": result.model, "prompt_hash": result.prompt_hash,
-        "report": it.report, "entities": it.entities, "raw_response": result.content or "",
-        "distilled_text": parse.distilled_text(parsed), "sentences": [p.text for p in parsed],
-        "parsed_json": parse.parsed_json(parsed), "flags": flags, "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens, "latency_s": result.latency_s,
-        "cached": result.cached, "truncated": it.truncated, "error": None,
-    }  # fmt: skip
+        "study_id": it.study_id,
+        "model": result.model,
+        "prompt_hash": result.prompt_hash,
+        "report": it.report,
+        "entities": it.entities,
+        "raw_response": result.content or "",
+        "distilled_text": parse.distilled_text(parsed),
+        "sentences": [p.text for p in parsed],
+        "parsed_json": parse.parsed_json(parsed),
+        "flags": flags,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "latency_s": result.latency_s,
+        "cached": result.cached,
+        "truncated": it.truncated,
+        "error": None,
+    }
 
 
 def usage_row(cfg: Config, results: list[ChatResult], mode: str, wall_s: float) -> dict:
@@ -247,8 +272,11 @@ def run(ctx: StageContext, cfg: Config) -> None:
     ctx.write("seed_distillations", rows)
     ctx.write("distill_usage", [usage])
     ctx.write("distill_rejects", rejects)
-    settings = {"teacher": cfg.teacher, "client_json": cfg.client_config().model_dump_json(),
-                "max_prompt_tokens": cfg.max_prompt_tokens}  # fmt: skip
+    settings = {
+        "teacher": cfg.teacher,
+        "client_json": cfg.client_config().model_dump_json(),
+        "max_prompt_tokens": cfg.max_prompt_tokens,
+    }
     ctx.write("teacher_settings", [settings])
     check_enough(rows, rejects, len(items))
 

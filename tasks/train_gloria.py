@@ -247,8 +247,11 @@ def train_or_load(
     if chosen(cfg.model.text_checkpoint):  # Bio_ClinicalBERT's own vocabulary and weights
         tokenizer = load_bert_tokenizer(cfg.model.text_checkpoint)
         model = Gloria(cfg.model)
-        ctx.log.info("text encoder from %s, image encoder from %s", cfg.model.text_checkpoint,
-                     cfg.model.image_checkpoint)  # fmt: skip
+        ctx.log.info(
+            "text encoder from %s, image encoder from %s",
+            cfg.model.text_checkpoint,
+            cfg.model.image_checkpoint,
+        )
         # the saved config rebuilds this architecture without the checkpoint folders (weights: gloria.safetensors)
         mcfg = cfg.model.model_copy(update=bert_dims(cfg.model.text_checkpoint))
     else:
@@ -263,9 +266,17 @@ def train_or_load(
         ctx.log.info("epoch %d: loss %.3f", epoch, float(np.mean([r["loss"] for r in last])))
 
     rows = train_gloria(
-        model, data, tokenizer, cfg.train, checkpoint=resume_state(ctx, cfg, texts), on_epoch=report,
-        entities=entities, forms=forms, seed=ctx.config.run.seed, device=device,
-    )  # fmt: skip
+        model,
+        data,
+        tokenizer,
+        cfg.train,
+        checkpoint=resume_state(ctx, cfg, texts),
+        on_epoch=report,
+        entities=entities,
+        forms=forms,
+        seed=ctx.config.run.seed,
+        device=device,
+    )
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ctx.path(WEIGHTS))
     ctx.path(MODEL_CONFIG).write_text(mcfg.model_dump_json(indent=1))
     return model, tokenizer, rows
@@ -326,9 +337,18 @@ def run(ctx: StageContext, cfg: Config) -> None:
     all_data = ImageTextData(pixels, [r["text"] for r in rows])
     wanted = [positives.get(r["study_id"], []) for r in rows]
     attn = extract_attention(
-        model, all_data, tokenizer, wanted, geo.grid, cfg.attention_batch, cfg.model.max_tokens, device, forms,
-        cfg.word_prior_images, seed,
-    )  # fmt: skip
+        model,
+        all_data,
+        tokenizer,
+        wanted,
+        geo.grid,
+        cfg.attention_batch,
+        cfg.model.max_tokens,
+        device,
+        forms,
+        cfg.word_prior_images,
+        seed,
+    )
     windows = fallback_windows(len(rows), geo.grid, geo.k, cfg.fallback, seed)
     best_r, best_c = best_windows(torch.from_numpy(attn.grid_maps), geo.k)
     found = attn.entity_found
@@ -346,12 +366,16 @@ def run(ctx: StageContext, cfg: Config) -> None:
                 "window_col": int(windows[i, 1]),
                 "window_size": geo.k,
                 "fallback": "none" if found[i] else cfg.fallback,
-            }  # fmt: skip
+            }
             for i, r in enumerate(rows)
         ],
     )
-    ctx.log.info("attention maps: %d images, %d with a positive entity, fallback %s for the rest",
-                 len(rows), int(found.sum()), cfg.fallback)  # fmt: skip
+    ctx.log.info(
+        "attention maps: %d images, %d with a positive entity, fallback %s for the rest",
+        len(rows),
+        int(found.sum()),
+        cfg.fallback,
+    )
     boxes = read_lesion_boxes(lesion_box_file(ctx.config))
     scored = [i for i, r in enumerate(rows) if r["image_id"] in boxes]
     write_localization(ctx, geo, rows, scored, boxes, attn.grid_maps, windows)
@@ -380,8 +404,12 @@ def write_localization(ctx, geo, rows, scored, boxes, grid_maps, windows) -> Non
     ctx.write("localization", out)
     ctx.log.info(
         "localization on %d images: pointing %.3f (random %.3f), window overlap %.3f (random %.3f)",
-        gloria.n_images, gloria.pointing_rate, rand.pointing_rate, gloria.mean_window_overlap, rand.mean_window_overlap,
-    )  # fmt: skip
+        gloria.n_images,
+        gloria.pointing_rate,
+        rand.pointing_rate,
+        gloria.mean_window_overlap,
+        rand.mean_window_overlap,
+    )
 
 
 def draw_pictures(ctx, cfg, geo, rows, pixels, attn, windows, found, texts, boxes) -> None:  # noqa: ANN001
@@ -399,10 +427,14 @@ def draw_pictures(ctx, cfg, geo, rows, pixels, attn, windows, found, texts, boxe
         shown = [s for s in sentences if any(e[:4] in s.lower() for e in entities)] or sentences
         lesion = unit_boxes(boxes.get(row["image_id"], []), row["height"], row["width"])
         save_overlay(
-            folder / f"{safe_stem(row['image_id'])}.png", pixels[i] / 255.0, attn.grid_maps[i],
-            (int(windows[i, 0]), int(windows[i, 1]), geo.k), f"{printable(row['image_id'])[:18]}: {', '.join(entities)}",
-            shown, lesion,
-        )  # fmt: skip
+            folder / f"{safe_stem(row['image_id'])}.png",
+            pixels[i] / 255.0,
+            attn.grid_maps[i],
+            (int(windows[i, 0]), int(windows[i, 1]), geo.k),
+            f"{printable(row['image_id'])[:18]}: {', '.join(entities)}",
+            shown,
+            lesion,
+        )
 
 
 STAGE = Stage(

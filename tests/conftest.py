@@ -90,7 +90,7 @@ def tiny_pipeline_config(folder: Path) -> Path:
             },
             "lora": {"r": 8, "alpha": 16},
             "reprompt_rounds": 0,
-        },  # fmt: skip
+        },
         "bulk_distill": {"shard_size": 12},
         "pretrain_ecamp": {
             "model": {
@@ -113,7 +113,7 @@ def tiny_pipeline_config(folder: Path) -> Path:
             "text": {"max_len": 48},
             "tokenizer_min_frequency": 1,
             "train": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0, "num_workers": 0},
-        },  # fmt: skip
+        },
         "train_gloria": {
             "model": {
                 "image_size": 32,
@@ -126,7 +126,7 @@ def tiny_pipeline_config(folder: Path) -> Path:
             "train": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0},
             "word_prior_images": 16,
             "n_pictures": 2,
-        },  # fmt: skip
+        },
         "evaluate": {
             "fractions": [100],
             "seeds": [0],

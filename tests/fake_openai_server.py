@@ -250,8 +250,14 @@ class FakeOpenAIServer:
             req = json.loads(line)
             cid = req["custom_id"]
             if cid in self.batch_failed_ids:
-                err.append({"id": f"req_{cid}", "custom_id": cid, "response": None,
-                            "error": {"code": "server_error", "message": "injected batch failure"}})  # fmt: skip
+                err.append(
+                    {
+                        "id": f"req_{cid}",
+                        "custom_id": cid,
+                        "response": None,
+                        "error": {"code": "server_error", "message": "injected batch failure"},
+                    }
+                )
                 continue
             text = prompt_text(req["body"])
             content = self.responder(*report_from_prompt(text))
@@ -276,11 +282,17 @@ class FakeOpenAIServer:
     def _batch_obj(self, batch_id: str, status: str) -> dict:
         b = self.batches[batch_id]
         return {
-            "id": batch_id, "object": "batch", "endpoint": b["endpoint"], "input_file_id": b["input_file_id"],
-            "completion_window": "24h", "status": status, "created_at": 0,
-            "output_file_id": b.get("output_file_id"), "error_file_id": b.get("error_file_id"),
+            "id": batch_id,
+            "object": "batch",
+            "endpoint": b["endpoint"],
+            "input_file_id": b["input_file_id"],
+            "completion_window": "24h",
+            "status": status,
+            "created_at": 0,
+            "output_file_id": b.get("output_file_id"),
+            "error_file_id": b.get("error_file_id"),
             "request_counts": b.get("counts", {"total": 0, "completed": 0, "failed": 0}),
-        }  # fmt: skip
+        }
 
 
 def completion_body(model: str, content: str, chat: bool, usage: bool) -> dict:
@@ -289,17 +301,32 @@ def completion_body(model: str, content: str, chat: bool, usage: bool) -> dict:
         choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}
     else:
         choice = {"index": 0, "finish_reason": "stop", "text": content}
-    body = {"id": "cmpl-1", "object": "chat.completion" if chat else "text_completion", "created": 0,
-            "model": model, "choices": [choice]}  # fmt: skip
+    body = {
+        "id": "cmpl-1",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": 0,
+        "model": model,
+        "choices": [choice],
+    }
     if usage:
-        body["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                         "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+        body["usage"] = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
     return body
 
 
 def _file_obj(file_id: str, size: int) -> dict:
-    return {"id": file_id, "object": "file", "bytes": size, "created_at": 0, "filename": "input.jsonl",
-            "purpose": "batch", "status": "processed"}  # fmt: skip
+    return {
+        "id": file_id,
+        "object": "file",
+        "bytes": size,
+        "created_at": 0,
+        "filename": "input.jsonl",
+        "purpose": "batch",
+        "status": "processed",
+    }
 
 
 def _multipart_file(content_type: str, raw: bytes) -> bytes:

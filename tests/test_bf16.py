@@ -65,8 +65,16 @@ def test_paper_shape_ecamp_trains_two_steps_in_bf16_on_cpu_and_exports_a_timm_en
     mcfg = ECAMPConfig()  # the paper's shape; its 30,000-entry vocabulary holds the tokenizer's 400 ids
     runs = {}
     for amp in ("bf16", "off"):
-        cfg = PretrainConfig(batch_size=1, accum_iter=1, max_steps=2, warmup_epochs=0, num_workers=0, seed=0,
-                             amp=amp, init_checkpoint="random")  # fmt: skip
+        cfg = PretrainConfig(
+            batch_size=1,
+            accum_iter=1,
+            max_steps=2,
+            warmup_epochs=0,
+            num_workers=0,
+            seed=0,
+            amp=amp,
+            init_checkpoint="random",
+        )
         data = PretrainDataset(records(images, reports)[:2], mcfg, cfg)
         collate = TextCollator(tokenizer, TextMaskingConfig())  # 256 tokens
         runs[amp] = train(mcfg, cfg, data, collate, tmp_path / amp, progress=False)
@@ -93,14 +101,19 @@ def test_paper_shape_gloria_trains_two_steps_in_bf16_on_cpu(reports):
 
 def test_the_students_lora_trains_two_steps_in_bf16_on_cpu(tmp_path):
     base = test_student.build_tiny_base(
-        test_student.prompts() + [a for *_, a in test_student.REPORTS], test_student.DIMS, tmp_path, seed=0,
+        test_student.prompts() + [a for *_, a in test_student.REPORTS],
+        test_student.DIMS,
+        tmp_path,
+        seed=0,
         max_positions=1024,
-    )  # fmt: skip
+    )
     curves = {}
     for amp in ("bf16", "off"):
         model, tok = load_base(base)
-        examples = [encode_example(tok, str(i), p, a, 256, test_student.MAX_PROMPT)
-                    for i, (p, (*_, a)) in enumerate(zip(test_student.prompts(), test_student.REPORTS, strict=True))]  # fmt: skip
+        examples = [
+            encode_example(tok, str(i), p, a, 256, test_student.MAX_PROMPT)
+            for i, (p, (*_, a)) in enumerate(zip(test_student.prompts(), test_student.REPORTS, strict=True))
+        ]
         student = attach_lora(model, LoraSettings(r=8, alpha=16, dropout=0.0), seed=0)
         settings = TrainSettings(lr=2e-2, epochs=1, batch_size=2, grad_accum=1, amp=amp)
         curves[amp] = [vars(p) for p in train_student(student, examples, settings, tok.pad_token_id).curve]

@@ -44,10 +44,17 @@ def write_upstream(run_dir, teacher_text=None, texts=TEXTS, seeds=SEEDS, entitie
     """reports, entity_mentions and seed_distillations as stages 1-3 would write them; the teacher answered
     `seeds` (`teacher_text(study_id)`, else the rules teacher's answer tagged TEACHER)."""
     reports = [
-        {"study_id": s, "subject_id": "p1", "split": "train", "findings": t, "impression": "", "text": t,
-         "source_path": f"{s}.txt"}
+        {
+            "study_id": s,
+            "subject_id": "p1",
+            "split": "train",
+            "findings": t,
+            "impression": "",
+            "text": t,
+            "source_path": f"{s}.txt",
+        }
         for s, t in texts.items()
-    ]  # fmt: skip
+    ]
     seed_artifact(run_dir, "extract_reports/reports", reports)
     mentions = EntityMatcher(build_lexicon(entities)).match(list(texts), list(texts.values()))
     seed_artifact(run_dir, "match_entities/entity_mentions", mentions)
@@ -62,31 +69,68 @@ def write_upstream(run_dir, teacher_text=None, texts=TEXTS, seeds=SEEDS, entitie
         )
         parsed = parse.parse_response(raw, finder)
         named = list(dict.fromkeys(m.entity for m in sorted(by_study[sid], key=lambda m: m.start)))
-        rows.append({
-            "study_id": sid, "model": "teacher-x", "prompt_hash": "h" + sid, "report": texts[sid],
-            "entities": named, "raw_response": raw, "distilled_text": parse.distilled_text(parsed),
-            "sentences": [p.text for p in parsed], "parsed_json": parse.parsed_json(parsed), "flags": [],
-            "prompt_tokens": 0, "completion_tokens": 0, "latency_s": 0.0, "cached": False, "truncated": False,
-            "error": None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "study_id": sid,
+                "model": "teacher-x",
+                "prompt_hash": "h" + sid,
+                "report": texts[sid],
+                "entities": named,
+                "raw_response": raw,
+                "distilled_text": parse.distilled_text(parsed),
+                "sentences": [p.text for p in parsed],
+                "parsed_json": parse.parsed_json(parsed),
+                "flags": [],
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "latency_s": 0.0,
+                "cached": False,
+                "truncated": False,
+                "error": None,
+            }
+        )
     seed_artifact(run_dir, "seed_distill/seed_distillations", rows)
     teacher = SeedConfig(teacher="rules")
-    settings = {"teacher": teacher.teacher, "client_json": teacher.client_config().model_dump_json(),
-                "max_prompt_tokens": teacher.max_prompt_tokens}  # fmt: skip
+    settings = {
+        "teacher": teacher.teacher,
+        "client_json": teacher.client_config().model_dump_json(),
+        "max_prompt_tokens": teacher.max_prompt_tokens,
+    }
     seed_artifact(run_dir, "seed_distill/teacher_settings", [settings])
     return by_study
 
 
 def write_student(run_dir, sha="a" * 64):
-    seed_artifact(run_dir, "finetune_student/student_model", [{
-        "adapter_dir": "finetune_student/adapter", "base_model": "finetune_student/base_model", "adapter_sha256": sha,
-        "lora_r": 8, "lora_alpha": 16, "max_prompt": 64, "max_new_tokens": 32, "decoding": "greedy", "reprompt_rounds": 0,
-        "n_train": 1,
-        "n_heldout": 1,
-        "n_skipped": 0,
-    }])  # fmt: skip
-    metrics = {"n_reports": 1, "n_entities": 1, "polarity_acc": 0.5, "exact_sentence_rate": 0.0,
-               "unparseable_rate": 0.0, "coverage": 1.0, "report_exact": 0.0, "reports_per_s": 1.0}  # fmt: skip
+    seed_artifact(
+        run_dir,
+        "finetune_student/student_model",
+        [
+            {
+                "adapter_dir": "finetune_student/adapter",
+                "base_model": "finetune_student/base_model",
+                "adapter_sha256": sha,
+                "lora_r": 8,
+                "lora_alpha": 16,
+                "max_prompt": 64,
+                "max_new_tokens": 32,
+                "decoding": "greedy",
+                "reprompt_rounds": 0,
+                "n_train": 1,
+                "n_heldout": 1,
+                "n_skipped": 0,
+            }
+        ],
+    )
+    metrics = {
+        "n_reports": 1,
+        "n_entities": 1,
+        "polarity_acc": 0.5,
+        "exact_sentence_rate": 0.0,
+        "unparseable_rate": 0.0,
+        "coverage": 1.0,
+        "report_exact": 0.0,
+        "reports_per_s": 1.0,
+    }
     seed_artifact(
         run_dir,
         "finetune_student/student_eval",
@@ -156,9 +200,17 @@ def test_crash_mid_run_resumes_with_only_the_unfinished_shards(tmp_path):
     rows = read_distilled(tmp_path)
     assert sorted(rows) == sorted(TEXTS)  # every report exactly once (the merge checks duplicates too)
     assert {s: r["source"] for s, r in rows.items()} == {
-        "s00": "teacher", "s01": "teacher", "s02": "teacher", "s04": "none",
-        "s03": "student", "s05": "student", "s06": "student", "s07": "student", "s08": "student", "s09": "student",
-    }  # fmt: skip
+        "s00": "teacher",
+        "s01": "teacher",
+        "s02": "teacher",
+        "s04": "none",
+        "s03": "student",
+        "s05": "student",
+        "s06": "student",
+        "s07": "student",
+        "s08": "student",
+        "s09": "student",
+    }
     assert rows["s05"]["distilled_text"] == "There is large right pneumothorax. There is no effusion."
     assert rows["s05"]["shard"] == 0 and rows["s09"]["shard"] == 2
     assert rows["s04"]["distilled_text"] == "" and rows["s04"]["entities"] == []
@@ -283,13 +335,22 @@ def test_finetune_student_stage_then_bulk_with_the_transformers_backend(tmp_path
     write_upstream(tmp_path, teacher_text)
     ctx = make_test_context(tmp_path, config(), "finetune_student")
     ft_cfg = ft.Config(
-        held_out=0.34, decoding="entity_complete",
+        held_out=0.34,
+        decoding="entity_complete",
         lora={"r": 8, "alpha": 16, "dropout": 0.0},
         train={"lr": 1e-2, "epochs": 4, "batch_size": 1, "grad_accum": 1, "max_len": 160},
         generation={"max_prompt": 96, "max_new_tokens": 12, "batch_size": 2},
-        base={"kind": "tiny", "dims": {"vocab_size": 400, "hidden_size": 32, "intermediate_size": 64,
-                                       "num_hidden_layers": 1, "num_attention_heads": 2}},
-    )  # fmt: skip
+        base={
+            "kind": "tiny",
+            "dims": {
+                "vocab_size": 400,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+            },
+        },
+    )
     run_direct(ctx, ft_cfg)
     stage = tmp_path / "finetune_student"
     assert (stage / "adapter" / "adapter_model.safetensors").is_file()

@@ -103,8 +103,7 @@ def test_an_init_checkpoint_that_would_run_code_is_refused(tmp_path, pre):
     )
     cfg, mcfg = tiny_train_cfg(init_checkpoint=str(path)), model_cfg(pre.tokenizer)
     with pytest.raises(CheckpointError, match="refused to load"):
-        train(mcfg, cfg, pre.dataset(cfg), collator(pre.tokenizer),
-              tmp_path / "train", progress=False)  # fmt: skip
+        train(mcfg, cfg, pre.dataset(cfg), collator(pre.tokenizer), tmp_path / "train", progress=False)
     assert not marker.exists()
 
 
@@ -112,8 +111,10 @@ def test_the_conversion_command_in_the_message_makes_a_file_that_loads(tmp_path)
     """The one-liner the error offers turns an MAE-style file with an unknown global (a PosixPath) into
     safetensors with the same tensors, reading it as data."""
     state = {"blocks.0.attn.qkv.weight": torch.randn(6, 2), "pos_embed": torch.randn(1, 3, 2)}
-    torch.save({"model": state, "args": argparse.Namespace(lr=1.5e-4), "epoch": torch.tensor(3)},
-               tmp_path / "trusted.pth")  # fmt: skip
+    torch.save(
+        {"model": state, "args": argparse.Namespace(lr=1.5e-4), "epoch": torch.tensor(3)},
+        tmp_path / "trusted.pth",
+    )
     torch.save({"model": state, "output_dir": pathlib.PosixPath("/data/mae")}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError) as raised:
         read_state_dict(tmp_path / "other.pth")
@@ -150,14 +151,30 @@ def test_evaluate_init_that_would_run_code_is_one_line_before_any_flow(tmp_path)
     marker = tmp_path / "pwned"
     path = evil_file(tmp_path / "evil.pth", marker)
     with pytest.raises(CheckpointError) as raised:
-        load_init(downstream_vit({"img_size": 32, "patch_size": 16, "embed_dim": 8, "depth": 1,
-                                  "num_heads": 2}), path)  # fmt: skip
+        load_init(
+            downstream_vit({"img_size": 32, "patch_size": 16, "embed_dim": 8, "depth": 1, "num_heads": 2}),
+            path,
+        )
     assert_refused(raised.value, path)
     data = tmp_path / "downstream"
     data.mkdir()
     one_set = f"evaluate.datasets=[{{name: d, kind: synth, task: segmentation, path: {data}}}]"
-    result = CliRunner().invoke(app, ["evaluate", "-c", "configs/demo.yaml", "--run-dir", str(tmp_path / "run"),
-                                      "--set", "evaluate.synth=null", "--set", one_set, "--init", str(path)])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "-c",
+            "configs/demo.yaml",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--set",
+            "evaluate.synth=null",
+            "--set",
+            one_set,
+            "--init",
+            str(path),
+        ],
+    )
     assert result.exit_code == 2
     assert result.output.startswith(
         f"error: {path}: refused to load: it needs the Python global 'posix.system'"
@@ -188,8 +205,13 @@ def test_a_gloria_resume_checkpoint_that_would_run_code_is_refused(tmp_path):
     images, texts = synthetic_pairs(8)
     tokenizer = train_wordpiece(GLORIA_TEXTS * 5, vocab_size=120, min_frequency=1)
     with pytest.raises(CheckpointError) as raised:
-        train_gloria(Gloria(TINY_GLORIA), ImageTextData(images, texts), tokenizer,
-                     TrainConfig(epochs=1, batch_size=8), ckpt)  # fmt: skip
+        train_gloria(
+            Gloria(TINY_GLORIA),
+            ImageTextData(images, texts),
+            tokenizer,
+            TrainConfig(epochs=1, batch_size=8),
+            ckpt,
+        )
     assert_refused(raised.value, ckpt)
     assert str(raised.value).endswith("; delete it to start GLoRIA training over")
     assert not marker.exists()
@@ -199,8 +221,7 @@ def test_our_own_checkpoints_load_with_weights_only_and_resume(tmp_path, pre):
     """Both trainers write tensors and plain types only (the RNG states too), so resuming needs no pickle."""
     cfg, mcfg = tiny_train_cfg(epochs=1), model_cfg(pre.tokenizer)
     out = tmp_path / "train"
-    train(mcfg, cfg, pre.dataset(cfg), collator(pre.tokenizer), out,
-          progress=False, stop_after=1)  # fmt: skip
+    train(mcfg, cfg, pre.dataset(cfg), collator(pre.tokenizer), out, progress=False, stop_after=1)
     payload = torch.load(out / CHECKPOINT, weights_only=True)  # no allow-list at all
     assert payload["state"]["step"] == 1 and isinstance(payload["rng"][0]["numpy"][1], list)
 
@@ -283,6 +304,9 @@ def test_no_torch_load_in_the_code_allows_pickles():
     """Every torch file goes through models.checkpoints.load_torch_file."""
     found = subprocess.run(
         ["grep", "-rn", "--include=*.py", "weights_only=False", "models", "tasks", "flows", "data_contracts"],
-        cwd=REPO_ROOT, capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert found.stdout == ""

@@ -25,11 +25,15 @@ from tests.test_pretrain import MODEL_SETTINGS
 DEMO = str(REPO_ROOT / "configs" / "demo.yaml")
 TINY_PRETRAIN = [
     *MODEL_SETTINGS,
-    "pretrain_ecamp.model.vocab_size=400", "pretrain_ecamp.text.max_len=48",
-    "pretrain_ecamp.tokenizer_min_frequency=1", "pretrain_ecamp.train.epochs=1",
-    "pretrain_ecamp.train.batch_size=8", "pretrain_ecamp.train.accum_iter=1",
-    "pretrain_ecamp.train.warmup_epochs=0", "pretrain_ecamp.train.num_workers=0",
-]  # fmt: skip
+    "pretrain_ecamp.model.vocab_size=400",
+    "pretrain_ecamp.text.max_len=48",
+    "pretrain_ecamp.tokenizer_min_frequency=1",
+    "pretrain_ecamp.train.epochs=1",
+    "pretrain_ecamp.train.batch_size=8",
+    "pretrain_ecamp.train.accum_iter=1",
+    "pretrain_ecamp.train.warmup_epochs=0",
+    "pretrain_ecamp.train.num_workers=0",
+]
 TINY_GLORIA = [f"train_gloria.{k}={v}" for k, v in (STAGE_CFG | {"train.epochs": 1}).items()]
 
 
@@ -81,8 +85,12 @@ def test_a_different_entity_list_reaches_gloria_and_pretraining(small_corpus, tm
     job = run_dir / "pretrain_ecamp" / "job" / "job.json"
     before = json.loads(job.read_text())["entity_words"]
     statuses = run_until_pretrain(run_dir, [*base, f"match_entities.entity_list={derived}"])
-    assert statuses == {"extract_reports": "cached", "match_entities": "ran", "train_gloria": "ran",
-                        "pretrain_ecamp": "ran"}  # fmt: skip
+    assert statuses == {
+        "extract_reports": "cached",
+        "match_entities": "ran",
+        "train_gloria": "ran",
+        "pretrain_ecamp": "ran",
+    }
     after = json.loads(job.read_text())["entity_words"]
     assert after == sorted(load_entity_list(derived).forms) and after != before
     lexicon = pq.read_table(run_dir / "match_entities" / "lexicon.parquet").to_pylist()
@@ -132,8 +140,14 @@ def test_the_paper_config_smoke_runs_pretraining_through_the_image_cache(small_c
     run_dir = tmp_path / "run"
     run_until_pretrain(run_dir, [f"data.root={small_corpus}"])  # upstream artifacts (and a demo encoder)
     paper = str(REPO_ROOT / "configs" / "paper.yaml")
-    small = [*TINY_PRETRAIN, "pretrain_ecamp.train.init_checkpoint=random", "pretrain_ecamp.nproc=1",
-             "pretrain_ecamp.image_cache.workers=1", f"data.root={small_corpus}", "run.device=cpu"]  # fmt: skip
+    small = [
+        *TINY_PRETRAIN,
+        "pretrain_ecamp.train.init_checkpoint=random",
+        "pretrain_ecamp.nproc=1",
+        "pretrain_ecamp.image_cache.workers=1",
+        f"data.root={small_corpus}",
+        "run.device=cpu",
+    ]
     args = ["stage", "pretrain_ecamp", "-c", paper, "--run-dir", str(run_dir), "--force"]
     result = CliRunner().invoke(app, [*args, *(x for s in small for x in ("--set", s))])
     assert result.exit_code == 0, result.output

@@ -37,17 +37,27 @@ from .test_cli import answers, wait_until
 pytestmark = pytest.mark.slow  # a real Prefect server, process workers and the browser
 
 BIN = Path(sys.executable).parent
-GPU_STAGES = {"finetune_student", "bulk_distill", "train_gloria", "pretrain_ecamp", "pretrain_ecamp__mim_only", "evaluate"}  # fmt: skip
+GPU_STAGES = {
+    "finetune_student",
+    "bulk_distill",
+    "train_gloria",
+    "pretrain_ecamp",
+    "pretrain_ecamp__mim_only",
+    "evaluate",
+}
 FAILING = "train_gloria"  # the middle stage made to fail, then resumed from
 BROKEN = "train_gloria.checkpoint=/nonexistent/gloria"
 # The README's deployment section, command by command (the test adds only its own parameters).
 README_COMMANDS = {
-    "pools": ["prefect work-pool create ecamp-cpu --type process", "prefect work-pool create ecamp-gpu --type process"],
+    "pools": [
+        "prefect work-pool create ecamp-cpu --type process",
+        "prefect work-pool create ecamp-gpu --type process",
+    ],
     "deploy": "ECAMP_HOME=$PWD prefect --no-prompt deploy --all",
     "workers": ["prefect worker start --pool ecamp-cpu", "prefect worker start --pool ecamp-gpu"],
     "full": "prefect deployment run 'ecamp-pipeline/full' --watch",
     "resume": "prefect deployment run 'ecamp-pipeline/full' -p from_stage=train_gloria --watch",
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -198,7 +208,11 @@ def pipeline(deployed, tmp_path_factory):
         pipelines = [
             r for r in flow_runs(client, deployment="full") if r.parameters.get("run_dir") == str(run_dir)
         ]
-        gpu_runs = [r for r in flow_runs(client, deployment="stage-gpu") if r.parameters.get("run_dir") == str(run_dir)]  # fmt: skip
+        gpu_runs = [
+            r
+            for r in flow_runs(client, deployment="stage-gpu")
+            if r.parameters.get("run_dir") == str(run_dir)
+        ]
     return {
         "run_dir": run_dir,
         "config": config,
@@ -369,7 +383,9 @@ def test_asset_events_carry_each_output_with_its_upstream_assets(pipeline):
     event = found[0]
     upstream = {u.uri: u.content_hash for u in encoder.info.upstream}
     assert event["payload"]["upstream"] == upstream and upstream
-    assert {r["prefect.resource.id"] for r in event["related"] if r["prefect.resource.role"] == "asset"} == set(upstream)  # fmt: skip
+    assert {
+        r["prefect.resource.id"] for r in event["related"] if r["prefect.resource.role"] == "asset"
+    } == set(upstream)
     reports = read_record(run_dir, "extract_reports").outputs["reports"]
     assert asset_events(url, reports.info.uri), "the first stage's outputs have events too"
 
@@ -398,9 +414,15 @@ def test_the_run_graph_is_the_stage_dag(pipeline):
 
 
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1400,1000",
+]
 
 
 def chromium_run(url: str, profile: Path, budget_ms: int, *action: str) -> str:
@@ -448,7 +470,9 @@ def test_the_ui_shows_the_manifests_and_the_lineage(pipeline, tmp_path):
         }
     encoder = read_record(run_dir, "pretrain_ecamp").outputs["encoder.safetensors"].content_hash
     expected = ["pretrain_ecamp/encoder.safetensors", encoder]
-    manifest = rendered(f"{url}/artifacts/artifact/{ids['pretrain_ecamp']}", tmp_path / "p2", expected, shots / "manifest.png")  # fmt: skip
+    manifest = rendered(
+        f"{url}/artifacts/artifact/{ids['pretrain_ecamp']}", tmp_path / "p2", expected, shots / "manifest.png"
+    )
     assert all(e in manifest for e in expected), manifest[:2000]
     entry = f"pretrain_ecamp/encoder.safetensors sha256 {encoder}"
     lineage = rendered(
@@ -491,8 +515,12 @@ def test_the_paper_deployment_says_what_to_set(pipeline):
     assert "train_gloria.model.image_checkpoint /models/gloria/resnet50-0676ba61.pth not found" in logs_of(
         run.id
     )
-    overrides = ["data.root=/data/mimic-cxr", "pretrain_ecamp.train.init_checkpoint=random",
-                 "train_gloria.model.image_checkpoint=random", "train_gloria.model.text_checkpoint=random"]  # fmt: skip
+    overrides = [
+        "data.root=/data/mimic-cxr",
+        "pretrain_ecamp.train.init_checkpoint=random",
+        "train_gloria.model.image_checkpoint=random",
+        "train_gloria.model.text_checkpoint=random",
+    ]
     params = ["-p", "overrides=" + json.dumps(overrides), "--watch"]
     again = shell("prefect deployment run 'ecamp-pipeline/paper'", params, env, timeout=300, check=False)
     assert again.returncode == 1

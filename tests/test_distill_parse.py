@@ -253,16 +253,23 @@ def test_certainty_severity_and_location_of_sentences():
         p = parse_sentence(text, FINDER)
         assert p.well_formed, text
         assert (p.certainty, p.entities, p.severity, p.severity_bin, p.location) == (
-            certainty, entities, severity, sev_bin, location,
-        ), text  # fmt: skip
+            certainty,
+            entities,
+            severity,
+            sev_bin,
+            location,
+        ), text
     assert not parse_sentence("Pleural effusion is present", FINDER).well_formed
 
 
 def test_split_response_handles_lists_and_run_on_lines():
     text = "1. There is mild edema.\n- There is no effusion. There may be pneumonia.\n\n* There is no mass."
     assert split_response(text) == [
-        "There is mild edema.", "There is no effusion.", "There may be pneumonia.", "There is no mass.",
-    ]  # fmt: skip
+        "There is mild edema.",
+        "There is no effusion.",
+        "There may be pneumonia.",
+        "There is no mass.",
+    ]
 
 
 def test_qc_flags_name_each_problem():
@@ -284,8 +291,11 @@ def test_qc_flags_name_each_problem():
         "polarity_disagrees:pneumonia",
     ]
     assert entity_certainties(parsed) == {
-        "effusion": "present", "pneumonia": "uncertain", "pneumothorax": "absent", "nodule": "present",
-    }  # fmt: skip
+        "effusion": "present",
+        "pneumonia": "uncertain",
+        "pneumothorax": "absent",
+        "nodule": "present",
+    }
     assert distilled_text(parsed).startswith(
         "There is mild left pleural effusion. There may be pneumonia. There is no"
     )
@@ -304,8 +314,11 @@ def test_qc_flags_name_each_problem():
 
 def test_entity_forms_are_matched_on_word_boundaries():
     assert FINDER.find("Opacities and effusions; perihilar haze; hilar fullness") == [
-        "opacity", "effusion", "perihilar", "hilar",
-    ]  # fmt: skip
+        "opacity",
+        "effusion",
+        "perihilar",
+        "hilar",
+    ]
     assert FINDER.find("the aortic knob") == []  # 'aortic' is not a form of 'aorta'
     assert FINDER.find("Hyperinflated lungs, COPD, CHF") == ["hyperinflated", "copd", "chf"]
 

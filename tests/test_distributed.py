@@ -46,8 +46,18 @@ def env() -> dict[str, str]:
 
 
 def torchrun(launch: list[str], job: Path, out: Path, module: str = "models.ecamp.pretrain", **extra: str):
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", module, "--job", str(job),
-           "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *launch,
+        "-m",
+        module,
+        "--job",
+        str(job),
+        "--out",
+        str(out),
+    ]
     return subprocess.Popen(
         cmd, env={**env(), **extra}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -76,12 +86,20 @@ def stage(tmp_path_factory, images, reports) -> Path:
     stage folder (job/, train/metrics.jsonl, the outputs)."""
     run_dir = tmp_path_factory.mktemp("run")
     write_upstream(run_dir, images, reports, with_attention=True)
-    config = load_config(None, [
-        *MODEL_SETTINGS, "pretrain_ecamp.model.vocab_size=400",
-        "pretrain_ecamp.text.max_len=48", "pretrain_ecamp.tokenizer_min_frequency=1",
-        *(f"pretrain_ecamp.train.{k}={v}" for k, v in TRAIN.items()), "pretrain_ecamp.train.batch_size=2",
-        "pretrain_ecamp.train.accum_iter=1", "pretrain_ecamp.nproc=2", "run.device=cpu",
-    ])  # fmt: skip
+    config = load_config(
+        None,
+        [
+            *MODEL_SETTINGS,
+            "pretrain_ecamp.model.vocab_size=400",
+            "pretrain_ecamp.text.max_len=48",
+            "pretrain_ecamp.tokenizer_min_frequency=1",
+            *(f"pretrain_ecamp.train.{k}={v}" for k, v in TRAIN.items()),
+            "pretrain_ecamp.train.batch_size=2",
+            "pretrain_ecamp.train.accum_iter=1",
+            "pretrain_ecamp.nproc=2",
+            "run.device=cpu",
+        ],
+    )
     ctx = make_test_context(run_dir, config, stage="pretrain_ecamp")
     run_direct(ctx, config.pretrain_ecamp)
     return ctx.stage_dir
@@ -134,15 +152,25 @@ def test_the_stage_with_nproc_2_trains_under_torchrun_like_one_process(stage, tm
     assert_same_steps(two, one, REL)
     first, last = (sum(m["mim"] for m in part) for part in (one[:4], one[-4:]))
     assert last < 0.9 * first  # it trained (measured 0.74)
-    assert load_timm_encoder(stage / "encoder.safetensors").forward_features(torch.zeros(1, 3, 32, 32)).shape == (
-        1, 17, 32,
-    )  # fmt: skip
+    assert load_timm_encoder(stage / "encoder.safetensors").forward_features(
+        torch.zeros(1, 3, 32, 32)
+    ).shape == (
+        1,
+        17,
+        32,
+    )
 
 
 def test_a_rank_killed_mid_epoch_resumes_exactly(stage, tmp_path):
     job, out = two_process_job(stage), tmp_path / "out"
-    killed = torchrun(["--standalone", "--nproc-per-node=2"], job, out, module="tests.torchrun_kill",
-                      KILL_RANK="1", KILL_STEP="5")  # fmt: skip
+    killed = torchrun(
+        ["--standalone", "--nproc-per-node=2"],
+        job,
+        out,
+        module="tests.torchrun_kill",
+        KILL_RANK="1",
+        KILL_STEP="5",
+    )
     code, output = finish(killed)
     assert code != 0 and "Signal 9 (SIGKILL) received by PID" in output, output
     assert torch.load(out / CHECKPOINT, weights_only=True)["state"]["step"] == 4  # epoch 1, step 1 of 3
@@ -156,8 +184,13 @@ def test_two_nodes_joined_by_a_rendezvous_on_localhost_train_like_one_node(stage
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    launch = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-              "--rdzv-id=two-nodes"]  # fmt: skip
+    launch = [
+        "--nnodes=2",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=two-nodes",
+    ]
     job = two_process_job(stage)
     nodes = [
         torchrun(launch, job, tmp_path / "shared") for _ in range(2)
@@ -170,10 +203,25 @@ def test_two_nodes_joined_by_a_rendezvous_on_localhost_train_like_one_node(stage
 
 def test_the_multi_node_launch_command_is_one_command_for_every_node():
     one = pretrain_ecamp.torchrun_command(Path("J"), Path("O"), 4, 1, None, "pretrain_ecamp")
-    assert one[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-                       "-m", "models.ecamp.pretrain", "--job", "J", "--out", "O"]  # fmt: skip
+    assert one[1:] == [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=4",
+        "-m",
+        "models.ecamp.pretrain",
+        "--job",
+        "J",
+        "--out",
+        "O",
+    ]
     two = pretrain_ecamp.torchrun_command(Path("J"), Path("O"), 8, 2, "node0:29400", "pretrain_ecamp")
-    assert two[3:8] == ["--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d",
-                        "--rdzv-endpoint=node0:29400", "--rdzv-id=pretrain_ecamp"]  # fmt: skip
+    assert two[3:8] == [
+        "--nnodes=2",
+        "--nproc-per-node=8",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=node0:29400",
+        "--rdzv-id=pretrain_ecamp",
+    ]
     with pytest.raises(ValueError, match=r"nnodes 2 needs rdzv_endpoint \(HOST:PORT every node reaches"):
         load_config(None, ["pretrain_ecamp.nnodes=2"])

@@ -27,10 +27,23 @@ from models.ecamp.model import (
 from models.text.masking import IGNORE_INDEX, weighted_mlm_loss
 
 TINY = dict(
-    img_size=32, hr_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
-    decoder_depth=1, decoder_num_heads=2, sr_window=2, vocab_size=50, text_hidden=32, text_layers=1,
-    text_heads=2, text_ffn=64, max_len=16,
-)  # fmt: skip
+    img_size=32,
+    hr_size=64,
+    patch_size=8,
+    embed_dim=32,
+    depth=2,
+    num_heads=2,
+    decoder_embed_dim=32,
+    decoder_depth=1,
+    decoder_num_heads=2,
+    sr_window=2,
+    vocab_size=50,
+    text_hidden=32,
+    text_layers=1,
+    text_heads=2,
+    text_ffn=64,
+    max_len=16,
+)
 
 
 def tiny(**changes) -> ECAMPConfig:
@@ -64,9 +77,11 @@ def test_sincos_2d_layout_matches_mae():
     row, col = 1, 2  # token 1 + row * grid + col
     token = emb[0, 1 + row * grid + col]
     expected = (
-        [math.sin(col * w) for w in omega] + [math.cos(col * w) for w in omega]
-        + [math.sin(row * w) for w in omega] + [math.cos(row * w) for w in omega]
-    )  # fmt: skip
+        [math.sin(col * w) for w in omega]
+        + [math.cos(col * w) for w in omega]
+        + [math.sin(row * w) for w in omega]
+        + [math.cos(row * w) for w in omega]
+    )
     assert torch.allclose(token, torch.tensor(expected), atol=1e-6)
     with pytest.raises(ValueError, match="multiple of 4"):
         sincos_2d(6, 2, True)

@@ -86,13 +86,19 @@ def test_a_class_the_subset_never_shows_gets_a_constant_score():
     train_x, train_y, _ = bright_region_set(40, 0)
     train_y[:, 1] = 0  # no image of the training subset has class b
     val_x, val_y, _ = bright_region_set(20, 1)
-    model, _ = fit_pixel_classifier((downsampled(train_x, 8), train_y), (downsampled(val_x, 8), val_y), 2, True,
-                                    PixelBaseline(size=8))  # fmt: skip
+    model, _ = fit_pixel_classifier(
+        (downsampled(train_x, 8), train_y), (downsampled(val_x, 8), val_y), 2, True, PixelBaseline(size=8)
+    )
     logits = model.logits(downsampled(val_x, 8))
     assert logits.shape == (20, 2) and np.all(logits[:, 1] == 0.0) and logits[:, 0].std() > 0
     multiclass = train_y[:, :1]  # a one-class multi-class subset: that class always
-    model, _ = fit_pixel_classifier((downsampled(train_x, 8), torch.zeros(40, 1)), (downsampled(val_x, 8),
-                                    multiclass[:20]), 3, False, PixelBaseline(size=8))  # fmt: skip
+    model, _ = fit_pixel_classifier(
+        (downsampled(train_x, 8), torch.zeros(40, 1)),
+        (downsampled(val_x, 8), multiclass[:20]),
+        3,
+        False,
+        PixelBaseline(size=8),
+    )
     assert model.logits(downsampled(val_x, 8)).argmax(axis=1).tolist() == [0] * 20
 
 
@@ -103,12 +109,21 @@ def job_of(task: str, n: tuple[int, int, int], delta: int = 30) -> Job:
         name: bright_region_set(k, seed, delta) for seed, (name, k) in enumerate(zip(names, n, strict=True))
     }
     samples = {
-        name: tuple(Sample(Path(f"/nonexistent/{name}{i}.png"), tuple(int(v) for v in y[i]))
-                    for i in range(len(y)))
+        name: tuple(
+            Sample(Path(f"/nonexistent/{name}{i}.png"), tuple(int(v) for v in y[i])) for i in range(len(y))
+        )
         for name, (_, y, _) in parts.items()
-    }  # fmt: skip
-    splits = Splits("bright", task, ("a", "b"), True, samples["train"], samples["val"], samples["test"],
-                    {10: tuple(range(0, n[0], 10)), 100: tuple(range(n[0]))})  # fmt: skip
+    }
+    splits = Splits(
+        "bright",
+        task,
+        ("a", "b"),
+        True,
+        samples["train"],
+        samples["val"],
+        samples["test"],
+        {10: tuple(range(0, n[0], 10)), 100: tuple(range(n[0]))},
+    )
     masks = task == "segmentation"
     pixels = {
         name: Pixels(x, m if masks else None, [torch.zeros(0, 4)] * len(x), f"{task}-{name}")
@@ -128,8 +143,11 @@ def test_the_pixels_row_runs_in_a_job_beside_an_encoder_and_is_cached_once():
     }
     arch = {**ARCH, "embed_dim": TINY.embed_dim}
     cache = FeatureCache(arch, NORM, pixel_size=16)
-    rows = list(run_job(job_of("classification", (200, 100, 200)), inits, reports, arch, NORM, cfg,
-                        lambda _: None, cache))  # fmt: skip
+    rows = list(
+        run_job(
+            job_of("classification", (200, 100, 200)), inits, reports, arch, NORM, cfg, lambda _: None, cache
+        )
+    )
     assert len(rows) == 2 * 2 * 2 * 2  # protocols x inits x fractions x seeds
     mine = {(r["task"], r["fraction"], r["seed"]): r for r in rows if r["init"] == "pixels"}
     assert {r["checkpoint_hash"] for r in mine.values()} == {"pixels"}
@@ -141,8 +159,10 @@ def test_the_pixels_row_runs_in_a_job_beside_an_encoder_and_is_cached_once():
     assert max(random_probe) < 0.9  # a random ViT's pooled feature does not see it (measured 0.5-0.6)
     pixel_keys = [k for k in cache.store if k[0] == "pixels"]
     assert sorted(k[1:] for k in pixel_keys) == [
-        (0, "classification-test", False), (0, "classification-train", False), (0, "classification-val", False)
-    ]  # fmt: skip  # computed once for both seeds and both protocols
+        (0, "classification-test", False),
+        (0, "classification-train", False),
+        (0, "classification-val", False),
+    ]  # computed once for both seeds and both protocols
     assert [k for k in cache.encoders if k[0] == "pixels"] == []  # no encoder was built for it
 
 
@@ -152,19 +172,33 @@ def test_the_pixels_row_segments_with_the_protocols_head_on_grey_patches():
     cfg = ProtocolConfig(segmentation=seg)
     inits = [Init("pixels", None, pixels=True)]
     job = job_of("segmentation", (120, 40, 40), delta=80)
-    rows = list(run_job(job, inits, {"pixels": LoadReport("p", "pixels")},
-                        ARCH, NORM, cfg, lambda _: None, FeatureCache(ARCH, NORM)))  # fmt: skip
+    rows = list(
+        run_job(
+            job,
+            inits,
+            {"pixels": LoadReport("p", "pixels")},
+            ARCH,
+            NORM,
+            cfg,
+            lambda _: None,
+            FeatureCache(ARCH, NORM),
+        )
+    )
     assert [(r["task"], r["metric"], r["fraction"]) for r in rows] == [
-        ("segmentation", "dice", 10), ("segmentation", "dice", 10),
-        ("segmentation", "dice", 100), ("segmentation", "dice", 100),
-    ]  # fmt: skip
+        ("segmentation", "dice", 10),
+        ("segmentation", "dice", 10),
+        ("segmentation", "dice", 100),
+        ("segmentation", "dice", 100),
+    ]
     assert all(r["value"] > 0.85 for r in rows if r["fraction"] == 100), rows  # measured 0.91, 0.93
 
 
 def test_the_table_says_what_the_pixels_row_is_and_the_plot_draws_it(tmp_path):
-    rows = [{"task": t, "metric": m, "dataset": "d", "init": i, "fraction": 10, "seed": 0, "value": 0.6}
-            for t, m in (("linear_probe", "auc"), ("segmentation", "dice"))
-            for i in ("pixels", "ecamp")]  # fmt: skip
+    rows = [
+        {"task": t, "metric": m, "dataset": "d", "init": i, "fraction": 10, "seed": 0, "value": 0.6}
+        for t, m in (("linear_probe", "auc"), ("segmentation", "dice"))
+        for i in ("pixels", "ecamp")
+    ]
     table = results_table(rows, pixel_size=24)
     assert "| pixels | 60.0 ± 0.0 |" in table
     assert "pixels: a linear model on the 24×24 image, no encoder" in table

@@ -50,8 +50,16 @@ def _fit_linears(seeds: list[int], data: list[tuple[torch.Tensor, torch.Tensor]]
             scores.append(own if epoch[g] <= plateau.get(g, 10**6) else -1e9)
         return scores
 
-    cfg = FitConfig(optimizer="adamw", lr=0.05, weight_decay=0.01, epochs=12, batch_size=16, clip_grad=0.5,
-                    patience=2, warmup_epochs=1)  # fmt: skip
+    cfg = FitConfig(
+        optimizer="adamw",
+        lr=0.05,
+        weight_decay=0.01,
+        epochs=12,
+        batch_size=16,
+        clip_grad=0.5,
+        patience=2,
+        warmup_epochs=1,
+    )
     return models, fit(models, batch_loss, validate, 40, cfg, seeds, "linears")
 
 
@@ -79,12 +87,19 @@ def test_segmentation_heads_of_one_fraction_train_together_as_they_do_one_by_one
     cfg = SegConfig(channels=(8, 8, 8), token_norm=True)
     fit_cfg = FitConfig(optimizer="adamw", lr=5e-3, weight_decay=0.05, epochs=6, batch_size=8, validations=3)
     heads, group = train_segmentation(
-        ([t for t, _ in members], masks), ([t[:8] for t, _ in members], masks[:8]), 4, 32, cfg, fit_cfg,
+        ([t for t, _ in members], masks),
+        ([t[:8] for t, _ in members], masks[:8]),
+        4,
+        32,
+        cfg,
+        fit_cfg,
         seeds=[s for _, s in members],
-    )  # fmt: skip
+    )
     assert group[0].losses != group[1].losses  # the seeds differ: another init and batch order
     for (t, seed), head, result in zip(members, heads, group, strict=True):
-        (alone_head,), (alone,) = train_segmentation(([t], masks), ([t[:8]], masks[:8]), 4, 32, cfg, fit_cfg, seeds=[seed])  # fmt: skip
+        (alone_head,), (alone,) = train_segmentation(
+            ([t], masks), ([t[:8]], masks[:8]), 4, 32, cfg, fit_cfg, seeds=[seed]
+        )
         assert alone.losses == result.losses
         assert (alone.best_score, alone.best_epoch) == (result.best_score, result.best_epoch)
         alone_state, state = alone_head.state_dict(), head.state_dict()

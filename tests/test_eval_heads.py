@@ -26,9 +26,24 @@ from models.evaluate.pixels import normalize
 from models.evaluate.segment import SegConfig, SegHead, train_segmentation
 from models.resources import CONFIG_DIR
 
-TINY = ECAMPConfig(img_size=32, hr_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=4,
-                   decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4, sr_window=2, vocab_size=50,
-                   text_hidden=32, text_layers=1, text_heads=2, text_ffn=64, max_len=16)  # fmt: skip
+TINY = ECAMPConfig(
+    img_size=32,
+    hr_size=64,
+    patch_size=8,
+    embed_dim=32,
+    depth=2,
+    num_heads=4,
+    decoder_embed_dim=32,
+    decoder_depth=1,
+    decoder_num_heads=4,
+    sr_window=2,
+    vocab_size=50,
+    text_hidden=32,
+    text_layers=1,
+    text_heads=2,
+    text_ffn=64,
+    max_len=16,
+)
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +143,14 @@ def test_the_linear_probe_trains_only_the_head_on_cached_features(export):
     pooled, tokens = frozen_features(model, images, Normalization())
     val_pooled, _ = frozen_features(model, val_images, Normalization())
     assert pooled.shape == (64, 32) and tokens.shape == (64, 16, 32)
-    (head,), (result,) = linear_probe(([pooled], labels), ([val_pooled], val_labels), 1, True,
-                                      FitConfig(epochs=30, batch_size=64, lr=0.5, clip_grad=None), seeds=[0])  # fmt: skip
+    (head,), (result,) = linear_probe(
+        ([pooled], labels),
+        ([val_pooled], val_labels),
+        1,
+        True,
+        FitConfig(epochs=30, batch_size=64, lr=0.5, clip_grad=None),
+        seeds=[0],
+    )
     assert result.losses[-1] < result.losses[0]
     assert result.best_score > 0.8
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the encoder never moved
@@ -189,8 +210,15 @@ def test_the_mim_only_model_has_no_text_side_and_its_loss_is_the_mim_loss():
     assert model.text is None and not any(k.startswith("text.") for k in model.state_dict())
     n = 2
     ids = torch.randint(5, 50, (n, 16))
-    losses = model(torch.randn(n, 3, 32, 32), torch.randn(n, 3, 64, 64), ids, torch.ones_like(ids),
-                   ids, torch.ones(n, 16), torch.tensor([[0, 0, 64, 64]] * n))  # fmt: skip
+    losses = model(
+        torch.randn(n, 3, 32, 32),
+        torch.randn(n, 3, 64, 64),
+        ids,
+        torch.ones_like(ids),
+        ids,
+        torch.ones(n, 16),
+        torch.tensor([[0, 0, 64, 64]] * n),
+    )
     assert float(losses["mlm"]) == 0.0 and float(losses["sr"]) == 0.0
     assert torch.equal(losses["total"], losses["mim"]) and float(losses["mim"]) > 0
 

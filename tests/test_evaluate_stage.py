@@ -28,12 +28,24 @@ FIT = "{epochs: 1, batch_size: 16, min_steps: 2, warmup_epochs: 0}"
 def evaluated(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     corpus = root / "downstream"
-    generate_corpus(SynthConfig(n_studies=40, image_size=64, seed=3, p_abnormal=0.6, p_lateral=0.0,
-                                frac_validate=0.25, frac_test=0.25), corpus)  # fmt: skip
+    generate_corpus(
+        SynthConfig(
+            n_studies=40,
+            image_size=64,
+            seed=3,
+            p_abnormal=0.6,
+            p_lateral=0.0,
+            frac_validate=0.25,
+            frac_test=0.25,
+        ),
+        corpus,
+    )
     torch.manual_seed(0)
     encoder = export_encoder(ECAMP(TINY), root / "tiny_ecamp.safetensors")
-    datasets = ", ".join(f"{{name: syn-{t[:3]}, kind: synth, task: {t}, path: {corpus}}}"
-                         for t in ("classification", "segmentation", "detection"))  # fmt: skip
+    datasets = ", ".join(
+        f"{{name: syn-{t[:3]}, kind: synth, task: {t}, path: {corpus}}}"
+        for t in ("classification", "segmentation", "detection")
+    )
     overrides = [
         f"evaluate.inits=[pixels, random, {encoder}]",
         f"evaluate.datasets=[{datasets}]",
@@ -59,8 +71,11 @@ def test_every_protocol_init_fraction_and_seed_gives_one_row(evaluated):
     )  # finetune, linear probe, segmentation, detection x inits x fractions x seeds
     assert {r["task"] for r in rows} == {"finetune", "linear_probe", "segmentation", "detection"}
     assert {(r["task"], r["metric"]) for r in rows} == {
-        ("finetune", "auc"), ("linear_probe", "auc"), ("segmentation", "dice"), ("detection", "map")
-    }  # fmt: skip
+        ("finetune", "auc"),
+        ("linear_probe", "auc"),
+        ("segmentation", "dice"),
+        ("detection", "map"),
+    }
     assert {r["init"] for r in rows} == {"pixels", "random", "tiny_ecamp"}
     assert all(0.0 <= r["value"] <= 1.0 for r in rows)
     digest = hashlib.sha256(evaluated["encoder"].read_bytes()).hexdigest()

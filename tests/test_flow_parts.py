@@ -79,8 +79,12 @@ def test_llm_and_file_system_stages_retry_and_gpu_stages_are_marked():
     declared = stages()
     assert {s.name for s in declared if s.retries} == {"extract_reports", "seed_distill", "bulk_distill"}
     assert {s.name for s in declared if s.gpu} == {
-        "finetune_student", "bulk_distill", "train_gloria", "pretrain_ecamp", "evaluate"
-    }  # fmt: skip
+        "finetune_student",
+        "bulk_distill",
+        "train_gloria",
+        "pretrain_ecamp",
+        "evaluate",
+    }
     options = stage_options(get_stage("seed_distill"), "seed_distill")
     assert options["retries"] == 2 and options["retry_condition_fn"] is transient_failure
     assert options["retry_delay_seconds"](2) == [10, 20]  # exponential backoff

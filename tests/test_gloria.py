@@ -57,9 +57,17 @@ TEXTS = [
     "there is cardiomegaly with mild edema",
 ]
 TINY = GloriaConfig(
-    encoder="small", image_size=32, small_width=8, embed_dim=16, vocab_size=120, text_hidden=16,
-    text_layers=2, text_heads=2, text_intermediate=32, max_tokens=24,
-)  # fmt: skip
+    encoder="small",
+    image_size=32,
+    small_width=8,
+    embed_dim=16,
+    vocab_size=120,
+    text_hidden=16,
+    text_layers=2,
+    text_heads=2,
+    text_intermediate=32,
+    max_tokens=24,
+)
 
 
 @pytest.fixture(scope="module")
@@ -497,7 +505,7 @@ STAGE_CFG = {
     "decode_workers": 2,
     "attention_batch": 16,
     "n_pictures": 2,
-}  # fmt: skip  (dotted keys: the `--set train_gloria.<key>` paths)
+}  # dotted keys: the `--set train_gloria.<key>` paths
 
 
 def nested(flat: dict) -> dict:
@@ -527,8 +535,10 @@ def upstream_run(small_corpus, tmp_path_factory):
     images = pq.read_table(run_dir / "extract_reports" / "images.parquet").to_pylist()
     corrupt = run_dir / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    extra = [images[0] | {"image_id": "missing-img", "path": str(run_dir / "nope.jpg")},
-             images[0] | {"image_id": "corrupt-img", "path": str(corrupt)}]  # fmt: skip
+    extra = [
+        images[0] | {"image_id": "missing-img", "path": str(run_dir / "nope.jpg")},
+        images[0] | {"image_id": "corrupt-img", "path": str(corrupt)},
+    ]
     seed_artifact(run_dir, "extract_reports/images", images + extra)
     return run_dir, config, len(images), sum(r["split"] == "train" for r in images)
 
@@ -660,8 +670,15 @@ def pretrained_folders(tmp_path_factory):
     torch.save(timm.create_model("resnet50").state_dict(), weights)
     vocab = train_wordpiece(iu_xray_texts()[:400], vocab_size=500).get_vocab()
     bert = root / "Bio_ClinicalBERT"
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=32)).save_pretrained(bert)  # fmt: skip
+    BertModel(
+        BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+        )
+    ).save_pretrained(bert)
     (bert / "vocab.txt").write_text("\n".join(sorted(vocab, key=vocab.get)) + "\n")
     return weights, bert
 
@@ -688,8 +705,10 @@ def test_gloria_starts_from_the_resnet_file_and_the_bert_folder(pretrained_folde
         tokenizer.encode("Pleural Effusion", add_special_tokens=False).tokens[0] == "pleural"
     )  # lower-cased
     random_init = Gloria(cfg.model_copy(update={"image_checkpoint": "random", "text_checkpoint": "random"}))
-    assert not torch.equal(dict(random_init.image_encoder.backbone.named_parameters())["layer1.0.conv1.weight"],
-                           resnet["layer1.0.conv1.weight"])  # fmt: skip
+    assert not torch.equal(
+        dict(random_init.image_encoder.backbone.named_parameters())["layer1.0.conv1.weight"],
+        resnet["layer1.0.conv1.weight"],
+    )
 
 
 def test_the_stage_trains_from_the_official_initializations_and_saves_a_rebuildable_model(
@@ -706,13 +725,24 @@ def test_the_stage_trains_from_the_official_initializations_and_saves_a_rebuilda
     text_dims = {
         f"model.{k}" for k in ("vocab_size", "text_hidden", "text_layers", "text_heads", "text_intermediate")
     }
-    with pytest.raises(pydantic.ValidationError, match=r"text_heads, text_hidden, text_intermediate, text_layers, "
-                       r"vocab_size: set by text_checkpoint's config.json .*text_checkpoint: random"):  # fmt: skip
+    with pytest.raises(
+        pydantic.ValidationError,
+        match=r"text_heads, text_hidden, text_intermediate, text_layers, "
+        r"vocab_size: set by text_checkpoint's config.json .*text_checkpoint: random",
+    ):
         run_gloria_stage(run_dir, config, **{"model.text_checkpoint": str(bert)})
-    run_gloria_stage(run_dir, config, drop=text_dims, **{
-        "model.encoder": "resnet50", "model.image_size": 64, "model.image_checkpoint": str(weights),
-        "model.text_checkpoint": str(bert), "train.epochs": 1,
-    })  # fmt: skip
+    run_gloria_stage(
+        run_dir,
+        config,
+        drop=text_dims,
+        **{
+            "model.encoder": "resnet50",
+            "model.image_size": 64,
+            "model.image_checkpoint": str(weights),
+            "model.text_checkpoint": str(bert),
+            "train.epochs": 1,
+        },
+    )
     out = run_dir / "train_gloria"
     saved = json.loads((out / "gloria_config.json").read_text())
     assert saved["text_hidden"] == 16 and saved["text_layers"] == 2

@@ -77,14 +77,27 @@ def test_a_small_image_is_cached_at_its_own_size_pixel_for_pixel(tmp_path):
 
 
 def test_augmented_samples_match_the_uncached_path_at_the_same_seed(large_jpegs, tmp_path):
-    model = ECAMPConfig(img_size=112, hr_size=224, patch_size=16, embed_dim=32, depth=1, num_heads=2,
-                        decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, sr_window=3)  # fmt: skip
+    model = ECAMPConfig(
+        img_size=112,
+        hr_size=224,
+        patch_size=16,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=2,
+        sr_window=3,
+    )
     cached = build_image_cache(large_jpegs, tmp_path / "cache", 2 * model.hr_size)
 
     def dataset(use_cache: bool) -> PretrainDataset:
-        records = [PretrainRecord(str(i), str(i), cached[p], "text", None, WINDOW, source_size(cached[p]))
-                   if use_cache else PretrainRecord(str(i), str(i), p, "text", None, WINDOW)
-                   for i, p in enumerate(large_jpegs)]  # fmt: skip
+        records = [
+            PretrainRecord(str(i), str(i), cached[p], "text", None, WINDOW, source_size(cached[p]))
+            if use_cache
+            else PretrainRecord(str(i), str(i), p, "text", None, WINDOW)
+            for i, p in enumerate(large_jpegs)
+        ]
         return PretrainDataset(records, model, PretrainConfig())
 
     plain, fast = dataset(False), dataset(True)

@@ -336,8 +336,14 @@ def seeded_upstream(tmp_path):
 
 
 def teacher_argv(run_dir: Path, server) -> list[str]:
-    sets = ["seed_distill.teacher=openai", f"seed_distill.base_url={server.base_url}", "seed_distill.model=teacher",
-            "seed_distill.n_reports=10", "seed_distill.concurrency=1", "seed_distill.max_retries=0"]  # fmt: skip
+    sets = [
+        "seed_distill.teacher=openai",
+        f"seed_distill.base_url={server.base_url}",
+        "seed_distill.model=teacher",
+        "seed_distill.n_reports=10",
+        "seed_distill.concurrency=1",
+        "seed_distill.max_retries=0",
+    ]
     return stage_argv("seed_distill", run_dir, *sets)
 
 
@@ -351,8 +357,10 @@ def test_a_redirecting_teacher_is_one_line(console, prefect_server, seeded_upstr
         assert line.startswith(
             f"error: HTTP 307 from {local.base_url}: redirect to {elsewhere.base_url}/chat/"
         )
-    assert line.endswith("not followed (report text goes only to the configured endpoint, which the data-use "
-                         "policy checked); configure the final URL instead")  # fmt: skip
+    assert line.endswith(
+        "not followed (report text goes only to the configured endpoint, which the data-use "
+        "policy checked); configure the final URL instead"
+    )
     assert sum(elsewhere.counts.values()) == 0
 
 

@@ -177,7 +177,9 @@ def test_catalog_rebuild_cli_restores_lineage(pipeline_run):
     assert missing.exit_code == 2 and "no such run directory" in missing.output
 
 
-def test_run_from_a_stage_takes_earlier_stages_as_they_are_and_recomputes_the_rest(pipeline_run, small_corpus, tmp_path):  # fmt: skip
+def test_run_from_a_stage_takes_earlier_stages_as_they_are_and_recomputes_the_rest(
+    pipeline_run, small_corpus, tmp_path
+):
     """Deployments issue 3: `ecamp run --from` (the flow's `from_stage`) resumes after a failure."""
     run_dir, _, _ = pipeline_run
     before = {n: read_record(run_dir, n).finished_at for n in ("extract_reports", "match_entities")}

@@ -53,10 +53,22 @@ from tests.context import make_test_context, run_direct, seed_artifact
 from tests.real_data import REAL_DATA, iu_xray_texts
 
 MODEL = dict(
-    img_size=32, hr_size=64, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
-    decoder_depth=1, decoder_num_heads=2, sr_window=2, text_hidden=32, text_layers=1, text_heads=2,
-    text_ffn=64, max_len=48,
-)  # fmt: skip
+    img_size=32,
+    hr_size=64,
+    patch_size=8,
+    embed_dim=32,
+    depth=1,
+    num_heads=2,
+    decoder_embed_dim=32,
+    decoder_depth=1,
+    decoder_num_heads=2,
+    sr_window=2,
+    text_hidden=32,
+    text_layers=1,
+    text_heads=2,
+    text_ffn=64,
+    max_len=48,
+)
 # MODEL as `--set` overrides of the stage; its position table follows text.max_len (one setting)
 MODEL_SETTINGS = [
     *(f"pretrain_ecamp.model.{k}={v}" for k, v in MODEL.items() if k != "max_len"),
@@ -208,15 +220,25 @@ def test_decode_gray_matches_the_project_loader():
 
 def test_join_inputs_rejects_and_fallbacks():
     cfg = ECAMPConfig(**{**MODEL, "vocab_size": 50, "sr_window": 2})
-    images = pa.table({
-        "image_id": ["a", "b", "c", "d", "e"], "study_id": ["1", "2", "3", "4", "1"],
-        "path": ["pa", "pb", "pc", "pd", "pe"], "split": ["train", "train", "train", "test", "train"],
-    })  # fmt: skip
+    images = pa.table(
+        {
+            "image_id": ["a", "b", "c", "d", "e"],
+            "study_id": ["1", "2", "3", "4", "1"],
+            "path": ["pa", "pb", "pc", "pd", "pe"],
+            "split": ["train", "train", "train", "test", "train"],
+        }
+    )
     reports = pa.table({"study_id": ["1", "2"], "text": ["no effusion.", "  "]})
     distilled = pa.table({"study_id": ["1"], "distilled_text": ["There is no effusion."]})
-    attention = pa.table({
-        "image_id": ["a"], "window_row": [1], "window_col": [2], "window_size": [4], "grid": [8],
-    })  # fmt: skip
+    attention = pa.table(
+        {
+            "image_id": ["a"],
+            "window_row": [1],
+            "window_col": [2],
+            "window_size": [4],
+            "grid": [8],
+        }
+    )
     joined = join_inputs(images, reports, distilled, attention, ["train"], cfg)
     assert [r.image_id for r in joined.records] == ["a", "e"]
     assert joined.records[0].window == (0.125, 0.25, 0.625, 0.75)
@@ -278,8 +300,15 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(images, reports, to
             assert a[key] == pytest.approx(b[key], abs=1e-6, rel=0), (a["step"], key)
     # another seed makes the checkpoint stale: warned about and not resumed
     with caplog.at_level(logging.WARNING):
-        other = train(mcfg, cfg.model_copy(update={"seed": 4}), ds, collator(tokenizer), tmp_path / "cut",
-                      progress=False, stop_after=1)  # fmt: skip
+        other = train(
+            mcfg,
+            cfg.model_copy(update={"seed": 4}),
+            ds,
+            collator(tokenizer),
+            tmp_path / "cut",
+            progress=False,
+            stop_after=1,
+        )
     assert other.resumed_from is None and "starting from scratch" in caplog.text
 
 
@@ -334,8 +363,12 @@ def test_loader_options_follow_the_config():
     assert loader_options(PretrainConfig(num_workers=0), cpu) == {"num_workers": 0, "pin_memory": False}
     assert loader_options(PretrainConfig(num_workers=0), cuda) == {"num_workers": 0, "pin_memory": True}
     assert loader_options(PretrainConfig(num_workers=3, pin_memory=False, prefetch_factor=4), cuda) == {
-        "num_workers": 3, "pin_memory": False, "persistent_workers": True, "prefetch_factor": 4, "timeout": 600,
-    }  # fmt: skip
+        "num_workers": 3,
+        "pin_memory": False,
+        "persistent_workers": True,
+        "prefetch_factor": 4,
+        "timeout": 600,
+    }
 
 
 def test_persistent_workers_draw_each_epochs_augmentation(images, reports, tokenizer, tmp_path):
@@ -436,24 +469,73 @@ def write_upstream(run_dir, images, reports, with_attention: bool, validate: int
     def split(i: int) -> str:
         return "test" if i == n - 1 else "validate" if i >= n - 1 - validate else "train"
 
-    seed_artifact(run_dir, "extract_reports/images", [
-        Image(image_id=f"i{i}", study_id=f"s{i}", subject_id="p", split=split(i), path=p, view="PA", height=48,
-              width=40, stamp=stat_stamp(p))
-        for i, p in enumerate(images)
-    ] + [Image(image_id="orphan", study_id="none", subject_id="p", split="train", path=images[0], view="PA",
-               height=48, width=40, stamp=stat_stamp(images[0]))])  # fmt: skip
-    seed_artifact(run_dir, "extract_reports/reports", [
-        Report(study_id=f"s{i}", subject_id="p", split="train", findings=reports[i], impression="",
-               text=reports[i], source_path="x")
-        for i in range(n)
-    ])  # fmt: skip
+    seed_artifact(
+        run_dir,
+        "extract_reports/images",
+        [
+            Image(
+                image_id=f"i{i}",
+                study_id=f"s{i}",
+                subject_id="p",
+                split=split(i),
+                path=p,
+                view="PA",
+                height=48,
+                width=40,
+                stamp=stat_stamp(p),
+            )
+            for i, p in enumerate(images)
+        ]
+        + [
+            Image(
+                image_id="orphan",
+                study_id="none",
+                subject_id="p",
+                split="train",
+                path=images[0],
+                view="PA",
+                height=48,
+                width=40,
+                stamp=stat_stamp(images[0]),
+            )
+        ],
+    )
+    seed_artifact(
+        run_dir,
+        "extract_reports/reports",
+        [
+            Report(
+                study_id=f"s{i}",
+                subject_id="p",
+                split="train",
+                findings=reports[i],
+                impression="",
+                text=reports[i],
+                source_path="x",
+            )
+            for i in range(n)
+        ],
+    )
     seed_artifact(run_dir, "match_entities/lexicon", lexicon_rows(load_entity_list(DEFAULT_ENTITY_LIST)))
     if with_attention:
-        seed_artifact(run_dir, "train_gloria/attention_maps", [
-            AttentionMap(image_id=f"i{i}", study_id=f"s{i}", entities=["effusion"], attention=[1 / 16] * 16,
-                         grid=4, window_row=i % 3, window_col=0, window_size=2, fallback="none")
-            for i in range(n)
-        ])  # fmt: skip
+        seed_artifact(
+            run_dir,
+            "train_gloria/attention_maps",
+            [
+                AttentionMap(
+                    image_id=f"i{i}",
+                    study_id=f"s{i}",
+                    entities=["effusion"],
+                    attention=[1 / 16] * 16,
+                    grid=4,
+                    window_row=i % 3,
+                    window_col=0,
+                    window_size=2,
+                    fallback="none",
+                )
+                for i in range(n)
+            ],
+        )
 
 
 @pytest.mark.parametrize("with_attention", [False, True])
@@ -461,12 +543,21 @@ def test_stage_writes_metrics_encoder_and_says_what_it_fell_back_to(
     tmp_path, images, reports, caplog, with_attention
 ):
     write_upstream(tmp_path, images, reports, with_attention)
-    config = load_config(None, [
-        *MODEL_SETTINGS, "pretrain_ecamp.model.vocab_size=400",
-        "pretrain_ecamp.text.max_len=48", "pretrain_ecamp.tokenizer_min_frequency=1",
-        "pretrain_ecamp.train.epochs=2", "pretrain_ecamp.train.batch_size=4", "pretrain_ecamp.train.accum_iter=1",
-        "pretrain_ecamp.train.warmup_epochs=1", "pretrain_ecamp.train.num_workers=0", "run.device=cpu",
-    ])  # fmt: skip
+    config = load_config(
+        None,
+        [
+            *MODEL_SETTINGS,
+            "pretrain_ecamp.model.vocab_size=400",
+            "pretrain_ecamp.text.max_len=48",
+            "pretrain_ecamp.tokenizer_min_frequency=1",
+            "pretrain_ecamp.train.epochs=2",
+            "pretrain_ecamp.train.batch_size=4",
+            "pretrain_ecamp.train.accum_iter=1",
+            "pretrain_ecamp.train.warmup_epochs=1",
+            "pretrain_ecamp.train.num_workers=0",
+            "run.device=cpu",
+        ],
+    )
     ctx = make_test_context(tmp_path, config, stage="pretrain_ecamp")
     with caplog.at_level(logging.INFO):
         run_direct(ctx, config.pretrain_ecamp)
@@ -479,8 +570,13 @@ def test_stage_writes_metrics_encoder_and_says_what_it_fell_back_to(
     metrics = read_artifact(ctx.stage_dir / "pretrain_metrics.parquet").to_pylist()
     assert [r["step"] for r in metrics] == list(range(1, 7))  # 15 train images // 4 = 3 steps × 2 epochs
     rejects = read_artifact(ctx.stage_dir / "pretrain_rejects.parquet").to_pylist()
-    assert rejects == [{"image_id": "orphan", "study_id": "none",
-                        "reason": "no report for this study in extract_reports/reports"}]  # fmt: skip
+    assert rejects == [
+        {
+            "image_id": "orphan",
+            "study_id": "none",
+            "reason": "no report for this study in extract_reports/reports",
+        }
+    ]
     vit = load_timm_encoder(ctx.stage_dir / "encoder.safetensors")
     assert vit.forward_features(torch.zeros(1, 3, 32, 32)).shape == (1, 17, 32)
     card = (ctx.stage_dir / "MODEL_CARD.md").read_text()
@@ -503,13 +599,22 @@ def test_the_stage_measures_image_reliance_on_held_out_studies(tmp_path, images,
     """Issue 23 item 2: held-out pairs (the validate split) give the last metrics row, the card and the log the
     text side's accuracy and loss with the paired and a mismatched image; the held-out images are not trained on."""
     write_upstream(tmp_path, images, reports, with_attention=False, validate=4)
-    config = load_config(None, [
-        *MODEL_SETTINGS, "pretrain_ecamp.model.vocab_size=400",
-        "pretrain_ecamp.text.max_len=48", "pretrain_ecamp.tokenizer_min_frequency=1",
-        "pretrain_ecamp.train.epochs=2", "pretrain_ecamp.train.batch_size=4", "pretrain_ecamp.train.accum_iter=1",
-        "pretrain_ecamp.train.warmup_epochs=1", "pretrain_ecamp.train.num_workers=0",
-        "pretrain_ecamp.train.reliance_every_epoch=true", "run.device=cpu",
-    ])  # fmt: skip
+    config = load_config(
+        None,
+        [
+            *MODEL_SETTINGS,
+            "pretrain_ecamp.model.vocab_size=400",
+            "pretrain_ecamp.text.max_len=48",
+            "pretrain_ecamp.tokenizer_min_frequency=1",
+            "pretrain_ecamp.train.epochs=2",
+            "pretrain_ecamp.train.batch_size=4",
+            "pretrain_ecamp.train.accum_iter=1",
+            "pretrain_ecamp.train.warmup_epochs=1",
+            "pretrain_ecamp.train.num_workers=0",
+            "pretrain_ecamp.train.reliance_every_epoch=true",
+            "run.device=cpu",
+        ],
+    )
     ctx = make_test_context(tmp_path, config, stage="pretrain_ecamp")
     with caplog.at_level(logging.INFO):
         run_direct(ctx, config.pretrain_ecamp)
@@ -542,15 +647,23 @@ def test_a_finished_checkpoint_is_not_resumed_under_another_masking(tmp_path, im
     text side's settings (here Eq. 3's λ_neg) are part of what a checkpoint was made on."""
     write_upstream(tmp_path, images, reports, with_attention=False)
     base = [
-        *MODEL_SETTINGS, "pretrain_ecamp.model.vocab_size=400",
-        "pretrain_ecamp.text.max_len=48", "pretrain_ecamp.tokenizer_min_frequency=1",
-        "pretrain_ecamp.train.epochs=1", "pretrain_ecamp.train.batch_size=4", "pretrain_ecamp.train.accum_iter=1",
-        "pretrain_ecamp.train.warmup_epochs=0", "pretrain_ecamp.train.num_workers=0", "run.device=cpu",
-    ]  # fmt: skip
+        *MODEL_SETTINGS,
+        "pretrain_ecamp.model.vocab_size=400",
+        "pretrain_ecamp.text.max_len=48",
+        "pretrain_ecamp.tokenizer_min_frequency=1",
+        "pretrain_ecamp.train.epochs=1",
+        "pretrain_ecamp.train.batch_size=4",
+        "pretrain_ecamp.train.accum_iter=1",
+        "pretrain_ecamp.train.warmup_epochs=0",
+        "pretrain_ecamp.train.num_workers=0",
+        "run.device=cpu",
+    ]
     encoder = tmp_path / "pretrain_ecamp" / "encoder.safetensors"
     for lambda_neg, expected in ((0.05, "resumed from"), (0.25, "starting from scratch")):
-        run_direct(make_test_context(tmp_path, config := load_config(None, base), stage="pretrain_ecamp"),
-                   config.pretrain_ecamp)  # fmt: skip
+        run_direct(
+            make_test_context(tmp_path, config := load_config(None, base), stage="pretrain_ecamp"),
+            config.pretrain_ecamp,
+        )
         first = encoder.read_bytes()
         caplog.clear()
         again = load_config(None, [*base, f"pretrain_ecamp.text.lambda_neg={lambda_neg}"])
@@ -610,12 +723,21 @@ def test_an_infinite_lr_stops_at_the_first_non_finite_loss(images, reports, toke
 
 def test_the_stage_exports_no_encoder_when_the_loss_goes_non_finite(tmp_path, images, reports):
     write_upstream(tmp_path, images, reports, with_attention=False)
-    config = load_config(None, [
-        *MODEL_SETTINGS, "pretrain_ecamp.model.vocab_size=400",
-        "pretrain_ecamp.text.max_len=48", "pretrain_ecamp.tokenizer_min_frequency=1",
-        "pretrain_ecamp.train.epochs=2", "pretrain_ecamp.train.batch_size=4", "pretrain_ecamp.train.accum_iter=1",
-        "pretrain_ecamp.train.num_workers=0", "pretrain_ecamp.train.lr=.inf", "run.device=cpu",
-    ])  # fmt: skip
+    config = load_config(
+        None,
+        [
+            *MODEL_SETTINGS,
+            "pretrain_ecamp.model.vocab_size=400",
+            "pretrain_ecamp.text.max_len=48",
+            "pretrain_ecamp.tokenizer_min_frequency=1",
+            "pretrain_ecamp.train.epochs=2",
+            "pretrain_ecamp.train.batch_size=4",
+            "pretrain_ecamp.train.accum_iter=1",
+            "pretrain_ecamp.train.num_workers=0",
+            "pretrain_ecamp.train.lr=.inf",
+            "run.device=cpu",
+        ],
+    )
     ctx = make_test_context(tmp_path, config, stage="pretrain_ecamp")
     with pytest.raises(FloatingPointError, match=r"^ECAMP loss is nan at epoch 0, step \d+ \(non-finite: "):
         run_direct(ctx, config.pretrain_ecamp)

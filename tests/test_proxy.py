@@ -140,8 +140,16 @@ def test_the_temporary_prefect_server_is_reached_directly_under_a_proxy(proxied,
         app, ["synth", "--out", str(corpus), "--n", "6", "--set", "synth.image_size=64"]
     )
     assert made.exit_code == 0, made.output
-    argv = ["stage", "extract_reports", "-c", DEMO, "--run-dir", str(tmp_path / "run"),
-            "--set", f"data.root={corpus}"]  # fmt: skip
+    argv = [
+        "stage",
+        "extract_reports",
+        "-c",
+        DEMO,
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--set",
+        f"data.root={corpus}",
+    ]
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(restore_defaults={PREFECT_API_URL}):  # even after a test configured one

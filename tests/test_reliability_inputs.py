@@ -174,9 +174,14 @@ def _count_images(ctx, cfg) -> None:
 
 
 READER = Stage(
-    name="reader", version="1", config=ReaderConfig, run=_count_images, summary="a stage reading the images",
-    reads=("extract_reports/images",), writes={"count": ImageCount},
-)  # fmt: skip
+    name="reader",
+    version="1",
+    config=ReaderConfig,
+    run=_count_images,
+    summary="a stage reading the images",
+    reads=("extract_reports/images",),
+    writes={"count": ImageCount},
+)
 
 
 def _radiograph(path: Path, width: int, height: int, seed: int) -> None:
@@ -199,9 +204,14 @@ def _manifest_config(tmp_path: Path):
         rows.append(f's{i},images/{i}.jpg,"FINDINGS: Lungs are clear. IMPRESSION: No acute process {i}."')
     (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
     config = load_config(
-        None, ["data.source=manifest", f"data.manifest={tmp_path / 'manifest.csv'}", "data.check_images=true",
-               "extract_reports.image_workers=1"],
-    )  # fmt: skip
+        None,
+        [
+            "data.source=manifest",
+            f"data.manifest={tmp_path / 'manifest.csv'}",
+            "data.check_images=true",
+            "extract_reports.image_workers=1",
+        ],
+    )
     config = types.SimpleNamespace(**{n: getattr(config, n) for n in ("run", "data", "extract_reports")})
     config.reader = ReaderConfig()
     return config, sorted(images.iterdir())
@@ -297,7 +307,9 @@ def test_a_broken_stamp_table_counts_every_file_as_first_seen(tmp_path):
     files[0].write_text("other content")
     again = StampTable(table_path, warnings.append)
     assert again.stamps([str(f) for f in files] + [str(tmp_path / "gone.txt")]) == [
-        f"sha256:{hashlib.sha256(b'other content').hexdigest()}", stat_stamp(files[1]), stat_stamp(files[2]),
+        f"sha256:{hashlib.sha256(b'other content').hexdigest()}",
+        stat_stamp(files[1]),
+        stat_stamp(files[2]),
         "absent",
-    ]  # fmt: skip
+    ]
     assert len(warnings) == 1

@@ -16,10 +16,24 @@ from models.text.wordpiece import train_wordpiece
 
 torch.set_num_threads(1)
 MODEL = dict(
-    img_size=32, hr_size=64, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
-    decoder_depth=1, decoder_num_heads=2, sr_window=2, text_hidden=32, text_layers=1, text_heads=2,
-    text_ffn=64, max_len=16, mask_ratio=0.5, sr=False,
-)  # fmt: skip
+    img_size=32,
+    hr_size=64,
+    patch_size=8,
+    embed_dim=32,
+    depth=1,
+    num_heads=2,
+    decoder_embed_dim=32,
+    decoder_depth=1,
+    decoder_num_heads=2,
+    sr_window=2,
+    text_hidden=32,
+    text_layers=1,
+    text_heads=2,
+    text_ffn=64,
+    max_len=16,
+    mask_ratio=0.5,
+    sr=False,
+)
 SIDES = ("left", "right")
 
 
@@ -49,8 +63,18 @@ def trained(tmp_path_factory):
     tokenizer = train_wordpiece([r.text for r in train_records], vocab_size=60, min_frequency=1)
     collator = TextCollator(tokenizer, TextMaskingConfig(max_len=16, text_composition="origin"), ["opacity"])
     model_cfg = ECAMPConfig(**MODEL, vocab_size=tokenizer.get_vocab_size())
-    cfg = PretrainConfig(epochs=60, batch_size=16, accum_iter=1, warmup_epochs=2, lr=3e-3, num_workers=0, seed=0,
-                         hflip=False, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))  # fmt: skip  # the side stays
+    cfg = PretrainConfig(
+        epochs=60,
+        batch_size=16,
+        accum_iter=1,
+        warmup_epochs=2,
+        lr=3e-3,
+        num_workers=0,
+        seed=0,
+        hflip=False,
+        crop_scale=(1.0, 1.0),
+        crop_ratio=(1.0, 1.0),
+    )  # the side stays
     dataset = PretrainDataset(train_records, model_cfg, cfg)
     batches = heldout_set(held, dataset, collator, cfg)
     result = train(model_cfg, cfg, dataset, collator, root / "out", progress=False, heldout=batches)
@@ -76,8 +100,10 @@ def test_reliance_is_clearly_above_zero_when_the_side_is_only_in_the_image(train
 
 def test_reliance_is_zero_when_the_images_are_blank_and_measuring_changes_no_draw(trained):
     model = trained["result"].model
-    blank = [HeldOutBatch(torch.zeros_like(b.imgs_lr), b.input_ids, b.attention_mask, b.labels, b.focus)
-             for b in trained["batches"]]  # fmt: skip
+    blank = [
+        HeldOutBatch(torch.zeros_like(b.imgs_lr), b.input_ids, b.attention_mask, b.labels, b.focus)
+        for b in trained["batches"]
+    ]
     state = torch.get_rng_state()
     measured = measure_reliance(model, blank, torch.device("cpu"), seed=0)
     assert torch.equal(torch.get_rng_state(), state) and model.training  # training would go on unchanged

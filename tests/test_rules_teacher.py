@@ -126,7 +126,7 @@ def write_upstream(run_dir: Path) -> None:
             "impression": i,
             "text": f"{f} {i}",
             "source_path": f"{sid}.txt",
-        }  # fmt: skip
+        }
         for sid, (f, i) in REPORTS.items()
     ]
     seed_artifact(run_dir, "extract_reports/reports", rows)

@@ -67,13 +67,25 @@ def make_stages(calls: list[str]) -> tuple[Stage, Stage]:
         ctx.write("count", [{"value": len(values)}])
 
     source = Stage(
-        name="source", version="1", config=SourceConfig, run=run_source, summary="numbers",
-        writes={"numbers": Number}, sections=("data",), input_files=lambda c: [Path(c.data.manifest)],
-    )  # fmt: skip
+        name="source",
+        version="1",
+        config=SourceConfig,
+        run=run_source,
+        summary="numbers",
+        writes={"numbers": Number},
+        sections=("data",),
+        input_files=lambda c: [Path(c.data.manifest)],
+    )
     double = Stage(
-        name="double", version="1", config=DoubleConfig, run=run_double, summary="doubled numbers",
-        reads=("source/numbers",), writes={"doubled": Number, "count": Number}, files=("weights.bin",),
-    )  # fmt: skip
+        name="double",
+        version="1",
+        config=DoubleConfig,
+        run=run_double,
+        summary="doubled numbers",
+        reads=("source/numbers",),
+        writes={"doubled": Number, "count": Number},
+        files=("weights.bin",),
+    )
     return source, double
 
 

@@ -55,15 +55,27 @@ from tests.fake_openai_server import FakeOpenAIServer
 torch.set_num_threads(1)
 
 REPORTS = [
-    ("Small left pleural effusion. No pneumothorax.", ["effusion", "pneumothorax"],
-     "There is small left pleural effusion.\nThere is no pneumothorax."),
-    ("No focal consolidation. Mild cardiomegaly.", ["consolidation", "cardiomegaly"],
-     "There is no focal consolidation.\nThere is mild cardiomegaly."),
-    ("Possible right lower lobe pneumonia. No effusion.", ["pneumonia", "effusion"],
-     "There may be right lower lobe pneumonia.\nThere is no effusion."),
-    ("Moderate pulmonary edema. No pneumothorax.", ["edema", "pneumothorax"],
-     "There is moderate pulmonary edema.\nThere is no pneumothorax."),
-]  # fmt: skip
+    (
+        "Small left pleural effusion. No pneumothorax.",
+        ["effusion", "pneumothorax"],
+        "There is small left pleural effusion.\nThere is no pneumothorax.",
+    ),
+    (
+        "No focal consolidation. Mild cardiomegaly.",
+        ["consolidation", "cardiomegaly"],
+        "There is no focal consolidation.\nThere is mild cardiomegaly.",
+    ),
+    (
+        "Possible right lower lobe pneumonia. No effusion.",
+        ["pneumonia", "effusion"],
+        "There may be right lower lobe pneumonia.\nThere is no effusion.",
+    ),
+    (
+        "Moderate pulmonary edema. No pneumothorax.",
+        ["edema", "pneumothorax"],
+        "There is moderate pulmonary edema.\nThere is no pneumothorax.",
+    ),
+]
 DIMS = TinyDims(
     vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
 )
@@ -288,10 +300,13 @@ def test_a_student_below_the_all_absent_baseline_is_warned_about_or_stopped(capl
         check_student(evals, None, log)
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         ("INFO", "held-out polarity agreement: student 0.500, all-absent baseline 0.750 (8 entities)"),
-        ("WARNING", "the student's held-out polarity agreement 0.500 is below the all-absent baseline 0.750 "
-         "(8 entities): answering every entity 'absent' would do better, and bulk_distill will distil the corpus "
-         "with this student; set finetune_student.min_agreement to stop here"),
-    ]  # fmt: skip
+        (
+            "WARNING",
+            "the student's held-out polarity agreement 0.500 is below the all-absent baseline 0.750 "
+            "(8 entities): answering every entity 'absent' would do better, and bulk_distill will distil the corpus "
+            "with this student; set finetune_student.min_agreement to stop here",
+        ),
+    ]
     with pytest.raises(StudentTooWeakError) as err:
         check_student(evals, 0.6, log)
     assert str(err.value) == (
@@ -327,8 +342,13 @@ def test_entity_subset_rows_ask_for_a_subset_and_cut_the_answer_to_it():
         "contours.\nThere is no pulmonary edema."
     )
     invented = "There is no pulmonary nodule."  # an entity the list never asked for: no subset may carry it
-    row = {"study_id": "s1", "report": "REPORT", "answer": answer + "\n" + invented, "prompt": "P",
-           "entities": ["effusion", "pneumothorax", "cardiomediastinal", "contour", "edema"]}  # fmt: skip
+    row = {
+        "study_id": "s1",
+        "report": "REPORT",
+        "answer": answer + "\n" + invented,
+        "prompt": "P",
+        "entities": ["effusion", "pneumothorax", "cardiomediastinal", "contour", "edema"],
+    }
     single = {
         "study_id": "s2",
         "report": "R2",
@@ -357,8 +377,14 @@ def test_entity_subset_rows_ask_for_a_subset_and_cut_the_answer_to_it():
 
 def test_openai_backend_uses_raw_completions_in_prompt_order():
     with FakeOpenAIServer() as server:
-        cfg = ClientConfig(base_url=server.base_url, model="student", api_key_env="ECAMP_TEST_NO_KEY",
-                           rpm=None, tpm=None, max_retries=1)  # fmt: skip
+        cfg = ClientConfig(
+            base_url=server.base_url,
+            model="student",
+            api_key_env="ECAMP_TEST_NO_KEY",
+            rpm=None,
+            tpm=None,
+            max_retries=1,
+        )
         out = OpenAIBackend(cfg).generate(prompts()[:3])
         assert server.counts["POST /v1/completions"] == 3 and server.counts["POST /v1/chat/completions"] == 0
     assert out[0] == "There is small left pleural effusion.\nThere is no pneumothorax."
@@ -398,8 +424,12 @@ HTTPServer(("127.0.0.1", port), H).serve_forever()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    settings = VllmSettings(python=fake_vllm(tmp_path, serve), port=port, startup_timeout_s=30,
-                            env={"VLLM_CPU_KVCACHE_SPACE": "1"})  # fmt: skip
+    settings = VllmSettings(
+        python=fake_vllm(tmp_path, serve),
+        port=port,
+        startup_timeout_s=30,
+        env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
     cmd = vllm_command("/models/vicuna", tmp_path / "adapter", settings)
     assert cmd[cmd.index("--lora-modules") + 1] == f"student={tmp_path / 'adapter'}"
     with start_vllm_server("/models/vicuna", tmp_path / "adapter", settings, tmp_path / "log.txt") as server:
@@ -409,8 +439,11 @@ HTTPServer(("127.0.0.1", port), H).serve_forever()
 
 
 def test_vllm_server_that_dies_reports_its_log(tmp_path):
-    settings = VllmSettings(python=fake_vllm(tmp_path, "print('CUDA out of memory'); raise SystemExit(3)"),
-                            port=1, startup_timeout_s=30)  # fmt: skip
+    settings = VllmSettings(
+        python=fake_vllm(tmp_path, "print('CUDA out of memory'); raise SystemExit(3)"),
+        port=1,
+        startup_timeout_s=30,
+    )
     with pytest.raises(RuntimeError, match="(?s)the vLLM server exited with code 3.*CUDA out of memory"):
         start_vllm_server("/m", tmp_path / "a", settings, tmp_path / "log.txt")
 

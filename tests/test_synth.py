@@ -19,23 +19,52 @@ from models.synth.images import render_frontal, sample_anatomy
 from models.synth.reports import ENTITY_TO_CHEXPERT
 
 METADATA_HEADER = [
-    "dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
-    "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning", "ViewCodeSequence_CodeMeaning",
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "PerformedProcedureStepDescription",
+    "ViewPosition",
+    "Rows",
+    "Columns",
+    "StudyDate",
+    "StudyTime",
+    "ProcedureCodeSequence_CodeMeaning",
+    "ViewCodeSequence_CodeMeaning",
     "PatientOrientationCodeSequence_CodeMeaning",
-]  # fmt: skip
+]
 CHEXPERT_HEADER = [
-    "subject_id", "study_id", "Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
-    "Enlarged Cardiomediastinum", "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion",
-    "Pleural Other", "Pneumonia", "Pneumothorax", "Support Devices",
-]  # fmt: skip
+    "subject_id",
+    "study_id",
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Enlarged Cardiomediastinum",
+    "Fracture",
+    "Lung Lesion",
+    "Lung Opacity",
+    "No Finding",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Pneumonia",
+    "Pneumothorax",
+    "Support Devices",
+]
 MIT_LCP_HEADER = re.compile(r"\n ([A-Z ()/,-]+):\s")  # MIT-LCP section_parser.py
 NEGATION = re.compile(r"\b(no|not|without)\b", re.IGNORECASE)
 UNCERTAINTY = re.compile(r"\b(cannot|possible|possibly|questionable|may)\b", re.IGNORECASE)
 KIND_WORDS = {  # independent of the generator's matcher: the words a reader would look for
-    "opacity": r"opacit", "consolidation": r"consolidat", "pneumonia": r"pneumonia", "effusion": r"effusion",
-    "pneumothorax": r"pneumothorax", "cardiomegaly": r"cardiomegaly", "nodule": r"nodul", "mass": r"mass",
-    "atelectasis": r"atelectasis", "edema": r"edema",
-}  # fmt: skip
+    "opacity": r"opacit",
+    "consolidation": r"consolidat",
+    "pneumonia": r"pneumonia",
+    "effusion": r"effusion",
+    "pneumothorax": r"pneumothorax",
+    "cardiomegaly": r"cardiomegaly",
+    "nodule": r"nodul",
+    "mass": r"mass",
+    "atelectasis": r"atelectasis",
+    "edema": r"edema",
+}
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +184,12 @@ def test_report_text_follows_mimic_layout(corpus):
 def test_fallback_layouts_exist_in_exact_shares_and_parse_as_intended(corpus):
     root, summary = corpus
     assert summary.layouts == {
-        "findings_only": 10, "impression_only": 10, "last_paragraph": 10, "standard": 160, "view_header": 10,
-    }  # fmt: skip
+        "findings_only": 10,
+        "impression_only": 10,
+        "last_paragraph": 10,
+        "standard": 160,
+        "view_header": 10,
+    }
     studies = read_csv(root / "downstream" / "studies.csv")
     texts = {p.stem[1:]: p.read_text() for p in (root / "files").rglob("s*.txt")}
     for row in studies:

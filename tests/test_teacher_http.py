@@ -55,8 +55,14 @@ def expected(report: str) -> str:
 
 
 def cfg_for(server: FakeOpenAIServer, **kw) -> ClientConfig:
-    base = {"base_url": server.base_url, "model": "teacher", "concurrency": 1, "backoff_base_s": 0.01,
-            "timeout_s": 15.0, "max_retries": 3}  # fmt: skip
+    base = {
+        "base_url": server.base_url,
+        "model": "teacher",
+        "concurrency": 1,
+        "backoff_base_s": 0.01,
+        "timeout_s": 15.0,
+        "max_retries": 3,
+    }
     return ClientConfig(**{**base, **kw})
 
 
@@ -330,10 +336,19 @@ asyncio.run(complete_many(reqs, ClientConfig(base_url={url!r}, model="teacher", 
 def test_a_crash_mid_run_resumes_without_paying_again(server, tmp_path):
     reqs = requests_for(REPORTS)
     (tmp_path / "reqs.json").write_text(json.dumps([[r.key, list(r.messages)] for r in reqs]))
-    script = CRASH_SCRIPT.format(repo=str(REPO), reqs=str(tmp_path / "reqs.json"), url=server.base_url,
-                                 cache=str(tmp_path / "c.sqlite"))  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    script = CRASH_SCRIPT.format(
+        repo=str(REPO),
+        reqs=str(tmp_path / "reqs.json"),
+        url=server.base_url,
+        cache=str(tmp_path / "c.sqlite"),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 17, proc.stderr
     assert server.completions_sent == 3
     with ResponseCache(tmp_path / "c.sqlite") as cache:
@@ -417,22 +432,44 @@ def test_stage_with_an_http_teacher_rejects_then_resumes_from_the_cache(tmp_path
     write_upstream(tmp_path)
     out = tmp_path / "seed_distill"
     with FakeOpenAIServer() as server:
-        cfg = seed_distill.Config(teacher="openai", base_url=server.base_url, model="teacher", n_reports=10,
-                                  concurrency=1, max_retries=1)  # fmt: skip
+        cfg = seed_distill.Config(
+            teacher="openai",
+            base_url=server.base_url,
+            model="teacher",
+            n_reports=10,
+            concurrency=1,
+            max_retries=1,
+        )
         server.faults.extend(["500", "500"])  # the first seed report fails twice: a reject
         ctx = make_test_context(tmp_path, PIPELINE, stage="seed_distill")
         run_direct(ctx, cfg)
         rejects = pq.read_table(out / "distill_rejects.parquet").to_pylist()
-        assert rejects == [{"study_id": "s1", "stage": "seed_distill", "attempts": 2,
-                            "reason": "gave up after 2 attempt(s): HTTP 500"}]  # fmt: skip
+        assert rejects == [
+            {
+                "study_id": "s1",
+                "stage": "seed_distill",
+                "attempts": 2,
+                "reason": "gave up after 2 attempt(s): HTTP 500",
+            }
+        ]
         rows = pq.read_table(out / "seed_distillations.parquet").to_pylist()
         assert [r["study_id"] for r in rows] == ["s2", "s4"]
         assert rows[0]["raw_response"] == "There may be right lower lobe pneumonia.\nThere is no effusion."
         assert rows[0]["flags"] == [] and rows[0]["prompt_tokens"] == 100 and not rows[0]["cached"]
         usage = pq.read_table(out / "distill_usage.parquet").to_pylist()[0]
-        assert (usage["mode"], usage["requests"], usage["http_attempts"], usage["retries"], usage["rejects"]) == (
-            "http", 3, 4, 1, 1,
-        )  # fmt: skip
+        assert (
+            usage["mode"],
+            usage["requests"],
+            usage["http_attempts"],
+            usage["retries"],
+            usage["rejects"],
+        ) == (
+            "http",
+            3,
+            4,
+            1,
+            1,
+        )
         assert usage["estimated_cost_usd"] == pytest.approx(
             200 / 1000 * cfg.price_prompt_per_1k
             + usage["completion_tokens"] / 1000 * cfg.price_completion_per_1k
@@ -456,8 +493,14 @@ def test_a_run_where_every_request_failed_is_a_failure_and_the_next_run_retries(
 
     write_upstream(tmp_path)
     with FakeOpenAIServer() as server:
-        cfg = seed_distill.Config(teacher="openai", base_url=server.base_url, model="teacher", n_reports=10,
-                                  concurrency=1, max_retries=0)  # fmt: skip
+        cfg = seed_distill.Config(
+            teacher="openai",
+            base_url=server.base_url,
+            model="teacher",
+            n_reports=10,
+            concurrency=1,
+            max_retries=0,
+        )
         server.faults.extend(["500"] * 3)
         ctx = make_test_context(tmp_path, PIPELINE, stage="seed_distill")
         with pytest.raises(RuntimeError, match=r"only 0 of 3 teacher requests succeeded .*HTTP 500"):
@@ -539,16 +582,28 @@ def test_an_answer_longer_than_its_cap_is_a_reject_row_and_never_cached(tmp_path
     write_upstream(tmp_path)
     out = tmp_path / "seed_distill"
     with FakeOpenAIServer(responder=runaway) as server:
-        cfg = seed_distill.Config(teacher="openai", base_url=server.base_url, model="teacher", n_reports=10,
-                                  concurrency=1, max_tokens=64)  # fmt: skip
+        cfg = seed_distill.Config(
+            teacher="openai",
+            base_url=server.base_url,
+            model="teacher",
+            n_reports=10,
+            concurrency=1,
+            max_tokens=64,
+        )
         ctx = make_test_context(tmp_path, PIPELINE, stage="seed_distill")
         run_direct(ctx, cfg)
         assert server.completions_sent == 3  # a reject, not retried: at temperature 0 it would come again
         rejects = pq.read_table(out / "distill_rejects.parquet").to_pylist()
-        assert rejects == [{"study_id": "s1", "stage": "seed_distill", "attempts": 1,
-                            "reason": "gave up after 1 attempt(s): answer too long: 380,000 characters, the "
-                                      "limit is 1,024 (16 x max_tokens 64); the endpoint did not stop at "
-                                      "max_tokens"}]  # fmt: skip
+        assert rejects == [
+            {
+                "study_id": "s1",
+                "stage": "seed_distill",
+                "attempts": 1,
+                "reason": "gave up after 1 attempt(s): answer too long: 380,000 characters, the "
+                "limit is 1,024 (16 x max_tokens 64); the endpoint did not stop at "
+                "max_tokens",
+            }
+        ]
         assert [r["study_id"] for r in pq.read_table(out / "seed_distillations.parquet").to_pylist()] == [
             "s2",
             "s4",

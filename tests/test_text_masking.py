@@ -197,7 +197,9 @@ def test_negation_words_follow_the_shared_cue_table(tokenizer):
 
 
 def negative_descriptors(tokenizer, texts: list[str], scope: str) -> list[list[str]]:
-    batch = make(tokenizer, mask_rate=0.0, negative_scope=scope).mask([(t, None) for t in texts], np.random.default_rng(0))  # fmt: skip
+    batch = make(tokenizer, mask_rate=0.0, negative_scope=scope).mask(
+        [(t, None) for t in texts], np.random.default_rng(0)
+    )
     return [
         [w for w, pos in words_of(tokenizer, batch, row) if (batch.negative & batch.descriptor)[row, pos[0]]]
         for row in range(len(texts))
@@ -220,7 +222,7 @@ def test_mention_scope_makes_every_descriptor_of_a_negated_mention_negative(toke
         ["the", "small"],
         [],
         ["cardiomegaly", "without"],
-    ]  # fmt: skip  ("atelectasis, no pneumothorax": positional descriptors, an entity word among them)
+    ]  # "atelectasis, no pneumothorax": positional descriptors, an entity word among them
     assert negative_descriptors(tokenizer, texts, "cue") == [["no", "no"], ["no"], [], [], ["without"]]
     from models.resources import DEFAULT_ENTITY_LIST  # the same mentions are negative in stage 2
     from models.text.entities import EntityMatcher, load_entity_list
@@ -231,8 +233,13 @@ def test_mention_scope_makes_every_descriptor_of_a_negated_mention_negative(toke
     negated = sorted(
         (int(m["study_id"]), m["entity"]) for m in mentions.to_pylist() if m["polarity"] == "negative"
     )
-    assert negated == [(0, "effusion"), (0, "pneumothorax"), (1, "consolidation"), (2, "effusion"), (4, "congestion")]  # fmt: skip
-
+    assert negated == [
+        (0, "effusion"),
+        (0, "pneumothorax"),
+        (1, "consolidation"),
+        (2, "effusion"),
+        (4, "congestion"),
+    ]
     batch = make(tokenizer, mask_rate=0.0).mask([(texts[0], None)], np.random.default_rng(0))
     weights = {w: batch.weights[0, pos[0]] for w, pos in words_of(tokenizer, batch, 0)}
     d = batch.descriptor[0]
@@ -407,7 +414,7 @@ def test_vectorised_equals_per_token_reference_loop(tokenizer):
         TextMaskingConfig(
             max_len=64, negative_scope="cue", official_quirks=OfficialQuirks(mlm_on_all_positions=True)
         ),
-    ]:  # fmt: skip  (the reference loop implements the official cue scope)
+    ]:  # the reference loop implements the official cue scope
         fast = TextCollator(tokenizer, cfg, ENTITY_WORDS)
         loop = bench.LoopCollator(tokenizer, cfg, ENTITY_WORDS)
         assert bench.same_output(fast(pairs, np.random.default_rng(4)), loop(pairs, np.random.default_rng(4)))

@@ -100,8 +100,15 @@ def student_prompts(run_dir: Path) -> list[str]:
 
 
 def server_settings(port: int, max_prompt: int, max_new: int) -> VllmSettings:
-    return VllmSettings(python=str(SERVE_PYTHON), port=port, dtype="float32", max_lora_rank=64,
-                        max_model_len=max_prompt + max_new, env=KV_CACHE, startup_timeout_s=600)  # fmt: skip
+    return VllmSettings(
+        python=str(SERVE_PYTHON),
+        port=port,
+        dtype="float32",
+        max_lora_rank=64,
+        max_model_len=max_prompt + max_new,
+        env=KV_CACHE,
+        startup_timeout_s=600,
+    )
 
 
 def test_vllm_and_lora_answer_as_transformers_and_peft_token_for_token(student_run, tmp_path):
@@ -111,14 +118,23 @@ def test_vllm_and_lora_answer_as_transformers_and_peft_token_for_token(student_r
     max_prompt, max_new = model_row["max_prompt"], model_row["max_new_tokens"]
     prompts = student_prompts(student_run)
     model, tokenizer = load_student(stage / "base_model", stage / "adapter", "cpu")
-    ours = TransformersBackend(model, tokenizer, GenerationSettings(batch_size=8, max_new_tokens=max_new,
-                                                                     max_prompt=max_prompt)).generate(prompts)  # fmt: skip
+    ours = TransformersBackend(
+        model, tokenizer, GenerationSettings(batch_size=8, max_new_tokens=max_new, max_prompt=max_prompt)
+    ).generate(prompts)
     settings = server_settings(free_port(), max_prompt, max_new)
     with start_vllm_server(
         stage / "base_model", stage / "adapter", settings, tmp_path / "vllm.log"
     ) as server:
-        client = ClientConfig(base_url=server.base_url, model="student", api_key_env="ECAMP_TEST_NO_KEY",
-                              rpm=None, tpm=None, max_tokens=max_new, temperature=0.0, max_retries=1)  # fmt: skip
+        client = ClientConfig(
+            base_url=server.base_url,
+            model="student",
+            api_key_env="ECAMP_TEST_NO_KEY",
+            rpm=None,
+            tpm=None,
+            max_tokens=max_new,
+            temperature=0.0,
+            max_retries=1,
+        )
         served = OpenAIBackend(client, None, tokenizer, max_prompt).generate(prompts)
     assert len({a for a in ours}) > 3, ours  # a trained student: answers differ by report
     assert sum(len(tokenizer(a)["input_ids"]) for a in ours) > 10 * len(ours)

@@ -43,8 +43,12 @@ def batch_lines(requests: Sequence[ChatRequest], cfg: ClientConfig) -> list[dict
         if h in seen:
             continue
         seen.add(h)
-        body = {"model": cfg.model, "messages": list(req.messages), "temperature": cfg.temperature,
-                "max_tokens": cfg.max_tokens}  # fmt: skip
+        body = {
+            "model": cfg.model,
+            "messages": list(req.messages),
+            "temperature": cfg.temperature,
+            "max_tokens": cfg.max_tokens,
+        }
         lines.append({"custom_id": h, "method": "POST", "url": url, "body": body})
     return lines
 
@@ -80,8 +84,17 @@ def merge_output(text: str, model: str, cache: ResponseCache) -> tuple[set[str],
             failed[cid] = "batch output with empty content"
             continue
         usage = body.get("usage") or {}
-        good.append(CachedResponse(model, cid, content, usage.get("prompt_tokens", 0),
-                                   usage.get("completion_tokens", 0), 0.0, "batch"))  # fmt: skip
+        good.append(
+            CachedResponse(
+                model,
+                cid,
+                content,
+                usage.get("prompt_tokens", 0),
+                usage.get("completion_tokens", 0),
+                0.0,
+                "batch",
+            )
+        )
     cache.put_many(good)
     return {r.prompt_hash for r in good}, failed
 
@@ -109,8 +122,12 @@ async def run_batch(
             chunk = todo[start : start + MAX_REQUESTS_PER_FILE]
             data = "".join(json.dumps(ln) + "\n" for ln in chunk).encode()
             f = await client.files.create(file=("ecamp-teacher.jsonl", data), purpose="batch")
-            b = await client.batches.create(input_file_id=f.id, endpoint=chunk[0]["url"],
-                                            completion_window="24h", metadata={"job": "ecamp-seed-distill"})  # fmt: skip
+            b = await client.batches.create(
+                input_file_id=f.id,
+                endpoint=chunk[0]["url"],
+                completion_window="24h",
+                metadata={"job": "ecamp-seed-distill"},
+            )
             state["batches"].append(
                 {"id": b.id, "custom_ids": [ln["custom_id"] for ln in chunk], "merged": False}
             )
@@ -179,6 +196,17 @@ def _results(
                     ChatResult(req.key, cfg.model, h, None, attempts=int(new), cached=not new, error=too_long)
                 )
                 continue
-            out.append(ChatResult(req.key, cfg.model, h, hit.content, hit.prompt_tokens, hit.completion_tokens,
-                                  hit.latency_s, attempts=int(new), cached=not new))  # fmt: skip
+            out.append(
+                ChatResult(
+                    req.key,
+                    cfg.model,
+                    h,
+                    hit.content,
+                    hit.prompt_tokens,
+                    hit.completion_tokens,
+                    hit.latency_s,
+                    attempts=int(new),
+                    cached=not new,
+                )
+            )
     return out

@@ -87,9 +87,12 @@ class EntityCompletion:
     reprompt_rounds: int = 1
 
     def __call__(
-        self, reports: Sequence[str], requested: Sequence[Sequence[str]], answers: Sequence[str],
+        self,
+        reports: Sequence[str],
+        requested: Sequence[Sequence[str]],
+        answers: Sequence[str],
         finder: parse.EntityFinder,
-    ) -> tuple[list[str], dict[str, int]]:  # fmt: skip
+    ) -> tuple[list[str], dict[str, int]]:
         """Completed answers (input order) and counts: generated sentences kept / dropped, re-prompted, scored."""
         kept = [kept_sentences(a, r, finder) for a, r in zip(answers, requested, strict=True)]
         n_kept = sum(map(len, kept))

@@ -265,9 +265,16 @@ class TeacherClient:
             if (too_long := answer_too_long(hit.content, self.cfg)) is not None:
                 return ChatResult(req.key, self.cfg.model, h, None, cached=True, error=f"cached {too_long}")
             return ChatResult(
-                req.key, self.cfg.model, h, hit.content, hit.prompt_tokens, hit.completion_tokens,
-                hit.latency_s, attempts=0, cached=True,
-            )  # fmt: skip
+                req.key,
+                self.cfg.model,
+                h,
+                hit.content,
+                hit.prompt_tokens,
+                hit.completion_tokens,
+                hit.latency_s,
+                attempts=0,
+                cached=True,
+            )
         async with self._sem:
             return await self._send_with_retries(req, h)
 
@@ -307,13 +314,24 @@ class TeacherClient:
                     CachedResponse(cfg.model, h, content, prompt_tokens, completion_tokens, latency, "http")
                 )
             return ChatResult(
-                req.key, cfg.model, h, content, prompt_tokens, completion_tokens, latency,
-                attempts=attempts, finish_reason=finish,
-            )  # fmt: skip
+                req.key,
+                cfg.model,
+                h,
+                content,
+                prompt_tokens,
+                completion_tokens,
+                latency,
+                attempts=attempts,
+                finish_reason=finish,
+            )
         return ChatResult(
-            req.key, cfg.model, h, None, attempts=attempts,
+            req.key,
+            cfg.model,
+            h,
+            None,
+            attempts=attempts,
             error=redact(f"gave up after {attempts} attempt(s): {reason}", self._key),
-        )  # fmt: skip
+        )
 
     async def _wait_for_turn(self, req: ChatRequest) -> None:
         if (pause := self._pause_until - time.monotonic()) > 0:
@@ -373,8 +391,11 @@ class TeacherClient:
         """The request through the SDK's generic `post` (same auth, URL rules incl. Azure deployments, error
         types and response models): skipping the per-call TypedDict transform of `chat.completions.create`
         saves several ms of CPU per request, which caps throughput at high concurrency."""
-        body: dict[str, object] = {"model": self.cfg.model, "temperature": self.cfg.temperature,
-                                   "max_tokens": self.cfg.max_tokens}  # fmt: skip
+        body: dict[str, object] = {
+            "model": self.cfg.model,
+            "temperature": self.cfg.temperature,
+            "max_tokens": self.cfg.max_tokens,
+        }
         if req.messages is not None:
             body["messages"] = list(req.messages)
             return await self.client.post("/chat/completions", cast_to=ChatCompletion, body=body)

@@ -295,8 +295,12 @@ def box_after_crop(
     h, w = image_hw
     side = max(h, w)
     pad_top, pad_left = (side - h) // 2, (side - w) // 2
-    top, left, bottom, right = (window[0] * side - pad_top, window[1] * side - pad_left,
-                                window[2] * side - pad_top, window[3] * side - pad_left)  # fmt: skip
+    top, left, bottom, right = (
+        window[0] * side - pad_top,
+        window[1] * side - pad_left,
+        window[2] * side - pad_top,
+        window[3] * side - pad_left,
+    )
     ci, cj, ch, cw = crop
     ys = [min(max((v - ci) * out_size / ch, 0.0), out_size) for v in (top, bottom)]
     xs = [min(max((v - cj) * out_size / cw, 0.0), out_size) for v in (left, right)]
@@ -368,9 +372,12 @@ class PretrainDataset(Dataset):
         """The normalised high-res crop and its low-res version, on whatever device `gray` [1, H, W] is."""
         hr, size = self.model_cfg.hr_size, self.model_cfg.img_size
         high = TF.resized_crop(
-            gray, *scaled_crop(crop, source, tuple(gray.shape[-2:])), size=[hr, hr],
-            interpolation=InterpolationMode.BICUBIC, antialias=True,
-        )  # fmt: skip
+            gray,
+            *scaled_crop(crop, source, tuple(gray.shape[-2:])),
+            size=[hr, hr],
+            interpolation=InterpolationMode.BICUBIC,
+            antialias=True,
+        )
         if flipped:
             high = TF.horizontal_flip(high)
         low = F.interpolate(high[None], size=size, mode="bicubic", align_corners=False, antialias=True)[0]
@@ -544,8 +551,10 @@ MAE_URL = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth
 
 def check_init_checkpoint(cfg: PretrainConfig, key: str = "pretrain_ecamp.train.init_checkpoint") -> None:
     """Before any training: the initialization is chosen, and a checkpoint path exists (what to do if not)."""
-    how = (f"the official runs start from MAE ImageNet ViT-B: download {MAE_URL} and set {key}=<its path>, "
-           f"or set {key}=random to pre-train from random weights")  # fmt: skip
+    how = (
+        f"the official runs start from MAE ImageNet ViT-B: download {MAE_URL} and set {key}=<its path>, "
+        f"or set {key}=random to pre-train from random weights"
+    )
     if cfg.init_checkpoint is None:
         raise ValueError(f"{key} is not set: {how}")
     if cfg.init_checkpoint != RANDOM_INIT and not Path(cfg.init_checkpoint).is_file():
@@ -589,9 +598,16 @@ def load_partial(
         )
     model.load_state_dict(update, strict=False)
     level = logging.WARNING if unexpected or missing else logging.INFO
-    log.log(level, "init_checkpoint %s: loaded %d tensors; unexpected %d: %s; encoder keys not in it (fresh) %d: %s",
-            path, len(loaded), len(unexpected), ", ".join(unexpected[:10]) or "-", len(missing),
-            ", ".join(missing[:10]) or "-")  # fmt: skip
+    log.log(
+        level,
+        "init_checkpoint %s: loaded %d tensors; unexpected %d: %s; encoder keys not in it (fresh) %d: %s",
+        path,
+        len(loaded),
+        len(unexpected),
+        ", ".join(unexpected[:10]) or "-",
+        len(missing),
+        ", ".join(missing[:10]) or "-",
+    )
     return loaded, unexpected
 
 

@@ -97,7 +97,7 @@ def heldout_batches(
                 tensors["attention_mask"],
                 tensors["labels"],
                 torch.from_numpy(focus),
-            )  # fmt: skip
+            )
         )
     return batches
 

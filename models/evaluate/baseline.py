@@ -90,8 +90,10 @@ class PixelClassifier:
         """[N, C] scores: decision functions (multi-label), log-probabilities (multi-class)."""
         x = self.scaler.transform(feats.numpy())
         if self.multilabel:
-            return np.stack([np.full(len(x), m) if isinstance(m, float) else m.decision_function(x)
-                             for m in self.models], axis=1)  # fmt: skip
+            return np.stack(
+                [np.full(len(x), m) if isinstance(m, float) else m.decision_function(x) for m in self.models],
+                axis=1,
+            )
         out = np.full((len(x), self.num_classes), -1e9)
         model = self.models[0]
         if isinstance(model, float):  # one class only in training: it is always predicted

@@ -182,8 +182,13 @@ class FeatureCache:
         if key not in self.pixel_scores:
             pixels_init = Init("pixels", None, pixels=True)
             feats = {s: self.pooled(pixels_init, 0, px[s]) for s in ("train", "val", "test")}
-            model, fitted = fit_pixel_classifier((feats["train"][idx], y["train"][idx]), (feats["val"], y["val"]),
-                                                 n_classes, multilabel, cfg.pixels)  # fmt: skip
+            model, fitted = fit_pixel_classifier(
+                (feats["train"][idx], y["train"][idx]),
+                (feats["val"], y["val"]),
+                n_classes,
+                multilabel,
+                cfg.pixels,
+            )
             self.pixel_scores[key] = (
                 score(y["test"].numpy(), model.logits(feats["test"]), multilabel),
                 fitted,
@@ -309,8 +314,17 @@ def run_group(
         feats = {
             s: [cache.pooled(init, seed, px[s]) for init, seed in members] for s in ("train", "val", "test")
         }
-        heads, fits = linear_probe(([f[idx] for f in feats["train"]], y["train"][idx]), (feats["val"], y["val"]),
-                                   n_classes, multilabel, cfg.linear_probe, seeds, cfg.head_init_std, desc, names)  # fmt: skip
+        heads, fits = linear_probe(
+            ([f[idx] for f in feats["train"]], y["train"][idx]),
+            (feats["val"], y["val"]),
+            n_classes,
+            multilabel,
+            cfg.linear_probe,
+            seeds,
+            cfg.head_init_std,
+            desc,
+            names,
+        )
         with torch.inference_mode():
             test = y["test"].numpy()
             return [
@@ -322,9 +336,17 @@ def run_group(
     }
     if protocol == "segmentation":
         masks = {s: px[s].masks for s in ("train", "val", "test")}
-        heads, fits = train_segmentation(([t[idx] for t in tokens["train"]], masks["train"][idx]),
-                                         (tokens["val"], masks["val"]), grid, arch["img_size"],
-                                         cfg.segmentation.head, cfg.segmentation.fit, seeds, desc, names)  # fmt: skip
+        heads, fits = train_segmentation(
+            ([t[idx] for t in tokens["train"]], masks["train"][idx]),
+            (tokens["val"], masks["val"]),
+            grid,
+            arch["img_size"],
+            cfg.segmentation.head,
+            cfg.segmentation.fit,
+            seeds,
+            desc,
+            names,
+        )
         threshold = cfg.segmentation.head.threshold
         return [
             ("dice", mean_dice(predict_masks(head, t), masks["test"].numpy(), threshold), fitted)
@@ -388,7 +410,9 @@ def train_detection(
             if len(batch) == 1:  # BatchNorm in the head needs two samples in training mode
                 batch = batch.repeat(2)
             outputs = heads[g](train_tokens[g][batch])
-            losses.append(detection_loss(outputs, [train_boxes[i] for i in batch.tolist()], img_size, settings.head))  # fmt: skip
+            losses.append(
+                detection_loss(outputs, [train_boxes[i] for i in batch.tolist()], img_size, settings.head)
+            )
         return losses
 
     def validate(members: list[int]) -> list[float]:

@@ -110,8 +110,14 @@ def plot_results(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         for init in _ordered([r["init"] for r in rows if (r["task"], r["dataset"]) == (task, dataset)]):
             pts = sorted((k[4], v) for k, v in stats.items() if k[:4] == (task, metric, dataset, init))
             style = dict(linestyle="--", color="0.45", marker="s") if init == PIXELS else dict(marker="o")
-            ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts],
-                        capsize=3, label=init, **style)  # fmt: skip
+            ax.errorbar(
+                [p[0] for p in pts],
+                [p[1][0] for p in pts],
+                yerr=[p[1][1] for p in pts],
+                capsize=3,
+                label=init,
+                **style,
+            )
         ax.set_xscale("log")
         ax.set_xlabel("label fraction (%)")
         ax.set_ylabel(f"{METRIC_NAMES.get(metric, metric)} (%)")

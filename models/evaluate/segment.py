@@ -43,8 +43,12 @@ class SegHead(nn.Module):
         self.proj = nn.Linear(embed_dim, embed_dim)
         blocks, width = [], embed_dim
         for c in cfg.channels:
-            blocks += [nn.Conv2d(width, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-                       nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)]  # fmt: skip
+            blocks += [
+                nn.Conv2d(width, c, 3, padding=1),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
+            ]
             width = c
         self.decoder = nn.Sequential(*blocks, nn.Conv2d(width, 1, 3, padding=1))
 

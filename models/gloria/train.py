@@ -221,9 +221,13 @@ def train_gloria(
     for epoch in range(start, cfg.epochs):
         loader_sampler = RandomSampler(data, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         loader = DataLoader(
-            data, batch_size=batch, sampler=loader_sampler, drop_last=True, collate_fn=collate,
+            data,
+            batch_size=batch,
+            sampler=loader_sampler,
+            drop_last=True,
+            collate_fn=collate,
             num_workers=cfg.num_workers,
-        )  # fmt: skip
+        )
         crops = torch.Generator().manual_seed(seed * 1000 + epoch)  # per epoch: a resumed run crops the same
         for images, text, index in loader:
             if cfg.crop is not None:

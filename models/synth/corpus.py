@@ -56,10 +56,19 @@ from models.synth.reports import (
 from models.text.entities import load_entity_list
 
 METADATA_COLUMNS = (
-    "dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
-    "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning", "ViewCodeSequence_CodeMeaning",
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "PerformedProcedureStepDescription",
+    "ViewPosition",
+    "Rows",
+    "Columns",
+    "StudyDate",
+    "StudyTime",
+    "ProcedureCodeSequence_CodeMeaning",
+    "ViewCodeSequence_CodeMeaning",
     "PatientOrientationCodeSequence_CodeMeaning",
-)  # fmt: skip
+)
 SPLIT_COLUMNS = ("dicom_id", "study_id", "subject_id", "split")
 CHEXPERT_HEADER = ("subject_id", "study_id", *CHEXPERT_COLUMNS)
 
@@ -243,8 +252,20 @@ def _metadata_row(study: _Study, dicom: str, view: str, size: int, rng: np.rando
     time = f"{int(rng.integers(0, 24)):02d}{int(rng.integers(0, 60)):02d}{int(rng.integers(0, 60)):02d}"
     time += f".{int(rng.integers(0, 1000)):03d}"
     orientation = "Recumbent" if portable else "Erect"
-    return [dicom, study.subject_id, study.study_id, procedure, view, size, size,
-            study.date.strftime("%Y%m%d"), time, procedure, code, orientation]  # fmt: skip
+    return [
+        dicom,
+        study.subject_id,
+        study.study_id,
+        procedure,
+        view,
+        size,
+        size,
+        study.date.strftime("%Y%m%d"),
+        time,
+        procedure,
+        code,
+        orientation,
+    ]
 
 
 def _study_dir(root: Path, study: _Study) -> Path:
@@ -400,8 +421,12 @@ def _write_corpus(cfg: SynthConfig, tmp: Path, matcher: tuple[re.Pattern[str], l
         findings = sample_findings(rng, study.abnormal, cfg.max_findings)
         portable = bool(rng.random() < cfg.p_portable)
         has_lateral = not portable and bool(rng.random() < cfg.p_lateral)
-        ctx = StudyContext(portable, has_lateral, study.subject_id == previous_subject,
-                           "man" if rng.random() < 0.5 else "woman")  # fmt: skip
+        ctx = StudyContext(
+            portable,
+            has_lateral,
+            study.subject_id == previous_subject,
+            "man" if rng.random() < 0.5 else "woman",
+        )
         previous_subject = study.subject_id
         report = write_report(findings, ctx, study.layout, rng, style)
 
@@ -421,8 +446,13 @@ def _write_corpus(cfg: SynthConfig, tmp: Path, matcher: tuple[re.Pattern[str], l
         views = [(frontal, view)]
         if has_lateral:
             lateral = dicom_id(rng)
-            _save_jpeg(tmp, study, lateral, render_lateral(anatomy, cfg.image_size, int(rng.integers(2**62))),
-                       cfg.jpeg_quality)  # fmt: skip
+            _save_jpeg(
+                tmp,
+                study,
+                lateral,
+                render_lateral(anatomy, cfg.image_size, int(rng.integers(2**62))),
+                cfg.jpeg_quality,
+            )
             views.append((lateral, "LATERAL"))
         for dicom, v in views:
             metadata.append(_metadata_row(study, dicom, v, cfg.image_size, rng))
@@ -435,16 +465,34 @@ def _write_corpus(cfg: SynthConfig, tmp: Path, matcher: tuple[re.Pattern[str], l
             box = lesion.box()
             boxes.append([frontal, *box, lesion.finding.kind, lesion.side or ""])
             f = lesion.finding
-            lesions.append({"entity": f.kind, "side": f.side, "lesion_side": lesion.side, "zone": f.zone,
-                            "severity": f.severity, "box": list(box)})  # fmt: skip
+            lesions.append(
+                {
+                    "entity": f.kind,
+                    "side": f.side,
+                    "lesion_side": lesion.side,
+                    "zone": f.zone,
+                    "severity": f.severity,
+                    "box": list(box),
+                }
+            )
         Image.fromarray(mask).save(tmp / "downstream" / "masks" / f"{frontal}.png")
         kinds = {f.kind for f in findings}
         classes.append(
             [frontal, rel, study.study_id, study.split, *(int(k in kinds) for k in FINDING_CLASSES)]
         )
-        jsonl.append({"dicom_id": frontal, "study_id": study.study_id, "subject_id": study.subject_id,
-                      "split": study.split, "image_path": rel, "mask_path": f"downstream/masks/{frontal}.png",
-                      "width": cfg.image_size, "height": cfg.image_size, "findings": lesions})  # fmt: skip
+        jsonl.append(
+            {
+                "dicom_id": frontal,
+                "study_id": study.study_id,
+                "subject_id": study.subject_id,
+                "split": study.split,
+                "image_path": rel,
+                "mask_path": f"downstream/masks/{frontal}.png",
+                "width": cfg.image_size,
+                "height": cfg.image_size,
+                "findings": lesions,
+            }
+        )
         study_rows.append(_study_row(study, report, findings, frontal))
 
     _write_gz_csv(tmp / "mimic-cxr-2.0.0-metadata.csv.gz", METADATA_COLUMNS, metadata)
@@ -455,8 +503,11 @@ def _write_corpus(cfg: SynthConfig, tmp: Path, matcher: tuple[re.Pattern[str], l
         down / "classes.csv", ["dicom_id", "image_path", "study_id", "split", *FINDING_CLASSES], classes
     )
     _write_csv(down / "boxes.csv", ["dicom_id", "x1", "y1", "x2", "y2", "finding", "side"], boxes)
-    _write_csv(down / "studies.csv", ["study_id", "subject_id", "split", "layout", "dicom_id", "findings",
-                                      "uncertain"], study_rows)  # fmt: skip
+    _write_csv(
+        down / "studies.csv",
+        ["study_id", "subject_id", "split", "layout", "dicom_id", "findings", "uncertain"],
+        study_rows,
+    )
     (down / "findings.jsonl").write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in jsonl))
 
     summary = CorpusSummary(
@@ -483,5 +534,12 @@ def _save_jpeg(root: Path, study: _Study, dicom: str, pixels: np.ndarray, qualit
 
 def _study_row(study: _Study, report: Report, findings: list[Finding], frontal: str) -> list:
     doubted = sorted({k for s in report.body if s.polarity == "uncertain" for k in s.kinds})
-    return [study.study_id, study.subject_id, study.split, report.layout, frontal,
-            ";".join(_finding_code(f) for f in findings), ";".join(doubted)]  # fmt: skip
+    return [
+        study.study_id,
+        study.subject_id,
+        study.split,
+        report.layout,
+        frontal,
+        ";".join(_finding_code(f) for f in findings),
+        ";".join(doubted),
+    ]

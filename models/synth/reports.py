@@ -279,100 +279,202 @@ class Topic:
 
 
 _COMBINED = [
-    Topic("consolidation+pleura", 3.0, 1.0, "negative", [
-        ("There is no focal consolidation, pleural effusion or pneumothorax.", AIRSPACE | _PLEURA),
-        ("No focal consolidation, pleural effusion, or pneumothorax is seen.", AIRSPACE | _PLEURA),
-        ("No focal consolidation, effusion, or pneumothorax is identified.", AIRSPACE | _PLEURA),
-        ("No pneumothorax, pleural effusion, or focal airspace consolidation.", AIRSPACE | _PLEURA),
-    ], frozenset({"consolidation", "pleura"})),
-    Topic("consolidation+pleura+edema", 3.0, 1.0, "negative", [
-        ("No consolidation, effusion, edema or pneumothorax.", AIRSPACE | _PLEURA | _EDEMA),
-        ("There is no focal consolidation, pleural effusion, pulmonary edema or pneumothorax.",
-         AIRSPACE | _PLEURA | _EDEMA),
-    ], frozenset({"consolidation", "pleura", "edema"})),
-    Topic("pleura+edema", 5.5, 1.0, "negative", [
-        ("No pleural effusion, pneumothorax, or pulmonary edema.", _PLEURA | _EDEMA),
-        ("There is no pulmonary edema, pleural effusion or pneumothorax.", _PLEURA | _EDEMA),
-    ], frozenset({"pleura", "edema"})),
-]  # fmt: skip
+    Topic(
+        "consolidation+pleura",
+        3.0,
+        1.0,
+        "negative",
+        [
+            ("There is no focal consolidation, pleural effusion or pneumothorax.", AIRSPACE | _PLEURA),
+            ("No focal consolidation, pleural effusion, or pneumothorax is seen.", AIRSPACE | _PLEURA),
+            ("No focal consolidation, effusion, or pneumothorax is identified.", AIRSPACE | _PLEURA),
+            ("No pneumothorax, pleural effusion, or focal airspace consolidation.", AIRSPACE | _PLEURA),
+        ],
+        frozenset({"consolidation", "pleura"}),
+    ),
+    Topic(
+        "consolidation+pleura+edema",
+        3.0,
+        1.0,
+        "negative",
+        [
+            ("No consolidation, effusion, edema or pneumothorax.", AIRSPACE | _PLEURA | _EDEMA),
+            (
+                "There is no focal consolidation, pleural effusion, pulmonary edema or pneumothorax.",
+                AIRSPACE | _PLEURA | _EDEMA,
+            ),
+        ],
+        frozenset({"consolidation", "pleura", "edema"}),
+    ),
+    Topic(
+        "pleura+edema",
+        5.5,
+        1.0,
+        "negative",
+        [
+            ("No pleural effusion, pneumothorax, or pulmonary edema.", _PLEURA | _EDEMA),
+            ("There is no pulmonary edema, pleural effusion or pneumothorax.", _PLEURA | _EDEMA),
+        ],
+        frozenset({"pleura", "edema"}),
+    ),
+]
 _TOPICS = [
-    Topic("heart", 0.0, 0.75, "normal", [
-        ("Heart size is normal.", frozenset({"cardiomegaly"})),
-        ("The cardiomediastinal silhouette is within normal limits.", frozenset({"cardiomegaly"})),
-        ("The cardiac silhouette is normal in size.", frozenset({"cardiomegaly"})),
-        ("Normal cardiomediastinal contours.", frozenset({"cardiomegaly"})),
-    ], frozenset({"cardiomegaly"})),
-    Topic("cardiomegaly", 0.5, 0.6, "negative", [
-        ("No cardiomegaly.", frozenset({"cardiomegaly"})),
-        ("There is no cardiomegaly.", frozenset({"cardiomegaly"})),
-    ]),
-    Topic("mediastinum", 1.0, 0.5, "normal", [
-        ("The mediastinal and hilar contours are unremarkable.", frozenset()),
-        ("Hilar contours are normal.", frozenset()),
-        ("The aorta is unremarkable.", frozenset()),
-        ("The pulmonary vasculature is normal.", _EDEMA),
-    ]),
-    Topic("lungs", 2.5, 0.4, "normal", [
-        ("The lungs are clear.", LUNG),
-        ("The lungs are well expanded and clear.", LUNG),
-    ]),
-    Topic("consolidation", 3.0, 0.9, "negative", [
-        ("There is no focal consolidation.", AIRSPACE),
-        ("No focal consolidation is seen.", AIRSPACE),
-        ("No consolidation concerning for pneumonia.", AIRSPACE),
-        ("There are no focal opacities.", AIRSPACE),
-        ("No focal airspace consolidation.", AIRSPACE),
-    ]),
-    Topic("pneumonia", 3.2, 0.6, "negative", [
-        ("No evidence of pneumonia.", AIRSPACE),
-        ("There is no evidence of pneumonia.", AIRSPACE),
-        ("No radiographic evidence of pneumonia.", AIRSPACE),
-    ]),
-    Topic("edema", 3.5, 0.75, "negative", [
-        ("No pulmonary edema.", _EDEMA),
-        ("There is no pulmonary edema.", _EDEMA),
-        ("No pulmonary edema or vascular congestion.", _EDEMA),
-        ("There is no evidence of congestion or edema.", _EDEMA),
-        ("No signs of CHF.", frozenset({"edema", "cardiomegaly"})),
-    ]),
-    Topic("lesions", 3.7, 0.6, "negative", [
-        ("No pulmonary nodules or masses are identified.", frozenset({"nodule", "mass"})),
-        ("There is no suspicious pulmonary nodule.", frozenset({"nodule"})),
-        ("No mass is seen.", frozenset({"mass"})),
-    ]),
-    Topic("atelectasis", 3.8, 0.4, "negative", [
-        ("There is no atelectasis.", frozenset({"atelectasis"})),
-        ("No atelectasis or collapse.", frozenset({"atelectasis"})),
-    ]),
-    Topic("pleura", 5.5, 0.95, "negative", [
-        ("No pleural effusion or pneumothorax.", _PLEURA),
-        ("There is no pleural effusion or pneumothorax.", _PLEURA),
-        ("No pleural effusions or pneumothorax is seen.", _PLEURA),
-        ("There is no pleural effusion.", frozenset({"effusion"})),
-        ("No effusion is seen.", frozenset({"effusion"})),
-        ("No pneumothorax.", frozenset({"pneumothorax"})),
-        ("There is no evidence of pneumothorax.", frozenset({"pneumothorax"})),
-    ]),
-    Topic("bones", 7.0, 0.6, "negative", [
-        ("No displaced rib fracture is seen.", frozenset()),
-        ("No acute fracture.", frozenset()),
-        ("There are no fractures.", frozenset()),
-    ]),
-    Topic("other", 8.0, 0.6, "negative", [
-        ("The lungs are not hyperinflated.", frozenset()),
-        ("No hilar lymphadenopathy.", frozenset()),
-        ("There is no pleural calcification.", frozenset()),
-        ("No free air below the right hemidiaphragm.", frozenset()),
-        ("There is no pleural thickening.", frozenset({"effusion"})),
-        ("No calcified granulomas.", frozenset()),
-    ]),
-    Topic("extra", 8.5, 0.5, "negative", [
-        ("There is no hiatal hernia.", frozenset()),
-        ("No mediastinal widening or hilar enlargement.", frozenset()),
-        ("No acute osseous abnormality.", frozenset()),
-        ("No evidence of fibrosis or emphysema.", frozenset()),
-    ]),
-]  # fmt: skip
+    Topic(
+        "heart",
+        0.0,
+        0.75,
+        "normal",
+        [
+            ("Heart size is normal.", frozenset({"cardiomegaly"})),
+            ("The cardiomediastinal silhouette is within normal limits.", frozenset({"cardiomegaly"})),
+            ("The cardiac silhouette is normal in size.", frozenset({"cardiomegaly"})),
+            ("Normal cardiomediastinal contours.", frozenset({"cardiomegaly"})),
+        ],
+        frozenset({"cardiomegaly"}),
+    ),
+    Topic(
+        "cardiomegaly",
+        0.5,
+        0.6,
+        "negative",
+        [
+            ("No cardiomegaly.", frozenset({"cardiomegaly"})),
+            ("There is no cardiomegaly.", frozenset({"cardiomegaly"})),
+        ],
+    ),
+    Topic(
+        "mediastinum",
+        1.0,
+        0.5,
+        "normal",
+        [
+            ("The mediastinal and hilar contours are unremarkable.", frozenset()),
+            ("Hilar contours are normal.", frozenset()),
+            ("The aorta is unremarkable.", frozenset()),
+            ("The pulmonary vasculature is normal.", _EDEMA),
+        ],
+    ),
+    Topic(
+        "lungs",
+        2.5,
+        0.4,
+        "normal",
+        [
+            ("The lungs are clear.", LUNG),
+            ("The lungs are well expanded and clear.", LUNG),
+        ],
+    ),
+    Topic(
+        "consolidation",
+        3.0,
+        0.9,
+        "negative",
+        [
+            ("There is no focal consolidation.", AIRSPACE),
+            ("No focal consolidation is seen.", AIRSPACE),
+            ("No consolidation concerning for pneumonia.", AIRSPACE),
+            ("There are no focal opacities.", AIRSPACE),
+            ("No focal airspace consolidation.", AIRSPACE),
+        ],
+    ),
+    Topic(
+        "pneumonia",
+        3.2,
+        0.6,
+        "negative",
+        [
+            ("No evidence of pneumonia.", AIRSPACE),
+            ("There is no evidence of pneumonia.", AIRSPACE),
+            ("No radiographic evidence of pneumonia.", AIRSPACE),
+        ],
+    ),
+    Topic(
+        "edema",
+        3.5,
+        0.75,
+        "negative",
+        [
+            ("No pulmonary edema.", _EDEMA),
+            ("There is no pulmonary edema.", _EDEMA),
+            ("No pulmonary edema or vascular congestion.", _EDEMA),
+            ("There is no evidence of congestion or edema.", _EDEMA),
+            ("No signs of CHF.", frozenset({"edema", "cardiomegaly"})),
+        ],
+    ),
+    Topic(
+        "lesions",
+        3.7,
+        0.6,
+        "negative",
+        [
+            ("No pulmonary nodules or masses are identified.", frozenset({"nodule", "mass"})),
+            ("There is no suspicious pulmonary nodule.", frozenset({"nodule"})),
+            ("No mass is seen.", frozenset({"mass"})),
+        ],
+    ),
+    Topic(
+        "atelectasis",
+        3.8,
+        0.4,
+        "negative",
+        [
+            ("There is no atelectasis.", frozenset({"atelectasis"})),
+            ("No atelectasis or collapse.", frozenset({"atelectasis"})),
+        ],
+    ),
+    Topic(
+        "pleura",
+        5.5,
+        0.95,
+        "negative",
+        [
+            ("No pleural effusion or pneumothorax.", _PLEURA),
+            ("There is no pleural effusion or pneumothorax.", _PLEURA),
+            ("No pleural effusions or pneumothorax is seen.", _PLEURA),
+            ("There is no pleural effusion.", frozenset({"effusion"})),
+            ("No effusion is seen.", frozenset({"effusion"})),
+            ("No pneumothorax.", frozenset({"pneumothorax"})),
+            ("There is no evidence of pneumothorax.", frozenset({"pneumothorax"})),
+        ],
+    ),
+    Topic(
+        "bones",
+        7.0,
+        0.6,
+        "negative",
+        [
+            ("No displaced rib fracture is seen.", frozenset()),
+            ("No acute fracture.", frozenset()),
+            ("There are no fractures.", frozenset()),
+        ],
+    ),
+    Topic(
+        "other",
+        8.0,
+        0.6,
+        "negative",
+        [
+            ("The lungs are not hyperinflated.", frozenset()),
+            ("No hilar lymphadenopathy.", frozenset()),
+            ("There is no pleural calcification.", frozenset()),
+            ("No free air below the right hemidiaphragm.", frozenset()),
+            ("There is no pleural thickening.", frozenset({"effusion"})),
+            ("No calcified granulomas.", frozenset()),
+        ],
+    ),
+    Topic(
+        "extra",
+        8.5,
+        0.5,
+        "negative",
+        [
+            ("There is no hiatal hernia.", frozenset()),
+            ("No mediastinal widening or hilar enlargement.", frozenset()),
+            ("No acute osseous abnormality.", frozenset()),
+            ("No evidence of fibrosis or emphysema.", frozenset()),
+        ],
+    ),
+]
 _NORMAL_IMPRESSIONS: list[tuple[str, Polarity, frozenset[str]]] = [
     ("No acute cardiopulmonary process.", "normal", ALL),
     ("No acute cardiopulmonary abnormality.", "negative", ALL),
