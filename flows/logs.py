@@ -8,11 +8,13 @@ import copy
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from typing import Any
 
 STAGE_LOGGERS = ("tasks", "models", "data_contracts", "ecamp")  # the loggers our modules name
 
 
+@cache
 def known_errors() -> tuple[type[BaseException], ...]:
     """The failures a user can fix from their message alone (config, inputs, device, disk, diverged training,
     a teacher endpoint that refuses): one `error:` line on the CLI, the traceback only in the flow run's log.
@@ -123,3 +125,24 @@ def console_tracebacks_only_for_bugs(known: tuple[type[BaseException], ...]) -> 
     finally:
         for handler, formatter in zip(handlers, formatters, strict=True):
             handler.setFormatter(formatter)
+
+
+class KnownErrorsAtDebug(logging.Filter):
+    """On Prefect's run loggers: a record carrying the traceback of a known error is lowered to DEBUG. Prefect
+    logs a failed run's exception once more on its way out (the worker's "Engine execution exited with
+    unexpected exception"); the cause is already one ERROR line (`failed_in_one_line`). Bugs pass unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and isinstance(error, known_errors()):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+def quiet_known_tracebacks() -> None:
+    """Install `KnownErrorsAtDebug` on the flow- and task-run loggers (once; a flow module calls it on import,
+    which is early enough in a worker's flow-run process)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        run_logger = logging.getLogger(name)
+        if not any(isinstance(f, KnownErrorsAtDebug) for f in run_logger.filters):
+            run_logger.addFilter(KnownErrorsAtDebug())

@@ -20,8 +20,9 @@ from prefect.tasks import exponential_backoff
 from prefect.utilities.annotations import quote
 
 from flows.gpu_pool import GpuHandoff, run_on_gpu_pool
-from flows.logs import failed_in_one_line, forward_stage_logs, known_errors
+from flows.logs import failed_in_one_line, forward_stage_logs, known_errors, quiet_known_tracebacks
 from flows.publish import publish_lineage, publish_stage
+from flows.queue import run_dir_slot, this_flow_run
 from flows.retry import is_transient, transient_failure
 from tasks.config import config_from_dict, load_config
 from tasks.inputs import prepare_inputs
@@ -29,6 +30,8 @@ from tasks.lock import run_lock
 from tasks.registry import STAGE_MODULES, get_stage, stage_names
 from tasks.runner import current_result, preflight, reused_result, run_stage
 from tasks.stage import Stage, split_ref, variant_name
+
+quiet_known_tracebacks()  # a failed run's known error: one ERROR line, its traceback at DEBUG
 
 # The stage names in pipeline order, read from tasks.registry's module list (each stage is named after its module,
 # checked by a test) without importing the stages: typed so that the deployments' parameter forms offer a choice
@@ -86,8 +89,8 @@ def one_stage(
             result = run_stage(
                 get_stage(stage), config, Path(run_dir), force=force, log=logger, run_id=run_id(), name=name
             )
-        if not handed:  # a handed-over stage published from its own run on the GPU pool
-            publish_stage(name, result.status, Path(run_dir))
+        # a handed-over stage published in full from its own run on the GPU pool; its manifest is shown here too
+        publish_stage(name, result.status, Path(run_dir), manifest_only=handed)
     summary = {
         "stage": name,
         "status": result.status,
@@ -225,7 +228,8 @@ def ecamp_pipeline(
         target = resolve_run_dir(config, run_dir)
         states: dict[str, State] = {}
         summaries = []
-        with run_lock(Path(target)):  # held across stages: no other run slips in between two of them
+        # the slot queues a second run of this run directory; the lock, held across stages, keeps others out
+        with run_dir_slot(target, get_run_logger()), run_lock(Path(target), this_flow_run()):
             for i, name in enumerate(names):
                 current, stage = name, get_stage(name)
                 reuse = i < first
@@ -366,10 +370,11 @@ def ecamp_ablations(
         target = resolve_run_dir(
             load_config(config_path, overrides), run_dir
         )  # rows change pretrain_ecamp.* only
-        return [
-            ablation_row_task(table, row, config_path, overrides, target, force=force).result()
-            for row in ablation_rows(table, rows)
-        ]
+        with run_dir_slot(target, get_run_logger()):
+            return [
+                ablation_row_task(table, row, config_path, overrides, target, force=force).result()
+                for row in ablation_rows(table, rows)
+            ]
     except known_errors() as err:
         return failed_in_one_line(get_run_logger(), err)
 

@@ -49,19 +49,28 @@ def not_writable(path: Path, err: OSError) -> RunDirectoryNotWritable:
 
 
 _held: dict[str, tuple[int, int]] = {}  # resolved run dir -> (fd, depth), for this process
+_labels: dict[str, str | None] = {}  # resolved run dir -> who this process is (a flow run), while it holds it
 _guard = threading.Lock()
 
 
-def _holder(fd: int) -> str:
+def _describe(raw: bytes) -> str:
     try:
-        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        data = json.loads(raw or b"{}")
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(data["started"]))
-        return f"pid {data['pid']} ({data.get('command', '?')}), started {started}"
+        who = f"{data['by']}, " if data.get("by") else ""
+        return f"{who}pid {data['pid']} ({data.get('command', '?')}), started {started}"
     except (ValueError, KeyError, OSError):
         return "another process"
 
 
-def _acquire(run_dir: Path) -> int:
+def _holder(fd: int) -> str:
+    try:
+        return _describe(os.pread(fd, 4096, 0))
+    except OSError:
+        return "another process"
+
+
+def _acquire(run_dir: Path, label: str | None = None) -> int:
     """Take the flock of `run_dir` (no wait) and write who holds it; RunDirectoryBusy names the holder."""
     try:
         fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -79,7 +88,7 @@ def _acquire(run_dir: Path) -> int:
             "--run-dir (a killed run releases the lock by itself)"
         ) from None
     os.ftruncate(fd, 0)
-    info = {"pid": os.getpid(), "started": time.time(), "command": " ".join(sys.argv[:3])}
+    info = {"pid": os.getpid(), "started": time.time(), "command": " ".join(sys.argv[:3]), "by": label}
     os.pwrite(fd, json.dumps(info).encode(), 0)
     return fd
 
@@ -90,8 +99,9 @@ def _release(fd: int) -> None:
 
 
 @contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold the run directory's lock, or fail at once naming the holder's pid and start time."""
+def run_lock(run_dir: Path, label: str | None = None) -> Iterator[None]:
+    """Hold the run directory's lock, or fail at once naming the holder (`label`: e.g. its flow run), its pid
+    and start time."""
     run_dir = Path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +113,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             fd, depth = _held[key]
             _held[key] = (fd, depth + 1)
         else:
-            _held[key] = (_acquire(run_dir), 1)
+            _held[key], _labels[key] = (_acquire(run_dir, label), 1), label
     try:
         yield
     finally:
@@ -113,6 +123,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
                 _held[key] = (fd, depth - 1)
             else:
                 del _held[key]
+                _labels.pop(key, None)
                 _release(fd)
 
 
@@ -130,4 +141,4 @@ def handed_over(run_dir: Path) -> Iterator[None]:
     finally:
         if held is not None:
             with _guard:
-                _held[key] = (_acquire(Path(run_dir)), held[1])
+                _held[key] = (_acquire(Path(run_dir), _labels.get(key)), held[1])

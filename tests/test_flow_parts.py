@@ -247,3 +247,53 @@ def test_the_flows_stage_parameter_type_lists_the_registry_in_order_and_every_pa
         props = parameter_schema(flow.fn).model_dump()["properties"]
         assert all(spec.get("description") for spec in props.values()), flow.name
     assert parameter_schema(ecamp_stage.fn).model_dump()["properties"]["stage"]["enum"] == list(stage_names())
+
+
+def test_the_lineage_picture_puts_each_artifact_right_of_everything_it_was_made_from():
+    """Issue 27 item 8: the graph is a PNG the UI renders; columns are the longest chain of inputs behind a node."""
+    from flows.lineage_graph import depths, draw_lineage, order_by_parents
+
+    edges = [
+        ("files", "reports"),
+        ("files", "images"),
+        ("reports", "mentions"),
+        ("images", "encoder"),
+        ("mentions", "encoder"),
+        ("encoder", "results"),
+    ]
+    nodes = ["files", "reports", "images", "mentions", "encoder", "results"]
+    assert depths(nodes, edges) == {
+        "files": 0,
+        "reports": 1,
+        "images": 1,
+        "mentions": 2,
+        "encoder": 3,
+        "results": 4,
+    }
+    columns = {0: ["a", "b"], 1: ["y", "x"]}
+    order_by_parents(columns, [("a", "x"), ("b", "y")])
+    assert columns[1] == ["x", "y"]  # x's input is above y's: fewer crossings
+    png = draw_lineage({n: f"{n}\n0123456789ab" for n in nodes}, edges)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5_000
+
+
+def test_a_known_errors_traceback_goes_to_debug_and_a_bugs_stays_an_error(caplog):
+    """Issue 27 item 2: Prefect logs a failed run's exception once more on its way out; for an error the user can
+    fix that record is lowered to DEBUG (its one-line cause is already an ERROR), a bug's keeps ERROR."""
+    import logging
+    import sys
+
+    from flows.logs import KnownErrorsAtDebug
+
+    def record(error: BaseException) -> logging.LogRecord:
+        try:
+            raise error
+        except BaseException:
+            return logging.LogRecord(
+                "prefect.flow_runs", logging.ERROR, __file__, 1, "exited", None, sys.exc_info()
+            )
+
+    known, bug = record(FileNotFoundError("data.root missing")), record(ZeroDivisionError("a bug"))
+    assert KnownErrorsAtDebug().filter(known) and KnownErrorsAtDebug().filter(bug)  # both are kept...
+    assert (known.levelno, known.levelname) == (logging.DEBUG, "DEBUG")  # ...the known one below INFO
+    assert (bug.levelno, bug.levelname) == (logging.ERROR, "ERROR")

@@ -295,10 +295,10 @@ def test_one_run_per_run_directory_in_both_orders_and_a_killed_holder_frees_it(s
         holder.wait(10)
     assert [r.status for r in go(make_config(tmp_path))] == ["ran", "ran"]  # no stale lock left behind
 
-    with run_lock(run_dir):  # the other order: this process holds it, another one is refused
+    with run_lock(run_dir, "flow run 'brisk-owl' (1234)"):  # the other order: this process holds it
         other = hold_lock(run_dir)
         out, _ = other.communicate(timeout=60)
-        assert f"in use by pid {os.getpid()}" in out and "held" not in out
+        assert f"in use by flow run 'brisk-owl' (1234), pid {os.getpid()}" in out and "held" not in out
 
 
 def test_a_broken_or_missing_catalog_is_rebuilt_from_the_artifacts(setup, tmp_path, caplog):
