@@ -452,6 +452,27 @@ def _label(uri: str, info) -> str:
 
 
 @app.command()
+def notify(
+    webhook: Annotated[
+        str, typer.Option(help="URL a failed ecamp-pipeline run is POSTed to (Slack, Teams, ...)")
+    ],
+    cancel_pending_after: Annotated[
+        int | None, typer.Option(help="also cancel an ecamp-gpu run still Pending after this many seconds")
+    ] = None,
+) -> None:
+    """Automations on the Prefect server (PREFECT_API_URL): a failed pipeline run calls the webhook; optionally a
+    GPU run stuck in Pending is cancelled. Running it again replaces them."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.automations import install
+
+    if not PREFECT_API_URL.value():
+        _fail(ValueError("no Prefect server: set PREFECT_API_URL (automations live on the server)"))
+    for name in install(webhook, cancel_pending_after):
+        console.print(f"automation: {name}")
+
+
+@app.command()
 def lineage(
     artifact: Annotated[str, typer.Argument(help="artifact name (reports), stage/name, or a .parquet path")],
     run_dir: RunDirOpt = None,
