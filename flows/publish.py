@@ -17,6 +17,7 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 
+from flows.lineage_graph import draw_lineage
 from tasks.base import FILE_SCHEMA
 from tasks.config import stable_hash
 from tasks.record import SuccessRecord, read_record
@@ -110,9 +111,10 @@ def manifest_description(record: SuccessRecord, status: str, run_dir: Path) -> s
     )
 
 
-def publish_stage(name: str, status: str, run_dir: Path) -> SuccessRecord:
+def publish_stage(name: str, status: str, run_dir: Path, manifest_only: bool = False) -> SuccessRecord:
     """The stage's manifest for this run (cached or ran); its Markdown outputs, plots and asset events when
-    it ran (a cached stage's documents and events are those of the run that made them)."""
+    it ran (a cached stage's documents and events are those of the run that made them). `manifest_only`: the
+    pipeline's copy of the manifest of a stage its GPU sub-run ran and published in full."""
     record = read_record(run_dir, name)
     if record is None:
         raise FileNotFoundError(f"{name}: no success record in {run_dir} to publish")
@@ -121,7 +123,7 @@ def publish_stage(name: str, status: str, run_dir: Path) -> SuccessRecord:
         key=artifact_key(run_dir, name),
         description=manifest_description(record, status, run_dir),
     )
-    if status != "ran":
+    if status != "ran" or manifest_only:
         return record
     stage_dir = Path(run_dir) / name
     for doc in sorted(p for p in stage_dir.glob("*.md") if p.is_file()):
@@ -164,7 +166,11 @@ def inline_image(path: Path) -> str:
     data = path.read_bytes()
     if len(data) > MAX_INLINE_BYTES:
         return f"- `{path}` ({len(data) // 1024} KiB, too large to embed)"
-    return f"**{path.name}**\n\n![{path.name}](data:image/png;base64,{base64.b64encode(data).decode()})"
+    return f"**{path.name}**\n\n{inline_png(path.name, data)}"
+
+
+def inline_png(name: str, data: bytes) -> str:
+    return f"![{name}](data:image/png;base64,{base64.b64encode(data).decode()})"
 
 
 def label(uri: str, run_dir: Path) -> str:
@@ -188,7 +194,8 @@ CHAIN = (
 
 
 def chain_table(run_dir: Path) -> list[str]:
-    """A Markdown table of the CHAIN artifacts this run has: hash, and what each was made from."""
+    """A Markdown table of the CHAIN artifacts this run has: hash, and what each was made from (names only, so
+    the table fits the UI's width; the hashes of the inputs are in the list below it and in the manifests)."""
     rows = ["| artifact | SHA-256 | made from |", "|---|---|---|"]
     for ref in CHAIN:
         stage, name = split_ref(ref)
@@ -197,7 +204,7 @@ def chain_table(run_dir: Path) -> list[str]:
         if out is None or out.info is None:
             continue
         sources = ", ".join(
-            f"`{label(u.uri, run_dir)}` `{u.content_hash[:12]}`"
+            f"`{label(u.uri, run_dir)}`"
             for u in out.info.upstream
             if u.uri.startswith(Path(run_dir).resolve().as_uri())
         )
@@ -206,19 +213,15 @@ def chain_table(run_dir: Path) -> list[str]:
 
 
 def lineage_markdown(run_dir: Path, summaries: list[dict[str, Any]]) -> str:
-    """The pipeline run's chain from input files to the encoder and its evaluation: a list with hashes a
-    person reads in the UI, then the same as a Mermaid graph (the OSS UI shows it as text, to paste into any
-    Mermaid viewer), then the evaluation plot."""
+    """The pipeline run's chain from input files to the encoder and its evaluation: a table and a list with
+    hashes a person reads in the UI, the same as a picture of the graph, then the evaluation plot."""
     run_dir = Path(run_dir)
-    ids: dict[str, str] = {}
-    nodes: list[str] = []
-    edges: dict[str, None] = {}  # ordered set
+    labels: dict[str, str] = {}  # uri -> box text, in the order the list meets them
+    edges: dict[tuple[str, str], None] = {}  # ordered set
 
     def node(uri: str, digest: str) -> str:
-        if uri not in ids:
-            ids[uri] = f"n{len(ids)}"
-            nodes.append(f'  {ids[uri]}["{label(uri, run_dir)}<br/>{digest[:12]}"]')
-        return ids[uri]
+        labels.setdefault(uri, f"{shorter(label(uri, run_dir))}\n{digest[:12]}")
+        return uri
 
     text = []
     for summary in summaries:
@@ -235,7 +238,7 @@ def lineage_markdown(run_dir: Path, summaries: list[dict[str, Any]]) -> str:
             if sources:
                 text.append(f"    - from {', '.join(sources)}")
             for up in out.info.upstream:
-                edges[f"  {node(up.uri, up.content_hash)} --> {me}"] = None
+                edges[(node(up.uri, up.content_hash), me)] = None
     lines = [
         f"# Lineage of run `{run_name(run_dir)}`",
         "",
@@ -245,25 +248,29 @@ def lineage_markdown(run_dir: Path, summaries: list[dict[str, Any]]) -> str:
         "",
         *chain_table(run_dir),
         "",
+        "## Graph",
+        "",
+        "Every output (boxes: path in the run directory or input file, first 12 hex digits of its SHA-256), "
+        'each arrow one "made from"; input files on the left.',
+        "",
+        inline_png("lineage.png", draw_lineage(labels, list(edges))),
+        "",
         "## Every output",
         "",
         "Each output (model files included) with its SHA-256 and what it was made from (first 12 hex digits); "
         "each stage's manifest artifact has the full hashes of its inputs.",
         "",
         *text,
-        "",
-        "## Graph",
-        "",
-        "```mermaid",
-        "flowchart LR",
-        *nodes,
-        *edges,
-        "```",
     ]
     plot = run_dir / "evaluate" / "eval_plot.png"
     if plot.is_file():
         lines += ["", "## Evaluation", "", inline_image(plot)]
     return "\n".join(lines)
+
+
+def shorter(text: str, width: int = 44) -> str:
+    """A box label: long input paths keep their end, where the file name is."""
+    return text if len(text) <= width else "…" + text[-(width - 1) :]
 
 
 def publish_lineage(run_dir: Path, summaries: list[dict[str, Any]]) -> None:
