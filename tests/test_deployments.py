@@ -190,7 +190,7 @@ def deployed(server, receiver):
         shell(command, [], server.env)
     shell(README_COMMANDS["deploy"], [], server.env)
     notified = shell(README_COMMANDS["notify"], [receiver.url, "--cancel-pending-after", "3600"], server.env)
-    assert "automation: ecamp-pipeline failed" in notified.stdout, notified.stdout
+    assert "automation: ecamp-pipeline failed" in notified.stdout + notified.stderr, notified.stderr
     workers = [
         background(cmd, server.env, server.logs / f"worker-{i}.log")
         for i, cmd in enumerate(README_COMMANDS["workers"])
