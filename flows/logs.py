@@ -24,6 +24,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from flows.local_server import LocalServerError
     from models.checkpoints import CheckpointWriteError
     from models.devices import DeviceError
+    from models.distill.agreement import StudentTooWeakError
     from models.distill.student import AdapterLoadError
     from models.distill.teacher_http import TeacherFatalError
     from models.images import ImageLoadError
@@ -33,7 +34,14 @@ def known_errors() -> tuple[type[BaseException], ...]:
     user_errors = (ValueError, FileNotFoundError, FloatingPointError, ImageLoadError)
     write_errors = (CheckpointWriteError, ArtifactWriteError)  # OSErrors: a full disk
     runtime_errors = (LocalServerError, RunDirectoryBusy, GpuPoolError, TeacherFatalError, AdapterLoadError)
-    return (*user_errors, *write_errors, *runtime_errors, TooFewAnswersError, DeviceError)
+    return (
+        *user_errors,
+        *write_errors,
+        *runtime_errors,
+        TooFewAnswersError,
+        StudentTooWeakError,
+        DeviceError,
+    )
 
 
 def one_line(err: BaseException) -> str:
@@ -128,15 +136,21 @@ def console_tracebacks_only_for_bugs(known: tuple[type[BaseException], ...]) -> 
 
 
 class KnownErrorsAtDebug(logging.Filter):
-    """On Prefect's run loggers: a record carrying the traceback of a known error is lowered to DEBUG. Prefect
-    logs a failed run's exception once more on its way out (the worker's "Engine execution exited with
-    unexpected exception"); the cause is already one ERROR line (`failed_in_one_line`). Bugs pass unchanged."""
+    """On Prefect's run loggers: a record carrying the traceback of a known error is lowered to DEBUG, and so
+    dropped unless DEBUG is logged. Prefect logs a failed run's exception once more on its way out (the worker's
+    "Engine execution exited with unexpected exception"); the cause is already one ERROR line
+    (`failed_in_one_line`). Bugs pass unchanged."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            record.exc_info and record.exc_info[1] is None
+        ):  # "Task run failed with state": no exception to show
+            record.exc_info, record.exc_text = None, None
         error = record.exc_info[1] if record.exc_info else None
-        if error is not None and isinstance(error, known_errors()):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return True
+        if error is None or not isinstance(error, known_errors()):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)  # kept only where DEBUG is logged
 
 
 def quiet_known_tracebacks() -> None:

@@ -10,10 +10,7 @@ greedy answers are reported as `student_greedy` beside it.
 
 from __future__ import annotations
 
-import logging
-import random
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -23,7 +20,9 @@ from data_contracts.files import sha256_file
 from data_contracts.student import StudentEval, StudentLoss, StudentModel
 from models.devices import resolve_device
 from models.distill import parse
-from models.distill.complete import EntityCompletion, kept_sentences
+from models.distill.agreement import agreement, all_absent_answer, check_student
+from models.distill.complete import EntityCompletion
+from models.distill.examples import clean_answer, entity_subset_rows, split_held_out
 from models.distill.generate import GenerationSettings, TransformersBackend
 from models.distill.student import (
     LoraSettings,
@@ -107,152 +106,6 @@ class Config(StageConfig):
 
 
 # ------------------------------------------------------------------------------------------- data
-
-
-def clean_answer(raw_response: str, finder: parse.EntityFinder) -> str:
-    """The teacher's well-formed sentences, one per line (its output format), without malformed lines."""
-    return "\n".join(p.text for p in parse.parse_response(raw_response, finder) if p.well_formed)
-
-
-def entity_subset_rows(
-    rows: Sequence[dict], copies: int, finder: parse.EntityFinder, seed: int
-) -> list[dict]:
-    """`copies` variants of each training row that request a random proper subset of its answer sentences.
-
-    A student that only sees full entity lists can write a plausible list without reading it: the tiny demo
-    student repeats common entities and skips rare ones. When the requested list varies and the answer follows
-    it (the teacher answers "one by one", in list order), the list has to be read. The subset keeps the answer's
-    sentence order; its entity list is the entities those sentences name, in the original list order. Only the
-    sentences `kept_sentences` accepts take part (one per requested entity), so every subset answer is exactly
-    what its list asks for.
-    """
-    rng = random.Random(seed)
-    out = []
-    for r in rows:
-        sentences = [(line, finder.find(line)) for line in kept_sentences(r["answer"], r["entities"], finder)]
-        if len(sentences) < 2:
-            continue
-        for c in range(copies):
-            k = rng.randint(1, len(sentences) - 1)
-            chosen = sorted(rng.sample(range(len(sentences)), k))
-            named = {e for i in chosen for e in sentences[i][1]}
-            entities = [e for e in r["entities"] if e in named]
-            answer = "\n".join(sentences[i][0] for i in chosen)
-            out.append(
-                r
-                | {
-                    "study_id": f"{r['study_id']}#subset{c}",
-                    "entities": entities,
-                    "answer": answer,
-                    "prompt": student_prompt(r["report"], entities),
-                }
-            )
-    return out
-
-
-def split_held_out(study_ids: Sequence[str], fraction: float, seed: int) -> tuple[set[str], set[str]]:
-    """(train, held-out) by a seeded shuffle; at least one of each when there are two or more reports."""
-    ids = sorted(set(study_ids))
-    if len(ids) < 2:
-        raise ValueError(
-            f"need at least 2 seed distillations to train and evaluate a student, got {len(ids)}"
-        )
-    random.Random(seed).shuffle(ids)
-    n_held = min(len(ids) - 1, max(1, round(fraction * len(ids))))
-    return set(ids[n_held:]), set(ids[:n_held])
-
-
-# ------------------------------------------------------------------------------------------- agreement
-
-
-def agreement(
-    requested: Sequence[Sequence[str]],
-    teacher: Sequence[str],
-    system: Sequence[str],
-    finder: parse.EntityFinder,
-) -> dict[str, float | int]:
-    """Entity-level agreement of `system` answers with `teacher` answers (LLM.md §4, polarity part).
-
-    Pairs are (report, requested entity) for which the teacher wrote a well-formed sentence. A system answer
-    without a well-formed sentence for the entity counts as wrong.
-    """
-    pairs = right = exact = covered = sentences = bad = reports_right = 0
-    for entities, t_text, s_text in zip(requested, teacher, system, strict=True):
-        t_parsed, s_parsed = parse.parse_response(t_text, finder), parse.parse_response(s_text, finder)
-        t_cert, s_cert = parse.entity_certainties(t_parsed), parse.entity_certainties(s_parsed)
-        t_sent = {e: p.text for e, p in parse.first_well_formed(t_parsed).items()}
-        s_sent = {e: p.text for e, p in parse.first_well_formed(s_parsed).items()}
-        sentences += len(s_parsed)
-        bad += sum(not p.well_formed for p in s_parsed)
-        all_right = True
-        for e in entities:
-            if e not in t_cert:
-                continue
-            pairs += 1
-            covered += e in s_cert
-            ok = s_cert.get(e) == t_cert[e]
-            right += ok
-            all_right &= ok
-            exact += s_sent.get(e) is not None and norm(s_sent[e]) == norm(t_sent[e])
-        reports_right += all_right
-    return {
-        "n_reports": len(teacher),
-        "n_entities": pairs,
-        "polarity_acc": right / max(pairs, 1),
-        "exact_sentence_rate": exact / max(pairs, 1),
-        "unparseable_rate": bad / max(sentences, 1),
-        "coverage": covered / max(pairs, 1),
-        "report_exact": reports_right / max(len(teacher), 1),
-    }
-
-
-def norm(sentence: str) -> str:
-    return " ".join(sentence.lower().split())
-
-
-def all_absent_answer(entities: Sequence[str]) -> str:
-    """The trivial baseline: every requested entity declared absent."""
-    return "\n".join(f"There is no {e}." for e in entities)
-
-
-class StudentTooWeakError(RuntimeError):
-    """The student's held-out agreement is below `finetune_student.min_agreement`."""
-
-
-def check_student(
-    evals: Sequence[dict], min_agreement: float | None, log: logging.Logger | logging.LoggerAdapter
-) -> None:
-    """Log the student's held-out agreement beside the all-absent baseline; warn when it is below the
-    baseline and raise StudentTooWeakError when it is below `min_agreement`.
-
-    A student that does worse than answering every entity "absent" writes wrong certainties into the whole
-    corpus, and bulk_distill cannot tell: this is the last point where the numbers are side by side.
-    """
-    by_system = {e["system"]: e for e in evals}
-    student, baseline = by_system["student"]["polarity_acc"], by_system["all_absent"]["polarity_acc"]
-    pairs = by_system["student"]["n_entities"]
-    log.info(
-        "held-out polarity agreement: student %.3f, all-absent baseline %.3f (%d entities)",
-        student,
-        baseline,
-        pairs,
-    )
-    if min_agreement is not None and student < min_agreement:
-        raise StudentTooWeakError(
-            f"finetune_student: the student's held-out polarity agreement {student:.3f} is below "
-            f"finetune_student.min_agreement {min_agreement:g} (all-absent baseline {baseline:.3f}, "
-            f"{pairs} entities): the stage fails so that bulk_distill does not use this student; its outputs "
-            "are in finetune_student/.attempt/"
-        )
-    if student < baseline:
-        log.warning(
-            "the student's held-out polarity agreement %.3f is below the all-absent baseline %.3f (%d "
-            "entities): answering every entity 'absent' would do better, and bulk_distill will distil the "
-            "corpus with this student; set finetune_student.min_agreement to stop here",
-            student,
-            baseline,
-            pairs,
-        )
 
 
 # ------------------------------------------------------------------------------------------- stage

@@ -16,12 +16,11 @@ import json
 import re
 import shutil
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
-import pandas as pd
 import torch
 from pydantic import Field
 from safetensors.torch import load_file, save_file
@@ -31,14 +30,13 @@ from data_contracts.reports import Reject
 from models.devices import resolve_device
 from models.filenames import printable, safe_stem
 from models.gloria.attention import (
-    argmax_cells,
+    ANATOMY_ENTITIES,
     best_windows,
     fallback_windows,
-    localization,
-    random_localization,
-    rasterize_boxes,
     save_overlay,
 )
+from models.gloria.images import decode_images
+from models.gloria.lesions import read_lesion_boxes, score_localization, unit_boxes
 from models.gloria.model import (
     RANDOM_INIT,
     Gloria,
@@ -49,8 +47,7 @@ from models.gloria.model import (
     clean_report,
     load_bert_tokenizer,
 )
-from models.gloria.train import ImageTextData, TrainConfig, extract_attention, square_uint8, train_gloria
-from models.images import ImageLoadError, load_grayscale
+from models.gloria.train import ImageAttention, ImageTextData, TrainConfig, extract_attention, train_gloria
 from models.text.entities import lexicon_from_rows
 from models.text.wordpiece import load_wordpiece, save_wordpiece, train_wordpiece
 from tasks.base import StageConfig, StageContext
@@ -63,19 +60,9 @@ IMAGES, ORIGINAL, DISTILLED = (
     "bulk_distill/distilled_reports",
 )
 MENTIONS, LEXICON = "match_entities/entity_mentions", "match_entities/lexicon"
-# Table 1 entities that name anatomy, not pathology: reports affirm them as NORMAL ("normal cardiomediastinal
-# contours"), so their attention would pull the SR window to the mediastinum on healthy and sick images alike.
-ANATOMY_ENTITIES = (
-    "aorta",
-    "cardiomediastinal",
-    "contour",
-    "hemidiaphragm",
-    "hilar",
-    "silhouette",
-    "vasculature",
-)
 WEIGHTS, MODEL_CONFIG, TOKENIZER = "gloria.safetensors", "gloria_config.json", "tokenizer.json"
 PICTURES = "pictures"
+Boxes = dict[str, list[tuple[int, int, int, int]]]  # image_id -> lesion boxes in pixels (x1, y1, x2, y2)
 
 
 class Config(StageConfig):
@@ -138,38 +125,6 @@ def positive_entities(ctx: StageContext, ignore: list[str]) -> dict[str, list[st
     return {k: sorted(v) for k, v in found.items()}
 
 
-def decode_square(path: str, size: int) -> np.ndarray | str:
-    """The square uint8 image, or the reason it cannot be used."""
-    try:
-        return square_uint8(load_grayscale(path), size)
-    except ImageLoadError as err:
-        return err.reason
-    except (OSError, ValueError) as err:
-        return f"cannot decode image ({type(err).__name__}: {err})"
-
-
-def decode_images(
-    ctx: StageContext, rows: list[dict[str, Any]], size: int, workers: int
-) -> tuple[np.ndarray, list[dict[str, Any]], list[dict[str, str]]]:
-    """Decode every image once into a uint8 memmap [N, size, size] under the stage dir; failures -> rejects."""
-    array = np.lib.format.open_memmap(
-        ctx.scratch(f"images_{size}.npy"), mode="w+", dtype=np.uint8, shape=(len(rows), size, size)
-    )
-    kept, rejects = [], []
-    with ThreadPoolExecutor(workers) as pool:
-        results = pool.map(lambda r: decode_square(r["path"], size), rows)
-        for row, result in ctx.progress(
-            zip(rows, results, strict=True), total=len(rows), desc="decode images"
-        ):
-            if isinstance(result, str):
-                rejects.append({"source": row["path"], "key": row["image_id"], "reason": f"image: {result}"})
-                continue
-            array[len(kept)] = result
-            kept.append(row)
-    array.flush()
-    return array[: len(kept)], kept, rejects
-
-
 def lesion_box_file(config: Any) -> Path | None:
     """The lesion-box CSV: `train_gloria.lesion_boxes`, else `<data.root>/downstream/boxes.csv` if present."""
     if config.train_gloria.lesion_boxes:
@@ -177,30 +132,6 @@ def lesion_box_file(config: Any) -> Path | None:
     root = config.data.root if config.data.source == "mimic" else None
     found = Path(root) / "downstream" / "boxes.csv" if root else None
     return found if found is not None and found.exists() else None
-
-
-def read_lesion_boxes(path: Path | None) -> dict[str, list[tuple[int, int, int, int]]]:
-    """image_id -> pixel boxes (x1, y1, x2, y2; x2/y2 exclusive); none without a lesion box file."""
-    if path is None:
-        return {}
-    frame = pd.read_csv(path, dtype={"dicom_id": str})
-    missing = {"dicom_id", "x1", "y1", "x2", "y2"} - set(frame.columns)
-    if missing:
-        raise ValueError(f"{path}: missing columns {sorted(missing)}")
-    boxes: dict[str, list[tuple[int, int, int, int]]] = defaultdict(list)
-    for r in frame.itertuples(index=False):
-        boxes[r.dicom_id].append((int(r.x1), int(r.y1), int(r.x2), int(r.y2)))
-    return dict(boxes)
-
-
-def unit_boxes(boxes: list[tuple[int, int, int, int]], height: int, width: int) -> list[tuple[float, ...]]:
-    """Pixel boxes -> (y0, x0, y1, x1) fractions of the square the image was centred and zero-padded into."""
-    side = max(height, width)
-    top, left = (side - height) // 2, (side - width) // 2
-    return [
-        ((y1 + top) / side, (x1 + left) / side, (y2 + top) / side, (x2 + left) / side)
-        for x1, y1, x2, y2 in boxes
-    ]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -318,7 +249,10 @@ def run(ctx: StageContext, cfg: Config) -> None:
             )
         else:
             candidates.append(row | {"text": text})
-    pixels, rows, bad = decode_images(ctx, candidates, cfg.model.image_size, cfg.decode_workers)
+    size = cfg.model.image_size
+    pixels, rows, bad = decode_images(
+        candidates, size, cfg.decode_workers, ctx.scratch(f"images_{size}.npy"), ctx.progress
+    )
     rejects += bad
     if rejects:
         ctx.log.warning("%d images rejected (see rejects), e.g. %s", len(rejects), rejects[0]["reason"])
@@ -376,27 +310,37 @@ def run(ctx: StageContext, cfg: Config) -> None:
         int(found.sum()),
         cfg.fallback,
     )
+    seen = Attended(rows, pixels, attn, windows)
     boxes = read_lesion_boxes(lesion_box_file(ctx.config))
-    scored = [i for i, r in enumerate(rows) if r["image_id"] in boxes]
-    write_localization(ctx, geo, rows, scored, boxes, attn.grid_maps, windows)
-    draw_pictures(ctx, cfg, geo, rows, pixels, attn, windows, found, texts, boxes)
+    write_localization(ctx, geo, seen, boxes)
+    draw_pictures(ctx, cfg.n_pictures, geo, seen, texts, boxes)
 
 
-def write_localization(ctx, geo, rows, scored, boxes, grid_maps, windows) -> None:  # noqa: ANN001
+@dataclass(frozen=True)
+class Attended:
+    """What the attention step found for the kept images: rows, square pixels, maps and SR windows."""
+
+    rows: list[dict[str, Any]]
+    pixels: np.ndarray
+    attn: ImageAttention
+    windows: np.ndarray
+
+
+def write_localization(ctx: StageContext, geo: WindowGeometry, seen: Attended, boxes: Boxes) -> None:
     """Pointing rate and window overlap on images with known lesions, GLoRIA vs the exact random expectation
     (no rows without a lesion box file)."""
+    scored = [i for i, r in enumerate(seen.rows) if r["image_id"] in boxes]
     if not scored:
         ctx.write("localization", [])
         return
-    size = geo.grid * 16
-    lesions = np.stack(
-        [
-            rasterize_boxes(unit_boxes(boxes[rows[i]["image_id"]], rows[i]["height"], rows[i]["width"]), size)
-            for i in scored
-        ]
+    gloria, rand = score_localization(
+        [(seen.rows[i]["height"], seen.rows[i]["width"]) for i in scored],
+        [boxes[seen.rows[i]["image_id"]] for i in scored],
+        seen.attn.grid_maps[scored],
+        seen.windows[scored],
+        geo.grid,
+        geo.k,
     )
-    gloria = localization(argmax_cells(grid_maps[scored]), windows[scored], geo.k, geo.grid, lesions)
-    rand = random_localization(geo.grid, geo.k, lesions)
     out = [
         {"method": name, "grid": geo.grid, "window_size": geo.k} | score._asdict()
         for name, score in (("gloria", gloria), ("random", rand))
@@ -412,15 +356,18 @@ def write_localization(ctx, geo, rows, scored, boxes, grid_maps, windows) -> Non
     )
 
 
-def draw_pictures(ctx, cfg, geo, rows, pixels, attn, windows, found, texts, boxes) -> None:  # noqa: ANN001
-    """Fig. 6-style overlays for the first `n_pictures` images (by image_id) that have a positive entity."""
+def draw_pictures(
+    ctx: StageContext, n: int, geo: WindowGeometry, seen: Attended, texts: dict[str, str], boxes: Boxes
+) -> None:
+    """Fig. 6-style overlays for the first `n` images (by image_id) that have a positive entity."""
+    rows, attn, windows = seen.rows, seen.attn, seen.windows
     order = sorted(
-        (i for i in range(len(rows)) if found[i]),
+        (i for i in range(len(rows)) if attn.entity_found[i]),
         key=lambda i: (rows[i]["image_id"] not in boxes, rows[i]["image_id"]),
     )
     folder = ctx.path(PICTURES)
     folder.mkdir(exist_ok=True)
-    for i in order[: cfg.n_pictures]:
+    for i in order[:n]:
         row = rows[i]
         entities = attn.entities[i]
         sentences = re.split(r"(?<=[.!?])\s+", texts.get(row["study_id"], ""))
@@ -428,7 +375,7 @@ def draw_pictures(ctx, cfg, geo, rows, pixels, attn, windows, found, texts, boxe
         lesion = unit_boxes(boxes.get(row["image_id"], []), row["height"], row["width"])
         save_overlay(
             folder / f"{safe_stem(row['image_id'])}.png",
-            pixels[i] / 255.0,
+            seen.pixels[i] / 255.0,
             attn.grid_maps[i],
             (int(windows[i, 0]), int(windows[i, 1]), geo.k),
             f"{printable(row['image_id'])[:18]}: {', '.join(entities)}",

@@ -294,6 +294,14 @@ def test_a_known_errors_traceback_goes_to_debug_and_a_bugs_stays_an_error(caplog
             )
 
     known, bug = record(FileNotFoundError("data.root missing")), record(ZeroDivisionError("a bug"))
-    assert KnownErrorsAtDebug().filter(known) and KnownErrorsAtDebug().filter(bug)  # both are kept...
-    assert (known.levelno, known.levelname) == (logging.DEBUG, "DEBUG")  # ...the known one below INFO
-    assert (bug.levelno, bug.levelname) == (logging.ERROR, "ERROR")
+    run_logger = logging.getLogger("prefect.flow_runs")
+    before = run_logger.level
+    try:
+        run_logger.setLevel(logging.INFO)
+        assert not KnownErrorsAtDebug().filter(known)  # lowered to DEBUG, which is not logged at INFO
+        assert (known.levelno, known.levelname) == (logging.DEBUG, "DEBUG")
+        assert KnownErrorsAtDebug().filter(bug) and (bug.levelno, bug.levelname) == (logging.ERROR, "ERROR")
+        run_logger.setLevel(logging.DEBUG)
+        assert KnownErrorsAtDebug().filter(record(FileNotFoundError("x")))  # kept where DEBUG is logged
+    finally:
+        run_logger.setLevel(before)

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from tests.conftest import REPO_ROOT
+from tests.test_cli import wait_until
 
 DEMO = str(REPO_ROOT / "configs" / "demo.yaml")
 PANEL = ("╭", "╰", "│")  # rich's traceback box
@@ -48,7 +50,13 @@ def one_line_error(argv: list[str], console: io.StringIO) -> str:
 
 
 def stage_argv(stage: str, run_dir: Path, *sets: str, force: bool = False) -> list[str]:
+    """`ecamp stage` on the demo config without generating its corpus. extract_reports gets an (empty) MIMIC
+    tree unless the test names one, so the error a test provokes is not pre-flight's missing input."""
     argv = ["stage", stage, "-c", DEMO, "--run-dir", str(run_dir), "--set", "data.generate=false"]
+    if stage == "extract_reports" and not any(item.startswith("data.root=") for item in sets):
+        empty = Path(tempfile.mkdtemp(prefix="ecamp-empty-mimic-"))
+        (empty / "files").mkdir()
+        argv += ["--set", f"data.root={empty}"]
     for item in sets:
         argv += ["--set", item]
     return argv + (["--force"] if force else [])
@@ -185,16 +193,35 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
     }
 
 
-def test_a_known_error_mid_flow_keeps_its_traceback_in_the_run_log_only(tmp_path, console, prefect_server):
-    """The flow engine logs the stage's exception with its traceback: the console shows the line without it."""
+def test_a_known_error_mid_flow_is_one_line_in_the_run_log_too(tmp_path, console, prefect_server):
+    """Issue 27 item 2: the stage's known error is an ERROR line in the run's log and the run's state message;
+    its traceback is logged at DEBUG only (the server keeps INFO and above)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort
+
     manifest = tmp_path / "empty.csv"
     manifest.write_text("study_id,image_path,report_text\n")
     argv = stage_argv(
         "extract_reports", tmp_path / "run", "data.source=manifest", f"data.manifest={manifest}"
     )
     line = one_line_error(argv, console)
-    assert line == f"error: {manifest}: no study at all in the input (an empty manifest or MIMIC tree)"
-    assert "Encountered exception during execution: InputLayoutError(" in console.getvalue()
+    cause = f"{manifest}: no study at all in the input (an empty manifest or MIMIC tree)"
+    assert line == f"error: {cause}"
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+
+        def logs() -> list:  # the log handler sends in batches: poll until the error line is there
+            return client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+
+        wait_until(lambda: any(cause == log.message for log in logs()), 30, "the run's error line")
+        kept = logs()
+    assert run.state.is_failed() and run.state.message == f"extract_reports: {cause}"
+    assert [log.level for log in kept if log.message == cause] == [
+        40,
+        40,
+    ]  # the task run's and the flow run's
+    assert not any("Traceback" in log.message for log in kept), [log.message for log in kept]
 
 
 def test_a_bug_mid_flow_keeps_its_traceback(tmp_path, console, prefect_server, monkeypatch):

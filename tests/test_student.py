@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from models.distill import parse
+from models.distill.agreement import StudentTooWeakError, agreement, all_absent_answer, check_student
+from models.distill.examples import entity_subset_rows, split_held_out
 from models.distill.generate import (
     GenerationSettings,
     OpenAIBackend,
@@ -42,14 +44,6 @@ from models.distill.student import (
 from models.distill.teacher_http import ClientConfig
 from models.resources import CONFIG_DIR
 from tasks.config import load_config
-from tasks.finetune_student import (
-    StudentTooWeakError,
-    agreement,
-    all_absent_answer,
-    check_student,
-    entity_subset_rows,
-    split_held_out,
-)
 from tests.fake_openai_server import FakeOpenAIServer
 
 torch.set_num_threads(1)

@@ -238,3 +238,16 @@ def save_overlay(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# Table 1 entities that name anatomy, not pathology: reports affirm them as NORMAL ("normal cardiomediastinal
+# contours"), so their attention would pull the SR window to the mediastinum on healthy and sick images alike.
+ANATOMY_ENTITIES = (
+    "aorta",
+    "cardiomediastinal",
+    "contour",
+    "hemidiaphragm",
+    "hilar",
+    "silhouette",
+    "vasculature",
+)
