@@ -660,9 +660,9 @@ def test_a_failed_pipeline_run_calls_the_webhook_and_the_automations_are_defined
     assert body["state"] == "Failed" and body["message"] == broken_run.state.message
     assert body["text"] == f"ecamp: flow run {broken_run.name} of ecamp-pipeline ended Failed"
     assert body["parameters"]["run_dir"] == str(pipeline["run_dir"])
-    assert {b["flow_run"] for b in receiver.bodies} <= {
-        r.name for r in pipeline["pipelines"] if r.state.is_failed()
-    }
+    # every call is one failed pipeline run (the paper deployment's runs without data fail too), each once
+    assert {b["state"] for b in receiver.bodies} == {"Failed"}
+    assert len({b["flow_run_id"] for b in receiver.bodies}) == len(receiver.bodies)
     shell(README_COMMANDS["notify"], [receiver.url, "--cancel-pending-after", "1800"], pipeline["server"].env)
     stuck = Automation.read(name="ecamp-gpu run stuck in Pending")
     assert stuck.trigger.within.total_seconds() == 1800 and stuck.trigger.posture == "Proactive"
