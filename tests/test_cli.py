@@ -194,6 +194,7 @@ def test_killing_the_cli_stops_its_temporary_prefect_server(tmp_path, sig):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect")
     log_path = tmp_path / "cli.log"
+    (tmp_path / "files").mkdir()  # an (empty) MIMIC tree: pre-flight passes and the CLI starts its server
     argv = [
         "run",
         "-c",
