@@ -222,6 +222,16 @@ class StageContext:
         shutil.rmtree(self.attempt_dir, ignore_errors=True)
         self.attempt_dir.mkdir(parents=True)
 
+    def lineage(self) -> Lineage:
+        """What an output written now is made from: this stage, run, config, code and everything read so far."""
+        return Lineage(
+            stage=self.name,
+            run_id=self.run_id,
+            config_hash=self.config_hash,
+            code_version=self.code_version,
+            upstream=[*self.inputs, *self.upstream.values()],
+        )
+
     def write(self, name: str, data: pa.Table | list[Any], contract: type[Row] | None = None) -> Path:
         """Validate and write the declared Parquet output `name` into the attempt, with lineage."""
         declared = self.stage.writes.get(name)
@@ -230,15 +240,8 @@ class StageContext:
         if contract is not None and contract is not declared:
             raise UndeclaredError(f"stage '{self.name}': '{name}' is declared as {declared.contract}")
         final = output_path(self.run_dir, self.name, name, "parquet")
-        lineage = Lineage(
-            stage=self.name,
-            run_id=self.run_id,
-            config_hash=self.config_hash,
-            code_version=self.code_version,
-            upstream=[*self.inputs, *self.upstream.values()],
-        )
         path = self.attempt_dir / final.name
-        info = write_artifact(path, data, declared, lineage, uri=final.resolve().as_uri())
+        info = write_artifact(path, data, declared, self.lineage(), uri=final.resolve().as_uri())
         self.outputs[name] = info
         self.log.info("wrote %s (%d rows, %s)", final.name, info.rows, declared.contract)
         return path

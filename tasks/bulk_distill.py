@@ -436,13 +436,7 @@ def run(
                 "missing after re-prompting stay missing; QC re-sends such answers to the teacher "
                 "(retry_budget)"
             )
-    lineage = Lineage(
-        stage=ctx.name,
-        run_id=ctx.run_id,
-        config_hash=ctx.config_hash,
-        code_version=ctx.code_version,
-        upstream=[*ctx.inputs, *ctx.upstream.values()],
-    )
+    lineage = ctx.lineage()
     with ExitStack() as stack:
         teacher_model = "injected"
         if teacher is None:
