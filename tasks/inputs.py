@@ -35,36 +35,34 @@ def ensure_generated(
     say(summary.describe())
 
 
-def generated_roots(config: Any, stages: Iterable[str]) -> list[Path]:
-    """The folders `prepare_inputs` makes when absent for `stages`: a missing one is not a missing input."""
+def generated_inputs(config: Any, stages: Iterable[str]) -> list[tuple[Path, Any, str]]:
+    """(folder, synth config, what) of each generated input the config asks for and `stages` read: the demo
+    corpus at data.root (extract_reports, and only when `data.source` is mimic: a manifest run never reads
+    data.root), the synth evaluation sets (evaluate; always as `evaluate.synth` says: they are the config's own,
+    never a user's data). Nothing a run will not read is generated."""
     stages = set(stages)
-    roots = []
-    if (
-        "extract_reports" in stages
-        and config.data.generate
-        and config.data.source == "mimic"
-        and config.data.root
-    ):
-        roots.append(Path(config.data.root))
-    if "evaluate" in stages and config.evaluate.synth is not None:
-        roots += [Path(s.path) for s in config.evaluate.datasets if s.kind == "synth"]
-    return roots
-
-
-def prepare_inputs(
-    config: Any, say: Callable[[str], None], stages: Iterable[str], regenerate: bool = False
-) -> None:
-    """The generated inputs the config asks for and `stages` read: the demo corpus at data.root
-    (extract_reports, and only when `data.source` is mimic: a manifest run never reads data.root;
-    `regenerate`: see `ensure_generated`), the synth evaluation sets (evaluate; always as `evaluate.synth`
-    says: they are the config's own, never a user's data). Nothing a run will not read is generated."""
-    stages = set(stages)
+    wanted = []
     if "extract_reports" in stages and config.data.generate and config.data.source == "mimic":
         if not config.data.root:
             raise ValueError(
                 "data.generate is true but data.root is not set: name the folder to generate into"
             )
-        ensure_generated(Path(config.data.root), config.synth, "demo corpus", say, regenerate)
+        wanted.append((Path(config.data.root), config.synth, "demo corpus"))
     if "evaluate" in stages and config.evaluate.synth is not None:
         for root in dict.fromkeys(Path(s.path) for s in config.evaluate.datasets if s.kind == "synth"):
-            ensure_generated(root, config.evaluate.synth, "downstream evaluation set", say)
+            wanted.append((root, config.evaluate.synth, "downstream evaluation set"))
+    return wanted
+
+
+def generated_roots(config: Any, stages: Iterable[str]) -> list[Path]:
+    """The folders `prepare_inputs` makes when absent for `stages`: a missing one is not a missing input."""
+    return [root for root, _, _ in generated_inputs(config, stages)]
+
+
+def prepare_inputs(
+    config: Any, say: Callable[[str], None], stages: Iterable[str], regenerate: bool = False
+) -> None:
+    """Make the generated inputs (`generated_inputs`) that are absent. `regenerate` (see `ensure_generated`)
+    applies to the demo corpus; the evaluation sets are always the config's own, so always regenerated."""
+    for root, synth_cfg, what in generated_inputs(config, stages):
+        ensure_generated(root, synth_cfg, what, say, regenerate or what != "demo corpus")

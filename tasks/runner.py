@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,13 +35,14 @@ class StageResult:
     seconds: float = 0.0
 
 
-def input_paths(stage: Stage, config: Any) -> list[Path | FileSet]:
+def input_paths(stage: Stage, config: Any, made: Sequence[Path] = ()) -> list[Path | FileSet]:
     """The files and folders outside the run directory the stage reads (and the file sets inputs list); a
-    missing file or folder is an error naming it."""
+    missing file or folder is an error naming it, unless it lies in a folder of `made` (to be generated)."""
     if stage.input_files is None:
         return []
     entries = stage.input_files(config)
-    missing = [str(p) for p in entries if not isinstance(p, FileSet) and not Path(p).exists()]
+    paths = [Path(p) for p in entries if not isinstance(p, FileSet)]
+    missing = [str(p) for p in paths if not p.exists() and not any(p == r or r in p.parents for r in made)]
     if missing:
         raise FileNotFoundError(missing_inputs(stage, missing))
     return entries
@@ -71,8 +73,11 @@ def preflight(config: Any, names: list[str]) -> None:
     from tasks.inputs import generated_roots
     from tasks.registry import get_stage
 
-    made = generated_roots(config, names)
     problems: list[str] = []
+    try:
+        made = generated_roots(config, names)
+    except ValueError as err:  # data.generate without data.root
+        made, problems = [], [str(err)]
     for name in names:
         stage = get_stage(name)
         if stage.preflight is not None:
@@ -81,16 +86,9 @@ def preflight(config: Any, names: list[str]) -> None:
             except (ValueError, FileNotFoundError) as err:
                 problems.append(str(err))
         try:
-            entries = stage.input_files(config) if stage.input_files is not None else []
+            input_paths(stage, config, made)
         except (ValueError, FileNotFoundError) as err:
             problems.append(str(err))
-            continue
-        paths = [Path(p) for p in entries if not isinstance(p, FileSet)]
-        missing = [
-            str(p) for p in paths if not p.exists() and not any(p == r or r in p.parents for r in made)
-        ]
-        if missing:
-            problems.append(missing_inputs(stage, missing))
     if problems:
         raise PreflightError(problems)
 
