@@ -35,6 +35,7 @@ from models.distill.teacher_http import (
 )
 from tasks.base import StageConfig, StageContext
 from tasks.stage import Stage
+from tasks.teacher_limits import PrefectRateLimit
 
 MIN_DISTILLATIONS = 2  # finetune_student needs one to train on and one to evaluate
 
@@ -69,6 +70,12 @@ class Config(StageConfig):
     concurrency: int = Field(16, ge=1)
     rpm: float | None = Field(3500, gt=0)
     tpm: float | None = Field(90_000, gt=0)
+    shared_limit: str | None = Field(
+        None,
+        description="name of a Prefect global rate limit pair (<name>-requests, <name>-tokens) set to rpm/tpm and "
+        "shared by every run that names it, so runs against one account stay within its limits together; "
+        "needs PREFECT_API_URL",
+    )
     max_retries: int = Field(6, ge=0)
     timeout_s: float = Field(60.0, gt=0)
     max_retry_after_s: float = Field(
@@ -156,7 +163,22 @@ def http_results(ctx: StageContext, cfg: Config, items: list[DistillItem]) -> li
             if done[0] % 500 == 0 or done[0] == len(requests):
                 ctx.log.info("teacher: %d/%d answered", done[0], len(requests))
 
-        return run_sync(lambda: complete_many(requests, client_cfg, cache, progress))
+        shared = shared_limit(ctx, cfg)
+        return run_sync(lambda: complete_many(requests, client_cfg, cache, progress, shared))
+
+
+def shared_limit(ctx: StageContext, cfg: Config) -> PrefectRateLimit | None:
+    if cfg.shared_limit is None:
+        return None
+    shared = PrefectRateLimit(cfg.shared_limit, cfg.rpm, cfg.tpm)
+    shared.ensure()
+    ctx.log.info(
+        "teacher limits shared on the Prefect server with every run naming %r: %s, %s",
+        cfg.shared_limit,
+        f"{cfg.rpm:g} requests/min" if cfg.rpm else "requests unlimited",
+        f"{cfg.tpm:g} tokens/min" if cfg.tpm else "tokens unlimited",
+    )
+    return shared
 
 
 # ------------------------------------------------------------------------------------------- outputs

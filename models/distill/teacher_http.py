@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from email.utils import parsedate_to_datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import openai
 from openai.types import Completion
@@ -237,12 +237,23 @@ def make_openai_client(cfg: ClientConfig) -> tuple[openai.AsyncOpenAI, ApiKey]:
     return client, key
 
 
+class SharedLimit(Protocol):
+    """A provider limit held outside this process: every run that names it draws on one budget.
+
+    The client's own buckets keep one run within `rpm`/`tpm`; two runs against one account would still send
+    twice that. A shared limit (e.g. a Prefect global rate limit, `tasks.teacher_limits`) is waited for too.
+    """
+
+    async def acquire(self, requests: int, tokens: int) -> None: ...
+
+
 class TeacherClient:
     """Sends requests with limits and retries; one instance per run (it owns the SDK client)."""
 
-    def __init__(self, cfg: ClientConfig, cache: ResponseCache | None):
+    def __init__(self, cfg: ClientConfig, cache: ResponseCache | None, shared: SharedLimit | None = None):
         self.cfg = cfg
         self.cache = cache
+        self.shared = shared
         self.client, self._key = make_openai_client(cfg)
         self._sem = asyncio.Semaphore(cfg.concurrency)
         self._rpm = TokenBucket(cfg.rpm) if cfg.rpm else None
@@ -340,6 +351,8 @@ class TeacherClient:
             await self._rpm.acquire(1)
         if self._tpm is not None:
             await self._tpm.acquire(req.cost_tokens(self.cfg))
+        if self.shared is not None:
+            await self.shared.acquire(1, req.cost_tokens(self.cfg))
 
     def _retry_wait(self, attempt: int, retry_after: float | None) -> float | None:
         """Seconds before the next attempt: the server's Retry-After when given, else 2^n backoff + jitter."""
@@ -452,12 +465,13 @@ async def complete_many(
     client_cfg: ClientConfig,
     cache: ResponseCache | None,
     progress: Callable[[ChatResult], None] | None = None,
+    shared: SharedLimit | None = None,
 ) -> list[ChatResult]:
     """Results in input order. Identical prompts are sent once; cached ones are not sent at all.
 
     `progress(result)` is called as each unique request finishes (after its cache commit).
     """
-    client = TeacherClient(client_cfg, cache)
+    client = TeacherClient(client_cfg, cache, shared)
     by_hash: dict[str, ChatRequest] = {}
     for req in requests:
         by_hash.setdefault(req.hash(client_cfg), req)
