@@ -7,6 +7,8 @@ import math
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image as PILImage
 
 from data_contracts.entities import EntityMention
@@ -208,21 +210,6 @@ SCANNER_CASES = [
     "Pneumonia cannot be excluded; can not be excluded. There is no evidence of mass 2 masses x_mass.",
     "Not only effusion but also edema, no change in the no longer seen. Non-calcified 3.5cm nodule!",
 ]
-
-
-def test_word_scanner_and_regex_scanner_find_the_same_targets(matcher):
-    """ASCII batches take the per-word numpy scanner, others the trie regex: both must agree exactly."""
-    from models.text.entities import _Characters
-
-    texts = iu_xray_texts() + SCANNER_CASES
-    text = "\n\n".join(texts)
-    low = text.lower()
-    by_words = matcher._tokens.find(low, _Characters.of(text).space)
-    by_regex = matcher._find_with_regex(low)
-    assert by_words is not None and len(by_words[0]) > 10_000
-    for words, regex in zip(by_words, by_regex, strict=True):
-        assert words.tolist() == regex.tolist()
-    assert matcher._tokens.find("pétite effusion", _Characters.of("pétite effusion").space) is None
 
 
 def test_non_ascii_batches_give_the_same_mentions_as_ascii(matcher):
@@ -476,3 +463,52 @@ def test_stage_writes_mentions_stats_and_fig2_pngs(tmp_path):
     assert lexicon.entities == load_entity_list(TABLE1).entities and lexicon.forms["effusions"] == "effusion"
     assert STAGE.reads == ("extract_reports/reports",)
     assert resolve_entity_list("configs/entities/table1.txt") == TABLE1
+
+
+# --- a report's mentions do not depend on its batch, by property -------------------------------------------------
+# A batch is scanned as one string. Reports are drawn from the words that matter (every surface form and cue,
+# whole or broken by any gap, plus fillers) with the separators that decide phrase joins, sentences and clauses:
+# whitespace of every kind, punctuation, underscores and digits glued to words.
+def _scanner_phrases() -> tuple[list[str], list[str]]:
+    """(multi-word phrases, single words) of every surface form and cue, plus fillers."""
+    lexicon = load_entity_list(TABLE1)
+    phrases = sorted({*lexicon.forms, *(c.phrase for c in default_cues())})
+    words = sorted({w for p in phrases for w in p.split()})
+    return [p for p in phrases if " " in p], words + ["the", "of", "and", "x", "2", "3.5cm", "mass_", "_"]
+
+
+_PHRASES, _SINGLE = _scanner_phrases()
+_GAPS = st.sampled_from([" ", " ", " ", "  ", "\n", "\t", "\n\n", ", ", ". ", "; ", "-", ":", "_", "", " ( "])
+# A whole phrase, or a phrase whose words are kept apart by any gap (punctuation must stop a phrase match)
+_BROKEN = st.tuples(st.sampled_from(_PHRASES), st.lists(_GAPS, min_size=4, max_size=4)).map(
+    lambda pg: "".join(w + g for w, g in zip(pg[0].split(), pg[1], strict=False)).rstrip()
+)
+_TOKENS = st.one_of(st.sampled_from(_SINGLE), st.sampled_from(_PHRASES), _BROKEN)
+_CASED = st.tuples(_TOKENS, st.sampled_from(["lower", "upper", "title"])).map(
+    lambda tc: getattr(tc[0], tc[1])()
+)
+_REPORTS = st.lists(st.tuples(_CASED, _GAPS), max_size=40).map(lambda parts: "".join(w + g for w, g in parts))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(reports=st.lists(_REPORTS, min_size=1, max_size=4))
+def test_property_a_reports_mentions_do_not_depend_on_its_batch(matcher, reports):
+    """Nothing crosses a report border: each report alone, the reports batched (any batch size), and the batch
+    with a non-ASCII report added (another character path) give the same mentions."""
+    ids = [f"s{i}" for i in range(len(reports))]
+    one_by_one = [m for i, r in zip(ids, reports, strict=True) for m in matcher.match([i], [r]).to_pylist()]
+    assert matcher.match(ids, reports).to_pylist() == one_by_one
+    small = EntityMatcher(matcher.lexicon, MatcherConfig(batch_size=2))
+    assert small.match(ids, reports).to_pylist() == one_by_one
+    mixed = matcher.match([*ids, "accent"], [*reports, "Pétite effusion."]).to_pylist()
+    assert [m for m in mixed if m["study_id"] != "accent"] == one_by_one
+
+
+def test_real_reports_give_the_same_mentions_alone_and_batched(matcher):
+    """The property above on the real IU X-ray reports (every one, in batches of 64 and one by one)."""
+    texts = iu_xray_texts()
+    ids = [f"r{i}" for i in range(len(texts))]
+    batched = EntityMatcher(matcher.lexicon, MatcherConfig(batch_size=64)).match(ids, texts)
+    one_by_one = [m for i, t in zip(ids, texts, strict=True) for m in matcher.match([i], [t]).to_pylist()]
+    assert batched.num_rows > 5_000
+    assert batched.to_pylist() == one_by_one

@@ -8,8 +8,8 @@ negative descriptors outnumber positive ones about 20:1). This module computes a
 * one search over a whole batch of reports (joined into one string) finds every entity surface form AND
   every cue phrase (negation, uncertainty, pseudo-negation, scope terminator), leftmost-longest. It is one
   compiled regex whose alternation is a character trie, with a possessive word skipper so the words in
-  between are walked inside the regex engine; for ASCII batches an equivalent per-word search does the
-  same with `bytes.split`, `dict.get` and numpy, about 2x faster (the tests check both agree exactly);
+  between are walked inside the regex engine (a per-word numpy search for ASCII text was 1.2x faster at
+  MIMIC size, 5.7 against 7.0 CPU-s, and was dropped as a second engine for one behaviour: bench/RESULTS.md);
 * sentence ends, ';', words and clause terminators become sorted position arrays, so sentence index,
   clause, nearest trigger and the β descriptor words of every mention are found with `numpy.searchsorted`
   for all mentions together; strings are gathered by Arrow, not sliced one by one in Python.
@@ -31,7 +31,6 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import repeat
 from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
@@ -235,8 +234,6 @@ class MatcherConfig(BaseModel):
 _KIND_NONE, _KIND_NEG, _KIND_UNC = 0, 1, 2
 _POLARITY_CODE = {"pseudo": _KIND_NONE, "negative": _KIND_NEG, "uncertain": _KIND_UNC}
 _PUNCTUATION = "".join(chr(c) for c in range(33, 127) if not chr(c).isalnum())
-_PLAIN_WORD = re.compile(r"[a-z0-9_]+")
-_WORD_BYTES = bytes(c if chr(c).isascii() and (chr(c).isalnum() or c == ord("_")) else 32 for c in range(256))
 _BLANK_LINE = re.compile(r"\n[ \t]*\n")
 _OTHER, _SPACE, _ALNUM, _SENTENCE_STOP = 0, 1, 2, 3
 
@@ -280,7 +277,6 @@ class _Characters:
     """
 
     ascii_bytes: bytes | None  # the text as bytes when it is ASCII (then byte offsets = character offsets)
-    space: np.ndarray  # whitespace (as str.split and the regex's \\s see it), per character
     word_starts: np.ndarray
     word_ends: np.ndarray
     sentence_ends: np.ndarray
@@ -310,7 +306,6 @@ class _Characters:
         blank_line_ends = np.fromiter((m.end() for m in blank_lines), dtype=np.int64)
         return cls(
             ascii_bytes=ascii_bytes,
-            space=space,
             word_starts=token_starts[is_word],
             word_ends=token_ends[is_word],
             sentence_ends=np.concatenate((sentence_ends, blank_line_ends)),
@@ -353,100 +348,6 @@ class _Batch:
     post_start: np.ndarray
     post_kind: np.ndarray
     prefix_end: np.ndarray
-
-
-class _TokenScanner:
-    """The trie regex's leftmost-longest search, for ASCII text, with the per-word work done in C.
-
-    `bytes.translate` blanks every non-word byte, `bytes.split` cuts the words (the regex's `\\w+` runs),
-    `dict.get` maps them to vocabulary ids, and numpy extends the words that can start a phrase one word
-    at a time (only across whitespace, like the regex's `\\s+`), keeping the longest phrase found at each
-    start. Overlaps are resolved left to right like the regex scan. It is used when a batch is ASCII and
-    every target is made of plain words; the regex otherwise (both give identical results: see the tests).
-    """
-
-    def __init__(self, targets: Mapping[str, int]):
-        phrases = {tuple(p.split(" ")): t for p, t in targets.items()}
-        words = sorted({w for phrase in phrases for w in phrase})
-        self.usable = all(_PLAIN_WORD.fullmatch(w) for w in words)
-        self.vocab = {w.encode("ascii"): i for i, w in enumerate(words, start=1)}
-        self.base = len(words) + 1
-        self.max_words = max(map(len, phrases), default=1)
-        self.usable &= self.base**self.max_words < 2**62
-        # per phrase length n (index n - 1): sorted keys of whole phrases with their target ids, and sorted
-        # keys of the n-word beginnings of longer phrases (only those are worth extending)
-        self.whole: list[tuple[np.ndarray, np.ndarray]] = []
-        self.prefixes: list[np.ndarray] = []
-        for n in range(1, self.max_words + 1):
-            pairs = sorted((self._key(p), t) for p, t in phrases.items() if len(p) == n)
-            self.whole.append(
-                (np.array([k for k, _ in pairs], np.int64), np.array([t for _, t in pairs], np.int64))
-            )
-            self.prefixes.append(
-                np.array(sorted({self._key(p[:n]) for p in phrases if len(p) > n}), np.int64)
-            )
-
-    def _key(self, words: tuple[str, ...]) -> int:
-        return sum(self.vocab[w.encode("ascii")] * self.base**j for j, w in enumerate(words))
-
-    def find(self, low: str, space: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """(starts, ends, target ids) of the targets in lower-cased `low`; None when it is not ASCII.
-        `space[i]` says whether character i is whitespace."""
-        if not self.usable or not low.isascii():
-            return None
-        clean = low.encode("ascii").translate(_WORD_BYTES)
-        words = clean.split()
-        is_word = np.frombuffer(clean, dtype=np.uint8) != 32
-        starts = np.flatnonzero(is_word & ~np.concatenate(([False], is_word[:-1])))
-        ends = np.flatnonzero(is_word & ~np.concatenate((is_word[1:], [False]))) + 1
-        vid = np.fromiter(map(self.vocab.get, words, repeat(0)), dtype=np.int64, count=len(words))
-        # word i and word i+1 may be one phrase when only whitespace lies between them
-        punctuation = np.flatnonzero(~is_word & ~space)
-        joinable = np.ones(max(len(words) - 1, 0), dtype=bool)
-        gap = np.searchsorted(starts, punctuation) - 1  # the gap after word `gap` holds the punctuation
-        joinable[gap[(gap >= 0) & (gap < len(joinable))]] = False
-
-        first = np.flatnonzero(vid)  # words that may start a phrase
-        length = np.zeros(len(first), dtype=np.int64)
-        target = np.zeros(len(first), dtype=np.int64)
-        alive, key = np.arange(len(first)), vid[first]  # indices into `first` still being extended
-        for n in range(1, self.max_words + 1):
-            if n > 1:
-                nxt = first[alive] + n - 1
-                ok = nxt < len(words)
-                alive, key, nxt = alive[ok], key[ok], nxt[ok]
-                ok = joinable[nxt - 1] & (vid[nxt] > 0)
-                alive, key = alive[ok], key[ok] + vid[nxt[ok]] * self.base ** (n - 1)
-            keys, ids = self.whole[n - 1]
-            hit, pos = _lookup(keys, key)
-            length[alive[hit]], target[alive[hit]] = n, ids[pos[hit]]
-            more, _ = _lookup(self.prefixes[n - 1], key)
-            alive, key = alive[more], key[more]
-            if not len(alive):
-                break
-        found = length > 0
-        first, length, target = first[found], length[found], target[found]
-        # a phrase hides the matches that start inside it; phrases may hide phrases: accept left to right
-        accepted, free = [], 0
-        for i, size in zip(first[length > 1].tolist(), length[length > 1].tolist(), strict=True):
-            if i >= free:
-                accepted.append(i)
-                free = i + size
-        if accepted:
-            acc = np.asarray(accepted, dtype=np.int64)
-            j = np.maximum(np.searchsorted(acc, first, side="right") - 1, 0)
-            acc_end = acc + length[np.searchsorted(first, acc)]
-            inside = (first > acc[j]) & (first < acc_end[j])
-            first, length, target = first[~inside], length[~inside], target[~inside]
-        return starts[first], ends[first + length - 1], target
-
-
-def _lookup(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Which `keys` occur in `sorted_keys`, and where."""
-    if not len(sorted_keys):
-        return np.zeros(len(keys), dtype=bool), np.zeros(len(keys), dtype=np.int64)
-    pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
-    return sorted_keys[pos] == keys, pos
 
 
 class EntityMatcher:
@@ -497,7 +398,6 @@ class EntityMatcher:
         # Possessive skipper: whole non-target words are consumed inside the regex engine. Both groups are
         # captured so that `re.split` returns pieces whose lengths add up to the text (offsets by cumsum).
         self._scanner = re.compile(r"((?:\w++\W++)*?)\b(" + trie_pattern(targets) + r")\b")
-        self._tokens = _TokenScanner(targets)
 
     # -- scanning ------------------------------------------------------------------------------------------
     def _target_ids(self, matched: list[str]) -> np.ndarray:
@@ -526,8 +426,7 @@ class EntityMatcher:
 
         low = _lower_keep_length(text)
         chars = _Characters.of(text, any("\n" in t for t in texts))
-        found = self._tokens.find(low, chars.space)
-        starts, ends, ids = found if found is not None else self._find_with_regex(low)
+        starts, ends, ids = self._find_with_regex(low)
 
         is_entity = ids < self._n_entities
         is_pre, is_post = self._is_pre[ids], self._is_post[ids]
