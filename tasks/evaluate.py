@@ -31,9 +31,11 @@ from models.evaluate.protocol import (
     FeatureCache,
     Init,
     Job,
+    JobInputs,
     ProtocolConfig,
     lesion_free_test_warning,
     run_job,
+    run_jobs_in_parallel,
 )
 from models.evaluate.report import plot_results, results_table
 from models.seeds import Seed
@@ -66,6 +68,12 @@ class Config(StageConfig):
     seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
     decode_workers: int = Field(2, ge=1, description="threads decoding images (once per split)")
+    workers: int = Field(
+        1,
+        ge=1,
+        description="datasets evaluated at once, each in its own process with its share of the cores (1: one "
+        "after the other in the stage's process)",
+    )
     synth: SynthConfig | None = Field(
         None,
         description="`ecamp demo` / `ecamp evaluate` generate the `synth` datasets' folder from this when absent",
@@ -153,6 +161,7 @@ def run(ctx: StageContext, cfg: Config) -> None:
         arch, norm, cfg.protocol.pixels.size
     )  # frozen features shared by every dataset that reads the same images
     rows: list[dict[str, Any]] = []
+    jobs = []
     for spec in cfg.datasets:
         job = prepare(ctx, spec, cfg, arch["img_size"])
         if not job.protocols:
@@ -162,8 +171,14 @@ def run(ctx: StageContext, cfg: Config) -> None:
                 cfg.protocols,
                 spec.task,
             )
-            continue
-        rows += run_job(job, inits, reports, arch, norm, cfg.protocol, ctx.log.info, cache)
+        elif cfg.workers == 1:
+            rows += run_job(job, inits, reports, arch, norm, cfg.protocol, ctx.log.info, cache)
+        else:
+            jobs.append(job)
+    if jobs:
+        rows = run_jobs_in_parallel(
+            jobs, JobInputs(inits, reports, arch, norm, cfg.protocol), cfg.workers, ctx.log.info
+        )
     ctx.write("eval_results", rows, EvalResult)
     paper_names = {s.name: s.paper for s in cfg.datasets if s.paper}
     table = results_table(rows, paper_names, cfg.protocol.pixels.size) if rows else "no results\n"

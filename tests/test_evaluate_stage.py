@@ -60,7 +60,13 @@ def evaluated(tmp_path_factory):
     config = load_config(DEMO, overrides)
     run_dir = root / "run"
     result = run_stage(get_stage("evaluate"), config, run_dir)
-    return {"config": config, "run_dir": run_dir, "encoder": encoder, "result": result}
+    return {
+        "config": config,
+        "run_dir": run_dir,
+        "encoder": encoder,
+        "result": result,
+        "overrides": overrides,
+    }
 
 
 def test_every_protocol_init_fraction_and_seed_gives_one_row(evaluated):
@@ -193,3 +199,19 @@ def test_evaluate_cli_names_a_missing_dataset_or_encoder_in_one_line_before_any_
         f"{tmp_path / 'run'} has not written: run ecamp ablate --table 7 --row mim_only\n"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_datasets_in_worker_processes_give_the_same_rows_in_the_same_order(evaluated, tmp_path, caplog):
+    """`evaluate.workers: 2` runs the three datasets in two processes (one torch thread each here); each run is
+    seeded by itself, so the rows are those of the one-process run."""
+    config = load_config(DEMO, [*evaluated["overrides"], "evaluate.workers=2"])
+    with caplog.at_level("INFO"):
+        run_stage(get_stage("evaluate"), config, tmp_path / "run")
+    one = pq.read_table(evaluated["run_dir"] / "evaluate" / "eval_results.parquet").to_pylist()
+    two = pq.read_table(tmp_path / "run" / "evaluate" / "eval_results.parquet").to_pylist()
+    assert [(r["task"], r["init"], r["fraction"], r["seed"]) for r in two] == [
+        (r["task"], r["init"], r["fraction"], r["seed"]) for r in one
+    ]
+    assert [r["value"] for r in two] == pytest.approx([r["value"] for r in one], abs=1e-5)
+    assert "syn-cla, syn-seg, syn-det: in 2 worker processes" in caplog.text
+    assert "syn-seg segmentation random 10% s1: dice" in caplog.text  # a worker's lines reach the stage's log

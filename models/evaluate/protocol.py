@@ -421,3 +421,54 @@ def train_detection(
         ]
 
     return heads, fit(heads, batch_loss, validate, len(idx), settings.fit, seeds, desc, names)
+
+
+@dataclass
+class JobInputs:
+    """Everything `run_job` reads besides the job itself: what a worker process needs, picklable."""
+
+    inits: list[Init]
+    reports: dict[str, LoadReport]
+    arch: dict[str, Any]
+    norm: Normalization
+    cfg: ProtocolConfig
+
+
+def run_job_in_worker(job: Job, inputs: JobInputs, threads: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """One dataset's rows and log lines, in a worker process with `threads` torch threads.
+
+    Why a process: fine-tuning a small ViT and the probe's steps leave the second core idle (their matrices are
+    too small to split), while another dataset's heads could use it. Each run is seeded by itself, so its numbers
+    do not depend on the worker it lands on; only the thread count changes float reductions."""
+    torch.set_num_threads(threads)
+    lines: list[str] = []
+    cache = FeatureCache(inputs.arch, inputs.norm, inputs.cfg.pixels.size)
+    rows = list(
+        run_job(job, inputs.inits, inputs.reports, inputs.arch, inputs.norm, inputs.cfg, lines.append, cache)
+    )
+    return rows, lines
+
+
+def run_jobs_in_parallel(jobs: list[Job], inputs: JobInputs, workers: int, log: Log) -> list[dict[str, Any]]:
+    """Rows of every job (in job order), `workers` datasets at a time, each worker with its share of the cores.
+
+    A job's log lines come when it finishes, at once."""
+    import concurrent.futures as futures
+    import multiprocessing
+    import os
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    with pool:
+        running = [pool.submit(run_job_in_worker, job, inputs, threads) for job in jobs]
+        names = ", ".join(job.splits.name for job in jobs)
+        log(
+            f"{names}: in {workers} worker processes, {threads} torch thread(s) each; a set's lines come when it ends"
+        )
+        results = []
+        for future in running:
+            rows, lines = future.result()
+            for line in lines:
+                log(line)
+            results += rows
+    return results
