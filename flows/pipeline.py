@@ -22,8 +22,8 @@ from prefect.utilities.annotations import quote
 from flows.gpu_pool import GpuHandoff, run_on_gpu_pool
 from flows.logs import failed_in_one_line, forward_stage_logs, known_errors, quiet_known_tracebacks
 from flows.publish import publish_lineage, publish_stage
-from flows.queue import run_dir_slot, this_flow_run
 from flows.retry import is_transient, transient_failure
+from flows.run_queue import run_dir_slot, this_flow_run
 from tasks.config import config_from_dict, load_config
 from tasks.inputs import prepare_inputs
 from tasks.lock import run_lock

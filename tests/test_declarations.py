@@ -181,3 +181,14 @@ def test_ablate_runs_a_row_end_to_end_and_caches_it(small_corpus, tmp_path):
     second = CliRunner().invoke(app, args)
     assert second.exit_code == 0 and "cached" in second.output, second.output
     assert not (run_dir / "pretrain_ecamp").exists()  # the row never touches the main stage folder
+
+
+def test_no_flows_module_is_named_like_a_standard_library_module():
+    """A deployment's flow run puts its entrypoint's folder (flows/) on sys.path, and a process spawned from it
+    (evaluate.workers) imports with that path: flows/queue.py was imported as the standard `queue` there and
+    broke multiprocessing itself. (Other packages' folders are not put on sys.path.)"""
+    import sys
+
+    ours = {p.stem for p in (REPO_ROOT / "flows").glob("*.py")}
+    assert "pipeline" in ours
+    assert sorted(ours & set(sys.stdlib_module_names)) == []
