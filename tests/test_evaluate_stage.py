@@ -201,6 +201,7 @@ def test_evaluate_cli_names_a_missing_dataset_or_encoder_in_one_line_before_any_
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # spawns two worker processes
 def test_datasets_in_worker_processes_give_the_same_rows_in_the_same_order(evaluated, tmp_path, caplog):
     """`evaluate.workers: 2` runs the three datasets in two processes (one torch thread each here); each run is
     seeded by itself, so the rows are those of the one-process run."""
