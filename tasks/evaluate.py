@@ -72,7 +72,7 @@ class Config(StageConfig):
         1,
         ge=1,
         description="datasets evaluated at once, each in its own process with its share of the cores (1: one "
-        "after the other in the stage's process)",
+        "after the other in the stage's process, one set's images in memory at a time; above 1 every set's are)",
     )
     synth: SynthConfig | None = Field(
         None,
@@ -171,7 +171,7 @@ def run(ctx: StageContext, cfg: Config) -> None:
                 cfg.protocols,
                 spec.task,
             )
-        elif cfg.workers == 1:
+        elif cfg.workers == 1:  # one set decoded at a time: a paper-size set's pixels take gigabytes
             rows += run_job(job, inits, reports, arch, norm, cfg.protocol, ctx.log.info, cache)
         else:
             jobs.append(job)

@@ -6,7 +6,7 @@ one or the other.
 
 - `ecamp ...`: parsed by the real CLI (its options and arguments), then checked the way the command checks them
   first: `--set` keys and values against the config (with `-c`), stage names, ablation rows. Bracketed optional
-  parts (`[--row no_rf ...]`) are checked too, with their placeholders filled in.
+  parts (`[--row no_rf ...]`) are checked too, the CLI reference's metavariables (DIR, N, STAGE) given values.
 - `make TARGET`: the target exists (`make -n`).
 - `prefect ...`: the deployment test runs these against a real server (tests/test_deployments.py README_COMMANDS).
 - The `ecamp` commands themselves run end to end in tests/test_cli.py and tests/test_pipeline_e2e.py.
@@ -36,8 +36,8 @@ NOT_HERE = {
     "python -c \"import sys; sys.path.insert(0, 'tests')": "the hostile pass's set-up, run by that pass",
     "cd /tmp/hostile/base": "the hostile pass's set-up, run by that pass",
 }
-# Placeholders of the CLI reference, and the values the checks put in.
-PLACEHOLDERS = {
+# The CLI reference's metavariables (as in `--out DIR`), and the values the checks give them.
+METAVARIABLES = {
     "DIR": "/tmp/ecamp-docs-check",
     "STAGE": "train_gloria",
     "N": "12",
@@ -85,13 +85,13 @@ def documented() -> list[tuple[str, str]]:
 
 
 def variants(command: str) -> list[list[str]]:
-    """The command without its optional [parts], and with all of them (placeholders filled in)."""
+    """The command without its optional [parts], and with all of them (metavariables given values)."""
     bare = re.sub(r"\s*\[[^\]]*\]", "", command)
     full = re.sub(r"\[([^\]]*)\]", r"\1", command).replace(" ...", "")
     out = []
     for text in dict.fromkeys([bare, full]):
         tokens = shlex.split(text)
-        out.append([PLACEHOLDERS.get(t, t) for t in tokens])
+        out.append([METAVARIABLES.get(t, t) for t in tokens])
     return out
 
 

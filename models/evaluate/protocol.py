@@ -11,7 +11,10 @@ the same way; its classifier is a scikit-learn model fitted once per label subse
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -450,16 +453,12 @@ def run_job_in_worker(job: Job, inputs: JobInputs, threads: int) -> tuple[list[d
 
 
 def run_jobs_in_parallel(jobs: list[Job], inputs: JobInputs, workers: int, log: Log) -> list[dict[str, Any]]:
-    """Rows of every job (in job order), `workers` datasets at a time, each worker with its share of the cores.
-
-    A job's log lines come when it finishes, at once."""
-    import concurrent.futures as futures
-    import multiprocessing
-    import os
-
+    """Rows of every job (in job order), up to `workers` datasets at a time, each worker with its share of the
+    cores. Each worker extracts its own frozen features (no cache across processes). A job's log lines come
+    when it finishes, at once."""
+    workers = min(workers, len(jobs))
     threads = max(1, (os.cpu_count() or 1) // workers)
-    pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-    with pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         running = [pool.submit(run_job_in_worker, job, inputs, threads) for job in jobs]
         names = ", ".join(job.splits.name for job in jobs)
         log(
