@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from data_contracts.distill import DistillReject, DistillUsage, SeedDistillation, TeacherSettings
 from models.distill import parse, rules_teacher
@@ -91,6 +91,15 @@ class Config(StageConfig):
     price_prompt_per_1k: float = Field(0.0005, ge=0, description="USD per 1k prompt tokens (cost estimate)")
     price_completion_per_1k: float = Field(0.0015, ge=0)
     batch_discount: float = Field(0.5, ge=0, le=1, description="Batch API price factor")
+
+    @model_validator(mode="after")
+    def _shared_limit_is_for_live_requests(self) -> Config:
+        if self.shared_limit is not None and self.batch_api:
+            raise ValueError(
+                "shared_limit paces live requests; the Batch API's requests are paced by the provider's batch "
+                "queue, so set one or the other"
+            )
+        return self
 
     def client_config(self) -> ClientConfig:
         return ClientConfig(

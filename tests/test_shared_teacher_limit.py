@@ -81,3 +81,16 @@ def test_a_shared_limit_without_a_prefect_server_is_a_clear_error(monkeypatch):
     )
     with pytest.raises(ValueError, match="rpm and tpm are both unset"):
         PrefectRateLimit("acct", rpm=None, tpm=None)
+
+
+def test_a_shared_limit_with_the_batch_api_is_refused_by_the_config():
+    from tasks.config import ConfigError, load_config
+    from tests.conftest import REPO_ROOT
+
+    with pytest.raises(
+        ConfigError, match="shared_limit paces live requests; the Batch API's requests are paced"
+    ):
+        load_config(
+            REPO_ROOT / "configs" / "paper.yaml",
+            ["seed_distill.shared_limit=acct", "seed_distill.batch_api=true"],
+        )
