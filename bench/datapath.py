@@ -26,9 +26,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from gpu import mimic_size_jpegs, write_jpegs  # noqa: E402
 
+from models.ecamp.config import PretrainConfig  # noqa: E402
+from models.ecamp.data import PretrainDataset, PretrainRecord  # noqa: E402
 from models.ecamp.image_cache import build_image_cache, source_size  # noqa: E402
 from models.ecamp.model import ECAMPConfig  # noqa: E402
-from models.ecamp.pretrain import PretrainConfig, PretrainDataset, PretrainRecord  # noqa: E402
 
 PAPER_IMAGES, PAPER_EPOCHS = 377_110, 120
 WINDOW = (1 / 14, 1 / 14, 13 / 14, 13 / 14)

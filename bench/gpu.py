@@ -302,7 +302,8 @@ def device_decode_path(args: argparse.Namespace, jpegs: list[bytes]) -> dict[str
     224 on the device) in images/s, and its largest pixel difference from the worker path (CPU libjpeg)."""
     import tempfile
 
-    from models.ecamp.pretrain import PretrainCollator, PretrainConfig, PretrainDataset, PretrainRecord
+    from models.ecamp.config import PretrainConfig
+    from models.ecamp.data import PretrainCollator, PretrainDataset, PretrainRecord
 
     device = torch.device("cpu" if args.smoke else "cuda")
     model = model_config(args.smoke)

@@ -59,7 +59,8 @@ def bench_size(name: str, steps: int, threads: int, amp: str = "off") -> dict:
     import torch
 
     from models.ecamp.model import ECAMP, ECAMPConfig
-    from models.ecamp.pretrain import autocast_for, param_groups
+    from models.ecamp.pretrain import param_groups
+    from models.engine.step import autocast_for
     from models.text.masking import TextCollator, TextMaskingConfig
     from models.text.wordpiece import train_wordpiece
     from tests.real_data import iu_xray_texts
@@ -117,8 +118,9 @@ def bench_data(n: int) -> dict:
     """Samples/s of decode + augment at the paper size on the three real radiographs (one process)."""
     import torch
 
+    from models.ecamp.config import PretrainConfig
+    from models.ecamp.data import PretrainDataset, PretrainRecord
     from models.ecamp.model import ECAMPConfig
-    from models.ecamp.pretrain import PretrainConfig, PretrainDataset, PretrainRecord
     from tests.real_data import REAL_DATA
 
     torch.set_num_threads(1)

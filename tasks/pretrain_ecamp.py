@@ -34,19 +34,13 @@ from pydantic import Field, model_validator
 
 from data_contracts.pretrain import PretrainMetric, PretrainReject
 from models.devices import resolve_device
+from models.ecamp.config import PretrainConfig
+from models.ecamp.data import PretrainRecord, join_inputs
 from models.ecamp.export import export_encoder, write_model_card
 from models.ecamp.image_cache import ImageCacheConfig, build_image_cache, source_size
+from models.ecamp.job import run_job, write_job
 from models.ecamp.model import ECAMP, ECAMPConfig
-from models.ecamp.pretrain import (
-    CHECKPOINT,
-    PretrainConfig,
-    PretrainRecord,
-    check_init_checkpoint,
-    join_inputs,
-    read_resume_checkpoint,
-    run_job,
-    write_job,
-)
+from models.ecamp.pretrain import CHECKPOINT, check_init_checkpoint, read_resume_checkpoint
 from models.ecamp.reliance import heldout_records, reliance_line
 from models.resources import REPO_ROOT
 from models.text.entities import lexicon_from_rows
@@ -306,7 +300,7 @@ def torchrun_command(
         "torch.distributed.run",
         *launch,
         "-m",
-        "models.ecamp.pretrain",
+        "models.ecamp.job",
         "--job",
         str(job_dir),
         "--out",

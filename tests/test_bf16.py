@@ -23,9 +23,12 @@ from models.distill.student import (
     load_base,
     train_student,
 )
+from models.ecamp.config import PretrainConfig
+from models.ecamp.data import PretrainDataset
 from models.ecamp.export import export_encoder, load_timm_encoder
 from models.ecamp.model import ECAMPConfig
-from models.ecamp.pretrain import PretrainConfig, PretrainDataset, autocast_for, train
+from models.ecamp.pretrain import train
+from models.engine.step import autocast_for
 from models.gloria.model import Gloria, GloriaConfig
 from models.gloria.train import ImageTextData, TrainConfig, train_gloria
 from models.text.masking import TextCollator, TextMaskingConfig

@@ -26,8 +26,9 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from models.checkpoints import CheckpointError, load_torch_file, read_state_dict
+from models.ecamp.data import PretrainDataset
 from models.ecamp.model import ECAMP, ECAMPConfig
-from models.ecamp.pretrain import CHECKPOINT, PretrainDataset, load_partial, read_resume_checkpoint, train
+from models.ecamp.pretrain import CHECKPOINT, load_partial, read_resume_checkpoint, train
 from models.evaluate.encoders import downstream_vit, load_init
 from models.gloria.model import Gloria
 from models.gloria.train import ImageTextData, TrainConfig, train_gloria
@@ -193,7 +194,7 @@ def test_a_pretraining_resume_checkpoint_that_would_run_code_is_refused(tmp_path
     with pytest.raises(CheckpointError) as raised:
         train(mcfg, cfg, data, collator(pre.tokenizer), out, progress=False)
     assert_refused(raised.value, out / CHECKPOINT)
-    assert str(raised.value).endswith("; delete it to start this training over")
+    assert str(raised.value).endswith("; delete it to start ECAMP pre-training over")
     with pytest.raises(CheckpointError, match="refused to load"):  # the read-back after a torchrun training
         read_resume_checkpoint(out / CHECKPOINT)
     assert not marker.exists()
@@ -295,8 +296,8 @@ def test_a_resume_file_of_another_kind_is_refused_with_what_it_lacks(tmp_path):
     with pytest.raises(CheckpointError) as raised:
         read_resume_checkpoint(tmp_path / CHECKPOINT)
     assert str(raised.value) == (
-        f"{tmp_path / CHECKPOINT}: not a pre-training resume checkpoint (no 'optimizer', 'scheduler', 'state', "
-        "'rng', 'fingerprint', 'world'); delete it to start this training over"
+        f"{tmp_path / CHECKPOINT}: not a resume checkpoint of ECAMP pre-training (no 'optimizer', 'scheduler', "
+        "'state', 'rng', 'fingerprint', 'world'); delete it to start ECAMP pre-training over"
     )
 
 

@@ -21,8 +21,10 @@ import pytest
 import torch
 
 from data_contracts.io import read_artifact
+from models.ecamp.data import ResumableSampler
 from models.ecamp.export import load_timm_encoder
-from models.ecamp.pretrain import CHECKPOINT, ResumableSampler, run_job
+from models.ecamp.job import run_job
+from models.ecamp.pretrain import CHECKPOINT
 from models.resources import REPO_ROOT
 from tasks import pretrain_ecamp
 from tasks.config import load_config
@@ -45,7 +47,7 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
 
 
-def torchrun(launch: list[str], job: Path, out: Path, module: str = "models.ecamp.pretrain", **extra: str):
+def torchrun(launch: list[str], job: Path, out: Path, module: str = "models.ecamp.job", **extra: str):
     cmd = [
         sys.executable,
         "-m",
@@ -209,7 +211,7 @@ def test_the_multi_node_launch_command_is_one_command_for_every_node():
         "--standalone",
         "--nproc-per-node=4",
         "-m",
-        "models.ecamp.pretrain",
+        "models.ecamp.job",
         "--job",
         "J",
         "--out",

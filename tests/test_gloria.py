@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import itertools
 import json
+import logging
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -260,7 +261,7 @@ def test_losses_fall_and_are_finite(tokenizer):
     assert lrs[0] < lrs[3] and lrs[-1] < lrs[4]  # warm-up then cosine decay
 
 
-def test_checkpoint_resume_reproduces_an_uninterrupted_run(tokenizer, tmp_path):
+def test_checkpoint_resume_reproduces_an_uninterrupted_run(tokenizer, tmp_path, caplog):
     images, texts = synthetic_pairs(16)
     data = ImageTextData(images, texts)
     cfg = TrainConfig(epochs=3, batch_size=8, lr=1e-3)
@@ -279,8 +280,15 @@ def test_checkpoint_resume_reproduces_an_uninterrupted_run(tokenizer, tmp_path):
     resumed = train_gloria(Gloria(TINY), data, tokenizer, cfg, ckpt)
     assert [r["step"] for r in resumed] == list(range(6))
     assert np.allclose([r["loss"] for r in resumed], [r["loss"] for r in full], atol=1e-5)
-    with pytest.raises(ValueError, match="different training config"):
-        train_gloria(Gloria(TINY), data, tokenizer, TrainConfig(epochs=4, batch_size=8, lr=1e-3), ckpt)
+    # a checkpoint of other settings is not resumed (the engine's one rule): a warning naming them, a fresh start
+    longer = TrainConfig(epochs=4, batch_size=8, lr=1e-3)
+    torch.manual_seed(0)
+    fresh = train_gloria(Gloria(TINY), data, tokenizer, longer)
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING):
+        restarted = train_gloria(Gloria(TINY), data, tokenizer, longer, ckpt)
+    assert f"{ckpt} was made with other settings (epochs): starting from scratch" in caplog.text
+    assert [r["loss"] for r in restarted] == pytest.approx([r["loss"] for r in fresh], abs=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -310,7 +318,7 @@ def test_a_full_disk_while_checkpointing_is_one_clear_line(tokenizer, tmp_path, 
         )
     assert str(raised.value).startswith(f"no space left on device writing checkpoint {ckpt}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gloria.pt"]  # no gloria.pt.tmp
-    assert torch.load(ckpt, weights_only=True)["epoch"] == 0
+    assert torch.load(ckpt, weights_only=True)["state"]["epoch"] == 0
 
 
 def test_affirmed_local_words_train_on_entity_words(tokenizer):

@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from models.ecamp.config import PretrainConfig
+from models.ecamp.data import PretrainDataset, PretrainRecord, decode_gray
 from models.ecamp.image_cache import build_image_cache, source_size, working_size
 from models.ecamp.model import ECAMPConfig
-from models.ecamp.pretrain import PretrainConfig, PretrainDataset, PretrainRecord, decode_gray
 from models.images import load_grayscale
 
 from .real_data import REAL_DATA

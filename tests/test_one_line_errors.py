@@ -420,7 +420,8 @@ def test_errors_raised_by_a_stage_are_one_line(tmp_path, console, prefect_server
 
     from models.checkpoints import CheckpointError, read_state_dict
     from models.distill.student import AdapterLoadError, check_adapter_dir
-    from models.ecamp.pretrain import RESUME_KEYS, read_resume_checkpoint
+    from models.ecamp.pretrain import read_resume_checkpoint
+    from models.engine.resume import RESUME_KEYS
     from models.images import ImageLoadError, load_grayscale
 
     if err == "adapter":
@@ -447,8 +448,8 @@ def test_errors_raised_by_a_stage_are_one_line(tmp_path, console, prefect_server
             read_resume_checkpoint(tmp_path / "checkpoint.pt")
         raised = caught.value
         expected = (
-            f"{tmp_path / 'checkpoint.pt'}: not a pre-training resume checkpoint (no 'fingerprint'); delete it to "
-            "start this training over"
+            f"{tmp_path / 'checkpoint.pt'}: not a resume checkpoint of ECAMP pre-training (no 'fingerprint'); delete "
+            "it to start ECAMP pre-training over"
         )
     else:
         text = tmp_path / "notes.png"
@@ -622,8 +623,8 @@ def test_tampered_image_cache_entries_are_found_and_rebuilt(tmp_path, caplog):
     """A cached .npy of the wrong shape, holding pickled objects, or of 0 bytes was memory-mapped as it was."""
     from PIL import Image
 
+    from models.ecamp.data import decode_gray
     from models.ecamp.image_cache import build_image_cache
-    from models.ecamp.pretrain import decode_gray
 
     sources = []
     for i in range(4):

@@ -21,11 +21,9 @@ from data_contracts.reports import Image, Report
 from data_contracts.stamps import stat_stamp
 from models.checkpoints import CheckpointWriteError, save_atomic
 from models.devices import DeviceError
-from models.ecamp.export import export_encoder, load_timm_encoder
-from models.ecamp.model import ECAMP, ECAMPConfig
-from models.ecamp.pretrain import (
+from models.ecamp.config import PretrainConfig
+from models.ecamp.data import (
     PretrainCollator,
-    PretrainConfig,
     PretrainDataset,
     PretrainRecord,
     ResumableSampler,
@@ -33,15 +31,20 @@ from models.ecamp.pretrain import (
     centre_window,
     decode_gray,
     join_inputs,
+)
+from models.ecamp.export import export_encoder, load_timm_encoder
+from models.ecamp.job import main
+from models.ecamp.model import ECAMP, ECAMPConfig
+from models.ecamp.pretrain import (
     load_partial,
     loader_options,
-    main,
     make_schedule,
     param_groups,
-    save_checkpoint,
     train,
 )
-from models.engine.schedule import lr_factor
+from models.engine.distributed import one_process
+from models.engine.resume import ResumeFile
+from models.engine.schedule import lr_factor, warmup_cosine
 from models.images import load_grayscale
 from models.resources import DEFAULT_ENTITY_LIST
 from models.text.entities import lexicon_rows, load_entity_list
@@ -309,7 +312,11 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(images, reports, to
             progress=False,
             stop_after=1,
         )
-    assert other.resumed_from is None and "starting from scratch" in caplog.text
+    assert other.resumed_from is None
+    assert (
+        f"{tmp_path / 'cut' / 'checkpoint.pt'} was made with other settings (train.seed): starting from scratch"
+        in caplog.text
+    )
 
 
 def test_partial_init_from_an_mae_checkpoint(tmp_path):
@@ -797,10 +804,14 @@ def test_a_checkpoint_of_non_finite_weights_is_refused(tmp_path):
     model = ECAMP(ECAMPConfig(**{**MODEL, "vocab_size": 50}))
     with torch.no_grad():
         model.decoder.mask_token.fill_(float("nan"))
+    optimizer = torch.optim.AdamW(model.parameters())
+    resume = ResumeFile(
+        tmp_path / "checkpoint.pt", "ECAMP pre-training", {}, one_process("cpu"), logging.getLogger()
+    )
     with pytest.raises(
         FloatingPointError, match=r"refusing to save checkpoint .*: non-finite weights in decoder"
     ):
-        save_checkpoint(tmp_path / "checkpoint.pt", {"model": model.state_dict()})
+        resume.save(model, optimizer, warmup_cosine(optimizer, 1, 2), {"step": 1})
     assert list(tmp_path.iterdir()) == []
 
 

@@ -8,8 +8,10 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
+from models.ecamp.config import PretrainConfig
+from models.ecamp.data import PretrainDataset, PretrainRecord, heldout_set
 from models.ecamp.model import ECAMPConfig
-from models.ecamp.pretrain import PretrainConfig, PretrainDataset, PretrainRecord, heldout_set, train
+from models.ecamp.pretrain import train
 from models.ecamp.reliance import HeldOutBatch, heldout_records, measure_reliance, reliance_line
 from models.text.masking import TextCollator, TextMaskingConfig
 from models.text.wordpiece import train_wordpiece

@@ -30,10 +30,11 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
-    get_cosine_schedule_with_warmup,
 )
 
 from models.distill.prompt import build_messages
+from models.engine.schedule import warmup_cosine
+from models.engine.step import StepGuard, autocast_for, optimizer_step
 
 IGNORE_INDEX = -100  # label value the causal-LM loss skips (prompt and padding positions)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -383,7 +384,8 @@ def train_student(
     progress=None,
     seed: int = 0,
 ) -> TrainResult:
-    """AdamW on the trainable (LoRA) parameters; bf16 autocast per `settings.amp`; one loss point per optimizer step.
+    """AdamW on the trainable (LoRA) parameters, on the shared engine (warm-up + cosine, bf16 autocast per
+    `settings.amp`, clipping and the non-finite guard); one loss point per optimizer step, with the lr it ran at.
 
     The loss of an optimizer step is the mean over its answer tokens (token-weighted across accumulated batches),
     so long answers count as much per token as short ones.
@@ -399,11 +401,8 @@ def train_student(
     batches_per_epoch = math.ceil(len(examples) / settings.batch_size)
     total_batches = max(1, round(batches_per_epoch * settings.epochs))
     total_steps = math.ceil(total_batches / settings.grad_accum)
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, round(settings.warmup_ratio * total_steps), total_steps
-    )
-    device_type = torch.device(device).type
-    use_bf16 = settings.amp == "bf16" or (settings.amp == "auto" and device_type == "cuda")
+    scheduler = warmup_cosine(optimizer, round(settings.warmup_ratio * total_steps), total_steps)
+    autocast = autocast_for(settings.amp, torch.device(device))
     trainable, total = count_params(model)
     result = TrainResult(trainable_params=trainable, total_params=total)
     start = time.perf_counter()
@@ -421,7 +420,7 @@ def train_student(
         n_tokens = sum(int((p["labels"][:, 1:] != IGNORE_INDEX).sum()) for p in pending)
         for batch in pending:
             batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_bf16):
+            with autocast:
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss_sum = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]),
@@ -434,10 +433,13 @@ def train_student(
         step_tokens = n_tokens
         done += len(pending)
         pending = []
-        torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        guard = StepGuard(
+            "student",
+            {"loss": step_loss / step_tokens},
+            epoch=done // batches_per_epoch,
+            step=result.steps + 1,
+        )
+        lr, _ = optimizer_step(model, optimizer, scheduler, settings.max_grad_norm, guard)
         result.steps += 1
         if result.steps % settings.log_every == 0 or done == total_batches:
             result.curve.append(
@@ -445,7 +447,7 @@ def train_student(
                     step=result.steps,
                     epoch=done / batches_per_epoch,
                     loss=step_loss / step_tokens,
-                    lr=scheduler.get_last_lr()[0],
+                    lr=lr,
                     tokens=step_tokens,
                 )
             )

@@ -76,7 +76,7 @@ def working_size(height: int, width: int, short_side: int) -> tuple[int, int]:
 def cache_one(job: tuple[str, str, int]) -> str:
     """Decode `source` (the training loader's decoder), shrink it with area averaging, write uint8 atomically
     as `<prefix>_<H>x<W>.npy`; returns that path."""
-    from models.ecamp.pretrain import decode_gray
+    from models.ecamp.data import decode_gray
 
     source, prefix, short_side = job
     gray = decode_gray(source)[0].numpy()

@@ -14,7 +14,6 @@ without any crop to undo (REFERENCE §1.5 step 3). No Prefect here.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from models.checkpoints import read_resume_file, save_atomic
+from models.engine.distributed import one_process
+from models.engine.resume import ResumeFile, seed_everything
 from models.engine.schedule import warmup_cosine
+from models.engine.step import StepGuard, autocast_for, optimizer_step
 from models.gloria.attention import entity_positions, to_grid
 from models.gloria.model import Gloria, TextBatch, encode_texts
 
@@ -149,20 +150,7 @@ def affirmed_words(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic write (temp file + rename) so an interrupted save never leaves a broken checkpoint; a full disk
-    is a one-line `CheckpointWriteError` and no temp file is left behind."""
-    save_atomic(state, path)
-
-
-RESUME_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch", "losses", "train_config")
-
-
-def read_resume_state(path: Path) -> dict:
-    """A resume file this trainer wrote, read without running code (weights_only); else a CheckpointError."""
-    return read_resume_file(
-        path, RESUME_KEYS, "GLoRIA resume checkpoint", "delete it to start GLoRIA training over"
-    )
+WHAT = "GLoRIA training"
 
 
 def resume_key(cfg: TrainConfig, seed: int) -> dict:
@@ -184,16 +172,18 @@ def train_gloria(
 ) -> list[dict]:
     """Train `model` in place and return one loss row per optimiser step (epoch, step, lr, loss, ...).
 
-    With `checkpoint`, the full state (model, optimiser, schedule, RNG, loss history) is saved after each
-    epoch and a run that finds it resumes after the last finished epoch.
+    With `checkpoint`, the full state (model, optimiser, schedule, every RNG, loss history) is saved after each
+    epoch and a run that finds it resumes after the last finished epoch; one saved with other settings or another
+    seed is not resumed (a warning, then training from the start: `models.engine.resume`).
     `entities[i]` are the findings affirmed by report i (`forms`: see `entity_positions`); with
     `cfg.local_words="affirmed"` (which requires them) the local loss uses only their words (`affirmed_words`);
     "all" is the official all-word loss.
     """
     if len(data) < 2:
         raise ValueError(f"GLoRIA's contrastive losses need at least 2 image-report pairs, got {len(data)}")
-    where = torch.device(device)
-    torch.manual_seed(seed)
+    info = one_process(device)
+    where = info.device
+    seed_everything(seed)
     model.to(where).train()
     if cfg.local_words == "affirmed" and entities is None:
         raise ValueError("local_words='affirmed' needs the affirmed entities of every pair (entities=...)")
@@ -206,18 +196,15 @@ def train_gloria(
     scheduler = warmup_cosine(optimizer, round(cfg.warmup_epochs * steps_per_epoch), total)
     rows: list[dict] = []
     start = 0
-    if checkpoint is not None and checkpoint.exists():
-        state = read_resume_state(checkpoint)
-        if state["train_config"] != resume_key(cfg, seed):
-            raise ValueError(f"{checkpoint}: saved with a different training config; delete it to start over")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        rows, start = state["losses"], state["epoch"] + 1
-        log.info("resuming GLoRIA training from %s after epoch %d", checkpoint, state["epoch"])
+    resume = (
+        ResumeFile(checkpoint, WHAT, resume_key(cfg, seed), info, log) if checkpoint is not None else None
+    )
+    saved = resume.load(model, optimizer, scheduler) if resume is not None else None
+    if saved is not None:
+        rows, start = saved["losses"], saved["epoch"] + 1
+        log.info("resuming GLoRIA training from %s after epoch %d", checkpoint, saved["epoch"])
     collate = make_collate(tokenizer, model.cfg.max_tokens)
-    use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and where.type == "cuda")
+    autocast = autocast_for(cfg.amp, where)
     for epoch in range(start, cfg.epochs):
         loader_sampler = RandomSampler(data, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         loader = DataLoader(
@@ -233,39 +220,20 @@ def train_gloria(
             if cfg.crop is not None:
                 images = random_crops(images, cfg.crop, crops)
             images, text = images.to(where, non_blocking=True), text.to(where)
-            with torch.autocast(where.type, dtype=torch.bfloat16, enabled=use_bf16):
+            with autocast:
                 out = model(images, text)
             focus = None
             if cfg.local_words == "affirmed":
                 batch_entities = [entities[i] for i in index.tolist()]
                 focus = affirmed_words(text.words, batch_entities, forms, out.word_mask.shape[1]).to(where)
             losses = model.losses(out, focus)
-            optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            rows.append(
-                {"epoch": epoch, "step": len(rows), "lr": scheduler.get_last_lr()[0]}
-                | {k: float(v.detach()) for k, v in losses.items()}
-            )
-            scheduler.step()
-            if not math.isfinite(rows[-1]["loss"]):
-                raise FloatingPointError(
-                    f"GLoRIA loss is {rows[-1]['loss']} at epoch {epoch}, step {rows[-1]['step']}"
-                )
-        if checkpoint is not None:
-            save_checkpoint(
-                checkpoint,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "epoch": epoch,
-                    "losses": rows,
-                    "train_config": resume_key(cfg, seed),
-                },
-            )
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            guard = StepGuard("GLoRIA", values, epoch, len(rows) + 1)
+            lr, _ = optimizer_step(model, optimizer, scheduler, cfg.grad_clip, guard)
+            rows.append({"epoch": epoch, "step": len(rows), "lr": lr} | values)
+        if resume is not None:
+            resume.save(model, optimizer, scheduler, {"epoch": epoch, "losses": rows})
         if on_epoch is not None:
             on_epoch(epoch, rows)
     return rows
