@@ -184,25 +184,95 @@ def box_after_crop(
     return round(ys[0]), round(xs[0]), round(ys[1]), round(xs[1])
 
 
+class WorkerDecode:
+    """`decode: worker`: the loader's workers decode and augment; the batch only moves to the device."""
+
+    def check(self, records: Sequence[PretrainRecord]) -> None:
+        """Every format the project loader reads, and the image cache: nothing to refuse."""
+
+    def read(self, rec: PretrainRecord) -> tuple[torch.Tensor, tuple[int, int]]:
+        gray = decode_gray(rec.path)
+        return gray, rec.source_size or tuple(gray.shape[-2:])
+
+    def finish(
+        self,
+        dataset: PretrainDataset,
+        gray: torch.Tensor,
+        crop: tuple[int, int, int, int],
+        flipped: bool,
+        source: tuple[int, int],
+    ) -> dict[str, torch.Tensor]:
+        high, low = dataset.image_pair(gray, crop, flipped, source)
+        return {"imgs_hr": high, "imgs_lr": low}
+
+    def on_device(
+        self, dataset: PretrainDataset, batch: dict[str, Any], device: torch.device
+    ) -> dict[str, Any]:
+        return batch
+
+
+class DeviceDecode:
+    """`decode: device`: the workers read a JPEG's bytes and draw its crop; the training device decodes the whole
+    batch in one call (nvJPEG on CUDA) and augments it there. For uncached JPEG corpora, where CPU decoding is
+    the bottleneck."""
+
+    def check(self, records: Sequence[PretrainRecord]) -> None:
+        for rec in records:
+            if not rec.path.lower().endswith(JPEG_SUFFIXES):
+                raise ValueError(
+                    f"pretrain_ecamp.train.decode=device decodes JPEG files only; image {rec.image_id} is "
+                    f"{rec.path} (use decode=worker, which reads every format and the image cache)"
+                )
+
+    def read(self, rec: PretrainRecord) -> tuple[torch.Tensor, tuple[int, int]]:
+        encoded = read_file(rec.path)
+        return encoded, rec.source_size or jpeg_size(encoded, rec.path)
+
+    def finish(
+        self,
+        dataset: PretrainDataset,
+        encoded: torch.Tensor,
+        crop: tuple[int, int, int, int],
+        flipped: bool,
+        source: tuple[int, int],
+    ) -> dict[str, torch.Tensor]:
+        return {"jpeg": encoded, "crop": torch.tensor([*crop, flipped, *source])}
+
+    def on_device(
+        self, dataset: PretrainDataset, batch: dict[str, Any], device: torch.device
+    ) -> dict[str, Any]:
+        jpegs, sizes, crops = batch.pop("jpeg"), batch.pop("jpeg_sizes"), batch.pop("crop")
+        decoded = decode_jpeg(list(jpegs.split(sizes.tolist())), mode=ImageReadMode.GRAY, device=device)
+        pairs = []
+        for gray, params in zip(decoded, crops.tolist(), strict=True):
+            top, left, height, width, flipped, src_h, src_w = params
+            pairs.append(
+                dataset.image_pair(
+                    gray.float() / 255.0, (top, left, height, width), bool(flipped), (src_h, src_w)
+                )
+            )
+        batch["imgs_hr"] = torch.stack([p[0] for p in pairs])
+        batch["imgs_lr"] = torch.stack([p[1] for p in pairs])
+        return batch
+
+
+DECODERS = {"worker": WorkerDecode, "device": DeviceDecode}
+
+
 class PretrainDataset(Dataset):
     """Decoded, augmented image pairs (high-res crop + its low-res version), texts and the SR window box.
 
     Indexed by (epoch, index), as the sampler yields them: the epoch travels with the index, so persistent workers
-    (which keep their own copy of the dataset) draw each epoch's augmentation. With `decode: device` a sample is the
-    JPEG's bytes and the drawn crop; `to_device` decodes and augments the batch there."""
+    (which keep their own copy of the dataset) draw each epoch's augmentation. Where images are decoded is the
+    `decoder`'s one choice (`WorkerDecode`, `DeviceDecode`); the crop is drawn here either way."""
 
     def __init__(self, records: Sequence[PretrainRecord], model_cfg: ECAMPConfig, cfg: PretrainConfig):
         if not records:
             raise ValueError("PretrainDataset: no training records (check the split and the upstream tables)")
-        if cfg.decode == "device":
-            for rec in records:
-                if not rec.path.lower().endswith(JPEG_SUFFIXES):
-                    raise ValueError(
-                        f"pretrain_ecamp.train.decode=device decodes JPEG files only; image {rec.image_id} is "
-                        f"{rec.path} (use decode=worker, which reads every format and the image cache)"
-                    )
         self.records = list(records)
         self.model_cfg, self.cfg = model_cfg, cfg
+        self.decoder = DECODERS[cfg.decode]()
+        self.decoder.check(self.records)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -210,23 +280,15 @@ class PretrainDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, index = key
         rec = self.records[index]
-        if self.cfg.decode == "device":
-            encoded = read_file(rec.path)
-            source = rec.source_size or jpeg_size(encoded, rec.path)
-        else:
-            gray = decode_gray(rec.path)
-            source = rec.source_size or tuple(gray.shape[-2:])
+        payload, source = self.decoder.read(rec)
         crop, flipped = self.draw(sample_seed(self.cfg.seed_value, epoch, index), source)
-        sample = {
+        return {
             "index": index,
             "epoch": epoch,
             "text": (rec.text, rec.distilled),
             "window": torch.tensor(self.window_box(rec.window, source, crop, flipped), dtype=torch.long),
+            **self.decoder.finish(self, payload, crop, flipped, source),
         }
-        if self.cfg.decode == "device":
-            return {**sample, "jpeg": encoded, "crop": torch.tensor([*crop, flipped, *source])}
-        high, low = self.image_pair(gray, crop, flipped, source)
-        return {**sample, "imgs_hr": high, "imgs_lr": low}
 
     def draw(self, seed: int, source: tuple[int, int]) -> tuple[tuple[int, int, int, int], bool]:
         """RandomResizedCrop(scale, ratio) on an image of size `source` and a horizontal flip, from `seed` only.
@@ -276,23 +338,9 @@ class PretrainDataset(Dataset):
         return ((gray - self.cfg.mean) / self.cfg.std).expand(self.model_cfg.in_chans, -1, -1).contiguous()
 
     def to_device(self, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-        """The batch on `device`; JPEG bytes (decode: device) decoded there in one call, then cropped and resized."""
-        jpegs, sizes, crops = batch.pop("jpeg", None), batch.pop("jpeg_sizes", None), batch.pop("crop", None)
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        if jpegs is None:
-            return batch
-        decoded = decode_jpeg(list(jpegs.split(sizes.tolist())), mode=ImageReadMode.GRAY, device=device)
-        pairs = []
-        for gray, params in zip(decoded, crops.tolist(), strict=True):
-            top, left, height, width, flipped, src_h, src_w = params
-            pairs.append(
-                self.image_pair(
-                    gray.float() / 255.0, (top, left, height, width), bool(flipped), (src_h, src_w)
-                )
-            )
-        batch["imgs_hr"] = torch.stack([p[0] for p in pairs])
-        batch["imgs_lr"] = torch.stack([p[1] for p in pairs])
-        return batch
+        """The batch on `device`, decoded and augmented there first when the decoder leaves that to the device."""
+        batch = self.decoder.on_device(self, batch, device)
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def jpeg_size(encoded: torch.Tensor, path: str) -> tuple[int, int]:
@@ -309,8 +357,13 @@ TextCollate = Callable[[Sequence[tuple[str, str | None]], np.random.Generator], 
 
 
 class PretrainCollator:
-    """Stacks images and builds the MLM batch with a generator seeded by (seed, epoch, sample indices); JPEG bytes
-    (decode: device) are concatenated with their sizes, decoded on the device by `PretrainDataset.to_device`."""
+    """Stacks the samples' tensors and builds the MLM batch with a generator seeded by (seed, epoch, sample
+    indices). Variable-length tensors (a JPEG's bytes under `decode: device`) are concatenated, with their sizes."""
+
+    RAGGED = (
+        "jpeg",
+    )  # one tensor, not one per image: each tensor a worker sends costs a shared-memory handle
+    NOT_TENSORS = ("index", "epoch", "text")
 
     def __init__(self, text_collate: TextCollate, seed: int):
         self.text_collate, self.seed = text_collate, seed
@@ -318,13 +371,14 @@ class PretrainCollator:
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         indices = [s["index"] for s in samples]
         rng = np.random.default_rng([self.seed, samples[0]["epoch"], *indices])
-        encoded = "jpeg" in samples[0]
-        stacked = ("crop", "window") if encoded else ("imgs_lr", "imgs_hr", "window")
-        batch: dict[str, Any] = {k: torch.stack([s[k] for s in samples]) for k in stacked}
-        batch["index"] = torch.tensor(indices)  # the model's draws are seeded by them (see `train`)
-        if encoded:  # one tensor, not one per image: each tensor a worker sends costs a shared-memory handle
-            batch["jpeg"] = torch.cat([s["jpeg"] for s in samples])
-            batch["jpeg_sizes"] = torch.tensor([len(s["jpeg"]) for s in samples])
+        batch: dict[str, Any] = {}
+        for key in samples[0]:
+            if key in self.RAGGED:
+                batch[key] = torch.cat([s[key] for s in samples])
+                batch[f"{key}_sizes"] = torch.tensor([len(s[key]) for s in samples])
+            elif key not in self.NOT_TENSORS:
+                batch[key] = torch.stack([s[key] for s in samples])
+        batch["index"] = torch.tensor(indices)  # the model's draws are seeded by them (see `train_one_epoch`)
         batch.update(self.text_collate([s["text"] for s in samples], rng))
         return batch
 
