@@ -10,9 +10,8 @@ greedy answers are reported as `student_greedy` beside it.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,18 +19,18 @@ from data_contracts.files import sha256_file
 from data_contracts.student import StudentEval, StudentLoss, StudentModel
 from models.devices import resolve_device
 from models.distill import parse
-from models.distill.agreement import agreement, all_absent_answer, check_student
-from models.distill.complete import EntityCompletion
-from models.distill.examples import clean_answer, entity_subset_rows, split_held_out
+from models.distill.agreement import check_student, held_out_agreement
+from models.distill.examples import entity_subset_rows, split_held_out, usable_seed_rows
 from models.distill.generate import GenerationSettings, TransformersBackend
 from models.distill.student import (
     LoraSettings,
     TinyDims,
+    TrainResult,
     TrainSettings,
     WarmupSettings,
     attach_lora,
     build_tiny_base,
-    encode_example,
+    encode_examples,
     load_base,
     save_adapter,
     student_prompt,
@@ -105,74 +104,60 @@ class Config(StageConfig):
         return max(self.train.max_len, self.generation.max_prompt + self.generation.max_new_tokens)
 
 
-# ------------------------------------------------------------------------------------------- data
-
-
-# ------------------------------------------------------------------------------------------- stage
-
-
 def run_relative(path: Path, run_dir: Path) -> str:
     """A path inside the run directory is stored relative to it, so a moved run directory still works."""
     path, run_dir = Path(path).resolve(), Path(run_dir).resolve()
     return str(path.relative_to(run_dir)) if path.is_relative_to(run_dir) else str(path)
 
 
-def run(ctx: StageContext, cfg: Config) -> None:
-    seed, device = ctx.config.run.seed, resolve_device(ctx.config.run.device)
+def seed_rows(ctx: StageContext) -> tuple[list[dict], parse.EntityFinder]:
+    """The seed distillations with their cleaned answers and prompts; rows without a usable answer are logged."""
     table = ctx.read("seed_distill/seed_distillations")
     rows = table.select(["study_id", "report", "entities", "raw_response"]).to_pylist()
     finder = parse.EntityFinder(sorted({e for r in rows for e in r["entities"]}))
-    for r in rows:
-        r["answer"] = clean_answer(r["raw_response"], finder)
-        r["prompt"] = student_prompt(r["report"], r["entities"])
-    unusable = [r["study_id"] for r in rows if not r["answer"]]
+    rows, unusable = usable_seed_rows(rows, finder)
     if unusable:
         ctx.log.warning(
             "%d seed rows have no well-formed teacher sentence; not used, e.g. %s",
             len(unusable),
             unusable[:3],
         )
-    rows = [r for r in rows if r["answer"]]
-    train_ids, held_ids = split_held_out([r["study_id"] for r in rows], cfg.held_out, seed)
-    train_rows = [r for r in rows if r["study_id"] in train_ids]
-    held_rows = sorted((r for r in rows if r["study_id"] in held_ids), key=lambda r: r["study_id"])
+    return rows, finder
 
-    tiny = isinstance(cfg.base, TinyBase)
-    if tiny:
-        texts = [train_rows[0]["prompt"]] + [r["report"] for r in rows] + [r["answer"] for r in train_rows]
-        base_path = build_tiny_base(texts, cfg.base.dims, ctx.path(TINY_BASE_DIR), seed, cfg.max_positions())
-        if cfg.base.warmup.epochs > 0:  # stands in for Vicuna's language pre-training; report texts only
-            warm = warm_up_base(
-                base_path, [r["report"] for r in train_rows], cfg.base.warmup, cfg.generation.max_prompt, seed
-            )
-            ctx.log.info(
-                "warmed up the tiny base on %d training reports in %.1f s: LM loss %.3f",
-                len(train_rows),
-                warm.seconds,
-                warm.curve[-1].loss,
-            )
-    else:
-        base_path = Path(cfg.base.path)
-    model, tokenizer = load_base(base_path, device)
 
+def base_model(ctx: StageContext, cfg: Config, rows: list[dict], train_rows: list[dict], seed: int) -> Path:
+    """The base LM's folder: the configured one, or the tiny Llama built (and optionally warmed up) here."""
+    if not isinstance(cfg.base, TinyBase):
+        return Path(cfg.base.path)
+    texts = [train_rows[0]["prompt"]] + [r["report"] for r in rows] + [r["answer"] for r in train_rows]
+    path = build_tiny_base(texts, cfg.base.dims, ctx.path(TINY_BASE_DIR), seed, cfg.max_positions())
+    if cfg.base.warmup.epochs > 0:  # stands in for Vicuna's language pre-training; report texts only
+        reports = [r["report"] for r in train_rows]
+        warm = warm_up_base(path, reports, cfg.base.warmup, cfg.generation.max_prompt, seed)
+        ctx.log.info(
+            "warmed up the tiny base on %d training reports in %.1f s: LM loss %.3f",
+            len(train_rows),
+            warm.seconds,
+            warm.curve[-1].loss,
+        )
+    return path
+
+
+def training_examples(
+    ctx: StageContext,
+    cfg: Config,
+    tokenizer: Any,
+    train_rows: list[dict],
+    finder: parse.EntityFinder,
+    seed: int,
+) -> tuple[list, list[str]]:
+    """The encoded training examples (with the entity-subset copies) and why any were skipped."""
     extra = entity_subset_rows(train_rows, cfg.entity_subset_copies, finder, seed)
     if extra:
         ctx.log.info("%d entity-subset training examples added to %d reports", len(extra), len(train_rows))
-    examples, skipped = [], []
-    for r in [*train_rows, *extra]:
-        try:
-            examples.append(
-                encode_example(
-                    tokenizer,
-                    r["study_id"],
-                    r["prompt"],
-                    r["answer"],
-                    cfg.train.max_len,
-                    cfg.generation.max_prompt,
-                )
-            )
-        except ValueError as err:
-            skipped.append(str(err))
+    examples, skipped = encode_examples(
+        tokenizer, [*train_rows, *extra], cfg.train.max_len, cfg.generation.max_prompt
+    )
     if skipped:
         ctx.log.warning(
             "%d training examples skipped (too long for max_len=%d), e.g. %s",
@@ -180,13 +165,19 @@ def run(ctx: StageContext, cfg: Config) -> None:
             cfg.train.max_len,
             skipped[0],
         )
-    student = attach_lora(model, cfg.lora, seed)
-    due = ctx.every(seconds=10)  # every step is in student_loss; the log gets a line per 10 s
+    return examples, skipped
+
+
+def train(
+    ctx: StageContext, cfg: Config, student: Any, examples: list, pad_id: int, device: str, seed: int
+) -> TrainResult:
+    """LoRA training with a progress line every 10 s (every step is in student_loss) and a closing summary."""
+    due = ctx.every(seconds=10)
     result = train_student(
         student,
         examples,
         cfg.train,
-        tokenizer.pad_token_id,
+        pad_id,
         device,
         progress=lambda p: (
             due() and ctx.log.info("step %d epoch %.2f loss %.4f lr %.2e", p.step, p.epoch, p.loss, p.lr)
@@ -202,68 +193,51 @@ def run(ctx: StageContext, cfg: Config) -> None:
         result.curve[0].loss,
         result.curve[-1].loss,
     )
+    return result
+
+
+def run(ctx: StageContext, cfg: Config) -> None:
+    seed, device = ctx.config.run.seed, resolve_device(ctx.config.run.device)
+    rows, finder = seed_rows(ctx)
+    train_ids, held_ids = split_held_out([r["study_id"] for r in rows], cfg.held_out, seed)
+    train_rows = [r for r in rows if r["study_id"] in train_ids]
+    held_rows = sorted((r for r in rows if r["study_id"] in held_ids), key=lambda r: r["study_id"])
+    base_path = base_model(ctx, cfg, rows, train_rows, seed)
+    model, tokenizer = load_base(base_path, device)
+
+    examples, skipped = training_examples(ctx, cfg, tokenizer, train_rows, finder, seed)
+    student = attach_lora(model, cfg.lora, seed)
+    result = train(ctx, cfg, student, examples, tokenizer.pad_token_id, device, seed)
     # where the base is once the stage's outputs are promoted (a hub id or a user's path stays as given)
+    tiny = isinstance(cfg.base, TinyBase)
     final_base = (ctx.stage_dir / TINY_BASE_DIR).resolve() if tiny else cfg.base.path
     adapter_dir = save_adapter(student, tokenizer, ctx.path(ADAPTER_DIR), final_base)
 
     backend = TransformersBackend(student, tokenizer, cfg.generation)
-    prompts, requested = [r["prompt"] for r in held_rows], [r["entities"] for r in held_rows]
-    teacher = [r["answer"] for r in held_rows]
-    t0 = time.perf_counter()
-    outputs = backend.generate(prompts)
-    greedy_rate = len(held_rows) / max(time.perf_counter() - t0, 1e-9)
-    evals = [
-        {
-            "system": "student_greedy",
-            **agreement(requested, teacher, outputs, finder),
-            "reports_per_s": greedy_rate,
-        }
-    ]
-    if cfg.decoding == "entity_complete":
-        complete = EntityCompletion(
-            student_prompt, backend.generate, backend.answer_logprobs, cfg.reprompt_rounds
-        )
-        texts, counts = complete([r["report"] for r in held_rows], requested, outputs, finder)
-        rate = len(held_rows) / max(time.perf_counter() - t0, 1e-9)
+    completion = (backend.answer_logprobs, cfg.reprompt_rounds) if cfg.decoding == "entity_complete" else None
+    evals, counts = held_out_agreement(held_rows, backend.generate, student_prompt, finder, completion)
+    if counts is not None:
         ctx.log.info("entity-complete decoding on held-out reports: %s", counts)
-        evals.append(
-            {"system": "student", **agreement(requested, teacher, texts, finder), "reports_per_s": rate}
-        )
-    else:
-        evals.append(evals[0] | {"system": "student"})
-    evals.append(
-        {
-            "system": "all_absent",
-            **agreement(requested, teacher, [all_absent_answer(e) for e in requested], finder),
-            "reports_per_s": 0.0,
-        }
-    )
     for e in evals:
         ctx.log.info("held-out agreement %s", e)
 
     ctx.write("student_loss", [p.__dict__ for p in result.curve])
     ctx.write("student_eval", evals)
-    ctx.write(
-        "student_model",
-        [
-            {
-                "adapter_dir": run_relative(ctx.stage_dir / ADAPTER_DIR, ctx.run_dir),
-                "base_model": run_relative(ctx.stage_dir / TINY_BASE_DIR, ctx.run_dir)
-                if tiny
-                else str(base_path),
-                "adapter_sha256": sha256_file(adapter_dir / "adapter_model.safetensors"),
-                "lora_r": cfg.lora.r,
-                "lora_alpha": cfg.lora.alpha,
-                "max_prompt": cfg.generation.max_prompt,
-                "max_new_tokens": cfg.generation.max_new_tokens,
-                "decoding": cfg.decoding,
-                "reprompt_rounds": cfg.reprompt_rounds,
-                "n_train": len(examples),
-                "n_heldout": len(held_rows),
-                "n_skipped": len(skipped),
-            }
-        ],
-    )
+    model_row = {
+        "adapter_dir": run_relative(ctx.stage_dir / ADAPTER_DIR, ctx.run_dir),
+        "base_model": run_relative(ctx.stage_dir / TINY_BASE_DIR, ctx.run_dir) if tiny else str(base_path),
+        "adapter_sha256": sha256_file(adapter_dir / "adapter_model.safetensors"),
+        "lora_r": cfg.lora.r,
+        "lora_alpha": cfg.lora.alpha,
+        "max_prompt": cfg.generation.max_prompt,
+        "max_new_tokens": cfg.generation.max_new_tokens,
+        "decoding": cfg.decoding,
+        "reprompt_rounds": cfg.reprompt_rounds,
+        "n_train": len(examples),
+        "n_heldout": len(held_rows),
+        "n_skipped": len(skipped),
+    }
+    ctx.write("student_model", [model_row])
     check_student(evals, cfg.min_agreement, ctx.log)
 
 

@@ -4,9 +4,11 @@ the trivial baseline that calls every entity absent, and the check that stops a 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from models.distill import parse
+from models.distill.complete import AnswerScorer, EntityCompletion
 
 
 def agreement(
@@ -97,3 +99,38 @@ def check_student(
             baseline,
             pairs,
         )
+
+
+def held_out_agreement(
+    held_rows: Sequence[dict],
+    generate: Callable[[Sequence[str]], list[str]],
+    prompt_for: Callable[[str, Sequence[str]], str],
+    finder: parse.EntityFinder,
+    completion: tuple[AnswerScorer, int] | None,
+) -> tuple[list[dict], dict[str, int] | None]:
+    """The `student_eval` rows: the student's greedy answers (`student_greedy`), the answers the stage keeps
+    (`student`: the greedy ones, or completed by `EntityCompletion` with (scorer, re-prompt rounds) when
+    `completion` is given) and the all-absent baseline, each with its agreement and its reports per second.
+    Also returns the completion's counts (None without completion)."""
+    prompts, requested = [r["prompt"] for r in held_rows], [r["entities"] for r in held_rows]
+    teacher = [r["answer"] for r in held_rows]
+    t0 = time.perf_counter()
+    outputs = generate(prompts)
+    greedy = {"system": "student_greedy", **agreement(requested, teacher, outputs, finder)}
+    evals = [greedy | {"reports_per_s": len(held_rows) / max(time.perf_counter() - t0, 1e-9)}]
+    counts = None
+    if completion is None:
+        evals.append(evals[0] | {"system": "student"})
+    else:
+        scorer, rounds = completion
+        complete = EntityCompletion(prompt_for, generate, scorer, rounds)
+        texts, counts = complete([r["report"] for r in held_rows], requested, outputs, finder)
+        rate = len(held_rows) / max(time.perf_counter() - t0, 1e-9)
+        evals.append(
+            {"system": "student", **agreement(requested, teacher, texts, finder), "reports_per_s": rate}
+        )
+    absent = [all_absent_answer(e) for e in requested]
+    evals.append(
+        {"system": "all_absent", **agreement(requested, teacher, absent, finder), "reports_per_s": 0.0}
+    )
+    return evals, counts

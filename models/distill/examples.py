@@ -62,3 +62,16 @@ def split_held_out(study_ids: Sequence[str], fraction: float, seed: int) -> tupl
     random.Random(seed).shuffle(ids)
     n_held = min(len(ids) - 1, max(1, round(fraction * len(ids))))
     return set(ids[n_held:]), set(ids[:n_held])
+
+
+def usable_seed_rows(rows: Sequence[dict], finder: parse.EntityFinder) -> tuple[list[dict], list[str]]:
+    """Each seed row with its cleaned teacher `answer` and its student `prompt`; rows whose answer has no
+    well-formed sentence are left out and their study ids returned (a student cannot learn from them)."""
+    usable, unusable = [], []
+    for r in rows:
+        answer = clean_answer(r["raw_response"], finder)
+        if not answer:
+            unusable.append(r["study_id"])
+            continue
+        usable.append({**r, "answer": answer, "prompt": student_prompt(r["report"], r["entities"])})
+    return usable, unusable

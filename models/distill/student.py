@@ -321,6 +321,22 @@ def encode_example(
     return Example(key, prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids)
 
 
+def encode_examples(
+    tokenizer: PreTrainedTokenizerFast, rows: Sequence[dict], max_len: int, max_prompt: int
+) -> tuple[list[Example], list[str]]:
+    """`encode_example` of every row (study_id, prompt, answer); rows too long for `max_len` are skipped, and
+    why is returned for each (the stage reports how many)."""
+    examples, skipped = [], []
+    for r in rows:
+        try:
+            examples.append(
+                encode_example(tokenizer, r["study_id"], r["prompt"], r["answer"], max_len, max_prompt)
+            )
+        except ValueError as err:
+            skipped.append(str(err))
+    return examples, skipped
+
+
 def pad_batch(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: input ids with pad_id, labels with IGNORE_INDEX, attention mask 0 on padding."""
     width = max(len(e.input_ids) for e in examples)
