@@ -3,11 +3,12 @@
     .venv/bin/python bench/bulk_throughput.py                         # the demo's student shape, 96 reports
     .venv/bin/python bench/bulk_throughput.py --reports 512 --concurrency 64 --shape vicuna7b   # on a GPU
 
-The student is a Llama built from `LlamaConfig` with random weights (no download) and a LoRA adapter: the demo's
-tiny shape (configs/demo.yaml `finetune_student.base.dims`, head_dim 64) or Vicuna-7B's shape. Random weights do not
-stop early, so every answer runs to `--max-new` tokens: both backends do the same work per report. The prompts
-are the Table 2 prompts of real IU X-ray reports (tests/data/real), cut to `--max-prompt` tokens as in
-training. vLLM runs from the serving environment (`make serve-env`), fp32 on CPU and bf16 on a GPU.
+The student is a Llama built from `LlamaConfig` with random weights (no download) and a LoRA adapter: the
+demo's tiny shape (configs/demo.yaml `finetune_student.base.dims`, head_dim 64) or Vicuna-7B's shape. Random
+weights do not stop early, so every answer runs to `--max-new` tokens: both backends do the same work per
+report. The prompts are the Table 2 prompts of real IU X-ray reports (tests/data/real), cut to `--max-prompt`
+tokens as in training. vLLM runs from the serving environment (`make serve-env`), fp32 on CPU and bf16 on a
+GPU.
 
 Prints one JSON line per backend (reports/s, generated tokens/s); copy them to bench/RESULTS.md.
 """

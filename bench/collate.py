@@ -8,8 +8,9 @@ vectorised `TextCollator`, so both must return identical tensors; the benchmark 
 
 Rates are samples per CPU-second of the process (time.process_time), best of interleaved repeats.
 
-Data: IU X-ray reports (findings + impression) from the sample in tests/data/real. IU X-ray has no distilled reports, so a
-stand-in distillation "There is <entity>." per entity word found in the report is generated here (hybrid mode).
+Data: IU X-ray reports (findings + impression) from the sample in tests/data/real. IU X-ray has no distilled
+reports, so a stand-in distillation "There is <entity>." per entity word found in the report is generated here
+(hybrid mode).
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ class LoopCollator:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def compose(self, pairs, rng: np.random.Generator) -> list[list[int]]:
-        """Token-level composition: distilled pieces inserted after a '.' piece of the original (or at 0/end)."""
+        """Token-level composition: distilled pieces inserted after a '.' piece of the original (or at
+        0/end)."""
         cfg = self.cfg
         validate_pairs(pairs, cfg)
         ends = cfg.sentence_end_tokens
@@ -264,10 +266,12 @@ def main() -> None:
     mention_cold = samples_per_second(mention, batches, seed=0)
     mention_warm = max(samples_per_second(mention, batches, seed=r) for r in range(args.repeats))
     print(
-        f"mention scope, cold          : {mention_cold:10.0f} samples/s   {mention_cold / cold_rate:6.2f}x cue"
+        f"mention scope, cold          : {mention_cold:10.0f} samples/s   {mention_cold / cold_rate:6.2f}x "
+        f"cue"
     )
     print(
-        f"mention scope, warm          : {mention_warm:10.0f} samples/s   {mention_warm / warm_rate:6.2f}x cue"
+        f"mention scope, warm          : {mention_warm:10.0f} samples/s   {mention_warm / warm_rate:6.2f}x "
+        f"cue"
     )
 
 

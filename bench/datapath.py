@@ -1,13 +1,14 @@
-"""Benchmark: the pre-training data path per CPU core on MIMIC-CXR-JPG-size images, without and with the image cache.
+"""Benchmark: the pre-training data path per CPU core on MIMIC-CXR-JPG-size images, without and with the image
+cache.
 
     .venv/bin/python bench/datapath.py [--images 8] [--epochs 3]
 
-One sample = what `PretrainDataset.__getitem__` does for the paper model (decode, RandomResizedCrop to 448, flip,
-bicubic 224 low-res input, SR window, normalisation). Images: JPEGs of 3,000 x 2,500 (quality 95) upscaled from
-the repository's real radiographs. Rates are samples per CPU-second of this process with one torch thread (a
-DataLoader worker is one process): samples/s per core. Also printed: the one-time cost of caching an image
-(decode + area resize to short side 896 + write), how far the cached samples are from the uncached ones at the
-same seed, and the projection for the paper's 377,110 images x 120 epochs.
+One sample = what `PretrainDataset.__getitem__` does for the paper model (decode, RandomResizedCrop to 448,
+flip, bicubic 224 low-res input, SR window, normalisation). Images: JPEGs of 3,000 x 2,500 (quality 95)
+upscaled from the repository's real radiographs. Rates are samples per CPU-second of this process with one
+torch thread (a DataLoader worker is one process): samples/s per core. Also printed: the one-time cost of
+caching an image (decode + area resize to short side 896 + write), how far the cached samples are from the
+uncached ones at the same seed, and the projection for the paper's 377,110 images x 120 epochs.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def main() -> None:
     print(f"cached (short side 896, .npy)   : {after:8.1f} samples/s per core   {after / before:5.1f}x")
     print(f"cache build, once per image     : {cache_s * 1000:8.1f} ms CPU")
     print(
-        f"cached vs uncached, same seed   : mean |diff| {float(diff.mean()):.4f} (max {float(diff.max()):.4f}) of [0, 1]"
+        f"cached vs uncached, same seed   : mean |diff| {float(diff.mean()):.4f} (max "
+        f"{float(diff.max()):.4f}) of [0, 1]"
     )
     print(
         f"paper, {PAPER_IMAGES:,} images x {PAPER_EPOCHS} epochs on {args.cores} cores: "

@@ -109,7 +109,8 @@ def main() -> None:
     chars = sum(map(len, texts))
     print(f"corpus: {len(texts)} reports ({described}), {chars / 1e6:.1f} M characters")
     print(
-        f"cpu: os.cpu_count()={os.cpu_count()}, load average {os.getloadavg()[0]:.1f} (single process, one core)"
+        f"cpu: os.cpu_count()={os.cpu_count()}, load average {os.getloadavg()[0]:.1f} (single process, one "
+        f"core)"
     )
 
     matcher = EntityMatcher(lexicon)
@@ -124,13 +125,15 @@ def main() -> None:
     (naive,), naive_wall, naive_cpu = timed(naive_match, subset, lexicon)
     naive_rate = len(subset) / naive_cpu
     print(
-        f"naive: {len(naive)} mentions on {len(subset)} reports, {naive_wall:.1f} s wall, {naive_cpu:.1f} s CPU "
+        f"naive: {len(naive)} mentions on {len(subset)} reports, {naive_wall:.1f} s wall, {naive_cpu:.1f} s "
+        f"CPU "
         f"= {naive_rate:,.0f} reports/CPU-s ({len(subset) / naive_wall:,.0f} reports/wall-s)"
     )
     wall_ratio = (len(texts) / ours_wall) / (len(subset) / naive_wall)
     print(f"speed-up: {ours_rate / naive_rate:.1f}x (CPU time), {wall_ratio:.1f}x (wall)")
     print(
-        f"MIMIC size: ours {MIMIC_REPORTS / ours_rate:.1f} CPU-s, naive ~{MIMIC_REPORTS / naive_rate:.0f} CPU-s"
+        f"MIMIC size: ours {MIMIC_REPORTS / ours_rate:.1f} CPU-s, naive ~{MIMIC_REPORTS / naive_rate:.0f} "
+        f"CPU-s"
     )
 
     report = np.asarray(mentions.column("study_id").to_pylist(), dtype=np.int64)
@@ -139,12 +142,14 @@ def main() -> None:
     ours_spans = set(zip(report[keep].tolist(), starts.tolist(), ends.tolist(), strict=True))
     naive_spans = {(i, s, e) for i, _, s, e, _ in naive}
     print(
-        f"same spans as naive on the subset: {ours_spans == naive_spans} ({len(ours_spans)} vs {len(naive_spans)})"
+        f"same spans as naive on the subset: {ours_spans == naive_spans} ({len(ours_spans)} vs "
+        f"{len(naive_spans)})"
     )
 
     _, validate_wall, validate_cpu = timed(validate_table, mentions, EntityMention, "bench/entity_mentions")
     print(
-        f"contract validation: {mentions.num_rows} rows, {validate_wall:.2f} s wall, {validate_cpu:.2f} s CPU "
+        f"contract validation: {mentions.num_rows} rows, {validate_wall:.2f} s wall, {validate_cpu:.2f} s "
+        f"CPU "
         f"= {mentions.num_rows / validate_cpu:,.0f} rows/CPU-s"
     )
 

@@ -1,16 +1,17 @@
-"""The evaluate stage's heads trained one by one vs as one group per label fraction, side by side (issue 23.5).
+"""The evaluate stage's heads trained one by one vs as one group per label fraction, side by side (issue
+23.5).
 
     .venv/bin/python bench/eval_batched.py                         # probe, segmentation, detection at 1 %
     .venv/bin/python bench/eval_batched.py --fraction 10 --protocols detection --repeats 2
     .venv/bin/python bench/eval_batched.py --vmap                  # + one step as a torch.func vmapped model
 
-One cell = one protocol at one label fraction: every (init, seed) of the demo config (3 inits x 3 seeds), on the
-demo's downstream set (`--data`; generated from configs/demo.yaml's `evaluate.synth` when absent, ~2 min).
+One cell = one protocol at one label fraction: every (init, seed) of the demo config (3 inits x 3 seeds), on
+the demo's downstream set (`--data`; generated from configs/demo.yaml's `evaluate.synth` when absent, ~2 min).
 The inits are stand-ins of the demo's: `random` and two other random ViTs saved as checkpoints (seeds 100 and
-101), so no pipeline run is needed; the workload (shapes, steps, validations) is the stage's. Both ways call the
-stage's own `run_group`: "one by one" gives it one (init, seed) at a time, "together" the whole cell. The two
-alternate in one process (`--repeats` rounds), so load from other processes hits both alike; the wall ratio is
-the median of the rounds. Both must give the same metric per run: the max |difference| is printed.
+101), so no pipeline run is needed; the workload (shapes, steps, validations) is the stage's. Both ways call
+the stage's own `run_group`: "one by one" gives it one (init, seed) at a time, "together" the whole cell. The
+two alternate in one process (`--repeats` rounds), so load from other processes hits both alike; the wall
+ratio is the median of the rounds. Both must give the same metric per run: the max |difference| is printed.
 
 `--vmap` also times one training step of 9 heads stacked with `torch.func.stack_module_state` + `vmap` against
 the 9 heads one by one (process CPU time, median of 5): the fine-tune ViT and the segmentation head.
@@ -124,13 +125,15 @@ def vmap_steps(repeats: int = 5) -> None:
     images, labels = torch.randn(g, b, 3, 64, 64), (torch.rand(g, b, 10) > 0.5).float()
     one, stacked = step_costs(vits, images, labels, lambda o, t: classification_loss(o, t, True), repeats)
     print(
-        f"vmap fine-tune ViT: 9 steps one by one {one:.3f} s CPU, vmapped {stacked:.3f} s (x{one / stacked:.2f})"
+        f"vmap fine-tune ViT: 9 steps one by one {one:.3f} s CPU, vmapped {stacked:.3f} s "
+        f"(x{one / stacked:.2f})"
     )
     heads = [SegHead(64, 8, 64, seg_cfg) for _ in range(g)]
     tokens, masks = torch.randn(g, b, 64, 64), torch.rand(g, b, 64, 64) > 0.8
     one, stacked = step_costs(heads, tokens, masks, lambda o, t: seg_loss(o, t, seg_cfg), repeats)
     print(
-        f"vmap segmentation head: 9 steps one by one {one:.3f} s CPU, vmapped {stacked:.3f} s (x{one / stacked:.2f})"
+        f"vmap segmentation head: 9 steps one by one {one:.3f} s CPU, vmapped {stacked:.3f} s "
+        f"(x{one / stacked:.2f})"
     )
 
 
@@ -172,7 +175,8 @@ def main() -> None:
         diff = max(abs(a - b) for a, b in zip(values[False], values[True], strict=True))
         rounds = " ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(walls[False], walls[True], strict=True))
         print(
-            f"{protocol} {args.fraction}% ({len(members)} runs, {args.threads} threads): wall one by one {one:.1f} s, "
+            f"{protocol} {args.fraction}% ({len(members)} runs, {args.threads} threads): wall one by one "
+            f"{one:.1f} s, "
             f"together {grouped:.1f} s (x{one / grouped:.2f}; rounds {rounds}); CPU {one_cpu:.1f} s vs "
             f"{grouped_cpu:.1f} s (x{one_cpu / grouped_cpu:.2f}); max |metric difference| {diff:.2e}",
             flush=True,

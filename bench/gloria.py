@@ -6,10 +6,10 @@
 Demo: the `configs/demo.yaml` model (small CNN at 64 px, 1-layer BERT) trained by `models.gloria.train` on 160
 image-report pairs (random 64 px images, the IU X-ray dev reports as text, which are longer than the demo's),
 then attention maps for 200 images (demo switches: single softmax, cosine scores, affirmed-word local
-loss, per-word prior over the 200 images). Paper: ResNet-50 + BERT-base (12 × 768, 97 tokens), one optimiser step
-(forward, global + local loss, backward, AdamW) at `--size` px; the epoch over MIMIC-CXR's 377,110 images is
-projected from the per-image step time. Rates use CPU seconds of the process (`time.process_time`) because the
-shared machine's load makes wall time noisy; wall time is reported too. Peak RSS by resource.getrusage.
+loss, per-word prior over the 200 images). Paper: ResNet-50 + BERT-base (12 × 768, 97 tokens), one optimiser
+step (forward, global + local loss, backward, AdamW) at `--size` px; the epoch over MIMIC-CXR's 377,110 images
+is projected from the per-image step time. Rates use CPU seconds of the process (`time.process_time`) because
+the shared machine's load makes wall time noisy; wall time is reported too. Peak RSS by resource.getrusage.
 """
 
 from __future__ import annotations

@@ -4,16 +4,17 @@
     .venv/bin/python bench/gpu.py --only train --batch 64 --steps 20
     .venv/bin/python bench/gpu.py --smoke                  # the same code paths on CPU with the demo model
 
-1. train: images/s and MFU of one pre-training step of the paper model (configs/paper.yaml: ViT-B/16 at 224, SR
-   at 448, decoder 512 x 4, BERT 6 x 768, 256 tokens) in bf16 autocast on one GPU. FLOPs are counted by
-   torch.utils.flop_counter on one forward + backward; MFU is achieved FLOP/s over the device's dense bf16 peak
-   (PEAK_TFLOPS by device name, or --peak-tflops). A batch that does not fit is halved until it does.
+1. train: images/s and MFU of one pre-training step of the paper model (configs/paper.yaml: ViT-B/16 at 224,
+   SR at 448, decoder 512 x 4, BERT 6 x 768, 256 tokens) in bf16 autocast on one GPU. FLOPs are counted by
+   torch.utils.flop_counter on one forward + backward; MFU is achieved FLOP/s over the device's dense bf16
+   peak (PEAK_TFLOPS by device name, or --peak-tflops). A batch that does not fit is halved until it does.
 2. ddp: the same step under torchrun on every GPU of the node (DistributedDataParallel, NCCL): images/s of the
    node and its scaling against N x one GPU (with one GPU: the DDP path itself, world size 1).
 3. jpeg: MIMIC-CXR-JPG-size JPEGs (3,000 x 2,500, upscaled from the repository's real radiographs) decoded by
-   torchvision.io.decode_jpeg on the GPU (batched) vs on one CPU core: images/s of each; then the training data
-   path with `pretrain_ecamp.train.decode: device` (bytes read in the process, decode + crop + resize on the GPU):
-   its images/s and its largest pixel difference (in [0, 1] grey levels) from the worker path's CPU decoding.
+   torchvision.io.decode_jpeg on the GPU (batched) vs on one CPU core: images/s of each; then the training
+   data path with `pretrain_ecamp.train.decode: device` (bytes read in the process, decode + crop + resize on
+   the GPU): its images/s and its largest pixel difference (in [0, 1] grey levels) from the worker path's CPU
+   decoding.
 4. vllm: bulk distillation's reports/s and generated tokens/s, vLLM + LoRA at a chosen concurrency next to the
    in-process transformers backend (bench/bulk_throughput.py with Vicuna-7B's shape; needs `make serve-env`).
 
@@ -237,7 +238,8 @@ def bench_ddp(args: argparse.Namespace, single_images_per_s: float | None) -> di
 
 
 def mimic_size_jpegs(n: int) -> list[bytes]:
-    """n JPEGs of 3,000 x 2,500 (MIMIC-CXR-JPG's usual size), upscaled from the real radiographs in tests/data."""
+    """n JPEGs of 3,000 x 2,500 (MIMIC-CXR-JPG's usual size), upscaled from the real radiographs in
+    tests/data."""
     from PIL import Image
 
     from models.images import load_grayscale
@@ -298,8 +300,9 @@ def bench_jpeg(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def device_decode_path(args: argparse.Namespace, jpegs: list[bytes]) -> dict[str, Any]:
-    """The pre-training data path with `decode: device` (PretrainDataset.to_device: decode, crop to 448, resize to
-    224 on the device) in images/s, and its largest pixel difference from the worker path (CPU libjpeg)."""
+    """The pre-training data path with `decode: device` (PretrainDataset.to_device: decode, crop to 448,
+    resize to 224 on the device) in images/s, and its largest pixel difference from the worker path (CPU
+    libjpeg)."""
     import tempfile
 
     from models.ecamp.config import PretrainConfig
@@ -370,8 +373,9 @@ def main() -> None:
 
 
 def bench_vllm(args: argparse.Namespace) -> None:
-    """Part 4: bulk distillation throughput, vLLM + LoRA against the in-process backend (bench/bulk_throughput.py;
-    Vicuna-7B's shape on a GPU). Needs the serving environment, which a machine without internet cannot install."""
+    """Part 4: bulk distillation throughput, vLLM + LoRA against the in-process backend
+    (bench/bulk_throughput.py; Vicuna-7B's shape on a GPU). Needs the serving environment, which a machine
+    without internet cannot install."""
     serve = ROOT / ".venv-vllm" / "bin" / "python"
     if not serve.exists():
         print(json.dumps({"part": "vllm", "skipped": f"no serving environment at {serve} (make serve-env)"}))

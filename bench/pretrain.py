@@ -5,11 +5,12 @@
     .venv/bin/python bench/pretrain.py --only paper --steps 3 --threads 1 --amp bf16   # bf16 autocast on CPU
 
 One optimiser step = forward (MIM + SR + MSCF/MLM) + backward + AdamW, on synthetic tensors of the real shapes
-(the MLM labels/weights come from the real text collator on IU X-ray reports, so ~the paper's share of positions
-is predicted). `cpu_s_per_step` (process CPU time, all threads) is reported beside the wall time because the
-development machine is shared: wall time there measures the neighbours as much as the code. Each size runs in a fresh process so its peak RSS (resource.getrusage) is its own. The official
-ECAMP model was measured at 8.4 s/step for the paper size at batch 4 on this kind of 2-core CPU.
-Also measured: the data pipeline (decode + RandomResizedCrop to 448 + low-res + window) on the real radiographs.
+(the MLM labels/weights come from the real text collator on IU X-ray reports, so ~the paper's share of
+positions is predicted). `cpu_s_per_step` (process CPU time, all threads) is reported beside the wall time
+because the development machine is shared: wall time there measures the neighbours as much as the code. Each
+size runs in a fresh process so its peak RSS (resource.getrusage) is its own. The official ECAMP model was
+measured at 8.4 s/step for the paper size at batch 4 on this kind of 2-core CPU. Also measured: the data
+pipeline (decode + RandomResizedCrop to 448 + low-res + window) on the real radiographs.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
-"""Experiment (issue 10): why ECAMP does not beat random init at 10 % segmentation on the demo, by variants of the
-segmentation protocol on demo-seg: random / mim_only / ecamp x fractions 1, 10 x seeds 0, 1, 2.
+"""Experiment (issue 10): why ECAMP does not beat random init at 10 % segmentation on the demo, by variants of
+the segmentation protocol on demo-seg: random / mim_only / ecamp x fractions 1, 10 x seeds 0, 1, 2.
 
     .venv/bin/python bench/segmentation_variants.py --run-dir runs/demo baseline epochs43 block0 ...
 
 `--run-dir` is a finished `make demo` run (its two encoders); `--data` the downstream corpus (default
 demo_data/downstream). Results: bench/RESULTS.md "evaluate".
 
-Reuses the evaluate stage's own pieces (load_config -> ProtocolConfig, load_splits, decode_split, FeatureCache,
-run_job -> run_group -> train_segmentation -> fit) so the baseline reproduces the stage. Each variant changes one
-thing against the baseline:
+Reuses the evaluate stage's own pieces (load_config -> ProtocolConfig, load_splits, decode_split,
+FeatureCache, run_job -> run_group -> train_segmentation -> fit) so the baseline reproduces the stage. Each
+variant changes one thing against the baseline:
 
   baseline   the stage as configured (tokens = last block output; downstream_vit's final norm is Identity;
              token_norm on and a floor of 300 steps, as configs/demo.yaml sets them)
@@ -23,7 +23,8 @@ thing against the baseline:
   avg01      tokens = mean of blocks[0] and blocks[1] outputs
   cat01      tokens = concat of blocks[0] and blocks[1] outputs (D = 128: the head's Linear is 128x128)
   noproj     SegHead without its first Linear (tokens go straight to the first conv)
-  lastnorm   tokens = last block output through the checkpoint's pre-trained final LayerNorm (random: a fresh LN)
+  lastnorm   tokens = last block output through the checkpoint's pre-trained final LayerNorm (random: a fresh
+  LN)
 
 Rows go to <out>/runs_<variant>.jsonl (appended as they finish) and a summary line per variant to stdout.
 """
@@ -52,7 +53,8 @@ FRACTIONS, SEEDS = (1, 10), (0, 1, 2)
 
 
 # ---------------------------------------------------------------- feature extraction variants
-TOKENS = {  # mode -> patch tokens from the outputs of blocks 0 and 1 (timm forward_intermediates, no final norm)
+# mode -> patch tokens from the outputs of blocks 0 and 1 (timm forward_intermediates, no final norm)
+TOKENS = {
     "last": lambda outs: outs[-1],  # = the stage's tokens (downstream_vit's final norm is Identity)
     "block0": lambda outs: outs[0],
     "avg01": lambda outs: (outs[0] + outs[1]) / 2,
@@ -188,20 +190,23 @@ def run(names: list[str], enc: dict[str, Path], data: Path, out: Path) -> None:
         wall = time.time() - t1
         print(
             f"== {name}: fit {pcfg.segmentation.fit.model_dump(include={'lr', 'epochs', 'min_steps'})} "
-            f"mode {mode} head {(head_cls or orig_head).__name__} token_norm {seg.head.token_norm}: {wall:.0f}s",
+            f"mode {mode} head {(head_cls or orig_head).__name__} token_norm {seg.head.token_norm}: "
+            f"{wall:.0f}s",
             flush=True,
         )
         summarize(rows, name, wall, out)
 
 
 def print_token_scales(cache: FeatureCache, inits: list[Init], pixels) -> None:
-    """Per-channel statistics of each encoder's frozen tokens (validation images, seed 0): what token_norm evens."""
+    """Per-channel statistics of each encoder's frozen tokens (validation images, seed 0): what token_norm
+    evens."""
     for init in inits:
         tokens = cache.tokens(init, 0, pixels)
         flat = tokens.reshape(-1, tokens.shape[-1])
         std, mean = flat.std(0), flat.mean(0)
         print(
-            f"tokens {init.name}: channel std min/median/max {std.min():.3f}/{std.median():.3f}/{std.max():.3f}, "
+            f"tokens {init.name}: channel std min/median/max "
+            f"{std.min():.3f}/{std.median():.3f}/{std.max():.3f}, "
             f"largest |channel mean| {mean.abs().max():.2f}",
             flush=True,
         )

@@ -1,4 +1,5 @@
-"""Student generation throughput on CPU: batched greedy decoding (left padding + KV cache) vs one prompt at a time.
+"""Student generation throughput on CPU: batched greedy decoding (left padding + KV cache) vs one prompt at a
+time.
 
 Prompts are the real Table 2 prompts (Vicuna template) of IU X-ray reports from tests/data/real. The
 student is the demo-sized tiny Llama with an attached (untrained) LoRA adapter, so both modes decode the
@@ -85,7 +86,8 @@ def main() -> None:
         new_tokens = sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in out)
         results[batch] = (seconds, out, new_tokens)
         print(
-            f"batch {batch:>3}: {len(prompts) / seconds:7.2f} reports/s  {new_tokens / seconds:8.1f} new tokens/s"
+            f"batch {batch:>3}: {len(prompts) / seconds:7.2f} reports/s  {new_tokens / seconds:8.1f} new "
+            f"tokens/s"
         )
     same = results[args.batch][1] == results[1][1]
     ratio = results[1][0] / results[args.batch][0]

@@ -1,8 +1,10 @@
-"""Benchmark the async teacher client against the local fake OpenAI server: concurrency 1 vs 32, and the cache.
+"""Benchmark the async teacher client against the local fake OpenAI server: concurrency 1 vs 32, and the
+cache.
 
-The server adds a fixed latency per request (default 50 ms, like a fast hosted endpoint's queueing) and answers
-with a constant sentence, so the numbers measure the client (limits, retries bookkeeping, cache commits), not the
-model. Rate limits are off (rpm/tpm None) so that only the concurrency cap bounds throughput. Measured:
+The server adds a fixed latency per request (default 50 ms, like a fast hosted endpoint's queueing) and
+answers with a constant sentence, so the numbers measure the client (limits, retries bookkeeping, cache
+commits), not the model. Rate limits are off (rpm/tpm None) so that only the concurrency cap bounds
+throughput. Measured:
 * requests/s at concurrency 1 and 32 (every answer committed to a fresh SQLite cache, fsync per answer),
   and their ratio (ideal: 32; the bound is latency / per-request client+server CPU time);
 * the cache-hit path: reports/s of a rerun that is answered entirely from the cache (zero requests sent).

@@ -40,7 +40,8 @@ MAX_PROMPT_TOKENS = 3800
 def fit_report_old(
     findings: str, impression: str, entities: Sequence[str], max_prompt_tokens: int
 ) -> tuple[str, bool]:
-    """`fit_report` before the fix, verbatim: one sentence dropped and the whole prompt re-rendered per loop."""
+    """`fit_report` before the fix, verbatim: one sentence dropped and the whole prompt re-rendered per
+    loop."""
     findings_sents, impression_sents = split_sentences(findings), split_sentences(impression)
 
     def render(f_sents: list[str], i_text: str) -> str:

@@ -135,7 +135,8 @@ def _check_column(table: pa.Table, spec: ColumnSpec, source: str) -> pa.ChunkedA
 
 
 def validate_table(table: pa.Table, contract: type[Row], source: str) -> pa.Table:
-    """Check `table` against `contract` and return it with exactly the contract's schema (column order, types)."""
+    """Check `table` against `contract` and return it with exactly the contract's schema (column order,
+    types)."""
     expected = [c.name for c in contract.columns()]
     missing = [c for c in expected if c not in table.column_names]
     if missing:
@@ -159,7 +160,8 @@ def _explain_bad_row(rows: list[dict[str, Any]], contract: type[Row], source: st
 
 
 def to_table(data: pa.Table | list[Any], contract: type[Row], source: str) -> pa.Table:
-    """Turn rows (Row instances or dicts) or an Arrow table into a validated table with the contract's schema."""
+    """Turn rows (Row instances or dicts) or an Arrow table into a validated table with the contract's
+    schema."""
     if isinstance(data, pa.Table):
         return validate_table(data, contract, source)
     rows = [r.model_dump() if isinstance(r, BaseModel) else r for r in data]

@@ -52,7 +52,8 @@ def record(
 
 
 def artifact_files(run_dir: Path) -> list[Path]:
-    """The Parquet artifacts of a run: `<run_dir>/<stage>/<name>.parquet` (attempt folders and shards aside)."""
+    """The Parquet artifacts of a run: `<run_dir>/<stage>/<name>.parquet` (attempt folders and shards
+    aside)."""
     return sorted(p for p in Path(run_dir).glob("*/*.parquet") if not p.name.startswith(".tmp-"))
 
 

@@ -38,7 +38,8 @@ class EntityStat(Row):
 
 
 class DescriptorStat(Row):
-    """How often a descriptor phrase (the β words, space-joined) precedes an entity, by polarity (Fig. 2 (b))."""
+    """How often a descriptor phrase (the β words, space-joined) precedes an entity, by polarity (Fig. 2
+    (b))."""
 
     contract: ClassVar[str] = "descriptor_stats"
     version: ClassVar[int] = 1

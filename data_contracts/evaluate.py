@@ -10,10 +10,10 @@ from data_contracts.base import Row
 class EvalResult(Row):
     """A test-split score of one downstream run, chosen on validation.
 
-    `checkpoint_hash` is the SHA-256 of the initialization's weights file ('random' for a random init, 'pixels'
-    for the no-encoder reference row), so a table row can always be traced to the exact encoder it measured.
-    The `pixels` row's classifier has no epochs: its `best_epoch` / `epochs_run` are the chosen C's place in
-    the grid (1-based) and the grid's length (`models.evaluate.baseline`).
+    `checkpoint_hash` is the SHA-256 of the initialization's weights file ('random' for a random init,
+    'pixels' for the no-encoder reference row), so a table row can always be traced to the exact encoder it
+    measured. The `pixels` row's classifier has no epochs: its `best_epoch` / `epochs_run` are the chosen C's
+    place in the grid (1-based) and the grid's length (`models.evaluate.baseline`).
     """
 
     contract: ClassVar[str] = "eval_results"

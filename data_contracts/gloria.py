@@ -1,4 +1,5 @@
-"""Contracts of the `train_gloria` stage: entity attention maps + SR windows, loss curves, localization, rejects."""
+"""Contracts of the `train_gloria` stage: entity attention maps + SR windows, loss curves, localization,
+rejects."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from data_contracts.base import Row
 
 
 class AttentionMap(Row):
-    """One image: the mean attention of its positive entity words on a grid×grid map, and the chosen SR window.
+    """One image: the mean attention of its positive entity words on a grid×grid map, and the chosen SR
+    window.
 
-    The window covers rows window_row..window_row+window_size-1 and columns window_col..window_col+window_size-1
-    of the grid laid over the whole image padded to a square (the ViT patch grid of pretrain_ecamp).
-    `fallback` says how the window was chosen: "none" (attention argmax), "centre" or "random" (no positive
-    entity in the report, so no entity map; `attention` is then the mean over all words, kept for inspection).
+    The window covers rows window_row..window_row+window_size-1 and columns
+    window_col..window_col+window_size-1 of the grid laid over the whole image padded to a square (the ViT
+    patch grid of pretrain_ecamp). `fallback` says how the window was chosen: "none" (attention argmax),
+    "centre" or "random" (no positive entity in the report, so no entity map; `attention` is then the mean
+    over all words, kept for inspection).
     """
 
     contract: ClassVar[str] = "attention_maps"
@@ -49,8 +52,8 @@ class Localization(Row):
     """How well attention finds the true lesions (demo corpus, where boxes are known), per method.
 
     pointing_rate: share of images whose attention argmax cell centre lies inside a true lesion box.
-    mean_window_overlap: mean over images of the fraction of the lesion area (union of boxes) inside the window.
-    mean_window_iou: mean IoU between the SR window and the lesion area.
+    mean_window_overlap: mean over images of the fraction of the lesion area (union of boxes) inside the
+    window. mean_window_iou: mean IoU between the SR window and the lesion area.
     method "random": the exact expectation for a uniformly random peak cell and window placement.
     """
 

@@ -107,7 +107,8 @@ def file_uri(path: Path) -> str:
 
 
 def content_hash(table: pa.Table) -> str:
-    """SHA-256 of the table's data (not of the file), so the hash survives re-encoding and metadata changes."""
+    """SHA-256 of the table's data (not of the file), so the hash survives re-encoding and metadata
+    changes."""
     table = table.replace_schema_metadata(None).combine_chunks()
     digest = hashlib.sha256()
     sink = pa.BufferOutputStream()
@@ -195,7 +196,8 @@ def read_artifact_and_info(
         raise ContractError(
             str(path),
             None,
-            f"written with {contract.contract} v{info.schema_version}, code expects v{contract.version}: rerun its stage",
+            f"written with {contract.contract} v{info.schema_version}, code expects v{contract.version}: "
+            f"rerun its stage",
         )
     table = validate_table(pq.read_table(path), contract, source=str(path))
     if table.num_rows != info.rows:

@@ -1,4 +1,5 @@
-"""Contracts of the `pretrain_ecamp` stage: per-step loss curves and throughput, and the samples it could not use."""
+"""Contracts of the `pretrain_ecamp` stage: per-step loss curves and throughput, and the samples it could not
+use."""
 
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ from data_contracts.base import Row
 
 
 class PretrainMetric(Row):
-    """One optimiser step of ECAMP pre-training (losses averaged over the accumulated micro-batches and ranks).
+    """One optimiser step of ECAMP pre-training (losses averaged over the accumulated micro-batches and
+    ranks).
 
-    `samples_per_s` counts every sample of the step (batch × accumulation × world size) over the step's wall time;
-    `sr` is 0 when the SR branch is switched off.
+    `samples_per_s` counts every sample of the step (batch × accumulation × world size) over the step's wall
+    time; `sr` is 0 when the SR branch is switched off.
 
     The `heldout_*` and `reliance_*` columns are set on the steps where the text side's image reliance was
     measured (the last step, and each epoch's last with `reliance_every_epoch`), null elsewhere and when no
-    held-out pair exists (`models.ecamp.reliance`): masked-token accuracy and mean cross-entropy on the entity and
-    descriptor tokens of held-out pairs, with the paired image and with another pair's image;
+    held-out pair exists (`models.ecamp.reliance`): masked-token accuracy and mean cross-entropy on the entity
+    and descriptor tokens of held-out pairs, with the paired image and with another pair's image;
     `reliance_acc` = acc paired − acc mismatched, `reliance_loss` = loss mismatched − loss paired (both > 0
     when the MLM uses the image).
     """

@@ -1,4 +1,5 @@
-"""Row contracts of `finetune_student` (the LoRA student and its check) and `bulk_distill` (T_d for every report)."""
+"""Row contracts of `finetune_student` (the LoRA student and its check) and `bulk_distill` (T_d for every
+report)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from data_contracts.base import Row
 
 
 class StudentModel(Row):
-    """Where the trained adapter lives and what it was trained from; its hash makes bulk_distill's cache honest."""
+    """Where the trained adapter lives and what it was trained from; its hash makes bulk_distill's cache
+    honest."""
 
     contract: ClassVar[str] = "student_model"
     version: ClassVar[int] = 2
@@ -27,12 +29,13 @@ class StudentModel(Row):
 
 
 class StudentEval(Row):
-    """Entity-level agreement with the teacher on held-out seed reports, for the student and trivial baselines.
+    """Entity-level agreement with the teacher on held-out seed reports, for the student and trivial
+    baselines.
 
-    `polarity_acc` counts a requested entity right when the system's sentence for it has the teacher's certainty
-    (present / absent / uncertain); a missing sentence is wrong. `exact_sentence_rate`: the teacher's sentence
-    for the entity is reproduced word for word. `unparseable_rate`: share of the system's sentences that are not
-    in the "There is/may ..." format.
+    `polarity_acc` counts a requested entity right when the system's sentence for it has the teacher's
+    certainty (present / absent / uncertain); a missing sentence is wrong. `exact_sentence_rate`: the
+    teacher's sentence for the entity is reproduced word for word. `unparseable_rate`: share of the system's
+    sentences that are not in the "There is/may ..." format.
     """
 
     contract: ClassVar[str] = "student_eval"

@@ -145,8 +145,8 @@ def _run_flow(flow: Callable[..., Any], **kwargs: Any) -> Any:
 
 
 def _fail(err: Exception) -> None:
-    """`error: <message>` on one line: no markup read into the message (torch's `[enforce fail ...]`), no wrapping
-    at 80 columns when stderr is a file, and a KeyError's message without repr quotes."""
+    """`error: <message>` on one line: no markup read into the message (torch's `[enforce fail ...]`), no
+    wrapping at 80 columns when stderr is a file, and a KeyError's message without repr quotes."""
     message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
     console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code=2)
@@ -187,7 +187,8 @@ def synth(
 
 
 def ensure_inputs(cfg, stages: list[str] | None = None, regenerate: bool = False) -> None:
-    """The generated corpora the config asks for (demo corpus, synth evaluation sets), before any flow starts."""
+    """The generated corpora the config asks for (demo corpus, synth evaluation sets), before any flow
+    starts."""
     from models.synth.corpus import CorpusFolderError
     from tasks.inputs import prepare_inputs
     from tasks.registry import stage_names
@@ -319,7 +320,8 @@ def ablate(
     set_: SetOpt = None,
     force: Annotated[bool, typer.Option(help="recompute rows even if cached")] = False,
 ) -> None:
-    """Pre-train one encoder per ablation row into <run_dir>/pretrain_ecamp__<row>/ (upstream stages must exist)."""
+    """Pre-train one encoder per ablation row into <run_dir>/pretrain_ecamp__<row>/ (upstream stages must
+    exist)."""
     _quiet_prefect()
     cfg = _check_config(config, set_)
     from tasks.pretrain_ecamp import ablation_rows
@@ -382,7 +384,8 @@ def evaluate(
 
 
 def _check_evaluate_inputs(cfg, target: Path) -> None:
-    """Datasets, checkpoint paths and run-directory encoders `evaluate` needs: one line before any flow starts."""
+    """Datasets, checkpoint paths and run-directory encoders `evaluate` needs: one line before any flow
+    starts."""
     from models.checkpoints import CheckpointError, read_state_dict
     from tasks.evaluate import NAMED_INITS, checkpoint_inits, missing_init
     from tasks.registry import get_stage
@@ -460,8 +463,8 @@ def notify(
         int | None, typer.Option(help="also cancel an ecamp-gpu run still Pending after this many seconds")
     ] = None,
 ) -> None:
-    """Automations on the Prefect server (PREFECT_API_URL): a failed pipeline run calls the webhook; optionally a
-    GPU run stuck in Pending is cancelled. Running it again replaces them."""
+    """Automations on the Prefect server (PREFECT_API_URL): a failed pipeline run calls the webhook;
+    optionally a GPU run stuck in Pending is cancelled. Running it again replaces them."""
     from prefect.settings import PREFECT_API_URL
 
     from flows.automations import install
@@ -478,7 +481,8 @@ def lineage(
     run_dir: RunDirOpt = None,
     config: Annotated[Path, typer.Option("--config", "-c")] = DEMO_CONFIG,
 ) -> None:
-    """Print an output's upstream chain (Parquet or model file), down to the input files, from the run's catalog."""
+    """Print an output's upstream chain (Parquet or model file), down to the input files, from the run's
+    catalog."""
     from data_contracts.catalog import latest, lineage_tree
     from tasks.registry import producer_of, stages
 

@@ -52,7 +52,8 @@ def order_by_parents(columns: dict[int, list[str]], edges: list[tuple[str, str]]
 
 
 def draw_lineage(labels: dict[str, str], edges: list[tuple[str, str]]) -> bytes:
-    """PNG bytes of the graph: `labels` node -> its text (kept in order within a column), `edges` (from, to)."""
+    """PNG bytes of the graph: `labels` node -> its text (kept in order within a column), `edges` (from,
+    to)."""
     level = depths(list(labels), edges)
     columns: dict[int, list[str]] = defaultdict(list)
     for node in labels:

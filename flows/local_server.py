@@ -33,8 +33,8 @@ SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREF
 
 
 class LocalServerError(RuntimeError):
-    """The Prefect API cannot be used: the temporary server did not come up, its PREFECT_HOME is not a writable
-    folder, or the server PREFECT_API_URL names does not answer."""
+    """The Prefect API cannot be used: the temporary server did not come up, its PREFECT_HOME is not a
+    writable folder, or the server PREFECT_API_URL names does not answer."""
 
 
 def die_with_parent() -> Callable[[], None] | None:
@@ -53,7 +53,8 @@ def die_with_parent() -> Callable[[], None] | None:
 
 
 def server_command(fd: int) -> list[str]:
-    """Prefect's own temporary-server command, serving on a socket bound by the caller (no race for the port)."""
+    """Prefect's own temporary-server command, serving on a socket bound by the caller (no race for the
+    port)."""
     return [
         sys.executable,
         "-m",
@@ -87,7 +88,8 @@ def launch_server() -> tuple[subprocess.Popen, str]:
 
 
 def startup_timeout() -> float:
-    """Prefect's own startup timeout setting (the CLI gives it 120 s unless the environment says otherwise)."""
+    """Prefect's own startup timeout setting (the CLI gives it 120 s unless the environment says
+    otherwise)."""
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
     return float(
@@ -101,7 +103,8 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise LocalServerError(
-                f"the temporary Prefect server exited with code {proc.returncode} before answering {url}/health"
+                f"the temporary Prefect server exited with code {proc.returncode} before answering "
+                f"{url}/health"
             )
         try:
             with opener.open(f"{url}/health", timeout=5) as response:
@@ -203,7 +206,8 @@ def check_api_through_proxy(url: str) -> None:
     if why is not None:
         host = urlsplit(url).hostname
         raise LocalServerError(
-            f"PREFECT_API_URL {url} goes through the proxy in {variable}={os.environ[variable]}, which did not "
+            f"PREFECT_API_URL {url} goes through the proxy in {variable}={os.environ[variable]}, which did "
+            f"not "
             f"relay {url}/health ({why}): add {host} to NO_PROXY, or unset {variable}"
         )
 

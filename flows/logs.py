@@ -1,6 +1,7 @@
-"""Every message a stage logs reaches the flow run's logs, not only those written through `ctx.log`; an error a
-user can fix is one line, on the console and in the run: its message at ERROR, its traceback at DEBUG only
-(`PREFECT_LOGGING_LEVEL=DEBUG` shows it), and the run's state message is the cause. A bug keeps its traceback."""
+"""Every message a stage logs reaches the flow run's logs, not only those written through `ctx.log`; an error
+a user can fix is one line, on the console and in the run: its message at ERROR, its traceback at DEBUG only
+(`PREFECT_LOGGING_LEVEL=DEBUG` shows it), and the run's state message is the cause. A bug keeps its
+traceback."""
 
 from __future__ import annotations
 
@@ -137,8 +138,8 @@ def console_tracebacks_only_for_bugs(known: tuple[type[BaseException], ...]) -> 
 
 class KnownErrorsAtDebug(logging.Filter):
     """On Prefect's run loggers: a record carrying the traceback of a known error is lowered to DEBUG, and so
-    dropped unless DEBUG is logged. Prefect logs a failed run's exception once more on its way out (the worker's
-    "Engine execution exited with unexpected exception"); the cause is already one ERROR line
+    dropped unless DEBUG is logged. Prefect logs a failed run's exception once more on its way out (the
+    worker's "Engine execution exited with unexpected exception"); the cause is already one ERROR line
     (`failed_in_one_line`). Bugs pass unchanged."""
 
     def filter(self, record: logging.LogRecord) -> bool:

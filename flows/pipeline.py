@@ -33,9 +33,9 @@ from tasks.stage import Stage, split_ref, variant_name
 
 quiet_known_tracebacks()  # a failed run's known error: one ERROR line, its traceback at DEBUG
 
-# The stage names in pipeline order, read from tasks.registry's module list (each stage is named after its module,
-# checked by a test) without importing the stages: typed so that the deployments' parameter forms offer a choice
-# and the server refuses an unknown name before a run exists.
+# The stage names in pipeline order, read from tasks.registry's module list (each stage is named after its
+# module, checked by a test) without importing the stages: typed so that the deployments' parameter forms
+# offer a choice and the server refuses an unknown name before a run exists.
 StageName = Literal[tuple(module.rsplit(".", 1)[1] for module in STAGE_MODULES)]
 
 
@@ -89,7 +89,8 @@ def one_stage(
             result = run_stage(
                 get_stage(stage), config, Path(run_dir), force=force, log=logger, run_id=run_id(), name=name
             )
-        # a handed-over stage published in full from its own run on the GPU pool; its manifest is shown here too
+        # a handed-over stage published in full from its own run on the GPU pool; its manifest is shown here
+        # too
         publish_stage(name, result.status, Path(run_dir), manifest_only=handed)
     summary = {
         "stage": name,
@@ -103,7 +104,8 @@ def one_stage(
         return Completed(
             name="Taken",
             data=summary,
-            message="taken as it is for a resume from a later stage: outputs intact, inputs and config not compared",
+            message="taken as it is for a resume from a later stage: outputs intact, inputs and config not "
+            "compared",
         )
     return summary
 
@@ -212,7 +214,8 @@ def ecamp_pipeline(
         until: Last stage to run; empty = all eight.
         overrides: Config fields to change, each "section.field=value" (e.g. "data.root=/data/mimic-cxr").
         force: Stages to recompute even when their inputs and config are unchanged.
-        from_stage: Resume: earlier stages are taken as they are in the run directory, this one and every later
+        from_stage: Resume: earlier stages are taken as they are in the run directory, this one and every
+        later
             one are recomputed.
         gpu_pool: Work pool of the GPU stages (run.gpu_pool), kept apart from overrides so that a run's own
             overrides keep it; empty = every stage in this flow run's process.
@@ -316,8 +319,8 @@ def ecamp_stage(
     force: bool = False,
     name: str | None = None,
 ) -> dict[str, Any]:
-    """Exactly one stage, reading its upstream artifacts from the run directory (e.g. to rerun a failed one, or a
-    GPU stage the pipeline hands to the GPU pool).
+    """Exactly one stage, reading its upstream artifacts from the run directory (e.g. to rerun a failed one,
+    or a GPU stage the pipeline hands to the GPU pool).
 
     Args:
         stage: The stage to run.

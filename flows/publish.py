@@ -31,7 +31,8 @@ MATERIALIZED = (
 
 
 def slug(text: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only (`pretrain_ecamp__lambda_0.1`)."""
+    """Prefect artifact keys allow lowercase letters, digits and dashes only
+    (`pretrain_ecamp__lambda_0.1`)."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
@@ -54,7 +55,8 @@ def short(uri: str, run_dir: Path) -> str:
 
 def manifest_rows(record: SuccessRecord, status: str, run_dir: Path) -> list[dict[str, Any]]:
     """One row per output (model files included) and per input: full SHA-256, rows, schema, the stage that
-    made it and its path (relative to the run directory when inside it). Hash first: it is what a row is for."""
+    made it and its path (relative to the run directory when inside it). Hash first: it is what a row is
+    for."""
     rows = []
     for name, out in record.outputs.items():
         info = out.info
@@ -257,7 +259,8 @@ def lineage_markdown(run_dir: Path, summaries: list[dict[str, Any]]) -> str:
         "",
         "## Every output",
         "",
-        "Each output (model files included) with its SHA-256 and what it was made from (first 12 hex digits); "
+        "Each output (model files included) with its SHA-256 and what it was made from (first 12 hex "
+        "digits); "
         "each stage's manifest artifact has the full hashes of its inputs.",
         "",
         *text,

@@ -88,8 +88,8 @@ def convert_command(path: Path) -> str:
 
 
 class Inert:
-    """Stands in for a global that torch's weights-only unpickler does not know, so that a file's tensors can be
-    read without constructing or calling anything else the file names."""
+    """Stands in for a global that torch's weights-only unpickler does not know, so that a file's tensors can
+    be read without constructing or calling anything else the file names."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
@@ -119,8 +119,8 @@ def state_of(payload: Any) -> Any:
 
 
 def convert_to_safetensors(path: Path, out: Path) -> int:
-    """Write the tensors of `path` (`{"model": ...}`, `{"state_dict": ...}` or a flat dict) to `out`, reading the
-    file as data only (`load_as_data`); the number of tensors written."""
+    """Write the tensors of `path` (`{"model": ...}`, `{"state_dict": ...}` or a flat dict) to `out`, reading
+    the file as data only (`load_as_data`); the number of tensors written."""
     from safetensors.torch import save_file
 
     try:
@@ -153,9 +153,9 @@ def load_torch_file(path: str | Path, remedy: str | None = None) -> Any:
     """A torch file's contents, read without running code (`weights_only=True` + `TRUSTED_GLOBALS`).
 
     A file that needs any other global gets a CheckpointError naming the file, the refused global and the
-    command that converts its tensors to safetensors as data (or `remedy`, for a resume file, which is no weights
-    file); there is deliberately no switch to load it anyway. An empty, truncated or non-torch file is a
-    CheckpointError too, not torch's internal message.
+    command that converts its tensors to safetensors as data (or `remedy`, for a resume file, which is no
+    weights file); there is deliberately no switch to load it anyway. An empty, truncated or non-torch file is
+    a CheckpointError too, not torch's internal message.
     """
     path = Path(path)
     try:

@@ -5,9 +5,9 @@ Every image consumer (GLoRIA, ECAMP pre-training, downstream tasks) reads pixels
 orientation and polarity (bone bright, air dark). A DICOM's polarity comes from its
 PhotometricInterpretation tag, which is sometimes wrong (the real `Fake_MONOHR1.dcm` fixture stores
 positive pixels under MONOCHROME1): after obeying the header the loader checks the result with
-`looks_inverted` and flips a chest film that came out as a negative, with a warning. `image_size` is the cheap check the report
-extraction runs on every listed image: it reads the header and the end-of-file marker (plus, for a JPEG, its
-entropy-coded data: see `_decode_jpeg_to_last_block`), or decodes fully when asked.
+`looks_inverted` and flips a chest film that came out as a negative, with a warning. `image_size` is the cheap
+check the report extraction runs on every listed image: it reads the header and the end-of-file marker (plus,
+for a JPEG, its entropy-coded data: see `_decode_jpeg_to_last_block`), or decodes fully when asked.
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ def image_size(path: str | os.PathLike, decode: bool = False) -> tuple[int, int]
     path = Path(path)
     _require_file(path)
     if decode:
-        return tuple(load_grayscale(path, fix_polarity=False, reject_constant=True).shape)  # type: ignore[return-value]
+        shape = load_grayscale(path, fix_polarity=False, reject_constant=True).shape
+        return shape[0], shape[1]
     if _is_dicom(path):
         return _dicom_header_size(path)
     return _pil_header_size(path)

@@ -363,7 +363,8 @@ def _list_folder(path: str, out: Extraction) -> list[os.DirEntry]:
 
 
 def _subfolders(path: str, out: Extraction) -> list[str]:
-    """Paths of the sub-folders of `path`; an entry that cannot be stat'ed is a reject, plain files are skipped."""
+    """Paths of the sub-folders of `path`; an entry that cannot be stat'ed is a reject, plain files are
+    skipped."""
     folders = []
     for entry in _list_folder(path, out):
         try:

@@ -92,7 +92,8 @@ class ConfigView:
         )
 
     def setting(self, key: str) -> Any:
-        """One setting by dotted key, e.g. `pretrain_ecamp.model.grid_size`: declared itself or in a section."""
+        """One setting by dotted key, e.g. `pretrain_ecamp.model.grid_size`: declared itself or in a
+        section."""
         if key in self._allowed or key.split(".", 1)[0] in self._allowed:
             return setting(self._config, key)
         raise UndeclaredError(
@@ -151,7 +152,8 @@ class StageContext:
         return output_path(self.run_dir, producer, name, rec.kind), rec
 
     def has(self, ref: str) -> bool:
-        """True when the producing stage's last success lists `ref` (outputs of failed attempts never count)."""
+        """True when the producing stage's last success lists `ref` (outputs of failed attempts never
+        count)."""
         found = self._upstream(ref)
         return found is not None and found[0].exists()
 
@@ -192,7 +194,8 @@ class StageContext:
         return table
 
     def read_path(self, ref: str) -> Path:
-        """The path of an upstream file output (weights, adapter folder), checked against its success record."""
+        """The path of an upstream file output (weights, adapter folder), checked against its success
+        record."""
         found = self._upstream(ref)
         if found is None:
             raise self._missing(ref)
@@ -223,7 +226,8 @@ class StageContext:
         self.attempt_dir.mkdir(parents=True)
 
     def lineage(self) -> Lineage:
-        """What an output written now is made from: this stage, run, config, code and everything read so far."""
+        """What an output written now is made from: this stage, run, config, code and everything read so
+        far."""
         return Lineage(
             stage=self.name,
             run_id=self.run_id,
@@ -302,7 +306,8 @@ class StageContext:
 
     def file_info(self, name: str, path: Path) -> ArtifactInfo:
         """A file output's lineage (weights, adapter, tokenizer), like a Parquet output's: it is made from
-        everything the stage read, so `ecamp lineage pretrain_ecamp/encoder` and the manifests can follow it."""
+        everything the stage read, so `ecamp lineage pretrain_ecamp/encoder` and the manifests can follow
+        it."""
         return ArtifactInfo(
             uri=path.resolve().as_uri(),
             name=name,

@@ -63,7 +63,8 @@ TeacherFn = Callable[[Sequence[DistillItem]], list[str | None]]
 
 
 class InProcessBackend(BaseModel):
-    """The student generates in this process (transformers + peft, batched greedy): CPU demo, tests, small runs."""
+    """The student generates in this process (transformers + peft, batched greedy): CPU demo, tests, small
+    runs."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -72,8 +73,8 @@ class InProcessBackend(BaseModel):
 
 
 class ServerBackend(BaseModel):
-    """An OpenAI-compatible server serves the adapter as model `served_model`: vLLM started here from the serving
-    environment (`start_server`), or a server you started (`base_url`)."""
+    """An OpenAI-compatible server serves the adapter as model `served_model`: vLLM started here from the
+    serving environment (`start_server`), or a server you started (`base_url`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -100,7 +101,8 @@ class Config(StageConfig):
     shard_size: int = Field(2000, ge=1, description="reports per shard (the unit of resume)")
     backend: Backend = Field(
         default_factory=ServerBackend,
-        description="where the student generates: {kind: transformers, ...} or {kind: openai, ...}; a setting of "
+        description="where the student generates: {kind: transformers, ...} or {kind: openai, ...}; a "
+        "setting of "
         "the other kind is refused (`backend: transformers` alone means that kind with its defaults)",
     )
     retry_budget: int = Field(1000, ge=0, description="student answers failing QC that may go to the teacher")
@@ -476,7 +478,8 @@ STAGE = Stage(
     version="3",
     config=Config,
     run=run,
-    summary="the fine-tuned student distils every other report (sharded, resumable); QC retries go to the teacher",
+    summary="the fine-tuned student distils every other report (sharded, resumable); QC retries go to the "
+    "teacher",
     reads=(
         "extract_reports/reports",
         "match_entities/entity_mentions",

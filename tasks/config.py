@@ -35,7 +35,8 @@ class RunConfig(StageConfig):
     )
     gpu_pool: str | None = Field(
         None,
-        description="work pool of the GPU worker: the pipeline hands its GPU stages to `gpu_deployment` there "
+        description="work pool of the GPU worker: the pipeline hands its GPU stages to `gpu_deployment` "
+        "there "
         "and waits; None runs every stage in the pipeline's own process",
     )
     gpu_deployment: str = Field(
@@ -63,7 +64,8 @@ class DataConfig(StageConfig):
     manifest: str | None = Field(None, description="CSV/Parquet with study_id, image_path, report_text")
     views: list[str] = Field(
         default_factory=list,
-        description="ViewPosition values kept; [] = all (the paper pre-trains on frontal and lateral views, §4.1)",
+        description="ViewPosition values kept; [] = all (the paper pre-trains on frontal and lateral views, "
+        "§4.1)",
     )
     check_images: bool = Field(False, description="decode every image at extraction (slow at MIMIC scale)")
     max_studies: int | None = Field(None, ge=1, description="keep only the first N studies (quick trials)")
@@ -150,7 +152,8 @@ def _explain(err: ValidationError, source: str) -> ConfigError:
 
 
 def read_config_text(path: Path) -> str:
-    """The file's text, reading at most MAX_CONFIG_BYTES + 1 bytes so that a device or a huge file fails fast."""
+    """The file's text, reading at most MAX_CONFIG_BYTES + 1 bytes so that a device or a huge file fails
+    fast."""
     try:
         with path.open("rb") as f:
             data = f.read(MAX_CONFIG_BYTES + 1)

@@ -1,12 +1,12 @@
 """Stage 8, `evaluate`: does pre-training pay off? Encoders × downstream datasets × label fractions × seeds.
 
 Initializations (`inits`): `pixels` (no encoder: the reference row every encoder must beat, see
-`models.evaluate.baseline`), `random`, `ecamp` (this run's `pretrain_ecamp/encoder.safetensors`), `mim_only` (the
-`pretrain_ecamp__mim_only` ablation row: ECAMP with the text side and SR off) or a path to any timm-loadable
-checkpoint (an ECAMP export, MAE ImageNet weights as `.pth` or safetensors). Datasets: the official split lists
-(`kind: official | siim`), a generic CSV (`generic`, e.g. the fundus sets of Tables 10–11) or a generated
-corpus's downstream sets (`synth`). Classification datasets run fine-tuning and the linear probe; segmentation
-and detection run their frozen-encoder heads (paper §4.2–4.5).
+`models.evaluate.baseline`), `random`, `ecamp` (this run's `pretrain_ecamp/encoder.safetensors`), `mim_only`
+(the `pretrain_ecamp__mim_only` ablation row: ECAMP with the text side and SR off) or a path to any
+timm-loadable checkpoint (an ECAMP export, MAE ImageNet weights as `.pth` or safetensors). Datasets: the
+official split lists (`kind: official | siim`), a generic CSV (`generic`, e.g. the fundus sets of Tables
+10–11) or a generated corpus's downstream sets (`synth`). Classification datasets run fine-tuning and the
+linear probe; segmentation and detection run their frozen-encoder heads (paper §4.2–4.5).
 
 Outputs under `<run_dir>/evaluate/`: `eval_results` (one row per run, with the initialization's content hash),
 `RESULTS.md` (the table, laid out like Tables 4–6, paper numbers beside ours) and `eval_plot.png`.
@@ -72,11 +72,13 @@ class Config(StageConfig):
         1,
         ge=1,
         description="datasets evaluated at once, each in its own process with its share of the cores (1: one "
-        "after the other in the stage's process, one set's images in memory at a time; above 1 every set's are)",
+        "after the other in the stage's process, one set's images in memory at a time; above 1 every set's "
+        "are)",
     )
     synth: SynthConfig | None = Field(
         None,
-        description="`ecamp demo` / `ecamp evaluate` generate the `synth` datasets' folder from this when absent",
+        description="`ecamp demo` / `ecamp evaluate` generate the `synth` datasets' folder from this when "
+        "absent",
     )
 
     @field_validator("protocols")

@@ -32,7 +32,8 @@ def run(ctx: StageContext, cfg: Config) -> None:
     if not result.reports:
         reasons = Counter(r.reason.split(" (")[0] for r in result.rejects).most_common(3)
         raise InputLayoutError(
-            f"no usable study found ({len(result.rejects)} rejected, see extract_reports/.attempt/rejects.parquet); "
+            f"no usable study found ({len(result.rejects)} rejected, see "
+            f"extract_reports/.attempt/rejects.parquet); "
             f"most common reasons: {reasons}"
         )
     ctx.write("reports", result.reports, Report)

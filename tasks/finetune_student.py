@@ -1,11 +1,12 @@
-"""Stage 4, `finetune_student`: LoRA-tune the student on the teacher's seed distillations (paper §3.1, footnote 2).
+"""Stage 4, `finetune_student`: LoRA-tune the student on the teacher's seed distillations (paper §3.1,
+footnote 2).
 
 seed_distillations -> Table 2 prompt in the Vicuna v1.1 template + the teacher's well-formed sentences ->
 held-out split -> LoRA (peft) on the base (Vicuna-7B v1.5 from a local path, or the tiny Llama built here) ->
-adapter dir (safetensors) + `student_model`, `student_loss` and `student_eval`: entity-level agreement with the
-teacher on held-out seed reports, next to the trivial baseline that calls every entity absent. With
-`decoding: entity_complete` (models/distill/complete.py) the student row is the completed answers and the plain
-greedy answers are reported as `student_greedy` beside it.
+adapter dir (safetensors) + `student_model`, `student_loss` and `student_eval`: entity-level agreement with
+the teacher on held-out seed reports, next to the trivial baseline that calls every entity absent. With
+`decoding: entity_complete` (models/distill/complete.py) the student row is the completed answers and the
+plain greedy answers are reported as `student_greedy` beside it.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class PretrainedBase(BaseModel):
 
 
 class TinyBase(BaseModel):
-    """A tiny Llama built here from `LlamaConfig`, with a BPE tokenizer trained on the corpus (demo, tests)."""
+    """A tiny Llama built here from `LlamaConfig`, with a BPE tokenizer trained on the corpus (demo,
+    tests)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -69,7 +71,8 @@ class TinyBase(BaseModel):
 class Config(StageConfig):
     base: Annotated[PretrainedBase | TinyBase, Field(discriminator="kind")] = Field(
         default_factory=PretrainedBase,
-        description="the LM the adapter is trained on: {kind: pretrained, path: ...} or {kind: tiny, dims, warmup}",
+        description="the LM the adapter is trained on: {kind: pretrained, path: ...} or {kind: tiny, dims, "
+        "warmup}",
     )
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
@@ -77,7 +80,8 @@ class Config(StageConfig):
     decoding: Literal["greedy", "entity_complete"] = Field(
         "greedy",
         description="entity_complete: after greedy decoding, drop repeats and add each missing requested "
-        "entity by re-prompting, then in the form the student scores most likely (models/distill/complete.py)",
+        "entity by re-prompting, then in the form the student scores most likely "
+        "(models/distill/complete.py)",
     )
     reprompt_rounds: int = Field(
         1, ge=0, description="entity_complete: re-prompts for still-missing entities"
@@ -111,7 +115,8 @@ def run_relative(path: Path, run_dir: Path) -> str:
 
 
 def seed_rows(ctx: StageContext) -> tuple[list[dict], parse.EntityFinder]:
-    """The seed distillations with their cleaned answers and prompts; rows without a usable answer are logged."""
+    """The seed distillations with their cleaned answers and prompts; rows without a usable answer are
+    logged."""
     table = ctx.read("seed_distill/seed_distillations")
     rows = table.select(["study_id", "report", "entities", "raw_response"]).to_pylist()
     finder = parse.EntityFinder(sorted({e for r in rows for e in r["entities"]}))

@@ -38,8 +38,8 @@ def ensure_generated(
 def generated_inputs(config: Any, stages: Iterable[str]) -> list[tuple[Path, Any, str]]:
     """(folder, synth config, what) of each generated input the config asks for and `stages` read: the demo
     corpus at data.root (extract_reports, and only when `data.source` is mimic: a manifest run never reads
-    data.root), the synth evaluation sets (evaluate; always as `evaluate.synth` says: they are the config's own,
-    never a user's data). Nothing a run will not read is generated."""
+    data.root), the synth evaluation sets (evaluate; always as `evaluate.synth` says: they are the config's
+    own, never a user's data). Nothing a run will not read is generated."""
     stages = set(stages)
     wanted = []
     if "extract_reports" in stages and config.data.generate and config.data.source == "mimic":

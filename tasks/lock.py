@@ -37,7 +37,8 @@ class RunDirectoryNotWritable(RunDirectoryInTheWay):
 
 def in_the_way(path: Path, what: str, found: str = "a folder") -> RunDirectoryInTheWay:
     return RunDirectoryInTheWay(
-        f"{path} is {found}, not {what}: move it away and run again (nothing in the run directory was changed)"
+        f"{path} is {found}, not {what}: move it away and run again (nothing in the run directory was "
+        f"changed)"
     )
 
 

@@ -1,17 +1,20 @@
-"""Stage 7, `pretrain_ecamp`: images + reports (+ distilled reports, + SR windows) → ECAMP encoder + loss curves.
+"""Stage 7, `pretrain_ecamp`: images + reports (+ distilled reports, + SR windows) → ECAMP encoder + loss
+curves.
 
-Reads `extract_reports/images` and `extract_reports/reports`, and when present `bulk_distill/distilled_reports`
-(context distillation) and `train_gloria/attention_maps` (context-guided SR windows). Without them it runs the
-matching ablation (original text only; SR on the centre window) and says so with a WARNING, never silently.
+Reads `extract_reports/images` and `extract_reports/reports`, and when present
+`bulk_distill/distilled_reports` (context distillation) and `train_gloria/attention_maps` (context-guided SR
+windows). Without them it runs the matching ablation (original text only; SR on the centre window) and says so
+with a WARNING, never silently.
 
 The text side's image reliance (`models.ecamp.reliance`) is measured on held-out pairs, the images of
 `heldout_splits` (MIMIC's `validate`), one per study: in the last metrics row, the model card and the log.
 
-Outputs under `<run_dir>/pretrain_ecamp/`: `pretrain_metrics` (one row per optimiser step), `pretrain_rejects`,
-`encoder.safetensors` (timm `VisionTransformer`, strict load; see `models.ecamp.export`), `MODEL_CARD.md`,
-`tokenizer.json`, and `train/checkpoint.pt` (full training state: a failed run resumes from it exactly).
-With `nproc > 1` training runs under `torchrun` (DDP), one process per GPU; with `nnodes > 1` this stage's torchrun
-is one node of a c10d rendezvous at `rdzv_endpoint`, which the other nodes join with the command it logs (README).
+Outputs under `<run_dir>/pretrain_ecamp/`: `pretrain_metrics` (one row per optimiser step),
+`pretrain_rejects`, `encoder.safetensors` (timm `VisionTransformer`, strict load; see `models.ecamp.export`),
+`MODEL_CARD.md`, `tokenizer.json`, and `train/checkpoint.pt` (full training state: a failed run resumes from
+it exactly). With `nproc > 1` training runs under `torchrun` (DDP), one process per GPU; with `nnodes > 1`
+this stage's torchrun is one node of a c10d rendezvous at `rdzv_endpoint`, which the other nodes join with the
+command it logs (README).
 
 Ablations (Tables 7–9): `ecamp ablate --table 7 -c CONFIG --run-dir DIR` pre-trains one encoder per row
 into `<run_dir>/pretrain_ecamp__<row>/`, reusing the upstream artifacts of DIR.
@@ -78,12 +81,13 @@ class Config(StageConfig):
 
     @model_validator(mode="after")
     def _model_reads_the_text_length(self) -> Config:
-        """The text length is one setting, `text.max_len`: the collator pads every batch to it, and the model's
-        position table has exactly that many rows. `model.max_len` follows it; a different value is refused
-        (an equal one is what a dumped config carries back)."""
+        """The text length is one setting, `text.max_len`: the collator pads every batch to it, and the
+        model's position table has exactly that many rows. `model.max_len` follows it; a different value is
+        refused (an equal one is what a dumped config carries back)."""
         if "max_len" in self.model.model_fields_set and self.model.max_len != self.text.max_len:
             raise ValueError(
-                f"model.max_len {self.model.max_len} differs from text.max_len {self.text.max_len}: the position "
+                f"model.max_len {self.model.max_len} differs from text.max_len {self.text.max_len}: the "
+                f"position "
                 "table follows text.max_len, set pretrain_ecamp.text.max_len only"
             )
         if self.model.max_len != self.text.max_len:
@@ -100,8 +104,10 @@ class Config(StageConfig):
             )
         if self.train.decode == "device" and self.image_cache.enabled:
             raise ValueError(
-                "train.decode=device decodes the original JPEGs on the training device every epoch, and the image "
-                "cache replaces them with decoded arrays: choose one (set image_cache.enabled=false to decode on "
+                "train.decode=device decodes the original JPEGs on the training device every epoch, and the "
+                "image "
+                "cache replaces them with decoded arrays: choose one (set image_cache.enabled=false to "
+                "decode on "
                 "the device)"
             )
         return self
@@ -181,8 +187,9 @@ def run(ctx: StageContext, cfg: Config) -> None:
         "seed": seed,
     }
     lineage = ctx.lineage_facts()  # run id and the hashes of every artifact read: in the header and the card
-    # The header leaves out the run id, so the same weights from the same inputs are the same file: a resumed or
-    # re-exported stage keeps its content hash and does not rerun evaluate. The card and the record keep it.
+    # The header leaves out the run id, so the same weights from the same inputs are the same file: a resumed
+    # or re-exported stage keeps its content hash and does not rerun evaluate. The card and the record keep
+    # it.
     header = {k: v for k, v in lineage.items() if k != "run_id"}
     export_encoder(model, ctx.path(ENCODER), extra={"facts": facts, "lineage": header})
     write_model_card(ctx.path(MODEL_CARD), model_cfg, facts, metrics, lineage)
@@ -236,7 +243,8 @@ def cached_records(
 
 
 def text_inputs(ctx: StageContext, cfg: Config) -> tuple[TextMaskingConfig, Any]:
-    """The distilled reports if the text composition needs them; without them: original text only, with a warning."""
+    """The distilled reports if the text composition needs them; without them: original text only, with a
+    warning."""
     if cfg.text.text_composition == "origin":
         ctx.log.info("text composition 'origin': distilled reports not used")
         return cfg.text, None
@@ -282,8 +290,8 @@ def data_fingerprint(ctx: StageContext, tokenizer_path: Path) -> str:
 def torchrun_command(
     job_dir: Path, out_dir: Path, nproc: int, nnodes: int, rdzv_endpoint: str | None, rdzv_id: str
 ) -> list[str]:
-    """The torchrun command of one node: standalone on one machine, else a c10d rendezvous every node joins with
-    this same command (torchrun assigns the node ranks in the order they arrive)."""
+    """The torchrun command of one node: standalone on one machine, else a c10d rendezvous every node joins
+    with this same command (torchrun assigns the node ranks in the order they arrive)."""
     if nnodes == 1:
         launch = ["--standalone", f"--nproc-per-node={nproc}"]
     else:
@@ -322,9 +330,9 @@ def run_torchrun(
     return model, metrics
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # ablations (Tables 7–9): each row is a list of `--set` overrides of this stage's section
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 _T = "pretrain_ecamp."
 _CD_OFF = [f"{_T}text.text_composition=origin"]
 _DM_OFF = [f"{_T}text.descriptor_masking=false"]

@@ -29,7 +29,8 @@ def stages() -> tuple[Stage, ...]:
 def check_order(found: tuple[Stage, ...]) -> None:
     """Every read names an output of an earlier stage: the order above is a valid execution order.
 
-    `stage__row` is a variant of `stage` (an ablation row run under its own folder): it writes what `stage` does.
+    `stage__row` is a variant of `stage` (an ablation row run under its own folder): it writes what `stage`
+    does.
     """
     written: dict[str, set[str]] = {}
     for stage in found:

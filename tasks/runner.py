@@ -134,7 +134,8 @@ def check_upstream(
     stage: Stage, run_dir: Path, name: str | None = None, upstream: dict[str, str | None] | None = None
 ) -> None:
     """Refuse to start `stage` (run as `name`) while a declared, non-optional read is not there: its producer
-    never succeeded, or the output it recorded is gone or unreadable. `upstream`: `upstream_hashes`, if known."""
+    never succeeded, or the output it recorded is gone or unreadable. `upstream`: `upstream_hashes`, if
+    known."""
     upstream = upstream_hashes(stage, Path(run_dir)) if upstream is None else upstream
     if missing := [ref for ref, h in upstream.items() if h is None and ref not in stage.optional]:
         producers = ", ".join(dict.fromkeys(split_ref(r)[0] for r in missing))

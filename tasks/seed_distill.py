@@ -72,7 +72,8 @@ class Config(StageConfig):
     tpm: float | None = Field(90_000, gt=0)
     shared_limit: str | None = Field(
         None,
-        description="name of a Prefect global rate limit pair (<name>-requests, <name>-tokens) set to rpm/tpm and "
+        description="name of a Prefect global rate limit pair (<name>-requests, <name>-tokens) set to "
+        "rpm/tpm and "
         "shared by every run that names it, so runs against one account stay within its limits together; "
         "needs PREFECT_API_URL",
     )
@@ -96,7 +97,8 @@ class Config(StageConfig):
     def _shared_limit_is_for_live_requests(self) -> Config:
         if self.shared_limit is not None and self.batch_api:
             raise ValueError(
-                "shared_limit paces live requests; the Batch API's requests are paced by the provider's batch "
+                "shared_limit paces live requests; the Batch API's requests are paced by the provider's "
+                "batch "
                 "queue, so set one or the other"
             )
         return self

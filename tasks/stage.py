@@ -52,16 +52,17 @@ class Stage:
 
     `reads`: upstream outputs (`stage/name`, Parquet or declared files) whose content hashes enter the
     fingerprint. `optional` lists the reads the stage can run without (it logs a warning saying what it does
-    instead) and the file outputs only some configurations write. `writes`: its Parquet outputs and their row contracts. `files`: its other outputs (weights,
-    adapters, tokenizers, plot folders), hashed and verified like the Parquet ones. `sections`: config
-    sections it reads besides its own and `run`. `input_files`: files and folders outside the run directory
-    it reads (the MIMIC tree, a manifest, a lesion-box CSV, an entity list), and `FileSet`s of the files an
-    input lists (a manifest's images), given the whole config; the stamps of every file in them enter the
-    cache key and the lineage. `preflight`: checks of the whole config that must hold before the stage (and,
-    from the CLI, before the whole run) starts, e.g. that pre-training's initialization is chosen and exists.
-    `inputs_hint`: which config keys name the input files, said when one is missing. `gpu`: the stage trains or
-    generates with a model and belongs on the GPU pool. `retries`: Prefect retries of a transient failure (an
-    LLM endpoint or a file system that hiccups); deterministic errors are never retried.
+    instead) and the file outputs only some configurations write. `writes`: its Parquet outputs and their row
+    contracts. `files`: its other outputs (weights, adapters, tokenizers, plot folders), hashed and verified
+    like the Parquet ones. `sections`: config sections it reads besides its own and `run`. `input_files`:
+    files and folders outside the run directory it reads (the MIMIC tree, a manifest, a lesion-box CSV, an
+    entity list), and `FileSet`s of the files an input lists (a manifest's images), given the whole config;
+    the stamps of every file in them enter the cache key and the lineage. `preflight`: checks of the whole
+    config that must hold before the stage (and, from the CLI, before the whole run) starts, e.g. that
+    pre-training's initialization is chosen and exists. `inputs_hint`: which config keys name the input files,
+    said when one is missing. `gpu`: the stage trains or generates with a model and belongs on the GPU pool.
+    `retries`: Prefect retries of a transient failure (an LLM endpoint or a file system that hiccups);
+    deterministic errors are never retried.
     """
 
     name: str

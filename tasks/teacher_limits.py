@@ -1,4 +1,5 @@
-"""The teacher's provider limits as Prefect global rate limits, so that every run against one account shares them.
+"""The teacher's provider limits as Prefect global rate limits, so that every run against one account shares
+them.
 
 Each run's client keeps itself within `rpm` / `tpm`; two pipelines at once (two deployments, a rerun beside a
 backfill) would still send twice that and meet the provider's 429s. A pair of global concurrency limits with a
@@ -18,7 +19,8 @@ from prefect.settings import PREFECT_API_URL
 
 
 class PrefectRateLimit:
-    """`SharedLimit` on a Prefect server: the named pair of global rate limits, created or updated to rpm/tpm."""
+    """`SharedLimit` on a Prefect server: the named pair of global rate limits, created or updated to
+    rpm/tpm."""
 
     def __init__(self, name: str, rpm: float | None, tpm: float | None):
         if rpm is None and tpm is None:
@@ -40,7 +42,8 @@ class PrefectRateLimit:
         """Create the limits, or set them to this run's rpm/tpm (the last run to start decides)."""
         if not PREFECT_API_URL.value():
             raise RuntimeError(
-                f"shared teacher limit {self.name!r} lives on a Prefect server, and PREFECT_API_URL is not set: "
+                f"shared teacher limit {self.name!r} lives on a Prefect server, and PREFECT_API_URL is not "
+                f"set: "
                 "start the run against the server that the other runs use, or unset seed_distill.shared_limit"
             )
         with get_client(sync_client=True) as client:

@@ -3,11 +3,11 @@
 images + report text (distilled, or original as a documented fallback) -> decode every image once into a
 square uint8 array (unreadable ones become `rejects`) -> WordPiece tokenizer -> GLoRIA training (resumable)
 -> per image: attention of its positive entity words (from `match_entities/entity_mentions`) on the ViT grid
--> SR window (k×k box-filter argmax; no positive entity: `fallback`) -> `attention_maps`, `losses`, Fig. 6-style
-overlays, and, where lesion boxes are known (demo corpus), `localization` against a random-window baseline.
-Demo-scale options (paper defaults off): cosine attention scores, a local loss on affirmed-finding words only
-(`local_words`, from the same match_entities polarity that picks the attention words), and a per-word prior
-(`word_prior_images`). Lesion boxes are only ever used for the localization score.
+-> SR window (k×k box-filter argmax; no positive entity: `fallback`) -> `attention_maps`, `losses`, Fig.
+6-style overlays, and, where lesion boxes are known (demo corpus), `localization` against a random-window
+baseline. Demo-scale options (paper defaults off): cosine attention scores, a local loss on affirmed-finding
+words only (`local_words`, from the same match_entities polarity that picks the attention words), and a
+per-word prior (`word_prior_images`). Lesion boxes are only ever used for the localization score.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ class Config(StageConfig):
     )
     ignore_entities: list[str] = Field(
         default_factory=lambda: list(ANATOMY_ENTITIES),
-        description="entities never used for the SR window: anatomy words whose 'positive' mentions are normal",
+        description="entities never used for the SR window: anatomy words whose 'positive' mentions are "
+        "normal",
     )
     attention_batch: int = Field(64, ge=1)
     n_pictures: int = Field(6, ge=0)
@@ -94,9 +95,9 @@ class Config(StageConfig):
     )
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Inputs
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def report_texts(ctx: StageContext, cfg: Config) -> tuple[dict[str, str], str]:
@@ -134,9 +135,9 @@ def lesion_box_file(config: Any) -> Path | None:
     return found if found is not None and found.exists() else None
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Model: train or reuse
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def load_trained(folder: Path) -> tuple[Gloria, Any]:
@@ -183,7 +184,8 @@ def train_or_load(
             cfg.model.text_checkpoint,
             cfg.model.image_checkpoint,
         )
-        # the saved config rebuilds this architecture without the checkpoint folders (weights: gloria.safetensors)
+        # the saved config rebuilds this architecture without the checkpoint folders (weights:
+        # gloria.safetensors)
         mcfg = cfg.model.model_copy(update=bert_dims(cfg.model.text_checkpoint))
     else:
         tokenizer = train_wordpiece(texts, vocab_size=cfg.model.vocab_size)
@@ -213,14 +215,14 @@ def train_or_load(
     return model, tokenizer, rows
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Stage
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 class WindowGeometry(NamedTuple):
-    """Where the SR windows live: pre-training's ViT patch grid and its window side, both in grid cells. They are
-    pretrain_ecamp's settings (`model.grid_size`, `model.sr_window`), read here, so they exist once."""
+    """Where the SR windows live: pre-training's ViT patch grid and its window side, both in grid cells. They
+    are pretrain_ecamp's settings (`model.grid_size`, `model.sr_window`), read here, so they exist once."""
 
     grid: int
     k: int

@@ -31,8 +31,8 @@ def _one_thread():
 
 @pytest.fixture
 def console(monkeypatch):
-    """What Prefect's console handlers print during the test (they write to the stream they were made with), as
-    an io.StringIO: the one-line-error tests read it beside the CLI's own output."""
+    """What Prefect's console handlers print during the test (they write to the stream they were made with),
+    as an io.StringIO: the one-line-error tests read it beside the CLI's own output."""
     import io
     import logging
 

@@ -1,10 +1,11 @@
-"""bf16 autocast wherever training runs, CPU included: the paper-shape models for 2 optimiser steps in bf16 and fp32.
+"""bf16 autocast wherever training runs, CPU included: the paper-shape models for 2 optimiser steps in bf16
+and fp32.
 
 ECAMP at the paper's shape (ViT-B/16 depth 12 width 768 at 224, SR at 448, decoder 512 × 4, BERT 6 × 768, 256
-tokens) and GLoRIA at its (ResNet-50 at 299, BERT 12 × 768, 97 tokens), batch 2 or 1, one thread. The student's
-paper shape (Vicuna-7B, 28 GB in fp32) cannot train on a CPU test machine: its bf16 path is tested on the tiny
-Llama the other student tests use. Each step's losses in bf16 are finite, within `REL` of fp32 and not equal to
-them (autocast really ran in bf16).
+tokens) and GLoRIA at its (ResNet-50 at 299, BERT 12 × 768, 97 tokens), batch 2 or 1, one thread. The
+student's paper shape (Vicuna-7B, 28 GB in fp32) cannot train on a CPU test machine: its bf16 path is tested
+on the tiny Llama the other student tests use. Each step's losses in bf16 are finite, within `REL` of fp32 and
+not equal to them (autocast really ran in bf16).
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ from tests import test_pretrain, test_student
 from tests.test_pretrain import records
 
 images, reports = test_pretrain.images, test_pretrain.reports  # the tiny corpus's fixtures
-# Step 1 (the same weights): 1% relative. Step 2: 5%, since Adam's first update is ±lr on every weight whatever
-# its gradient's size, so bf16 rounding that flips the sign of a tiny gradient moves that weight by 2·lr.
-# Measured (bench/RESULTS.md): ECAMP 3e-4 / 2e-4, GLoRIA 9e-4 / 2.6e-2 (loss_local), student 1e-4 / 8e-5.
+# Step 1 (the same weights): 1% relative. Step 2: 5%, since Adam's first update is ±lr on every weight
+# whatever its gradient's size, so bf16 rounding that flips the sign of a tiny gradient moves that weight by
+# 2·lr. Measured (bench/RESULTS.md): ECAMP 3e-4 / 2e-4, GLoRIA 9e-4 / 2.6e-2 (loss_local), student 1e-4 /
+# 8e-5.
 REL = (1e-2, 5e-2)
 
 

@@ -2,9 +2,9 @@
 
 A pickle may name any callable: `Evil.__reduce__` below makes `torch.load(..., weights_only=False)` call
 `os.system`, which would create the side-effect file. Each place that reads a torch file gets such a file: the
-MAE `init_checkpoint` of pre-training, `ecamp evaluate --init`, the resume checkpoints of both trainers and the
-read-back of a torchrun pre-training. The side-effect file must never appear, and the error must name the file,
-the refused global and what to do.
+MAE `init_checkpoint` of pre-training, `ecamp evaluate --init`, the resume checkpoints of both trainers and
+the read-back of a torchrun pre-training. The side-effect file must never appear, and the error must name the
+file, the refused global and what to do.
 """
 
 from __future__ import annotations
@@ -130,8 +130,8 @@ def test_the_conversion_command_in_the_message_makes_a_file_that_loads(tmp_path)
 
 
 def test_the_conversion_reads_as_data_and_refuses_a_file_that_calls_code(tmp_path):
-    """The converter never unpickles freely: globals torch does not know become inert stand-ins, and a file that
-    calls os.system stays refused, its command never run."""
+    """The converter never unpickles freely: globals torch does not know become inert stand-ins, and a file
+    that calls os.system stays refused, its command never run."""
     from models.checkpoints import convert_to_safetensors, main
 
     marker = tmp_path / "pwned"
@@ -250,7 +250,8 @@ def test_an_init_checkpoint_matching_nothing_is_an_error_and_a_partial_one_a_war
         load_partial(ECAMP(cfg), tmp_path / "resnet.pth")
     assert str(raised.value) == (
         f"init_checkpoint {tmp_path / 'resnet.pth'}: none of its 2 tensors matches a parameter of the model "
-        "(e.g. fc.weight: no such parameter, fc.bias: no such parameter); it is not an MAE/ECAMP pre-training "
+        "(e.g. fc.weight: no such parameter, fc.bias: no such parameter); it is not an MAE/ECAMP "
+        "pre-training "
         "checkpoint"
     )
     donor = ECAMP(cfg).encoder.state_dict()
@@ -296,7 +297,8 @@ def test_a_resume_file_of_another_kind_is_refused_with_what_it_lacks(tmp_path):
     with pytest.raises(CheckpointError) as raised:
         read_resume_checkpoint(tmp_path / CHECKPOINT)
     assert str(raised.value) == (
-        f"{tmp_path / CHECKPOINT}: not a resume checkpoint of ECAMP pre-training (no 'optimizer', 'scheduler', "
+        f"{tmp_path / CHECKPOINT}: not a resume checkpoint of ECAMP pre-training (no 'optimizer', "
+        f"'scheduler', "
         "'state', 'rng', 'fingerprint', 'world'); delete it to start ECAMP pre-training over"
     )
 

@@ -150,7 +150,8 @@ def test_cuda_without_cuda_is_one_line_before_anything_starts(tmp_path, monkeypa
     ],
 )
 def test_errors_a_stage_raises_are_one_line(tmp_path, monkeypatch, err):
-    """A stage can still raise them mid-run (e.g. a GPU gone after the up-front check): `error: ...`, exit 2."""
+    """A stage can still raise them mid-run (e.g. a GPU gone after the up-front check): `error: ...`, exit
+    2."""
 
     def failing_flow(**kwargs):
         raise err
@@ -252,7 +253,8 @@ def test_a_server_that_does_not_start_is_one_line(tmp_path, monkeypatch):
         result = CliRunner().invoke(app, ["stage", "extract_reports", "-c", DEMO, "--run-dir", str(tmp_path)])
     assert result.exit_code == 2, result.output
     assert re.search(
-        r"^error: the temporary Prefect server exited with code 3 before answering http://127.0.0.1:\d+/api/health$",
+        r"^error: the temporary Prefect server exited with code 3 before answering "
+        r"http://127.0.0.1:\d+/api/health$",
         result.output.splitlines()[-1],
     ), result.output
     assert "PREFECT_API_URL" not in os.environ and list(tmp_path.iterdir()) == []
@@ -295,7 +297,8 @@ def test_a_run_dir_that_is_a_file_is_one_line_and_left_alone(tmp_path, command):
     ],
 )
 def test_a_stage_before_its_upstream_is_one_line_before_any_flow(tmp_path, argv, message):
-    """Hostile pass: the error came after Prefect's traceback of the failed flow; now it comes first and alone."""
+    """Hostile pass: the error came after Prefect's traceback of the failed flow; now it comes first and
+    alone."""
     result = CliRunner().invoke(app, [*argv, "-c", DEMO, "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 2, result.output
     assert result.output.startswith(message) and result.output.count("\n") == 1, result.output
@@ -344,7 +347,8 @@ def test_the_paper_config_without_its_mae_weights_stops_before_any_work(tmp_path
         assert result.exit_code == 2, argv
         assert (
             "pretrain_ecamp.train.init_checkpoint /models/mae/mae_pretrain_vit_base.pth not found: the "
-            "official runs start from MAE ImageNet ViT-B: download https://dl.fbaipublicfiles.com/mae/pretrain/"
+            "official runs start from MAE ImageNet ViT-B: download "
+            "https://dl.fbaipublicfiles.com/mae/pretrain/"
         ) in result.output, argv
         assert result.output.startswith("error: "), argv
     assert not run_dir.exists()
@@ -368,16 +372,19 @@ def test_the_paper_config_without_its_mae_weights_stops_before_any_work(tmp_path
 
 
 def test_the_paper_config_without_gloria_s_resnet_and_clinical_bert_stops_before_any_work(tmp_path):
-    """Issue 12 point 7: GLoRIA starts from ImageNet ResNet-50 and Bio_ClinicalBERT, or random by choice. Issue 27
-    point 9: every missing weight file and input is named in the first attempt, not one per attempt."""
+    """Issue 12 point 7: GLoRIA starts from ImageNet ResNet-50 and Bio_ClinicalBERT, or random by choice.
+    Issue 27 point 9: every missing weight file and input is named in the first attempt, not one per
+    attempt."""
     paper = str(REPO_ROOT / "configs" / "paper.yaml")
     common = ["-c", paper, "--run-dir", str(tmp_path / "run")]
     image = (
-        "train_gloria.model.image_checkpoint /models/gloria/resnet50-0676ba61.pth not found: official GLoRIA starts "
+        "train_gloria.model.image_checkpoint /models/gloria/resnet50-0676ba61.pth not found: official "
+        "GLoRIA starts "
         "from ImageNet ResNet-50 weights: download https://download.pytorch.org/models/"
     )
     text = (
-        "train_gloria.model.text_checkpoint /models/gloria/Bio_ClinicalBERT not found: official GLoRIA starts from "
+        "train_gloria.model.text_checkpoint /models/gloria/Bio_ClinicalBERT not found: official GLoRIA "
+        "starts from "
         "Bio_ClinicalBERT: download https://huggingface.co/emilyalsentzer/Bio_ClinicalBERT"
     )
     mae = "pretrain_ecamp.train.init_checkpoint /models/mae/mae_pretrain_vit_base.pth not found"

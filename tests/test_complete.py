@@ -99,7 +99,8 @@ def test_missing_entities_keeps_request_order_and_ignores_case_and_repeats():
 
 
 class Student:
-    """Answers a prompt "REPORT|e1,e2" with `script[entity]` for each listed entity, and records the prompts."""
+    """Answers a prompt "REPORT|e1,e2" with `script[entity]` for each listed entity, and records the
+    prompts."""
 
     def __init__(self, script):
         self.script, self.prompts = script, []

@@ -114,7 +114,8 @@ def test_an_empty_run_dir_is_an_error_not_the_working_directory():
 
 
 def documented_commands(doc: Path) -> list[list[str]]:
-    """The `ecamp ...` command lines of a markdown file's bash blocks, continuation lines joined, split by shlex."""
+    """The `ecamp ...` command lines of a markdown file's bash blocks, continuation lines joined, split by
+    shlex."""
     blocks = re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S)
     lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
     return [shlex.split(line) for line in lines if line.strip().startswith("ecamp ")]

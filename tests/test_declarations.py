@@ -184,9 +184,9 @@ def test_ablate_runs_a_row_end_to_end_and_caches_it(small_corpus, tmp_path):
 
 
 def test_no_flows_module_is_named_like_a_standard_library_module():
-    """A deployment's flow run puts its entrypoint's folder (flows/) on sys.path, and a process spawned from it
-    (evaluate.workers) imports with that path: flows/queue.py was imported as the standard `queue` there and
-    broke multiprocessing itself. (Other packages' folders are not put on sys.path.)"""
+    """A deployment's flow run puts its entrypoint's folder (flows/) on sys.path, and a process spawned from
+    it (evaluate.workers) imports with that path: flows/queue.py was imported as the standard `queue` there
+    and broke multiprocessing itself. (Other packages' folders are not put on sys.path.)"""
     import sys
 
     ours = {p.stem for p in (REPO_ROOT / "flows").glob("*.py")}

@@ -675,7 +675,8 @@ def test_a_failed_pipeline_run_calls_the_webhook_and_the_automations_are_defined
 
 
 def test_the_pipeline_run_shows_the_manifests_of_its_gpu_stages(pipeline):
-    """Issue 27 item 8: the six GPU stages ran as sub-runs, and their manifests are on the pipeline run too."""
+    """Issue 27 item 8: the six GPU stages ran as sub-runs, and their manifests are on the pipeline run
+    too."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 

@@ -327,7 +327,8 @@ def test_entity_forms_are_matched_on_word_boundaries():
 
 
 def synthetic_corpus(n: int = 2000) -> dict[str, set[str]]:
-    """Common entities in most reports, 'sarcoidosis' in 5 reports, 'abscess' in 2, some reports without any."""
+    """Common entities in most reports, 'sarcoidosis' in 5 reports, 'abscess' in 2, some reports without
+    any."""
     corpus = {}
     for i in range(n):
         ents = set()

@@ -1,11 +1,11 @@
 """Multi-process pre-training for real: torchrun with the Gloo backend on CPU, against one process.
 
-Two processes with batch 2 train on the micro-batches one process with batch 2 and accumulation 2 trains on, so
-every step's losses and gradient norm are the same up to float summation order (DDP averages the two ranks'
-gradients; one process adds two micro-batches' gradients, each halved). Stated tolerance: 1e-5 relative; measured:
-bit-identical, since halving is exact and a sum of two commutes (more ranks would round differently). A rank killed
-mid-epoch resumes exactly (same values as the uninterrupted run), and two "nodes" on 127.0.0.1 joined by
-torchrun's c10d rendezvous train exactly like two processes on one node.
+Two processes with batch 2 train on the micro-batches one process with batch 2 and accumulation 2 trains on,
+so every step's losses and gradient norm are the same up to float summation order (DDP averages the two ranks'
+gradients; one process adds two micro-batches' gradients, each halved). Stated tolerance: 1e-5 relative;
+measured: bit-identical, since halving is exact and a sum of two commutes (more ranks would round
+differently). A rank killed mid-epoch resumes exactly (same values as the uninterrupted run), and two "nodes"
+on 127.0.0.1 joined by torchrun's c10d rendezvous train exactly like two processes on one node.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from tests.test_pretrain import MODEL_SETTINGS, write_upstream
 pytestmark = pytest.mark.slow  # torchrun launches
 
 images, reports = test_pretrain.images, test_pretrain.reports  # the tiny corpus's fixtures
-REL = 1e-5  # per-step losses and gradient norm, 2 processes vs 1 (measured: 0, bit-identical, see the docstring)
+# per-step losses and gradient norm, 2 processes vs 1 (measured: 0, bit-identical, see the docstring)
+REL = 1e-5
 COMPARED = ("mim", "sr", "mlm", "total", "grad_norm", "lr")
 TRAIN = dict(epochs=4, warmup_epochs=0.5, lr=1e-3, num_workers=0, seed=7, ckpt_every=1)
 STEPS = 12  # 15 training images // global batch 4 = 3 steps per epoch, 4 epochs
@@ -143,8 +144,9 @@ def test_each_step_of_two_ranks_is_the_one_process_steps_micro_batches():
 
 
 def test_the_stage_with_nproc_2_trains_under_torchrun_like_one_process(stage, tmp_path):
-    """Same sampler sharding, same masks and dropout, averaged gradients: equal losses and gradient norms over 12
-    steps. A rank-local sampler, per-process draws or summed gradients (twice the step) each break it early."""
+    """Same sampler sharding, same masks and dropout, averaged gradients: equal losses and gradient norms over
+    12 steps. A rank-local sampler, per-process draws or summed gradients (twice the step) each break it
+    early."""
     checkpoint = torch.load(stage / "train" / CHECKPOINT, weights_only=True)
     assert checkpoint["world"] == 2 and checkpoint["state"]["step"] == STEPS
     two = read_artifact(stage / "pretrain_metrics.parquet").to_pylist()

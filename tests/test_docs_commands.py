@@ -1,14 +1,16 @@
 """Every shell command in the README and docs/ says something the code accepts.
 
 Each command of a ```bash block is either checked here, or named in NOT_HERE with the reason it cannot run on
-this machine. A new command in the docs fails `test_every_documented_command_is_checked_or_excused` until it is
-one or the other.
+this machine. A new command in the docs fails `test_every_documented_command_is_checked_or_excused` until it
+is one or the other.
 
-- `ecamp ...`: parsed by the real CLI (its options and arguments), then checked the way the command checks them
-  first: `--set` keys and values against the config (with `-c`), stage names, ablation rows. Bracketed optional
-  parts (`[--row no_rf ...]`) are checked too, the CLI reference's metavariables (DIR, N, STAGE) given values.
+- `ecamp ...`: parsed by the real CLI (its options and arguments), then checked the way the command checks
+  them first: `--set` keys and values against the config (with `-c`), stage names, ablation rows. Bracketed
+  optional parts (`[--row no_rf ...]`) are checked too, the CLI reference's metavariables (DIR, N, STAGE)
+  given values.
 - `make TARGET`: the target exists (`make -n`).
-- `prefect ...`: the deployment test runs these against a real server (tests/test_deployments.py README_COMMANDS).
+- `prefect ...`: the deployment test runs these against a real server (tests/test_deployments.py
+  README_COMMANDS).
 - The `ecamp` commands themselves run end to end in tests/test_cli.py and tests/test_pipeline_e2e.py.
 """
 

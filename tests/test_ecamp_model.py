@@ -1,4 +1,5 @@
-"""ECAMP model parts: position embeddings, masking, patches, decoder, SR head + window, MSCF, losses, export."""
+"""ECAMP model parts: position embeddings, masking, patches, decoder, SR head + window, MSCF, losses,
+export."""
 
 from __future__ import annotations
 
@@ -269,8 +270,9 @@ def test_config_errors_name_the_problem():
 
 
 def test_the_default_config_builds_the_official_vit_b16_encoder_and_6_layer_bert():
-    """The built model, not the config's literals: its encoder has exactly the tensors of timm's ViT-B/16 (what
-    the official code loads MAE ImageNet weights into), and its text side the official 6-layer, 768-wide BERT."""
+    """The built model, not the config's literals: its encoder has exactly the tensors of timm's ViT-B/16
+    (what the official code loads MAE ImageNet weights into), and its text side the official 6-layer, 768-wide
+    BERT."""
     import timm
 
     cfg = ECAMPConfig()

@@ -132,7 +132,8 @@ def test_trie_pattern_prefers_the_longest_phrase():
     ]
 
 
-# --- matching, spans, inflections -----------------------------------------------------------------------------
+# --- matching, spans, inflections
+# -----------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("surface", "entity"),
     [
@@ -229,7 +230,8 @@ def test_bad_inputs_are_clear_errors(matcher):
     assert matcher.match([], []).num_rows == 0
 
 
-# --- descriptors ---------------------------------------------------------------------------------------------
+# --- descriptors
+# ---------------------------------------------------------------------------------------------
 def test_descriptors_are_the_beta_words_before_the_entity(matcher):
     text = "There is no evidence of pneumothorax. There is mild pulmonary edema."
     found = mentions_of(matcher, text)
@@ -257,7 +259,8 @@ def test_descriptors_strip_punctuation_and_follow_beta():
     assert long_words[m["descriptor_start"] :].startswith("verylongword")
 
 
-# --- polarity and scope ---------------------------------------------------------------------------------------
+# --- polarity and scope
+# ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -334,7 +337,8 @@ def test_polarity_is_case_insensitive_and_ignores_line_breaks(matcher):
     assert polarity(matcher, "NO EVIDENCE\nOF PNEUMOTHORAX", "pneumothorax") == "negative"
 
 
-# --- statistics -----------------------------------------------------------------------------------------------
+# --- statistics
+# -----------------------------------------------------------------------------------------------
 TINY = [
     "There is no effusion. There is no pneumothorax. There is mild edema.",
     "There is no effusion. Possible pneumonia.",
@@ -422,7 +426,8 @@ def test_derived_entity_lists_top_k_and_top_percent(tmp_path):
     assert load_entity_list(path).entities == ("effusion", "edema")
 
 
-# --- the stage -------------------------------------------------------------------------------------------------
+# --- the stage
+# -------------------------------------------------------------------------------------------------
 def test_stage_writes_mentions_stats_and_fig2_pngs(tmp_path):
 
     texts = [*TINY, "Possible small effusion, no pneumothorax."]
@@ -465,10 +470,11 @@ def test_stage_writes_mentions_stats_and_fig2_pngs(tmp_path):
     assert resolve_entity_list("configs/entities/table1.txt") == TABLE1
 
 
-# --- a report's mentions do not depend on its batch, by property -------------------------------------------------
-# A batch is scanned as one string. Reports are drawn from the words that matter (every surface form and cue,
-# whole or broken by any gap, plus fillers) with the separators that decide phrase joins, sentences and clauses:
-# whitespace of every kind, punctuation, underscores and digits glued to words.
+# --- a report's mentions do not depend on its batch, by property
+# ------------------------------------------------- A batch is scanned as one string. Reports are drawn from
+# the words that matter (every surface form and cue, whole or broken by any gap, plus fillers) with the
+# separators that decide phrase joins, sentences and clauses: whitespace of every kind, punctuation,
+# underscores and digits glued to words.
 def _scanner_phrases() -> tuple[list[str], list[str]]:
     """(multi-word phrases, single words) of every surface form and cue, plus fillers."""
     lexicon = load_entity_list(TABLE1)

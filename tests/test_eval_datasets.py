@@ -52,7 +52,7 @@ def _write(folder: Path, files: dict[str, str]) -> Path:
     return folder
 
 
-# ----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Official classification lists
 
 
@@ -187,12 +187,13 @@ def test_official_fraction_lines_must_be_train_lines(tmp_path):
     )
 
 
-# ----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Official box CSVs
 
 
 def _box_csvs(tmp_path: Path, rows: list[tuple[str, str]]) -> Path:
-    """The same rows in the three lists; the test list's images are copies in `test/` (splits are disjoint)."""
+    """The same rows in the three lists; the test list's images are copies in `test/` (splits are
+    disjoint)."""
     folder = tmp_path / "rsna"
     for name, _ in rows:
         _png(folder / name)
@@ -226,7 +227,7 @@ def test_official_boxes_bad_json_names_line(tmp_path):
         read_official_boxes(folder, "detection")
 
 
-# ----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # SIIM
 
 
@@ -277,7 +278,7 @@ def test_read_siim_groups_rows_and_balances(tmp_path):
         read_siim(folder, image_root=images)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Label fractions
 
 
@@ -311,7 +312,7 @@ def test_fractions_are_stratified():
     assert sum(bool(lesions[i].boxes) for i in ten) == 3
 
 
-# ----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Generic CSV
 
 
@@ -384,7 +385,7 @@ def test_generic_csv_segmentation_and_detection(tmp_path):
     assert [s.boxes for s in splits.train + splits.val] == [((1, 2, 5, 6),), (), ((0, 0, 8, 8),)]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Demo corpus and the dispatcher
 
 
@@ -433,7 +434,7 @@ def test_load_splits_dispatches_and_validates(tiny_corpus, tmp_path):
         DatasetSpec(name="x", kind="synth", task="detection", path=folder, colour="red")
 
 
-# ----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Evaluation sets that would give a wrong score without a sign (reliability #17c)
 
 

@@ -178,8 +178,8 @@ def test_training_lowers_the_loss():
 
 
 def test_token_norm_makes_the_detection_head_blind_to_the_token_scale():
-    """Same contract as the segmentation head's (tests/test_eval_heads.py): per-channel scale and offset of the
-    frozen tokens do not reach the head when token_norm is on (batch statistics, training mode)."""
+    """Same contract as the segmentation head's (tests/test_eval_heads.py): per-channel scale and offset of
+    the frozen tokens do not reach the head when token_norm is on (batch statistics, training mode)."""
     torch.manual_seed(0)
     tokens = torch.randn(4, 16, 32)
     shifted = tokens * torch.linspace(5, 40, 32) + 5.0

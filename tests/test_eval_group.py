@@ -32,7 +32,8 @@ def _fit_linears(seeds: list[int], data: list[tuple[torch.Tensor, torch.Tensor]]
     epoch = dict.fromkeys(range(len(seeds)), -1)
 
     def batch_loss(members, batches, gens):
-        # the generator is the member's own: drawing from it (as augmentation does) must not disturb the others
+        # the generator is the member's own: drawing from it (as augmentation does) must not disturb the
+        # others
         noise = [
             torch.randn(len(idx), 6, generator=gen) * 0.01 for idx, gen in zip(batches, gens, strict=True)
         ]
@@ -80,8 +81,8 @@ def test_a_member_trains_the_same_alone_and_in_a_group_even_when_another_stops_e
 
 
 def test_segmentation_heads_of_one_fraction_train_together_as_they_do_one_by_one():
-    """Two encoders' tokens (a random one and a 5x larger one) x two seeds, the shared masks: the group of four
-    gives every member's losses, chosen score and weights exactly as its run alone."""
+    """Two encoders' tokens (a random one and a 5x larger one) x two seeds, the shared masks: the group of
+    four gives every member's losses, chosen score and weights exactly as its run alone."""
     tokens, masks = lesion_tokens(0, n=24)
     members = [(tokens, 0), (tokens, 1), (tokens * 5 + 1, 0), (tokens * 5 + 1, 1)]
     cfg = SegConfig(channels=(8, 8, 8), token_norm=True)

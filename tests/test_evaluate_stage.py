@@ -1,4 +1,5 @@
-"""Stage 8 end to end on a tiny generated downstream corpus: rows, table, plot, lineage hash, cache, `ecamp report`."""
+"""Stage 8 end to end on a tiny generated downstream corpus: rows, table, plot, lineage hash, cache, `ecamp
+report`."""
 
 from __future__ import annotations
 
@@ -203,8 +204,8 @@ def test_evaluate_cli_names_a_missing_dataset_or_encoder_in_one_line_before_any_
 
 @pytest.mark.slow  # spawns two worker processes
 def test_datasets_in_worker_processes_give_the_same_rows_in_the_same_order(evaluated, tmp_path, caplog):
-    """`evaluate.workers: 2` runs the three datasets in two processes (one torch thread each here); each run is
-    seeded by itself, so the rows are those of the one-process run."""
+    """`evaluate.workers: 2` runs the three datasets in two processes (one torch thread each here); each run
+    is seeded by itself, so the rows are those of the one-process run."""
     config = load_config(DEMO, [*evaluated["overrides"], "evaluate.workers=2"])
     with caplog.at_level("INFO"):
         run_stage(get_stage("evaluate"), config, tmp_path / "run")

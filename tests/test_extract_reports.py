@@ -1,4 +1,5 @@
-"""extract_reports: MIMIC tree and manifest readers, every reject reason, and the stage writing its artifacts."""
+"""extract_reports: MIMIC tree and manifest readers, every reject reason, and the stage writing its
+artifacts."""
 
 import gzip
 import os
@@ -190,7 +191,8 @@ def test_mimic_every_bad_input_becomes_a_precise_reject_and_nothing_else_is_lost
         "nosplit2": (root / "mimic-cxr-2.0.0-split.csv.gz", "study 50000018: not in split CSV"),
         "50000018": (
             paths["50000018"],
-            "no image left: every image of the study is missing from mimic-cxr-2.0.0-split.csv.gz or inconsistent",
+            "no image left: every image of the study is missing from mimic-cxr-2.0.0-split.csv.gz or "
+            "inconsistent",
         ),
         "59999999": (orphan, "report has no image in mimic-cxr-2.0.0-metadata.csv.gz"),
     }
@@ -614,7 +616,8 @@ def test_manifest_symlink_loop_nul_byte_and_too_long_path_are_row_rejects(tmp_pa
     ]
 
 
-# --------------------------------------------------------------------------- unusable images (reliability #11)
+# --------------------------------------------------------------------------- unusable images (reliability
+# #11)
 
 
 def test_images_too_small_too_elongated_or_cut_short_are_rejected_in_both_check_modes(
@@ -639,7 +642,8 @@ def test_images_too_small_too_elongated_or_cut_short_are_rejected_in_both_check_
         "s2_dot": "study s2: image is 1x1 px (width x height): shorter side 1 px < min_image_side 64",
         "s3_line": "study s3: image is 5000x1 px (width x height): shorter side 1 px < min_image_side 64; "
         "aspect ratio 5000/1 = 5000.00 > max_aspect_ratio 3",
-        "s4_wide": "study s4: image is 400x100 px (width x height): aspect ratio 400/100 = 4.00 > max_aspect_ratio 3",
+        "s4_wide": "study s4: image is 400x100 px (width x height): aspect ratio 400/100 = 4.00 > "
+        "max_aspect_ratio 3",
         "s5_cut": "study s5: truncated JPEG file: the image data stops before the last block (end-of-image "
         "marker re-appended after a cut; it would decode with grey fill)",
     }
@@ -749,7 +753,8 @@ def test_a_5mb_report_is_rejected_at_read_time_naming_the_study_and_its_length(t
     (reject,) = out.rejects
     assert (reject.source, reject.key) == (f"{manifest.resolve()}#row 2", "s2")
     assert reject.reason == (
-        f"report too long: {len(huge):,} characters (max_report_chars is 100,000) (1 image(s) of the study left out)"
+        f"report too long: {len(huge):,} characters (max_report_chars is 100,000) (1 image(s) of the study "
+        f"left out)"
     )
 
 
@@ -766,13 +771,16 @@ def test_a_manifest_with_no_rows_says_so(tmp_path):
 
 
 def test_an_excel_manifest_with_bom_and_crlf_reads_like_its_lf_twin(tmp_path, radiograph_jpeg):
-    """Reliability #17a: Excel's "CSV UTF-8" writes a BOM and CRLF, also inside quoted multi-line cells. A report
-    whose findings are its closing paragraph lost its paragraph break to the "\\r" and was rejected as having
-    no FINDINGS; a "FINAL REPORT" title line stayed in the findings."""
+    """Reliability #17a: Excel's "CSV UTF-8" writes a BOM and CRLF, also inside quoted multi-line cells. A
+    report whose findings are its closing paragraph lost its paragraph break to the "\\r" and was rejected as
+    having no FINDINGS; a "FINAL REPORT" title line stayed in the findings."""
     folder = tmp_path / "corpus"
     folder.mkdir()
     (folder / "a.jpg").write_bytes(radiograph_jpeg)
-    closing = " EXAMINATION:  CHEST (PA AND LAT)\n \n INDICATION:  Cough.\n \n Heart size is normal.\n Lungs are clear.\n"
+    closing = (
+        " EXAMINATION:  CHEST (PA AND LAT)\n \n INDICATION:  Cough.\n \n Heart size is normal.\n "
+        "Lungs are clear.\n"
+    )
     titled = "FINAL REPORT\nHeart size is normal.\n\nNo effusion."
     reports = {"s1": mimic_report(), "s2": closing, "s3": titled}
 

@@ -177,7 +177,8 @@ def test_a_gpu_run_nobody_picks_up_is_cancelled_with_what_to_do(monkeypatch):
     with pytest.raises(GpuPoolError) as err:
         wait_for_pickup(client, "run-1", HANDOFF, "train_gloria")
     assert str(err.value) == (
-        "train_gloria: no worker of pool 'ecamp-gpu' picked up its run within 0.3 s (run.gpu_pickup_timeout_s): "
+        "train_gloria: no worker of pool 'ecamp-gpu' picked up its run within 0.3 s "
+        "(run.gpu_pickup_timeout_s): "
         "start one with `prefect worker start --pool ecamp-gpu`, or unset run.gpu_pool to run GPU stages in "
         "the pipeline's own process"
     )
@@ -250,7 +251,8 @@ def test_the_flows_stage_parameter_type_lists_the_registry_in_order_and_every_pa
 
 
 def test_the_lineage_picture_puts_each_artifact_right_of_everything_it_was_made_from():
-    """Issue 27 item 8: the graph is a PNG the UI renders; columns are the longest chain of inputs behind a node."""
+    """Issue 27 item 8: the graph is a PNG the UI renders; columns are the longest chain of inputs behind a
+    node."""
     from flows.lineage_graph import depths, draw_lineage, order_by_parents
 
     edges = [
@@ -278,8 +280,8 @@ def test_the_lineage_picture_puts_each_artifact_right_of_everything_it_was_made_
 
 
 def test_a_known_errors_traceback_goes_to_debug_and_a_bugs_stays_an_error(caplog):
-    """Issue 27 item 2: Prefect logs a failed run's exception once more on its way out; for an error the user can
-    fix that record is lowered to DEBUG (its one-line cause is already an ERROR), a bug's keeps ERROR."""
+    """Issue 27 item 2: Prefect logs a failed run's exception once more on its way out; for an error the user
+    can fix that record is lowered to DEBUG (its one-line cause is already an ERROR), a bug's keeps ERROR."""
     import logging
     import sys
 

@@ -280,7 +280,8 @@ def test_checkpoint_resume_reproduces_an_uninterrupted_run(tokenizer, tmp_path, 
     resumed = train_gloria(Gloria(TINY), data, tokenizer, cfg, ckpt)
     assert [r["step"] for r in resumed] == list(range(6))
     assert np.allclose([r["loss"] for r in resumed], [r["loss"] for r in full], atol=1e-5)
-    # a checkpoint of other settings is not resumed (the engine's one rule): a warning naming them, a fresh start
+    # a checkpoint of other settings is not resumed (the engine's one rule): a warning naming them, a fresh
+    # start
     longer = TrainConfig(epochs=4, batch_size=8, lr=1e-3)
     torch.manual_seed(0)
     fresh = train_gloria(Gloria(TINY), data, tokenizer, longer)
@@ -299,7 +300,8 @@ def test_checkpoint_resume_reproduces_an_uninterrupted_run(tokenizer, tmp_path, 
     ],
 )
 def test_a_full_disk_while_checkpointing_is_one_clear_line(tokenizer, tmp_path, monkeypatch, err):
-    """Reliability #14f: the second epoch's save fails like a full disk; the first epoch's checkpoint stays."""
+    """Reliability #14f: the second epoch's save fails like a full disk; the first epoch's checkpoint
+    stays."""
     images, texts = synthetic_pairs(16)
     real_save, calls = torch.save, []
 
@@ -637,7 +639,8 @@ def test_stage_text_source_rules(upstream_run, caplog):
 
 
 def test_training_crops_are_seeded_squares_resized_back():
-    """Issue 12 point 7: the official RandomCrop 224 of 256 (crop 0.875), corners aligned when resized back."""
+    """Issue 12 point 7: the official RandomCrop 224 of 256 (crop 0.875), corners aligned when resized
+    back."""
     from models.gloria.train import random_crops
 
     ramp = torch.arange(64.0).repeat(64, 1)  # value = column index

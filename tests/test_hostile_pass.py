@@ -37,7 +37,8 @@ from tests.test_one_line_errors import DEMO, extracted, folder_bytes, one_line_e
 )
 def test_a_bad_seed_or_thread_count_is_a_config_error_naming_its_key(override, message):
     """Seeds were accepted, then failed minutes in (numpy: "expected non-negative integer", torch: "Overflow
-    when unpacking long long") naming no setting; 100,000 torch threads exhausted memory and hung the command."""
+    when unpacking long long") naming no setting; 100,000 torch threads exhausted memory and hung the
+    command."""
     with pytest.raises(ConfigError) as err:
         load_config(DEMO, [override])
     assert message in str(err.value)
@@ -152,7 +153,8 @@ def test_a_stage_folder_or_attempt_folder_that_is_not_a_folder_is_refused_and_ke
 
 
 def test_python_m_flows_pipeline_is_the_ecamp_command_line(tmp_path):
-    """`python -m flows.pipeline` imported the flows and exited 0 having run nothing, whatever its arguments."""
+    """`python -m flows.pipeline` imported the flows and exited 0 having run nothing, whatever its
+    arguments."""
     import os
     import subprocess
     import sys

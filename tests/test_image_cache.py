@@ -116,7 +116,8 @@ def test_augmented_samples_match_the_uncached_path_at_the_same_seed(large_jpegs,
 
 
 def test_a_large_build_runs_in_spawned_worker_processes_with_the_same_result(tmp_path):
-    """Enough images for two processes (CHUNK each at least): spawned, not forked, and byte-equal to in-process."""
+    """Enough images for two processes (CHUNK each at least): spawned, not forked, and byte-equal to
+    in-process."""
     from models.ecamp import image_cache
 
     source = load_grayscale(sorted((REAL_DATA / "images").glob("*.png"))[0])

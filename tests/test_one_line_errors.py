@@ -71,8 +71,8 @@ def test_extends_through_a_symlink_loop_is_one_line(tmp_path, console):
     (tmp_path / "top.yaml").write_text("extends: a.yaml\n")
     line = one_line_error(["run", "-c", tmp_path / "top.yaml", "--run-dir", tmp_path / "run"], console)
     assert (
-        line
-        == f"error: {tmp_path / 'a.yaml'}: cannot resolve the path (Symlink loop from '{tmp_path / 'a.yaml'}')"
+        line == f"error: {tmp_path / 'a.yaml'}: cannot resolve the path (Symlink loop from "
+        f"'{tmp_path / 'a.yaml'}')"
     )
     assert not (tmp_path / "run").exists()
 
@@ -101,7 +101,8 @@ def test_a_lock_that_is_a_folder_is_one_line(tmp_path, console, command):
     )
     line = one_line_error(argv, console)
     assert line == (
-        f"error: {run_dir / '.lock'} is a folder, not the run directory's lock file: move it away and run again "
+        f"error: {run_dir / '.lock'} is a folder, not the run directory's lock file: move it away and run "
+        f"again "
         "(nothing in the run directory was changed)"
     )
     assert [p.name for p in run_dir.iterdir()] == [".lock"]
@@ -135,8 +136,8 @@ def no_prefect_api(monkeypatch):
 def test_a_prefect_home_that_cannot_hold_the_server_database_is_one_line(
     tmp_path, console, no_prefect_api, home
 ):
-    """PREFECT_HOME pointing to a file, or a read-only HOME (PREFECT_HOME defaults to ~/.prefect): the temporary
-    server failed with a SQLite traceback."""
+    """PREFECT_HOME pointing to a file, or a read-only HOME (PREFECT_HOME defaults to ~/.prefect): the
+    temporary server failed with a SQLite traceback."""
     from prefect.settings import PREFECT_HOME, temporary_settings
 
     afile = tmp_path / "afile"
@@ -168,7 +169,8 @@ def test_a_prefect_api_url_on_a_closed_port_is_one_line(tmp_path, console, no_pr
     monkeypatch.setenv("PREFECT_API_URL", url)
     line = one_line_error(stage_argv("extract_reports", tmp_path / "run"), console)
     assert line == (
-        f"error: PREFECT_API_URL {url} does not answer ([Errno 111] Connection refused): start that server, or "
+        f"error: PREFECT_API_URL {url} does not answer ([Errno 111] Connection refused): start that server, "
+        f"or "
         "unset PREFECT_API_URL to let the command start a temporary one"
     )
 
@@ -177,7 +179,8 @@ def test_a_prefect_api_url_on_a_closed_port_is_one_line(tmp_path, console, no_pr
 
 
 def extracted(run_dir: Path, corpus: Path) -> dict[str, bytes]:
-    """extract_reports run (without Prefect) on `corpus` into `run_dir`; its folder's files and their bytes."""
+    """extract_reports run (without Prefect) on `corpus` into `run_dir`; its folder's files and their
+    bytes."""
     from tasks.config import load_config
     from tasks.registry import get_stage
     from tasks.runner import run_stage
@@ -239,7 +242,8 @@ def test_a_bug_mid_flow_keeps_its_traceback(tmp_path, console, prefect_server, m
 def test_symlink_loops_and_dangling_links_in_the_mimic_tree_are_rejects_not_a_crash(
     tmp_path, console, prefect_server, small_corpus
 ):
-    """They crashed the cache key (`runner.input_files` -> `files.stamp`) before extraction could reject them."""
+    """They crashed the cache key (`runner.input_files` -> `files.stamp`) before extraction could reject
+    them."""
     corpus = tmp_path / "mimic"
     shutil.copytree(small_corpus, corpus, symlinks=True)
     loop = sorted((corpus / "files").rglob("s*.txt"))[0]  # a listed study's report: a link to itself
@@ -272,7 +276,8 @@ def test_a_success_record_that_is_a_folder_is_refused_before_any_output_is_repla
     before = {k: v for k, v in before.items() if k != "_stage.json"}
     line = one_line_error(stage_argv("extract_reports", run_dir, f"data.root={small_corpus}"), console)
     assert line == (
-        f"error: {record} is a folder, not the stage's success record: move it away and run again (nothing in "
+        f"error: {record} is a folder, not the stage's success record: move it away and run again (nothing "
+        f"in "
         "the run directory was changed)"
     )
     assert folder_bytes(run_dir / "extract_reports") == before  # no .tmp-*, no .previous, no .attempt
@@ -314,7 +319,8 @@ def test_a_full_disk_during_a_parquet_write_is_one_line_and_keeps_the_last_outpu
     )
     attempt = run_dir / "extract_reports" / ".attempt"
     assert line == (
-        f"error: no space left on device writing {attempt / 'rejects.parquet'}; the partial file was removed and "
+        f"error: no space left on device writing {attempt / 'rejects.parquet'}; the partial file was "
+        f"removed and "
         "any previous version is intact: free space and rerun"
     )
     after = folder_bytes(run_dir / "extract_reports")
@@ -414,8 +420,9 @@ def test_a_teacher_where_every_request_fails_is_one_line(console, prefect_server
 )
 def test_errors_raised_by_a_stage_are_one_line(tmp_path, console, prefect_server, monkeypatch, err):
     """The errors the stages raise for a malformed `adapter_config.json` (finetune_student / bulk_distill load
-    the adapter), an empty `.pth`, a pre-training resume checkpoint without its fingerprint (`CheckpointError`,
-    a ValueError) and a file that is no image, made by their real causes and raised from inside a real flow."""
+    the adapter), an empty `.pth`, a pre-training resume checkpoint without its fingerprint
+    (`CheckpointError`, a ValueError) and a file that is no image, made by their real causes and raised from
+    inside a real flow."""
     import torch
 
     from models.checkpoints import CheckpointError, read_state_dict
@@ -432,7 +439,10 @@ def test_errors_raised_by_a_stage_are_one_line(tmp_path, console, prefect_server
         with pytest.raises(AdapterLoadError) as caught:
             check_adapter_dir(adapter)
         raised = caught.value
-        expected = f"cannot load LoRA adapter from {adapter}: adapter_config.json holds a JSON NoneType, not an object"
+        expected = (
+            f"cannot load LoRA adapter from {adapter}: adapter_config.json holds a JSON NoneType, "
+            f"not an object"
+        )
     elif err == "empty-pth":
         (tmp_path / "init.pth").write_bytes(b"")
         with pytest.raises(CheckpointError) as caught:
@@ -448,7 +458,8 @@ def test_errors_raised_by_a_stage_are_one_line(tmp_path, console, prefect_server
             read_resume_checkpoint(tmp_path / "checkpoint.pt")
         raised = caught.value
         expected = (
-            f"{tmp_path / 'checkpoint.pt'}: not a resume checkpoint of ECAMP pre-training (no 'fingerprint'); delete "
+            f"{tmp_path / 'checkpoint.pt'}: not a resume checkpoint of ECAMP pre-training (no "
+            f"'fingerprint'); delete "
             "it to start ECAMP pre-training over"
         )
     else:
@@ -547,13 +558,15 @@ def test_an_rle_run_outside_its_image_names_the_file_and_line(tmp_path):
     with pytest.raises(DatasetError) as caught:
         read_siim(folder, image_root=images)
     assert str(caught.value) == (
-        f"{folder / 'train_list.csv'}:4: EncodedPixels run to pixel 65, outside the 8x8 image {images / 'p1.png'}"
+        f"{folder / 'train_list.csv'}:4: EncodedPixels run to pixel 65, outside the 8x8 image "
+        f"{images / 'p1.png'}"
     )
     (folder / "train_list.csv").write_text("ImageId,EncodedPixels\ntext,1 2\n")
     with pytest.raises(DatasetError) as caught:
         read_siim(folder, image_root=images)
     assert str(caught.value) == (
-        f"{folder / 'train_list.csv'}:2: image {images / 'text.png'}: not an image file (no known image format header)"
+        f"{folder / 'train_list.csv'}:2: image {images / 'text.png'}: not an image file (no known image "
+        f"format header)"
     )
     (folder / "train_list.csv").write_text("ImageId,EncodedPixels\np1,1 2\np1,0 61\n")
     assert read_siim(folder, image_root=images).train[0].rle == "1 2 | 0 61"  # runs to pixel 64: inside
@@ -620,7 +633,8 @@ def test_a_malformed_adapter_config_names_the_adapter_and_the_key(tmp_path, conf
 
 
 def test_tampered_image_cache_entries_are_found_and_rebuilt(tmp_path, caplog):
-    """A cached .npy of the wrong shape, holding pickled objects, or of 0 bytes was memory-mapped as it was."""
+    """A cached .npy of the wrong shape, holding pickled objects, or of 0 bytes was memory-mapped as it
+    was."""
     from PIL import Image
 
     from models.ecamp.data import decode_gray
@@ -649,6 +663,7 @@ def test_tampered_image_cache_entries_are_found_and_rebuilt(tmp_path, caplog):
         "decoding its image again",
         f"image cache: {first[sources[1]]} holds an array of object and shape (1,), not uint8 (21, 16): "
         "decoding its image again",
-        f"image cache: {first[sources[2]]} is unreadable (EOF: reading magic string, expected 8 bytes got 0): "
+        f"image cache: {first[sources[2]]} is unreadable (EOF: reading magic string, expected 8 bytes got "
+        f"0): "
         "decoding its image again",
     ]

@@ -103,7 +103,8 @@ def test_each_stage_publishes_its_manifest_under_a_run_scoped_key(pipeline_run):
 
 
 def test_cached_stages_end_cached_and_task_inputs_are_the_stage_dag(pipeline_run):
-    """The run graph: each stage task's inputs are exactly its upstream stages; a skipped stage is `Cached`."""
+    """The run graph: each stage task's inputs are exactly its upstream stages; a skipped stage is
+    `Cached`."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import FlowRunSort

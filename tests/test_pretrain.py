@@ -1,4 +1,5 @@
-"""ECAMP pre-training engine and stage: schedule, windows under augmentation, data join, training, exact resume."""
+"""ECAMP pre-training engine and stage: schedule, windows under augmentation, data join, training, exact
+resume."""
 
 from __future__ import annotations
 
@@ -123,7 +124,8 @@ def collator(tokenizer):
     return TextCollator(tokenizer, TextMaskingConfig(max_len=48))
 
 
-# ---- schedule and optimiser ------------------------------------------------------------------------------------
+# ---- schedule and optimiser
+# ------------------------------------------------------------------------------------
 def test_lr_warmup_then_cosine():
     assert lr_factor(0, 4, 12, 0.0) == 0.25  # no step at lr 0
     assert lr_factor(2, 4, 12, 0.0) == 0.75
@@ -173,7 +175,8 @@ def test_no_weight_decay_on_biases_norms_and_tokens():
     assert id(model.encoder.pos_embed) not in ids | {id(p) for p in decay["params"]}  # fixed, not trained
 
 
-# ---- SR window under augmentation ------------------------------------------------------------------------------
+# ---- SR window under augmentation
+# ------------------------------------------------------------------------------
 def test_box_after_crop_geometry():
     window = (0.25, 0.5, 0.75, 1.0)
     assert box_after_crop(window, (100, 100), (0, 0, 100, 100), False, 64) == (16, 32, 48, 64)
@@ -211,7 +214,8 @@ def test_window_tracks_the_attended_region_through_crop_and_flip(tmp_path, follo
         assert min(inside_means) < 0.5
 
 
-# ---- data ------------------------------------------------------------------------------------------------------
+# ---- data
+# ------------------------------------------------------------------------------------------------------------
 def test_decode_gray_matches_the_project_loader():
     for name in ("00000001_000.png", "tb0005.png", "Fake_MONOHR1.dcm"):
         path = REAL_DATA / "images" / name
@@ -267,7 +271,8 @@ def test_dataset_samples_are_a_function_of_epoch_and_index(images, reports, toke
         PretrainDataset([], model_cfg(tokenizer), cfg)
 
 
-# ---- training --------------------------------------------------------------------------------------------------
+# ---- training
+# --------------------------------------------------------------------------------------------------
 def test_all_three_losses_fall(images, reports, tokenizer, tmp_path):
     cfg = PretrainConfig(
         epochs=15, batch_size=8, accum_iter=1, warmup_epochs=1, lr=5e-3, num_workers=0, seed=0
@@ -314,8 +319,8 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(images, reports, to
         )
     assert other.resumed_from is None
     assert (
-        f"{tmp_path / 'cut' / 'checkpoint.pt'} was made with other settings (train.seed): starting from scratch"
-        in caplog.text
+        f"{tmp_path / 'cut' / 'checkpoint.pt'} was made with other settings (train.seed): starting from "
+        f"scratch" in caplog.text
     )
 
 
@@ -351,7 +356,8 @@ def test_pre_training_must_choose_its_initialization_and_says_where_to_get_mae(t
     with pytest.raises(FileNotFoundError) as err:
         check_init_checkpoint(PretrainConfig(init_checkpoint=str(tmp_path / "mae.pth")))
     assert str(err.value) == (
-        f"pretrain_ecamp.train.init_checkpoint {tmp_path / 'mae.pth'} not found: the official runs start from MAE "
+        f"pretrain_ecamp.train.init_checkpoint {tmp_path / 'mae.pth'} not found: the official runs start "
+        f"from MAE "
         f"ImageNet ViT-B: download {MAE_URL} and set pretrain_ecamp.train.init_checkpoint=<its path>, or set "
         "pretrain_ecamp.train.init_checkpoint=random to pre-train from random weights"
     )
@@ -364,7 +370,8 @@ def test_torchrun_entry_help(capsys):
     assert exit_info.value.code == 0 and "--job" in capsys.readouterr().out
 
 
-# ---- the loader: workers, persistence, pinning, prefetch, decoding on the device --------------------------------
+# ---- the loader: workers, persistence, pinning, prefetch, decoding on the device
+# --------------------------------
 def test_loader_options_follow_the_config():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert loader_options(PretrainConfig(num_workers=0), cpu) == {"num_workers": 0, "pin_memory": False}
@@ -379,8 +386,9 @@ def test_loader_options_follow_the_config():
 
 
 def test_persistent_workers_draw_each_epochs_augmentation(images, reports, tokenizer, tmp_path):
-    """A persistent worker keeps its own copy of the dataset, which an epoch set in the main process never reaches:
-    the epoch travels with each index from the sampler, so 3 epochs on 2 persistent workers = 3 epochs in-process."""
+    """A persistent worker keeps its own copy of the dataset, which an epoch set in the main process never
+    reaches: the epoch travels with each index from the sampler, so 3 epochs on 2 persistent workers = 3
+    epochs in-process."""
     mcfg = model_cfg(tokenizer)
     base = dict(epochs=3, batch_size=4, accum_iter=1, warmup_epochs=0, lr=1e-3, seed=5)
     runs = {}
@@ -411,8 +419,9 @@ def jpeg_records(images, reports, folder: Path) -> list[PretrainRecord]:
 
 
 def test_decoding_on_the_device_gives_the_worker_path_batches(images, reports, tokenizer, tmp_path):
-    """decode=device: the workers only read the JPEG's bytes and draw the crop; the device decodes and augments.
-    On CPU both decoders are libjpeg, so the batches are equal; on CUDA (nvJPEG) bench/gpu.py measures the gap."""
+    """decode=device: the workers only read the JPEG's bytes and draw the crop; the device decodes and
+    augments. On CPU both decoders are libjpeg, so the batches are equal; on CUDA (nvJPEG) bench/gpu.py
+    measures the gap."""
     mcfg, recs = model_cfg(tokenizer), jpeg_records(images, reports, tmp_path / "jpeg")
     batches = {}
     for decode in ("worker", "device"):
@@ -434,7 +443,8 @@ def test_training_with_device_decoding_equals_training_with_worker_decoding(
     images, reports, tokenizer, tmp_path
 ):
     """The device path through 2 persistent workers (its bytes cross processes: one tensor per batch, since a
-    tensor per image exhausted the shared-memory handles and hung the loader) against the worker path in-process."""
+    tensor per image exhausted the shared-memory handles and hung the loader) against the worker path
+    in-process."""
     mcfg, recs = model_cfg(tokenizer), jpeg_records(images, reports, tmp_path / "jpeg")
     base = dict(epochs=2, batch_size=4, accum_iter=1, warmup_epochs=0, lr=1e-3, seed=1)
     metrics = {}
@@ -468,7 +478,8 @@ def test_device_decoding_refuses_what_it_cannot_decode(images, reports, tokenize
     assert config.pretrain_ecamp.train.decode == "device"
 
 
-# ---- the stage -------------------------------------------------------------------------------------------------
+# ---- the stage
+# -------------------------------------------------------------------------------------------------
 def write_upstream(run_dir, images, reports, with_attention: bool, validate: int = 0) -> None:
     """Images 0..n-2 train (the last `validate` of them validate instead), n-1 test, plus an orphan image."""
     n = len(images)
@@ -603,8 +614,9 @@ def test_stage_writes_metrics_encoder_and_says_what_it_fell_back_to(
 
 
 def test_the_stage_measures_image_reliance_on_held_out_studies(tmp_path, images, reports, caplog):
-    """Issue 23 item 2: held-out pairs (the validate split) give the last metrics row, the card and the log the
-    text side's accuracy and loss with the paired and a mismatched image; the held-out images are not trained on."""
+    """Issue 23 item 2: held-out pairs (the validate split) give the last metrics row, the card and the log
+    the text side's accuracy and loss with the paired and a mismatched image; the held-out images are not
+    trained on."""
     write_upstream(tmp_path, images, reports, with_attention=False, validate=4)
     config = load_config(
         None,
@@ -679,7 +691,8 @@ def test_a_finished_checkpoint_is_not_resumed_under_another_masking(tmp_path, im
         with caplog.at_level(logging.INFO):
             run_direct(ctx, again.pretrain_ecamp)
         assert expected in caplog.text, (lambda_neg, caplog.text)
-        # issue 27 item 7: the same weights re-exported by another run are the same file, so evaluate stays cached
+        # issue 27 item 7: the same weights re-exported by another run are the same file, so evaluate stays
+        # cached
         assert (encoder.read_bytes() == first) is (lambda_neg == 0.05)
 
 
@@ -711,7 +724,8 @@ def test_ablation_rows_are_valid_overrides():
         pretrain_ecamp.ablation_rows("10")
 
 
-# ---- failures: non-finite losses and weights, a full disk -----------------------------------------------------
+# ---- failures: non-finite losses and weights, a full disk
+# -----------------------------------------------------
 def tiny_train_cfg(**changes) -> PretrainConfig:
     base = dict(epochs=2, batch_size=4, accum_iter=1, warmup_epochs=0, lr=1e-3, num_workers=0, seed=0)
     return PretrainConfig(**{**base, **changes})

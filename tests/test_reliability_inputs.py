@@ -61,7 +61,8 @@ def no_flow(monkeypatch) -> list[dict]:
     ],
 )
 def test_an_empty_run_dir_option_is_refused_and_nothing_is_written(tmp_path, monkeypatch, no_flow, argv):
-    """`--run-dir ""` became Path("."): artifacts, catalog.duckdb and .lock landed in the working directory."""
+    """`--run-dir ""` became Path("."): artifacts, catalog.duckdb and .lock landed in the working
+    directory."""
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, [*argv, "--run-dir", ""])
     assert result.exit_code == 2, result.output
@@ -86,7 +87,8 @@ def test_a_manifest_run_generates_no_demo_corpus(tmp_path, monkeypatch, no_flow)
 
 
 def test_demo_until_extract_reports_generates_only_the_corpus_it_reads(tmp_path, monkeypatch, no_flow):
-    """`ecamp demo --until extract_reports` also built the 3,000-study downstream set that only evaluate reads."""
+    """`ecamp demo --until extract_reports` also built the 3,000-study downstream set that only evaluate
+    reads."""
     monkeypatch.chdir(tmp_path)
     sets = ["--set", "data.root=corpus", "--set", "synth.n_studies=4", "--set", "synth.image_size=64"]
     result = CliRunner().invoke(app, ["demo", *sets, "--until", "extract_reports"])
@@ -223,7 +225,8 @@ def _run(config, run_dir: Path) -> dict[str, str]:
 
 def test_images_replaced_in_place_rerun_the_stages_that_read_them(tmp_path):
     """Issue 26 #4: with a manifest, images overwritten by others (another size, other content) left
-    extract_reports cached and `images` at the old 256x256: only the manifest's own stamp was fingerprinted."""
+    extract_reports cached and `images` at the old 256x256: only the manifest's own stamp was
+    fingerprinted."""
     config, images = _manifest_config(tmp_path)
     run_dir = tmp_path / "run"
     assert _run(config, run_dir) == {"extract_reports": "ran", "reader": "ran"}

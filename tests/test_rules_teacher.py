@@ -1,4 +1,5 @@
-"""The offline rules teacher: its sentences, its agreement with real labels (IU X-ray) and the stage wrapper."""
+"""The offline rules teacher: its sentences, its agreement with real labels (IU X-ray) and the stage
+wrapper."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from tasks.config import RunConfig
 from tests.context import make_test_context, run_direct, seed_artifact
 from tests.real_data import REPO_ROOT, iu_xray_rows, report_text
 
-# Only `run.seed` is read from the pipeline config; loading the full one would import every stage (torch, timm).
+# Only `run.seed` is read from the pipeline config; loading the full one would import every stage (torch,
+# timm).
 PIPELINE = SimpleNamespace(run=RunConfig(seed=0))
 
 LEXICON = load_entity_list(REPO_ROOT / "configs" / "entities" / "table1.txt")

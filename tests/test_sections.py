@@ -1,4 +1,5 @@
-"""Section parser on hand-written MIMIC-style reports (REFERENCE.md §4.2 layout) and their fallback variants."""
+"""Section parser on hand-written MIMIC-style reports (REFERENCE.md §4.2 layout) and their fallback
+variants."""
 
 import re
 import textwrap

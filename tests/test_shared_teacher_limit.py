@@ -1,5 +1,5 @@
-"""Two runs against one teacher account stay within its limits together: the shared Prefect rate limit (issue 27
-item 4), on a real Prefect server and a real local OpenAI-compatible server."""
+"""Two runs against one teacher account stay within its limits together: the shared Prefect rate limit (issue
+27 item 4), on a real Prefect server and a real local OpenAI-compatible server."""
 
 from __future__ import annotations
 
@@ -76,7 +76,8 @@ def test_a_shared_limit_without_a_prefect_server_is_a_clear_error(monkeypatch):
         with pytest.raises(RuntimeError) as err:
             PrefectRateLimit("acct", rpm=60, tpm=None).ensure()
     assert str(err.value) == (
-        "shared teacher limit 'acct' lives on a Prefect server, and PREFECT_API_URL is not set: start the run "
+        "shared teacher limit 'acct' lives on a Prefect server, and PREFECT_API_URL is not set: start the "
+        "run "
         "against the server that the other runs use, or unset seed_distill.shared_limit"
     )
     with pytest.raises(ValueError, match="rpm and tpm are both unset"):

@@ -1,4 +1,5 @@
-"""The LoRA student: Vicuna template, answer-only labels, LoRA-only training, adapter round trip, generation."""
+"""The LoRA student: Vicuna template, answer-only labels, LoRA-only training, adapter round trip,
+generation."""
 
 from __future__ import annotations
 
@@ -275,7 +276,8 @@ def test_agreement_counts_polarity_exact_and_unparseable():
 
 
 def test_a_student_below_the_all_absent_baseline_is_warned_about_or_stopped(caplog):
-    """Reliability #17d: a student at 0.585 against the baseline's 0.78 distilled the corpus without a word."""
+    """Reliability #17d: a student at 0.585 against the baseline's 0.78 distilled the corpus without a
+    word."""
     finder = parse.EntityFinder(["effusion", "pneumonia", "pneumothorax", "edema"])
     requested = [["effusion", "pneumonia", "pneumothorax", "edema"]] * 2
     teacher = [
@@ -297,7 +299,8 @@ def test_a_student_below_the_all_absent_baseline_is_warned_about_or_stopped(capl
         (
             "WARNING",
             "the student's held-out polarity agreement 0.500 is below the all-absent baseline 0.750 "
-            "(8 entities): answering every entity 'absent' would do better, and bulk_distill will distil the corpus "
+            "(8 entities): answering every entity 'absent' would do better, and bulk_distill will distil "
+            "the corpus "
             "with this student; set finetune_student.min_agreement to stop here",
         ),
     ]

@@ -298,8 +298,9 @@ def test_concurrency_cap_and_rpm_limit(tmp_path):
         results = run(requests_for(reports), cfg_for(server, concurrency=32, rpm=600, tpm=None))
         arrivals = sorted(server.arrivals[start:])
     assert all(r.content for r in results) and len(arrivals) == 25
-    # 600/min = 10/s with a burst of 10, as the provider sees it: the 15 after the burst are spread over >= 1.5 s,
-    # and no half second holds more than the burst + 5 + 1 (unpaced, all 25 arrive within a few milliseconds)
+    # 600/min = 10/s with a burst of 10, as the provider sees it: the 15 after the burst are spread over >=
+    # 1.5 s, and no half second holds more than the burst + 5 + 1 (unpaced, all 25 arrive within a few
+    # milliseconds)
     assert arrivals[-1] - arrivals[0] >= 1.3
     assert max(sum(1 for t in arrivals if a <= t < a + 0.5) for a in arrivals) <= 16
 
@@ -329,7 +330,8 @@ def progress(result):
     done.append(result)
     if len(done) == 3:
         os._exit(17)   # a hard crash: no cleanup, no flush of anything not yet committed
-asyncio.run(complete_many(reqs, ClientConfig(base_url={url!r}, model="teacher", concurrency=1), ResponseCache({cache!r}), progress))
+client = ClientConfig(base_url={url!r}, model="teacher", concurrency=1)
+asyncio.run(complete_many(reqs, client, ResponseCache({cache!r}), progress))
 """
 
 
@@ -622,7 +624,8 @@ def test_an_answer_longer_than_its_cap_is_a_reject_row_and_never_cached(tmp_path
             results = run(reqs, cfg, cache)
     assert [r.content for r in results] == ["There is no effusion at all.", None]
     assert results[1].error == (
-        "cached answer too long: 39 characters, the limit is 30 (max_answer_chars); the endpoint did not stop "
+        "cached answer too long: 39 characters, the limit is 30 (max_answer_chars); the endpoint did not "
+        "stop "
         "at max_tokens"
     )
     assert server.completions_sent == 3

@@ -86,7 +86,8 @@ def test_negative_cue_weights_and_eq3_exact_on_handwritten(tokenizer):
     assert weights["no"] == pytest.approx(0.05)
     assert weights["pleural"] == pytest.approx(lambda_oth)
     assert batch.weights[0][batch.descriptor[0]].sum() == pytest.approx(batch.descriptor[0].sum())
-    # Row 4: "stable", "cardiomegaly" are other descriptors, "without" a negative one: 0.05 + λ_oth·N_oth = N_a.
+    # Row 4: "stable", "cardiomegaly" are other descriptors, "without" a negative one: 0.05 + λ_oth·N_oth =
+    # N_a.
     d4 = batch.descriptor[4]
     assert batch.weights[4][d4 & batch.negative[4]] == pytest.approx(0.05)
     assert batch.weights[4][d4].sum() == pytest.approx(d4.sum())
@@ -181,7 +182,8 @@ def test_unknown_pieces_are_ordinary_words(tokenizer):
 
 
 def test_negation_words_follow_the_shared_cue_table(tokenizer):
-    """Negative words: those of the entity matcher's negating cues, unless a pseudo or uncertainty cue holds them."""
+    """Negative words: those of the entity matcher's negating cues, unless a pseudo or uncertainty cue holds
+    them."""
     texts = [
         "Lungs are clear without evidence of effusion.",
         "No change in the effusion.",
@@ -207,8 +209,9 @@ def negative_descriptors(tokenizer, texts: list[str], scope: str) -> list[list[s
 
 
 def test_mention_scope_makes_every_descriptor_of_a_negated_mention_negative(tokenizer):
-    """Issue 12 point 5: T_neg = the β descriptors of each mention stage 2 marks negative (the paper's intent);
-    the official cue scope takes only the cue's own words, so "pleural" of a denied effusion weighs λ_oth > 1."""
+    """Issue 12 point 5: T_neg = the β descriptors of each mention stage 2 marks negative (the paper's
+    intent); the official cue scope takes only the cue's own words, so "pleural" of a denied effusion weighs
+    λ_oth > 1."""
     texts = [
         "There is no pleural effusion. Mild bibasilar atelectasis, no pneumothorax.",
         "No focal consolidation. Small left effusions.",
@@ -299,7 +302,8 @@ def test_composition_modes(tokenizer):
 
 
 def hand_tokenizer():
-    """A hand-made vocabulary: 'effusional' is 'effusion' + '##al', so truncation can cut an entity-like prefix."""
+    """A hand-made vocabulary: 'effusional' is 'effusion' + '##al', so truncation can cut an entity-like
+    prefix."""
     tok = empty_wordpiece()
     pieces = (*SPECIAL_TOKENS, "no", "effusion", "##al", "##s", ".", "there", "is")
     tok.model = models.WordPiece(vocab={p: i for i, p in enumerate(pieces)}, unk_token="[UNK]")
@@ -345,7 +349,8 @@ def test_official_quirk_all_positions(tokenizer):
 
 
 def test_official_quirk_descriptor_masking_rates(tokenizer):
-    """Official `_context_mask`: no forced descriptors; entity words at 0.75, others 0.70 (0.75 without entity)."""
+    """Official `_context_mask`: no forced descriptors; entity words at 0.75, others 0.70 (0.75 without
+    entity)."""
     quirks = OfficialQuirks(official_descriptor_masking=True)
     collator = make(tokenizer, official_quirks=quirks)
     texts = [("There is no pleural effusion. Mild bibasilar atelectasis.", None)] * 2000

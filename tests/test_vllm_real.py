@@ -228,7 +228,8 @@ def test_a_server_killed_mid_stage_keeps_the_finished_shards_and_the_rerun_resum
     group: set[int] = set()
 
     def kill_after_the_first_shard() -> None:
-        """SIGKILL the API server alone, as a crash would: its engine processes live on until the stage stops."""
+        """SIGKILL the API server alone, as a crash would: its engine processes live on until the stage
+        stops."""
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline and not (shard_dir / "shard_00000.parquet").exists():
             time.sleep(0.2)

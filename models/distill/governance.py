@@ -73,7 +73,8 @@ def check_route(url: str, proxy: str | None, ack: str | None) -> bool:
     """Judge every host report text passes through: the endpoint and, when the config sets one, its proxy.
 
     The environment's HTTP(S)_PROXY is never a route: the teacher's HTTP client ignores it (trust_env off),
-    so a proxy the policy has not judged cannot receive the prompts. Returns True when the whole route is local.
+    so a proxy the policy has not judged cannot receive the prompts. Returns True when the whole route is
+    local.
     """
     local = check_endpoint(url, ack)
     if proxy is None:

@@ -170,7 +170,8 @@ def qc_flags(
 
 
 def distilled_text(parsed: Sequence[ParsedSentence]) -> str:
-    """The well-formed sentences joined: what pre-training reads as T_d (format-breaking lines are dropped)."""
+    """The well-formed sentences joined: what pre-training reads as T_d (format-breaking lines are
+    dropped)."""
     return " ".join(p.text for p in parsed if p.well_formed)
 
 

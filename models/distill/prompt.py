@@ -26,7 +26,8 @@ INSTRUCTION = (
     "reports as the following format:\n"
     "'There is [a] [b].': when you are sure whether the entity exists in the report, or\n"
     "'There may [a] [b].': when you are not sure whether the entity exists in the report.\n"
-    "[a] represents adjective words describing the severeness or existence of the entity [b]. Please generate "
+    "[a] represents adjective words describing the severeness or existence of the entity [b]. Please "
+    "generate "
     "conclusions for the entities mentioned above one by one, according to the format and do not generate "
     "other words. Please keep only one entity in a sentence, there is no need of using 'and' or 'or' to "
     "connect two or more words."
@@ -94,7 +95,8 @@ def render_report(findings_sentences: Sequence[str], impression: str) -> str:
 def fit_report(
     findings: str, impression: str, entities: Sequence[str], max_prompt_tokens: int
 ) -> tuple[str, bool]:
-    """The report text to send (`render_report`), shortened to fit `max_prompt_tokens`; returns (text, truncated).
+    """The report text to send (`render_report`), shortened to fit `max_prompt_tokens`; returns (text,
+    truncated).
 
     FINDINGS lose sentences from the end first, because the IMPRESSION is the radiologist's own summary
     and carries the diagnoses; only if the impression alone is too long is it cut word by word (to 3/4 of

@@ -1,10 +1,11 @@
 """The LoRA student of context distillation (paper §3.1: a Vicuna-7B fine-tuned on 10,000 teacher outputs).
 
-The student sees exactly the teacher's prompt (Table 2) rendered in the Vicuna v1.1 conversation template and learns
-to write the teacher's answer; the loss covers only the answer tokens. The base is loaded from a directory with
-`AutoModelForCausalLM` / `AutoTokenizer`, whether it is `lmsys/vicuna-7b-v1.5` on disk or the tiny Llama built here
-from `LlamaConfig` with a byte-level BPE tokenizer trained on the corpus, so the demo runs the paper's code path.
-Only LoRA parameters are trained; the adapter is saved as safetensors so vLLM can serve it (`--lora-modules`).
+The student sees exactly the teacher's prompt (Table 2) rendered in the Vicuna v1.1 conversation template and
+learns to write the teacher's answer; the loss covers only the answer tokens. The base is loaded from a
+directory with `AutoModelForCausalLM` / `AutoTokenizer`, whether it is `lmsys/vicuna-7b-v1.5` on disk or the
+tiny Llama built here from `LlamaConfig` with a byte-level BPE tokenizer trained on the corpus, so the demo
+runs the paper's code path. Only LoRA parameters are trained; the adapter is saved as safetensors so vLLM can
+serve it (`--lora-modules`).
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ IGNORE_INDEX = -100  # label value the causal-LM loss skips (prompt and padding 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 LLAMA_LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Vicuna v1.1 conversation template (FastChat `vicuna_v1.1`: roles USER/ASSISTANT, sep " ", sep2 "</s>")
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -50,7 +51,8 @@ VICUNA_SYSTEM = (
 
 
 def vicuna_prompt(messages: Sequence[dict[str, str]]) -> str:
-    """Render OpenAI-style chat messages (the teacher's prompt) as one Vicuna v1.1 prompt ending in "ASSISTANT:".
+    """Render OpenAI-style chat messages (the teacher's prompt) as one Vicuna v1.1 prompt ending in
+    "ASSISTANT:".
 
     System messages replace Vicuna's default system text; consecutive user messages form one USER turn (the
     template has a single turn here). BOS is not written: the tokenizer adds it, as FastChat expects.
@@ -67,13 +69,14 @@ def vicuna_prompt(messages: Sequence[dict[str, str]]) -> str:
 
 
 def student_prompt(report: str, entities: Sequence[str]) -> str:
-    """The teacher's Table 2 prompt for this report, in the Vicuna v1.1 template (shared by train and bulk)."""
+    """The teacher's Table 2 prompt for this report, in the Vicuna v1.1 template (shared by train and
+    bulk)."""
     return vicuna_prompt(build_messages(report, entities))
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Configuration
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 class TinyDims(BaseModel):
     """Size of the tiny Llama built when no real base model is given (demo and tests)."""
 
@@ -86,12 +89,14 @@ class TinyDims(BaseModel):
     num_attention_heads: int = Field(4, ge=1)
     tie_word_embeddings: bool = Field(
         True,
-        description="output = input embeddings: copying a report word is the easy direction for a random base",
+        description="output = input embeddings: copying a report word is the easy direction for a random "
+        "base",
     )
     embedding_std: float = Field(
         0.5,
         gt=0,
-        description="HF's 0.02 gives tied logits ~0.1 wide: a softmax that LoRA on the linear layers could never sharpen",
+        description="HF's 0.02 gives tied logits ~0.1 wide: a softmax that LoRA on the linear layers could "
+        "never sharpen",
     )
     initializer_range: float = Field(
         0.02, gt=0, description="std of the frozen random linear layers (HF default)"
@@ -99,7 +104,8 @@ class TinyDims(BaseModel):
 
 
 class LoraSettings(BaseModel):
-    """peft LoRA hyper-parameters. vLLM serves only r in {1,8,16,32,64,...} with bias "none" and no saved modules."""
+    """peft LoRA hyper-parameters. vLLM serves only r in {1,8,16,32,64,...} with bias "none" and no saved
+    modules."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -125,7 +131,8 @@ class TrainSettings(BaseModel):
     log_every: int = Field(1, ge=1, description="optimizer steps between progress log lines")
     amp: Literal["auto", "bf16", "off"] = Field(
         "auto",
-        description="bf16 autocast on the training device (CUDA or CPU); auto = bf16 on CUDA, fp32 on CPU (a CPU "
+        description="bf16 autocast on the training device (CUDA or CPU); auto = bf16 on CUDA, fp32 on CPU "
+        "(a CPU "
         "without AVX512-BF16/AMX runs bf16 slower than fp32)",
     )
 
@@ -166,13 +173,14 @@ class AdapterLoadError(RuntimeError):
         self.reason = reason
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Tokenizer and tiny base model
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Byte-level BPE (no unknown bytes) with Llama's specials <unk>, <s>, </s> and a BOS post-processor.
 
-    Padding uses <unk> as FastChat does, so no token is ever added (vLLM rejects adapters with resized embeddings).
+    Padding uses <unk> as FastChat does, so no token is ever added (vLLM rejects adapters with resized
+    embeddings).
     """
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -196,7 +204,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
 def build_tiny_base(
     texts: Sequence[str], dims: TinyDims, out_dir: Path, seed: int, max_positions: int
 ) -> Path:
-    """Train a tokenizer on `texts`, initialise a Llama from `LlamaConfig` and save both as a loadable base dir.
+    """Train a tokenizer on `texts`, initialise a Llama from `LlamaConfig` and save both as a loadable base
+    dir.
 
     `max_positions` is what the stage will feed it: the longer of a training example and prompt + answer.
     """
@@ -242,10 +251,11 @@ def warm_up_base(
 ) -> TrainResult:
     """Train every weight of the tiny base as a causal LM on `texts` and save it back into `base_dir`.
 
-    Why: Vicuna comes to LoRA with language pre-training; a randomly initialised tiny Llama does not, and LoRA on a
-    random frozen base has to learn report language and the task at once. This warm-up stands in for that
-    pre-training. It must only ever see REPORT TEXTS (never the teacher's answers), so the student still learns the
-    task from the seed distillations alone. Each text is one sequence (BOS + text + EOS, cut to max_len).
+    Why: Vicuna comes to LoRA with language pre-training; a randomly initialised tiny Llama does not, and LoRA
+    on a random frozen base has to learn report language and the task at once. This warm-up stands in for that
+    pre-training. It must only ever see REPORT TEXTS (never the teacher's answers), so the student still
+    learns the task from the seed distillations alone. Each text is one sequence (BOS + text + EOS, cut to
+    max_len).
     """
     if not texts:
         raise ValueError("warm_up_base: no report texts to warm the base up on")
@@ -274,7 +284,8 @@ def warm_up_base(
 def load_base(path: Path | str, device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Load a causal LM and its tokenizer from a local directory (tiny Llama or Vicuna-7B alike).
 
-    On CUDA the weights are loaded in bf16 (paper scale); on CPU in fp32. Padding falls back to <unk> (FastChat).
+    On CUDA the weights are loaded in bf16 (paper scale); on CPU in fp32. Padding falls back to <unk>
+    (FastChat).
     """
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -289,9 +300,9 @@ def load_base(path: Path | str, device: str = "cpu") -> tuple[PreTrainedModel, P
     return model, tokenizer
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Examples: loss on the answer only
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def encode_prompt(tokenizer: PreTrainedTokenizerFast, prompt: str, budget: int) -> list[int]:
     """Prompt ids with BOS, cut from the LEFT to `budget` tokens (BOS kept) when longer.
 
@@ -315,7 +326,8 @@ def encode_example(
     ]
     if len(answer_ids) + 2 > max_len:  # room for BOS and at least one prompt token
         raise ValueError(
-            f"example {key}: answer of {len(answer_ids)} tokens does not fit max_len={max_len} with its prompt"
+            f"example {key}: answer of {len(answer_ids)} tokens does not fit max_len={max_len} with its "
+            f"prompt"
         )
     prompt_ids = encode_prompt(tokenizer, prompt, min(max_prompt, max_len - len(answer_ids)))
     return Example(key, prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids)
@@ -351,9 +363,9 @@ def pad_batch(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tenso
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # LoRA and training
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def attach_lora(model: PreTrainedModel, lora: LoraSettings, seed: int) -> PeftModel:
     """Wrap the base with LoRA adapters (base weights frozen); seeded so adapter init is reproducible."""
     torch.manual_seed(seed)
@@ -401,10 +413,11 @@ def train_student(
     seed: int = 0,
 ) -> TrainResult:
     """AdamW on the trainable (LoRA) parameters, on the shared engine (warm-up + cosine, bf16 autocast per
-    `settings.amp`, clipping and the non-finite guard); one loss point per optimizer step, with the lr it ran at.
+    `settings.amp`, clipping and the non-finite guard); one loss point per optimizer step, with the lr it ran
+    at.
 
-    The loss of an optimizer step is the mean over its answer tokens (token-weighted across accumulated batches),
-    so long answers count as much per token as short ones.
+    The loss of an optimizer step is the mean over its answer tokens (token-weighted across accumulated
+    batches), so long answers count as much per token as short ones.
     """
     import time
 
@@ -475,9 +488,9 @@ def train_student(
     return result
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Adapter save / load
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def save_adapter(
     model: PeftModel, tokenizer: PreTrainedTokenizerFast, out_dir: Path, base_model: str | Path | None = None
 ) -> Path:
@@ -500,8 +513,8 @@ def save_adapter(
 def check_adapter_dir(adapter_dir: Path) -> dict:
     """Validate an adapter directory before peft touches it; returns its adapter_config as a dict.
 
-    peft's own errors for a truncated or missing file are obscure (or, for a missing weights file, it may load a
-    silently untrained adapter), so the layout and both files are checked here first.
+    peft's own errors for a truncated or missing file are obscure (or, for a missing weights file, it may load
+    a silently untrained adapter), so the layout and both files are checked here first.
     """
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
@@ -551,7 +564,8 @@ def _adapter_config_problem(config: dict) -> str | None:
 def load_student(
     base_path: Path | str, adapter_dir: Path, device: str = "cpu"
 ) -> tuple[PeftModel, PreTrainedTokenizerFast]:
-    """Base model + trained adapter, ready for generation (eval mode); raises AdapterLoadError with the reason."""
+    """Base model + trained adapter, ready for generation (eval mode); raises AdapterLoadError with the
+    reason."""
     check_adapter_dir(adapter_dir)
     model, tokenizer = load_base(base_path, device)
     try:

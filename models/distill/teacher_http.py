@@ -421,7 +421,8 @@ class TeacherClient:
 
 
 def _retry_after(response: object) -> float | None:
-    """Seconds from `retry-after-ms`, or `retry-after` in seconds or as an HTTP date; None when absent/unreadable."""
+    """Seconds from `retry-after-ms`, or `retry-after` in seconds or as an HTTP date; None when
+    absent/unreadable."""
     headers = getattr(response, "headers", None) or {}
     if (ms := headers.get("retry-after-ms")) is not None:
         try:

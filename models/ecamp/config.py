@@ -1,4 +1,5 @@
-"""Settings of one ECAMP pre-training run: optimisation, data loading, augmentation, checkpointing, measurement.
+"""Settings of one ECAMP pre-training run: optimisation, data loading, augmentation, checkpointing,
+measurement.
 
 The model's own settings are `ECAMPConfig` (models.ecamp.model), which travels with the weights; these travel
 with the job (`models.ecamp.job`) and, minus the loader and measurement settings, with the resume checkpoint.
@@ -49,7 +50,8 @@ class PretrainConfig(BaseModel):
     clip_grad: float | None = Field(None, gt=0)
     amp: Literal["auto", "bf16", "off"] = Field(
         "auto",
-        description="bf16 autocast on the training device (CUDA or CPU); auto = bf16 on CUDA, fp32 on CPU (a CPU "
+        description="bf16 autocast on the training device (CUDA or CPU); auto = bf16 on CUDA, fp32 on CPU "
+        "(a CPU "
         "without AVX512-BF16/AMX runs bf16 slower than fp32)",
     )
     ckpt_every: int = Field(1000, ge=1, description="optimiser steps between checkpoints (and at the end)")
@@ -66,12 +68,14 @@ class PretrainConfig(BaseModel):
     )
     decode: Literal["worker", "device"] = Field(
         "worker",
-        description="where images are decoded: in the workers (CPU), or JPEG bytes decoded and augmented on the "
+        description="where images are decoded: in the workers (CPU), or JPEG bytes decoded and augmented on "
+        "the "
         "training device (torchvision decode_jpeg; nvJPEG on CUDA), for uncached JPEG corpora",
     )
     init_checkpoint: str | None = Field(
         None,
-        description="MAE ImageNet ViT-B weights to start from (official MAE .pth or timm safetensors; the official "
+        description="MAE ImageNet ViT-B weights to start from (official MAE .pth or timm safetensors; the "
+        "official "
         "run.sh resumes mae_vit_base.pth), or 'random'; None = not chosen, which the stage refuses",
     )
     # data augmentation

@@ -1,10 +1,12 @@
 """ECAMP pre-training data: the joined image-report records, the seeded augmentation, the batch and its order.
 
 Exact resume needs every random draw to be a function of where the run is, not of how it got there:
-- augmentation draws are seeded per sample from (seed, epoch, index), so they do not depend on worker processes;
+- augmentation draws are seeded per sample from (seed, epoch, index), so they do not depend on worker
+  processes;
 - text masking draws are seeded per batch from (seed, epoch, sample indices);
 - the sampler permutation is seeded from (seed, epoch) and can start part-way into an epoch.
-The model's own draws (patch masking, dropout) are seeded per micro-batch by the trainer (models.ecamp.pretrain, `train_one_epoch`).
+The model's own draws (patch masking, dropout) are seeded per micro-batch by the trainer
+(models.ecamp.pretrain, `train_one_epoch`).
 """
 
 from __future__ import annotations
@@ -70,9 +72,9 @@ def join_inputs(
 ) -> JoinedInputs:
     """Join images ↔ reports on study_id, distilled text on study_id and SR windows on image_id.
 
-    Images of other splits are skipped (pre-training uses the training split); an image whose study has no report
-    or an empty text is a reject with its reason. Missing distilled text / attention rows fall back per image (no
-    distilled text; centre window) and are counted, so the caller can log how often that happened.
+    Images of other splits are skipped (pre-training uses the training split); an image whose study has no
+    report or an empty text is a reject with its reason. Missing distilled text / attention rows fall back per
+    image (no distilled text; centre window) and are counted, so the caller can log how often that happened.
     """
     text_of = dict(
         zip(reports.column("study_id").to_pylist(), reports.column("text").to_pylist(), strict=True)
@@ -166,7 +168,8 @@ def box_after_crop(
     flipped: bool,
     out_size: int,
 ) -> tuple[int, int, int, int]:
-    """Map a window given on the image padded (centred) to a square into pixels of the cropped, resized output."""
+    """Map a window given on the image padded (centred) to a square into pixels of the cropped, resized
+    output."""
     h, w = image_hw
     side = max(h, w)
     pad_top, pad_left = (side - h) // 2, (side - w) // 2
@@ -212,9 +215,9 @@ class WorkerDecode:
 
 
 class DeviceDecode:
-    """`decode: device`: the workers read a JPEG's bytes and draw its crop; the training device decodes the whole
-    batch in one call (nvJPEG on CUDA) and augments it there. For uncached JPEG corpora, where CPU decoding is
-    the bottleneck."""
+    """`decode: device`: the workers read a JPEG's bytes and draw its crop; the training device decodes the
+    whole batch in one call (nvJPEG on CUDA) and augments it there. For uncached JPEG corpora, where CPU
+    decoding is the bottleneck."""
 
     def check(self, records: Sequence[PretrainRecord]) -> None:
         for rec in records:
@@ -262,9 +265,10 @@ DECODERS = {"worker": WorkerDecode, "device": DeviceDecode}
 class PretrainDataset(Dataset):
     """Decoded, augmented image pairs (high-res crop + its low-res version), texts and the SR window box.
 
-    Indexed by (epoch, index), as the sampler yields them: the epoch travels with the index, so persistent workers
-    (which keep their own copy of the dataset) draw each epoch's augmentation. Where images are decoded is the
-    `decoder`'s one choice (`WorkerDecode`, `DeviceDecode`); the crop is drawn here either way."""
+    Indexed by (epoch, index), as the sampler yields them: the epoch travels with the index, so persistent
+    workers (which keep their own copy of the dataset) draw each epoch's augmentation. Where images are
+    decoded is the `decoder`'s one choice (`WorkerDecode`, `DeviceDecode`); the crop is drawn here either
+    way."""
 
     def __init__(self, records: Sequence[PretrainRecord], model_cfg: ECAMPConfig, cfg: PretrainConfig):
         if not records:
@@ -291,10 +295,11 @@ class PretrainDataset(Dataset):
         }
 
     def draw(self, seed: int, source: tuple[int, int]) -> tuple[tuple[int, int, int, int], bool]:
-        """RandomResizedCrop(scale, ratio) on an image of size `source` and a horizontal flip, from `seed` only.
+        """RandomResizedCrop(scale, ratio) on an image of size `source` and a horizontal flip, from `seed`
+        only.
 
-        Drawn on the original's size even for a smaller cached copy (`PretrainRecord.source_size`), so a sample is
-        the same region whether the image comes from the cache or not."""
+        Drawn on the original's size even for a smaller cached copy (`PretrainRecord.source_size`), so a
+        sample is the same region whether the image comes from the cache or not."""
         cfg = self.cfg
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -327,7 +332,8 @@ class PretrainDataset(Dataset):
         crop: tuple[int, int, int, int],
         flipped: bool,
     ) -> tuple[int, int, int, int]:
-        """The SR window in pixels of the high-res crop: it follows the crop and flip (or, officially, does not)."""
+        """The SR window in pixels of the high-res crop: it follows the crop and flip (or, officially, does
+        not)."""
         size = self.model_cfg.hr_size
         if self.cfg.sr_window_follows_augmentation:
             return box_after_crop(window, source, crop, flipped, size)
@@ -338,7 +344,8 @@ class PretrainDataset(Dataset):
         return ((gray - self.cfg.mean) / self.cfg.std).expand(self.model_cfg.in_chans, -1, -1).contiguous()
 
     def to_device(self, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-        """The batch on `device`, decoded and augmented there first when the decoder leaves that to the device."""
+        """The batch on `device`, decoded and augmented there first when the decoder leaves that to the
+        device."""
         batch = self.decoder.on_device(self, batch, device)
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -358,7 +365,8 @@ TextCollate = Callable[[Sequence[tuple[str, str | None]], np.random.Generator], 
 
 class PretrainCollator:
     """Stacks the samples' tensors and builds the MLM batch with a generator seeded by (seed, epoch, sample
-    indices). Variable-length tensors (a JPEG's bytes under `decode: device`) are concatenated, with their sizes."""
+    indices). Variable-length tensors (a JPEG's bytes under `decode: device`) are concatenated, with their
+    sizes."""
 
     RAGGED = (
         "jpeg",
@@ -384,14 +392,15 @@ class PretrainCollator:
 
 
 class ResumableSampler(Sampler):
-    """This rank's share of an epoch's permutation (seeded by seed + epoch), whole micro-batches at a time, able to
-    start `start` samples into the share.
+    """This rank's share of an epoch's permutation (seeded by seed + epoch), whole micro-batches at a time,
+    able to start `start` samples into the share.
 
-    The permutation cut into micro-batches of `batch_size` is the one-process order; rank r of W takes micro-batches
-    r, r + W, r + 2W, ... So the micro-batches W ranks train on together are those one process would train on with
-    W times the accumulation: same samples, same text masks, same losses (torch's DistributedSampler deals single
-    samples round-robin instead, which mixes every micro-batch across ranks). Samples that fill no micro-batch on
-    every rank are left out of the epoch, as DataLoader(drop_last=True) leaves out a last short batch."""
+    The permutation cut into micro-batches of `batch_size` is the one-process order; rank r of W takes
+    micro-batches r, r + W, r + 2W, ... So the micro-batches W ranks train on together are those one process
+    would train on with W times the accumulation: same samples, same text masks, same losses (torch's
+    DistributedSampler deals single samples round-robin instead, which mixes every micro-batch across ranks).
+    Samples that fill no micro-batch on every rank are left out of the epoch, as DataLoader(drop_last=True)
+    leaves out a last short batch."""
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, batch_size: int):
         self.n, self.num_replicas, self.rank = len(dataset), num_replicas, rank
@@ -435,7 +444,8 @@ def read_records(path: Path) -> list[PretrainRecord]:
 
 
 def heldout_image(rec: PretrainRecord, dataset: PretrainDataset) -> torch.Tensor:
-    """The held-out image as the model sees it in training, without augmentation: whole, resized, normalised."""
+    """The held-out image as the model sees it in training, without augmentation: whole, resized,
+    normalised."""
     gray = decode_gray(rec.path)
     h, w = gray.shape[-2:]
     return dataset.image_pair(gray, (0, 0, h, w), False, (h, w))[1]

@@ -1,11 +1,12 @@
 """Export the pre-trained ECAMP encoder as safetensors that timm's `VisionTransformer` loads with strict=True.
 
-The encoder's parameter names already equal timm's, so the file is the encoder state dict plus a header saying which
-timm model to build (`timm_kwargs`). Downstream code (and users) call `load_timm_encoder(path)`; the fixed sin-cos
-position embeddings travel as timm's learnable `pos_embed`, and there is no classifier head (num_classes=0), so
-fine-tuning adds its own. The header asks for average pooling of the patch tokens (the paper's global feature
-f_v^g; the CLS token is never trained by pre-training); `models.evaluate.encoders` builds the fine-tuning model
-with a fresh `fc_norm` instead of the pre-trained `norm`, as the official fine-tuning code does.
+The encoder's parameter names already equal timm's, so the file is the encoder state dict plus a header saying
+which timm model to build (`timm_kwargs`). Downstream code (and users) call `load_timm_encoder(path)`; the
+fixed sin-cos position embeddings travel as timm's learnable `pos_embed`, and there is no classifier head
+(num_classes=0), so fine-tuning adds its own. The header asks for average pooling of the patch tokens (the
+paper's global feature f_v^g; the CLS token is never trained by pre-training); `models.evaluate.encoders`
+builds the fine-tuning model with a fresh `fc_norm` instead of the pre-trained `norm`, as the official
+fine-tuning code does.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ def timm_kwargs(cfg: ECAMPConfig) -> dict[str, Any]:
         "mlp_ratio": cfg.mlp_ratio,
         "qkv_bias": True,
         "num_classes": 0,
-        "global_pool": "avg",  # downstream feature = mean of the patch tokens (paper §3.4 f_v^g); CLS is untrained
-        "fc_norm": False,  # keep the pre-trained final `norm` on every token, then average: a strict load works
+        # downstream feature = mean of the patch tokens (paper §3.4 f_v^g); CLS is untrained
+        "global_pool": "avg",
+        # keep the pre-trained final `norm` on every token, then average: a strict load works
+        "fc_norm": False,
         "class_token": True,
     }
 
@@ -45,7 +48,8 @@ def timm_kwargs(cfg: ECAMPConfig) -> dict[str, Any]:
 def export_encoder(model: ECAMP, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write the encoder weights to `path` (.safetensors) with the timm arguments and `extra` in the header.
 
-    Non-finite weights are refused: a NaN encoder loads fine downstream and only fails there, far from the cause.
+    Non-finite weights are refused: a NaN encoder loads fine downstream and only fails there, far from the
+    cause.
     """
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
@@ -76,9 +80,9 @@ def with_sorted_metadata(blob: bytes) -> bytes:
     """The same safetensors file with its `__metadata__` keys in sorted order.
 
     safetensors writes the metadata from a hash map, so two saves of the same weights and header differ in key
-    order, and so in file hash; a downstream stage would then rerun for an identical encoder. Tensor entries and
-    offsets are kept as written (they are already in a fixed order), and the header is padded to 8 bytes as
-    safetensors pads it.
+    order, and so in file hash; a downstream stage would then rerun for an identical encoder. Tensor entries
+    and offsets are kept as written (they are already in a fixed order), and the header is padded to 8 bytes
+    as safetensors pads it.
     """
     size = int.from_bytes(blob[:8], "little")
     header = json.loads(blob[8 : 8 + size])
@@ -117,7 +121,8 @@ def write_model_card(
     losses: list[dict[str, float]],
     lineage: dict[str, Any] | None = None,
 ) -> Path:
-    """A short markdown card: what the weights are, how to load them, how they were trained, the loss curve ends."""
+    """A short markdown card: what the weights are, how to load them, how they were trained, the loss curve
+    ends."""
     path = Path(path)
     lines = [
         "# ECAMP pre-trained ViT encoder",
@@ -136,7 +141,8 @@ def write_model_card(
         f"heads {cfg.num_heads}; fixed 2-D sin-cos position embeddings",
         f"- pre-training heads (not exported): decoder {cfg.decoder_embed_dim}/{cfg.decoder_depth}/"
         f"{cfg.decoder_num_heads}, SR {'on' if cfg.sr else 'off'} at {cfg.hr_size}, text BERT "
-        f"{cfg.text_layers}×{cfg.text_hidden} ({cfg.text_heads} heads, FFN {cfg.text_ffn}), vocab {cfg.vocab_size}",
+        f"{cfg.text_layers}×{cfg.text_hidden} ({cfg.text_heads} heads, FFN {cfg.text_ffn}), vocab "
+        f"{cfg.vocab_size}",
         f"- MSCF local {cfg.mscf_local}, global {cfg.mscf_global}; mask ratio {cfg.mask_ratio}",
         "",
         "## Training",
@@ -170,13 +176,16 @@ def reliance_lines(metrics: list[dict[str, Any]]) -> list[str]:
         "",
         "## Image reliance of the text side",
         "",
-        f"Masked entity and descriptor tokens of held-out pairs ({m['heldout_tokens']} tokens, step {m['step']}), "
+        f"Masked entity and descriptor tokens of held-out pairs ({m['heldout_tokens']} tokens, step "
+        f"{m['step']}), "
         "predicted with the paired image and with another pair's image (the batch rolled by one):",
         "",
         "| | paired | mismatched | reliance |",
         "|---|---|---|---|",
-        f"| accuracy | {m['heldout_acc_paired']:.4f} | {m['heldout_acc_mismatched']:.4f} | {m['reliance_acc']:+.4f} |",
-        f"| loss | {m['heldout_loss_paired']:.4f} | {m['heldout_loss_mismatched']:.4f} | {m['reliance_loss']:+.4f} |",
+        f"| accuracy | {m['heldout_acc_paired']:.4f} | {m['heldout_acc_mismatched']:.4f} | "
+        f"{m['reliance_acc']:+.4f} |",
+        f"| loss | {m['heldout_loss_paired']:.4f} | {m['heldout_loss_mismatched']:.4f} | "
+        f"{m['reliance_loss']:+.4f} |",
     ]
 
 
@@ -187,7 +196,8 @@ def lineage_lines(lineage: dict[str, Any]) -> list[str]:
         "## Lineage",
         "",
         f"- run id: `{lineage.get('run_id')}`; run directory: `{lineage.get('run_dir')}`",
-        f"- stage `{lineage.get('stage')}`, code `{lineage.get('code_version')}`, config `{lineage.get('config_hash')}`",
+        f"- stage `{lineage.get('stage')}`, code `{lineage.get('code_version')}`, config "
+        f"`{lineage.get('config_hash')}`",
         "",
         "| read | SHA-256 |",
         "|---|---|",

@@ -1,11 +1,11 @@
 """Each training image decoded once, at a working resolution, as a memory-mappable uint8 array.
 
-WHY: at MIMIC-CXR-JPG size (~3,000 x 2,500 px) decoding a JPEG costs more CPU than the whole augmentation, every
-epoch, for every image: 120 epochs decode each image 120 times (bench/RESULTS.md "datapath"). The cache decodes
-it once, shrinks it so that its short side is `short_side` (by default twice the SR input, so even a crop of
-a fifth of the image is resized down, not up) and stores it as `.npy`, which `decode_gray` memory-maps. Smaller
-images are kept at their size. Building is resumable (one atomic file per image, existing ones skipped) and
-runs over worker processes with a progress bar.
+WHY: at MIMIC-CXR-JPG size (~3,000 x 2,500 px) decoding a JPEG costs more CPU than the whole augmentation,
+every epoch, for every image: 120 epochs decode each image 120 times (bench/RESULTS.md "datapath"). The cache
+decodes it once, shrinks it so that its short side is `short_side` (by default twice the SR input, so even a
+crop of a fifth of the image is resized down, not up) and stores it as `.npy`, which `decode_gray`
+memory-maps. Smaller images are kept at their size. Building is resumable (one atomic file per image, existing
+ones skipped) and runs over worker processes with a progress bar.
 
 A cached file is named after its source's path and stamp (`data_contracts.stamps`: the one `images` carries),
 so an image replaced in place is decoded again, never served from the old pixels, and the cached copy of
@@ -34,7 +34,8 @@ _log = logging.getLogger(__name__)
 
 
 class ImageCacheConfig(BaseModel):
-    """Whether and how `pretrain_ecamp` caches its decoded images (in its scratch folder, kept across attempts)."""
+    """Whether and how `pretrain_ecamp` caches its decoded images (in its scratch folder, kept across
+    attempts)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -54,7 +55,8 @@ def cache_prefix(path: str, stamp: str, short_side: int) -> str:
 
 
 def _source_key(prefix: str) -> str:
-    """The part of a prefix that names the source and the size, not its content: `<path hash>_<short_side>`."""
+    """The part of a prefix that names the source and the size, not its content: `<path
+    hash>_<short_side>`."""
     head, short_side = prefix.rsplit("_", 1)
     return f"{head.split('-', 1)[0]}_{short_side}"
 
@@ -126,10 +128,10 @@ def build_image_cache(
     progress: Callable[[Iterable, int], Iterable] = lambda it, total: it,
     stamps: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """source path -> cached .npy path for every distinct image; only the missing ones, and the cached ones that
-    are not what `cache_one` writes (`entry_problem`: a header read each), are decoded. `stamps`: each source's
-    stamp (the `images` table's); a source without one is stat'ed for its first-seen stamp. A cached copy of
-    another content of the same source at this size is removed."""
+    """source path -> cached .npy path for every distinct image; only the missing ones, and the cached ones
+    that are not what `cache_one` writes (`entry_problem`: a header read each), are decoded. `stamps`: each
+    source's stamp (the `images` table's); a source without one is stat'ed for its first-seen stamp. A cached
+    copy of another content of the same source at this size is removed."""
     stamps = stamps or {}
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(

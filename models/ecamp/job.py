@@ -1,9 +1,11 @@
-"""An ECAMP pre-training job as plain files, and the one entry point that runs it, in-process or under torchrun.
+"""An ECAMP pre-training job as plain files, and the one entry point that runs it, in-process or under
+torchrun.
 
 The pretrain_ecamp stage writes the job folder (settings, records, tokenizer path, held-out pairs) and calls
 `run_job` in-process, or launches this module on several processes:
 
-    torchrun --nproc_per_node 4 -m models.ecamp.job --job runs/x/pretrain_ecamp/job --out runs/x/pretrain_ecamp/train
+    torchrun --nproc_per_node 4 -m models.ecamp.job --job runs/x/pretrain_ecamp/job --out
+    runs/x/pretrain_ecamp/train
 """
 
 from __future__ import annotations
@@ -40,11 +42,12 @@ def write_job(
     data_hash: str,
     heldout: Sequence[PretrainRecord] = (),
 ) -> Path:
-    """Everything a (torchrun) training process needs, as plain files, so the stage can launch it as a command.
+    """Everything a (torchrun) training process needs, as plain files, so the stage can launch it as a
+    command.
 
-    The job's `data_hash` covers `data_hash` (the upstream artifacts), the records, the text masking config and
-    the entity words: a checkpoint trained on other texts, windows or masking (e.g. another λ_neg) is never
-    resumed, however finished it is."""
+    The job's `data_hash` covers `data_hash` (the upstream artifacts), the records, the text masking config
+    and the entity words: a checkpoint trained on other texts, windows or masking (e.g. another λ_neg) is
+    never resumed, however finished it is."""
     job_dir.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     with (job_dir / "records.jsonl").open("w") as f:
@@ -104,7 +107,8 @@ def run_job(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m models.ecamp.job",
-        description="Run one ECAMP pre-training job (prepared by the pretrain_ecamp stage). Under torchrun every "
+        description="Run one ECAMP pre-training job (prepared by the pretrain_ecamp stage). Under torchrun "
+        "every "
         "process runs this; rank 0 writes checkpoint.pt and metrics.jsonl into --out.",
     )
     parser.add_argument(

@@ -1,15 +1,17 @@
-"""ECAMP pre-training model: masked image modelling, context-guided super-resolution and MSCF masked language modelling.
+"""ECAMP pre-training model: masked image modelling, context-guided super-resolution and MSCF masked language
+modelling.
 
 Three heads share one ViT encoder (paper §3.2–3.4, REFERENCE §1.4 and §2.2):
 - MIM: MAE-style 75% random patch masking on the low-resolution image, a light decoder predicting pixels;
-- SR: the decoder's whole low-resolution reconstruction is up-sampled ×2 and compared with the high-resolution image
-  inside the attention window of stage 6 (`train_gloria`), so the encoder must model disease-relevant texture;
-- MLM: the (masked) report is fused with the visible patch features by the multi-scale context fusion layer (local
-  cross-attention + global average pooling, Fig. 4) and decoded by a BERT encoder with an MLM head.
+- SR: the decoder's whole low-resolution reconstruction is up-sampled ×2 and compared with the high-resolution
+  image inside the attention window of stage 6 (`train_gloria`), so the encoder must model disease-relevant
+  texture;
+- MLM: the (masked) report is fused with the visible patch features by the multi-scale context fusion layer
+  (local cross-attention + global average pooling, Fig. 4) and decoded by a BERT encoder with an MLM head.
 
-The encoder's parameter names match timm's `VisionTransformer`, so `models.ecamp.export` can hand the trained encoder to
-any timm user with `strict=True`. Parameters of switched-off branches are not created at all, so DDP never sees
-unused parameters.
+The encoder's parameter names match timm's `VisionTransformer`, so `models.ecamp.export` can hand the trained
+encoder to any timm user with `strict=True`. Parameters of switched-off branches are not created at all, so
+DDP never sees unused parameters.
 """
 
 from __future__ import annotations
@@ -108,13 +110,15 @@ class ECAMPConfig(BaseModel):
                 raise ValueError(f"{what}: {dim} is not divisible by {heads}")
         if self.norm_pix_loss and self.sr:
             raise ValueError(
-                "norm_pix_loss with sr: the SR input would be de-normalised with the ground-truth statistics of "
+                "norm_pix_loss with sr: the SR input would be de-normalised with the ground-truth "
+                "statistics of "
                 "the masked patches (a leak of what MIM must predict); switch one of them off"
             )
         return self
 
     def bert_config(self) -> BertConfig:
-        """The BERT config of the text side (REFERENCE §2.2: official 6 layers, 768 wide, 6 heads, FFN 1536)."""
+        """The BERT config of the text side (REFERENCE §2.2: official 6 layers, 768 wide, 6 heads, FFN
+        1536)."""
         cfg = BertConfig(
             vocab_size=self.vocab_size,
             hidden_size=self.text_hidden,
@@ -133,9 +137,9 @@ class ECAMPConfig(BaseModel):
         return cfg
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # fixed 2-D sin-cos position embeddings (MAE layout: first half encodes the column, second half the row)
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     """[len(positions), dim] = [sin(p·ω), cos(p·ω)] with ω_k = 10000^(-k/(dim/2))."""
     if dim % 2:
@@ -159,7 +163,8 @@ def sincos_2d(dim: int, grid_size: int, cls_token: bool) -> torch.Tensor:
 def random_masking(n: int, length: int, mask_ratio: float, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Per-sample random subset of patches to keep (MAE: argsort of uniform noise).
 
-    Returns ids_keep [n, keep], mask [n, length] (1 = removed) and ids_restore [n, length] that undoes the shuffle.
+    Returns ids_keep [n, keep], mask [n, length] (1 = removed) and ids_restore [n, length] that undoes the
+    shuffle.
     """
     len_keep = int(length * (1 - mask_ratio))
     noise = torch.rand(n, length, device=device)
@@ -170,9 +175,9 @@ def random_masking(n: int, length: int, mask_ratio: float, device: torch.device)
     return ids_shuffle[:, :len_keep], torch.gather(mask, 1, ids_restore), ids_restore
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # image branch
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 class MaskedViTEncoder(nn.Module):
     """ViT encoder over the visible patches; parameter names equal timm `VisionTransformer`'s (for export)."""
 
@@ -201,7 +206,8 @@ class MaskedViTEncoder(nn.Module):
 
 
 class MAEDecoder(nn.Module):
-    """Light transformer that fills the masked positions with a learned token and predicts each patch's pixels."""
+    """Light transformer that fills the masked positions with a learned token and predicts each patch's
+    pixels."""
 
     def __init__(self, cfg: ECAMPConfig):
         super().__init__()
@@ -228,7 +234,8 @@ class MAEDecoder(nn.Module):
 
 
 class SRUpsampler(nn.Module):
-    """Bilinear ×2, conv3×3, ReLU, conv3×3, plus the up-sampled input (paper §3.3; official adds a final ReLU)."""
+    """Bilinear ×2, conv3×3, ReLU, conv3×3, plus the up-sampled input (paper §3.3; official adds a final
+    ReLU)."""
 
     def __init__(self, channels: int, final_relu: bool):
         super().__init__()
@@ -242,16 +249,18 @@ class SRUpsampler(nn.Module):
         return F.relu(out) if self.final_relu else out
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # text branch: multi-scale context fusion (MSCF) + BERT encoder + MLM head
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, L] 1/0 → boolean [B, 1, 1, L] (True = may attend), the form SDPA broadcasts over heads and queries."""
+    """[B, L] 1/0 → boolean [B, 1, 1, L] (True = may attend), the form SDPA broadcasts over heads and
+    queries."""
     return attention_mask.bool()[:, None, None, :]
 
 
 class MSCFusion(nn.Module):
-    """One fusion layer (Fig. 4, REFERENCE §2.2): f_t = SA(E); fused = FFN(LN(f_t + W(CA(f_t, f_v^l) + W_g·GAP)))."""
+    """One fusion layer (Fig. 4, REFERENCE §2.2): f_t = SA(E); fused = FFN(LN(f_t + W(CA(f_t, f_v^l) +
+    W_g·GAP)))."""
 
     def __init__(self, bert: BertConfig, img_dim: int, local: bool, global_: bool):
         super().__init__()
@@ -293,8 +302,9 @@ class MSCFTextModel(nn.Module):
         self.tie = cfg.tie_mlm_decoder
 
     def tie_weights(self) -> None:
-        """One output bias (HF ties `predictions.bias` to `decoder.bias` only inside PreTrainedModel; an untied,
-        unused copy would break DDP); optionally the decoder weight to the word embeddings (BERT; official: not)."""
+        """One output bias (HF ties `predictions.bias` to `decoder.bias` only inside PreTrainedModel; an
+        untied, unused copy would break DDP); optionally the decoder weight to the word embeddings (BERT;
+        official: not)."""
         self.head.predictions.bias = self.head.predictions.decoder.bias
         if self.tie:
             self.head.predictions.decoder.weight = self.embeddings.word_embeddings.weight
@@ -307,11 +317,12 @@ class MSCFTextModel(nn.Module):
         return self.encoder(x, attention_mask=text_mask).last_hidden_state
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the whole model
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 class ECAMP(nn.Module):
-    """forward(imgs_lr, imgs_hr, input_ids, attention_mask, labels, weights, window) → {mim, sr, mlm, total}."""
+    """forward(imgs_lr, imgs_hr, input_ids, attention_mask, labels, weights, window) → {mim, sr, mlm,
+    total}."""
 
     def __init__(self, cfg: ECAMPConfig):
         super().__init__()
@@ -322,9 +333,11 @@ class ECAMP(nn.Module):
         self.text = MSCFTextModel(cfg) if cfg.text_side else None
         self.initialize_weights()
 
-    # ---- init ------------------------------------------------------------------------------------------------
+    # ---- init
+    # ------------------------------------------------------------------------------------------------
     def initialize_weights(self) -> None:
-        """MAE init for the image side (xavier linears, N(0, .02) tokens); BERT init (N(0, .02)) for the text side."""
+        """MAE init for the image side (xavier linears, N(0, .02) tokens); BERT init (N(0, .02)) for the text
+        side."""
         for module in [self.encoder, self.decoder] + ([self.upsampler] if self.upsampler is not None else []):
             module.apply(init_mae_module)
         w = self.encoder.patch_embed.proj.weight
@@ -336,7 +349,8 @@ class ECAMP(nn.Module):
             self.text.apply(lambda m: init_bert_module(m, std))
             self.text.tie_weights()
 
-    # ---- patches ---------------------------------------------------------------------------------------------
+    # ---- patches
+    # ---------------------------------------------------------------------------------------------
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] → [N, L, p²·C] (row-major patches, pixels in (p, q, c) order as MAE)."""
         p, c = self.cfg.patch_size, imgs.shape[1]
@@ -351,9 +365,11 @@ class ECAMP(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
-    # ---- losses ----------------------------------------------------------------------------------------------
+    # ---- losses
+    # ----------------------------------------------------------------------------------------------
     def mim_target(self, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-patch targets (normalised if norm_pix_loss) with the patch mean and std used to normalise them."""
+        """Per-patch targets (normalised if norm_pix_loss) with the patch mean and std used to normalise
+        them."""
         target = self.patchify(imgs)
         if not self.cfg.norm_pix_loss:
             return target, torch.zeros_like(target[..., :1]), torch.ones_like(target[..., :1])
@@ -367,7 +383,8 @@ class ECAMP(nn.Module):
         return (per_patch * mask).sum() / denom.clamp(min=1)
 
     def reconstruction(self, pred: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-        """The decoder's low-res image in pixel space (undoing norm_pix with the detached target statistics)."""
+        """The decoder's low-res image in pixel space (undoing norm_pix with the detached target
+        statistics)."""
         return self.unpatchify(pred * std.detach() + mean.detach())
 
     def sr_loss(self, recon_lr: torch.Tensor, imgs_hr: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
@@ -382,7 +399,8 @@ class ECAMP(nn.Module):
     def mlm_loss(
         self, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, positions: int | None = None
     ) -> torch.Tensor:
-        """Weighted MLM loss (normalised by B·L), with the vocabulary projection run only where a label exists.
+        """Weighted MLM loss (normalised by B·L), with the vocabulary projection run only where a label
+        exists.
 
         Same value as projecting every position (unlabelled ones contribute nothing), but with ~25% of 256
         positions labelled it skips most of the largest matmul of the model (hidden × 30,000 vocabulary).
@@ -403,13 +421,15 @@ class ECAMP(nn.Module):
         attention_mask: torch.Tensor,
         where: torch.Tensor,
     ) -> torch.Tensor:
-        """MLM logits [n, V] at the `where` [B, L] positions, the text fused with `imgs_lr` as in training (the
-        encoder masks cfg.mask_ratio of the patches with the global RNG: seed it to compare two images)."""
+        """MLM logits [n, V] at the `where` [B, L] positions, the text fused with `imgs_lr` as in training
+        (the encoder masks cfg.mask_ratio of the patches with the global RNG: seed it to compare two
+        images)."""
         latent, _, _ = self.encoder(imgs_lr, self.cfg.mask_ratio)
         hidden = self.text(input_ids, attention_mask, latent[:, 1:, :])
         return self.text.head(hidden[where])
 
-    # ---- forward ---------------------------------------------------------------------------------------------
+    # ---- forward
+    # ---------------------------------------------------------------------------------------------
     def forward(
         self,
         imgs_lr: torch.Tensor,
@@ -420,7 +440,8 @@ class ECAMP(nn.Module):
         weights: torch.Tensor,
         window: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """Losses of one batch. window: [N, 4] (top, left, bottom, right) in high-res pixels, end exclusive."""
+        """Losses of one batch. window: [N, 4] (top, left, bottom, right) in high-res pixels, end
+        exclusive."""
         latent, mask, ids_restore = self.encoder(imgs_lr, self.cfg.mask_ratio)
         pred = self.decoder(latent, ids_restore)
         target, mean, std = self.mim_target(imgs_lr)
@@ -443,9 +464,9 @@ def trim_padding(
 ) -> tuple[torch.Tensor, ...]:
     """Drop the trailing columns that are padding in every row and carry no label.
 
-    The collator pads every batch to max_len (256) because the loss divides by B·max_len; reports are ~100 pieces,
-    so most of the text encoder's work would be on padding that attention masks out anyway. The loss keeps the
-    original B·L (see `mlm_loss`); with the official all-positions labels nothing is trimmed.
+    The collator pads every batch to max_len (256) because the loss divides by B·max_len; reports are ~100
+    pieces, so most of the text encoder's work would be on padding that attention masks out anyway. The loss
+    keeps the original B·L (see `mlm_loss`); with the official all-positions labels nothing is trimmed.
     """
     used = (attention_mask.bool() | (labels != IGNORE_INDEX)).any(dim=0)
     length = int(used.nonzero().max()) + 1 if bool(used.any()) else 1

@@ -1,15 +1,16 @@
-"""The ECAMP pre-training trainer: its model, its optimiser and its loop, on the shared engine (models.engine).
+"""The ECAMP pre-training trainer: its model, its optimiser and its loop, on the shared engine
+(models.engine).
 
-The engine gives the schedule, exact checkpoint/resume, DDP, autocast, the non-finite guard and progress lines;
-this module keeps what is ECAMP's own: the initial weights, the parameter groups, the batch order across ranks
-and what one step computes. The data is `models.ecamp.data`; the job folder and the torchrun entry point are
-`models.ecamp.job`. No Prefect here.
+The engine gives the schedule, exact checkpoint/resume, DDP, autocast, the non-finite guard and progress
+lines; this module keeps what is ECAMP's own: the initial weights, the parameter groups, the batch order
+across ranks and what one step computes. The data is `models.ecamp.data`; the job folder and the torchrun
+entry point are `models.ecamp.job`. No Prefect here.
 
-Exact resume: the model's own draws (patch masking, dropout) are seeded per micro-batch from (seed, epoch, sample
-indices), and the data's draws are functions of the same (see `models.ecamp.data`). The same holds across world
-sizes: W processes with batch b and accumulation a make the same micro-batches as one process with batch b and
-accumulation a·W (`ResumableSampler`), so every micro-batch's masks, losses and gradients are the same, and DDP's
-average is the same step.
+Exact resume: the model's own draws (patch masking, dropout) are seeded per micro-batch from (seed, epoch,
+sample indices), and the data's draws are functions of the same (see `models.ecamp.data`). The same holds
+across world sizes: W processes with batch b and accumulation a make the same micro-batches as one process
+with batch b and accumulation a·W (`ResumableSampler`), so every micro-batch's masks, losses and gradients are
+the same, and DDP's average is the same step.
 """
 
 from __future__ import annotations
@@ -44,11 +45,12 @@ LOSSES = ("mim", "sr", "mlm", "total")
 WHAT = "ECAMP pre-training"
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # optimisation
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms and tokens (MAE/timm rule: parameters with ndim ≤ 1 or named tokens)."""
+    """No weight decay on biases, norms and tokens (MAE/timm rule: parameters with ndim ≤ 1 or named
+    tokens)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -96,9 +98,9 @@ def make_schedule(cfg: PretrainConfig, n_samples: int, world: int) -> Schedule:
     )
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # initial weights
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 RANDOM_INIT = "random"
 MAE_URL = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth"
 
@@ -118,13 +120,15 @@ def check_init_checkpoint(cfg: PretrainConfig, key: str = "pretrain_ecamp.train.
 def load_partial(
     model: nn.Module, path: str | Path, log: logging.Logger = LOG
 ) -> tuple[list[str], list[str]]:
-    """Load a pre-training checkpoint (MAE `{'model': ...}`, our own, a DDP one, or timm safetensors) into ECAMP.
+    """Load a pre-training checkpoint (MAE `{'model': ...}`, our own, a DDP one, or timm safetensors) into
+    ECAMP.
 
-    A key matches as is, or with our `encoder.` / `decoder.` prefix (MAE names its encoder and decoder parameters
-    flat). A matching key of another shape is an error (a silently skipped tensor would train from random while
-    the run claims MAE init). Returns (loaded keys, unexpected 'key: no such parameter'); the log lists both and
-    the encoder keys the checkpoint did not have, as a warning when the match is partial. A checkpoint matching
-    no parameter is an error: pre-training would start from random weights while the run claims an init.
+    A key matches as is, or with our `encoder.` / `decoder.` prefix (MAE names its encoder and decoder
+    parameters flat). A matching key of another shape is an error (a silently skipped tensor would train from
+    random while the run claims MAE init). Returns (loaded keys, unexpected 'key: no such parameter'); the log
+    lists both and the encoder keys the checkpoint did not have, as a warning when the match is partial. A
+    checkpoint matching no parameter is an error: pre-training would start from random weights while the run
+    claims an init.
     """
     path = Path(path)
     if not path.exists():
@@ -148,7 +152,8 @@ def load_partial(
     if not loaded:
         raise CheckpointError(
             f"init_checkpoint {path}: none of its {len(unexpected)} tensors matches a parameter of the model "
-            f"(e.g. {', '.join(unexpected[:3]) or 'no tensors'}); it is not an MAE/ECAMP pre-training checkpoint"
+            f"(e.g. {', '.join(unexpected[:3]) or 'no tensors'}); it is not an MAE/ECAMP pre-training "
+            f"checkpoint"
         )
     model.load_state_dict(update, strict=False)
     level = logging.WARNING if unexpected or missing else logging.INFO
@@ -165,9 +170,9 @@ def load_partial(
     return loaded, unexpected
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # resume
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def fingerprint(model_cfg: ECAMPConfig, cfg: PretrainConfig, data_hash: str) -> dict[str, Any]:
     """What must not change for a checkpoint to be resumable (not the checkpoint cadence or worker count)."""
     keep = cfg.model_dump(exclude={"ckpt_every", *LOADER_SETTINGS, *MEASURE_SETTINGS})
@@ -175,7 +180,8 @@ def fingerprint(model_cfg: ECAMPConfig, cfg: PretrainConfig, data_hash: str) -> 
 
 
 def read_resume_checkpoint(path: Path) -> dict[str, Any]:
-    """A resume checkpoint this trainer wrote, read without running code; anything else is a CheckpointError."""
+    """A resume checkpoint this trainer wrote, read without running code; anything else is a
+    CheckpointError."""
     return read_resume_file(
         path, RESUME_KEYS, f"resume checkpoint of {WHAT}", f"delete it to start {WHAT} over"
     )
@@ -199,9 +205,9 @@ class TrainResult:
     checkpoint: Path
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the loop
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def loader_options(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
     """DataLoader keyword arguments from the config (workers, pinning, persistence, prefetch, timeout)."""
     options: dict[str, Any] = {
@@ -242,8 +248,9 @@ class Trainer:
 
 
 def train_one_epoch(t: Trainer, state: TrainState, stop_after: int | None) -> bool:
-    """Run the rest of the current epoch (or up to `stop_after` steps, or the schedule's end); True when stopped
-    there. Losses are averaged over the accumulated micro-batches and the ranks before they are logged."""
+    """Run the rest of the current epoch (or up to `stop_after` steps, or the schedule's end); True when
+    stopped there. Losses are averaged over the accumulated micro-batches and the ranks before they are
+    logged."""
     cfg, info, seed = t.cfg, t.info, t.cfg.seed_value
     micro_per_epoch = t.schedule.steps_per_epoch * cfg.accum_iter
     autocast = autocast_for(cfg.amp, info.device)
@@ -313,7 +320,8 @@ def train(
     log_every_s: float = LOG_EVERY_S,
     heldout: Sequence[HeldOutBatch] = (),
 ) -> TrainResult:
-    """Train until the schedule ends (or `stop_after` optimiser steps in total), resuming from out_dir/checkpoint.pt.
+    """Train until the schedule ends (or `stop_after` optimiser steps in total), resuming from
+    out_dir/checkpoint.pt.
 
     With `heldout` batches (`models.ecamp.reliance`) the last step's metrics row (and each epoch's last with
     `reliance_every_epoch`) carries the text side's image reliance, measured on rank 0 without gradient.

@@ -1,15 +1,17 @@
-"""Does the text side read the image? Masked-token accuracy with the paired image vs with another pair's image.
+"""Does the text side read the image? Masked-token accuracy with the paired image vs with another pair's
+image.
 
-The MLM can learn to fill entity and descriptor words from the report alone (the corpus's habits) and never use
-the visual features MSCF hands it; then the text side adds nothing to the encoder. Measured on held-out pairs,
-without gradient: each batch's entity and descriptor tokens that the masking hides are predicted twice, once with
-each report's own image and once with the batch's images rolled by one (every report gets another study's
-image), with the same text masking and the same patch masks, so the image is the only difference. Reliance is
-the drop: accuracy paired − mismatched, and loss mismatched − paired (both ~0 for a text side that ignores the
-image, and exactly 0 when every image is the same).
+The MLM can learn to fill entity and descriptor words from the report alone (the corpus's habits) and never
+use the visual features MSCF hands it; then the text side adds nothing to the encoder. Measured on held-out
+pairs, without gradient: each batch's entity and descriptor tokens that the masking hides are predicted twice,
+once with each report's own image and once with the batch's images rolled by one (every report gets another
+study's image), with the same text masking and the same patch masks, so the image is the only difference.
+Reliance is the drop: accuracy paired − mismatched, and loss mismatched − paired (both ~0 for a text side that
+ignores the image, and exactly 0 when every image is the same).
 
 Held-out pairs keep one image per study (the views of one study share a report: rolled onto each other they
-would not be mismatched), are shuffled by the seed (the images table lists a study's views together) and capped.
+would not be mismatched), are shuffled by the seed (the images table lists a study's views together) and
+capped.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ R = TypeVar("R", bound=HasStudy)
 
 @dataclass(frozen=True)
 class HeldOutBatch:
-    """One held-out batch, fixed for the whole run: low-res images, the masked text, and which positions count."""
+    """One held-out batch, fixed for the whole run: low-res images, the masked text, and which positions
+    count."""
 
     imgs_lr: torch.Tensor  # [B, C, S, S], normalised as in training, no augmentation
     input_ids: torch.Tensor  # [B, L]
@@ -71,7 +74,8 @@ def heldout_batches(
     seed: int,
     batch_size: int,
 ) -> list[HeldOutBatch]:
-    """Batches of at least two pairs (a roll of one pair would pair it with itself); masking seeded per batch."""
+    """Batches of at least two pairs (a roll of one pair would pair it with itself); masking seeded per
+    batch."""
     if len(images) != len(texts):
         raise ValueError(f"held-out pairs: {len(images)} images but {len(texts)} texts")
     if len(images) < 2:
@@ -108,7 +112,8 @@ def measure_reliance(
 ) -> dict[str, Any]:
     """The `RELIANCE_KEYS` of `model` on `batches` (nothing when it has no text side or no batch).
 
-    Runs in eval mode (no dropout) under a forked RNG, so training resumes with the draws it would have had."""
+    Runs in eval mode (no dropout) under a forked RNG, so training resumes with the draws it would have
+    had."""
     if model.text is None or not batches:
         return {}
     was_training = model.training

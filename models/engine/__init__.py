@@ -1,1 +1,2 @@
-"""What every trainer shares, apart from its model, data and loss (the one engine; it grows piece by piece)."""
+"""What every trainer shares, apart from its model, data and loss (the one engine; it grows piece by
+piece)."""

@@ -1,4 +1,5 @@
-"""One process, or one of several started by torchrun: who this process is, and the collectives a trainer needs.
+"""One process, or one of several started by torchrun: who this process is, and the collectives a trainer
+needs.
 
 Every trainer goes through `init_distributed`, so a single process and a torchrun rank run the same code; with
 one process the collectives are no-ops and the model is not wrapped.
@@ -54,7 +55,8 @@ def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
 
 
 def mean_over_ranks(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """The mean of `values` over every rank, in place (the logged loss is the whole step's, not one shard's)."""
+    """The mean of `values` over every rank, in place (the logged loss is the whole step's, not one
+    shard's)."""
     if info.world > 1:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         values /= info.world
@@ -71,5 +73,6 @@ def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
 
 
 def one_process(device: str) -> DistInfo:
-    """A trainer that never shards (GLoRIA: its contrastive batch must stay whole) is rank 0 of 1 on `device`."""
+    """A trainer that never shards (GLoRIA: its contrastive batch must stay whole) is rank 0 of 1 on
+    `device`."""
     return DistInfo(0, 1, 0, torch.device(resolve_device(device)))

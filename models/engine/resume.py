@@ -1,14 +1,14 @@
 """Exact resume: the one checkpoint format every trainer writes, and the one rule for reading it back.
 
-A resume checkpoint holds the model, optimiser and schedule, the trainer's own counters (`state`), every random
-generator's state for every rank (Python, NumPy, torch, CUDA), the world size and a fingerprint of what was
-trained (settings and data). A run that finds one continues exactly where it stopped.
+A resume checkpoint holds the model, optimiser and schedule, the trainer's own counters (`state`), every
+random generator's state for every rank (Python, NumPy, torch, CUDA), the world size and a fingerprint of what
+was trained (settings and data). A run that finds one continues exactly where it stopped.
 
-A checkpoint whose fingerprint or world size differs from this run's is not resumed: the trainer logs a warning
-naming the settings that differ and starts over, and its first save replaces the file. Stages keep their
-checkpoints across runs, so a changed setting (another learning rate, other data) must start a new training,
-not fail the stage nor continue the old one. A file that is not a resume checkpoint at all is an error: it is
-someone else's file, and nothing overwrites it.
+A checkpoint whose fingerprint or world size differs from this run's is not resumed: the trainer logs a
+warning naming the settings that differ and starts over, and its first save replaces the file. Stages keep
+their checkpoints across runs, so a changed setting (another learning rate, other data) must start a new
+training, not fail the stage nor continue the old one. A file that is not a resume checkpoint at all is an
+error: it is someone else's file, and nothing overwrites it.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def plain(value: Any) -> Any:
 
 
 def changed_keys(saved: Any, current: Any, prefix: str = "") -> list[str]:
-    """Dotted names of the fingerprint entries that differ (a whole value where the two are not both dicts)."""
+    """Dotted names of the fingerprint entries that differ (a whole value where the two are not both
+    dicts)."""
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
         for key in sorted(set(saved) | set(current), key=str):
@@ -73,8 +74,9 @@ def changed_keys(saved: Any, current: Any, prefix: str = "") -> list[str]:
 class ResumeFile:
     """One trainer's resume checkpoint: `load` restores a matching one, `save` writes it atomically.
 
-    `what` names the training in messages ("ECAMP pre-training"); `fingerprint` is what must not change for the
-    file to be resumed (settings that change no step, such as worker counts or the checkpoint cadence, stay out).
+    `what` names the training in messages ("ECAMP pre-training"); `fingerprint` is what must not change for
+    the file to be resumed (settings that change no step, such as worker counts or the checkpoint cadence,
+    stay out).
     """
 
     def __init__(
@@ -89,8 +91,8 @@ class ResumeFile:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
     ) -> dict[str, Any] | None:
-        """The trainer's saved `state`, with model, optimiser, schedule and this rank's RNGs restored; None when
-        there is no checkpoint or it was made with other settings (see the module docstring)."""
+        """The trainer's saved `state`, with model, optimiser, schedule and this rank's RNGs restored; None
+        when there is no checkpoint or it was made with other settings (see the module docstring)."""
         if not self.path.exists():
             return None
         payload = read_resume_file(

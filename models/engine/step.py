@@ -1,5 +1,5 @@
-"""What every optimiser step needs whatever the model: mixed precision, the non-finite guard, the update itself,
-and progress lines a person reads."""
+"""What every optimiser step needs whatever the model: mixed precision, the non-finite guard, the update
+itself, and progress lines a person reads."""
 
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ from torch import nn
 
 
 def autocast_for(amp: str, device: torch.device) -> torch.autocast:
-    """bf16 autocast on the device's type (torch.autocast("cpu") on CPU), on when `amp` asks for it: "bf16", or
-    "auto" on CUDA (a CPU without AVX512-BF16/AMX runs bf16 slower than fp32)."""
+    """bf16 autocast on the device's type (torch.autocast("cpu") on CPU), on when `amp` asks for it: "bf16",
+    or "auto" on CUDA (a CPU without AVX512-BF16/AMX runs bf16 slower than fp32)."""
     on = amp == "bf16" or (amp == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
 def check_finite_step(what: str, losses: dict[str, float], grad_norm: float, epoch: int, step: int) -> None:
-    """Stop before an optimiser step that would write NaN/inf into the weights. `losses["total"]` (or the first
-    loss) is the one named; every non-finite one is listed."""
+    """Stop before an optimiser step that would write NaN/inf into the weights. `losses["total"]` (or the
+    first loss) is the one named; every non-finite one is listed."""
     bad = [f"{k}={v}" for k, v in losses.items() if not math.isfinite(v)]
     if bad:
         total = losses.get("total", next(iter(losses.values())))
@@ -39,7 +39,8 @@ def check_finite_step(what: str, losses: dict[str, float], grad_norm: float, epo
 
 @dataclass
 class StepGuard:
-    """What the non-finite guard names: the trainer, this step's losses, and where the run is (1-based step)."""
+    """What the non-finite guard names: the trainer, this step's losses, and where the run is (1-based
+    step)."""
 
     what: str
     losses: dict[str, float]
@@ -54,8 +55,9 @@ def optimizer_step(
     clip: float | None,
     guard: StepGuard,
 ) -> tuple[float, float]:
-    """Clip (or only measure) the gradient norm, refuse a non-finite step (`check_finite_step`), update, clear the
-    gradients, advance the schedule. Returns (the lr the step ran at, the gradient norm before clipping)."""
+    """Clip (or only measure) the gradient norm, refuse a non-finite step (`check_finite_step`), update, clear
+    the gradients, advance the schedule. Returns (the lr the step ran at, the gradient norm before
+    clipping)."""
     grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf")))
     check_finite_step(guard.what, guard.losses, grad_norm, guard.epoch, guard.step)
     lr = optimizer.param_groups[0]["lr"]
@@ -66,8 +68,8 @@ def optimizer_step(
 
 
 class ProgressLog:
-    """A line to the run log at most every `every_s` seconds (and whenever forced, e.g. at the last step): every
-    step is in the metrics, and a run log of one line per step is one nobody reads."""
+    """A line to the run log at most every `every_s` seconds (and whenever forced, e.g. at the last step):
+    every step is in the metrics, and a run log of one line per step is one nobody reads."""
 
     def __init__(self, log: logging.Logger | logging.LoggerAdapter, every_s: float, enabled: bool = True):
         self.log, self.every_s, self.enabled = log, every_s, enabled

@@ -3,8 +3,8 @@
 Pre-training is worth something only if its features beat the pixels they were computed from, so every table
 carries this row (a reviewer's scikit-learn logistic regression on 32×32 images beat every demo encoder):
 - classification (both tables): scikit-learn's `LogisticRegression` (L2, lbfgs; one per class for multi-label
-  sets, multinomial for multi-class ones) on the image downsampled to `size`×`size` grey levels (area average of
-  the decoded input), each pixel standardised with the statistics of the run's training subset; the inverse
+  sets, multinomial for multi-class ones) on the image downsampled to `size`×`size` grey levels (area average
+  of the decoded input), each pixel standardised with the statistics of the run's training subset; the inverse
   regularisation C is chosen on the validation score from `c_grid`, as the other rows choose their epoch.
   Why not the linear probe's own loop: with a step budget it under-fits on a thousand pixels unless its
   optimiser is tuned per dataset (the tests' constructed set: test AUC 0.85-0.91 for AdamW at lr 1e-3 to 3e-2
@@ -35,7 +35,8 @@ PIXELS = "pixels"
 
 
 class PixelBaseline(BaseModel):
-    """How the `pixels` row's classifier reads and is regularised (the dense tasks use their own head settings)."""
+    """How the `pixels` row's classifier reads and is regularised (the dense tasks use their own head
+    settings)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -64,7 +65,8 @@ def downsampled(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def pixel_tokens(images: torch.Tensor, patch: int, mean: float, std: float) -> torch.Tensor:
-    """uint8 [N, S, S] -> float [N, (S/p)², p²]: normalised grey patches in the ViT's row-major token order."""
+    """uint8 [N, S, S] -> float [N, (S/p)², p²]: normalised grey patches in the ViT's row-major token
+    order."""
     n, size = images.shape[0], images.shape[-1]
     if size % patch:
         raise ValueError(f"pixels baseline: {size} px is not a multiple of the patch size {patch}")
@@ -75,8 +77,8 @@ def pixel_tokens(images: torch.Tensor, patch: int, mean: float, std: float) -> t
 
 @dataclass
 class PixelClassifier:
-    """A fitted scaler and one scikit-learn model per class (multi-label) or one multinomial model; a class the
-    training subset never shows (or always shows) gets a constant logit."""
+    """A fitted scaler and one scikit-learn model per class (multi-label) or one multinomial model; a class
+    the training subset never shows (or always shows) gets a constant logit."""
 
     scaler: StandardScaler
     models: list[
@@ -104,7 +106,8 @@ class PixelClassifier:
 
 
 def fit_linear(x: np.ndarray, y: np.ndarray, c: float, max_iter: int) -> LogisticRegression | float:
-    """One L2 logistic regression, or the constant logit when `y` holds a single value (sklearn refuses it)."""
+    """One L2 logistic regression, or the constant logit when `y` holds a single value (sklearn refuses
+    it)."""
     values = np.unique(y)
     if len(values) == 1:
         return float(values[0])

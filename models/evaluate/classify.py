@@ -103,7 +103,8 @@ def finetune(
     seed: int,
     desc: str = "fine-tune",
 ) -> FitResult:
-    """Fine-tune every weight of `model` (a fresh head) on (uint8 images, labels); keep the best-on-val weights."""
+    """Fine-tune every weight of `model` (a fresh head) on (uint8 images, labels); keep the best-on-val
+    weights."""
     images, labels = train
     val_labels = val[1].numpy()
 
@@ -150,7 +151,8 @@ def probe_the_head(
     head_std: float = 2e-5,
     desc: str = "probe the head",
 ) -> FitResult:
-    """LP-FT (Kumar et al., 2022): set `model.head` to a linear probe trained on the model's own frozen features.
+    """LP-FT (Kumar et al., 2022): set `model.head` to a linear probe trained on the model's own frozen
+    features.
 
     Fine-tuning from a fresh head spends its first steps fitting the head while the head's large gradients run
     through every block; from the probe's head the blocks adapt a classifier that already works. With few

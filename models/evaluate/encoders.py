@@ -1,4 +1,5 @@
-"""The downstream ViT, built from one initialization: random, an ECAMP export, or any timm-loadable checkpoint.
+"""The downstream ViT, built from one initialization: random, an ECAMP export, or any timm-loadable
+checkpoint.
 
 Classification uses the paper's global feature f_v^g: timm's average of the patch tokens through a *fresh*
 `fc_norm` (the official fine-tuning code deletes the pre-trained `norm`); the CLS token, never trained by
@@ -76,7 +77,8 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def downstream_vit(arch: dict[str, Any], num_classes: int = 0, drop_path: float = 0.0) -> VisionTransformer:
-    """The fine-tuning ViT: average pooling of the patch tokens, fresh `fc_norm`, no final `norm`, a new head."""
+    """The fine-tuning ViT: average pooling of the patch tokens, fresh `fc_norm`, no final `norm`, a new
+    head."""
     kwargs = {**arch, "global_pool": "avg", "fc_norm": True, "num_classes": num_classes}
     return VisionTransformer(**kwargs, drop_path_rate=drop_path)
 

@@ -48,7 +48,8 @@ class FitConfig(BaseModel):
         1.0,
         gt=0,
         le=1,
-        description="ViT fine-tuning: block i of D trains at lr·decay^(D−i), the embeddings at lr·decay^(D+1), "
+        description="ViT fine-tuning: block i of D trains at lr·decay^(D−i), the embeddings at "
+        "lr·decay^(D+1), "
         "the head at lr (MAE/BEiT; 1.0 = one lr for all, the official recipe)",
     )
     head_lr: float | None = Field(
@@ -118,7 +119,8 @@ def epochs_for(n: int, cfg: FitConfig) -> int:
 
 
 def validation_due(epoch: int, epochs: int, validations: int | None) -> bool:
-    """Every epoch, or `validations` evenly spaced epochs ending with the last (1 % subsets: 1-step epochs)."""
+    """Every epoch, or `validations` evenly spaced epochs ending with the last (1 % subsets: 1-step
+    epochs)."""
     if validations is None or validations >= epochs:
         return True
     return (epoch + 1) * validations // epochs != epoch * validations // epochs

@@ -33,7 +33,8 @@ class Pixels:
 
 
 def resize_gray(pixels: np.ndarray, size: int) -> np.ndarray:
-    """[H, W] float in [0, 1] -> [size, size] uint8, bicubic (the whole image: no crop, as the paper's 224 input)."""
+    """[H, W] float in [0, 1] -> [size, size] uint8, bicubic (the whole image: no crop, as the paper's 224
+    input)."""
     im = Image.fromarray(np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8))
     return np.asarray(im.resize((size, size), Image.Resampling.BICUBIC))
 

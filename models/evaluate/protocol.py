@@ -1,12 +1,14 @@
-"""The evaluation protocol: every initialization × task × label fraction × seed on one dataset, as result rows.
+"""The evaluation protocol: every initialization × task × label fraction × seed on one dataset, as result
+rows.
 
 The expensive parts are paid once: each split is decoded once (`pixels`), and a frozen encoder's features
-once per initialization (once per seed for the random init, whose weights are the seed's), so the linear probe,
-segmentation and detection heads train on cached tensors; the heads of one label fraction (every
+once per initialization (once per seed for the random init, whose weights are the seed's), so the linear
+probe, segmentation and detection heads train on cached tensors; the heads of one label fraction (every
 initialization and seed) train as one group (`fit`). Fine-tuning alone runs the encoder every step, one run
 at a time. Each run picks its weights on the validation split and reports the test split. The `pixels`
 initialization has no encoder: its features are the pixels themselves (`models.evaluate.baseline`), cached
-the same way; its classifier is a scikit-learn model fitted once per label subset, so it is a group of its own.
+the same way; its classifier is a scikit-learn model fitted once per label subset, so it is a group of its
+own.
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ class ProtocolConfig(BaseModel):
     )
     finetune_head: Literal["fresh", "linear_probe"] = Field(
         "fresh",
-        description="the head fine-tuning starts from: fresh (official) or a linear probe on the frozen features "
+        description="the head fine-tuning starts from: fresh (official) or a linear probe on the frozen "
+        "features "
         "fitted first with the linear_probe settings (LP-FT)",
     )
     drop_path: float = Field(0.1, ge=0, lt=1)
@@ -146,8 +149,8 @@ def labels_of(splits: Splits, name: str) -> torch.Tensor:
 
 class FeatureCache:
     """Frozen encoders per (initialization, encoder seed) and their features per image list, shared by every
-    dataset and protocol of a stage run. A pre-trained encoder is seed-independent; a random one is the seed's.
-    The `pixels` init's features are the downsampled image (pooled) and its grey patches (tokens)."""
+    dataset and protocol of a stage run. A pre-trained encoder is seed-independent; a random one is the
+    seed's. The `pixels` init's features are the downsampled image (pooled) and its grey patches (tokens)."""
 
     def __init__(self, arch: dict[str, Any], norm: Normalization, pixel_size: int = 32):
         self.arch, self.norm, self.pixel_size = arch, norm, pixel_size
@@ -179,8 +182,8 @@ class FeatureCache:
         n_classes: int,
         cfg: ProtocolConfig,
     ) -> tuple[float, FitResult]:
-        """(test score, fit) of the `pixels` row's classifier on the `idx` subset: deterministic and free of any
-        encoder, so fitted once per subset and shared by both classification tables and every seed."""
+        """(test score, fit) of the `pixels` row's classifier on the `idx` subset: deterministic and free of
+        any encoder, so fitted once per subset and shared by both classification tables and every seed."""
         key = (*(px[s].key for s in ("train", "val", "test")), tuple(idx.tolist()), cfg.pixels)
         if key not in self.pixel_scores:
             pixels_init = Init("pixels", None, pixels=True)
@@ -234,8 +237,8 @@ def run_job(
     log: Log,
     cache: FeatureCache,
 ) -> Iterator[dict[str, Any]]:
-    """Result rows of every (protocol, init, fraction, seed) of `job`, in that order, a protocol at a time (the
-    stage writes them); within a protocol the runs of one fraction train as groups (`groups_of`)."""
+    """Result rows of every (protocol, init, fraction, seed) of `job`, in that order, a protocol at a time
+    (the stage writes them); within a protocol the runs of one fraction train as groups (`groups_of`)."""
     grid = arch["img_size"] // arch["patch_size"]
     for protocol in job.protocols:
         rows: dict[tuple[str, int, int], dict[str, Any]] = {}
@@ -440,9 +443,9 @@ class JobInputs:
 def run_job_in_worker(job: Job, inputs: JobInputs, threads: int) -> tuple[list[dict[str, Any]], list[str]]:
     """One dataset's rows and log lines, in a worker process with `threads` torch threads.
 
-    Why a process: fine-tuning a small ViT and the probe's steps leave the second core idle (their matrices are
-    too small to split), while another dataset's heads could use it. Each run is seeded by itself, so its numbers
-    do not depend on the worker it lands on; only the thread count changes float reductions."""
+    Why a process: fine-tuning a small ViT and the probe's steps leave the second core idle (their matrices
+    are too small to split), while another dataset's heads could use it. Each run is seeded by itself, so its
+    numbers do not depend on the worker it lands on; only the thread count changes float reductions."""
     torch.set_num_threads(threads)
     lines: list[str] = []
     cache = FeatureCache(inputs.arch, inputs.norm, inputs.cfg.pixels.size)
@@ -462,7 +465,8 @@ def run_jobs_in_parallel(jobs: list[Job], inputs: JobInputs, workers: int, log: 
         running = [pool.submit(run_job_in_worker, job, inputs, threads) for job in jobs]
         names = ", ".join(job.splits.name for job in jobs)
         log(
-            f"{names}: in {workers} worker processes, {threads} torch thread(s) each; a set's lines come when it ends"
+            f"{names}: in {workers} worker processes, {threads} torch thread(s) each; a set's lines come "
+            f"when it ends"
         )
         results = []
         for future in running:

@@ -97,7 +97,8 @@ def results_table(
 
 
 def plot_results(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """One panel per (task, dataset): metric vs label fraction (log x), a line with seed error bars per init."""
+    """One panel per (task, dataset): metric vs label fraction (log x), a line with seed error bars per
+    init."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -35,7 +35,8 @@ class SegHead(nn.Module):
         n_up = math.log2(img_size / grid)
         if n_up != int(n_up) or int(n_up) != len(cfg.channels):
             raise ValueError(
-                f"segmentation: {img_size} px from a {grid}x{grid} grid needs log2({img_size}/{grid}) = {n_up:g} "
+                f"segmentation: {img_size} px from a {grid}x{grid} grid needs log2({img_size}/{grid}) = "
+                f"{n_up:g} "
                 f"up-sampling blocks, but channels has {len(cfg.channels)} ({list(cfg.channels)})"
             )
         self.grid = grid

@@ -1,4 +1,5 @@
-"""Entity attention maps -> one map per image -> the super-resolution (SR) window; localization metrics; overlays.
+"""Entity attention maps -> one map per image -> the super-resolution (SR) window; localization metrics;
+overlays.
 
 ECAMP's SR loss (paper Eq. 5) only counts the k×k cells of the ViT patch grid that the entity attention points
 at (official: k=12 of a 14×14 grid, 9 placements; REFERENCE §1.4-1.5). Here the GLoRIA map of every positive
@@ -22,16 +23,16 @@ FallbackMode = Literal["centre", "random"]
 UPSAMPLE = 16  # sub-cells per grid cell when resampling a feature-map attention onto the ViT grid
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Entity words
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def matches_entity(word: str, entity: str) -> bool:
     """Whether a report word is the entity or one of its inflections (effusions, opacities, hyperinflation).
 
-    Rule: the word shares a prefix with the entity of at least len(entity) - 2 letters (and at least 4), and is
-    at most 4 letters longer. Cheap and good enough for the 44 single-word entities of Table 1.
+    Rule: the word shares a prefix with the entity of at least len(entity) - 2 letters (and at least 4), and
+    is at most 4 letters longer. Cheap and good enough for the 44 single-word entities of Table 1.
     """
     word, entity = word.lower(), entity.lower()
     if word == entity:
@@ -61,9 +62,9 @@ def entity_positions(
     ]
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Maps and windows
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def to_grid(maps: torch.Tensor, grid: int) -> torch.Tensor:
@@ -99,7 +100,8 @@ def best_windows(grid_maps: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
 
 
 def fallback_windows(n: int, grid: int, k: int, mode: FallbackMode, seed: int) -> np.ndarray:
-    """Windows [n, 2] for images without a positive entity: the centre placement, or uniform random (seeded)."""
+    """Windows [n, 2] for images without a positive entity: the centre placement, or uniform random
+    (seeded)."""
     if not 1 <= k <= grid:
         raise ValueError(f"window size k={k} must be between 1 and the grid size {grid}")
     if mode == "centre":
@@ -116,9 +118,9 @@ def argmax_cells(grid_maps: np.ndarray) -> np.ndarray:
     return np.stack([flat // g, flat % g], axis=1)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Localization against known lesions
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 class Localization(NamedTuple):
@@ -167,8 +169,8 @@ def localization(
 def random_localization(grid: int, k: int, lesions: np.ndarray) -> Localization:
     """The expected scores of a uniformly random peak cell and window placement, computed exactly.
 
-    Averaging over all grid² cells and all (grid-k+1)² placements is the limit of infinitely many seeded draws:
-    a baseline without sampling noise (a single draw over ~50 images moves the pointing rate by ±0.05).
+    Averaging over all grid² cells and all (grid-k+1)² placements is the limit of infinitely many seeded
+    draws: a baseline without sampling noise (a single draw over ~50 images moves the pointing rate by ±0.05).
     """
     cells = np.array([(r, c) for r in range(grid) for c in range(grid)])
     places = np.array([(r, c) for r in range(grid - k + 1) for c in range(grid - k + 1)])
@@ -193,9 +195,9 @@ def random_localization(grid: int, k: int, lesions: np.ndarray) -> Localization:
     )
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Pictures (paper Fig. 6)
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def save_overlay(

@@ -1,12 +1,12 @@
 """GLoRIA (Huang et al., ICCV 2021), re-trained on distilled reports: encoders, word aggregation and losses.
 
-ECAMP (paper §3.3) re-trains GLoRIA on the entity-centred distilled reports and reads its word→region attention
-to place the super-resolution window. This module holds the model only; training lives in `gloria_train.py`,
-maps and windows in `attention.py`. No Prefect here.
+ECAMP (paper §3.3) re-trains GLoRIA on the entity-centred distilled reports and reads its word→region
+attention to place the super-resolution window. This module holds the model only; training lives in
+`gloria_train.py`, maps and windows in `attention.py`. No Prefect here.
 
-Geometry follows the official code (REFERENCE §1.1-1.3): local features are ResNet-50 `layer3` (19×19 at 299 px),
-the global feature is `layer4` average-pooled; words are WordPiece tokens summed into whole words (`##` pieces),
-summed over the last 4 BERT layers. The local loss uses γ1, γ2, γ3 = 4, 5, 10.
+Geometry follows the official code (REFERENCE §1.1-1.3): local features are ResNet-50 `layer3` (19×19 at 299
+px), the global feature is `layer4` average-pooled; words are WordPiece tokens summed into whole words (`##`
+pieces), summed over the last 4 BERT layers. The local loss uses γ1, γ2, γ3 = 4, 5, 10.
 Default attention is the official *double* softmax (first over words per region, then γ1-scaled over regions);
 `softmax="single"` is the paper's equation, a_jr = softmax_r(γ1 · v_r·l_j).
 Two documented deviations, off by default (the demo turns them on): `scores="cosine"` (L2-normalised features
@@ -52,8 +52,10 @@ class GloriaConfig(BaseModel):
     )
     text_checkpoint: str | None = Field(
         None,
-        description="a local Hugging Face BERT folder (official: Bio_ClinicalBERT) whose weights and vocabulary "
-        "the text encoder starts from, for encoder resnet50; 'random' = a BERT built from text_* (unset is an "
+        description="a local Hugging Face BERT folder (official: Bio_ClinicalBERT) whose weights and "
+        "vocabulary "
+        "the text encoder starts from, for encoder resnet50; 'random' = a BERT built from text_* (unset is "
+        "an "
         "error)",
     )
     small_width: int = Field(32, ge=4, description="channels of the first stage of the small CNN (demo)")
@@ -82,24 +84,26 @@ class GloriaConfig(BaseModel):
 
     @model_validator(mode="after")
     def text_dims_come_from_the_checkpoint(self) -> GloriaConfig:
-        """With a BERT folder as text_checkpoint, its config.json fixes the text encoder's sizes: a size set here
-        to anything but its default would be silently overridden, so it is refused. (Compared with the defaults,
-        not with what was set: a config file is merged over every default before it is validated.)"""
+        """With a BERT folder as text_checkpoint, its config.json fixes the text encoder's sizes: a size set
+        here to anything but its default would be silently overridden, so it is refused. (Compared with the
+        defaults, not with what was set: a config file is merged over every default before it is
+        validated.)"""
         if not chosen(self.text_checkpoint):
             return self
         fields = type(self).model_fields
         overridden = sorted(k for k in TEXT_DIMS if getattr(self, k) != fields[k].default)
         if overridden:
             raise ValueError(
-                f"{', '.join(overridden)}: set by text_checkpoint's config.json ({self.text_checkpoint}); remove "
+                f"{', '.join(overridden)}: set by text_checkpoint's config.json ({self.text_checkpoint}); "
+                f"remove "
                 "them, or set text_checkpoint: random to build the text encoder from them"
             )
         return self
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Initializations: ImageNet ResNet-50 and Bio_ClinicalBERT from local paths, random only when asked
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 RANDOM_INIT = "random"
 RESNET50_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth (torchvision ImageNet ResNet-50)"
@@ -157,7 +161,8 @@ def load_bert_tokenizer(folder: str | Path) -> Tokenizer:
 
 
 def bert_dims(folder: str | Path) -> dict[str, int]:
-    """The text_* fields of GloriaConfig a BERT folder's config.json fixes (a saved model rebuilds from them)."""
+    """The text_* fields of GloriaConfig a BERT folder's config.json fixes (a saved model rebuilds from
+    them)."""
     bert = BertConfig.from_pretrained(str(folder))
     return {
         "vocab_size": bert.vocab_size,
@@ -168,15 +173,17 @@ def bert_dims(folder: str | Path) -> dict[str, int]:
     }
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Text: report -> words; WordPiece tokens -> whole words
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def clean_report(text: str) -> str:
-    """GLoRIA's report preprocessing: split sentences on '.' and numbered bullets, keep lower-case ASCII \\w+ words.
+    """GLoRIA's report preprocessing: split sentences on '.' and numbered bullets, keep lower-case ASCII \\w+
+    words.
 
-    GLoRIA also drops one-word sentences; we keep them ("Cardiomegaly." names an entity), a deliberate deviation.
+    GLoRIA also drops one-word sentences; we keep them ("Cardiomegaly." names an entity), a deliberate
+    deviation.
     """
     sentences = re.split(r"[0-9]+\.|\.", text.replace("\n", " "))
     kept = [" ".join(re.findall(r"\w+", s.lower().encode("ascii", "ignore").decode())) for s in sentences]
@@ -287,9 +294,9 @@ class TextEncoder(nn.Module):
         return self.word_proj(words), word_mask, self.sentence_proj(sentence)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Image: local region grid + global feature
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def conv_bn_relu(c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -344,9 +351,9 @@ class ImageEncoder(nn.Module):
         return self.local_proj(local), self.global_proj(deep.mean(dim=(2, 3)))
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Attention and losses
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def attention_weights(
@@ -382,7 +389,8 @@ def score_features(
 
 
 def region_scores(regions: torch.Tensor, words: torch.Tensor, kind: Literal["dot", "cosine"]) -> torch.Tensor:
-    """Word·region scores of every caption against every image: [B_img, B_txt, W, R] (see `score_features`)."""
+    """Word·region scores of every caption against every image: [B_img, B_txt, W, R] (see
+    `score_features`)."""
     regions, words = score_features(regions, words, kind)
     return torch.einsum("bdr,iwd->biwr", regions, words)
 
@@ -487,7 +495,8 @@ class Gloria(nn.Module):
     def mean_attention(
         self, regions: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor, chunk: int = 256
     ) -> torch.Tensor:
-        """Mean attention of one caption's words [W, D] (mask [W]) over many images' regions [M, D, R]: [W, R].
+        """Mean attention of one caption's words [W, D] (mask [W]) over many images' regions [M, D, R]: [W,
+        R].
 
         The caption's own attention prior: where its words look whatever the image (see `extract_attention`).
         """

@@ -1,14 +1,15 @@
-"""Training and inference loops for GLoRIA: data, crops, Adam(W) + warm-up/cosine, bf16 autocast, checkpoint/resume.
+"""Training and inference loops for GLoRIA: data, crops, Adam(W) + warm-up/cosine, bf16 autocast,
+checkpoint/resume.
 
 One process: GLoRIA's global and local losses contrast each image with every report of its batch, so a batch
-sharded over DDP ranks would train on smaller contrastive batches than one process (each rank's loss sees only its
-share) unless the features were gathered across ranks; GLoRIA is the small model of the pipeline, trained on one
-device.
+sharded over DDP ranks would train on smaller contrastive batches than one process (each rank's loss sees only
+its share) unless the features were gathered across ranks; GLoRIA is the small model of the pipeline, trained
+on one device.
 
 Images are pre-decoded once into a uint8 [N, S, S] array (a memmap at scale) of the square-padded radiograph,
 so training epochs and attention extraction never decode files again. Training sees random crops (`crop`,
-the official RandomCrop 224 of 256); attention extraction sees the whole image, so its grid maps onto the image
-without any crop to undo (REFERENCE §1.5 step 3). No Prefect here.
+the official RandomCrop 224 of 256); attention extraction sees the whole image, so its grid maps onto the
+image without any crop to undo (REFERENCE §1.5 step 3). No Prefect here.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(0, ge=0, description="DataLoader workers")
     amp: Literal["auto", "bf16", "off"] = Field(
         "auto",
-        description="bf16 autocast on the training device (CUDA or CPU); auto = bf16 on CUDA, fp32 on CPU (a CPU "
+        description="bf16 autocast on the training device (CUDA or CPU); auto = bf16 on CUDA, fp32 on CPU "
+        "(a CPU "
         "without AVX512-BF16/AMX runs bf16 slower than fp32)",
     )
     local_words: Literal["all", "affirmed"] = Field(
@@ -74,9 +76,9 @@ class TrainConfig(BaseModel):
     )
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Data
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def square_uint8(image: np.ndarray, size: int) -> np.ndarray:
@@ -137,7 +139,8 @@ def make_collate(tokenizer: Tokenizer, max_tokens: int) -> Callable:
 def affirmed_words(
     words: list[list[str]], entities: list[list[str]], forms: Mapping[str, str] | None, n_max: int
 ) -> torch.Tensor:
-    """[B, n_max] bool: the words of each caption that name one of its affirmed `entities` (`entity_positions`)."""
+    """[B, n_max] bool: the words of each caption that name one of its affirmed `entities`
+    (`entity_positions`)."""
     focus = torch.zeros(len(words), n_max, dtype=torch.bool)
     for b, (row, wanted) in enumerate(zip(words, entities, strict=True)):
         pos = [i for i in entity_positions(row, wanted, forms) if i < n_max]
@@ -145,9 +148,9 @@ def affirmed_words(
     return focus
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Training
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 WHAT = "GLoRIA training"
@@ -172,12 +175,12 @@ def train_gloria(
 ) -> list[dict]:
     """Train `model` in place and return one loss row per optimiser step (epoch, step, lr, loss, ...).
 
-    With `checkpoint`, the full state (model, optimiser, schedule, every RNG, loss history) is saved after each
-    epoch and a run that finds it resumes after the last finished epoch; one saved with other settings or another
-    seed is not resumed (a warning, then training from the start: `models.engine.resume`).
+    With `checkpoint`, the full state (model, optimiser, schedule, every RNG, loss history) is saved after
+    each epoch and a run that finds it resumes after the last finished epoch; one saved with other settings or
+    another seed is not resumed (a warning, then training from the start: `models.engine.resume`).
     `entities[i]` are the findings affirmed by report i (`forms`: see `entity_positions`); with
-    `cfg.local_words="affirmed"` (which requires them) the local loss uses only their words (`affirmed_words`);
-    "all" is the official all-word loss.
+    `cfg.local_words="affirmed"` (which requires them) the local loss uses only their words
+    (`affirmed_words`); "all" is the official all-word loss.
     """
     if len(data) < 2:
         raise ValueError(f"GLoRIA's contrastive losses need at least 2 image-report pairs, got {len(data)}")
@@ -239,14 +242,15 @@ def train_gloria(
     return rows
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Attention extraction
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class ImageAttention:
-    """Per image: the grid map (mean over positive entity words, else over all words) and what it came from."""
+    """Per image: the grid map (mean over positive entity words, else over all words) and what it came
+    from."""
 
     grid_maps: np.ndarray  # [N, grid, grid] float32, each sums to 1
     entity_found: np.ndarray  # [N] bool: at least one positive entity word was in the text
@@ -257,7 +261,8 @@ class ImageAttention:
 def reference_regions(
     model: Gloria, data: ImageTextData, n: int, batch_size: int, seed: int, device: str = "cpu"
 ) -> torch.Tensor:
-    """Region features [M, D, R] of a seeded random subset of M = min(n, len(data)) images (for word priors)."""
+    """Region features [M, D, R] of a seeded random subset of M = min(n, len(data)) images (for word
+    priors)."""
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].sort().values.tolist()
     model.to(device).eval()
     out = []

@@ -47,7 +47,8 @@ _ZONE_T = {"upper": (0.14, 0.32), "middle": (0.40, 0.58), "lower": (0.64, 0.78),
 
 @dataclass(frozen=True)
 class Anatomy:
-    """One patient's body habitus; kept across that patient's studies so follow-ups look like the same person."""
+    """One patient's body habitus; kept across that patient's studies so follow-ups look like the same
+    person."""
 
     mid_u: float  # midline
     apex_v: float  # lung apices
@@ -151,7 +152,8 @@ class _Grid:
         return inside & self.on_side(side)
 
     def heart_mask(self, ctr: float) -> np.ndarray:
-        """Heart as an ellipse whose width is ctr x thoracic width, sitting two thirds to the patient's left."""
+        """Heart as an ellipse whose width is ctr x thoracic width, sitting two thirds to the patient's
+        left."""
         thorax = 2 * (self.a.med_d + self.a.lung_w)
         half_w = ctr * thorax / 2
         centre_u = self.a.mid_u + 0.4 * half_w

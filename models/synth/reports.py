@@ -573,7 +573,8 @@ def uncertain_sentence(kind: str, rng: np.random.Generator) -> Sentence:
 
 
 def _choose_uncertain(findings: list[Finding], rng: np.random.Generator, p_uncertain: float) -> list[str]:
-    """Doubtful kinds: absent ones only; an airspace opacity often comes with "pneumonia cannot be excluded"."""
+    """Doubtful kinds: absent ones only; an airspace opacity often comes with "pneumonia cannot be
+    excluded"."""
     present = {f.kind for f in findings}
     doubted: list[str] = []
     if "opacity" in present and "pneumonia" not in present and rng.random() < 0.5:
@@ -595,7 +596,8 @@ def _say(topic: Topic, rng: np.random.Generator, blocked: set[str]) -> tuple[flo
 def _statements(
     rng: np.random.Generator, blocked: set[str], p_combined: float
 ) -> list[tuple[float, Sentence]]:
-    """The normal/negative statements of the findings section, each topic at most once, never contradicting."""
+    """The normal/negative statements of the findings section, each topic at most once, never
+    contradicting."""
     out: list[tuple[float, Sentence]] = []
     covered: frozenset[str] = frozenset()
     if rng.random() < p_combined:
@@ -682,7 +684,8 @@ def _indication(rng: np.random.Generator, ctx: StudyContext) -> Sentence:
 
 
 def _exam_and_technique(rng: np.random.Generator, ctx: StudyContext) -> tuple[str, str, str]:
-    """(EXAMINATION text, TECHNIQUE text, view-title header used when FINDINGS is replaced by a view title)."""
+    """(EXAMINATION text, TECHNIQUE text, view-title header used when FINDINGS is replaced by a view
+    title)."""
     if ctx.portable:
         return (
             "CHEST (PORTABLE AP)",
@@ -778,7 +781,8 @@ def polarity_counts(found: list[tuple[str, Polarity]]) -> Counter[str]:
 
 
 def chexpert_labels(found: list[tuple[str, Polarity]]) -> dict[str, str]:
-    """CheXpert-style study labels from the mentions: '1.0' > '-1.0' > '0.0' per column, '' when unmentioned."""
+    """CheXpert-style study labels from the mentions: '1.0' > '-1.0' > '0.0' per column, '' when
+    unmentioned."""
     rank = {"1.0": 3, "-1.0": 2, "0.0": 1, "": 0}
     value_of = {"positive": "1.0", "uncertain": "-1.0", "negative": "0.0", "normal": "0.0"}
     labels = dict.fromkeys(CHEXPERT_COLUMNS, "")

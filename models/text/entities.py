@@ -46,12 +46,12 @@ from models.text.negation import Cue, default_cues
 Polarity = Literal["positive", "negative", "uncertain"]
 POLARITIES: tuple[Polarity, ...] = ("positive", "negative", "uncertain")
 
-# ---------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Data: surface forms of the Table 1 entities (canonical form first). Inflections and close derivations of
 # the same word only (plural, participle, nominalisation, adjective); no synonyms of other roots, except the
 # spelled-out forms of the two abbreviations (CHF, COPD). "aortic" is left out on purpose: it mostly names
 # other anatomy ("aortic knob", "aortic arch"), not the aorta as a finding.
-# ---------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 TABLE1_SURFACE_FORMS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
         "abnormality": ("abnormality", "abnormalities"),
@@ -101,16 +101,17 @@ TABLE1_SURFACE_FORMS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     }
 )
 
-# Auxiliaries allowed between an entity and a post cue ("the effusion HAS NOW resolved") without ending its reach.
+# Auxiliaries allowed between an entity and a post cue ("the effusion HAS NOW resolved") without ending its
+# reach.
 _AUXILIARIES = frozenset(
     "is are was were has have had been be being now since essentially completely entirely largely".split()
 )
 _COPULAS = frozenset("is are was were".split())
 
 
-# ---------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Entity lists
-# ---------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 class EntityListError(ValueError):
     """An entity list file is malformed; the message names the file, the line and the problem."""
 
@@ -187,9 +188,9 @@ def load_entity_list(path: str | Path) -> EntityLexicon:
     return build_lexicon(entities, extra, source=str(path))
 
 
-# ---------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The scanner regex
-# ---------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def trie_pattern(phrases: Iterable[str]) -> str:
     """Regex alternation of `phrases` as a character trie: one branch per first letter, not per phrase.
 
@@ -218,8 +219,8 @@ def trie_pattern(phrases: Iterable[str]) -> str:
 
 class MatcherConfig(BaseModel):
     """The matcher's settings; `match_entities` nests it as its `matcher` section. Cues are code, not config.
-    β, the descriptor words before each entity, is the matcher's argument: in the pipeline it is pre-training's
-    `pretrain_ecamp.text.beta`, so the descriptors counted here are the ones the MLM masks."""
+    β, the descriptor words before each entity, is the matcher's argument: in the pipeline it is
+    pre-training's `pretrain_ecamp.text.beta`, so the descriptors counted here are the ones the MLM masks."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -273,7 +274,8 @@ def _lower_keep_length(text: str) -> str:
 class _Characters:
     """Character classes of a batch string, computed once with numpy (one array entry per character).
 
-    Words are whitespace tokens holding at least one letter or digit; sentences end after `.`, `!` or `?` followed by whitespace, and at blank lines.
+    Words are whitespace tokens holding at least one letter or digit; sentences end after `.`, `!` or `?`
+    followed by whitespace, and at blank lines.
     """
 
     ascii_bytes: bytes | None  # the text as bytes when it is ASCII (then byte offsets = character offsets)
@@ -620,9 +622,9 @@ def empty_mentions() -> pa.Table:
     return EntityMention.arrow_schema().empty_table()
 
 
-# ---------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Statistics (Fig. 2) and derived entity lists (Table 8)
-# ---------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def _polarity_counts(mentions: pa.Table, key: str) -> pa.Table:
     """Per `key` value: n_mentions and n_positive / n_negative / n_uncertain, vectorised in Arrow."""
     table = pa.table(
@@ -668,7 +670,8 @@ def descriptor_phrases(mentions: pa.Table) -> pa.Array:
 
 
 def descriptor_stats(mentions: pa.Table) -> pa.Table:
-    """Mentions per descriptor phrase by polarity, most frequent first (Fig. 2 (b)); empty phrases left out."""
+    """Mentions per descriptor phrase by polarity, most frequent first (Fig. 2 (b)); empty phrases left
+    out."""
     table = pa.table({"descriptor": descriptor_phrases(mentions), "polarity": mentions.column("polarity")})
     table = table.filter(pc.not_equal(table.column("descriptor"), ""))
     counts = _polarity_counts(table, "descriptor")

@@ -20,10 +20,11 @@ per-token loss `weights`:
 
 T_neg (`negative_scope`): with `mention` (the default, the paper's intent: "focus on minority-positive disease
 descriptions instead of majority-negative words") it is every descriptor of a mention the entity matcher of
-stage 2 marks negative: "no" and "pleural" in "no pleural effusion", "the" and "small" in "the small effusion has
-resolved". With `cue` (the official code) it is only the words of a negating cue (`models.text.negation`: "no",
-"without evidence of", "non"; not inside a pseudo or uncertainty cue such as "no change"), so "pleural" in "no
-pleural effusion" weighs λ_oth > 1: the weight taken from negation words moves onto the negated finding.
+stage 2 marks negative: "no" and "pleural" in "no pleural effusion", "the" and "small" in "the small effusion
+has resolved". With `cue` (the official code) it is only the words of a negating cue (`models.text.negation`:
+"no", "without evidence of", "non"; not inside a pseudo or uncertainty cue such as "no change"), so "pleural"
+in "no pleural effusion" weighs λ_oth > 1: the weight taken from negation words moves onto the negated
+finding.
 
 Eq. 3 is solved per sample on PIECE counts: N_neg / N_oth = predicted descriptor pieces inside / outside
 T_neg, N_a = N_neg + N_oth, λ_oth = (N_a − λ_neg·N_neg) / N_oth, so the descriptor weights of a sample
@@ -79,7 +80,8 @@ OFFICIAL_NON_ENTITY_RATE = 0.70  # official `_context_mask`: non-entity words wh
 
 
 class OfficialQuirks(BaseModel):
-    """Switches reproducing the official ECAMP dataset/loss code where it differs from the paper (default: off)."""
+    """Switches reproducing the official ECAMP dataset/loss code where it differs from the paper (default:
+    off)."""
 
     model_config = ConfigDict(extra="forbid")
     mlm_on_all_positions: bool = Field(False, description="labels at every position incl. [CLS]/[PAD]")
@@ -113,12 +115,13 @@ class TextMaskingConfig(BaseModel):
     official_quirks: OfficialQuirks = Field(default_factory=OfficialQuirks)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Entities and text composition
 
 
 def read_entity_words(path: str | Path = DEFAULT_ENTITY_LIST) -> list[str]:
-    """Every surface form of the entities in a list file (`models.text.entities` lexicon: inflections included)."""
+    """Every surface form of the entities in a list file (`models.text.entities` lexicon: inflections
+    included)."""
     return sorted(load_entity_list(path).forms)
 
 
@@ -139,12 +142,13 @@ def validate_pairs(pairs: Sequence[tuple[str, str | None]], cfg: TextMaskingConf
             raise ValueError(f"text_composition='distilled' but batch items {missing} have no distilled text")
 
 
-# ----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Vocabulary tables and phrase matching
 
 
 def phrase_ids(tokenizer: Tokenizer, phrases: Sequence[str]) -> list[np.ndarray]:
-    """Piece-id sequence of each phrase, lower-cased; phrases with an unknown piece cannot match and are left out."""
+    """Piece-id sequence of each phrase, lower-cased; phrases with an unknown piece cannot match and are left
+    out."""
     unk = tokenizer.token_to_id(SPECIAL_TOKENS[1])
     encodings = tokenizer.encode_batch([p.lower() for p in phrases], add_special_tokens=False)
     return [np.asarray(e.ids, dtype=np.int64) for e in encodings if e.ids and unk not in e.ids]
@@ -249,7 +253,7 @@ class VocabTables:
         )
 
 
-# ----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Tokenization, masking, weights
 
 
@@ -288,7 +292,8 @@ def descriptor_starts(
 def rebalanced_weights(
     predicted: np.ndarray, descriptor: np.ndarray, negative: np.ndarray, lambda_neg: float
 ) -> np.ndarray:
-    """Eq. 3-4 per sample on predicted pieces; see the module docstring for the counts and the N_oth = 0 case."""
+    """Eq. 3-4 per sample on predicted pieces; see the module docstring for the counts and the N_oth = 0
+    case."""
     neg = predicted & descriptor & negative
     oth = predicted & descriptor & ~negative
     n_neg, n_oth = neg.sum(axis=1), oth.sum(axis=1)
@@ -443,8 +448,8 @@ def negated_descriptor_pieces(
 class TextCollator:
     """Builds MLM batches; holds the per-vocabulary tables so a DataLoader pays for them once.
 
-    Every text is tokenized and analysed once and kept (`max_segments` texts; a DataLoader worker sees the same
-    reports every epoch), so a batch only splices cached pieces and draws the random masking.
+    Every text is tokenized and analysed once and kept (`max_segments` texts; a DataLoader worker sees the
+    same reports every epoch), so a batch only splices cached pieces and draws the random masking.
     """
 
     def __init__(
@@ -642,7 +647,8 @@ def collate(
 
 
 def weighted_mlm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Official normalisation: sum over positions with a label of w · CE, divided by B·L (not by the label count).
+    """Official normalisation: sum over positions with a label of w · CE, divided by B·L (not by the label
+    count).
 
     logits [B, L, V], labels [B, L] (-100 = no loss), weights [B, L]. Dividing by the fixed B·L keeps the
     weights' meaning (Eq. 3 moves loss mass between descriptors without changing the total scale).

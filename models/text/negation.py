@@ -219,5 +219,6 @@ def negating_phrases() -> tuple[str, ...]:
 
 
 def non_negating_phrases() -> tuple[str, ...]:
-    """Pseudo and uncertainty cues: a word inside one is no negation word ("no change", "can not be excluded")."""
+    """Pseudo and uncertainty cues: a word inside one is no negation word ("no change", "can not be
+    excluded")."""
     return tuple(c.phrase for c in default_cues() if c.kind in ("pseudo", "uncertain"))

@@ -176,7 +176,8 @@ def split_sections(text: str) -> list[Section]:
 
 
 def _split_last_paragraph(sections: list[Section]) -> list[Section]:
-    """Keep the first paragraph of the last section in place; the paragraphs after it form `last_paragraph`."""
+    """Keep the first paragraph of the last section in place; the paragraphs after it form
+    `last_paragraph`."""
     last = sections[-1]
     body = last.text
     # Skip leading blank lines so the "first paragraph" is the first one with text.

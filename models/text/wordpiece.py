@@ -1,12 +1,12 @@
 """WordPiece tokenizer trained on the report corpus (shared by the GLoRIA and ECAMP text sides).
 
 Mirrors the official ECAMP/MRM vocabulary file `mimic_wordpiece.json`: HF `tokenizers` WordPiece, normalizer
-Lowercase + NFKD + StripAccents, pre-tokenizer Whitespace + Digits (digit runs kept together), no post-processor
-(callers prepend `[CLS]` themselves). One difference: the official file has no `[SEP]`; we reserve id 4 for it so
-both text encoders share one layout `[PAD]=0, [UNK]=1, [CLS]=2, [MASK]=3, [SEP]=4`.
+Lowercase + NFKD + StripAccents, pre-tokenizer Whitespace + Digits (digit runs kept together), no
+post-processor (callers prepend `[CLS]` themselves). One difference: the official file has no `[SEP]`; we
+reserve id 4 for it so both text encoders share one layout `[PAD]=0, [UNK]=1, [CLS]=2, [MASK]=3, [SEP]=4`.
 
-Training is deterministic: the corpus is fed in the order given, in a single thread, and tie-breaking inside the
-`tokenizers` trainer is by count then by string.
+Training is deterministic: the corpus is fed in the order given, in a single thread, and tie-breaking inside
+the `tokenizers` trainer is by count then by string.
 """
 
 from __future__ import annotations
@@ -41,15 +41,17 @@ def empty_wordpiece() -> Tokenizer:
 def train_wordpiece(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
     """Train a WordPiece vocabulary of at most `vocab_size` entries on `texts` (paper/official: 30,000).
 
-    The special tokens come first with fixed ids (see `SPECIAL_TOKENS`); `min_frequency` drops merges seen fewer
-    times. Raises ValueError when the corpus is empty or the vocabulary cannot even hold the special tokens.
+    The special tokens come first with fixed ids (see `SPECIAL_TOKENS`); `min_frequency` drops merges seen
+    fewer times. Raises ValueError when the corpus is empty or the vocabulary cannot even hold the special
+    tokens.
 
-    WHY not `WordPieceTrainer` directly: it assigns ids to the `##` alphabet in hash-map order and breaks count
-    ties by id, so two runs on the same corpus give different vocabularies (huggingface/tokenizers#1794). We run
-    the same merge algorithm (the `tokenizers` BPE trainer, which is what `WordPieceTrainer` wraps) on words
-    whose first character and continuation characters are re-coded into two private-use Unicode ranges in
-    code-point order; the BPE trainer sorts its alphabet, so every id and every tie-break is then reproducible.
-    The merged strings are decoded back to `word` / `##piece` tokens.
+    WHY not `WordPieceTrainer` directly: it assigns ids to the `##` alphabet in hash-map order and breaks
+    count ties by id, so two runs on the same corpus give different vocabularies
+    (huggingface/tokenizers#1794). We run the same merge algorithm (the `tokenizers` BPE trainer, which is
+    what `WordPieceTrainer` wraps) on words whose first character and continuation characters are re-coded
+    into two private-use Unicode ranges in code-point order; the BPE trainer sorts its alphabet, so every id
+    and every tie-break is then reproducible. The merged strings are decoded back to `word` / `##piece`
+    tokens.
     """
     if vocab_size <= len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size={vocab_size} must exceed the {len(SPECIAL_TOKENS)} special tokens")
@@ -90,7 +92,8 @@ def count_words(tokenizer: Tokenizer, texts: Iterable[str]) -> Counter[str]:
 
 
 class CharCode:
-    """Order-preserving re-coding of word-initial and continuation characters into disjoint private-use ranges."""
+    """Order-preserving re-coding of word-initial and continuation characters into disjoint private-use
+    ranges."""
 
     FIRST_BASE, CONT_BASE, RANGE = 0xF0000, 0x100000, 0xFFFE
 
@@ -119,7 +122,8 @@ class CharCode:
 
 
 def decoded_vocab(coded_vocab: dict[str, int], code: CharCode) -> dict[str, int]:
-    """Decode the BPE vocabulary in id order; a decoded string seen twice keeps its first id, ids stay dense."""
+    """Decode the BPE vocabulary in id order; a decoded string seen twice keeps its first id, ids stay
+    dense."""
     vocab: dict[str, int] = {}
     for token, _ in sorted(coded_vocab.items(), key=lambda item: item[1]):
         text = token if token in SPECIAL_TOKENS else code.decode(token)
