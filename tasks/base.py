@@ -261,7 +261,7 @@ class StageContext:
 
     def scratch(self, name: str) -> Path:
         """A working file kept across attempts (response caches, checkpoints, shards, logs); not an output,
-        so never moved or verified. It lives beside the outputs, where earlier versions kept it."""
+        so never moved or verified. It lives in the stage folder, beside the outputs."""
         if Path(name).parts[0] in (*self.stage.outputs, ATTEMPT_DIR, PREVIOUS_DIR):
             raise UndeclaredError(f"stage '{self.name}': scratch name '{name}' is an output's name")
         path = self.stage_dir / name

@@ -248,7 +248,7 @@ def run(ctx: StageContext, cfg: Config) -> None:
 
 STAGE = Stage(
     name="finetune_student",
-    version="4",
+    version="5",
     config=Config,
     run=run,
     summary="LoRA fine-tuning of the student LLM on the seed distillations, held-out agreement",
