@@ -18,6 +18,7 @@ import shutil
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -108,6 +109,13 @@ class Config(StageConfig):
     retry_budget: int = Field(1000, ge=0, description="student answers failing QC that may go to the teacher")
     retry_on: list[str] = Field(
         default_factory=lambda: list(QC_KINDS), description="QC flag kinds that trigger it"
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        description="under run.gpu_pool: shard groups handed to this many stage-gpu sub-runs at once, each "
+        "with its own student (its own vLLM server on its GPU host); the pipeline merges their shards. Each "
+        "group has retry_budget / workers teacher retries. 1 = the whole stage in one sub-run",
     )
 
     @field_validator("backend", mode="before")
@@ -235,44 +243,84 @@ def distill_shard(
     return rows
 
 
-def run_shards(
-    todo: Sequence[DistillItem],
-    shard_dir: Path,
-    cfg: Config,
-    backend_factory: Callable[[], StudentBackend],
-    teacher: TeacherFn,
-    student_model: str,
-    teacher_model: str,
-    finder: parse.EntityFinder,
-    lineage: Lineage,
-    log,
-    reprompt_rounds: int | None = None,
-) -> list[dict]:
-    """Process the unfinished shards (each written atomically), then return the rows of all shards."""
+@dataclass
+class Work:
+    """What the whole stage, each shard group and the merge agree on: the reports, the shards and the plan."""
+
+    todo: list[DistillItem]
+    seeds: dict[str, dict]
+    empty: list[str]
+    finder: parse.EntityFinder
+    settings: dict
+    model_row: dict
+    student_model: str
+    reprompt_rounds: int | None
+    shards: list[list[str]]
+    key: str
+
+
+def plan_work(ctx: StageContext, cfg: Config) -> Work:
+    """Read the upstream artifacts and cut the reports the student answers into the shard plan."""
+    settings = ctx.read("seed_distill/teacher_settings").to_pylist()[0]
+    todo, seeds, empty, finder = build_items(ctx, settings["max_prompt_tokens"])
+    model_row = ctx.read("finetune_student/student_model").to_pylist()[0]
+    student_model = f"student:{model_row['adapter_sha256'][:12]}"
+    reprompt_rounds = model_row["reprompt_rounds"] if model_row["decoding"] == "entity_complete" else None
+    if reprompt_rounds is not None:
+        student_model += f"+entity_complete{reprompt_rounds}"  # in the shard plan key: a change redoes shards
     shards = shard_plan([it.study_id for it in todo], cfg.shard_size)
     identity = {
         "student": student_model,
-        "teacher": teacher_model,
+        "teacher": teacher_name(settings),
         "retry_budget": cfg.retry_budget,
         "retry_on": sorted(cfg.retry_on),
         "backend": cfg.backend.kind,
     }
-    prepare_shard_dir(shard_dir, plan_key(shards, identity), len(shards))
-    by_id = {it.study_id: it for it in todo}
-    done = {i for i in range(len(shards)) if shard_path(shard_dir, i).exists()}
-    finished_rows = {
-        i: read_artifact(shard_path(shard_dir, i), DistilledReport).to_pylist() for i in sorted(done)
-    }
-    used = sum(r["source"] == "teacher_retry" for rows in finished_rows.values() for r in rows)
+    key = plan_key(shards, identity)
+    return Work(todo, seeds, empty, finder, settings, model_row, student_model, reprompt_rounds, shards, key)
+
+
+def group_shards(n_shards: int, group: int, groups: int) -> list[int]:
+    """The shards of group `group` of `groups`: every groups-th one, so the groups finish at about the same
+    time."""
+    return list(range(group, n_shards, groups))
+
+
+def group_budget(total: int, group: int, groups: int) -> int:
+    """Group `group`'s share of the teacher retry budget; the shares add up to `total`."""
+    return total // groups + (1 if group < total % groups else 0)
+
+
+def run_shards(
+    work: Work,
+    indices: Sequence[int],
+    shard_dir: Path,
+    cfg: Config,
+    backend_factory: Callable[[], StudentBackend],
+    teacher: TeacherFn,
+    teacher_model: str,
+    budget: int,
+    lineage: Lineage,
+    log,
+) -> int:
+    """Distil the shards among `indices` not yet on disk (each written atomically the moment it is done),
+    within `budget` teacher retries counted over all of `indices`; returns how many shards it distilled."""
+    by_id = {it.study_id: it for it in work.todo}
+    done = [i for i in indices if shard_path(shard_dir, i).exists()]
+    used = sum(
+        r["source"] == "teacher_retry"
+        for i in done
+        for r in read_artifact(shard_path(shard_dir, i), DistilledReport).to_pylist()
+    )
     if done:
         log.info(
-            "resuming: %d of %d shards already done, %d teacher retries used", len(done), len(shards), used
+            "resuming: %d of %d shards already done, %d teacher retries used", len(done), len(indices), used
         )
-    pending = [i for i in range(len(shards)) if i not in done]
+    pending = [i for i in indices if i not in done]
     backend = backend_factory() if pending else None
     bar = tqdm(
-        total=len(todo),
-        initial=sum(len(shards[i]) for i in done),
+        total=sum(len(work.shards[i]) for i in indices),
+        initial=sum(len(work.shards[i]) for i in done),
         unit="report",
         desc="bulk_distill",
         mininterval=1.0,
@@ -281,22 +329,35 @@ def run_shards(
     with bar:
         for i in pending:
             rows = distill_shard(
-                [by_id[s] for s in shards[i]],
+                [by_id[s] for s in work.shards[i]],
                 i,
                 backend,
                 teacher,
-                max(0, cfg.retry_budget - used),
+                max(0, budget - used),
                 cfg,
-                student_model,
+                work.student_model,
                 teacher_model,
-                finder,
-                reprompt_rounds,
+                work.finder,
+                work.reprompt_rounds,
             )
             write_artifact(shard_path(shard_dir, i), rows, DistilledReport, lineage)
             used += sum(r["source"] == "teacher_retry" for r in rows)
-            finished_rows[i] = rows
             bar.update(len(rows))
-    return [r for i in sorted(finished_rows) for r in finished_rows[i]]
+    return len(pending)
+
+
+def read_shards(shard_dir: Path, n_shards: int) -> list[dict]:
+    """Every shard's rows in shard order; a missing shard is an error naming it."""
+    missing = [
+        shard_path(shard_dir, i).name for i in range(n_shards) if not shard_path(shard_dir, i).exists()
+    ]
+    if missing:
+        raise RuntimeError(f"bulk_distill merge: {len(missing)} shards are not done, e.g. {missing[:3]}")
+    return [
+        r
+        for i in range(n_shards)
+        for r in read_artifact(shard_path(shard_dir, i), DistilledReport).to_pylist()
+    ]
 
 
 # ------------------------------------------------------------------------------------------- merge
@@ -346,6 +407,13 @@ def merge_rows(
 
 
 # ------------------------------------------------------------------------------------------- backends
+
+
+def teacher_name(settings: dict) -> str:
+    """The model name QC retries are answered by (it is in the shard plan: another teacher redoes shards)."""
+    if settings["teacher"] == "rules":
+        return rules_teacher.MODEL_NAME
+    return ClientConfig.model_validate_json(settings["client_json"]).model
 
 
 def teacher_fn(ctx: StageContext, settings: dict, stack: ExitStack) -> tuple[TeacherFn, str]:
@@ -404,16 +472,7 @@ def student_backend(ctx: StageContext, cfg: Config, model_row: dict, stack: Exit
 # ------------------------------------------------------------------------------------------- stage
 
 
-def run(
-    ctx: StageContext,
-    cfg: Config,
-    backend: StudentBackend | None = None,
-    teacher: TeacherFn | None = None,
-) -> None:
-    """`backend` / `teacher` replace the configured ones (tests inject counting or failing doubles)."""
-    settings = ctx.read("seed_distill/teacher_settings").to_pylist()[0]
-    todo, seeds, empty, finder = build_items(ctx, settings["max_prompt_tokens"])
-    model_row = ctx.read("finetune_student/student_model").to_pylist()[0]
+def log_work(ctx: StageContext, work: Work, cfg: Config, injected: bool) -> None:
     evals = {r["system"]: r for r in ctx.read("finetune_student/student_eval").to_pylist()}
     if "student" in evals:
         ctx.log.info(
@@ -423,46 +482,100 @@ def run(
         )
     ctx.log.info(
         "%d reports: %d teacher, %d student, %d without entities",
-        len(todo) + len(seeds) + len(empty),
-        len(seeds),
-        len(todo),
-        len(empty),
+        len(work.todo) + len(work.seeds) + len(work.empty),
+        len(work.seeds),
+        len(work.todo),
+        len(work.empty),
     )
-    student_model = f"student:{model_row['adapter_sha256'][:12]}"
-    reprompt_rounds = model_row["reprompt_rounds"] if model_row["decoding"] == "entity_complete" else None
-    if reprompt_rounds is not None:
-        student_model += f"+entity_complete{reprompt_rounds}"  # in the shard plan key: a change redoes shards
-        if backend is None and cfg.backend.kind != "transformers":
-            ctx.log.warning(
-                "entity_complete: a server gives no prompt log-probabilities, so entities still "
-                "missing after re-prompting stay missing; QC re-sends such answers to the teacher "
-                "(retry_budget)"
-            )
-    lineage = ctx.lineage()
+    if work.reprompt_rounds is not None and not injected and cfg.backend.kind != "transformers":
+        ctx.log.warning(
+            "entity_complete: a server gives no prompt log-probabilities, so entities still "
+            "missing after re-prompting stay missing; QC re-sends such answers to the teacher "
+            "(retry_budget)"
+        )
+
+
+def distil(
+    ctx: StageContext,
+    cfg: Config,
+    work: Work,
+    indices: Sequence[int],
+    budget: int,
+    backend: StudentBackend | None,
+    teacher: TeacherFn | None,
+) -> int:
+    """`run_shards` with the configured (or injected) student and teacher; returns the shards distilled."""
     with ExitStack() as stack:
         teacher_model = "injected"
         if teacher is None:
-            teacher, teacher_model = teacher_fn(ctx, settings, stack)
+            teacher, teacher_model = teacher_fn(ctx, work.settings, stack)
         factory = (
             (lambda: backend)
             if backend is not None
-            else (lambda: student_backend(ctx, cfg, model_row, stack))
+            else (lambda: student_backend(ctx, cfg, work.model_row, stack))
         )
-        shard_rows = run_shards(
-            todo,
-            ctx.scratch(SHARD_DIR),
-            cfg,
-            factory,
-            teacher,
-            student_model,
-            teacher_model,
-            finder,
-            lineage,
-            ctx.log,
-            reprompt_rounds,
+        shard_dir = ctx.scratch(SHARD_DIR)
+        return run_shards(
+            work, indices, shard_dir, cfg, factory, teacher, teacher_model, budget, ctx.lineage(), ctx.log
         )
-    expected = {it.study_id for it in todo} | set(seeds) | set(empty)
-    rows = merge_rows(shard_rows, seeds, empty, expected)
+
+
+def plan_groups(ctx: StageContext, cfg: Config, groups: int) -> list[int]:
+    """Before shard groups run elsewhere: the plan written into the shard folder (a stale folder reset), and
+    the groups that still have shards to do."""
+    work = plan_work(ctx, cfg)
+    shard_dir = ctx.scratch(SHARD_DIR)
+    prepare_shard_dir(shard_dir, work.key, len(work.shards))
+    return [
+        g
+        for g in range(groups)
+        if any(not shard_path(shard_dir, i).exists() for i in group_shards(len(work.shards), g, groups))
+    ]
+
+
+def distil_group(
+    ctx: StageContext,
+    cfg: Config,
+    group: int,
+    groups: int,
+    backend: StudentBackend | None = None,
+    teacher: TeacherFn | None = None,
+) -> int:
+    """One shard group, on the stage's behalf in another process (a stage-gpu sub-run): its shards into the
+    stage's shard folder, nothing merged or committed. The plan must be the one `plan_groups` wrote: a group
+    never resets the folder, which other groups are writing into."""
+    work = plan_work(ctx, cfg)
+    plan = ctx.scratch(SHARD_DIR) / PLAN_FILE
+    if not plan.exists() or json.loads(plan.read_text()).get("key") != work.key:
+        raise RuntimeError(
+            f"bulk_distill shard group {group}/{groups}: {plan} is missing or was planned for other "
+            "inputs or settings; the pipeline plans the groups before handing them out (run the stage again)"
+        )
+    log_work(ctx, work, cfg, backend is not None)
+    mine = group_shards(len(work.shards), group, groups)
+    budget = group_budget(cfg.retry_budget, group, groups)
+    done = distil(ctx, cfg, work, mine, budget, backend, teacher)
+    ctx.log.info("shard group %d/%d: %d of its %d shards distilled here", group, groups, done, len(mine))
+    return done
+
+
+def run(
+    ctx: StageContext,
+    cfg: Config,
+    backend: StudentBackend | None = None,
+    teacher: TeacherFn | None = None,
+) -> None:
+    """`backend` / `teacher` replace the configured ones (tests inject counting or failing doubles).
+
+    Shards the groups of `workers` sub-runs left are only merged here; any still missing are distilled."""
+    work = plan_work(ctx, cfg)
+    log_work(ctx, work, cfg, backend is not None)
+    shard_dir = ctx.scratch(SHARD_DIR)
+    prepare_shard_dir(shard_dir, work.key, len(work.shards))
+    indices = range(len(work.shards))
+    distil(ctx, cfg, work, indices, cfg.retry_budget, backend, teacher)
+    expected = {it.study_id for it in work.todo} | set(work.seeds) | set(work.empty)
+    rows = merge_rows(read_shards(shard_dir, len(work.shards)), work.seeds, work.empty, expected)
     by_source: dict[str, int] = defaultdict(int)
     for r in rows:
         by_source[r["source"]] += 1
@@ -495,3 +608,30 @@ STAGE = Stage(
     retries=2,  # the teacher endpoint for QC retries
     writes={"distilled_reports": DistilledReport},
 )
+
+
+# ------------------------------------------------------------------------------------------- shard groups
+
+
+def shard_groups(stage: str, config: Any) -> int:
+    """How many shard groups a stage hands to the GPU pool: `bulk_distill.workers` above 1, else none."""
+    return config.bulk_distill.workers if stage == STAGE.name and config.bulk_distill.workers > 1 else 0
+
+
+def group_context(config: Any, run_dir: Path, log: Any, run_id: str) -> StageContext:
+    """The stage's context for work done on its behalf outside a run of it (no lock, no attempt, no
+    commit)."""
+    from tasks.runner import prepare_stage
+
+    prepared = prepare_stage(STAGE, config, Path(run_dir), log, run_id, STAGE.name, force=True)
+    return prepared.ctx
+
+
+def pending_groups(config: Any, run_dir: Path, log: Any, run_id: str, n_groups: int) -> list[int]:
+    """In the pipeline's process, before handing the groups out: the plan written, the groups left to do."""
+    return plan_groups(group_context(config, run_dir, log, run_id), config.bulk_distill, n_groups)
+
+
+def run_group(config: Any, run_dir: Path, log: Any, run_id: str, group: int, n_groups: int) -> int:
+    """In a stage-gpu sub-run: distil shard group `group` of `n_groups` (`distil_group`)."""
+    return distil_group(group_context(config, run_dir, log, run_id), config.bulk_distill, group, n_groups)

@@ -200,6 +200,48 @@ def _set_threads(config: Any) -> None:
         torch.set_num_threads(config.run.num_threads)
 
 
+@dataclass
+class Prepared:
+    """A stage about to run: its context, and the fingerprint and parts its success record will hold."""
+
+    ctx: StageContext
+    fingerprint: str
+    parts: dict[str, Any]
+
+
+def prepare_stage(
+    stage: Stage,
+    config: Any,
+    run_dir: Path,
+    log: logging.Logger | logging.LoggerAdapter,
+    run_id: str,
+    name: str,
+    force: bool = True,
+) -> Prepared | StageResult:
+    """The context a run of `stage` would get (inputs stamped, upstream checked) with its fingerprint; the
+    cached result instead when one matches and not `force`. Also for work done on a stage's behalf in another
+    process (bulk_distill's shard groups), which reads the same upstream but commits nothing."""
+    inputs, stamps = input_files(stage, config, run_dir, log)
+    upstream = upstream_hashes(stage, run_dir)
+    fingerprint, parts = stage_fingerprint(stage, config, upstream, inputs)
+    if not force and (cached := cached_result(name, run_dir, fingerprint)):
+        log.info("%s: cached (fingerprint %s), skipped", name, fingerprint)
+        return cached
+    check_upstream(stage, run_dir, name, upstream)
+    ctx = StageContext(
+        run_dir=run_dir,
+        stage=stage,
+        config=config,
+        log=log,
+        name=name,
+        run_id=run_id,
+        config_hash=stable_hash(parts["config"]),
+        inputs=inputs,
+        input_stamps=stamps,
+    )
+    return Prepared(ctx, fingerprint, parts)
+
+
 def run_stage(
     stage: Stage,
     config: Any,
@@ -221,31 +263,17 @@ def run_stage(
     if stage.preflight is not None:
         stage.preflight(config)
     with run_lock(run_dir):
-        inputs, stamps = input_files(stage, config, run_dir, log)
-        upstream = upstream_hashes(stage, run_dir)
-        fingerprint, parts = stage_fingerprint(stage, config, upstream, inputs)
-        if not force and (cached := cached_result(name, run_dir, fingerprint)):
-            log.info("%s: cached (fingerprint %s), skipped", name, fingerprint)
-            return cached
-        check_upstream(stage, run_dir, name, upstream)
-        ctx = StageContext(
-            run_dir=run_dir,
-            stage=stage,
-            config=config,
-            log=log,
-            name=name,
-            run_id=run_id,
-            config_hash=stable_hash(parts["config"]),
-            inputs=inputs,
-            input_stamps=stamps,
-        )
+        prepared = prepare_stage(stage, config, run_dir, log, run_id, name, force)
+        if isinstance(prepared, StageResult):
+            return prepared
+        ctx, fingerprint = prepared.ctx, prepared.fingerprint
         _set_threads(config)
         log.info("%s: running (fingerprint %s)", name, fingerprint)
         start = time.perf_counter()
         ctx.begin()
         stage.run(ctx, getattr(config, stage.name))
         seconds = time.perf_counter() - start
-        record = ctx.commit(fingerprint, parts, seconds)
+        record = ctx.commit(fingerprint, prepared.parts, seconds)
     outputs = record.artifact_infos()
     result = StageResult(name, "ran", fingerprint, outputs, seconds)
     log.info("%s: done in %.1f s, outputs: %s", name, seconds, ", ".join(stage.outputs) or "none")

@@ -220,6 +220,50 @@ def test_crash_mid_run_resumes_with_only_the_unfinished_shards(tmp_path):
     assert again.calls == []
 
 
+def test_shard_groups_split_the_work_and_the_merge_equals_one_process(tmp_path):
+    """bulk_distill.workers: N groups each distil every N-th shard into the stage's shard folder (in stage-gpu
+    sub-runs, here one after the other in-process); the stage then only merges. A failed group leaves the
+    other's shards, and its rerun distils only what it lacks."""
+    one = tmp_path / "one"
+    write_upstream(one)
+    write_student(one)
+    run_direct(bulk_ctx(one), bulk.Config(shard_size=2, retry_budget=1), backend=ScriptedStudent(bad={"s05"}))
+
+    run_dir = tmp_path / "groups"
+    write_upstream(run_dir)
+    write_student(run_dir)
+    cfg = bulk.Config(shard_size=2, retry_budget=1, workers=2)
+    group = lambda g, student: bulk.distil_group(bulk_ctx(run_dir), cfg, g, 2, backend=student)  # noqa: E731
+    with pytest.raises(
+        RuntimeError, match=r"shard group 0/2: .*plan\.json is missing or was planned for other"
+    ):
+        group(0, ScriptedStudent())  # the pipeline plans before it hands the groups out
+    assert bulk.plan_groups(bulk_ctx(run_dir), cfg, 2) == [0, 1]
+    crashing = ScriptedStudent(bad={"s05"}, crash_on_call=1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        group(1, crashing)
+    first = ScriptedStudent(bad={"s05"})
+    assert group(0, first) == 2
+    assert first.calls == [["s03", "s05"], ["s08", "s09"]]  # shards 0 and 2 of 0, 1, 2
+    assert crashing.calls == [["s06", "s07"]]  # shard 1
+    assert bulk.plan_groups(bulk_ctx(run_dir), cfg, 2) == [1]  # group 0 is done
+    again = ScriptedStudent()
+    assert group(1, again) == 1 and again.calls == [["s06", "s07"]]
+    assert bulk.plan_groups(bulk_ctx(run_dir), cfg, 2) == []
+    merge = ScriptedStudent()
+    run_direct(bulk_ctx(run_dir), cfg, backend=merge)
+    assert merge.calls == []  # every shard was a group's: the stage only merged
+    rows, reference = read_distilled(run_dir), read_distilled(one)
+    assert rows == reference  # s05's QC retry came out of group 0's share (1 of the budget of 1)
+    assert rows["s05"]["source"] == "teacher_retry"
+
+
+def test_group_budgets_add_up_to_the_retry_budget():
+    assert [bulk.group_budget(7, g, 3) for g in range(3)] == [3, 2, 2]
+    assert [bulk.group_budget(1, g, 2) for g in range(2)] == [1, 0]
+    assert bulk.group_shards(5, 1, 2) == [1, 3]
+
+
 def test_teacher_rows_are_used_where_present(tmp_path):
     write_upstream(tmp_path)
     write_student(tmp_path)

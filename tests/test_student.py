@@ -429,6 +429,8 @@ HTTPServer(("127.0.0.1", port), H).serve_forever()
     )
     cmd = vllm_command("/models/vicuna", tmp_path / "adapter", settings)
     assert cmd[cmd.index("--lora-modules") + 1] == f"student={tmp_path / 'adapter'}"
+    wider = settings.model_copy(update={"extra_args": ["--data-parallel-size", "4"]})
+    assert vllm_command("/m", tmp_path / "adapter", wider)[-2:] == ["--data-parallel-size", "4"]
     with start_vllm_server("/models/vicuna", tmp_path / "adapter", settings, tmp_path / "log.txt") as server:
         assert server.base_url == f"http://127.0.0.1:{port}/v1"
         assert server.process.poll() is None

@@ -209,6 +209,11 @@ class VllmSettings(BaseModel):
         description="added to the server's environment; the CPU build wants VLLM_CPU_KVCACHE_SPACE (GiB)",
     )
     startup_timeout_s: float = Field(900.0, gt=0)
+    extra_args: list[str] = Field(
+        default_factory=list,
+        description="further server arguments, after ours (e.g. [--data-parallel-size, '4'] for 4 GPUs on "
+        "one host)",
+    )
 
 
 @dataclass
@@ -266,6 +271,7 @@ def vllm_command(base_model: Path | str, adapter_dir: Path, settings: VllmSettin
         str(settings.max_lora_rank),
         "--lora-modules",
         f"student={adapter_dir}",
+        *settings.extra_args,
     ]
 
 
