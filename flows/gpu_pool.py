@@ -40,6 +40,23 @@ class GpuHandoff:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
+def unlinked(value: Any) -> Any:
+    """`value` with every string a new object (lists and dicts copied).
+
+    Prefect draws a sub-run's input edges from its parameters: any one that is, by `id`, part of an earlier
+    task's result links to that task. Stage names are interned strings that each stage's summary holds, so the
+    MIM-only row's `stage: pretrain_ecamp` drew an edge from the pretrain_ecamp task, though the row reads
+    only what pre-training reads. A sub-run's data lineage is its parent task's edges; its own draw nothing.
+    """
+    if isinstance(value, str):
+        return value.encode().decode()  # decoding makes a new str; copy() and slicing return the same one
+    if isinstance(value, list):
+        return [unlinked(v) for v in value]
+    if isinstance(value, dict):
+        return {k: unlinked(v) for k, v in value.items()}
+    return value
+
+
 def check_deployment(client: Any, handoff: GpuHandoff) -> None:
     """The deployment exists and serves the configured pool: a typo must not leave a run waiting forever."""
     try:
@@ -86,7 +103,7 @@ def run_on_gpu_pool(
     with get_client(sync_client=True) as client:
         check_deployment(client, handoff)
         with handed_over(run_dir):
-            child = run_deployment(handoff.deployment, parameters=handoff.parameters, timeout=0)
+            child = run_deployment(handoff.deployment, parameters=unlinked(handoff.parameters), timeout=0)
             log.info(
                 "%s: handed to %s on pool %s as run %s", name, handoff.deployment, handoff.pool, child.name
             )
@@ -102,3 +119,42 @@ def run_on_gpu_pool(
     ran = before is None or record.finished_at != before.finished_at
     outputs = record.artifact_infos()
     return StageResult(name, "ran" if ran else "cached", record.fingerprint, outputs, record.seconds)
+
+
+def run_groups_on_gpu_pool(
+    handoff: GpuHandoff,
+    groups: list[int],
+    n_groups: int,
+    name: str,
+    log: logging.Logger | logging.LoggerAdapter,
+) -> None:
+    """Hand each shard group to the GPU pool as its own sub-run, all at once, and wait for every one. Groups
+    beyond the pool's free slots wait their turn: only the first must be picked up within the timeout. A
+    failed group fails the stage once the others have ended, so their shards are kept for the rerun."""
+    with get_client(sync_client=True) as client:
+        check_deployment(client, handoff)
+        children = []
+        for group in groups:
+            parameters = {**handoff.parameters, "shard_group": f"{group}/{n_groups}"}
+            child = run_deployment(handoff.deployment, parameters=unlinked(parameters), timeout=0)
+            log.info(
+                "%s: shard group %d/%d handed to pool %s as run %s",
+                name,
+                group,
+                n_groups,
+                handoff.pool,
+                child.name,
+            )
+            children.append((group, child))
+        wait_for_pickup(client, children[0][1].id, handoff, f"{name} shard group {groups[0]}/{n_groups}")
+        ended = [(group, child, wait_for_end(client, child.id)) for group, child in children]
+    failed = [
+        f"group {g}/{n_groups} (run {c.name}) ended {s.name}: {s.message}"
+        for g, c, s in ended
+        if not s.is_completed()
+    ]
+    if failed:
+        raise GpuPoolError(
+            f"{name}: {'; '.join(failed)}; the other groups' shards are kept, and a rerun distils only the "
+            f"missing ones"
+        )

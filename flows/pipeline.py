@@ -19,11 +19,12 @@ from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 from prefect.utilities.annotations import quote
 
-from flows.gpu_pool import GpuHandoff, run_on_gpu_pool
+from flows.gpu_pool import GpuHandoff, run_groups_on_gpu_pool, run_on_gpu_pool
 from flows.logs import failed_in_one_line, forward_stage_logs, known_errors, quiet_known_tracebacks
 from flows.publish import publish_lineage, publish_stage
 from flows.retry import is_transient, transient_failure
 from flows.run_queue import run_dir_slot, this_flow_run
+from tasks.bulk_distill import pending_groups, run_group, shard_groups
 from tasks.config import config_from_dict, load_config
 from tasks.inputs import prepare_inputs
 from tasks.lock import run_lock
@@ -84,7 +85,21 @@ def one_stage(
         elif handoff is not None and (
             force or not current_result(get_stage(stage), config, Path(run_dir), name)
         ):
-            result, handed = run_on_gpu_pool(handoff, name, Path(run_dir), logger), True
+            if n_groups := shard_groups(stage, config):  # bulk_distill over several GPU workers
+                pending = pending_groups(config, Path(run_dir), logger, run_id(), n_groups)
+                if pending:
+                    run_groups_on_gpu_pool(handoff, pending, n_groups, name, logger)
+                result = run_stage(  # every shard is done: this only merges them
+                    get_stage(stage),
+                    config,
+                    Path(run_dir),
+                    force=force,
+                    log=logger,
+                    run_id=run_id(),
+                    name=name,
+                )
+            else:
+                result, handed = run_on_gpu_pool(handoff, name, Path(run_dir), logger), True
         else:  # a GPU stage that is cached needs no run on the GPU pool
             result = run_stage(
                 get_stage(stage), config, Path(run_dir), force=force, log=logger, run_id=run_id(), name=name
@@ -318,6 +333,7 @@ def ecamp_stage(
     overrides: list[str] | None = None,
     force: bool = False,
     name: str | None = None,
+    shard_group: str | None = None,
 ) -> dict[str, Any]:
     """Exactly one stage, reading its upstream artifacts from the run directory (e.g. to rerun a failed one,
     or a GPU stage the pipeline hands to the GPU pool).
@@ -329,9 +345,16 @@ def ecamp_stage(
         overrides: Config fields to change, each "section.field=value".
         force: Recompute even when inputs and config are unchanged.
         name: Folder of an ablation row (pretrain_ecamp__<row>) instead of the stage's own.
+        shard_group: bulk_distill only, "i/N": distil shard group i of N into the stage's shard folder and
+            merge nothing (the pipeline hands these out under bulk_distill.workers).
     """
     try:
         config = load_config(config_path, overrides)
+        if shard_group is not None:
+            group, n_groups = parse_group(stage, shard_group)
+            target = resolve_run_dir(config, run_dir)
+            run = shard_group_task.with_options(**stage_options(get_stage(stage), f"{stage} {shard_group}"))
+            return run(quote(config.model_dump(mode="json")), quote(target), group, n_groups)
         declared = get_stage(stage)
         preflight(config, [stage])
         run = stage_task.with_options(**stage_options(declared, name or stage))
@@ -346,6 +369,27 @@ def ecamp_stage(
         return state.result()
     except known_errors() as err:
         return failed_in_one_line(get_run_logger(), err, where=name or stage)
+
+
+def parse_group(stage: str, shard_group: str) -> tuple[int, int]:
+    """'i/N' with 0 <= i < N, for bulk_distill; anything else is an error naming the parameter."""
+    parts = shard_group.split("/")
+    if stage != "bulk_distill" or len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"shard_group {shard_group!r}: expected 'i/N' (e.g. '0/2') with stage bulk_distill")
+    group, n_groups = int(parts[0]), int(parts[1])
+    if not 0 <= group < n_groups:
+        raise ValueError(f"shard_group {shard_group!r}: group {group} is not one of 0..{n_groups - 1}")
+    return group, n_groups
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def shard_group_task(config_data: dict[str, Any], run_dir: str, group: int, n_groups: int) -> dict[str, Any]:
+    """One bulk_distill shard group on this worker; retried like the stage on transient errors (its finished
+    shards are kept)."""
+    logger = get_run_logger()
+    with forward_stage_logs(logger):
+        done = run_group(config_from_dict(config_data), Path(run_dir), logger, run_id(), group, n_groups)
+    return {"stage": "bulk_distill", "shard_group": f"{group}/{n_groups}", "shards_distilled": done}
 
 
 @flow(name="ecamp-ablations")

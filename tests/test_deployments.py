@@ -448,46 +448,22 @@ def test_the_run_graph_is_the_stage_dag(pipeline):
         if name == "evaluate":
             expected.add("pretrain_ecamp__mim_only")  # the ablation row it compares against
         assert edges == expected, name
+    # a GPU sub-run hangs under its stage's task and draws no edge of its own (its parameters are no data)
+    parents = {r.parent_task_run_id for r in pipeline["gpu_runs"]}  # the task run_deployment made for it
+    handed = [t for t in tasks if t.id in parents]
+    assert handed, "the resumed run handed no stage to the GPU pool"
+    for task in handed:
+        own = {
+            by_id.get(i.id)
+            for key, inputs in task.task_inputs.items()
+            if key != "__parents__"
+            for i in inputs
+        }
+        assert own == set(), (task.name, own)
     order = stage_names()
     assert {named[n].state.name for n in order[: order.index(FAILING)]} == {
         "Taken"
     }  # not compared: not "Cached"
-
-
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--window-size=1400,1000",
-]
-
-
-def chromium_run(url: str, profile: Path, budget_ms: int, *action: str) -> str:
-    chromium = shutil.which("chromium")
-    assert chromium, "the browser check needs Debian's chromium: apt-get install -y chromium"
-    argv = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}"]
-    return subprocess.run(
-        [*argv, *action, url], capture_output=True, text=True, timeout=180, check=True
-    ).stdout
-
-
-def visible_text(dom: str) -> str:
-    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
-
-
-def rendered(url: str, profile: Path, expected: list[str], screenshot: Path) -> str:
-    """The page's visible text once its scripts ran (headless Debian chromium), then its screenshot. A loaded
-    machine can need more than the first 15 s of virtual time for the UI's API calls: up to three tries."""
-    for budget in (15_000, 30_000, 60_000):
-        text = visible_text(chromium_run(url, profile, budget, "--dump-dom"))
-        if all(e in text for e in expected):
-            break
-    chromium_run(url, profile, budget, f"--screenshot={screenshot}")
-    return text
 
 
 def test_the_ui_shows_the_manifests_and_the_lineage(pipeline, tmp_path):
@@ -547,7 +523,9 @@ def test_the_paper_deployment_says_what_to_set(pipeline):
     [command] = [
         line.split("  #")[0].strip()
         for line in readme.splitlines()
-        if "'ecamp-pipeline/paper'" in line and "nnodes" not in line  # the multi-node variant needs GPUs
+        if "'ecamp-pipeline/paper'" in line
+        and "nnodes" not in line  # the multi-node variant needs GPUs
+        and "bulk_distill.workers" not in line  # so do several GPU hosts
     ]
     failed = shell(command, [], env, timeout=300, check=False)
     assert failed.returncode == 1, failed.stdout + failed.stderr
@@ -689,3 +667,86 @@ def test_the_pipeline_run_shows_the_manifests_of_its_gpu_stages(pipeline):
         )
     keys = {a.key for a in found}
     assert {artifact_key(pipeline["run_dir"], stage) for stage in [*GPU_STAGES, *stage_names()]} <= keys
+
+
+def test_bulk_distill_spreads_over_two_gpu_workers(pipeline, deployed, tmp_path_factory):
+    """bulk_distill.workers=2 under the GPU pool: two shard groups as stage-gpu sub-runs, served by two GPU
+    workers (the in-process backend: the CPU vLLM is too heavy to run twice here); the pipeline merges their
+    shards into distilled reports that agree with the one-sub-run stage's."""
+    import pyarrow.parquet as pq
+    from prefect.client.orchestration import get_client
+
+    from tasks.config import load_config
+
+    folder = tmp_path_factory.mktemp("groups")
+    config = tiny_pipeline_config(folder)
+    run_dir = folder / "run"
+    second = background(README_COMMANDS["workers"][1], deployed.env, deployed.logs / "worker-gpu-2.log")
+    try:
+        params = ["-p", f"config_path={config}", "-p", f"run_dir={run_dir}", "-p", "until=bulk_distill"]
+        params += ["-p", "overrides=" + json.dumps(["bulk_distill.workers=2"])]
+        shell(README_COMMANDS["full"], params, deployed.env, timeout=900)
+    finally:
+        stop(second)
+    with get_client(sync_client=True) as client:
+        groups = [
+            r
+            for r in flow_runs(client, deployment="stage-gpu")
+            if r.parameters.get("run_dir") == str(run_dir) and r.parameters.get("shard_group")
+        ]
+    assert sorted(r.parameters["shard_group"] for r in groups) == ["0/2", "1/2"]
+    assert {r.state.type.value for r in groups} == {"COMPLETED"}
+    shards = sorted(p.name for p in (run_dir / "bulk_distill" / "shards").glob("shard_*.parquet"))
+    assert len(shards) >= 2, shards  # something to share
+
+    def distilled(folder: Path) -> list[dict]:
+        table = pq.read_table(folder / "bulk_distill" / "distilled_reports.parquet")
+        return sorted(table.to_pylist(), key=lambda r: r["study_id"])
+
+    rows = {r["study_id"]: r for r in distilled(run_dir)}
+    reference = {r["study_id"]: r for r in distilled(pipeline["run_dir"])}  # one sub-run, same student
+    assert rows.keys() == reference.keys()
+    kept = [s for s, r in rows.items() if r["source"] in ("teacher", "none")]
+    assert all(rows[s] == reference[s] for s in kept)
+    # the student's greedy answers are the same whichever group made them; which failing answers the teacher
+    # redid can differ, since each group has half the retry budget
+    both = [s for s, r in rows.items() if r["source"] == reference[s]["source"] == "student"]
+    assert both and all(rows[s]["raw_response"] == reference[s]["raw_response"] for s in both)
+    retried = sum(r["source"] == "teacher_retry" for r in rows.values())
+    assert retried <= load_config(config).bulk_distill.retry_budget
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1400,1000",
+]
+
+
+def chromium_run(url: str, profile: Path, budget_ms: int, *action: str) -> str:
+    chromium = shutil.which("chromium")
+    assert chromium, "the browser check needs Debian's chromium: apt-get install -y chromium"
+    argv = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}"]
+    return subprocess.run(
+        [*argv, *action, url], capture_output=True, text=True, timeout=180, check=True
+    ).stdout
+
+
+def visible_text(dom: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+
+
+def rendered(url: str, profile: Path, expected: list[str], screenshot: Path) -> str:
+    """The page's visible text once its scripts ran (headless Debian chromium), then its screenshot. A loaded
+    machine can need more than the first 15 s of virtual time for the UI's API calls: up to three tries."""
+    for budget in (15_000, 30_000, 60_000):
+        text = visible_text(chromium_run(url, profile, budget, "--dump-dom"))
+        if all(e in text for e in expected):
+            break
+    chromium_run(url, profile, budget, f"--screenshot={screenshot}")
+    return text
