@@ -121,6 +121,11 @@ def run_on_gpu_pool(
     return StageResult(name, "ran" if ran else "cached", record.fingerprint, outputs, record.seconds)
 
 
+def shard_groups(stage: str, config: Any) -> int:
+    """How many shard groups a stage hands to the GPU pool: `bulk_distill.workers` above 1, else none."""
+    return config.bulk_distill.workers if stage == "bulk_distill" and config.bulk_distill.workers > 1 else 0
+
+
 def run_groups_on_gpu_pool(
     handoff: GpuHandoff,
     groups: list[int],

@@ -19,12 +19,11 @@ from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 from prefect.utilities.annotations import quote
 
-from flows.gpu_pool import GpuHandoff, run_groups_on_gpu_pool, run_on_gpu_pool
+from flows.gpu_pool import GpuHandoff, run_groups_on_gpu_pool, run_on_gpu_pool, shard_groups
 from flows.logs import failed_in_one_line, forward_stage_logs, known_errors, quiet_known_tracebacks
 from flows.publish import publish_lineage, publish_stage
 from flows.retry import is_transient, transient_failure
 from flows.run_queue import run_dir_slot, this_flow_run
-from tasks.bulk_distill import pending_groups, run_group, shard_groups
 from tasks.config import config_from_dict, load_config
 from tasks.inputs import prepare_inputs
 from tasks.lock import run_lock
@@ -86,6 +85,8 @@ def one_stage(
             force or not current_result(get_stage(stage), config, Path(run_dir), name)
         ):
             if n_groups := shard_groups(stage, config):  # bulk_distill over several GPU workers
+                from tasks.bulk_distill import pending_groups  # here: it imports transformers
+
                 pending = pending_groups(config, Path(run_dir), logger, run_id(), n_groups)
                 if pending:
                     run_groups_on_gpu_pool(handoff, pending, n_groups, name, logger)
@@ -386,6 +387,8 @@ def parse_group(stage: str, shard_group: str) -> tuple[int, int]:
 def shard_group_task(config_data: dict[str, Any], run_dir: str, group: int, n_groups: int) -> dict[str, Any]:
     """One bulk_distill shard group on this worker; retried like the stage on transient errors (its finished
     shards are kept)."""
+    from tasks.bulk_distill import run_group  # here: it imports transformers
+
     logger = get_run_logger()
     with forward_stage_logs(logger):
         done = run_group(config_from_dict(config_data), Path(run_dir), logger, run_id(), group, n_groups)

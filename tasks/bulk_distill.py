@@ -613,11 +613,6 @@ STAGE = Stage(
 # ------------------------------------------------------------------------------------------- shard groups
 
 
-def shard_groups(stage: str, config: Any) -> int:
-    """How many shard groups a stage hands to the GPU pool: `bulk_distill.workers` above 1, else none."""
-    return config.bulk_distill.workers if stage == STAGE.name and config.bulk_distill.workers > 1 else 0
-
-
 def group_context(config: Any, run_dir: Path, log: Any, run_id: str) -> StageContext:
     """The stage's context for work done on its behalf outside a run of it (no lock, no attempt, no
     commit)."""
