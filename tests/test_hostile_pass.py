@@ -152,6 +152,7 @@ def test_a_stage_folder_or_attempt_folder_that_is_not_a_folder_is_refused_and_ke
     assert list(elsewhere.iterdir()) == []
 
 
+@pytest.mark.slow  # two interpreters importing torch, transformers and Prefect: 15 s
 def test_python_m_flows_pipeline_is_the_ecamp_command_line(tmp_path):
     """`python -m flows.pipeline` imported the flows and exited 0 having run nothing, whatever its
     arguments."""
