@@ -115,6 +115,7 @@ def test_augmented_samples_match_the_uncached_path_at_the_same_seed(large_jpegs,
             assert (a["window"] - b["window"]).abs().max() <= 2  # pixels of the 224 crop
 
 
+@pytest.mark.slow  # spawned worker processes, each importing torch: 7 s
 def test_a_large_build_runs_in_spawned_worker_processes_with_the_same_result(tmp_path):
     """Enough images for two processes (CHUNK each at least): spawned, not forked, and byte-equal to
     in-process."""
