@@ -126,8 +126,7 @@ def main() -> None:
     naive_rate = len(subset) / naive_cpu
     print(
         f"naive: {len(naive)} mentions on {len(subset)} reports, {naive_wall:.1f} s wall, {naive_cpu:.1f} s "
-        f"CPU "
-        f"= {naive_rate:,.0f} reports/CPU-s ({len(subset) / naive_wall:,.0f} reports/wall-s)"
+        f"CPU = {naive_rate:,.0f} reports/CPU-s ({len(subset) / naive_wall:,.0f} reports/wall-s)"
     )
     wall_ratio = (len(texts) / ours_wall) / (len(subset) / naive_wall)
     print(f"speed-up: {ours_rate / naive_rate:.1f}x (CPU time), {wall_ratio:.1f}x (wall)")
@@ -149,8 +148,7 @@ def main() -> None:
     _, validate_wall, validate_cpu = timed(validate_table, mentions, EntityMention, "bench/entity_mentions")
     print(
         f"contract validation: {mentions.num_rows} rows, {validate_wall:.2f} s wall, {validate_cpu:.2f} s "
-        f"CPU "
-        f"= {mentions.num_rows / validate_cpu:,.0f} rows/CPU-s"
+        f"CPU = {mentions.num_rows / validate_cpu:,.0f} rows/CPU-s"
     )
 
 

@@ -176,9 +176,9 @@ def main() -> None:
         rounds = " ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(walls[False], walls[True], strict=True))
         print(
             f"{protocol} {args.fraction}% ({len(members)} runs, {args.threads} threads): wall one by one "
-            f"{one:.1f} s, "
-            f"together {grouped:.1f} s (x{one / grouped:.2f}; rounds {rounds}); CPU {one_cpu:.1f} s vs "
-            f"{grouped_cpu:.1f} s (x{one_cpu / grouped_cpu:.2f}); max |metric difference| {diff:.2e}",
+            f"{one:.1f} s, together {grouped:.1f} s (x{one / grouped:.2f}; rounds {rounds}); CPU "
+            f"{one_cpu:.1f} s vs {grouped_cpu:.1f} s (x{one_cpu / grouped_cpu:.2f}); max |metric difference| "
+            f"{diff:.2e}",
             flush=True,
         )
     if args.vmap:

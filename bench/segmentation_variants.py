@@ -189,9 +189,8 @@ def run(names: list[str], enc: dict[str, Path], data: Path, out: Path) -> None:
         segment.SegHead = orig_head
         wall = time.time() - t1
         print(
-            f"== {name}: fit {pcfg.segmentation.fit.model_dump(include={'lr', 'epochs', 'min_steps'})} "
-            f"mode {mode} head {(head_cls or orig_head).__name__} token_norm {seg.head.token_norm}: "
-            f"{wall:.0f}s",
+            f"== {name}: fit {pcfg.segmentation.fit.model_dump(include={'lr', 'epochs', 'min_steps'})} mode "
+            f"{mode} head {(head_cls or orig_head).__name__} token_norm {seg.head.token_norm}: {wall:.0f}s",
             flush=True,
         )
         summarize(rows, name, wall, out)

@@ -81,9 +81,8 @@ def wait_for_pickup(client: Any, run_id: Any, handoff: GpuHandoff, name: str) ->
             client.set_flow_run_state(run_id, Cancelled(message="no GPU worker picked it up"), force=True)
             raise GpuPoolError(
                 f"{name}: no worker of pool {handoff.pool!r} picked up its run within {handoff.timeout_s:g} "
-                f"s "
-                f"(run.gpu_pickup_timeout_s): start one with `prefect worker start --pool {handoff.pool}`, "
-                "or unset run.gpu_pool to run GPU stages in the pipeline's own process"
+                f"s (run.gpu_pickup_timeout_s): start one with `prefect worker start --pool {handoff.pool}`, "
+                f"or unset run.gpu_pool to run GPU stages in the pipeline's own process"
             )
         time.sleep(POLL_S)
 

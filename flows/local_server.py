@@ -207,8 +207,7 @@ def check_api_through_proxy(url: str) -> None:
         host = urlsplit(url).hostname
         raise LocalServerError(
             f"PREFECT_API_URL {url} goes through the proxy in {variable}={os.environ[variable]}, which did "
-            f"not "
-            f"relay {url}/health ({why}): add {host} to NO_PROXY, or unset {variable}"
+            f"not relay {url}/health ({why}): add {host} to NO_PROXY, or unset {variable}"
         )
 
 

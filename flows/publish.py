@@ -260,8 +260,7 @@ def lineage_markdown(run_dir: Path, summaries: list[dict[str, Any]]) -> str:
         "## Every output",
         "",
         "Each output (model files included) with its SHA-256 and what it was made from (first 12 hex "
-        "digits); "
-        "each stage's manifest artifact has the full hashes of its inputs.",
+        "digits); each stage's manifest artifact has the full hashes of its inputs.",
         "",
         *text,
     ]

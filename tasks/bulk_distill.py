@@ -103,8 +103,8 @@ class Config(StageConfig):
     backend: Backend = Field(
         default_factory=ServerBackend,
         description="where the student generates: {kind: transformers, ...} or {kind: openai, ...}; a "
-        "setting of "
-        "the other kind is refused (`backend: transformers` alone means that kind with its defaults)",
+        "setting of the other kind is refused (`backend: transformers` alone means that kind with its "
+        "defaults)",
     )
     retry_budget: int = Field(1000, ge=0, description="student answers failing QC that may go to the teacher")
     retry_on: list[str] = Field(
@@ -489,9 +489,8 @@ def log_work(ctx: StageContext, work: Work, cfg: Config, injected: bool) -> None
     )
     if work.reprompt_rounds is not None and not injected and cfg.backend.kind != "transformers":
         ctx.log.warning(
-            "entity_complete: a server gives no prompt log-probabilities, so entities still "
-            "missing after re-prompting stay missing; QC re-sends such answers to the teacher "
-            "(retry_budget)"
+            "entity_complete: a server gives no prompt log-probabilities, so entities still missing after "
+            "re-prompting stay missing; QC re-sends such answers to the teacher (retry_budget)"
         )
 
 

@@ -36,8 +36,7 @@ class RunConfig(StageConfig):
     gpu_pool: str | None = Field(
         None,
         description="work pool of the GPU worker: the pipeline hands its GPU stages to `gpu_deployment` "
-        "there "
-        "and waits; None runs every stage in the pipeline's own process",
+        "there and waits; None runs every stage in the pipeline's own process",
     )
     gpu_deployment: str = Field(
         "ecamp-stage/stage-gpu",

@@ -87,8 +87,7 @@ class Config(StageConfig):
         if "max_len" in self.model.model_fields_set and self.model.max_len != self.text.max_len:
             raise ValueError(
                 f"model.max_len {self.model.max_len} differs from text.max_len {self.text.max_len}: the "
-                f"position "
-                "table follows text.max_len, set pretrain_ecamp.text.max_len only"
+                f"position table follows text.max_len, set pretrain_ecamp.text.max_len only"
             )
         if self.model.max_len != self.text.max_len:
             self.model = ECAMPConfig.model_validate({**self.model.model_dump(), "max_len": self.text.max_len})
@@ -105,10 +104,8 @@ class Config(StageConfig):
         if self.train.decode == "device" and self.image_cache.enabled:
             raise ValueError(
                 "train.decode=device decodes the original JPEGs on the training device every epoch, and the "
-                "image "
-                "cache replaces them with decoded arrays: choose one (set image_cache.enabled=false to "
-                "decode on "
-                "the device)"
+                "image cache replaces them with decoded arrays: choose one (set image_cache.enabled=false to "
+                "decode on the device)"
             )
         return self
 

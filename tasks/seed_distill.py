@@ -73,9 +73,8 @@ class Config(StageConfig):
     shared_limit: str | None = Field(
         None,
         description="name of a Prefect global rate limit pair (<name>-requests, <name>-tokens) set to "
-        "rpm/tpm and "
-        "shared by every run that names it, so runs against one account stay within its limits together; "
-        "needs PREFECT_API_URL",
+        "rpm/tpm and shared by every run that names it, so runs against one account stay within its limits "
+        "together; needs PREFECT_API_URL",
     )
     max_retries: int = Field(6, ge=0)
     timeout_s: float = Field(60.0, gt=0)
@@ -98,8 +97,7 @@ class Config(StageConfig):
         if self.shared_limit is not None and self.batch_api:
             raise ValueError(
                 "shared_limit paces live requests; the Batch API's requests are paced by the provider's "
-                "batch "
-                "queue, so set one or the other"
+                "batch queue, so set one or the other"
             )
         return self
 

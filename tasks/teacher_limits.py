@@ -43,8 +43,8 @@ class PrefectRateLimit:
         if not PREFECT_API_URL.value():
             raise RuntimeError(
                 f"shared teacher limit {self.name!r} lives on a Prefect server, and PREFECT_API_URL is not "
-                f"set: "
-                "start the run against the server that the other runs use, or unset seed_distill.shared_limit"
+                f"set: start the run against the server that the other runs use, or unset "
+                f"seed_distill.shared_limit"
             )
         with get_client(sync_client=True) as client:
             if self.rpm:

@@ -250,9 +250,8 @@ def test_an_init_checkpoint_matching_nothing_is_an_error_and_a_partial_one_a_war
         load_partial(ECAMP(cfg), tmp_path / "resnet.pth")
     assert str(raised.value) == (
         f"init_checkpoint {tmp_path / 'resnet.pth'}: none of its 2 tensors matches a parameter of the model "
-        "(e.g. fc.weight: no such parameter, fc.bias: no such parameter); it is not an MAE/ECAMP "
-        "pre-training "
-        "checkpoint"
+        f"(e.g. fc.weight: no such parameter, fc.bias: no such parameter); it is not an MAE/ECAMP "
+        f"pre-training checkpoint"
     )
     donor = ECAMP(cfg).encoder.state_dict()
     half = dict(list(donor.items())[: len(donor) // 2])
@@ -298,8 +297,7 @@ def test_a_resume_file_of_another_kind_is_refused_with_what_it_lacks(tmp_path):
         read_resume_checkpoint(tmp_path / CHECKPOINT)
     assert str(raised.value) == (
         f"{tmp_path / CHECKPOINT}: not a resume checkpoint of ECAMP pre-training (no 'optimizer', "
-        f"'scheduler', "
-        "'state', 'rng', 'fingerprint', 'world'); delete it to start ECAMP pre-training over"
+        f"'scheduler', 'state', 'rng', 'fingerprint', 'world'); delete it to start ECAMP pre-training over"
     )
 
 

@@ -378,14 +378,12 @@ def test_the_paper_config_without_gloria_s_resnet_and_clinical_bert_stops_before
     paper = str(REPO_ROOT / "configs" / "paper.yaml")
     common = ["-c", paper, "--run-dir", str(tmp_path / "run")]
     image = (
-        "train_gloria.model.image_checkpoint /models/gloria/resnet50-0676ba61.pth not found: official "
-        "GLoRIA starts "
-        "from ImageNet ResNet-50 weights: download https://download.pytorch.org/models/"
+        "train_gloria.model.image_checkpoint /models/gloria/resnet50-0676ba61.pth not found: official GLoRIA "
+        "starts from ImageNet ResNet-50 weights: download https://download.pytorch.org/models/"
     )
     text = (
         "train_gloria.model.text_checkpoint /models/gloria/Bio_ClinicalBERT not found: official GLoRIA "
-        "starts from "
-        "Bio_ClinicalBERT: download https://huggingface.co/emilyalsentzer/Bio_ClinicalBERT"
+        "starts from Bio_ClinicalBERT: download https://huggingface.co/emilyalsentzer/Bio_ClinicalBERT"
     )
     mae = "pretrain_ecamp.train.init_checkpoint /models/mae/mae_pretrain_vit_base.pth not found"
     data = "extract_reports: input not found: /data/mimic-cxr/files; set data.root"

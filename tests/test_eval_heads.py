@@ -102,8 +102,8 @@ def test_a_checkpoint_of_another_shape_is_refused_naming_the_file_and_key(export
     wide = dict(export_arch(export), embed_dim=64)
     with pytest.raises(
         CheckpointError,
-        match=r"encoder.safetensors: shape mismatch with the configured ViT: blocks.0.attn.proj.bias "
-        r"\(32,\) vs \(64,\)",
+        match=r"encoder.safetensors: shape mismatch with the configured ViT: blocks.0.attn.proj.bias \(32,\) "
+        r"vs \(64,\)",
     ):
         load_init(downstream_vit(wide), export)
     empty = tmp_path / "nothing.pth"

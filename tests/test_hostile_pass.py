@@ -146,7 +146,7 @@ def test_a_stage_folder_or_attempt_folder_that_is_not_a_folder_is_refused_and_ke
     line = one_line_error(argv, console)
     assert line == (
         f"error: {path} is {found}, not {what}: move it away and run again (nothing in the run directory was "
-        "changed)"
+        f"changed)"
     )
     assert (folder_bytes(folder) if folder.is_dir() else folder.read_bytes()) == before
     assert list(elsewhere.iterdir()) == []

@@ -102,8 +102,7 @@ def test_a_lock_that_is_a_folder_is_one_line(tmp_path, console, command):
     line = one_line_error(argv, console)
     assert line == (
         f"error: {run_dir / '.lock'} is a folder, not the run directory's lock file: move it away and run "
-        f"again "
-        "(nothing in the run directory was changed)"
+        f"again (nothing in the run directory was changed)"
     )
     assert [p.name for p in run_dir.iterdir()] == [".lock"]
 
@@ -170,8 +169,7 @@ def test_a_prefect_api_url_on_a_closed_port_is_one_line(tmp_path, console, no_pr
     line = one_line_error(stage_argv("extract_reports", tmp_path / "run"), console)
     assert line == (
         f"error: PREFECT_API_URL {url} does not answer ([Errno 111] Connection refused): start that server, "
-        f"or "
-        "unset PREFECT_API_URL to let the command start a temporary one"
+        f"or unset PREFECT_API_URL to let the command start a temporary one"
     )
 
 
@@ -277,8 +275,7 @@ def test_a_success_record_that_is_a_folder_is_refused_before_any_output_is_repla
     line = one_line_error(stage_argv("extract_reports", run_dir, f"data.root={small_corpus}"), console)
     assert line == (
         f"error: {record} is a folder, not the stage's success record: move it away and run again (nothing "
-        f"in "
-        "the run directory was changed)"
+        f"in the run directory was changed)"
     )
     assert folder_bytes(run_dir / "extract_reports") == before  # no .tmp-*, no .previous, no .attempt
     assert sorted(p.name for p in (run_dir / "extract_reports").iterdir()) == sorted([*before, "_stage.json"])
@@ -319,9 +316,8 @@ def test_a_full_disk_during_a_parquet_write_is_one_line_and_keeps_the_last_outpu
     )
     attempt = run_dir / "extract_reports" / ".attempt"
     assert line == (
-        f"error: no space left on device writing {attempt / 'rejects.parquet'}; the partial file was "
-        f"removed and "
-        "any previous version is intact: free space and rerun"
+        f"error: no space left on device writing {attempt / 'rejects.parquet'}; the partial file was removed "
+        f"and any previous version is intact: free space and rerun"
     )
     after = folder_bytes(run_dir / "extract_reports")
     assert {k: v for k, v in after.items() if not k.startswith(".attempt/")} == before
@@ -440,8 +436,8 @@ def test_errors_raised_by_a_stage_are_one_line(tmp_path, console, prefect_server
             check_adapter_dir(adapter)
         raised = caught.value
         expected = (
-            f"cannot load LoRA adapter from {adapter}: adapter_config.json holds a JSON NoneType, "
-            f"not an object"
+            f"cannot load LoRA adapter from {adapter}: adapter_config.json holds a JSON NoneType, not an "
+            f"object"
         )
     elif err == "empty-pth":
         (tmp_path / "init.pth").write_bytes(b"")
@@ -664,6 +660,5 @@ def test_tampered_image_cache_entries_are_found_and_rebuilt(tmp_path, caplog):
         f"image cache: {first[sources[1]]} holds an array of object and shape (1,), not uint8 (21, 16): "
         "decoding its image again",
         f"image cache: {first[sources[2]]} is unreadable (EOF: reading magic string, expected 8 bytes got "
-        f"0): "
-        "decoding its image again",
+        f"0): decoding its image again",
     ]

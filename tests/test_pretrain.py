@@ -357,9 +357,8 @@ def test_pre_training_must_choose_its_initialization_and_says_where_to_get_mae(t
         check_init_checkpoint(PretrainConfig(init_checkpoint=str(tmp_path / "mae.pth")))
     assert str(err.value) == (
         f"pretrain_ecamp.train.init_checkpoint {tmp_path / 'mae.pth'} not found: the official runs start "
-        f"from MAE "
-        f"ImageNet ViT-B: download {MAE_URL} and set pretrain_ecamp.train.init_checkpoint=<its path>, or set "
-        "pretrain_ecamp.train.init_checkpoint=random to pre-train from random weights"
+        f"from MAE ImageNet ViT-B: download {MAE_URL} and set pretrain_ecamp.train.init_checkpoint=<its "
+        f"path>, or set pretrain_ecamp.train.init_checkpoint=random to pre-train from random weights"
     )
     check_init_checkpoint(PretrainConfig(init_checkpoint="random"))  # the explicit opt-out passes
 

@@ -365,8 +365,7 @@ def test_an_artifact_copied_from_another_run_is_recorded_as_read_here(setup, tmp
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [
         f"{path} is a copy of {foreign.resolve().as_uri()} (run {read_info(foreign).run_id}), not the file "
-        f"its "
-        f"stage wrote here: lineage records it as read from {path} with the hash of its content"
+        f"its stage wrote here: lineage records it as read from {path} with the hash of its content"
     ]
     [upstream] = forced.outputs["doubled"].upstream
     assert upstream.uri == path.resolve().as_uri() != read_info(path).uri

@@ -77,8 +77,7 @@ def test_a_shared_limit_without_a_prefect_server_is_a_clear_error(monkeypatch):
             PrefectRateLimit("acct", rpm=60, tpm=None).ensure()
     assert str(err.value) == (
         "shared teacher limit 'acct' lives on a Prefect server, and PREFECT_API_URL is not set: start the "
-        "run "
-        "against the server that the other runs use, or unset seed_distill.shared_limit"
+        "run against the server that the other runs use, or unset seed_distill.shared_limit"
     )
     with pytest.raises(ValueError, match="rpm and tpm are both unset"):
         PrefectRateLimit("acct", rpm=None, tpm=None)

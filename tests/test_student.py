@@ -298,10 +298,9 @@ def test_a_student_below_the_all_absent_baseline_is_warned_about_or_stopped(capl
         ("INFO", "held-out polarity agreement: student 0.500, all-absent baseline 0.750 (8 entities)"),
         (
             "WARNING",
-            "the student's held-out polarity agreement 0.500 is below the all-absent baseline 0.750 "
-            "(8 entities): answering every entity 'absent' would do better, and bulk_distill will distil "
-            "the corpus "
-            "with this student; set finetune_student.min_agreement to stop here",
+            "the student's held-out polarity agreement 0.500 is below the all-absent baseline 0.750 (8 "
+            "entities): answering every entity 'absent' would do better, and bulk_distill will distil the "
+            "corpus with this student; set finetune_student.min_agreement to stop here",
         ),
     ]
     with pytest.raises(StudentTooWeakError) as err:

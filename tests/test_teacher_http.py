@@ -601,9 +601,8 @@ def test_an_answer_longer_than_its_cap_is_a_reject_row_and_never_cached(tmp_path
                 "study_id": "s1",
                 "stage": "seed_distill",
                 "attempts": 1,
-                "reason": "gave up after 1 attempt(s): answer too long: 380,000 characters, the "
-                "limit is 1,024 (16 x max_tokens 64); the endpoint did not stop at "
-                "max_tokens",
+                "reason": "gave up after 1 attempt(s): answer too long: 380,000 characters, the limit is "
+                "1,024 (16 x max_tokens 64); the endpoint did not stop at max_tokens",
             }
         ]
         assert [r["study_id"] for r in pq.read_table(out / "seed_distillations.parquet").to_pylist()] == [
@@ -625,7 +624,6 @@ def test_an_answer_longer_than_its_cap_is_a_reject_row_and_never_cached(tmp_path
     assert [r.content for r in results] == ["There is no effusion at all.", None]
     assert results[1].error == (
         "cached answer too long: 39 characters, the limit is 30 (max_answer_chars); the endpoint did not "
-        "stop "
-        "at max_tokens"
+        "stop at max_tokens"
     )
     assert server.completions_sent == 3

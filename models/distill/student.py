@@ -131,9 +131,8 @@ class TrainSettings(BaseModel):
     log_every: int = Field(1, ge=1, description="optimizer steps between progress log lines")
     amp: Literal["auto", "bf16", "off"] = Field(
         "auto",
-        description="bf16 autocast on the training device (CUDA or CPU); auto = bf16 on CUDA, fp32 on CPU "
-        "(a CPU "
-        "without AVX512-BF16/AMX runs bf16 slower than fp32)",
+        description="bf16 autocast on the training device (CUDA or CPU); auto = bf16 on CUDA, fp32 on CPU (a "
+        "CPU without AVX512-BF16/AMX runs bf16 slower than fp32)",
     )
 
 

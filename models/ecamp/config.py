@@ -50,9 +50,8 @@ class PretrainConfig(BaseModel):
     clip_grad: float | None = Field(None, gt=0)
     amp: Literal["auto", "bf16", "off"] = Field(
         "auto",
-        description="bf16 autocast on the training device (CUDA or CPU); auto = bf16 on CUDA, fp32 on CPU "
-        "(a CPU "
-        "without AVX512-BF16/AMX runs bf16 slower than fp32)",
+        description="bf16 autocast on the training device (CUDA or CPU); auto = bf16 on CUDA, fp32 on CPU (a "
+        "CPU without AVX512-BF16/AMX runs bf16 slower than fp32)",
     )
     ckpt_every: int = Field(1000, ge=1, description="optimiser steps between checkpoints (and at the end)")
     seed: Seed | None = Field(None, description="None: the caller's seed (the stage uses run.seed), else 0")
@@ -69,14 +68,12 @@ class PretrainConfig(BaseModel):
     decode: Literal["worker", "device"] = Field(
         "worker",
         description="where images are decoded: in the workers (CPU), or JPEG bytes decoded and augmented on "
-        "the "
-        "training device (torchvision decode_jpeg; nvJPEG on CUDA), for uncached JPEG corpora",
+        "the training device (torchvision decode_jpeg; nvJPEG on CUDA), for uncached JPEG corpora",
     )
     init_checkpoint: str | None = Field(
         None,
         description="MAE ImageNet ViT-B weights to start from (official MAE .pth or timm safetensors; the "
-        "official "
-        "run.sh resumes mae_vit_base.pth), or 'random'; None = not chosen, which the stage refuses",
+        "official run.sh resumes mae_vit_base.pth), or 'random'; None = not chosen, which the stage refuses",
     )
     # data augmentation
     mean: float = Field(0.4721, description="grey-level normalisation (official MIMIC statistics)")

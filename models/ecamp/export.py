@@ -139,10 +139,10 @@ def write_model_card(
         "## Architecture",
         f"- ViT: img {cfg.img_size}, patch {cfg.patch_size}, width {cfg.embed_dim}, depth {cfg.depth}, "
         f"heads {cfg.num_heads}; fixed 2-D sin-cos position embeddings",
-        f"- pre-training heads (not exported): decoder {cfg.decoder_embed_dim}/{cfg.decoder_depth}/"
-        f"{cfg.decoder_num_heads}, SR {'on' if cfg.sr else 'off'} at {cfg.hr_size}, text BERT "
-        f"{cfg.text_layers}×{cfg.text_hidden} ({cfg.text_heads} heads, FFN {cfg.text_ffn}), vocab "
-        f"{cfg.vocab_size}",
+        f"- pre-training heads (not exported): decoder "
+        f"{cfg.decoder_embed_dim}/{cfg.decoder_depth}/{cfg.decoder_num_heads}, SR "
+        f"{'on' if cfg.sr else 'off'} at {cfg.hr_size}, text BERT {cfg.text_layers}×{cfg.text_hidden} "
+        f"({cfg.text_heads} heads, FFN {cfg.text_ffn}), vocab {cfg.vocab_size}",
         f"- MSCF local {cfg.mscf_local}, global {cfg.mscf_global}; mask ratio {cfg.mask_ratio}",
         "",
         "## Training",
@@ -177,8 +177,8 @@ def reliance_lines(metrics: list[dict[str, Any]]) -> list[str]:
         "## Image reliance of the text side",
         "",
         f"Masked entity and descriptor tokens of held-out pairs ({m['heldout_tokens']} tokens, step "
-        f"{m['step']}), "
-        "predicted with the paired image and with another pair's image (the batch rolled by one):",
+        f"{m['step']}), predicted with the paired image and with another pair's image (the batch rolled by "
+        f"one):",
         "",
         "| | paired | mismatched | reliance |",
         "|---|---|---|---|",

@@ -108,8 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m models.ecamp.job",
         description="Run one ECAMP pre-training job (prepared by the pretrain_ecamp stage). Under torchrun "
-        "every "
-        "process runs this; rank 0 writes checkpoint.pt and metrics.jsonl into --out.",
+        "every process runs this; rank 0 writes checkpoint.pt and metrics.jsonl into --out.",
     )
     parser.add_argument(
         "--job", required=True, type=Path, help="job folder holding job.json and records.jsonl"

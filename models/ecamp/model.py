@@ -110,9 +110,8 @@ class ECAMPConfig(BaseModel):
                 raise ValueError(f"{what}: {dim} is not divisible by {heads}")
         if self.norm_pix_loss and self.sr:
             raise ValueError(
-                "norm_pix_loss with sr: the SR input would be de-normalised with the ground-truth "
-                "statistics of "
-                "the masked patches (a leak of what MIM must predict); switch one of them off"
+                "norm_pix_loss with sr: the SR input would be de-normalised with the ground-truth statistics "
+                "of the masked patches (a leak of what MIM must predict); switch one of them off"
             )
         return self
 

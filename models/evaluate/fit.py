@@ -49,8 +49,7 @@ class FitConfig(BaseModel):
         gt=0,
         le=1,
         description="ViT fine-tuning: block i of D trains at lr·decay^(D−i), the embeddings at "
-        "lr·decay^(D+1), "
-        "the head at lr (MAE/BEiT; 1.0 = one lr for all, the official recipe)",
+        "lr·decay^(D+1), the head at lr (MAE/BEiT; 1.0 = one lr for all, the official recipe)",
     )
     head_lr: float | None = Field(
         None,

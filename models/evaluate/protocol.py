@@ -89,8 +89,7 @@ class ProtocolConfig(BaseModel):
     finetune_head: Literal["fresh", "linear_probe"] = Field(
         "fresh",
         description="the head fine-tuning starts from: fresh (official) or a linear probe on the frozen "
-        "features "
-        "fitted first with the linear_probe settings (LP-FT)",
+        "features fitted first with the linear_probe settings (LP-FT)",
     )
     drop_path: float = Field(0.1, ge=0, lt=1)
     head_init_std: float = Field(2e-5, gt=0)

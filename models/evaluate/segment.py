@@ -36,8 +36,7 @@ class SegHead(nn.Module):
         if n_up != int(n_up) or int(n_up) != len(cfg.channels):
             raise ValueError(
                 f"segmentation: {img_size} px from a {grid}x{grid} grid needs log2({img_size}/{grid}) = "
-                f"{n_up:g} "
-                f"up-sampling blocks, but channels has {len(cfg.channels)} ({list(cfg.channels)})"
+                f"{n_up:g} up-sampling blocks, but channels has {len(cfg.channels)} ({list(cfg.channels)})"
             )
         self.grid = grid
         self.token_norm = token_norm(embed_dim, cfg)

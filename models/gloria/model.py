@@ -53,10 +53,8 @@ class GloriaConfig(BaseModel):
     text_checkpoint: str | None = Field(
         None,
         description="a local Hugging Face BERT folder (official: Bio_ClinicalBERT) whose weights and "
-        "vocabulary "
-        "the text encoder starts from, for encoder resnet50; 'random' = a BERT built from text_* (unset is "
-        "an "
-        "error)",
+        "vocabulary the text encoder starts from, for encoder resnet50; 'random' = a BERT built from text_* "
+        "(unset is an error)",
     )
     small_width: int = Field(32, ge=4, description="channels of the first stage of the small CNN (demo)")
     embed_dim: int = Field(768, ge=8)
@@ -95,8 +93,7 @@ class GloriaConfig(BaseModel):
         if overridden:
             raise ValueError(
                 f"{', '.join(overridden)}: set by text_checkpoint's config.json ({self.text_checkpoint}); "
-                f"remove "
-                "them, or set text_checkpoint: random to build the text encoder from them"
+                f"remove them, or set text_checkpoint: random to build the text encoder from them"
             )
         return self
 

@@ -65,9 +65,8 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(0, ge=0, description="DataLoader workers")
     amp: Literal["auto", "bf16", "off"] = Field(
         "auto",
-        description="bf16 autocast on the training device (CUDA or CPU); auto = bf16 on CUDA, fp32 on CPU "
-        "(a CPU "
-        "without AVX512-BF16/AMX runs bf16 slower than fp32)",
+        description="bf16 autocast on the training device (CUDA or CPU); auto = bf16 on CUDA, fp32 on CPU (a "
+        "CPU without AVX512-BF16/AMX runs bf16 slower than fp32)",
     )
     local_words: Literal["all", "affirmed"] = Field(
         "all",

@@ -102,9 +102,9 @@ MAIN_SECTIONS = ("impression", "findings", "history", "comparison", "addendum")
 
 # Headers that name the view of the study describe the whole study, i.e. they are findings.
 VIEW_TITLE = re.compile(
-    r"chest|portable|pa and lateral|lateral and pa|ap and lateral|lateral and ap|frontal and|two views"
-    r"|frontal view|pa view|ap view|one view|lateral view|bone window|frontal upright|frontal semi-upright"
-    r"|ribs|pa and lat"
+    r"chest|portable|pa and lateral|lateral and pa|ap and lateral|lateral and ap|frontal and|two "
+    r"views|frontal view|pa view|ap view|one view|lateral view|bone window|frontal upright|frontal "
+    r"semi-upright|ribs|pa and lat"
 )
 
 # Any line-initial "Name:" candidate; whether it is a header is decided by `_is_header`.
