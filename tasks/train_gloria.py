@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from data_contracts.gloria import AttentionMap, GloriaLoss, Localization
 from data_contracts.reports import Reject
 from models.devices import resolve_device
-from models.engine.resume import RESUME_KEYS
+from models.engine.resume import RESUME_FORMAT
 from models.filenames import printable, safe_stem
 from models.gloria.attention import (
     ANATOMY_ENTITIES,
@@ -153,7 +153,7 @@ def load_trained(folder: Path) -> tuple[Gloria, Any]:
 
 def resume_state(ctx: StageContext, cfg: Config, texts: list[str]) -> Path:
     """The resume file for exactly this config, seed and training data; stale ones from other settings go."""
-    key = stable_hash([cfg.model_dump(mode="json"), ctx.config.run.seed, texts, RESUME_KEYS])
+    key = stable_hash([cfg.model_dump(mode="json"), ctx.config.run.seed, texts, RESUME_FORMAT])
     path = ctx.scratch(f"train_state_{key}.pt")
     for old in ctx.stage_dir.glob("train_state_*.pt"):
         if old != path:

@@ -16,7 +16,6 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
@@ -35,7 +34,7 @@ from transformers import (
 
 from models.distill.prompt import build_messages
 from models.engine.schedule import warmup_cosine
-from models.engine.step import StepGuard, autocast_for, optimizer_step
+from models.engine.step import Amp, StepGuard, autocast_for, optimizer_step
 
 IGNORE_INDEX = -100  # label value the causal-LM loss skips (prompt and padding positions)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -129,11 +128,7 @@ class TrainSettings(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     log_every: int = Field(1, ge=1, description="optimizer steps between progress log lines")
-    amp: Literal["auto", "bf16", "off"] = Field(
-        "auto",
-        description="bf16 autocast on the training device (CUDA or CPU); auto = bf16 on CUDA, fp32 on CPU (a "
-        "CPU without AVX512-BF16/AMX runs bf16 slower than fp32)",
-    )
+    amp: Amp = "auto"
 
 
 @dataclass

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.engine.step import Amp
 from models.seeds import Seed
 
 # settings that change no batch and no step: a checkpoint made with other values is still resumed
@@ -48,11 +49,7 @@ class PretrainConfig(BaseModel):
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float | None = Field(None, gt=0)
-    amp: Literal["auto", "bf16", "off"] = Field(
-        "auto",
-        description="bf16 autocast on the training device (CUDA or CPU); auto = bf16 on CUDA, fp32 on CPU (a "
-        "CPU without AVX512-BF16/AMX runs bf16 slower than fp32)",
-    )
+    amp: Amp = "auto"
     ckpt_every: int = Field(1000, ge=1, description="optimiser steps between checkpoints (and at the end)")
     seed: Seed | None = Field(None, description="None: the caller's seed (the stage uses run.seed), else 0")
     # data loading: none of these changes a batch (every draw is seeded by seed, epoch and sample index)

@@ -28,13 +28,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from models.checkpoints import CheckpointError, read_resume_file, read_state_dict
+from models.checkpoints import CheckpointError, read_state_dict
 from models.ecamp.config import LOADER_SETTINGS, MEASURE_SETTINGS, PretrainConfig
 from models.ecamp.data import PretrainCollator, PretrainDataset, ResumableSampler, TextCollate, sample_seed
 from models.ecamp.model import ECAMP, ECAMPConfig
 from models.ecamp.reliance import HeldOutBatch, measure_reliance, reliance_line
 from models.engine.distributed import DistInfo, init_distributed, mean_over_ranks, wrap_ddp
-from models.engine.resume import RESUME_KEYS, ResumeFile, seed_everything
+from models.engine.resume import ResumeFile, read_checkpoint, seed_everything
 from models.engine.schedule import warmup_cosine
 from models.engine.step import ProgressLog, StepGuard, autocast_for, optimizer_step
 
@@ -180,11 +180,8 @@ def fingerprint(model_cfg: ECAMPConfig, cfg: PretrainConfig, data_hash: str) -> 
 
 
 def read_resume_checkpoint(path: Path) -> dict[str, Any]:
-    """A resume checkpoint this trainer wrote, read without running code; anything else is a
-    CheckpointError."""
-    return read_resume_file(
-        path, RESUME_KEYS, f"resume checkpoint of {WHAT}", f"delete it to start {WHAT} over"
-    )
+    """A resume checkpoint this trainer wrote (the stage reads back the one a torchrun job left)."""
+    return read_checkpoint(path, WHAT)
 
 
 @dataclass

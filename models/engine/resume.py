@@ -27,6 +27,7 @@ from models.checkpoints import describe_names, non_finite, read_resume_file, sav
 from models.engine.distributed import DistInfo, gather_objects
 
 RESUME_KEYS = ("model", "optimizer", "scheduler", "state", "rng", "fingerprint", "world")
+RESUME_FORMAT = 1  # raised when the payload changes; a file name keyed on it leaves older files behind
 
 
 def seed_everything(seed: int) -> None:
@@ -71,6 +72,14 @@ def changed_keys(saved: Any, current: Any, prefix: str = "") -> list[str]:
     return [] if saved == current else [prefix.rstrip(".") or "fingerprint"]
 
 
+def read_checkpoint(path: Path, what: str) -> dict[str, Any]:
+    """A resume checkpoint of `what` ("ECAMP pre-training"), read without running code; anything else is a
+    CheckpointError naming the file, the keys it lacks and how to start over."""
+    return read_resume_file(
+        path, RESUME_KEYS, f"resume checkpoint of {what}", f"delete it to start {what} over"
+    )
+
+
 class ResumeFile:
     """One trainer's resume checkpoint: `load` restores a matching one, `save` writes it atomically.
 
@@ -95,12 +104,7 @@ class ResumeFile:
         when there is no checkpoint or it was made with other settings (see the module docstring)."""
         if not self.path.exists():
             return None
-        payload = read_resume_file(
-            self.path,
-            RESUME_KEYS,
-            f"resume checkpoint of {self.what}",
-            f"delete it to start {self.what} over",
-        )
+        payload = read_checkpoint(self.path, self.what)
         differ = changed_keys(plain(payload["fingerprint"]), self.fingerprint)
         if payload["world"] != self.info.world:
             differ.append(f"world size {payload['world']} → {self.info.world}")

@@ -8,9 +8,19 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
+
+Amp = Annotated[
+    Literal["auto", "bf16", "off"],
+    Field(
+        description="bf16 autocast on the training device (CUDA or CPU); auto = bf16 on CUDA, fp32 on CPU "
+        "(a CPU without AVX512-BF16/AMX runs bf16 slower than fp32)"
+    ),
+]  # every trainer's `amp` setting
 
 
 def autocast_for(amp: str, device: torch.device) -> torch.autocast:
@@ -20,32 +30,31 @@ def autocast_for(amp: str, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
-def check_finite_step(what: str, losses: dict[str, float], grad_norm: float, epoch: int, step: int) -> None:
-    """Stop before an optimiser step that would write NaN/inf into the weights. `losses["total"]` (or the
-    first loss) is the one named; every non-finite one is listed."""
-    bad = [f"{k}={v}" for k, v in losses.items() if not math.isfinite(v)]
-    if bad:
-        total = losses.get("total", next(iter(losses.values())))
-        raise FloatingPointError(
-            f"{what} loss is {total} at epoch {epoch}, step {step} (non-finite: {', '.join(bad)}); "
-            "lower the learning rate or check the inputs"
-        )
-    if not math.isfinite(grad_norm):
-        raise FloatingPointError(
-            f"{what} gradient norm is {grad_norm} at epoch {epoch}, step {step} (losses finite); "
-            "lower the learning rate or check the inputs"
-        )
-
-
 @dataclass
 class StepGuard:
-    """What the non-finite guard names: the trainer, this step's losses, and where the run is (1-based
-    step)."""
+    """Stops before an optimiser step that would write NaN/inf into the weights, naming the trainer, where the
+    run is (1-based step) and every non-finite loss; `losses["total"]` (or the first loss) is the one
+    quoted."""
 
     what: str
     losses: dict[str, float]
     epoch: int
     step: int
+
+    def check(self, grad_norm: float) -> None:
+        where = f"at epoch {self.epoch}, step {self.step}"
+        bad = [f"{k}={v}" for k, v in self.losses.items() if not math.isfinite(v)]
+        if bad:
+            total = self.losses.get("total", next(iter(self.losses.values())))
+            raise FloatingPointError(
+                f"{self.what} loss is {total} {where} (non-finite: {', '.join(bad)}); "
+                "lower the learning rate or check the inputs"
+            )
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(
+                f"{self.what} gradient norm is {grad_norm} {where} (losses finite); "
+                "lower the learning rate or check the inputs"
+            )
 
 
 def optimizer_step(
@@ -55,11 +64,11 @@ def optimizer_step(
     clip: float | None,
     guard: StepGuard,
 ) -> tuple[float, float]:
-    """Clip (or only measure) the gradient norm, refuse a non-finite step (`check_finite_step`), update, clear
+    """Clip (or only measure) the gradient norm, refuse a non-finite step (`StepGuard`), update, clear
     the gradients, advance the schedule. Returns (the lr the step ran at, the gradient norm before
     clipping)."""
     grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf")))
-    check_finite_step(guard.what, guard.losses, grad_norm, guard.epoch, guard.step)
+    guard.check(grad_norm)
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampl
 from models.engine.distributed import one_process
 from models.engine.resume import ResumeFile, seed_everything
 from models.engine.schedule import warmup_cosine
-from models.engine.step import StepGuard, autocast_for, optimizer_step
+from models.engine.step import Amp, StepGuard, autocast_for, optimizer_step
 from models.gloria.attention import entity_positions, to_grid
 from models.gloria.model import Gloria, TextBatch, encode_texts
 
@@ -63,11 +63,7 @@ class TrainConfig(BaseModel):
     warmup_epochs: float = Field(1.0, ge=0)
     grad_clip: float = Field(0.25, gt=0)
     num_workers: int = Field(0, ge=0, description="DataLoader workers")
-    amp: Literal["auto", "bf16", "off"] = Field(
-        "auto",
-        description="bf16 autocast on the training device (CUDA or CPU); auto = bf16 on CUDA, fp32 on CPU (a "
-        "CPU without AVX512-BF16/AMX runs bf16 slower than fp32)",
-    )
+    amp: Amp = "auto"
     local_words: Literal["all", "affirmed"] = Field(
         "all",
         description="words in the local loss: all (paper) or only those naming an affirmed finding "
