@@ -120,21 +120,33 @@ def run_on_gpu_pool(
     return StageResult(name, "ran" if ran else "cached", record.fingerprint, outputs, record.seconds)
 
 
+STAGE_OF_GROUPS = "bulk_distill"
+
+
 def shard_groups(stage: str, config: Any) -> int:
     """How many shard groups a stage hands to the GPU pool: `bulk_distill.workers` above 1, else none."""
-    return config.bulk_distill.workers if stage == "bulk_distill" and config.bulk_distill.workers > 1 else 0
+    workers = config.bulk_distill.workers
+    return workers if stage == STAGE_OF_GROUPS and workers > 1 else 0
 
 
 def run_groups_on_gpu_pool(
     handoff: GpuHandoff,
-    groups: list[int],
-    n_groups: int,
+    config: Any,
+    run_dir: Path,
     name: str,
+    run_id: str,
     log: logging.Logger | logging.LoggerAdapter,
 ) -> None:
-    """Hand each shard group to the GPU pool as its own sub-run, all at once, and wait for every one. Groups
-    beyond the pool's free slots wait their turn: only the first must be picked up within the timeout. A
-    failed group fails the stage once the others have ended, so their shards are kept for the rerun."""
+    """bulk_distill's shard groups (`shard_groups`), planned here, then the ones with shards left handed to
+    the GPU pool as sub-runs all at once, and waited for. Groups beyond the pool's free slots wait their turn:
+    only the first must be picked up within the timeout. A failed group fails the stage once the others have
+    ended, so their shards are kept for the rerun."""
+    from tasks.bulk_distill import pending_groups  # here: it imports transformers
+
+    n_groups = shard_groups(STAGE_OF_GROUPS, config)
+    groups = pending_groups(config, run_dir, log, run_id, n_groups)
+    if not groups:
+        return
     with get_client(sync_client=True) as client:
         check_deployment(client, handoff)
         children = []

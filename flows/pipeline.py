@@ -81,16 +81,17 @@ def one_stage(
         if reuse:
             result = reused_result(name, Path(run_dir))
             logger.info("%s: taken as it is from %s (resuming from a later stage)", name, run_dir)
-        elif handoff is not None and (
-            force or not current_result(get_stage(stage), config, Path(run_dir), name)
-        ):
-            if n_groups := shard_groups(stage, config):  # bulk_distill over several GPU workers
-                from tasks.bulk_distill import pending_groups  # here: it imports transformers
-
-                pending = pending_groups(config, Path(run_dir), logger, run_id(), n_groups)
-                if pending:
-                    run_groups_on_gpu_pool(handoff, pending, n_groups, name, logger)
-                result = run_stage(  # every shard is done: this only merges them
+        else:
+            to_gpu = handoff is not None and (
+                force or not current_result(get_stage(stage), config, Path(run_dir), name)
+            )
+            if to_gpu and shard_groups(stage, config):  # bulk_distill over several GPU workers
+                run_groups_on_gpu_pool(handoff, config, Path(run_dir), name, run_id(), logger)
+                to_gpu = False  # every shard is done: the stage, run here, only merges them
+            if to_gpu:
+                result, handed = run_on_gpu_pool(handoff, name, Path(run_dir), logger), True
+            else:  # a cached GPU stage, a merge, or a CPU stage: here
+                result = run_stage(
                     get_stage(stage),
                     config,
                     Path(run_dir),
@@ -99,12 +100,6 @@ def one_stage(
                     run_id=run_id(),
                     name=name,
                 )
-            else:
-                result, handed = run_on_gpu_pool(handoff, name, Path(run_dir), logger), True
-        else:  # a GPU stage that is cached needs no run on the GPU pool
-            result = run_stage(
-                get_stage(stage), config, Path(run_dir), force=force, log=logger, run_id=run_id(), name=name
-            )
         # a handed-over stage published in full from its own run on the GPU pool; its manifest is shown here
         # too
         publish_stage(name, result.status, Path(run_dir), manifest_only=handed)

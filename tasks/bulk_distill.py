@@ -168,11 +168,17 @@ def plan_key(shards: Sequence[Sequence[str]], identity: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+def planned_key(shard_dir: Path) -> str | None:
+    """The key of the plan the shard folder holds (None: no plan yet)."""
+    plan = shard_dir / PLAN_FILE
+    return json.loads(plan.read_text()).get("key") if plan.exists() else None
+
+
 def prepare_shard_dir(shard_dir: Path, key: str, n_shards: int) -> None:
     """Keep finished shards only if they were made under the same plan; otherwise start over."""
-    plan = shard_dir / PLAN_FILE
-    if plan.exists() and json.loads(plan.read_text()).get("key") == key:
+    if planned_key(shard_dir) == key:
         return
+    plan = shard_dir / PLAN_FILE
     if shard_dir.exists():
         shutil.rmtree(shard_dir)
     shard_dir.mkdir(parents=True)
@@ -305,8 +311,10 @@ def run_shards(
 ) -> int:
     """Distil the shards among `indices` not yet on disk (each written atomically the moment it is done),
     within `budget` teacher retries counted over all of `indices`; returns how many shards it distilled."""
-    by_id = {it.study_id: it for it in work.todo}
     done = [i for i in indices if shard_path(shard_dir, i).exists()]
+    pending = [i for i in indices if i not in done]
+    if not pending:  # e.g. the merge after shard groups: the finished shards are read once, by the merge
+        return 0
     used = sum(
         r["source"] == "teacher_retry"
         for i in done
@@ -316,8 +324,8 @@ def run_shards(
         log.info(
             "resuming: %d of %d shards already done, %d teacher retries used", len(done), len(indices), used
         )
-    pending = [i for i in indices if i not in done]
-    backend = backend_factory() if pending else None
+    by_id = {it.study_id: it for it in work.todo}
+    backend = backend_factory()
     bar = tqdm(
         total=sum(len(work.shards[i]) for i in indices),
         initial=sum(len(work.shards[i]) for i in done),
@@ -544,11 +552,12 @@ def distil_group(
     stage's shard folder, nothing merged or committed. The plan must be the one `plan_groups` wrote: a group
     never resets the folder, which other groups are writing into."""
     work = plan_work(ctx, cfg)
-    plan = ctx.scratch(SHARD_DIR) / PLAN_FILE
-    if not plan.exists() or json.loads(plan.read_text()).get("key") != work.key:
+    shard_dir = ctx.scratch(SHARD_DIR)
+    if planned_key(shard_dir) != work.key:
         raise RuntimeError(
-            f"bulk_distill shard group {group}/{groups}: {plan} is missing or was planned for other "
-            "inputs or settings; the pipeline plans the groups before handing them out (run the stage again)"
+            f"bulk_distill shard group {group}/{groups}: {shard_dir / PLAN_FILE} is missing or was planned "
+            "for other inputs or settings; the pipeline plans the groups before handing them out (run the "
+            "stage again)"
         )
     log_work(ctx, work, cfg, backend is not None)
     mine = group_shards(len(work.shards), group, groups)
