@@ -24,7 +24,7 @@ from tasks.lock import handed_over
 from tasks.record import read_record
 from tasks.runner import StageResult
 
-POLL_S = 2.0
+POLL_S = 0.5  # a hand-off's end is noticed within half a second: one cheap read of the run's state
 WAITING = (StateType.SCHEDULED, StateType.PENDING)
 
 

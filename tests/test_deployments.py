@@ -54,7 +54,10 @@ README_COMMANDS = {
         "prefect work-pool create ecamp-gpu --type process",
     ],
     "deploy": "ECAMP_HOME=$PWD prefect --no-prompt deploy --all",
-    "workers": ["prefect worker start --pool ecamp-cpu", "prefect worker start --pool ecamp-gpu --limit 1"],
+    "workers": [
+        "prefect worker start --pool ecamp-cpu",
+        "PREFECT_WORKER_QUERY_SECONDS=1 prefect worker start --pool ecamp-gpu --limit 1",
+    ],
     "notify": "ecamp notify --webhook",
     "full": "prefect deployment run 'ecamp-pipeline/full' --watch",
     "resume": "prefect deployment run 'ecamp-pipeline/full' -p from_stage=train_gloria --watch",
@@ -109,7 +112,7 @@ def shell(command: str, extra: list[str], env: dict[str, str], timeout: int = 60
 def background(command: str, env: dict[str, str], log: Path) -> subprocess.Popen:
     with log.open("wb") as out:
         return subprocess.Popen(
-            ["bash", "-c", f"exec {command}"],
+            ["bash", "-c", f"exec env {command}"],  # env: a command may start with VAR=value
             cwd=REPO_ROOT,
             env=env,
             stdout=out,
