@@ -500,10 +500,6 @@ def test_the_ui_shows_the_manifests_and_the_lineage(pipeline, tmp_path):
     )
     assert entry in lineage, lineage[:2000]
     assert all((shots / f"{n}.png").stat().st_size > 10_000 for n in ("artifacts", "manifest", "lineage"))
-    keep = os.environ.get("ECAMP_SCREENSHOTS")  # e.g. ECAMP_SCREENSHOTS=docs to refresh the README's picture
-    if keep:
-        for shot in shots.iterdir():
-            shutil.copyfile(shot, Path(keep) / f"ui-{shot.name}")
 
 
 def test_the_single_stage_deployment_reruns_one_stage(pipeline):
