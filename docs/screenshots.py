@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-FLAGS = [
+HEADLESS = [  # Debian's chromium as root in a container, without GPU, network chatter or first-run pages
     "--headless",
     "--no-sandbox",
     "--disable-gpu",
@@ -39,7 +39,7 @@ def shoot(url: str, out: Path, width: int, budget_ms: int) -> None:
         subprocess.run(
             [
                 "chromium",
-                *FLAGS,
+                *HEADLESS,
                 f"--window-size={width},1000",
                 f"--user-data-dir={profile}",
                 f"--virtual-time-budget={budget_ms}",

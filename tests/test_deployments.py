@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from docs.screenshots import HEADLESS
 from tasks.record import read_record
 from tasks.registry import get_stage, stage_names
 from tasks.stage import split_ref
@@ -715,16 +716,8 @@ def test_bulk_distill_spreads_over_two_gpu_workers(pipeline, deployed, tmp_path_
     assert retried <= load_config(config).bulk_distill.retry_budget
 
 
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--window-size=1400,1000",
-]
+# The flags docs/screenshots.py takes the README's pictures with, at the size the test's screenshots have.
+CHROMIUM_FLAGS = [*HEADLESS, "--window-size=1400,1000"]
 
 
 def chromium_run(url: str, profile: Path, budget_ms: int, *action: str) -> str:
