@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 HEADLESS = [  # Debian's chromium as root in a container, without GPU, network chatter or first-run pages
     "--headless",
@@ -54,6 +53,7 @@ def shoot(url: str, out: Path, width: int, budget_ms: int) -> None:
 
 
 def main() -> None:
+    sys.path.insert(0, str(REPO))  # run as a script: `flows` from this checkout
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         ArtifactFilter,
@@ -90,20 +90,14 @@ def main() -> None:
     missing = [stage for stage, found in latest.items() if not found]
     if missing or not runs:
         sys.exit(f"no completed `full` run of {run_dir} on {ui}: run the deployment first")
-    shoot(f"{ui}/artifacts", args.out / "ui-artifacts.png", 1400, args.budget_ms)
-    shoot(
-        f"{ui}/artifacts/artifact/{latest['lineage'][0].latest_id}",
-        args.out / "ui-lineage.png",
-        1400,
-        args.budget_ms,
-    )
-    shoot(
-        f"{ui}/artifacts/artifact/{latest['pretrain_ecamp'][0].latest_id}",
-        args.out / "ui-manifest.png",
-        1400,
-        args.budget_ms,
-    )
-    shoot(f"{ui}/runs/flow-run/{runs[0].id}", args.out / "ui-run-graph.png", 1600, args.budget_ms)
+    pages = {
+        "ui-artifacts.png": (f"{ui}/artifacts", 1400),
+        "ui-lineage.png": (f"{ui}/artifacts/artifact/{latest['lineage'][0].latest_id}", 1400),
+        "ui-manifest.png": (f"{ui}/artifacts/artifact/{latest['pretrain_ecamp'][0].latest_id}", 1400),
+        "ui-run-graph.png": (f"{ui}/runs/flow-run/{runs[0].id}", 1600),
+    }
+    for name, (url, width) in pages.items():
+        shoot(url, args.out / name, width, args.budget_ms)
 
 
 if __name__ == "__main__":

@@ -136,14 +136,14 @@ def run_groups_on_gpu_pool(
     name: str,
     run_id: str,
     log: logging.Logger | logging.LoggerAdapter,
+    n_groups: int,
 ) -> None:
-    """bulk_distill's shard groups (`shard_groups`), planned here, then the ones with shards left handed to
-    the GPU pool as sub-runs all at once, and waited for. Groups beyond the pool's free slots wait their turn:
-    only the first must be picked up within the timeout. A failed group fails the stage once the others have
-    ended, so their shards are kept for the rerun."""
+    """bulk_distill's `n_groups` shard groups (`shard_groups`), planned here, then the ones with shards left
+    handed to the GPU pool as sub-runs all at once, and waited for. Groups beyond the pool's free slots wait
+    their turn: only the first must be picked up within the timeout. A failed group fails the stage once the
+    others have ended, so their shards are kept for the rerun."""
     from tasks.bulk_distill import pending_groups  # here: it imports transformers
 
-    n_groups = shard_groups(STAGE_OF_GROUPS, config)
     groups = pending_groups(config, run_dir, log, run_id, n_groups)
     if not groups:
         return

@@ -19,7 +19,13 @@ from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 from prefect.utilities.annotations import quote
 
-from flows.gpu_pool import GpuHandoff, run_groups_on_gpu_pool, run_on_gpu_pool, shard_groups
+from flows.gpu_pool import (
+    STAGE_OF_GROUPS,
+    GpuHandoff,
+    run_groups_on_gpu_pool,
+    run_on_gpu_pool,
+    shard_groups,
+)
 from flows.logs import failed_in_one_line, forward_stage_logs, known_errors, quiet_known_tracebacks
 from flows.publish import publish_lineage, publish_stage
 from flows.retry import is_transient, transient_failure
@@ -85,8 +91,8 @@ def one_stage(
             to_gpu = handoff is not None and (
                 force or not current_result(get_stage(stage), config, Path(run_dir), name)
             )
-            if to_gpu and shard_groups(stage, config):  # bulk_distill over several GPU workers
-                run_groups_on_gpu_pool(handoff, config, Path(run_dir), name, run_id(), logger)
+            if to_gpu and (n_groups := shard_groups(stage, config)):  # bulk_distill over several GPU workers
+                run_groups_on_gpu_pool(handoff, config, Path(run_dir), name, run_id(), logger, n_groups)
                 to_gpu = False  # every shard is done: the stage, run here, only merges them
             if to_gpu:
                 result, handed = run_on_gpu_pool(handoff, name, Path(run_dir), logger), True
@@ -370,8 +376,10 @@ def ecamp_stage(
 def parse_group(stage: str, shard_group: str) -> tuple[int, int]:
     """'i/N' with 0 <= i < N, for bulk_distill; anything else is an error naming the parameter."""
     parts = shard_group.split("/")
-    if stage != "bulk_distill" or len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise ValueError(f"shard_group {shard_group!r}: expected 'i/N' (e.g. '0/2') with stage bulk_distill")
+    if stage != STAGE_OF_GROUPS or len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(
+            f"shard_group {shard_group!r}: expected 'i/N' (e.g. '0/2') with stage {STAGE_OF_GROUPS}"
+        )
     group, n_groups = int(parts[0]), int(parts[1])
     if not 0 <= group < n_groups:
         raise ValueError(f"shard_group {shard_group!r}: group {group} is not one of 0..{n_groups - 1}")
@@ -387,7 +395,7 @@ def shard_group_task(config_data: dict[str, Any], run_dir: str, group: int, n_gr
     logger = get_run_logger()
     with forward_stage_logs(logger):
         done = run_group(config_from_dict(config_data), Path(run_dir), logger, run_id(), group, n_groups)
-    return {"stage": "bulk_distill", "shard_group": f"{group}/{n_groups}", "shards_distilled": done}
+    return {"stage": STAGE_OF_GROUPS, "shard_group": f"{group}/{n_groups}", "shards_distilled": done}
 
 
 @flow(name="ecamp-ablations")
